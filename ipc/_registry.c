@@ -1,0 +1,816 @@
+/* The region registry's C core: layout, robust locking, lookup, mutation
+ * and crash recovery of one POSIX shared-memory segment.
+ *
+ * Layout (all offsets fixed at creation, recorded in the header):
+ *
+ *   header   magic, version, sizes, per-bus index counts, robust mutex
+ *   slots    capacity x struct slot -- the source of truth
+ *   index    SVM_NBUS x capacity x uint32 slot numbers, sorted by start
+ *
+ * Rules (see DESIGN.md, "Rules for shared memory"):
+ *  - The segment is hostile.  Sizes and offsets are taken once, at open
+ *    time, and kept in the private handle; every index read from the
+ *    segment is bounds-checked before use; every loop is bounded by the
+ *    private capacity; nothing stored in the segment is a pointer.
+ *  - Slots are the truth and the index is derived.  A slot enters or
+ *    leaves service by one aligned store to its state word; the index is
+ *    rebuilt from the slots whenever a locker finds the previous owner
+ *    dead (EOWNERDEAD), so a writer killed at any instruction leaves a
+ *    registry that recovery makes valid again.
+ *  - Removal (after kvmtool's refcounted mmio/ioport nodes): unregister
+ *    takes the region out of the index at once; its slot waits in the
+ *    REMOVING state until the last put.  Each slot carries a generation,
+ *    bumped whenever it is freed, so a stale put is caught.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_registry.h"
+
+#define SVM_MAX_CAPACITY (1u << 20)
+
+struct slot {
+    uint64_t start;
+    uint64_t length;
+    uint64_t owner;
+    uint64_t cookie;
+    uint64_t generation;
+    uint32_t refcount;
+    uint32_t state;      /* written last when a slot goes live */
+    uint32_t bus;
+    uint32_t reserved[3];
+};                        /* 64 bytes: one cache line */
+
+struct header {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint32_t slot_size;
+    uint32_t capacity;
+    uint32_t nbus;
+    uint32_t reserved0;
+    uint64_t slots_offset;
+    uint64_t index_offset;
+    uint64_t total_size;
+    uint64_t recoveries;
+    int32_t holder_pid;
+    int32_t holder_tid;
+    uint32_t count[4];            /* index length per bus */
+    uint8_t pad[48];
+    pthread_mutex_t lock __attribute__((aligned(64)));
+    uint8_t pad2[24];
+};
+
+_Static_assert(sizeof(struct slot) == 64, "slot is one cache line");
+_Static_assert(sizeof(struct header) % 64 == 0, "header keeps slots aligned");
+
+/* The private handle.  Everything the code trusts lives here. */
+struct svm_reg {
+    uint8_t *base;
+    uint64_t size;
+    uint32_t capacity;
+    struct header *hdr;
+    struct slot *slots;
+    uint32_t *index;              /* SVM_NBUS * capacity */
+    int kind;                     /* the mutex kind as we initialised it */
+    uint32_t free_hint;
+};
+
+int64_t svm_test_crash_step = 0;
+int64_t svm_test_step_counter = 0;
+int svm_test_crash_action = 1;
+static __thread int last_errno;
+
+/* Values of the robust-list link that glibc writes into the mutex when
+ * this thread locks it.  glibc follows them again on unlock, so they are
+ * restored from this private copy just before unlocking: a device that
+ * scribbles on them while we hold the lock cannot steer our writes. */
+static __thread void *saved_list_prev;
+static __thread void *saved_list_next;
+
+/* getpid() is a real system call (glibc does not cache it), and a slow one
+ * on a nested host, so the pid recorded by each locker is cached here and
+ * refreshed in the child after fork. */
+static int32_t my_pid;
+
+static void refresh_pid(void)
+{
+    my_pid = (int32_t)getpid();
+}
+
+__attribute__((constructor)) static void init_pid(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+static inline void step(void)
+{
+    if (__builtin_expect(svm_test_crash_step != 0, 0)) {
+        if (++svm_test_step_counter == svm_test_crash_step)
+            raise(svm_test_crash_action == 2 ? SIGSTOP : SIGKILL);
+    }
+}
+
+/* One aligned store other processes may observe; the compiler must not
+ * split, merge or reorder it with the stores before it. */
+#define STORE(lhs, val) __atomic_store_n(&(lhs), (val), __ATOMIC_RELEASE)
+#define LOAD(lhs) __atomic_load_n(&(lhs), __ATOMIC_ACQUIRE)
+
+static inline uint32_t *bus_index(struct svm_reg *r, uint32_t bus)
+{
+    return r->index + (uint64_t)bus * r->capacity;
+}
+
+static inline uint32_t bus_count(struct svm_reg *r, uint32_t bus)
+{
+    uint32_t n = LOAD(r->hdr->count[bus]);
+    return n > r->capacity ? r->capacity : n;
+}
+
+static inline int range_ok(uint64_t start, uint64_t length)
+{
+    return length != 0 && start + (length - 1) >= start;
+}
+
+static inline uint64_t range_last(uint64_t start, uint64_t length)
+{
+    return start + (length - 1);
+}
+
+uint64_t svm_reg_size(uint32_t capacity)
+{
+    if (capacity == 0 || capacity > SVM_MAX_CAPACITY)
+        return 0;
+    uint64_t size = sizeof(struct header)
+                  + (uint64_t)capacity * sizeof(struct slot)
+                  + (uint64_t)SVM_NBUS * capacity * sizeof(uint32_t);
+    return (size + 4095) & ~4095ull;
+}
+
+int svm_reg_errno(void)
+{
+    return last_errno;
+}
+
+/* ---- locking --------------------------------------------------------- */
+
+static void rebuild(struct svm_reg *r, uint32_t *fixed);
+
+static void deadline(struct timespec *ts, int64_t timeout_ns)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    ts->tv_sec += timeout_ns / 1000000000;
+    ts->tv_nsec += timeout_ns % 1000000000;
+    if (ts->tv_nsec >= 1000000000) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000;
+    }
+}
+
+static int lock(struct svm_reg *r, int64_t timeout_ns)
+{
+    pthread_mutex_t *m = &r->hdr->lock;
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EBUSY) {
+        struct timespec ts;
+        deadline(&ts, timeout_ns);
+        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+    }
+    if (rc == EOWNERDEAD) {
+        /* The previous holder died inside its critical section.  The slots
+         * are the truth: repair them and rebuild the index from them. */
+        rebuild(r, NULL);
+        r->hdr->recoveries++;
+        if (pthread_mutex_consistent(m) != 0)
+            return SVM_ELOCK;
+        rc = 0;
+    }
+    if (rc == ETIMEDOUT)
+        return SVM_ETIMEDOUT;
+    if (rc != 0) {
+        last_errno = rc;
+        return SVM_ELOCK;
+    }
+    saved_list_prev = m->__data.__list.__prev;
+    saved_list_next = m->__data.__list.__next;
+    STORE(r->hdr->holder_pid, my_pid);
+    return SVM_OK;
+}
+
+static void unlock(struct svm_reg *r)
+{
+    pthread_mutex_t *m = &r->hdr->lock;
+    m->__data.__list.__prev = saved_list_prev;
+    m->__data.__list.__next = saved_list_next;
+    m->__data.__kind = r->kind;
+    if (pthread_mutex_unlock(m) != 0) {
+        /* Someone overwrote the lock word under us, so glibc refused and
+         * left the mutex on this thread's robust list.  Take it off so
+         * nothing later follows links stored in the segment. */
+        struct robust_list_head *head;
+        size_t len;
+        if (syscall(SYS_get_robust_list, 0, &head, &len) == 0 &&
+            (void *)head->list.next == (void *)&m->__data.__list.__next)
+            head->list.next = saved_list_next;
+    }
+}
+
+/* ---- open / format ----------------------------------------------------- */
+
+static int init_mutex(struct svm_reg *r)
+{
+    pthread_mutexattr_t a;
+    if (pthread_mutexattr_init(&a) != 0)
+        return SVM_ELOCK;
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    memset(&r->hdr->lock, 0, sizeof(r->hdr->lock));
+    int rc = pthread_mutex_init(&r->hdr->lock, &a);
+    pthread_mutexattr_destroy(&a);
+    return rc == 0 ? SVM_OK : SVM_ELOCK;
+}
+
+static int format(struct svm_reg *r)
+{
+    struct header *h = r->hdr;
+    memset(r->base, 0, r->size);
+    h->version = SVM_VERSION;
+    h->header_size = sizeof(struct header);
+    h->slot_size = sizeof(struct slot);
+    h->capacity = r->capacity;
+    h->nbus = SVM_NBUS;
+    h->slots_offset = (uint8_t *)r->slots - r->base;
+    h->index_offset = (uint8_t *)r->index - r->base;
+    h->total_size = r->size;
+    int rc = init_mutex(r);
+    if (rc != SVM_OK)
+        return rc;
+    /* The magic goes last: a half-formatted segment is refused. */
+    STORE(h->magic, (uint64_t)SVM_MAGIC);
+    return SVM_OK;
+}
+
+static void place(struct svm_reg *r, uint32_t capacity)
+{
+    r->capacity = capacity;
+    r->hdr = (struct header *)r->base;
+    r->slots = (struct slot *)(r->base + sizeof(struct header));
+    r->index = (uint32_t *)(r->slots + capacity);
+}
+
+int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
+{
+    struct stat st;
+    *out = NULL;
+    if (fstat(fd, &st) != 0) {
+        last_errno = errno;
+        return SVM_ESYS;
+    }
+    uint64_t size = (uint64_t)st.st_size;
+    if (create) {
+        if (svm_reg_size(capacity) == 0 || size != svm_reg_size(capacity))
+            return SVM_EINVAL;
+    } else if (size < sizeof(struct header)) {
+        return SVM_ELAYOUT;
+    }
+    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        last_errno = errno;
+        return SVM_ESYS;
+    }
+    struct svm_reg *r = calloc(1, sizeof(*r));
+    if (!r) {
+        munmap(base, size);
+        return SVM_ENOMEM;
+    }
+    r->base = base;
+    r->size = size;
+    if (create) {
+        place(r, capacity);
+        int rc = format(r);
+        if (rc != SVM_OK) {
+            svm_reg_close(r);
+            return rc;
+        }
+    } else {
+        /* Copy the header fields once and check them against each other
+         * and against the object's real size; only the copy is used. */
+        struct header h;
+        memcpy(&h, base, sizeof(h));
+        uint32_t cap = h.capacity;
+        if (h.magic != SVM_MAGIC || h.version != SVM_VERSION ||
+            h.header_size != sizeof(struct header) ||
+            h.slot_size != sizeof(struct slot) || h.nbus != SVM_NBUS ||
+            svm_reg_size(cap) == 0 || svm_reg_size(cap) != size ||
+            h.total_size != size) {
+            svm_reg_close(r);
+            return SVM_ELAYOUT;
+        }
+        place(r, cap);
+        if (h.slots_offset != (uint64_t)((uint8_t *)r->slots - r->base) ||
+            h.index_offset != (uint64_t)((uint8_t *)r->index - r->base)) {
+            svm_reg_close(r);
+            return SVM_ELAYOUT;
+        }
+    }
+    r->kind = r->hdr->lock.__data.__kind;
+    *out = r;
+    return SVM_OK;
+}
+
+void svm_reg_close(struct svm_reg *r)
+{
+    if (!r)
+        return;
+    munmap(r->base, r->size);
+    free(r);
+}
+
+uint32_t svm_reg_capacity(struct svm_reg *r)
+{
+    return r->capacity;
+}
+
+uint64_t svm_reg_base(struct svm_reg *r)
+{
+    return (uint64_t)(uintptr_t)r->base;
+}
+
+int svm_reg_reinit(struct svm_reg *r)
+{
+    int rc = format(r);
+    if (rc == SVM_OK)
+        r->kind = r->hdr->lock.__data.__kind;
+    return rc;
+}
+
+/* ---- index ----------------------------------------------------------- */
+
+/* Number of index entries of `bus` whose region starts at or below addr
+ * (so the candidate is entry n-1).  Entries that point outside the slot
+ * table end the search early: the caller re-validates what it finds. */
+static uint32_t upper_bound(struct svm_reg *r, uint32_t bus, uint64_t addr,
+                            uint32_t n)
+{
+    const uint32_t *ix = bus_index(r, bus);
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {                     /* at most 21 rounds */
+        uint32_t mid = lo + (hi - lo) / 2;
+        uint32_t s = LOAD(ix[mid]);
+        if (s >= r->capacity)
+            return 0;
+        if (LOAD(r->slots[s].start) <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static void index_insert(struct svm_reg *r, uint32_t bus, uint32_t pos,
+                         uint32_t slot)
+{
+    uint32_t *ix = bus_index(r, bus);
+    uint32_t n = bus_count(r, bus);
+    for (uint32_t i = n; i > pos; i--) {
+        STORE(ix[i], LOAD(ix[i - 1]));
+        if (i == pos + 1 || i == n)
+            step();
+    }
+    STORE(ix[pos], slot);
+    step();
+    STORE(r->hdr->count[bus], n + 1);
+    step();
+}
+
+static void index_remove(struct svm_reg *r, uint32_t bus, uint32_t pos)
+{
+    uint32_t *ix = bus_index(r, bus);
+    uint32_t n = bus_count(r, bus);
+    for (uint32_t i = pos; i + 1 < n; i++) {
+        STORE(ix[i], LOAD(ix[i + 1]));
+        if (i == pos || i + 2 == n)
+            step();
+    }
+    STORE(r->hdr->count[bus], n - 1);
+    step();
+}
+
+/* Free a slot: new generation first, then the state word. */
+static void free_slot(struct slot *s)
+{
+    STORE(s->generation, s->generation + 1);
+    step();
+    STORE(s->refcount, 0);
+    STORE(s->state, SVM_FREE);
+    step();
+}
+
+/* Take the region at index position pos out of service. */
+static void retire(struct svm_reg *r, uint32_t bus, uint32_t pos,
+                   struct slot *s)
+{
+    if (LOAD(s->refcount) == 0)
+        free_slot(s);
+    else
+        STORE(s->state, SVM_REMOVING);
+    step();
+    index_remove(r, bus, pos);
+}
+
+/* ---- recovery -------------------------------------------------------- */
+
+struct entry {
+    uint64_t start;
+    uint32_t slot;
+};
+
+static int by_start(const void *a, const void *b)
+{
+    const struct entry *x = a, *y = b;
+    if (x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+    return x->slot < y->slot ? -1 : (x->slot > y->slot);
+}
+
+/* Make the slots valid and rebuild the index from them.  Runs with the
+ * lock held (after EOWNERDEAD, or on request). */
+static void rebuild(struct svm_reg *r, uint32_t *fixed)
+{
+    uint32_t nfixed = 0;
+    struct entry *tmp = malloc(sizeof(*tmp) * (size_t)r->capacity);
+    for (uint32_t i = 0; i < r->capacity; i++) {
+        struct slot *s = &r->slots[i];
+        uint32_t st = s->state;
+        if (st == SVM_FREE) {
+            if (s->refcount != 0) {
+                s->refcount = 0;
+                nfixed++;
+            }
+            continue;
+        }
+        if ((st != SVM_LIVE && st != SVM_REMOVING) || s->bus >= SVM_NBUS ||
+            !range_ok(s->start, s->length) ||
+            (st == SVM_REMOVING && s->refcount == 0)) {
+            free_slot(s);
+            nfixed++;
+        }
+    }
+    for (uint32_t bus = 0; bus < SVM_NBUS; bus++) {
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < r->capacity; i++) {
+            struct slot *s = &r->slots[i];
+            if (s->state == SVM_LIVE && s->bus == bus) {
+                if (tmp) {
+                    tmp[n].start = s->start;
+                    tmp[n].slot = i;
+                }
+                n++;
+            }
+        }
+        uint32_t *ix = bus_index(r, bus);
+        uint32_t kept = 0;
+        if (tmp) {
+            qsort(tmp, n, sizeof(*tmp), by_start);
+            uint64_t prev_last = 0;
+            for (uint32_t k = 0; k < n; k++) {
+                struct slot *s = &r->slots[tmp[k].slot];
+                if (kept > 0 && s->start <= prev_last) {
+                    /* Overlap: only a scribbler can cause it.  Keep the
+                     * first; the other leaves service like an unregister. */
+                    if (s->refcount == 0)
+                        free_slot(s);
+                    else
+                        s->state = SVM_REMOVING;
+                    nfixed++;
+                    continue;
+                }
+                ix[kept++] = tmp[k].slot;
+                prev_last = range_last(s->start, s->length);
+            }
+        } else {
+            /* Out of memory: fall back to an empty index and free all. */
+            for (uint32_t i = 0; i < r->capacity; i++)
+                if (r->slots[i].state == SVM_LIVE && r->slots[i].bus == bus)
+                    free_slot(&r->slots[i]);
+        }
+        if (r->hdr->count[bus] != kept)
+            nfixed++;
+        r->hdr->count[bus] = kept;
+    }
+    r->hdr->count[3] = 0;
+    free(tmp);
+    if (fixed)
+        *fixed = nfixed;
+}
+
+int svm_reg_repair(struct svm_reg *r, uint32_t *fixed, int64_t timeout_ns)
+{
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    rebuild(r, fixed);
+    unlock(r);
+    return SVM_OK;
+}
+
+/* ---- operations ------------------------------------------------------ */
+
+static int find_free(struct svm_reg *r, uint32_t *out)
+{
+    uint32_t cap = r->capacity;
+    uint32_t i = r->free_hint < cap ? r->free_hint : 0;
+    for (uint32_t k = 0; k < cap; k++) {
+        if (LOAD(r->slots[i].state) == SVM_FREE) {
+            *out = i;
+            r->free_hint = i + 1 < cap ? i + 1 : 0;
+            return SVM_OK;
+        }
+        i = i + 1 < cap ? i + 1 : 0;
+    }
+    return SVM_EFULL;
+}
+
+int svm_reg_register(struct svm_reg *r, uint32_t bus, uint64_t start,
+                     uint64_t length, uint64_t owner, uint64_t cookie,
+                     int64_t timeout_ns)
+{
+    if (bus >= SVM_NBUS || !range_ok(start, length))
+        return SVM_EINVAL;
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    step();
+    uint64_t last = range_last(start, length);
+    uint32_t n = bus_count(r, bus);
+    uint32_t pos = upper_bound(r, bus, start, n);
+    const uint32_t *ix = bus_index(r, bus);
+    if (pos > 0) {
+        uint32_t p = LOAD(ix[pos - 1]);
+        if (p < r->capacity &&
+            range_last(r->slots[p].start, r->slots[p].length) >= start) {
+            rc = SVM_ECONFLICT;
+            goto out;
+        }
+    }
+    if (pos < n) {
+        uint32_t q = LOAD(ix[pos]);
+        if (q < r->capacity && r->slots[q].start <= last) {
+            rc = SVM_ECONFLICT;
+            goto out;
+        }
+    }
+    if (n >= r->capacity) {
+        rc = SVM_EFULL;
+        goto out;
+    }
+    uint32_t i;
+    rc = find_free(r, &i);
+    if (rc)
+        goto out;
+    struct slot *s = &r->slots[i];
+    /* Fill the free slot, then make it live with one store. */
+    s->start = start;
+    s->length = length;
+    step();
+    s->owner = owner;
+    s->cookie = cookie;
+    s->bus = bus;
+    s->refcount = 0;
+    step();
+    STORE(s->state, SVM_LIVE);
+    step();
+    index_insert(r, bus, pos, i);
+out:
+    unlock(r);
+    return rc;
+}
+
+int svm_reg_get(struct svm_reg *r, uint32_t bus, uint64_t addr, uint64_t size,
+                struct svm_ref *out, int64_t timeout_ns)
+{
+    if (bus >= SVM_NBUS || !range_ok(addr, size))
+        return SVM_EINVAL;
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    rc = SVM_ENOTFOUND;
+    uint32_t n = bus_count(r, bus);
+    uint32_t pos = upper_bound(r, bus, addr, n);
+    if (pos > 0) {
+        uint32_t i = LOAD(bus_index(r, bus)[pos - 1]);
+        if (i < r->capacity) {
+            struct slot *s = &r->slots[i];
+            /* Read each field once; judge only the copies. */
+            uint64_t st = LOAD(s->start), len = LOAD(s->length);
+            uint32_t refs = LOAD(s->refcount);
+            if (LOAD(s->state) == SVM_LIVE && LOAD(s->bus) == bus &&
+                range_ok(st, len) && addr >= st && addr - st < len &&
+                size <= len - (addr - st) && refs < UINT32_MAX) {
+                out->start = st;
+                out->length = len;
+                out->owner = LOAD(s->owner);
+                out->cookie = LOAD(s->cookie);
+                out->generation = LOAD(s->generation);
+                out->offset = addr - st;
+                out->slot = i;
+                STORE(s->refcount, refs + 1);
+                rc = SVM_OK;
+            }
+        }
+    }
+    unlock(r);
+    return rc;
+}
+
+int svm_reg_put(struct svm_reg *r, uint32_t slot, uint64_t generation,
+                int64_t timeout_ns)
+{
+    if (slot >= r->capacity)
+        return SVM_EINVAL;
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    struct slot *s = &r->slots[slot];
+    uint32_t st = LOAD(s->state);
+    uint32_t refs = LOAD(s->refcount);
+    if (LOAD(s->generation) != generation || st == SVM_FREE || refs == 0) {
+        rc = SVM_ESTALE;
+    } else {
+        step();
+        STORE(s->refcount, refs - 1);
+        step();
+        if (st == SVM_REMOVING && refs == 1)
+            free_slot(s);
+    }
+    unlock(r);
+    return rc;
+}
+
+/* Index position of the region of `bus` starting exactly at start. */
+static int find_exact(struct svm_reg *r, uint32_t bus, uint64_t start,
+                      uint32_t *pos_out)
+{
+    uint32_t n = bus_count(r, bus);
+    uint32_t pos = upper_bound(r, bus, start, n);
+    if (pos == 0)
+        return SVM_ENOTFOUND;
+    uint32_t i = LOAD(bus_index(r, bus)[pos - 1]);
+    if (i >= r->capacity || r->slots[i].start != start ||
+        r->slots[i].state != SVM_LIVE)
+        return SVM_ENOTFOUND;
+    *pos_out = pos - 1;
+    return SVM_OK;
+}
+
+int svm_reg_unregister(struct svm_reg *r, uint32_t bus, uint64_t start,
+                       uint64_t owner, int64_t timeout_ns)
+{
+    if (bus >= SVM_NBUS)
+        return SVM_EINVAL;
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    step();
+    uint32_t pos;
+    rc = find_exact(r, bus, start, &pos);
+    if (rc == SVM_OK) {
+        struct slot *s = &r->slots[bus_index(r, bus)[pos]];
+        if (s->owner != owner)
+            rc = SVM_ENOTFOUND;
+        else
+            retire(r, bus, pos, s);
+    }
+    unlock(r);
+    return rc;
+}
+
+int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
+                             uint32_t *count, int64_t timeout_ns)
+{
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    uint32_t removed = 0;
+    for (uint32_t bus = 0; bus < SVM_NBUS; bus++) {
+        uint32_t *ix = bus_index(r, bus);
+        uint32_t n = bus_count(r, bus), kept = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = LOAD(ix[k]);
+            if (i < r->capacity && r->slots[i].owner == owner &&
+                r->slots[i].state == SVM_LIVE) {
+                struct slot *s = &r->slots[i];
+                if (LOAD(s->refcount) == 0)
+                    free_slot(s);
+                else
+                    STORE(s->state, SVM_REMOVING);
+                removed++;
+                step();
+                continue;
+            }
+            STORE(ix[kept], i);
+            kept++;
+        }
+        STORE(r->hdr->count[bus], kept);
+        step();
+    }
+    unlock(r);
+    *count = removed;
+    return SVM_OK;
+}
+
+int svm_reg_snapshot(struct svm_reg *r, struct svm_slot_view *slots,
+                     uint32_t *counts, uint32_t *index, int64_t timeout_ns)
+{
+    int rc = lock(r, timeout_ns);
+    if (rc)
+        return rc;
+    for (uint32_t i = 0; i < r->capacity; i++) {
+        struct slot *s = &r->slots[i];
+        slots[i].start = s->start;
+        slots[i].length = s->length;
+        slots[i].owner = s->owner;
+        slots[i].cookie = s->cookie;
+        slots[i].generation = s->generation;
+        slots[i].refcount = s->refcount;
+        slots[i].state = s->state;
+        slots[i].bus = s->bus;
+    }
+    for (uint32_t b = 0; b < SVM_NBUS; b++)
+        counts[b] = r->hdr->count[b];
+    memcpy(index, r->index, sizeof(uint32_t) * SVM_NBUS * r->capacity);
+    unlock(r);
+    return SVM_OK;
+}
+
+int svm_reg_peek(struct svm_reg *r, uint32_t slot, struct svm_slot_view *out)
+{
+    if (slot >= r->capacity)
+        return SVM_EINVAL;
+    struct slot *s = &r->slots[slot];
+    out->start = LOAD(s->start);
+    out->length = LOAD(s->length);
+    out->owner = LOAD(s->owner);
+    out->cookie = LOAD(s->cookie);
+    out->generation = LOAD(s->generation);
+    out->refcount = LOAD(s->refcount);
+    out->state = LOAD(s->state);
+    out->bus = LOAD(s->bus);
+    return SVM_OK;
+}
+
+void svm_reg_holder(struct svm_reg *r, struct svm_holder *out)
+{
+    out->tid = LOAD(r->hdr->lock.__data.__owner);
+    out->pid = LOAD(r->hdr->holder_pid);
+}
+
+uint64_t svm_reg_recoveries(struct svm_reg *r)
+{
+    return LOAD(r->hdr->recoveries);
+}
+
+int svm_reg_lock_for_test(struct svm_reg *r, int64_t timeout_ns)
+{
+    return lock(r, timeout_ns);
+}
+
+int svm_reg_unlock_for_test(struct svm_reg *r)
+{
+    unlock(r);
+    return SVM_OK;
+}
+
+int64_t svm_reg_bench_getput(struct svm_reg *r, uint32_t bus, uint64_t addr,
+                             uint64_t n)
+{
+    struct svm_ref ref;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (uint64_t k = 0; k < n; k++) {
+        int rc = svm_reg_get(r, bus, addr, 1, &ref, 1000000000);
+        if (rc)
+            return -rc;
+        rc = svm_reg_put(r, ref.slot, ref.generation, 1000000000);
+        if (rc)
+            return -rc;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    return (int64_t)(b.tv_sec - a.tv_sec) * 1000000000 + (b.tv_nsec - a.tv_nsec);
+}
