@@ -1,0 +1,28 @@
+# The two commands of the README, and what they need.  Both are idempotent:
+# the virtual environment is made and the package (with its C core, built
+# by cffi through pip) installed only when missing or out of date.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
+
+.PHONY: run test install bench
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# The main job.
+run: $(STAMP)
+	$(PY) -m ipc.bench
+
+# The whole test suite.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m ipc.bench

@@ -1,0 +1,83 @@
+"""The interface between a device model and whatever hosts it.
+
+The same model runs inside the VMM (``process=inline``) or in a device
+process (``process=isolated``); only the :class:`DeviceHost` differs.  Like
+Firecracker's bus, a model is told the *offset* of an access inside one of
+its regions, never the absolute address, plus the ``cookie`` it chose when
+it claimed that region, so it can tell its windows apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+
+class Space(enum.IntEnum):
+    """Address spaces, numbered as :class:`ipc.Bus` numbers them."""
+
+    PIO = 0
+    MMIO = 1
+    PCI = 2
+
+
+class DeviceError(Exception):
+    """Base of the errors device models raise."""
+
+
+class BadParameter(DeviceError):
+    """A device parameter (from the command line or a config) is invalid."""
+
+
+class DeviceHost(Protocol):
+    """What a model may ask of its host."""
+
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
+        """Register ``[start, start + length)`` for this device.
+
+        May be called from inside :meth:`Device.write` (a device that moves
+        its own window).  Raises the registry's errors (overlap, full)."""
+
+    def release(self, space: Space, start: int) -> None:
+        """Unregister this device's region starting at ``start``."""
+
+    def process_id(self) -> int:
+        """The pid of the process the model runs in."""
+
+
+class Device:
+    """Base class of device models.
+
+    Subclasses set ``kind`` (the ``TYPE`` of ``--device TYPE,...``), parse
+    their parameters in ``__init__`` (raising :class:`BadParameter`),
+    claim their regions in :meth:`start`, and serve accesses.
+    """
+
+    kind = ""
+
+    def __init__(self, host: DeviceHost, **params: str):
+        self.host = host
+        if params:
+            raise BadParameter(f"{self.kind}: unknown parameter(s): {', '.join(sorted(params))}")
+
+    def start(self) -> None:
+        """Claim the device's initial regions."""
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        """Value of a ``size``-byte read at ``offset`` in region ``cookie``."""
+        raise NotImplementedError
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        """A ``size``-byte write of ``value`` at ``offset`` in region ``cookie``."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Release what the device holds; called once, at teardown."""
+
+
+def parse_int(kind: str, key: str, text: str) -> int:
+    """An integer parameter (decimal or 0x-hex), or a clear error."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise BadParameter(f"{kind}: {key}={text!r} is not an integer") from None

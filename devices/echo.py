@@ -1,0 +1,140 @@
+"""The ``echo`` test device: a register file behind a PIO and an MMIO window.
+
+``--device echo,pio=PORT,mmio=ADDR`` (either or both).  Both windows address
+one 256-byte register file:
+
+====== ======== ===========================================================
+offset  access   meaning
+====== ======== ===========================================================
+0x00    r/w      scratch up to 0xEF; reads return what was last written
+                 (little-endian, 0 at start); 1, 2, 4 bytes, 8 on MMIO
+0xF0    r, 4     pid of the process serving the device
+0xF4    r, 4     accesses served so far, this one included (mod 2**32)
+0xF8    w, 4/8   move the window written to onto the given base; the
+                 device does it itself, inside the handler of this write
+====== ======== ===========================================================
+
+The PIO window is 256 ports; the MMIO window is a 4 KiB page of which the
+first 256 bytes count (the rest read all ones and drop writes).  Reads of
+write-only or unknown registers, and accesses of a size the window does not
+take, read all ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from devices.base import BadParameter, Device, DeviceHost, Space, parse_int
+
+log = logging.getLogger(__name__)
+
+ECHO_SCRATCH_END = 0xF0
+ECHO_PID = 0xF0
+ECHO_COUNT = 0xF4
+ECHO_MOVE = 0xF8
+ECHO_REGS = 0x100
+
+PIO_WINDOW = 0x100
+MMIO_WINDOW = 0x1000
+
+COOKIE_PIO = 0
+COOKIE_MMIO = 1
+
+_SIZES = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8)}
+_WINDOW = {Space.PIO: PIO_WINDOW, Space.MMIO: MMIO_WINDOW}
+_LIMIT = {Space.PIO: 1 << 16, Space.MMIO: 1 << 64}
+
+
+def ones(size: int) -> int:
+    """The all-ones value of an access of ``size`` bytes."""
+    return (1 << (8 * size)) - 1
+
+
+class Echo(Device):
+    kind = "echo"
+
+    def __init__(self, host: DeviceHost, **params: str):
+        pio = params.pop("pio", None)
+        mmio = params.pop("mmio", None)
+        super().__init__(host, **params)
+        if pio is None and mmio is None:
+            raise BadParameter("echo: needs pio=PORT, mmio=ADDR or both")
+        self.base: dict[Space, int] = {}
+        if pio is not None:
+            self.base[Space.PIO] = self._check_base(Space.PIO, parse_int(self.kind, "pio", pio))
+        if mmio is not None:
+            self.base[Space.MMIO] = self._check_base(Space.MMIO, parse_int(self.kind, "mmio", mmio))
+        self.scratch = bytearray(ECHO_SCRATCH_END)
+        self.count = 0
+        # Two vCPUs may hit the device at once (inline placement, or two
+        # request slots in a device process): keep the register file and
+        # the window bases consistent.
+        self._lock = threading.Lock()
+
+    def _check_base(self, space: Space, base: int) -> int:
+        if base < 0 or base + _WINDOW[space] > _LIMIT[space]:
+            raise BadParameter(f"echo: {space.name} window at {base:#x} does not fit the address space")
+        if space is Space.MMIO and base % MMIO_WINDOW:
+            raise BadParameter(f"echo: mmio={base:#x} is not 4 KiB aligned")
+        return base
+
+    def start(self) -> None:
+        for space, base in self.base.items():
+            self.host.claim(space, base, _WINDOW[space], self._cookie(space))
+
+    def stop(self) -> None:
+        for space, base in list(self.base.items()):
+            try:
+                self.host.release(space, base)
+            except Exception as e:  # the host may already have reaped it
+                log.debug("echo: releasing %s window at %#x: %s", space.name, base, e)
+
+    @staticmethod
+    def _cookie(space: Space) -> int:
+        return COOKIE_PIO if space is Space.PIO else COOKIE_MMIO
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        with self._lock:
+            self.count = (self.count + 1) & 0xFFFFFFFF
+            if size not in _SIZES.get(space, ()) or offset + size > ECHO_REGS:
+                return ones(size)
+            if offset + size <= ECHO_SCRATCH_END:
+                return int.from_bytes(self.scratch[offset:offset + size], "little")
+            if offset == ECHO_PID and size == 4:
+                return self.host.process_id() & 0xFFFFFFFF
+            if offset == ECHO_COUNT and size == 4:
+                return self.count
+            return ones(size)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self.count = (self.count + 1) & 0xFFFFFFFF
+            if size not in _SIZES.get(space, ()) or offset + size > ECHO_REGS:
+                return
+            value &= ones(size)
+            if offset + size <= ECHO_SCRATCH_END:
+                self.scratch[offset:offset + size] = value.to_bytes(size, "little")
+            elif offset == ECHO_MOVE and size in (4, 8):
+                self._move(space, value)
+
+    def _move(self, space: Space, new: int) -> None:
+        """Move this window; called with the lock held, from the handler of
+        the very access that asked for it."""
+        old = self.base.get(space)
+        if old is None or new == old:
+            return
+        try:
+            self._check_base(space, new)
+        except BadParameter as e:
+            log.warning("%s; window stays at %#x", e, old)
+            return
+        window, cookie = _WINDOW[space], self._cookie(space)
+        self.host.release(space, old)
+        try:
+            self.host.claim(space, new, window, cookie)
+        except Exception as e:
+            log.warning("echo: cannot move %s window to %#x (%s); it stays at %#x", space.name, new, e, old)
+            self.host.claim(space, old, window, cookie)
+            return
+        self.base[space] = new
