@@ -5,7 +5,8 @@
  *
  *   header   magic, version, sizes, per-bus index counts, robust mutex
  *   slots    capacity x struct slot -- the source of truth
- *   index    SVM_NBUS x capacity x uint32 slot numbers, sorted by start
+ *   keys     SVM_NBUS x capacity x uint64 region starts, sorted
+ *   index    SVM_NBUS x capacity x uint32 slot numbers, parallel to keys
  *
  * Rules (see DESIGN.md, "Rules for shared memory"):
  *  - The segment is hostile.  Sizes and offsets are taken once, at open
@@ -66,10 +67,11 @@ struct header {
     uint64_t index_offset;
     uint64_t total_size;
     uint64_t recoveries;
+    uint64_t keys_offset;
     int32_t holder_pid;
     int32_t holder_tid;
     uint32_t count[4];            /* index length per bus */
-    uint8_t pad[48];
+    uint8_t pad[40];
     pthread_mutex_t lock __attribute__((aligned(64)));
     uint8_t pad2[24];
 };
@@ -84,6 +86,7 @@ struct svm_reg {
     uint32_t capacity;
     struct header *hdr;
     struct slot *slots;
+    uint64_t *keys;               /* SVM_NBUS * capacity */
     uint32_t *index;              /* SVM_NBUS * capacity */
     int kind;                     /* the mutex kind as we initialised it */
     uint32_t free_hint;
@@ -135,6 +138,11 @@ static inline uint32_t *bus_index(struct svm_reg *r, uint32_t bus)
     return r->index + (uint64_t)bus * r->capacity;
 }
 
+static inline uint64_t *bus_keys(struct svm_reg *r, uint32_t bus)
+{
+    return r->keys + (uint64_t)bus * r->capacity;
+}
+
 static inline uint32_t bus_count(struct svm_reg *r, uint32_t bus)
 {
     uint32_t n = LOAD(r->hdr->count[bus]);
@@ -157,6 +165,7 @@ uint64_t svm_reg_size(uint32_t capacity)
         return 0;
     uint64_t size = sizeof(struct header)
                   + (uint64_t)capacity * sizeof(struct slot)
+                  + (uint64_t)SVM_NBUS * capacity * sizeof(uint64_t)
                   + (uint64_t)SVM_NBUS * capacity * sizeof(uint32_t);
     return (size + 4095) & ~4095ull;
 }
@@ -256,6 +265,7 @@ static int format(struct svm_reg *r)
     h->capacity = r->capacity;
     h->nbus = SVM_NBUS;
     h->slots_offset = (uint8_t *)r->slots - r->base;
+    h->keys_offset = (uint8_t *)r->keys - r->base;
     h->index_offset = (uint8_t *)r->index - r->base;
     h->total_size = r->size;
     int rc = init_mutex(r);
@@ -271,7 +281,8 @@ static void place(struct svm_reg *r, uint32_t capacity)
     r->capacity = capacity;
     r->hdr = (struct header *)r->base;
     r->slots = (struct slot *)(r->base + sizeof(struct header));
-    r->index = (uint32_t *)(r->slots + capacity);
+    r->keys = (uint64_t *)(r->slots + capacity);
+    r->index = (uint32_t *)(r->keys + (uint64_t)SVM_NBUS * capacity);
 }
 
 int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
@@ -324,6 +335,7 @@ int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
         }
         place(r, cap);
         if (h.slots_offset != (uint64_t)((uint8_t *)r->slots - r->base) ||
+            h.keys_offset != (uint64_t)((uint8_t *)r->keys - r->base) ||
             h.index_offset != (uint64_t)((uint8_t *)r->index - r->base)) {
             svm_reg_close(r);
             return SVM_ELAYOUT;
@@ -362,37 +374,41 @@ int svm_reg_reinit(struct svm_reg *r)
 
 /* ---- index ----------------------------------------------------------- */
 
-/* Number of index entries of `bus` whose region starts at or below addr
- * (so the candidate is entry n-1).  Entries that point outside the slot
- * table end the search early: the caller re-validates what it finds. */
+/* Number of index entries of `bus` whose key (region start) is at or
+ * below addr, so the candidate region is entry n-1.  The search reads only
+ * the contiguous key array, without branches on the data: its cost grows
+ * with log2(n) cache-friendly steps.  Keys are untrusted like everything
+ * else here; callers re-validate the slot they end up with. */
 static uint32_t upper_bound(struct svm_reg *r, uint32_t bus, uint64_t addr,
                             uint32_t n)
 {
-    const uint32_t *ix = bus_index(r, bus);
-    uint32_t lo = 0, hi = n;
-    while (lo < hi) {                     /* at most 21 rounds */
-        uint32_t mid = lo + (hi - lo) / 2;
-        uint32_t s = LOAD(ix[mid]);
-        if (s >= r->capacity)
-            return 0;
-        if (LOAD(r->slots[s].start) <= addr)
-            lo = mid + 1;
-        else
-            hi = mid;
+    if (n == 0)
+        return 0;
+    const uint64_t *keys = bus_keys(r, bus);
+    const uint64_t *base = keys;
+    uint32_t len = n;
+    while (len > 1) {                     /* at most 20 rounds */
+        uint32_t half = len / 2;
+        base = (LOAD(base[half]) <= addr) ? base + half : base;
+        len -= half;
     }
-    return lo;
+    return (uint32_t)(base - keys) + (LOAD(*base) <= addr);
 }
 
 static void index_insert(struct svm_reg *r, uint32_t bus, uint32_t pos,
                          uint32_t slot)
 {
     uint32_t *ix = bus_index(r, bus);
+    uint64_t *keys = bus_keys(r, bus);
     uint32_t n = bus_count(r, bus);
     for (uint32_t i = n; i > pos; i--) {
+        STORE(keys[i], LOAD(keys[i - 1]));
         STORE(ix[i], LOAD(ix[i - 1]));
         if (i == pos + 1 || i == n)
             step();
     }
+    STORE(keys[pos], r->slots[slot].start);
+    step();
     STORE(ix[pos], slot);
     step();
     STORE(r->hdr->count[bus], n + 1);
@@ -402,8 +418,10 @@ static void index_insert(struct svm_reg *r, uint32_t bus, uint32_t pos,
 static void index_remove(struct svm_reg *r, uint32_t bus, uint32_t pos)
 {
     uint32_t *ix = bus_index(r, bus);
+    uint64_t *keys = bus_keys(r, bus);
     uint32_t n = bus_count(r, bus);
     for (uint32_t i = pos; i + 1 < n; i++) {
+        STORE(keys[i], LOAD(keys[i + 1]));
         STORE(ix[i], LOAD(ix[i + 1]));
         if (i == pos || i + 2 == n)
             step();
@@ -485,6 +503,7 @@ static void rebuild(struct svm_reg *r, uint32_t *fixed)
             }
         }
         uint32_t *ix = bus_index(r, bus);
+        uint64_t *keys = bus_keys(r, bus);
         uint32_t kept = 0;
         if (tmp) {
             qsort(tmp, n, sizeof(*tmp), by_start);
@@ -501,6 +520,7 @@ static void rebuild(struct svm_reg *r, uint32_t *fixed)
                     nfixed++;
                     continue;
                 }
+                keys[kept] = s->start;
                 ix[kept++] = tmp[k].slot;
                 prev_last = range_last(s->start, s->length);
             }
@@ -710,6 +730,7 @@ int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
     uint32_t removed = 0;
     for (uint32_t bus = 0; bus < SVM_NBUS; bus++) {
         uint32_t *ix = bus_index(r, bus);
+        uint64_t *keys = bus_keys(r, bus);
         uint32_t n = bus_count(r, bus), kept = 0;
         for (uint32_t k = 0; k < n; k++) {
             uint32_t i = LOAD(ix[k]);
@@ -724,6 +745,7 @@ int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
                 step();
                 continue;
             }
+            STORE(keys[kept], LOAD(keys[k]));
             STORE(ix[kept], i);
             kept++;
         }
@@ -736,7 +758,8 @@ int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
 }
 
 int svm_reg_snapshot(struct svm_reg *r, struct svm_slot_view *slots,
-                     uint32_t *counts, uint32_t *index, int64_t timeout_ns)
+                     uint32_t *counts, uint64_t *keys, uint32_t *index,
+                     int64_t timeout_ns)
 {
     int rc = lock(r, timeout_ns);
     if (rc)
@@ -754,6 +777,7 @@ int svm_reg_snapshot(struct svm_reg *r, struct svm_slot_view *slots,
     }
     for (uint32_t b = 0; b < SVM_NBUS; b++)
         counts[b] = r->hdr->count[b];
+    memcpy(keys, r->keys, sizeof(uint64_t) * SVM_NBUS * r->capacity);
     memcpy(index, r->index, sizeof(uint32_t) * SVM_NBUS * r->capacity);
     unlock(r);
     return SVM_OK;
@@ -797,17 +821,20 @@ int svm_reg_unlock_for_test(struct svm_reg *r)
     return SVM_OK;
 }
 
-int64_t svm_reg_bench_getput(struct svm_reg *r, uint32_t bus, uint64_t addr,
-                             uint64_t n)
+int64_t svm_reg_bench_getput(struct svm_reg *r, uint32_t bus, uint64_t base,
+                             uint64_t stride, uint64_t spread, uint64_t n)
 {
     struct svm_ref ref;
     struct timespec a, b;
+    if (spread == 0)
+        spread = 1;
     clock_gettime(CLOCK_MONOTONIC, &a);
     for (uint64_t k = 0; k < n; k++) {
+        uint64_t addr = base + ((k * 7919) % spread) * stride;
         int rc = svm_reg_get(r, bus, addr, 1, &ref, 1000000000);
         if (rc)
             return -rc;
-        rc = svm_reg_put(r, ref.slot, ref.generation, 1000000000);
+        rc = svm_reg_put(r, (uint32_t)ref.slot, ref.generation, 1000000000);
         if (rc)
             return -rc;
     }

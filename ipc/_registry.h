@@ -93,11 +93,12 @@ int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
 /* Rebuild the index from the slots under the lock, as EOWNERDEAD does. */
 int svm_reg_repair(struct svm_reg *r, uint32_t *fixed, int64_t timeout_ns);
 
-/* Copy slots, per-bus index counts and index entries out under the lock.
- * slots: capacity entries; counts: SVM_NBUS entries; index: SVM_NBUS *
- * capacity entries. */
+/* Copy slots, per-bus index counts, keys and index entries out under the
+ * lock.  slots: capacity entries; counts: SVM_NBUS entries; keys and
+ * index: SVM_NBUS * capacity entries each. */
 int svm_reg_snapshot(struct svm_reg *r, struct svm_slot_view *slots,
-                     uint32_t *counts, uint32_t *index, int64_t timeout_ns);
+                     uint32_t *counts, uint64_t *keys, uint32_t *index,
+                     int64_t timeout_ns);
 
 /* Who holds the lock right now (read without taking it). */
 void svm_reg_holder(struct svm_reg *r, struct svm_holder *out);
@@ -116,10 +117,11 @@ int svm_reg_peek(struct svm_reg *r, uint32_t slot, struct svm_slot_view *out);
 /* Base address and size of the mapping (tests: bounds checks). */
 uint64_t svm_reg_base(struct svm_reg *r);
 
-/* Benchmarks: n get+put pairs of one address in a C loop; returns the
- * elapsed nanoseconds or a negative return code. */
-int64_t svm_reg_bench_getput(struct svm_reg *r, uint32_t bus, uint64_t addr,
-                             uint64_t n);
+/* Benchmarks: n get+put pairs in a C loop, the k-th at address
+ * base + ((k * 7919) % spread) * stride, so consecutive lookups land in
+ * different regions; returns the elapsed nanoseconds or -(return code). */
+int64_t svm_reg_bench_getput(struct svm_reg *r, uint32_t bus, uint64_t base,
+                             uint64_t stride, uint64_t spread, uint64_t n);
 
 /* Test hook for crash-consistency tests.  When svm_test_crash_step is
  * non-zero, every mutation counts its steps in svm_test_step_counter and

@@ -425,15 +425,16 @@ class Registry:
         cap = self.capacity
         slots = ffi.new("struct svm_slot_view[]", cap)
         counts = ffi.new("uint32_t[]", lib.SVM_NBUS)
+        keys = ffi.new("uint64_t[]", lib.SVM_NBUS * cap)
         index = ffi.new("uint32_t[]", lib.SVM_NBUS * cap)
-        rc = lib.svm_reg_snapshot(self._handle(), slots, counts, index, self._ns(timeout))
+        rc = lib.svm_reg_snapshot(self._handle(), slots, counts, keys, index, self._ns(timeout))
         if rc:
             self._raise(rc, timeout)
-        return slots, counts, index
+        return slots, counts, keys, index
 
     def regions(self, timeout: float | None = None) -> list[RegionRecord]:
         """Every slot in use (live or waiting for its last put)."""
-        slots, _, _ = self._snapshot(timeout)
+        slots, _, _, _ = self._snapshot(timeout)
         out = []
         for i in range(self.capacity):
             s = slots[i]
@@ -449,7 +450,7 @@ class Registry:
 
     def check(self, timeout: float | None = None) -> list[str]:
         """Invariant violations of the segment (empty when healthy)."""
-        slots, counts, index = self._snapshot(timeout)
+        slots, counts, keys, index = self._snapshot(timeout)
         cap = self.capacity
         problems: list[str] = []
         indexed: dict[int, int] = {}
@@ -469,6 +470,8 @@ class Registry:
                     problems.append(f"{name}[{k}]: slot {i} indexed twice")
                 indexed[i] = bus
                 s = slots[i]
+                if keys[bus * cap + k] != s.start:
+                    problems.append(f"{name}[{k}]: key {keys[bus * cap + k]:#x} differs from slot {i} start {s.start:#x}")
                 if s.state != lib.SVM_LIVE:
                     problems.append(f"{name}[{k}]: slot {i} is indexed but not live (state {s.state})")
                 if s.bus != bus:
