@@ -96,6 +96,7 @@ int64_t svm_test_crash_step = 0;
 int64_t svm_test_step_counter = 0;
 int svm_test_crash_action = 1;
 static __thread int last_errno;
+static __thread const char *layout_reason = "";
 
 /* Values of the robust-list link that glibc writes into the mutex when
  * this thread locks it.  glibc follows them again on unlock, so they are
@@ -173,6 +174,11 @@ uint64_t svm_reg_size(uint32_t capacity)
 int svm_reg_errno(void)
 {
     return last_errno;
+}
+
+const char *svm_reg_layout_reason(void)
+{
+    return layout_reason;
 }
 
 /* ---- locking --------------------------------------------------------- */
@@ -298,6 +304,7 @@ int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
         if (svm_reg_size(capacity) == 0 || size != svm_reg_size(capacity))
             return SVM_EINVAL;
     } else if (size < sizeof(struct header)) {
+        layout_reason = "segment smaller than a registry header";
         return SVM_ELAYOUT;
     }
     void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -325,18 +332,27 @@ int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
         struct header h;
         memcpy(&h, base, sizeof(h));
         uint32_t cap = h.capacity;
-        if (h.magic != SVM_MAGIC || h.version != SVM_VERSION ||
-            h.header_size != sizeof(struct header) ||
-            h.slot_size != sizeof(struct slot) || h.nbus != SVM_NBUS ||
-            svm_reg_size(cap) == 0 || svm_reg_size(cap) != size ||
-            h.total_size != size) {
-            svm_reg_close(r);
-            return SVM_ELAYOUT;
+        const char *why = NULL;
+        if (h.magic != SVM_MAGIC)
+            why = "bad magic (not a splitvmm registry)";
+        else if (h.version != SVM_VERSION)
+            why = "unsupported layout version";
+        else if (h.header_size != sizeof(struct header) ||
+                 h.slot_size != sizeof(struct slot) || h.nbus != SVM_NBUS)
+            why = "header, slot or bus-count sizes differ from this build";
+        else if (svm_reg_size(cap) == 0)
+            why = "capacity out of range";
+        else if (svm_reg_size(cap) != size || h.total_size != size)
+            why = "segment length does not match its capacity";
+        if (!why) {
+            place(r, cap);
+            if (h.slots_offset != (uint64_t)((uint8_t *)r->slots - r->base) ||
+                h.keys_offset != (uint64_t)((uint8_t *)r->keys - r->base) ||
+                h.index_offset != (uint64_t)((uint8_t *)r->index - r->base))
+                why = "table offsets differ from this build";
         }
-        place(r, cap);
-        if (h.slots_offset != (uint64_t)((uint8_t *)r->slots - r->base) ||
-            h.keys_offset != (uint64_t)((uint8_t *)r->keys - r->base) ||
-            h.index_offset != (uint64_t)((uint8_t *)r->index - r->base)) {
+        if (why) {
+            layout_reason = why;
             svm_reg_close(r);
             return SVM_ELAYOUT;
         }
@@ -625,8 +641,10 @@ out:
 int svm_reg_get(struct svm_reg *r, uint32_t bus, uint64_t addr, uint64_t size,
                 struct svm_ref *out, int64_t timeout_ns)
 {
-    if (bus >= SVM_NBUS || !range_ok(addr, size))
+    if (bus >= SVM_NBUS || size == 0)
         return SVM_EINVAL;
+    if (!range_ok(addr, size))
+        return SVM_ENOTFOUND;   /* a wrapping access lies in no region */
     int rc = lock(r, timeout_ns);
     if (rc)
         return rc;
@@ -685,7 +703,7 @@ int svm_reg_put(struct svm_reg *r, uint32_t slot, uint64_t generation,
 
 /* Index position of the region of `bus` starting exactly at start. */
 static int find_exact(struct svm_reg *r, uint32_t bus, uint64_t start,
-                      uint32_t *pos_out)
+                      uint32_t *pos_out, uint32_t *slot_out)
 {
     uint32_t n = bus_count(r, bus);
     uint32_t pos = upper_bound(r, bus, start, n);
@@ -696,6 +714,7 @@ static int find_exact(struct svm_reg *r, uint32_t bus, uint64_t start,
         r->slots[i].state != SVM_LIVE)
         return SVM_ENOTFOUND;
     *pos_out = pos - 1;
+    *slot_out = i;       /* the checked copy: the segment may change */
     return SVM_OK;
 }
 
@@ -708,10 +727,10 @@ int svm_reg_unregister(struct svm_reg *r, uint32_t bus, uint64_t start,
     if (rc)
         return rc;
     step();
-    uint32_t pos;
-    rc = find_exact(r, bus, start, &pos);
+    uint32_t pos, i;
+    rc = find_exact(r, bus, start, &pos, &i);
     if (rc == SVM_OK) {
-        struct slot *s = &r->slots[bus_index(r, bus)[pos]];
+        struct slot *s = &r->slots[i];
         if (s->owner != owner)
             rc = SVM_ENOTFOUND;
         else

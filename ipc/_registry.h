@@ -72,6 +72,8 @@ int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out);
 void svm_reg_close(struct svm_reg *r);
 uint32_t svm_reg_capacity(struct svm_reg *r);
 int svm_reg_errno(void);
+/* Why the last svm_reg_open on this thread returned SVM_ELAYOUT. */
+const char *svm_reg_layout_reason(void);
 
 /* Formats the segment again in place: empty registry, fresh mutex.  Only
  * for the VMM, when nobody else can be using it (e.g. after corruption). */

@@ -152,7 +152,10 @@ class Reference:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._registry.put(self)
+        registry = self._registry
+        if registry is None:
+            raise StaleReference("reference was already put")
+        registry.put(self)
 
     @property
     def held(self) -> bool:
@@ -252,10 +255,8 @@ class Registry:
         out = ffi.new("struct svm_reg **")
         rc = lib.svm_reg_open(fd, 1 if create else 0, capacity, out)
         if rc == lib.SVM_ELAYOUT:
-            raise LayoutError(
-                "not a splitvmm registry segment of version "
-                f"{lib.SVM_VERSION} (bad magic, version, sizes or length)"
-            )
+            why = ffi.string(lib.svm_reg_layout_reason()).decode()
+            raise LayoutError(f"not a splitvmm registry segment of layout version {lib.SVM_VERSION}: {why}")
         if rc == lib.SVM_ESYS:
             err = lib.svm_reg_errno()
             raise OSError(err, f"mapping the registry: {os.strerror(err)}")
@@ -376,7 +377,7 @@ class Registry:
             if rc == _ENOTFOUND:
                 return None
             if rc == lib.SVM_EINVAL:
-                raise ValueError(f"access {addr:#x}+{size:#x} is empty or wraps, or the bus is bad")
+                raise ValueError(f"access {addr:#x}+{size:#x} is empty or the bus is bad")
             self._raise(rc, timeout)
         ref = _new_reference(Reference)
         ref.start, ref.length, ref.owner, ref.cookie, ref.generation, ref.offset, ref.slot = _unpack_ref(buf)
