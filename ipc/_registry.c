@@ -3,7 +3,7 @@
  *
  * Layout (all offsets fixed at creation, recorded in the header):
  *
- *   header   magic, version, sizes, per-bus index counts, robust mutex
+ *   header   magic, version, sizes, per-bus index counts, robust lock
  *   slots    capacity x struct slot -- the source of truth
  *   keys     SVM_NBUS x capacity x uint64 region starts, sorted
  *   index    SVM_NBUS x capacity x uint32 slot numbers, parallel to keys
@@ -12,11 +12,12 @@
  *  - The segment is hostile.  Sizes and offsets are taken once, at open
  *    time, and kept in the private handle; every index read from the
  *    segment is bounds-checked before use; every loop is bounded by the
- *    private capacity; nothing stored in the segment is a pointer.
+ *    private capacity; nothing stored in the segment is a pointer, and
+ *    the lock (_rlock.h) follows no link read from the segment.
  *  - Slots are the truth and the index is derived.  A slot enters or
  *    leaves service by one aligned store to its state word; the index is
  *    rebuilt from the slots whenever a locker finds the previous owner
- *    dead (EOWNERDEAD), so a writer killed at any instruction leaves a
+ *    dead (the robust futex's OWNER_DIED, pthread's EOWNERDEAD), so a writer killed at any instruction leaves a
  *    registry that recovery makes valid again.
  *  - Removal (after kvmtool's refcounted mmio/ioport nodes): unregister
  *    takes the region out of the index at once; its slot waits in the
@@ -40,6 +41,7 @@
 #include <unistd.h>
 
 #include "_registry.h"
+#include "_rlock.h"
 
 #define SVM_MAX_CAPACITY (1u << 20)
 
@@ -72,8 +74,7 @@ struct header {
     int32_t holder_tid;
     uint32_t count[4];            /* index length per bus */
     uint8_t pad[40];
-    pthread_mutex_t lock __attribute__((aligned(64)));
-    uint8_t pad2[24];
+    struct rlock lock __attribute__((aligned(64)));
 };
 
 _Static_assert(sizeof(struct slot) == 64, "slot is one cache line");
@@ -88,7 +89,6 @@ struct svm_reg {
     struct slot *slots;
     uint64_t *keys;               /* SVM_NBUS * capacity */
     uint32_t *index;              /* SVM_NBUS * capacity */
-    int kind;                     /* the mutex kind as we initialised it */
     uint32_t free_hint;
 };
 
@@ -98,13 +98,6 @@ int svm_test_crash_action = 1;
 static __thread int last_errno;
 static __thread const char *layout_reason = "";
 
-/* Values of the robust-list link that glibc writes into the mutex when
- * this thread locks it.  glibc follows them again on unlock, so they are
- * restored from this private copy just before unlocking: a device that
- * scribbles on them while we hold the lock cannot steer our writes. */
-static __thread void *saved_list_prev;
-static __thread void *saved_list_next;
-
 /* getpid() is a real system call (glibc does not cache it), and a slow one
  * on a nested host, so the pid recorded by each locker is cached here and
  * refreshed in the child after fork. */
@@ -113,6 +106,7 @@ static int32_t my_pid;
 static void refresh_pid(void)
 {
     my_pid = (int32_t)getpid();
+    rlock_atfork_child();
 }
 
 __attribute__((constructor)) static void init_pid(void)
@@ -185,81 +179,29 @@ const char *svm_reg_layout_reason(void)
 
 static void rebuild(struct svm_reg *r, uint32_t *fixed);
 
-static void deadline(struct timespec *ts, int64_t timeout_ns)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    if (timeout_ns < 0)
-        timeout_ns = 0;
-    ts->tv_sec += timeout_ns / 1000000000;
-    ts->tv_nsec += timeout_ns % 1000000000;
-    if (ts->tv_nsec >= 1000000000) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000;
-    }
-}
-
+/* Take the registry lock.  A locker that finds the previous holder dead
+ * repairs the slots and rebuilds the index before doing anything else. */
 static int lock(struct svm_reg *r, int64_t timeout_ns)
 {
-    pthread_mutex_t *m = &r->hdr->lock;
-    int rc = pthread_mutex_trylock(m);
-    if (rc == EBUSY) {
-        struct timespec ts;
-        deadline(&ts, timeout_ns);
-        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
-    }
-    if (rc == EOWNERDEAD) {
-        /* The previous holder died inside its critical section.  The slots
-         * are the truth: repair them and rebuild the index from them. */
+    int rc = rlock_lock(&r->hdr->lock, timeout_ns);
+    if (rc == RLOCK_TIMEDOUT)
+        return SVM_ETIMEDOUT;
+    if (rc == RLOCK_ERROR)
+        return SVM_ELOCK;
+    if (rc == RLOCK_OWNER_DEAD) {
         rebuild(r, NULL);
         r->hdr->recoveries++;
-        if (pthread_mutex_consistent(m) != 0)
-            return SVM_ELOCK;
-        rc = 0;
     }
-    if (rc == ETIMEDOUT)
-        return SVM_ETIMEDOUT;
-    if (rc != 0) {
-        last_errno = rc;
-        return SVM_ELOCK;
-    }
-    saved_list_prev = m->__data.__list.__prev;
-    saved_list_next = m->__data.__list.__next;
     STORE(r->hdr->holder_pid, my_pid);
     return SVM_OK;
 }
 
 static void unlock(struct svm_reg *r)
 {
-    pthread_mutex_t *m = &r->hdr->lock;
-    m->__data.__list.__prev = saved_list_prev;
-    m->__data.__list.__next = saved_list_next;
-    m->__data.__kind = r->kind;
-    if (pthread_mutex_unlock(m) != 0) {
-        /* Someone overwrote the lock word under us, so glibc refused and
-         * left the mutex on this thread's robust list.  Take it off so
-         * nothing later follows links stored in the segment. */
-        struct robust_list_head *head;
-        size_t len;
-        if (syscall(SYS_get_robust_list, 0, &head, &len) == 0 &&
-            (void *)head->list.next == (void *)&m->__data.__list.__next)
-            head->list.next = saved_list_next;
-    }
+    rlock_unlock(&r->hdr->lock);
 }
 
 /* ---- open / format ----------------------------------------------------- */
-
-static int init_mutex(struct svm_reg *r)
-{
-    pthread_mutexattr_t a;
-    if (pthread_mutexattr_init(&a) != 0)
-        return SVM_ELOCK;
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    memset(&r->hdr->lock, 0, sizeof(r->hdr->lock));
-    int rc = pthread_mutex_init(&r->hdr->lock, &a);
-    pthread_mutexattr_destroy(&a);
-    return rc == 0 ? SVM_OK : SVM_ELOCK;
-}
 
 static int format(struct svm_reg *r)
 {
@@ -274,10 +216,8 @@ static int format(struct svm_reg *r)
     h->keys_offset = (uint8_t *)r->keys - r->base;
     h->index_offset = (uint8_t *)r->index - r->base;
     h->total_size = r->size;
-    int rc = init_mutex(r);
-    if (rc != SVM_OK)
-        return rc;
-    /* The magic goes last: a half-formatted segment is refused. */
+    /* The lock word is 0 (free) after the memset.  The magic goes last:
+     * a half-formatted segment is refused. */
     STORE(h->magic, (uint64_t)SVM_MAGIC);
     return SVM_OK;
 }
@@ -357,7 +297,6 @@ int svm_reg_open(int fd, int create, uint32_t capacity, struct svm_reg **out)
             return SVM_ELAYOUT;
         }
     }
-    r->kind = r->hdr->lock.__data.__kind;
     *out = r;
     return SVM_OK;
 }
@@ -382,10 +321,7 @@ uint64_t svm_reg_base(struct svm_reg *r)
 
 int svm_reg_reinit(struct svm_reg *r)
 {
-    int rc = format(r);
-    if (rc == SVM_OK)
-        r->kind = r->hdr->lock.__data.__kind;
-    return rc;
+    return format(r);
 }
 
 /* ---- index ----------------------------------------------------------- */
@@ -820,7 +756,7 @@ int svm_reg_peek(struct svm_reg *r, uint32_t slot, struct svm_slot_view *out)
 
 void svm_reg_holder(struct svm_reg *r, struct svm_holder *out)
 {
-    out->tid = LOAD(r->hdr->lock.__data.__owner);
+    out->tid = (int32_t)rlock_holder(&r->hdr->lock);
     out->pid = LOAD(r->hdr->holder_pid);
 }
 

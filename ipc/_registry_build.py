@@ -19,7 +19,7 @@ ffibuilder.set_source(
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],
-    depends=[str(HERE / "_registry.c"), str(HERE / "_registry.h")],
+    depends=[str(HERE / name) for name in ("_registry.c", "_registry.h", "_rlock.h")],
 )
 
 if __name__ == "__main__":
