@@ -17,8 +17,9 @@
  *  - Slots are the truth and the index is derived.  A slot enters or
  *    leaves service by one aligned store to its state word; the index is
  *    rebuilt from the slots whenever a locker finds the previous owner
- *    dead (the robust futex's OWNER_DIED, pthread's EOWNERDEAD), so a writer killed at any instruction leaves a
- *    registry that recovery makes valid again.
+ *    dead (the robust futex's OWNER_DIED, pthread's EOWNERDEAD), so a
+ *    writer killed at any instruction leaves a registry that recovery
+ *    makes valid again.
  *  - Removal (after kvmtool's refcounted mmio/ioport nodes): unregister
  *    takes the region out of the index at once; its slot waits in the
  *    REMOVING state until the last put.  Each slot carries a generation,
@@ -420,7 +421,7 @@ static int by_start(const void *a, const void *b)
 }
 
 /* Make the slots valid and rebuild the index from them.  Runs with the
- * lock held (after EOWNERDEAD, or on request). */
+ * lock held (after owner death, or on request). */
 static void rebuild(struct svm_reg *r, uint32_t *fixed)
 {
     uint32_t nfixed = 0;

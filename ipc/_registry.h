@@ -15,7 +15,7 @@
 #define SVM_EINVAL 5      /* bad argument (zero length, wrapping range, bad bus) */
 #define SVM_ESTALE 6      /* reference does not match the slot's tenant */
 #define SVM_ELAYOUT 7     /* segment is not a registry this code understands */
-#define SVM_ELOCK 8       /* the mutex is unusable (corrupt or not recoverable) */
+#define SVM_ELOCK 8       /* this thread cannot use the lock (see _rlock.h) */
 #define SVM_ENOMEM 9
 #define SVM_ESYS 10       /* a system call failed; errno is kept in svm_reg_errno */
 
@@ -57,7 +57,7 @@ struct svm_slot_view {
 
 /* Who holds, or last held, the lock. */
 struct svm_holder {
-    int32_t tid;        /* the mutex's own owner field (kernel thread id) */
+    int32_t tid;        /* from the lock word (the holder's thread id) */
     int32_t pid;        /* what the holder wrote after locking */
 };
 
@@ -75,7 +75,7 @@ int svm_reg_errno(void);
 /* Why the last svm_reg_open on this thread returned SVM_ELAYOUT. */
 const char *svm_reg_layout_reason(void);
 
-/* Formats the segment again in place: empty registry, fresh mutex.  Only
+/* Formats the segment again in place: empty registry, free lock.  Only
  * for the VMM, when nobody else can be using it (e.g. after corruption). */
 int svm_reg_reinit(struct svm_reg *r);
 
@@ -92,7 +92,7 @@ int svm_reg_unregister(struct svm_reg *r, uint32_t bus, uint64_t start,
 int svm_reg_unregister_owner(struct svm_reg *r, uint64_t owner,
                              uint32_t *count, int64_t timeout_ns);
 
-/* Rebuild the index from the slots under the lock, as EOWNERDEAD does. */
+/* Rebuild the index from the slots under the lock, as owner-death recovery does. */
 int svm_reg_repair(struct svm_reg *r, uint32_t *fixed, int64_t timeout_ns);
 
 /* Copy slots, per-bus index counts, keys and index entries out under the
@@ -105,7 +105,7 @@ int svm_reg_snapshot(struct svm_reg *r, struct svm_slot_view *slots,
 /* Who holds the lock right now (read without taking it). */
 void svm_reg_holder(struct svm_reg *r, struct svm_holder *out);
 
-/* How many times this segment went through EOWNERDEAD recovery. */
+/* How many times this segment went through owner-death recovery. */
 uint64_t svm_reg_recoveries(struct svm_reg *r);
 
 /* Lock and unlock without doing anything else (tests: lock hog). */

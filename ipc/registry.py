@@ -2,7 +2,7 @@
 
 One POSIX shared-memory segment holds a fixed table of region slots and,
 per address space (:class:`Bus`), an index sorted by start address, behind
-one process-shared robust mutex.  The VMM's vCPU threads look addresses up
+one process-shared robust lock (a robust futex, ``_rlock.h``).  The VMM's vCPU threads look addresses up
 with :meth:`Registry.get` and hand the reference back with
 :meth:`Registry.put`; device processes :meth:`Registry.register` and
 :meth:`Registry.unregister` their own regions, also while a vCPU is inside
@@ -98,7 +98,8 @@ class LayoutError(RegistryError):
 
 
 class LockUnusable(RegistryError):
-    """The registry mutex is corrupt or not recoverable; reinitialise."""
+    """The lock cannot be used by this thread (no robust list, nested too
+    deeply); see ``_rlock.h``."""
 
 
 class LockTimeout(RegistryError):
@@ -333,7 +334,7 @@ class Registry:
             raise ValueError(what or "invalid argument")
         if rc == lib.SVM_ELOCK:
             err = lib.svm_reg_errno()
-            raise LockUnusable(f"registry mutex unusable ({os.strerror(err) if err else 'corrupt'})")
+            raise LockUnusable("registry lock unusable from this thread (no robust list, or locks nested too deeply)")
         raise RegistryError(f"registry call failed (code {rc})")
 
     # -- operations ----------------------------------------------------
@@ -510,7 +511,7 @@ class Registry:
         return fixed[0]
 
     def reinitialize(self) -> None:
-        """Format the segment again: empty registry, fresh mutex.  Only for
+        """Format the segment again: empty registry, free lock.  Only for
         the segment's creator, when nothing else uses it any more."""
         rc = lib.svm_reg_reinit(self._handle())
         if rc:
