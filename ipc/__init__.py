@@ -1,7 +1,8 @@
 """Shared-memory IPC between the VMM and device processes.
 
-No KVM here: the region registry (:mod:`ipc.registry`) and, later, access
-slots and the control protocol.  Neither :mod:`vmm` nor :mod:`devserver` is
+No KVM here: the region registry (:mod:`ipc.registry`), the access slots
+(:mod:`ipc.slots`), the control protocol (:mod:`ipc.protocol`, no I/O) and
+its socket transport (:mod:`ipc.transport`).  Neither :mod:`vmm` nor :mod:`devserver` is
 imported from this package.
 """
 
@@ -20,6 +21,17 @@ from ipc.registry import (
     StaleReference,
     pci_address,
 )
+from ipc.slots import (
+    SlotCaller,
+    SlotError,
+    SlotServer,
+)
+from ipc.protocol import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from ipc.transport import Channel
 
 __all__ = [
     "Bus",
@@ -35,4 +47,11 @@ __all__ = [
     "RegistryFull",
     "StaleReference",
     "pci_address",
+    "SlotCaller",
+    "SlotError",
+    "SlotServer",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "Channel",
 ]
