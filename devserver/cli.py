@@ -1,0 +1,46 @@
+"""The ``devserver`` command: run one device process.
+
+    devserver --fd N [--log-level LEVEL] [--handshake-timeout SECONDS]
+
+``N`` is an inherited, connected ``AF_UNIX SOCK_SEQPACKET`` socket to the
+VMM (the VMM passes it when it spawns the process).  Everything else (the
+device type, its parameters, the registry, the slots, guest memory)
+arrives over that socket.  Later: ``--socket PATH`` for systemd socket
+activation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from devserver.runtime import EXIT_PROTOCOL, DeviceServer, configure_logging
+from ipc.protocol import Role
+from ipc.transport import Channel
+
+log = logging.getLogger("devserver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="devserver", description="Run one splitvmm device process.")
+    ap.add_argument("--fd", type=int, required=True, metavar="N",
+                    help="inherited control socket (AF_UNIX SOCK_SEQPACKET) connected to the VMM")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
+    args = ap.parse_args(argv)
+    configure_logging(getattr(logging, args.log_level))
+    # The VMM decides when a device stops (Shutdown, or its socket going
+    # away): a Ctrl-C on the terminal is for the VMM, not for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        channel = Channel.from_fd(args.fd, Role.DEVICE)
+    except (OSError, ValueError) as e:
+        log.error("--fd %d: %s", args.fd, e)
+        return EXIT_PROTOCOL
+    return DeviceServer(channel, handshake_timeout=args.handshake_timeout).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

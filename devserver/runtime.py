@@ -1,0 +1,334 @@
+"""The life of a device process: handshake, attach, serve, exit.
+
+:class:`DeviceServer` runs on an already-connected control
+:class:`ipc.transport.Channel`:
+
+1. handshake: Hello → Welcome, then the configuration messages (device
+   config, registry, slots, optional guest memory) until Start, all within
+   a deadline; each received descriptor is mapped and closed at once;
+2. build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
+   claim its initial regions, answer Ready(pid);
+3. serve accesses from the slots on the main thread, while a control
+   thread reads the socket (Reset, Shutdown) and watches for the VMM going
+   away (end of stream, or this process re-parented);
+4. on the way out, release the model's regions and unmap everything.
+
+Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
+could not start (the VMM got an Error message), 2 when the VMM broke the
+protocol or the handshake did not finish in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+
+from devices.base import Device, Space
+from devserver.host import RemoteHost
+from devserver.kinds import model_class
+from ipc import Registry
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
+                          RemoteProtocolError, Reset, ResetDone, SetMemTable, SetRegistry,
+                          SetSlots, Shutdown, Start, negotiate)
+from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
+from ipc.transport import Channel, ChannelTimeout, close_fds
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_PROTOCOL = 2
+#: How long the serving thread may stay inside a handler once the VMM is
+#: gone before the process exits anyway.
+STUCK_GRACE = 2.0
+#: How often the control thread looks at its parent.
+PARENT_CHECK = 0.5
+_SPACES = (Space.PIO, Space.MMIO, Space.PCI)
+_SIZES = frozenset((1, 2, 4, 8))
+
+
+class StartFailed(Exception):
+    """The device cannot start; the message goes to the VMM as Error."""
+
+
+class DeviceServer:
+    """One device process's runtime (see the module docstring)."""
+
+    def __init__(self, channel: Channel, handshake_timeout: float = 10.0,
+                 check_parent: bool = True):
+        self.channel = channel
+        self.handshake_timeout = handshake_timeout
+        self.config: DeviceConfig | None = None
+        self.registry: Registry | None = None
+        self.slots: SlotServer | None = None
+        self.memory: mmap.mmap | None = None
+        self.mem_table: SetMemTable | None = None
+        self.model: Device | None = None
+        self.host: RemoteHost | None = None
+        self._model_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._served_out = threading.Event()
+        self._parent = os.getppid() if check_parent else 0
+        self._send_lock = threading.Lock()
+
+    # -- the whole life ------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            try:
+                self._handshake()
+            except StartFailed as e:
+                log.error("cannot start: %s", e)
+                self._send(Error(str(e)[:1000] or "device failed to start"))
+                return EXIT_START_FAILED
+            except (RemoteProtocolError, ChannelTimeout, EOFError) as e:
+                log.error("handshake with the VMM failed: %s", e)
+                return EXIT_PROTOCOL
+            control = threading.Thread(target=self._control_loop, name="devserver-control", daemon=True)
+            control.start()
+            self._serve()
+            self._served_out.set()
+            control.join(PARENT_CHECK * 4)
+            return EXIT_OK
+        finally:
+            self._teardown()
+
+    def _send(self, msg: Message) -> None:
+        with self._send_lock:
+            try:
+                self.channel.send(msg)
+            except OSError as e:
+                log.info("cannot send %s to the VMM: %s", msg.TYPE, e)
+
+    # -- handshake -----------------------------------------------------------
+
+    def _receive(self, deadline: float) -> Message:
+        msg = self.channel.receive(max(0.0, deadline - time.monotonic()))
+        if isinstance(msg, ConnectionClosed):
+            raise EOFError("the VMM closed the control socket during the handshake")
+        return msg
+
+    def _handshake(self) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        hello = self._receive(deadline)
+        assert isinstance(hello, Hello)  # the protocol allows nothing else first
+        welcome = negotiate(hello)
+        if welcome is None:
+            raise StartFailed(f"no common protocol version (the VMM offers {hello.version})")
+        self._send(welcome)
+        while True:
+            msg = self._receive(deadline)
+            if isinstance(msg, Shutdown):
+                raise EOFError("the VMM sent shutdown during the handshake")
+            if isinstance(msg, Start):
+                break
+            self._configure(msg)
+        self._start_model()
+        assert self.slots is not None and self.config is not None
+        self._send(Ready(os.getpid()))
+        log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
+                 self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
+                 " (adaptive)" if self.slots.adaptive else "")
+
+    def _configure(self, msg: Message) -> None:
+        """Apply one configuration message; close its descriptor either way."""
+        try:
+            if isinstance(msg, DeviceConfig):
+                self.config = msg
+                set_log_name(msg.name)
+            elif isinstance(msg, SetRegistry):
+                self.registry = Registry.from_fd(msg.fd)
+            elif isinstance(msg, SetSlots):
+                self.slots = SlotServer.from_fd(msg.fd, poll_ns=msg.poll_ns, adaptive=msg.adaptive,
+                                                move=msg.move)
+                if self.slots.nslots != msg.nslots:
+                    raise StartFailed(f"slot segment has {self.slots.nslots} slots, not {msg.nslots}")
+            elif isinstance(msg, SetMemTable):
+                self._map_memory(msg)
+        except StartFailed:
+            raise
+        except Exception as e:
+            raise StartFailed(f"{msg.TYPE}: {e}") from e
+        finally:
+            close_fds(msg.fds())
+
+    def _map_memory(self, msg: SetMemTable) -> None:
+        size = os.fstat(msg.fd).st_size
+        for r in msg.regions:
+            if r.offset + r.size > size:
+                raise StartFailed(f"memory region at {r.guest_addr:#x} ends past the memory fd ({size:#x} bytes)")
+        self.memory = mmap.mmap(msg.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mem_table = msg
+
+    def _start_model(self) -> None:
+        cfg = self.config
+        assert cfg is not None and self.registry is not None and self.slots is not None
+        if self.slots.nslots < cfg.nvcpus:
+            raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
+        self.host = RemoteHost(self.registry, cfg.owner)
+        self.model = self._build_model()
+
+    def _build_model(self) -> Device:
+        cfg, host = self.config, self.host
+        assert cfg is not None and host is not None
+        try:
+            model = model_class(cfg.kind)(host, **cfg.params)
+        except KeyError as e:
+            raise StartFailed(str(e.args[0])) from None
+        except Exception as e:
+            raise StartFailed(f"{cfg.kind}: {e}") from None
+        try:
+            model.start()
+        except Exception as e:
+            try:
+                model.stop()
+            except Exception:
+                pass
+            raise StartFailed(f"{cfg.kind} cannot claim its regions: {e}") from None
+        return model
+
+    # -- serving -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        slots, lock = self.slots, self._model_lock
+        assert slots is not None
+        complete = slots.complete
+        while True:
+            try:
+                req = slots.next(1.0)
+            except SlotsStopped:
+                return
+            if req is None:
+                continue
+            space, size = req.space, req.size
+            if space >= len(_SPACES) or size not in _SIZES:
+                log.error("bad request from the VMM: space %d size %d", space, size)
+                complete(req, 0, STATUS_ERROR)
+                continue
+            try:
+                with lock:
+                    model = self.model
+                    if req.is_write:
+                        model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
+                        value = 0
+                    else:
+                        value = model.read(_SPACES[space], req.cookie, req.offset, size)
+            except Exception:
+                log.exception("%s access at offset %#x failed", _SPACES[space].name, req.offset)
+                complete(req, 0, STATUS_ERROR)
+                continue
+            complete(req, value if type(value) is int else 0, STATUS_OK)
+
+    # -- control socket ------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        try:
+            self._control()
+        except Exception:
+            log.exception("control thread failed")
+        self._stop()
+
+    def _control(self) -> None:
+        while not self._stopping.is_set():
+            if self._parent and os.getppid() != self._parent:
+                log.info("the VMM (pid %d) is gone; exiting", self._parent)
+                return
+            try:
+                msg = self.channel.receive(PARENT_CHECK)
+            except ChannelTimeout:
+                continue
+            except RemoteProtocolError as e:
+                log.error("the VMM broke the control protocol: %s; exiting", e)
+                return
+            except OSError as e:
+                log.info("control socket: %s; exiting", e)
+                return
+            if isinstance(msg, ConnectionClosed):
+                log.info("the VMM closed the control socket; exiting")
+                return
+            if isinstance(msg, Shutdown):
+                log.info("shutdown")
+                return
+            if isinstance(msg, Reset):
+                self._reset()
+            else:  # the protocol lets nothing else through in this state
+                log.error("unexpected %s from the VMM", msg.TYPE)
+                return
+
+    def _reset(self) -> None:
+        with self._model_lock:
+            old = self.model
+            if old is not None:
+                old.stop()
+            try:
+                self.model = self._build_model()
+            except StartFailed as e:
+                self.model = None
+                log.error("reset failed: %s", e)
+                self._send(Error(f"reset failed: {e}"[:1000]))
+                self._stop()
+                return
+        self._send(ResetDone())
+
+    def _stop(self) -> None:
+        """Make the serving thread return; exit hard if it is stuck."""
+        self._stopping.set()
+        if self.slots is not None:
+            self.slots.stop()
+        if not self._served_out.wait(STUCK_GRACE):
+            log.error("a handler is stuck; exiting without cleaning up")
+            logging.shutdown()
+            os._exit(EXIT_OK)
+
+    # -- teardown ------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        if self.model is not None:
+            try:
+                with self._model_lock:
+                    self.model.stop()
+            except Exception as e:
+                log.warning("stopping the model: %s", e)
+            self.model = None
+        if self.slots is not None:
+            st = self.slots.device_stats()
+            log.info("served %d access(es): %d found while polling, %d sleep(s), %.1f ms polling "
+                     "(%.1f ms of it in vain), %d poll(s) cut short, %d move(s) off a vCPU's CPU",
+                     st.served, st.polled_hits, st.sleeps, st.poll_ns / 1e6, st.poll_wasted_ns / 1e6,
+                     st.poll_yields, st.moves)
+            self.slots.close()
+        if self.registry is not None:
+            self.registry.close()
+        if self.memory is not None:
+            self.memory.close()
+        self.channel.close()
+
+
+class _NameFilter(logging.Filter):
+    """Puts the device's ``id=`` into every log record (``%(device)s``)."""
+
+    name_ = "?"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.device = self.name_
+        return True
+
+
+_name_filter = _NameFilter()
+
+
+def set_log_name(name: str) -> None:
+    _name_filter.name_ = name
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log to stderr, each line naming the device and the process."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_name_filter)
+    handler.setFormatter(logging.Formatter("devserver[%(device)s pid %(process)d] %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

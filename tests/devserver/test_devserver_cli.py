@@ -1,0 +1,104 @@
+"""``devserver --fd N`` driven by hand over a real socket: the handshake,
+its failures, and exiting when the VMM goes away."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Ready, Role, SetRegistry,
+                          SetSlots, Start, Welcome)
+from ipc.slots import SlotCaller
+from ipc.transport import Channel, socketpair
+
+import posix_ipc
+
+
+def start_devserver(handshake_timeout: float = 5.0):
+    ours, theirs = socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "devserver", "--fd", str(theirs.fileno()),
+                             "--handshake-timeout", str(handshake_timeout)], pass_fds=[theirs.fileno()])
+    theirs.close()
+    return Channel(ours, Role.VMM), proc
+
+
+def configure(chan: Channel, registry, slots: SlotCaller, params) -> object:
+    chan.send(Hello())
+    assert isinstance(chan.receive(10), Welcome)
+    chan.send(DeviceConfig(kind="echo", params=params, owner=7, name="cli0", nvcpus=1))
+    shm = posix_ipc.SharedMemory(registry.name)
+    try:
+        chan.send(SetRegistry(fd=shm.fd))
+    finally:
+        shm.close_fd()
+    chan.send(SetSlots(fd=slots.fd, nslots=1, poll_ns=0))
+    chan.send(Start())
+    return chan.receive(10)
+
+
+def test_device_exits_when_the_vmm_closes_its_socket(registry):
+    chan, proc = start_devserver()
+    slots = SlotCaller.create(1)
+    try:
+        ready = configure(chan, registry, slots, {"pio": "0x5000"})
+        assert isinstance(ready, Ready) and ready.pid == proc.pid
+        assert [r.start for r in registry.regions() if r.owner == 7] == [0x5000]
+        assert slots.call(0, 0, 0, 0xF0, 4, False, 0, timeout=5.0) == proc.pid
+        chan.close()                       # the VMM goes away, no Shutdown
+        assert proc.wait(5) == 0
+        assert [r for r in registry.regions() if r.owner == 7] == []   # released its own
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        chan.close()
+        slots.close()
+
+
+def test_device_reports_bad_parameters(registry):
+    chan, proc = start_devserver()
+    slots = SlotCaller.create(1)
+    try:
+        answer = configure(chan, registry, slots, {"pio": "nonsense"})
+        assert isinstance(answer, Error) and "not an integer" in answer.message
+        assert isinstance(chan.receive(5), ConnectionClosed)
+        assert proc.wait(5) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        chan.close()
+        slots.close()
+
+
+def test_handshake_deadline():
+    chan, proc = start_devserver(handshake_timeout=0.5)
+    try:
+        assert proc.wait(15) == 2          # nothing said within 0.5 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        chan.close()
+
+
+def test_garbage_from_the_vmm_makes_the_device_exit():
+    chan, proc = start_devserver()
+    try:
+        chan.sock.send(b"\x10\x00\x00\x00not msgpack at all")
+        assert proc.wait(10) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        chan.close()
+
+
+@pytest.mark.parametrize("argv", [["--fd", "999"], ["--fd", "0"]])
+def test_bad_fd_argument(argv):
+    r = subprocess.run([sys.executable, "-m", "devserver", *argv], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=20)
+    assert r.returncode == 2
+    assert b"--fd" in r.stderr
