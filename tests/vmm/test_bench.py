@@ -1,0 +1,27 @@
+"""``python -m vmm.bench`` runs and prints its JSON (tiny sizes: a smoke
+test, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.vmm.conftest import needs_kvm, remote_available
+
+pytestmark = needs_kvm
+
+
+def test_bench_prints_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vmm.bench", "--iters", "200", "--rounds", "1", "--repeat", "1",
+                        "--cache", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["guest_ring"] == 3
+    for runner in ("bare_c", "inline", "inline_python"):
+        assert report[runner]["pio_us"] > 0 and report[runner]["mmio_us"] > 0
+    assert "pio_ratio" in report["inline"]
+    if remote_available():
+        assert report["isolated"]["mmio_us"] > 0
+    else:
+        assert report["isolated"] == {"skipped": "RemoteEndpoint not available yet"}

@@ -1,0 +1,82 @@
+"""``vmm run`` argument errors: status 2 and one line on stderr."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.vmm.conftest import needs_kvm, vmm_run
+from vmm import cli
+
+
+def one_line_status_2(capsys, argv: list[str]) -> str:
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith("vmm: "), err
+    return err
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "required"),
+    (["run"], "--guest"),
+    (["fly", "--guest", "x"], "invalid choice"),
+    (["run", "--guest", "g.elf", "--vcpus", "0"], "at least 1"),
+    (["run", "--guest", "g.elf", "--vcpus", "two"], "not an integer"),
+    (["run", "--guest", "g.elf", "--memory", "12Q"], "not a size"),
+    (["run", "--guest", "g.elf", "--timeout", "-1"], "positive"),
+    (["run", "--guest", "g.elf", "--bogus"], "unrecognized"),
+    (["run", "--guest", "g.elf", "--device", "nosuch"], "unknown type 'nosuch'"),
+    (["run", "--guest", "g.elf", "--device", "echo"], "needs pio=PORT"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=zz"], "not an integer"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=0x1000,colour=red"], "unknown parameter"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=0x1000,process=elsewhere"], "process="),
+    (["run", "--guest", "g.elf", "--device", "echo,pio"], "not key=value"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=1,pio=2"], "given twice"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=0x1000,id=a", "--device", "echo,pio=0x2000,id=a"],
+     "already used"),
+    (["run", "--guest", "g.elf", "--device", "echo,pio=0x1000,id=no spaces"], "id="),
+    (["run", "--guest", "g.elf", "--device", "echo,mmio=0xd0000800"], "not 4 KiB aligned"),
+])
+def test_bad_arguments(capsys, argv, words):
+    assert words in one_line_status_2(capsys, argv)
+
+
+@needs_kvm
+def test_bad_guests(capsys, tmp_path):
+    missing = tmp_path / "missing.elf"
+    assert "No such file" in one_line_status_2(capsys, ["run", "--guest", str(missing)])
+    text = tmp_path / "text.elf"
+    text.write_text("hello")
+    assert "not an ELF file" in one_line_status_2(capsys, ["run", "--guest", str(text)])
+    truncated = tmp_path / "trunc.elf"
+    truncated.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 20)
+    assert "truncated" in one_line_status_2(capsys, ["run", "--guest", str(truncated)])
+    # A real ELF executable without the PVH note.
+    assert "not a PVH image" in one_line_status_2(capsys, ["run", "--guest", "/bin/true"])
+
+
+@needs_kvm
+def test_guest_too_big_for_memory(capsys, guest):
+    err = one_line_status_2(capsys, ["run", "--guest", str(guest("hello")), "--memory", "1M"])
+    assert "between 2 MiB" in err
+
+
+@needs_kvm
+def test_device_claiming_a_vmm_port(capsys, guest):
+    err = one_line_status_2(capsys, ["run", "--guest", str(guest("hello")),
+                                     "--device", "echo,pio=0xf0,process=inline"])
+    assert "overlaps" in err
+
+
+@needs_kvm
+def test_cmdline_too_long(capsys, guest):
+    err = one_line_status_2(capsys, ["run", "--guest", str(guest("hello")), "--cmdline", "x" * 5000])
+    assert "command line" in err
+
+
+@needs_kvm
+def test_console_script_exit_status(guest):
+    r = vmm_run("--guest", str(guest("hello")), "--cmdline", "code=0x10")
+    assert r.returncode == 0x21, r.stderr
+    r = vmm_run("--vcpus", "0", "--guest", str(guest("hello")))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1

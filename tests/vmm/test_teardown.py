@@ -1,0 +1,142 @@
+"""Teardown leaves nothing behind -- no /dev/shm segment, no device
+process -- after a clean end, a guest crash, Ctrl-C and SIGTERM; and vCPUs
+stuck in KVM_RUN can be paused, resumed and stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.vmm.conftest import needs_kvm, remote_available, shm_segments
+from vmm.config import parse_device_spec
+from vmm.machine import Machine
+from vmm.outcome import Ending, Outcome
+
+pytestmark = needs_kvm
+
+DEVICE = "echo,pio=0x1000,mmio=0xd0000000,process={}"
+PLACEMENTS = ["inline", pytest.param("isolated", marks=pytest.mark.skipif(
+    not remote_available(), reason="RemoteEndpoint not available yet"))]
+
+
+def ours(pid: int) -> set[str]:
+    return {n for n in shm_segments() if n.startswith(f"splitvmm-{pid}-")}
+
+
+def children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def start_vmm(guest, mode: str, placement: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmm.cli", "run", "--guest", str(guest("endings")), "--cmdline", f"mode={mode}",
+         "--timeout", "60", "--device", DEVICE.format(placement)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a shell: SIGINT raises KeyboardInterrupt in the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_running(proc: subprocess.Popen, placement: str) -> set[int]:
+    """Wait until the VMM has its registry (and its device process)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        kids = children(proc.pid)
+        if ours(proc.pid) and (placement == "inline" or kids):
+            time.sleep(0.3)   # let it reach run()
+            return children(proc.pid)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the VMM did not come up")
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("signo, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_run_leaves_nothing(guest, placement, signo, status):
+    proc = start_vmm(guest, "3", placement)    # spins in ring 3 forever
+    try:
+        kids = wait_running(proc, placement)
+        proc.send_signal(signo)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, err
+    assert ours(proc.pid) == set()
+    assert all(gone(k) for k in kids), kids
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("mode, status", [("0", 0), ("2", 4), ("4", 6)])
+def test_ends_and_crashes_leave_nothing(guest, placement, mode, status):
+    proc = start_vmm(guest, mode, placement)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    assert ours(proc.pid) == set()
+    assert children(proc.pid) == set()
+
+
+def test_in_process_machine_unlinks_its_segment(guest):
+    before = ours(os.getpid())
+    with Machine(memory=16 << 20) as m:
+        m.load_pvh(guest("endings"), "mode=2")
+        m.add_device(parse_device_spec(DEVICE.format("inline")))
+        assert len(ours(os.getpid()) - before) == 1
+        assert m.run(timeout=20).ending is Ending.RESET
+    assert ours(os.getpid()) == before
+
+
+def test_failed_setup_leaves_nothing(guest):
+    before = ours(os.getpid())
+    with pytest.raises(Exception):
+        with Machine(memory=16 << 20) as m:
+            m.load_pvh(guest("hello"))
+            m.add_device(parse_device_spec("echo,pio=0xf4,process=inline"))   # the test-exit port
+    assert ours(os.getpid()) == before
+
+
+def test_pause_resume_and_stop_a_vcpu_inside_kvm_run(guest):
+    with Machine(memory=16 << 20, vcpus=2) as m:
+        # vCPU 0 spins in ring 3 (never exits), vCPU 1 parks at once.
+        m.load_pvh(guest("endings"), "mode=3")
+        result: list[Outcome] = []
+        runner = threading.Thread(target=lambda: result.append(m.run(timeout=60)))
+        runner.start()
+        time.sleep(0.3)
+        t = time.monotonic()
+        assert m.vcpus[0].pause(timeout=5)
+        assert time.monotonic() - t < 1.0
+        m.vcpus[0].resume()
+        time.sleep(0.1)
+        assert m.vcpus[0].alive
+        t = time.monotonic()
+        m.end(Outcome(Ending.POWER_OFF, "stopped by the test"))
+        runner.join(10)
+        assert not runner.is_alive()
+        assert time.monotonic() - t < 2.0
+        assert result[0].detail == "stopped by the test"
+        assert not any(v.alive for v in m.vcpus)

@@ -1,0 +1,128 @@
+/* The vCPU exit fast path: KVM_RUN, exit decoding and the registry lookup
+ * in C, so that Python runs only the owner's handler.
+ *
+ * svmm_step() completes the access it handed out last time (stores the
+ * value Python read into kvm_run, puts the registry reference), then runs
+ * the vCPU until an access needs a handler: it returns SVMM_STEP_ACCESS
+ * with owner, cookie, offset, size, direction and value in the context.
+ * Accesses nobody claims are completed here (reads all ones, writes
+ * dropped) and the vCPU re-entered at once.  String and rep I/O is one
+ * lookup and one access per element (kvm_run io.count, io.data_offset).
+ * Any other exit, and KVM_RUN failing (EINTR after a kick), goes back to
+ * Python.  Same protocol as vmm/dispatch.py: get, handler, put.
+ *
+ * The registry functions come from ipc's C core (ipc/_registry.c) as
+ * function pointers, so that the two extension modules stay separate. */
+#include "_registry.h"
+
+typedef int (*svmm_get_fn)(struct svm_reg *, uint32_t, uint64_t, uint64_t, struct svm_ref *, int64_t);
+typedef int (*svmm_put_fn)(struct svm_reg *, uint32_t, uint64_t, int64_t);
+/* The pointers Python hands in must have these types: fail the build, not
+ * the VMM, if ipc's declarations change. */
+_Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_get), svmm_get_fn), "svm_reg_get changed");
+_Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_put), svmm_put_fn), "svm_reg_put changed");
+
+static int svmm_lookup(struct svmm_vcpu *v)
+{
+    svmm_get_fn get = (svmm_get_fn)v->get_fn;
+    while (v->elem < v->count) {
+        uint8_t *data = (uint8_t *)v->run + v->data_offset + (uint64_t)v->elem * v->size;
+        struct svm_ref ref;
+        int rc;
+        v->value = 0;
+        if (v->is_write)
+            memcpy(&v->value, data, v->size);           /* x86: little-endian */
+        rc = get((struct svm_reg *)v->registry, v->bus, v->addr, v->size, &ref, v->lock_timeout_ns);
+        if (rc == SVM_OK) {
+            v->owner = ref.owner;
+            v->cookie = ref.cookie;
+            v->offset = ref.offset;
+            v->slot = ref.slot;
+            v->generation = ref.generation;
+            v->has_ref = 1;
+            v->pending = 1;
+            return SVMM_STEP_ACCESS;
+        }
+        if (rc != SVM_ENOTFOUND && rc != SVM_EINVAL) {
+            v->reg_error = rc;
+            v->has_ref = 0;
+            v->pending = 1;
+            return SVMM_STEP_REGISTRY_ERROR;
+        }
+        v->unclaimed++;
+        if (!v->is_write)
+            memset(data, 0xff, v->size);
+        v->elem++;
+    }
+    return 0;
+}
+
+static void svmm_complete(struct svmm_vcpu *v)
+{
+    uint8_t *data = (uint8_t *)v->run + v->data_offset + (uint64_t)v->elem * v->size;
+    if (!v->is_write)
+        memcpy(data, &v->value, v->size);
+    if (v->has_ref) {
+        int rc = ((svmm_put_fn)v->put_fn)((struct svm_reg *)v->registry, (uint32_t)v->slot,
+                                          v->generation, v->lock_timeout_ns);
+        if (rc != SVM_OK) {
+            v->put_errors++;
+            v->reg_error = rc;
+        }
+        v->has_ref = 0;
+    }
+    v->pending = 0;
+    v->elem++;
+}
+
+int svmm_finish(struct svmm_vcpu *v)
+{
+    if (v->pending)
+        svmm_complete(v);
+    return 0;
+}
+
+int svmm_step(struct svmm_vcpu *v)
+{
+    int rc;
+    if (v->pending) {
+        svmm_complete(v);
+        if ((rc = svmm_lookup(v)) != 0)
+            return rc;
+    }
+    for (;;) {
+        struct kvm_run *run = v->run;
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            v->err = errno;
+            return SVMM_STEP_ERRNO;
+        }
+        v->exits++;
+        if (run->exit_reason == KVM_EXIT_IO) {
+            v->bus = SVMM_BUS_PIO;
+            v->addr = run->io.port;
+            v->size = run->io.size;
+            v->count = run->io.count;
+            v->data_offset = run->io.data_offset;
+            v->is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        } else if (run->exit_reason == KVM_EXIT_MMIO) {
+            uint32_t len = run->mmio.len;
+            if (len != 1 && len != 2 && len != 4 && len != 8)
+                return SVMM_STEP_EXIT;
+            v->bus = SVMM_BUS_MMIO;
+            v->addr = run->mmio.phys_addr;
+            v->size = len;
+            v->count = 1;
+            v->data_offset = offsetof(struct kvm_run, mmio.data);
+            v->is_write = run->mmio.is_write != 0;
+        } else {
+            return SVMM_STEP_EXIT;
+        }
+        if (v->size != 1 && v->size != 2 && v->size != 4 && v->size != 8)
+            return SVMM_STEP_EXIT;
+        if ((uint64_t)v->data_offset + (uint64_t)v->count * v->size > v->run_size)
+            return SVMM_STEP_EXIT;
+        v->elem = 0;
+        if ((rc = svmm_lookup(v)) != 0)
+            return rc;
+    }
+}

@@ -1,0 +1,181 @@
+"""Exit round-trip benchmark: ``python -m vmm.bench`` prints JSON.
+
+One guest binary (``guest.c``, run in **ring 3**) times N 4-byte port
+reads and N 4-byte MMIO reads between marks it writes to a VMM-served
+port; the host timestamps the marks.  It runs under:
+
+(a) ``bare``: ``bare.c``, a C program doing KVM_RUN in a loop and answering
+    the exits itself -- the physical floor;
+(b) ``inline``: ``vmm`` with ``echo,process=inline`` (the C exit fast
+    path and registry lookup, the model's handler in Python in the VMM
+    process); ``inline_python`` is the same with the all-Python vCPU loop;
+(c) ``isolated``: ``vmm`` with ``echo,process=isolated`` (the model in a
+    device process, through :class:`vmm.remote.RemoteEndpoint`), when
+    that module exists.
+
+Absolute times on the project's nested PVM host are not those of a real
+host; the ratios to (a), measured in the same run, are what count
+(targets: inline <= 1.3x, isolated <= 2.0x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from ipc import Bus
+from vmm import guests, layout
+from vmm.boot import pvh
+from vmm.config import parse_device_spec
+from vmm.machine import Machine
+from vmm.memory import GuestMemory
+
+HERE = pathlib.Path(__file__).resolve().parent
+ECHO_PIO = 0x1000
+ECHO_MMIO = 0xD000_0000
+MEMORY = 64 * layout.MiB
+
+
+def build_bare(out_dir: pathlib.Path) -> pathlib.Path:
+    src = HERE / "bare.c"
+    target = out_dir / "bare"
+    if not target.exists() or target.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run([guests.compiler(), "-O2", "-Wall", "-Wextra", "-o", str(target), str(src)],
+                       check=True)
+    return target
+
+
+def _samples(marks: list[tuple[int, int]], iters: int) -> tuple[list[float], list[float]]:
+    """µs per access of each round, from (value, ns) marks 1, 2, 3 per round."""
+    pio, mmio = [], []
+    for i in range(0, len(marks) - 2, 3):
+        (m1, t1), (m2, t2), (m3, t3) = marks[i:i + 3]
+        if (m1, m2, m3) != (1, 2, 3):
+            raise RuntimeError(f"marks out of order: {marks}")
+        pio.append((t2 - t1) / iters / 1000)
+        mmio.append((t3 - t2) / iters / 1000)
+    if not pio:
+        raise RuntimeError("the guest wrote no complete round of marks")
+    return pio, mmio
+
+
+def _summary(pio: list[float], mmio: list[float]) -> dict:
+    return {"pio_us": round(statistics.median(pio), 3), "mmio_us": round(statistics.median(mmio), 3),
+            "pio_us_best": round(min(pio), 3), "mmio_us_best": round(min(mmio), 3)}
+
+
+def run_bare(bare: pathlib.Path, image: pathlib.Path, cmdline: str, iters: int) -> dict:
+    mem = GuestMemory(MEMORY)
+    try:
+        boot = pvh.load(mem, image, cmdline)
+        args = [str(bare), str(mem.fd), str(MEMORY), hex(boot.entry), hex(boot.start_info),
+                hex(layout.BOOT_GDT), hex(layout.BENCH_MARK_PORT), hex(layout.TEST_EXIT_PORT),
+                hex(layout.POWER_OFF_PORT), hex(layout.KVM_TSS_ADDR)]
+        out = subprocess.run(args, pass_fds=[mem.fd], capture_output=True, text=True, timeout=600)
+    finally:
+        mem.close()
+    if out.returncode != 0:
+        raise RuntimeError(f"bare runner failed: {out.stderr.strip()}")
+    result = json.loads(out.stdout)
+    pio, mmio = _samples([tuple(m) for m in result["marks"]], iters)
+    return {"pio": pio, "mmio": mmio, "exits": result["exits"]}
+
+
+def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: float,
+            fast_path: bool = True) -> dict:
+    marks: list[tuple[int, int]] = []
+    clock = time.perf_counter_ns
+
+    def mark(vcpu: int, offset: int, size: int, value: int) -> None:
+        marks.append((value, clock()))
+
+    with Machine(memory=MEMORY, vcpus=1, fast_path=fast_path) as m:
+        m.add_handler(Bus.PIO, layout.BENCH_MARK_PORT, 1, write=mark)
+        m.load_pvh(image, cmdline)
+        ep = m.add_device(parse_device_spec(f"echo,pio={ECHO_PIO:#x},mmio={ECHO_MMIO:#x},process={placement}"))
+        cpu0 = time.process_time()
+        outcome = m.run(timeout=timeout)
+        vmm_cpu = time.process_time() - cpu0
+        if outcome.status != 0:
+            raise RuntimeError(f"{placement} run ended badly: {outcome}")
+        pio, mmio = _samples(marks, iters)
+        result = {"pio": pio, "mmio": mmio, "exits": m.vcpus[0].exits, "vmm_cpu_s": vmm_cpu}
+        cpu = getattr(ep, "cpu_seconds", None)
+        if callable(cpu):
+            try:
+                result["device_cpu_s"] = cpu()
+            except Exception:
+                pass
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vmm.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=10000, help="accesses per phase (default 10000)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each runner, interleaved (default 3)")
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=["bare", "inline", "inline_python", "isolated"])
+    ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
+    cache = pathlib.Path(args.cache or cache_ctx.name)
+    try:
+        image = guests.build([HERE / "guest.c"], cache, name="bench")
+        cmdline = (f"iters={args.iters} rounds={args.rounds} pio={ECHO_PIO:#x} mmio={ECHO_MMIO:#x} "
+                   f"mark={layout.BENCH_MARK_PORT:#x}")
+        timeout = 60 + args.iters * args.rounds * 2 * 500e-6
+        report: dict = {"benchmark": "guest exit round trip, 4-byte port read and 4-byte MMIO read",
+                        "guest_ring": 3, "iterations": args.iters, "rounds": args.rounds,
+                        "repeats": args.repeat, "host_cpus": os.cpu_count(),
+                        "unit": "microseconds per access; median and best of all rounds, "
+                                "runners interleaved"}
+        runners = [r for r in ("bare", "inline", "inline_python", "isolated") if r not in args.skip]
+        if "isolated" in runners:
+            try:
+                import vmm.remote  # noqa: F401
+            except ModuleNotFoundError as e:
+                if e.name != "vmm.remote":
+                    raise
+                runners.remove("isolated")
+                report["isolated"] = {"skipped": "RemoteEndpoint not available yet"}
+        bare = build_bare(cache) if "bare" in runners else None
+        raw: dict[str, dict] = {r: {"pio": [], "mmio": [], "cpu": 0.0, "device_cpu": 0.0} for r in runners}
+        for _ in range(args.repeat):
+            for r in runners:
+                if r == "bare":
+                    res = run_bare(bare, image, cmdline, args.iters)
+                else:
+                    if r == "inline_python":
+                        res = run_vmm(image, cmdline, args.iters, "inline", timeout, fast_path=False)
+                    else:
+                        res = run_vmm(image, cmdline, args.iters, r, timeout)
+                    raw[r]["cpu"] += res["vmm_cpu_s"]
+                    raw[r]["device_cpu"] += res.get("device_cpu_s", 0.0)
+                raw[r]["pio"] += res["pio"]
+                raw[r]["mmio"] += res["mmio"]
+        for r in runners:
+            summary = _summary(raw[r]["pio"], raw[r]["mmio"])
+            if r != "bare":
+                summary["vmm_cpu_s"] = round(raw[r]["cpu"], 3)
+                if raw[r]["device_cpu"]:
+                    summary["device_cpu_s"] = round(raw[r]["device_cpu"], 3)
+                if "bare" in raw:
+                    base = _summary(raw["bare"]["pio"], raw["bare"]["mmio"])
+                    for k in ("pio", "mmio"):
+                        summary[f"{k}_ratio"] = round(summary[f"{k}_us"] / base[f"{k}_us"], 3)
+                        summary[f"{k}_ratio_best"] = round(summary[f"{k}_us_best"] / base[f"{k}_us_best"], 3)
+            report["bare_c" if r == "bare" else r] = summary
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    finally:
+        if cache_ctx is not None:
+            cache_ctx.cleanup()
+    return 0

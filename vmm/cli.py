@@ -1,0 +1,149 @@
+"""``vmm``, the command line of the VMM.
+
+``vmm run --guest FILE.elf [--vcpus N] [--memory SIZE] [--device SPEC]...
+[--timeout SECONDS] [--cmdline TEXT]`` runs a PVH guest and exits with the
+status of its ending (:mod:`vmm.outcome`: 0 clean stop, odd test exit,
+2 bad arguments, 4 guest reset, 6 KVM failure, 8 timeout, 10 VMM error,
+128 + signal when interrupted).  Bad arguments give one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import NoReturn, Sequence
+
+from vmm import outcome as outcomes
+from vmm.boot import BootError
+from vmm.config import DEVICE_TYPES, ConfigError, parse_device_spec
+from vmm.endpoint import VmmError
+from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
+from vmm.memory import GuestMemoryError, parse_size
+
+log = logging.getLogger("vmm")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return n
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < s < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vmm", description="splitvmm: a KVM VMM whose devices run as separate processes")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    run = sub.add_parser("run", help="run a guest", epilog=outcomes.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--guest", required=True, metavar="FILE.elf", help="PVH ELF image to boot")
+    run.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
+                     help="guest RAM, e.g. 256M or 1G (default 256M)")
+    run.add_argument("--device", action="append", default=[], metavar="SPEC",
+                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type; "
+                          f"types: {', '.join(sorted(DEVICE_TYPES))}")
+    run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                     help="end the run (status 8) after this long")
+    run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
+    run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
+                     help=f"deadline of one access to a device process (default {DEFAULT_ACCESS_TIMEOUT:g})")
+    return p
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupted(signo: int, _frame) -> None:
+    raise Interrupted(signo)
+
+
+def run(args: argparse.Namespace) -> int:
+    taken: set[str] = set()
+    specs = [parse_device_spec(text, taken) for text in args.device]
+    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout)
+    try:
+        machine.load_pvh(args.guest, args.cmdline)
+        for spec in specs:
+            machine.add_device(spec)
+        result = machine.run(timeout=args.timeout)
+    finally:
+        # Teardown must finish: a second signal does not cut it short.
+        saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
+        try:
+            machine.close()
+        finally:
+            for signo, handler in saved.items():
+                signal.signal(signo, handler)
+    if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT):
+        log.info("%s", result)
+    else:
+        log.error("%s", result)
+        if result.report:
+            log.error("vCPU state:\n%s", result.report)
+    return result.status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"vmm: {e}", file=sys.stderr)
+        return outcomes.STATUS_USAGE
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="vmm: %(levelname)s: %(message)s" if args.verbose else "vmm: %(message)s")
+    saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return run(args)
+    except (ConfigError, BootError, GuestMemoryError) as e:
+        print(f"vmm: {e}", file=sys.stderr)
+        return outcomes.STATUS_USAGE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Interrupted as e:
+        return 128 + e.signo
+    except VmmError as e:
+        print(f"vmm: error: {e}", file=sys.stderr)
+        return outcomes.STATUS_VMM_ERROR
+    finally:
+        for signo, handler in saved.items():
+            signal.signal(signo, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The KVM API as Python objects: /dev/kvm, a VM fd, a vCPU fd.
+
+The only module of :mod:`vmm` that touches ``vmm._kvm_c.lib``.  Each
+method is one ioctl (Documentation/virt/kvm/api.rst, section 4, names the
+ioctl in its docstring) issued through cffi -- never ``fcntl.ioctl``, which
+newer CPython retries on EINTR and so would swallow a vCPU kick.  cffi
+releases the GIL around every call, so ``KVM_RUN`` blocks one vCPU thread
+only.  A negative return becomes :class:`KvmError` carrying the errno name.
+
+Constants (exit reasons and the like) are re-exported under their KVM
+names without the ``KVM_`` prefix; their values come from <linux/kvm.h>
+through the compiler.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vmm._kvm_c import ffi, lib
+from vmm.endpoint import VmmError
+
+__all__ = ["ffi", "Kvm", "Vm", "Vcpu", "KvmError", "FastPath", "install_kick_handler", "exit_reason_name"]
+
+KVM_DEVICE = "/dev/kvm"
+
+_ioctl = lib.ioctl
+_ZERO = ffi.cast("unsigned long", 0)
+
+# Exit reasons, internal-error sub-types, system events, MP states.
+EXIT_IO = lib.KVM_EXIT_IO
+EXIT_MMIO = lib.KVM_EXIT_MMIO
+EXIT_HLT = lib.KVM_EXIT_HLT
+EXIT_SHUTDOWN = lib.KVM_EXIT_SHUTDOWN
+EXIT_FAIL_ENTRY = lib.KVM_EXIT_FAIL_ENTRY
+EXIT_INTR = lib.KVM_EXIT_INTR
+EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
+EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
+EXIT_UNKNOWN = lib.KVM_EXIT_UNKNOWN
+EXIT_IO_IN = lib.KVM_EXIT_IO_IN
+EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
+INTERNAL_ERROR_EMULATION = lib.KVM_INTERNAL_ERROR_EMULATION
+INTERNAL_ERROR_FLAG_INSN_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+SYSTEM_EVENT_SHUTDOWN = lib.KVM_SYSTEM_EVENT_SHUTDOWN
+SYSTEM_EVENT_RESET = lib.KVM_SYSTEM_EVENT_RESET
+SYSTEM_EVENT_CRASH = lib.KVM_SYSTEM_EVENT_CRASH
+MP_STATE_RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
+MP_STATE_HALTED = lib.KVM_MP_STATE_HALTED
+PIT_SPEAKER_DUMMY = lib.KVM_PIT_SPEAKER_DUMMY
+
+_EXIT_NAMES = {
+    getattr(lib, name): name[len("KVM_"):]
+    for name in dir(lib)
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+}
+
+_INTERNAL_NAMES = {
+    lib.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+    lib.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+    lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+    lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
+
+#: Largest CPUID table asked of KVM_GET_SUPPORTED_CPUID before giving up.
+MAX_CPUID_ENTRIES = 1024
+
+
+def exit_reason_name(reason: int) -> str:
+    """``EXIT_MMIO`` for 6, ``exit 99`` for an unknown one."""
+    return _EXIT_NAMES.get(reason, f"exit {reason}")
+
+
+def internal_error_name(suberror: int) -> str:
+    return _INTERNAL_NAMES.get(suberror, f"suberror {suberror}")
+
+
+class KvmError(VmmError, OSError):
+    """A KVM ioctl failed; ``errno`` holds the code, the message its name."""
+
+    def __init__(self, what: str, err: int):
+        name = errno.errorcode.get(err, str(err))
+        OSError.__init__(self, err, f"{what}: {name} ({os.strerror(err)})")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise KvmError(what, ffi.errno)
+    return rc
+
+
+def _arg(value: int):
+    return ffi.cast("unsigned long", value)
+
+
+def install_kick_handler(signo: int) -> None:
+    """Give ``signo`` a handler that does nothing (installed in C, without
+    SA_RESTART), so a thread kicked with it leaves ``KVM_RUN`` with EINTR
+    and the main thread's Python signal handling is not involved."""
+    rc = lib.svmm_install_kick_handler(signo)
+    if rc < 0:
+        raise KvmError(f"sigaction({signo})", -rc)
+
+
+class _Fd:
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _ioctl_ptr(self, request: int, arg, what: str) -> int:
+        return _check(_ioctl(self.fd, request, arg), what)
+
+    def _ioctl_int(self, request: int, value: int, what: str) -> int:
+        return _check(_ioctl(self.fd, request, _arg(value)), what)
+
+
+class Kvm(_Fd):
+    """``/dev/kvm``: capability checks, CPUID, VM creation."""
+
+    def __init__(self, path: str = KVM_DEVICE):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError(f"opening {path}", e.errno or errno.ENODEV) from None
+        try:
+            version = self._ioctl_int(lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            if version != lib.KVM_API_VERSION:
+                raise VmmError(f"KVM API version {version}, expected {lib.KVM_API_VERSION}")
+            for cap in ("IRQCHIP", "PIT2", "USER_MEMORY", "SET_TSS_ADDR", "EXT_CPUID",
+                        "MP_STATE", "IMMEDIATE_EXIT"):
+                if not self.check_extension(getattr(lib, f"KVM_CAP_{cap}")):
+                    raise VmmError(f"KVM lacks KVM_CAP_{cap}, which splitvmm needs")
+            self.vcpu_mmap_size = self._ioctl_int(lib.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        except BaseException:
+            self.close()
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when absent, else a cap-specific value."""
+        return max(0, _ioctl(self.fd, lib.KVM_CHECK_EXTENSION, _arg(cap)))
+
+    @property
+    def max_vcpus(self) -> int:
+        return self.check_extension(lib.KVM_CAP_MAX_VCPUS) or self.check_extension(lib.KVM_CAP_NR_VCPUS) or 4
+
+    def supported_cpuid(self) -> Cpuid:
+        """KVM_GET_SUPPORTED_CPUID, growing the table on E2BIG."""
+        n = 128
+        while True:
+            table = Cpuid(n)
+            rc = _ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, table.ptr)
+            if rc >= 0:
+                return table
+            err = ffi.errno
+            if err != errno.E2BIG or n >= MAX_CPUID_ENTRIES:
+                raise KvmError("KVM_GET_SUPPORTED_CPUID", err)
+            n *= 2
+
+    def create_vm(self) -> Vm:
+        """KVM_CREATE_VM (default machine type)."""
+        fd = self._ioctl_int(lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        os.set_inheritable(fd, False)
+        return Vm(fd, self.vcpu_mmap_size)
+
+
+class Cpuid:
+    """A ``struct kvm_cpuid2`` with room for ``capacity`` entries."""
+
+    def __init__(self, capacity: int):
+        entry = ffi.sizeof("struct kvm_cpuid_entry2")
+        self._raw = ffi.new("char[]", lib.SVMM_CPUID2_ENTRIES + capacity * entry)
+        self.ptr = ffi.cast("struct kvm_cpuid2 *", self._raw)
+        self.ptr.nent = capacity
+        self._entries = ffi.cast("struct kvm_cpuid_entry2 *", self._raw + lib.SVMM_CPUID2_ENTRIES)
+
+    def __len__(self) -> int:
+        return self.ptr.nent
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.ptr.nent:
+            raise IndexError(i)
+        return self._entries[i]
+
+    def __iter__(self):
+        return (self._entries[i] for i in range(self.ptr.nent))
+
+    def copy(self) -> Cpuid:
+        other = Cpuid(self.ptr.nent)
+        ffi.memmove(other._raw, self._raw, len(other._raw))
+        return other
+
+
+class Vm(_Fd):
+    """A VM fd: machine set-up and vCPU creation."""
+
+    def __init__(self, fd: int, vcpu_mmap_size: int):
+        self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
+
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use."""
+        self._ioctl_int(lib.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and a LAPIC per vCPU."""
+        self._ioctl_int(lib.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, flags: int = PIT_SPEAKER_DUMMY) -> None:
+        """KVM_CREATE_PIT2: in-kernel i8254 (and a dummy port 0x61 speaker)."""
+        cfg = ffi.new("struct kvm_pit_config *")
+        cfg.flags = flags
+        self._ioctl_ptr(lib.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int,
+                               userspace_addr: int, flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION."""
+        r = ffi.new("struct kvm_userspace_memory_region *")
+        r.slot, r.flags = slot, flags
+        r.guest_phys_addr, r.memory_size, r.userspace_addr = guest_phys_addr, size, userspace_addr
+        self._ioctl_ptr(lib.KVM_SET_USER_MEMORY_REGION, r,
+                        f"KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_phys_addr:#x}+{size:#x}")
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        """KVM_CREATE_VCPU with vCPU (and APIC) id ``index``; maps its kvm_run."""
+        fd = self._ioctl_int(lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
+        os.set_inheritable(fd, False)
+        try:
+            return Vcpu(fd, index, self.vcpu_mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+class Vcpu(_Fd):
+    """A vCPU fd and its shared ``struct kvm_run`` page.
+
+    ``run`` is the struct; ``io``, ``mmio``, ``internal``, ... are typed
+    views of the members of its exit union, ``page`` the whole mapping as
+    a writable buffer (string I/O data lives at ``io.data_offset`` in it).
+    """
+
+    def __init__(self, fd: int, index: int, mmap_size: int):
+        self.fd = fd
+        self.index = index
+        self._size = mmap_size
+        addr = lib.mmap(ffi.NULL, mmap_size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
+        if int(ffi.cast("long", addr)) == lib.SVMM_MAP_FAILED:
+            raise KvmError("mmap of kvm_run", ffi.errno)
+        self._addr = addr
+        base = ffi.cast("char *", addr)
+        self.run = ffi.cast("struct kvm_run *", base)
+        self.io = ffi.cast("svmm_run_io *", base + lib.SVMM_RUN_IO)
+        self.mmio = ffi.cast("svmm_run_mmio *", base + lib.SVMM_RUN_MMIO)
+        self.internal = ffi.cast("svmm_run_internal *", base + lib.SVMM_RUN_INTERNAL)
+        self.emulation_failure = ffi.cast("svmm_run_emulation_failure *", base + lib.SVMM_RUN_EMULATION_FAILURE)
+        self.fail_entry = ffi.cast("svmm_run_fail_entry *", base + lib.SVMM_RUN_FAIL_ENTRY)
+        self.hw = ffi.cast("svmm_run_hw *", base + lib.SVMM_RUN_HW)
+        self.system_event = ffi.cast("svmm_run_system_event *", base + lib.SVMM_RUN_SYSTEM_EVENT)
+        self.page = ffi.buffer(base, mmap_size)
+        #: Offset of ``mmio.data`` in :attr:`page`.
+        self.mmio_data_offset = lib.SVMM_RUN_MMIO + ffi.offsetof("svmm_run_mmio", "data")
+        self._run_request = lib.KVM_RUN
+
+    # -- KVM_RUN ------------------------------------------------------
+
+    def run_once(self) -> int:
+        """KVM_RUN: 0 after an exit to handle, or EINTR/EAGAIN when kicked
+        (``immediate_exit`` or a signal).  Other failures raise."""
+        if _ioctl(self.fd, self._run_request, _ZERO) == 0:
+            return 0
+        err = ffi.errno
+        if err in (errno.EINTR, errno.EAGAIN):
+            return err
+        raise KvmError(f"KVM_RUN on vCPU {self.index}", err)
+
+    def emulation_insn_bytes(self) -> bytes | None:
+        """The instruction bytes KVM put in an emulation-failure exit, if any."""
+        ef = self.emulation_failure
+        if ef.ndata < 1 or not ef.flags & INTERNAL_ERROR_FLAG_INSN_BYTES:
+            return None
+        base = lib.SVMM_RUN_EMULATION_FAILURE
+        size = self.page[base + lib.SVMM_EMULATION_FAILURE_INSN_SIZE][0]
+        start = base + lib.SVMM_EMULATION_FAILURE_INSN_BYTES
+        return bytes(self.page[start:start + min(size, 15)])
+
+    def system_event_data(self) -> list[int]:
+        ev = self.system_event
+        n = min(ev.ndata, 16)
+        data = ffi.cast("uint64_t *", ffi.cast("char *", self.system_event) + lib.SVMM_SYSTEM_EVENT_DATA)
+        return [data[i] for i in range(n)]
+
+    # -- state --------------------------------------------------------
+
+    def get_regs(self):
+        """KVM_GET_REGS -> ``struct kvm_regs``."""
+        regs = ffi.new("struct kvm_regs *")
+        self._ioctl_ptr(lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs) -> None:
+        """KVM_SET_REGS."""
+        self._ioctl_ptr(lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self):
+        """KVM_GET_SREGS -> ``struct kvm_sregs``."""
+        sregs = ffi.new("struct kvm_sregs *")
+        self._ioctl_ptr(lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        """KVM_SET_SREGS."""
+        self._ioctl_ptr(lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def set_cpuid(self, cpuid: Cpuid) -> None:
+        """KVM_SET_CPUID2."""
+        self._ioctl_ptr(lib.KVM_SET_CPUID2, cpuid.ptr, "KVM_SET_CPUID2")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE."""
+        st = ffi.new("struct kvm_mp_state *")
+        self._ioctl_ptr(lib.KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        return st.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        st = ffi.new("struct kvm_mp_state *")
+        st.mp_state = state
+        self._ioctl_ptr(lib.KVM_SET_MP_STATE, st, "KVM_SET_MP_STATE")
+
+    def close(self) -> None:
+        if self._addr is not None:
+            lib.munmap(self._addr, self._size)
+            self._addr = None
+            self.page = None
+        super().close()
+
+
+STEP_ACCESS = lib.SVMM_STEP_ACCESS
+STEP_EXIT = lib.SVMM_STEP_EXIT
+STEP_ERRNO = lib.SVMM_STEP_ERRNO
+STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
+
+
+class FastPath:
+    """The C exit loop of one vCPU (``_vcpu.c``), bound to a registry.
+
+    ``step()`` returns one of the ``STEP_*`` codes; after STEP_ACCESS the
+    access is in ``ctx`` (``bus``, ``addr``, ``size``, ``is_write``,
+    ``value``, ``owner``, ``cookie``, ``offset``) and the caller stores the
+    value of a read in ``ctx.value`` before the next ``step()``, which
+    completes it (and puts the registry reference).  ``finish()`` completes
+    a pending access without running the vCPU.
+    """
+
+    def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int):
+        ctx = ffi.new("struct svmm_vcpu *")
+        ctx.fd = vcpu.fd
+        ctx.run = vcpu.run
+        ctx.run_size = vcpu._size
+        ctx.registry = registry_handle
+        ctx.get_fn = get_fn
+        ctx.put_fn = put_fn
+        ctx.lock_timeout_ns = lock_timeout_ns
+        self.ctx = ctx
+        self._step = lib.svmm_step
+        self._finish = lib.svmm_finish
+
+    def step(self) -> int:
+        return self._step(self.ctx)
+
+    def finish(self) -> None:
+        self._finish(self.ctx)

@@ -1,0 +1,78 @@
+"""Every fixed guest address and port the VMM uses, in one place.
+
+Guest-physical memory map (x86, PC-like, no firmware):
+
+================================  ==========================================
+0x0000_0000 - 0x0009_fc00          RAM (the boot structures below live here)
+0x000a_0000 - 0x0010_0000          RAM, reported reserved (legacy VGA/BIOS hole)
+0x0010_0000 - MMIO_HOLE_START      RAM; PVH guests load at 1 MiB and up
+MMIO_HOLE_START - 4 GiB            MMIO: devices, IOAPIC, LAPIC, KVM's TSS pages
+4 GiB - ...                        RAM beyond what fits below the hole
+================================  ==========================================
+"""
+
+from __future__ import annotations
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+PAGE_SIZE = 4 * KiB
+
+# -- boot structures (written by vmm.boot) ----------------------------------
+
+#: GDT of the 32-bit flat protected-mode state PVH vCPUs start in
+#: (null, code, data, TSS descriptors; vmm.boot.x86).
+BOOT_GDT = 0x0500
+#: The PVH ``hvm_start_info`` (xen/include/public/arch-x86/hvm/start_info.h).
+PVH_START_INFO = 0x6000
+#: Its memory map: ``hvm_memmap_table_entry`` array, up to the command line.
+PVH_MEMMAP = 0x6040
+#: The NUL-terminated guest command line, at most CMDLINE_MAX bytes with it.
+PVH_CMDLINE = 0x7000
+CMDLINE_MAX = 4 * KiB
+#: Lowest address a guest image may occupy (above the boot structures).
+BOOT_AREA_END = PVH_CMDLINE + CMDLINE_MAX
+
+#: End of conventional memory reported as RAM (the EBDA would start here).
+EBDA_START = 0x9FC00
+#: Start of "high" memory, where PVH images are linked.
+HIMEM_START = 1 * MiB
+
+# -- MMIO hole --------------------------------------------------------------
+
+#: RAM stops here below 4 GiB; the rest of the 32-bit space is for MMIO.
+MMIO_HOLE_START = 0xD000_0000
+MMIO_HOLE_END = 4 * GiB
+#: Where RAM that does not fit below the hole continues.
+HIGH_RAM_START = 4 * GiB
+#: In-kernel IOAPIC and local APIC (KVM_CREATE_IRQCHIP), never exits.
+IOAPIC_BASE = 0xFEC0_0000
+LAPIC_BASE = 0xFEE0_0000
+#: Three pages KVM_SET_TSS_ADDR reserves (used by VMX for real mode).
+KVM_TSS_ADDR = 0xFFFB_D000
+
+# -- ports served by the VMM itself ------------------------------------------
+
+#: Test exit, as QEMU's ``isa-debug-exit,iobase=0xf4``: a write of v ends
+#: the run with status ``(v << 1) | 1``.
+TEST_EXIT_PORT = 0xF4
+TEST_EXIT_LENGTH = 4
+#: ACPI PM1a control block as QEMU's q35/PIIX4 place it; a 16-bit write
+#: with SLP_EN (bit 13) set powers the guest off (ACPI 6.4, 4.8.3.2.1).
+POWER_OFF_PORT = 0x604
+POWER_OFF_LENGTH = 2
+POWER_OFF_SLP_EN = 1 << 13
+#: splitvmm's own: a write stops the writing vCPU for good (the guest
+#: library's park_cpu(); ring 3 cannot HLT).  The run ends cleanly once
+#: every vCPU is parked.
+VCPU_PARK_PORT = 0x0FF0
+VCPU_PARK_LENGTH = 1
+#: vmm.bench: the benchmark guest writes phase marks here, the host
+#: timestamps them.
+BENCH_MARK_PORT = 0x0FF8
+
+# -- limits ------------------------------------------------------------------
+
+MIN_MEMORY = 2 * MiB
+MAX_MEMORY = 1 << 40

@@ -1,0 +1,129 @@
+"""In-process placement: device models and VMM handlers served inside the
+VMM, with no hop.
+
+* :class:`LocalHost` is the :class:`devices.base.DeviceHost` of a model
+  placed ``process=inline``: claims and releases go straight to the
+  shared registry under the device's owner id (exactly what a device
+  process does on its side), the pid is the VMM's.
+* :class:`LocalEndpoint` is the endpoint the dispatcher calls for such a
+  model: it calls the model's ``read``/``write``.  A model that raises is
+  a failed device (:class:`DeviceFailed`), as a dead process would be.
+* :class:`VmmHandlers` is the endpoint of owner ``VMM_OWNER``: small
+  handlers the VMM itself serves (test exit, power off, vCPU park,
+  benchmark marks; addresses in :mod:`vmm.layout`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from devices.base import Device, Space
+from ipc import Bus, Registry
+from vmm.endpoint import VMM_OWNER, DeviceFailed
+
+log = logging.getLogger(__name__)
+
+_SPACES = {int(s): s for s in Space}
+_BUSES = {s: Bus(int(s)) for s in Space}
+
+
+class LocalHost:
+    """DeviceHost of an inline model: the registry, with its owner id."""
+
+    def __init__(self, registry: Registry, owner: int):
+        self.registry = registry
+        self.owner = owner
+
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
+        self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+
+    def release(self, space: Space, start: int) -> None:
+        self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+
+    def process_id(self) -> int:
+        return os.getpid()
+
+
+class LocalEndpoint:
+    """A model running inside the VMM, behind the Endpoint interface."""
+
+    def __init__(self, model: Device, owner: int, name: str):
+        self.model = model
+        self.owner = owner
+        self.name = name
+        self._read = model.read
+        self._write = model.write
+
+    @classmethod
+    def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
+               registry: Registry) -> LocalEndpoint:
+        """Build the model on a :class:`LocalHost` and let it claim its
+        regions (raises the model's BadParameter, the registry's errors)."""
+        model = model_class(LocalHost(registry, owner), **params)
+        model.start()
+        return cls(model, owner, name)
+
+    def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
+               is_write: bool, value: int) -> int:
+        try:
+            if is_write:
+                self._write(_SPACES[space], cookie, offset, size, value)
+                return 0
+            return self._read(_SPACES[space], cookie, offset, size)
+        except Exception as e:
+            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.model.stop()
+        except Exception as e:
+            log.warning("device %s: stop failed: %s", self.name, e)
+
+
+ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value
+WriteHandler = Callable[[int, int, int, int], None]    # (vcpu, offset, size, value)
+
+
+class VmmHandlers:
+    """Endpoint of owner VMM_OWNER: regions served by VMM functions.
+
+    Each region is registered with its own cookie, the index of its
+    (read, write) pair.  A missing read handler reads all ones, a missing
+    write handler drops the write.
+    """
+
+    owner = VMM_OWNER
+    name = "vmm"
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._handlers: list[tuple[ReadHandler | None, WriteHandler | None]] = []
+        self._regions: list[tuple[Bus, int]] = []
+
+    def add(self, bus: Bus, start: int, length: int, read: ReadHandler | None = None,
+            write: WriteHandler | None = None) -> None:
+        cookie = len(self._handlers)
+        self._handlers.append((read, write))
+        self.registry.register(bus, start, length, VMM_OWNER, cookie)
+        self._regions.append((bus, start))
+
+    def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
+               is_write: bool, value: int) -> int:
+        read, write = self._handlers[cookie]
+        if is_write:
+            if write is not None:
+                write(vcpu, offset, size, value)
+            return 0
+        if read is None:
+            return (1 << (8 * size)) - 1
+        return read(vcpu, offset, size)
+
+    def close(self) -> None:
+        for bus, start in self._regions:
+            try:
+                self.registry.unregister(bus, start, VMM_OWNER)
+            except Exception as e:
+                log.debug("unregistering VMM region %s %#x: %s", bus.name, start, e)
+        self._regions.clear()

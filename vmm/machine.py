@@ -1,0 +1,291 @@
+"""The virtual machine: KVM objects, guest RAM, the registry, devices and
+vCPU threads, from set-up to teardown.
+
+Set-up (Documentation/virt/kvm/api.rst): KVM_CREATE_VM, KVM_SET_TSS_ADDR,
+KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2 (dummy speaker), guest RAM in a memfd
+(:mod:`vmm.memory`), vCPUs with the CPUID of KVM_GET_SUPPORTED_CPUID (APIC
+id patched per vCPU), a fresh shared-memory registry, and the VMM's own
+ports (test exit, power off).  :meth:`Machine.run` starts one thread per
+vCPU and waits for the first ending (:mod:`vmm.outcome`); :meth:`close`
+stops and joins the vCPUs, closes every device (killing device
+processes), and unlinks the registry segment -- on every path, Ctrl-C and
+guest crashes included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+
+from devices.base import BadParameter
+from ipc import Bus, Registry, RegistryError
+from ipc.registry import DEFAULT_CAPACITY
+from vmm import kvm, layout
+from vmm.boot import pvh
+from vmm.config import ConfigError, DeviceSpec
+from vmm.dispatch import Dispatcher
+from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.local import LocalEndpoint, VmmHandlers
+from vmm.memory import GuestMemory
+from vmm.outcome import Ending, Outcome
+from vmm.vcpu import KICK_SIGNAL, VcpuThread
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY = 256 * layout.MiB
+#: How long an access to a device process may take before it counts as failed.
+DEFAULT_ACCESS_TIMEOUT = 1.0
+#: Extra time a vCPU thread gets to leave after being asked to stop.
+STOP_GRACE = 2.0
+#: How often vCPU 0 is checked for HLT with interrupts off (a clean stop).
+HALT_CHECK = 0.5
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by a SIGTERM/SIGHUP handler (see vmm.cli)."""
+
+    def __init__(self, signo: int):
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _registry_name() -> str:
+    return f"/splitvmm-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+class Machine:
+    """One VM.  Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, memory: int = DEFAULT_MEMORY, vcpus: int = 1, *,
+                 registry_capacity: int = DEFAULT_CAPACITY,
+                 access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None):
+        self.access_timeout = access_timeout
+        #: Extra keyword arguments of RemoteEndpoint.spawn (poll window...).
+        self.remote_options: dict = {}
+        self.outcome: Outcome | None = None
+        self.endpoints: dict[int, Endpoint] = {}
+        self.vcpus: list[VcpuThread] = []
+        self._vcpu_fds: list[kvm.Vcpu] = []
+        self._next_owner = FIRST_DEVICE_OWNER
+        self._end_lock = threading.Lock()
+        self._ended = threading.Event()
+        self._booted = False
+        self._started = False
+        self._closed = False
+        self._stuck = False
+        self.kvm = self.vm = self.memory = self.registry = None
+        try:
+            if fast_path is None:
+                fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
+            self._setup(memory, vcpus, registry_capacity, fast_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, memory: int, nvcpus: int, registry_capacity: int, fast_path: bool) -> None:
+        kvm.install_kick_handler(KICK_SIGNAL)
+        self.kvm = kvm.Kvm()
+        if not 1 <= nvcpus <= min(self.kvm.max_vcpus, 255):
+            raise ConfigError(f"--vcpus {nvcpus}: this host allows 1 to {min(self.kvm.max_vcpus, 255)}")
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(kvm.PIT_SPEAKER_DUMMY)
+        self.memory = GuestMemory(memory)
+        self.memory.register(self.vm)
+        cpuid = self.kvm.supported_cpuid()
+        for i in range(nvcpus):
+            fd = self.vm.create_vcpu(i)
+            self._vcpu_fds.append(fd)
+            fd.set_cpuid(_cpuid_for(cpuid, i))
+        self.registry = Registry.create(_registry_name(), capacity=registry_capacity)
+        self.vmm_handlers = VmmHandlers(self.registry)
+        self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
+        self.dispatcher = Dispatcher(self.registry, self.endpoints)
+        self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
+        self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
+        self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
+        self.vcpus = [VcpuThread(fd, self.dispatcher, self.memory, self.end, fast=fast_path)
+                      for fd in self._vcpu_fds]
+
+    # -- guest and devices ---------------------------------------------
+
+    def load_pvh(self, image, cmdline: str = "") -> pvh.PvhBoot:
+        """Load a PVH ELF (path or bytes) and put every vCPU at its entry."""
+        boot = pvh.load(self.memory, image, cmdline)
+        for fd in self._vcpu_fds:
+            pvh.enter(fd, boot)
+        self._booted = True
+        return boot
+
+    def _new_owner(self) -> int:
+        owner = self._next_owner
+        self._next_owner += 1
+        return owner
+
+    def add_device(self, spec: DeviceSpec) -> Endpoint:
+        """Start a device as its spec places it; returns its endpoint."""
+        owner = self._new_owner()
+        if spec.placement == "inline":
+            try:
+                endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
+                                                          spec.name, self.registry)
+            except (RegistryError, BadParameter) as e:
+                self.registry.unregister_owner(owner)
+                raise ConfigError(f"device {spec.name}: {e}") from None
+        else:
+            endpoint = self._spawn_isolated(spec, owner)
+        self.endpoints[owner] = endpoint
+        log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
+        self._warn_unreachable(spec.name, owner)
+        return endpoint
+
+    def _warn_unreachable(self, name: str, owner: int) -> None:
+        """MMIO regions on top of RAM never see an access: say so."""
+        for r in self.registry.regions():
+            if r.owner == owner and r.bus == Bus.MMIO and any(
+                    r.start < ram.end and ram.guest_addr < r.start + r.length for ram in self.memory.regions):
+                log.warning("device %s: MMIO region %#x+%#x overlaps guest RAM; the guest cannot reach it",
+                            name, r.start, r.length)
+
+    def _spawn_isolated(self, spec: DeviceSpec, owner: int) -> Endpoint:
+        try:
+            from vmm.remote import RemoteEndpoint
+        except ModuleNotFoundError as e:
+            if e.name != "vmm.remote":
+                raise
+            raise ConfigError(f"device {spec.name}: process=isolated is not available yet "
+                              "(vmm.remote is missing); use process=inline") from None
+        from ipc.protocol import MemRegion
+
+        regions = [MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions]
+        return RemoteEndpoint.spawn(
+            spec.kind, spec.param_dict(), owner=owner, name=spec.name, registry=self.registry,
+            nvcpus=len(self._vcpu_fds), memfd=self.memory.fd, mem_regions=regions,
+            access_timeout=self.access_timeout, **self.remote_options)
+
+    def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
+        """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""
+        self.vmm_handlers.add(bus, start, length, read, write)
+
+    # -- the VMM's own ports ---------------------------------------------
+
+    def _test_exit(self, vcpu: int, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self.end(Outcome(Ending.TEST_EXIT, f"guest wrote {value:#x} to the test-exit port", value=value,
+                             vcpu=vcpu))
+
+    def _power_off(self, vcpu: int, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 2 and value & layout.POWER_OFF_SLP_EN:
+            self.end(Outcome(Ending.POWER_OFF, "guest powered off (PM1a SLP_EN)", vcpu=vcpu))
+
+    def _park(self, vcpu: int, offset: int, size: int, value: int) -> None:
+        self.vcpus[vcpu].request_park()
+
+    # -- running -------------------------------------------------------------
+
+    def end(self, outcome: Outcome | None) -> None:
+        """Record the run's ending (the first one wins) and stop every vCPU.
+
+        None means a vCPU was parked: the run ends once all of them are."""
+        if outcome is None:
+            if not all(v.parked for v in self.vcpus):
+                return
+            outcome = Outcome(Ending.POWER_OFF, "every vCPU parked itself")
+        with self._end_lock:
+            if self.outcome is not None:
+                return
+            self.outcome = outcome
+        log.debug("%s", outcome)
+        self._ended.set()
+        for v in self.vcpus:
+            v.request_stop()
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run the guest until it ends, ``timeout`` seconds pass, or the
+        main thread is interrupted; returns the outcome."""
+        if not self._booted:
+            raise VmmError("no guest loaded")
+        if self._started:
+            raise VmmError("a machine runs once")
+        self._started = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for v in self.vcpus:
+                v.start()
+            while True:
+                left = HALT_CHECK if deadline is None else min(HALT_CHECK, deadline - time.monotonic())
+                if left <= 0:
+                    self.end(Outcome(Ending.TIMEOUT, f"no ending within {timeout:g} s"))
+                    break
+                if self._ended.wait(left):
+                    break
+                self.vcpus[0].check_halt()
+        except KeyboardInterrupt:
+            self.end(Outcome(Ending.INTERRUPTED, "interrupted by SIGINT", value=signal.SIGINT))
+        except Interrupted as e:
+            self.end(Outcome(Ending.INTERRUPTED, f"interrupted by {signal.Signals(e.signo).name}", value=e.signo))
+        finally:
+            self._stop_vcpus()
+        assert self.outcome is not None
+        return self.outcome
+
+    def _stop_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.request_stop()
+        deadline = time.monotonic() + self.access_timeout + STOP_GRACE
+        for v in self.vcpus:
+            if not v.join(max(0.0, deadline - time.monotonic())):
+                self._stuck = True
+                log.error("vCPU %d did not stop; its resources are leaked", v.index)
+
+    # -- teardown --------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop everything and release every resource (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._stop_vcpus()
+        for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
+            try:
+                endpoint.close()
+            except Exception as e:
+                log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+        if self.registry is not None:
+            self.registry.unlink()
+            if not self._stuck:
+                self.registry.close()
+        if self._stuck:
+            return  # a vCPU thread may still touch its fd and guest RAM
+        for fd in self._vcpu_fds:
+            fd.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cpuid_for(table: kvm.Cpuid, apic_id: int) -> kvm.Cpuid:
+    """The supported CPUID with this vCPU's APIC id filled in (leaf 1
+    EBX[31:24]; leaves 0xB and 0x1F EDX, the x2APIC id)."""
+    out = table.copy()
+    for entry in out:
+        if entry.function == 1:
+            entry.ebx = (entry.ebx & 0x00FF_FFFF) | (apic_id & 0xFF) << 24
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = apic_id
+    return out

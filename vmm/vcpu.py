@@ -1,0 +1,343 @@
+"""One thread per vCPU: the KVM_RUN loop and its exits.
+
+Exits handled (Documentation/virt/kvm/api.rst, "kvm_run"):
+
+* ``KVM_EXIT_IO``: ``count`` elements of ``size`` bytes at ``data_offset``
+  in the kvm_run page (``count`` > 1 for ``rep ins/outs``), one dispatched
+  access per element, all to the same port;
+* ``KVM_EXIT_MMIO``: ``len`` bytes in ``mmio.data``;
+* ``KVM_EXIT_HLT`` (only without an in-kernel LAPIC), ``KVM_EXIT_SHUTDOWN``
+  (triple fault), ``KVM_EXIT_SYSTEM_EVENT``, ``KVM_EXIT_INTERNAL_ERROR``,
+  ``KVM_EXIT_FAIL_ENTRY`` and unknown exits end the run with an
+  :class:`~vmm.outcome.Outcome` (and a report for the failures).
+
+**Fast path.**  By default the loop runs in C (``_vcpu.c`` through
+:class:`vmm.kvm.FastPath`): KVM_RUN, decoding and the registry lookup
+happen there, unclaimed accesses never reach Python, and Python only calls
+the owner's endpoint -- the same get/handler/put protocol and failure
+semantics as :mod:`vmm.dispatch`, which serves the all-Python loop
+(``fast=False``, or ``SPLITVMM_SLOW_PATH=1``).
+
+**Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
+thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
+whose handler (installed in C, no SA_RESTART) does nothing: ``KVM_RUN``
+returns EINTR, or returns at once if the signal came before it was
+entered.  The vCPU thread clears ``immediate_exit`` and looks at its
+flags.  vCPU threads block SIGINT, SIGTERM and SIGHUP so those reach the
+main thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+from typing import Callable
+
+from vmm import kvm, report
+from vmm.dispatch import MMIO, PIO, Dispatcher, all_ones, registry_c_api
+from vmm.endpoint import DeviceFailed
+from vmm.memory import GuestMemory
+from vmm.outcome import Ending, Outcome
+
+log = logging.getLogger(__name__)
+
+#: The signal that kicks a vCPU thread out of KVM_RUN.
+KICK_SIGNAL = signal.SIGUSR1
+_BLOCKED_IN_VCPU = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+
+
+class VcpuThread:
+    """Runs one :class:`vmm.kvm.Vcpu`; ``on_end`` receives the outcome
+    when this vCPU ends the run, or None when the guest parked it."""
+
+    def __init__(self, fd: kvm.Vcpu, dispatcher: Dispatcher, memory: GuestMemory,
+                 on_end: Callable[[Outcome | None], None], fast: bool = True):
+        self.fd = fd
+        api = registry_c_api(dispatcher.registry) if fast else None
+        #: The C exit loop, or None for the all-Python one.
+        self.fast = None if api is None else kvm.FastPath(
+            fd, *api, int(dispatcher.registry.lock_timeout * 1e9))
+        self.index = fd.index
+        self.dispatcher = dispatcher
+        self.memory = memory
+        self.on_end = on_end
+        self.exits = 0
+        self._stop = False
+        self._park_requested = False
+        self._check_halt = False
+        #: True once the guest parked this vCPU (it never runs again).
+        self.parked = False
+        self._pause = False
+        self._paused = False
+        self._alive = False
+        self._ident: int | None = None
+        self._cond = threading.Condition()
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+
+    # -- control, from other threads ---------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN soon (no-op once the thread ended)."""
+        with self._cond:
+            if self._alive and self._ident is not None:
+                self.fd.run.immediate_exit = 1
+                signal.pthread_kill(self._ident, KICK_SIGNAL)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        with self._cond:
+            self._cond.notify_all()
+        self.kick()
+
+    def request_park(self) -> None:
+        """Called from this vCPU's own thread (a handler of its access):
+        stop running it once the access completes."""
+        self._park_requested = True
+
+    def check_halt(self) -> None:
+        """Have the thread look whether the vCPU sits in HLT with
+        interrupts off (the in-kernel LAPIC keeps HLT from exiting)."""
+        self._check_halt = True
+        self.kick()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True when it has ended."""
+        if self.thread.ident is None:
+            return True
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Hold the vCPU outside KVM_RUN; True once it is parked (or gone)."""
+        with self._cond:
+            self._pause = True
+        self.kick()
+        with self._cond:
+            return self._cond.wait_for(lambda: self._paused or not self._alive, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause = False
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    # -- the thread ----------------------------------------------------
+
+    def _main(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_VCPU)
+        with self._cond:
+            self._ident = threading.get_ident()
+            self._alive = True
+        try:
+            if self.fast is not None:
+                self._loop_fast()
+            else:
+                self._loop()
+        except Exception as e:
+            log.exception("vCPU %d: VMM error", self.index)
+            self.on_end(Outcome(Ending.VMM_ERROR, f"{type(e).__name__}: {e}", vcpu=self.index))
+        finally:
+            with self._cond:
+                self._alive = False
+                self._cond.notify_all()
+
+    def _park(self) -> None:
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._pause or self._stop)
+            self._paused = False
+
+    def _loop(self) -> None:
+        fd = self.fd
+        run = fd.run
+        io = fd.io
+        mmio = fd.mmio
+        page = fd.page
+        run_once = fd.run_once
+        access = self.dispatcher.access
+        index = self.index
+        mmio_data = fd.mmio_data_offset
+        EXIT_IO, EXIT_MMIO, OUT = kvm.EXIT_IO, kvm.EXIT_MMIO, kvm.EXIT_IO_OUT
+        exits = 0
+        try:
+            while True:
+                if self._stop:
+                    return
+                if self._pause:
+                    self._park()
+                    continue
+                if run_once():
+                    run.immediate_exit = 0
+                    if self._check_halt and self._halted_for_good():
+                        return
+                    continue
+                exits += 1
+                reason = run.exit_reason
+                if reason == EXIT_IO:
+                    size = io.size
+                    port = io.port
+                    off = io.data_offset
+                    count = io.count
+                    if io.direction == OUT:
+                        for _ in range(count):
+                            access(index, PIO, port, size, True, int.from_bytes(page[off:off + size], "little"))
+                            off += size
+                    else:
+                        mask = _MASK[size]
+                        for _ in range(count):
+                            page[off:off + size] = (access(index, PIO, port, size, False, 0) & mask).to_bytes(size, "little")
+                            off += size
+                elif reason == EXIT_MMIO:
+                    size = mmio.len
+                    if size not in _MASK:
+                        raise kvm.KvmError(f"MMIO exit of {size} bytes", 22)
+                    if mmio.is_write:
+                        access(index, MMIO, mmio.phys_addr, size, True,
+                               int.from_bytes(page[mmio_data:mmio_data + size], "little"))
+                    else:
+                        value = access(index, MMIO, mmio.phys_addr, size, False, 0) & _MASK[size]
+                        page[mmio_data:mmio_data + size] = value.to_bytes(size, "little")
+                elif self._other_exit(reason):
+                    return
+                if self._park_requested:
+                    self.parked = True
+                    self.on_end(None)
+                    return
+        finally:
+            self.exits = exits
+
+    def _loop_fast(self) -> None:
+        """The loop over the C fast path: Python runs only handlers."""
+        fast = self.fast
+        ctx = fast.ctx
+        step = fast.step
+        run = self.fd.run
+        dispatcher = self.dispatcher
+        endpoints = dispatcher.endpoints
+        failed = dispatcher.failed
+        index = self.index
+        ACCESS, EXIT, ERRNO = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO
+        try:
+            while True:
+                if self._stop:
+                    return
+                if self._pause:
+                    self._park()
+                    continue
+                rc = step()
+                if rc == ACCESS:
+                    owner = ctx.owner
+                    endpoint = endpoints.get(owner)
+                    is_write = ctx.is_write
+                    size = ctx.size
+                    if endpoint is None or owner in failed:
+                        value = 0 if is_write else all_ones(size)
+                    else:
+                        try:
+                            value = endpoint.access(index, ctx.bus, ctx.cookie, ctx.offset, size,
+                                                    is_write, ctx.value)
+                        except DeviceFailed as e:
+                            dispatcher.fail(endpoint, e)
+                            value = 0 if is_write else all_ones(size)
+                    if not is_write:
+                        ctx.value = value & _MASK[size]
+                elif rc == ERRNO:
+                    err = ctx.err
+                    if err not in (errno.EINTR, errno.EAGAIN):
+                        raise kvm.KvmError(f"KVM_RUN on vCPU {index}", err)
+                    run.immediate_exit = 0
+                    if self._check_halt and self._halted_for_good():
+                        return
+                    continue
+                elif rc == EXIT:
+                    if self._other_exit(run.exit_reason):
+                        return
+                else:
+                    log.error("vCPU %d: registry lookup of %s %#x failed (code %d); the access "
+                              "completes as unclaimed", index, "PIO" if ctx.bus == PIO else "MMIO",
+                              ctx.addr, ctx.reg_error)
+                    ctx.value = all_ones(ctx.size)
+                if self._park_requested:
+                    self.parked = True
+                    self.on_end(None)
+                    return
+        finally:
+            fast.finish()
+            self.exits = ctx.exits
+            dispatcher.unclaimed += ctx.unclaimed
+            if ctx.put_errors:
+                log.error("vCPU %d: %d registry put(s) failed (last code %d)", index, ctx.put_errors,
+                          ctx.reg_error)
+
+    def _halted_for_good(self) -> bool:
+        self._check_halt = False
+        if self.fd.get_mp_state() != kvm.MP_STATE_HALTED:
+            return False
+        if self.fd.get_regs().rflags & (1 << 9):
+            return False
+        self._end(Ending.POWER_OFF, f"vCPU {self.index} halted with interrupts off")
+        return True
+
+    def _other_exit(self, reason: int) -> bool:
+        """Handle a rare exit; True when this vCPU is done."""
+        fd = self.fd
+        name = kvm.exit_reason_name(reason)
+        if reason == kvm.EXIT_INTR:
+            return False
+        if reason == kvm.EXIT_HLT:
+            # Only without an in-kernel LAPIC; with it, HLT waits in KVM.
+            regs = fd.get_regs()
+            if self.index == 0 and not regs.rflags & (1 << 9):
+                self._end(Ending.POWER_OFF, "vCPU 0 halted with interrupts off")
+            return True
+        if reason == kvm.EXIT_SHUTDOWN:
+            self._end(Ending.RESET, "triple fault (KVM_EXIT_SHUTDOWN)", report.describe(fd, self.memory))
+            return True
+        if reason == kvm.EXIT_SYSTEM_EVENT:
+            ev = fd.system_event
+            kind = ev.type
+            data = fd.system_event_data()
+            if kind == kvm.SYSTEM_EVENT_SHUTDOWN:
+                self._end(Ending.POWER_OFF, "shutdown system event")
+            elif kind == kvm.SYSTEM_EVENT_RESET:
+                self._end(Ending.RESET, "reset system event")
+            elif kind == kvm.SYSTEM_EVENT_CRASH:
+                self._end(Ending.RESET, f"crash system event {[hex(d) for d in data]}")
+            else:
+                self._end(Ending.KVM_FAILURE, f"system event {kind} {[hex(d) for d in data]}")
+            return True
+        if reason == kvm.EXIT_INTERNAL_ERROR:
+            internal = fd.internal
+            sub = internal.suberror
+            data = [internal.data[i] for i in range(min(internal.ndata, 16))]
+            insn = fd.emulation_insn_bytes() if sub == kvm.INTERNAL_ERROR_EMULATION else None
+            detail = f"KVM internal error, {kvm.internal_error_name(sub)} (suberror {sub})"
+            if data and insn is None:
+                detail += f", data {' '.join(hex(d) for d in data)}"
+            self._end(Ending.KVM_FAILURE, detail, report.describe(fd, self.memory, insn))
+            return True
+        if reason == kvm.EXIT_FAIL_ENTRY:
+            fe = fd.fail_entry
+            self._end(Ending.KVM_FAILURE,
+                      f"VM entry failed, hardware reason {fe.hardware_entry_failure_reason:#x} on host CPU {fe.cpu}",
+                      report.describe(fd, self.memory))
+            return True
+        if reason == kvm.EXIT_UNKNOWN:
+            self._end(Ending.KVM_FAILURE, f"unknown exit, hardware reason {fd.hw.hardware_exit_reason:#x}",
+                      report.describe(fd, self.memory))
+            return True
+        self._end(Ending.KVM_FAILURE, f"unhandled exit {name} ({reason})", report.describe(fd, self.memory))
+        return True
+
+    def _end(self, ending: Ending, detail: str, text: str = "") -> None:
+        self.on_end(Outcome(ending, detail, vcpu=self.index, report=text))
