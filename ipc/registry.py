@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fcntl
 import os
 import struct
 import threading
@@ -209,9 +210,12 @@ class Registry:
     lock and raises :class:`LockTimeout` naming the holder after that.
     """
 
-    def __init__(self, handle, name: str | None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(self, handle, name: str | None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+                 fd: int | None = None):
         self._h = handle
         self.name = name
+        #: For a sealed registry: the memfd to hand to device processes.
+        self.fd = fd
         self.capacity = lib.svm_reg_capacity(handle)
         self.lock_timeout = lock_timeout
 
@@ -232,6 +236,29 @@ class Registry:
             raise
         shm.close_fd()
         return cls(handle, name, **kw)
+
+    @classmethod
+    def create_sealed(cls, capacity: int = DEFAULT_CAPACITY, **kw) -> Registry:
+        """Create a registry in an anonymous memfd whose size is sealed.
+
+        This is what the VMM uses: ``fd`` goes to device processes (they map
+        it with :meth:`from_fd`), and because it can neither shrink nor grow,
+        a device cannot truncate it under the VMM to make the VMM's next
+        access fault (SIGBUS), which it could do to a POSIX shm segment.
+        The memory goes away with the last descriptor and mapping, so a
+        killed VMM leaves nothing behind in /dev/shm."""
+        size = lib.svm_reg_size(capacity) if isinstance(capacity, int) and 0 < capacity < 2**32 else 0
+        if size == 0:
+            raise ValueError(f"capacity must be in [1, 2**20], not {capacity!r}")
+        fd = os.memfd_create("splitvmm-registry", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            handle = cls._open(fd, True, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(handle, None, fd=fd, **kw)
 
     @classmethod
     def attach(cls, name: str, **kw) -> Registry:
@@ -270,6 +297,9 @@ class Registry:
         if self._h is not None:
             lib.svm_reg_close(self._h)
             self._h = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def unlink(self) -> None:
         """Remove the segment's name (mappings stay valid until closed)."""

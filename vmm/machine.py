@@ -4,19 +4,19 @@ vCPU threads, from set-up to teardown.
 Set-up (Documentation/virt/kvm/api.rst): KVM_CREATE_VM, KVM_SET_TSS_ADDR,
 KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2 (dummy speaker), guest RAM in a memfd
 (:mod:`vmm.memory`), vCPUs with the CPUID of KVM_GET_SUPPORTED_CPUID (APIC
-id patched per vCPU), a fresh shared-memory registry, and the VMM's own
+id patched per vCPU), a fresh registry in a sealed memfd (nothing in /dev/shm, and a device
+cannot truncate it under the VMM), and the VMM's own
 ports (test exit, power off).  :meth:`Machine.run` starts one thread per
 vCPU and waits for the first ending (:mod:`vmm.outcome`); :meth:`close`
 stops and joins the vCPUs, closes every device (killing device
-processes), and unlinks the registry segment -- on every path, Ctrl-C and
-guest crashes included.
+processes), and closes the registry -- on every path, Ctrl-C and guest
+crashes included.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import threading
 import time
@@ -51,10 +51,6 @@ class Interrupted(BaseException):
     def __init__(self, signo: int):
         super().__init__(signo)
         self.signo = signo
-
-
-def _registry_name() -> str:
-    return f"/splitvmm-{os.getpid()}-{secrets.token_hex(6)}"
 
 
 class Machine:
@@ -102,7 +98,7 @@ class Machine:
             fd = self.vm.create_vcpu(i)
             self._vcpu_fds.append(fd)
             fd.set_cpuid(_cpuid_for(cpuid, i))
-        self.registry = Registry.create(_registry_name(), capacity=registry_capacity)
+        self.registry = Registry.create_sealed(capacity=registry_capacity)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
         self.dispatcher = Dispatcher(self.registry, self.endpoints)
@@ -258,7 +254,6 @@ class Machine:
             except Exception as e:
                 log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
         if self.registry is not None:
-            self.registry.unlink()
             if not self._stuck:
                 self.registry.close()
         if self._stuck:

@@ -10,6 +10,7 @@ and handed out with the table of :attr:`GuestMemory.regions`).  RAM up to
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import mmap
 import os
 import re
@@ -63,11 +64,14 @@ class GuestMemory:
         if size > low:
             regions.append(RamRegion(layout.HIGH_RAM_START, size - low, low))
         self.regions: tuple[RamRegion, ...] = tuple(regions)
-        self.fd = os.memfd_create("splitvmm-ram", os.MFD_CLOEXEC)
+        # Sealed against shrinking: device processes get this fd, and one
+        # that truncated it would make the VMM fault on guest RAM (SIGBUS).
+        self.fd = os.memfd_create("splitvmm-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._map = None
         self._cdata = None
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._cdata = ffi.from_buffer(self._map)
             self.host_base = int(ffi.cast("uintptr_t", self._cdata))

@@ -451,9 +451,12 @@ class _StartError(Exception):
 
 
 def _registry_fd(registry: Registry) -> int:
-    """A new read-write descriptor on the registry's segment."""
+    """A new read-write descriptor on the registry's segment: a duplicate of
+    a sealed registry's memfd, or the named segment opened again."""
+    if registry.fd is not None:
+        return os.dup(registry.fd)
     if registry.name is None:
-        raise ValueError("the registry must have a name (Registry.create or attach) to be shared")
+        raise ValueError("the registry must be sealed (Registry.create_sealed) or named to be shared")
     shm = posix_ipc.SharedMemory(registry.name)
     return shm.fd
 

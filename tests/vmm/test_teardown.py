@@ -26,7 +26,21 @@ PLACEMENTS = ["inline", pytest.param("isolated", marks=pytest.mark.skipif(
 
 
 def ours(pid: int) -> set[str]:
-    return {n for n in shm_segments() if n.startswith(f"splitvmm-{pid}-")}
+    """What process ``pid`` holds of splitvmm's shared memory: /dev/shm
+    segments named after it (there should never be any) and descriptors
+    of its registry memfd (while it runs)."""
+    held = {n for n in shm_segments() if n.startswith(f"splitvmm-{pid}-")}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/memfd:splitvmm-registry"):
+                held.add(f"fd {fd}")
+    except OSError:
+        pass
+    return held
 
 
 def children(pid: int) -> set[int]:
@@ -100,12 +114,14 @@ def test_ends_and_crashes_leave_nothing(guest, placement, mode, status):
     assert children(proc.pid) == set()
 
 
-def test_in_process_machine_unlinks_its_segment(guest):
+def test_in_process_machine_releases_its_registry(guest):
     before = ours(os.getpid())
+    shm_before = shm_segments()
     with Machine(memory=16 << 20) as m:
         m.load_pvh(guest("endings"), "mode=2")
         m.add_device(parse_device_spec(DEVICE.format("inline")))
         assert len(ours(os.getpid()) - before) == 1
+        assert shm_segments() == shm_before       # the registry is a memfd, not in /dev/shm
         assert m.run(timeout=20).ending is Ending.RESET
     assert ours(os.getpid()) == before
 
