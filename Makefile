@@ -16,13 +16,16 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-# The main job.
+# The main job: the demo guest with an isolated and an inline device.
 run: $(STAMP)
-	$(PY) -m ipc.bench
+	$(PY) -m vmm.cli run
 
 # The whole test suite.
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Benchmarks (JSON on stdout; not part of the tests).
 bench: $(STAMP)
 	$(PY) -m ipc.bench
+	$(PY) -m devserver.bench
+	$(PY) -m vmm.bench

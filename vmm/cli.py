@@ -5,20 +5,28 @@
 status of its ending (:mod:`vmm.outcome`: 0 clean stop, odd test exit,
 2 bad arguments, 4 guest reset, 6 KVM failure, 8 timeout, 10 VMM error,
 128 + signal when interrupted).  Bad arguments give one line on stderr.
+
+``vmm run`` without ``--guest`` builds and boots the demo guest
+(``vmm/guests/demo.c``) with two echo devices, one in its own process and
+one inline.  Every run ends with a one-line summary on stderr: how the
+guest ended and which process served which device.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pathlib
 import signal
 import sys
+import time
 from typing import NoReturn, Sequence
 
 from vmm import outcome as outcomes
 from vmm.boot import BootError
 from vmm.config import DEVICE_TYPES, ConfigError, parse_device_spec
-from vmm.endpoint import VmmError
+from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
 
@@ -70,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     run = sub.add_parser("run", help="run a guest", epilog=outcomes.__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--guest", required=True, metavar="FILE.elf", help="PVH ELF image to boot")
+    run.add_argument("--guest", metavar="FILE.elf",
+                     help="PVH ELF image to boot (default: the demo guest, with its own devices)")
     run.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
     run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
@@ -92,7 +101,42 @@ def _raise_interrupted(signo: int, _frame) -> None:
     raise Interrupted(signo)
 
 
+# The demo: its devices and the guest command line that tells it where
+# they are (the guest's defaults are the same addresses).
+DEMO_DEVICES = ("echo,id=echo-isolated,pio=0x1000,mmio=0xd0000000,process=isolated",
+                "echo,id=echo-inline,pio=0x1100,process=inline")
+DEMO_CMDLINE = ("iso_pio=0x1000 iso_mmio=0xd0000000 inl_pio=0x1100 free_pio=0x2000 "
+                "free_mmio=0xd0100000 move_to=0xd0200000")
+
+
+def _demo_guest() -> pathlib.Path:
+    """Build (or find in the cache) the demo guest image."""
+    from vmm import guests
+
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "splitvmm"
+    return guests.build([guests.HERE / "demo.c"], cache / "guests", name="demo")
+
+
+def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
+    """One line: how the run ended and which process served which device."""
+    parts = []
+    for owner, endpoint in sorted(machine.endpoints.items()):
+        if owner == VMM_OWNER:
+            continue
+        pid = getattr(endpoint, "pid", None)
+        where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
+        failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
+        parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
+    devices = "; ".join(parts) if parts else "no devices"
+    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.guest is None:
+        if args.device or args.cmdline:
+            raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
+        args.device, args.cmdline = list(DEMO_DEVICES), DEMO_CMDLINE
+        args.guest = _demo_guest()
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout)
@@ -100,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         machine.load_pvh(args.guest, args.cmdline)
         for spec in specs:
             machine.add_device(spec)
+        started = time.monotonic()
         result = machine.run(timeout=args.timeout)
+        print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
     finally:
         # Teardown must finish: a second signal does not cut it short.
         saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}

@@ -150,7 +150,7 @@ class RemoteEndpoint:
         proc = pidfd = None
         try:
             try:
-                proc = subprocess.Popen([*command, "--fd", str(theirs.fileno())],
+                proc = subprocess.Popen([*command, "--fd", str(theirs.fileno()), *_log_level_args(command)],
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
             finally:
                 theirs.close()      # the child has its copy
@@ -459,6 +459,16 @@ def _registry_fd(registry: Registry) -> int:
         raise ValueError("the registry must be sealed (Registry.create_sealed) or named to be shared")
     shm = posix_ipc.SharedMemory(registry.name)
     return shm.fd
+
+
+def _log_level_args(command: Sequence[str]) -> list[str]:
+    """Give a devserver the VMM's logging level (quiet unless the VMM is
+    verbose); other device programs get no extra arguments."""
+    if tuple(command) != tuple(DEVSERVER_COMMAND):
+        return []
+    level = logging.getLogger().getEffectiveLevel()
+    name = "DEBUG" if level <= logging.DEBUG else "INFO" if level <= logging.INFO else "WARNING"
+    return ["--log-level", name]
 
 
 def _poll(proc: subprocess.Popen) -> None:
