@@ -21,13 +21,13 @@ pair <= 1 us, C pair <= 150 ns, ratio <= 1.5.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 import threading
 import time
-import uuid
 
 from ipc.registry import Bus, Registry
 from ipc._registry_c import lib
@@ -86,12 +86,12 @@ def measure(quick: bool = False) -> dict:
     rounds = 3 if quick else 7
     out: dict = {"benchmark": "registry", "unit": "ns per get+put pair", "cpus": os.cpu_count()}
     for count, suffix in ((8, ""), (4096, "_4096")):
-        name = f"/svmbench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with Registry.create(name, capacity=4096) as reg:
-            reg.unlink()
+        with Registry.create_sealed(capacity=4096) as reg:
             _fill(reg, count)
-            out[f"python_pair{suffix}_ns"] = round(_median(lambda: _python_pairs(reg, count, n_py), rounds), 1)
-            out[f"c_pair{suffix}_ns"] = round(_median(lambda: _c_pairs(reg, count, n_c), rounds), 1)
+            py = functools.partial(_python_pairs, reg, count, n_py)
+            c = functools.partial(_c_pairs, reg, count, n_c)
+            out[f"python_pair{suffix}_ns"] = round(_median(py, rounds), 1)
+            out[f"c_pair{suffix}_ns"] = round(_median(c, rounds), 1)
             if count == 8:
                 c2 = _parallel(_c_pairs, reg, count, n_c)
                 p2 = _parallel(_python_pairs, reg, count, n_py // 2)

@@ -363,7 +363,6 @@ class Registry:
         if rc == lib.SVM_EINVAL:
             raise ValueError(what or "invalid argument")
         if rc == lib.SVM_ELOCK:
-            err = lib.svm_reg_errno()
             raise LockUnusable("registry lock unusable from this thread (no robust list, or locks nested too deeply)")
         raise RegistryError(f"registry call failed (code {rc})")
 
