@@ -9,6 +9,7 @@ it claimed that region, so it can tell its windows apart.
 
 from __future__ import annotations
 
+import abc
 import enum
 from typing import Protocol
 
@@ -45,7 +46,7 @@ class DeviceHost(Protocol):
         """The pid of the process the model runs in."""
 
 
-class Device:
+class Device(abc.ABC):
     """Base class of device models.
 
     Subclasses set ``kind`` (the ``TYPE`` of ``--device TYPE,...``), parse
@@ -63,13 +64,13 @@ class Device:
     def start(self) -> None:
         """Claim the device's initial regions."""
 
+    @abc.abstractmethod
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         """Value of a ``size``-byte read at ``offset`` in region ``cookie``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
         """A ``size``-byte write of ``value`` at ``offset`` in region ``cookie``."""
-        raise NotImplementedError
 
     def stop(self) -> None:
         """Release what the device holds; called once, at teardown."""
