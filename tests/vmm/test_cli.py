@@ -18,7 +18,7 @@ def one_line_status_2(capsys, argv: list[str]) -> str:
 
 @pytest.mark.parametrize("argv, words", [
     ([], "required"),
-    (["run"], "--guest"),
+    (["run", "--cmdline", "x"], "need --guest"),
     (["fly", "--guest", "x"], "invalid choice"),
     (["run", "--guest", "g.elf", "--vcpus", "0"], "at least 1"),
     (["run", "--guest", "g.elf", "--vcpus", "two"], "not an integer"),
