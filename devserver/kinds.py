@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from devices.base import Device
 from devices.echo import Echo
 
@@ -9,6 +11,15 @@ from devices.echo import Echo
 KINDS: dict[str, type[Device]] = {
     Echo.kind: Echo,
 }
+
+#: With ``SPLITVMM_TEST_KINDS=1`` in its environment a device process also
+#: serves the TEST-ONLY misbehaving kinds of :mod:`devserver.testkinds`.
+TEST_KINDS_ENV = "SPLITVMM_TEST_KINDS"
+
+if os.environ.get(TEST_KINDS_ENV) == "1":
+    from devserver.testkinds import TEST_KINDS
+
+    KINDS.update(TEST_KINDS)
 
 
 def model_class(kind: str) -> type[Device]:

@@ -180,6 +180,9 @@ class DeviceServer:
             raise StartFailed(str(e.args[0])) from None
         except Exception as e:
             raise StartFailed(f"{cfg.kind}: {e}") from None
+        bind = getattr(model, "bind_test_server", None)
+        if bind is not None:    # TEST-ONLY kinds (devserver.testkinds) reach into the runtime
+            bind(self)
         try:
             model.start()
         except Exception as e:

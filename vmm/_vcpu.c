@@ -9,7 +9,10 @@
  * dropped) and the vCPU re-entered at once.  String and rep I/O is one
  * lookup and one access per element (kvm_run io.count, io.data_offset).
  * Any other exit, and KVM_RUN failing (EINTR after a kick), goes back to
- * Python.  Same protocol as vmm/dispatch.py: get, handler, put.
+ * Python, and so does a registry call that misses its lock deadline
+ * (SVMM_STEP_REGISTRY_ERROR for a get: the access completes as unclaimed;
+ * SVMM_STEP_PUT_ERROR for a put: retried at the next step), so that Python
+ * can deal with the lock's holder (vmm/lockwatch.py).  Same protocol as vmm/dispatch.py: get, handler, put.
  *
  * The registry functions come from ipc's C core (ipc/_registry.c) as
  * function pointers, so that the two extension modules stay separate. */
@@ -57,28 +60,36 @@ static int svmm_lookup(struct svmm_vcpu *v)
     return 0;
 }
 
-static void svmm_complete(struct svmm_vcpu *v)
+/* Store the value of the access handed out and put its registry reference.
+ * A put that times out with retry != 0 leaves the access pending and the
+ * reference held, and returns SVM_ETIMEDOUT: Python deals with the lock's
+ * holder and the next step tries the put again.  Any other failure (and a
+ * timeout with retry == 0) drops the reference and is counted. */
+static int svmm_complete(struct svmm_vcpu *v, int retry)
 {
     uint8_t *data = (uint8_t *)v->run + v->data_offset + (uint64_t)v->elem * v->size;
     if (!v->is_write)
-        memcpy(data, &v->value, v->size);
+        memcpy(data, &v->value, v->size);              /* idempotent on a retry */
     if (v->has_ref) {
         int rc = ((svmm_put_fn)v->put_fn)((struct svm_reg *)v->registry, (uint32_t)v->slot,
                                           v->generation, v->lock_timeout_ns);
         if (rc != SVM_OK) {
-            v->put_errors++;
             v->reg_error = rc;
+            if (rc == SVM_ETIMEDOUT && retry)
+                return rc;
+            v->put_errors++;
         }
         v->has_ref = 0;
     }
     v->pending = 0;
     v->elem++;
+    return 0;
 }
 
 int svmm_finish(struct svmm_vcpu *v)
 {
     if (v->pending)
-        svmm_complete(v);
+        svmm_complete(v, 0);
     return 0;
 }
 
@@ -86,7 +97,8 @@ int svmm_step(struct svmm_vcpu *v)
 {
     int rc;
     if (v->pending) {
-        svmm_complete(v);
+        if (svmm_complete(v, 1) != 0)
+            return SVMM_STEP_PUT_ERROR;
         if ((rc = svmm_lookup(v)) != 0)
             return rc;
     }

@@ -7,6 +7,10 @@
 #define SVMM_STEP_EXIT 2             /* another exit: look at kvm_run */
 #define SVMM_STEP_ERRNO 3            /* KVM_RUN failed with errno "err" */
 #define SVMM_STEP_REGISTRY_ERROR 4   /* get failed with "reg_error"; set value */
+#define SVMM_STEP_PUT_ERROR 5        /* the put of the access served last timed
+                                      * out ("reg_error"); the reference is kept
+                                      * and the next step retries the put
+                                      * (clear has_ref to abandon it) */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
 

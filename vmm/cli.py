@@ -1,7 +1,8 @@
 """``vmm``, the command line of the VMM.
 
 ``vmm run --guest FILE.elf [--vcpus N] [--memory SIZE] [--device SPEC]...
-[--timeout SECONDS] [--cmdline TEXT]`` runs a PVH guest and exits with the
+[--timeout SECONDS] [--cmdline TEXT] [--access-timeout SECONDS]
+[--lock-timeout SECONDS]`` runs a PVH guest and exits with the
 status of its ending (:mod:`vmm.outcome`: 0 clean stop, odd test exit,
 2 bad arguments, 4 guest reset, 6 KVM failure, 8 timeout, 10 VMM error,
 128 + signal when interrupted).  Bad arguments give one line on stderr.
@@ -23,6 +24,7 @@ import sys
 import time
 from typing import NoReturn, Sequence
 
+from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm.boot import BootError
 from vmm.config import DEVICE_TYPES, ConfigError, parse_device_spec
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
     run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
                      help=f"deadline of one access to a device process (default {DEFAULT_ACCESS_TIMEOUT:g})")
+    run.add_argument("--lock-timeout", type=_seconds, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+                     help="deadline of a vCPU's wait for the registry lock; a device process that "
+                          f"holds it longer is killed (default {DEFAULT_LOCK_TIMEOUT:g})")
     return p
 
 
@@ -139,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         args.guest = _demo_guest()
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
-    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout)
+    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
+                      lock_timeout=args.lock_timeout)
     try:
         machine.load_pvh(args.guest, args.cmdline)
         for spec in specs:

@@ -12,8 +12,11 @@ follows DESIGN.md "Failure semantics":
 * the owner raises :class:`DeviceFailed` (dead, timed out, broke the
   protocol): the same, and the device is marked failed and its regions are
   reaped with ``unregister_owner``; the VM goes on;
-* the registry lock cannot be had in time: the same, logged (the registry
-  raises :class:`ipc.LockTimeout` naming the holder).
+* the registry lock cannot be had in time (:class:`ipc.LockTimeout`): the
+  lookup completes as unclaimed, and :class:`vmm.lockwatch.LockWatch`
+  deals with the holder -- kills it when it is one of our device
+  processes, ends the VM when the lock stays unusable.  A ``put`` that
+  misses the deadline is retried once the holder is dealt with.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import logging
 import threading
 from typing import Callable, Mapping
 
-from ipc import Bus, Registry, RegistryError
+from ipc import Bus, LockTimeout, Registry, RegistryError
+from ipc.registry import lib as _reg_lib
 from vmm.endpoint import DeviceFailed, Endpoint
+from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
+from vmm.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
 PIO = int(Bus.PIO)
 MMIO = int(Bus.MMIO)
+
+#: svm_reg_* code of a missed lock deadline (what the C fast path reports).
+SVM_ETIMEDOUT = _reg_lib.SVM_ETIMEDOUT
 
 ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
@@ -58,7 +67,8 @@ class Dispatcher:
     """Routes accesses of every vCPU; safe to call from many threads."""
 
     def __init__(self, registry: Registry, endpoints: Mapping[int, Endpoint],
-                 on_failure: Callable[[Endpoint, Exception], None] | None = None):
+                 on_failure: Callable[[Endpoint, Exception], None] | None = None,
+                 on_fatal: Callable[[Outcome], None] | None = None):
         self.registry = registry
         #: owner id -> endpoint; read on every access, changed rarely.
         self.endpoints = endpoints
@@ -69,11 +79,16 @@ class Dispatcher:
         self._put = registry.put
         #: accesses that found no region (both buses).
         self.unclaimed = 0
+        #: Deals with whoever holds the registry lock past a deadline.
+        self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
 
     def access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int) -> int:
         """Serve one access; returns the value read (0 for a write)."""
         try:
             ref = self._get(bus, addr, size)
+        except LockTimeout:
+            self.lock_watch.stalled(vcpu, f"lookup of {Bus(bus).name} {addr:#x}")
+            return 0 if is_write else all_ones(size)
         except RegistryError as e:
             log.error("vCPU %d: %s %s %#x: registry lookup failed: %s", vcpu,
                       Bus(bus).name, "write" if is_write else "read", addr, e)
@@ -101,7 +116,29 @@ class Dispatcher:
                 self.fail(endpoint, e)
                 return 0 if is_write else all_ones(size)
         finally:
-            self._put(ref)
+            try:
+                self._put(ref)
+            except LockTimeout:
+                self.put_stalled(vcpu, ref)
+            except RegistryError as e:
+                log.error("vCPU %d: registry put of %r failed: %s", vcpu, ref, e)
+
+    def put_stalled(self, vcpu: int, ref) -> None:
+        """A put missed the lock deadline: deal with the holder, put again."""
+        for _ in range(MAX_PUT_RETRIES):
+            self.lock_watch.stalled(vcpu, f"put of slot {ref.slot}", put=True)
+            if self.lock_watch.unusable is not None:
+                break
+            try:
+                self._put(ref)
+                return
+            except LockTimeout:
+                continue
+            except RegistryError as e:
+                log.error("vCPU %d: registry put of %r failed: %s", vcpu, ref, e)
+                return
+        log.error("vCPU %d: %r abandoned: its put kept missing the lock deadline; the slot stays "
+                  "referenced", vcpu, ref)
 
     def fail(self, endpoint: Endpoint, error: Exception) -> None:
         """Mark ``endpoint`` failed and reap its regions (once)."""

@@ -344,6 +344,7 @@ STEP_ACCESS = lib.SVMM_STEP_ACCESS
 STEP_EXIT = lib.SVMM_STEP_EXIT
 STEP_ERRNO = lib.SVMM_STEP_ERRNO
 STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
+STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
 
 
 class FastPath:
@@ -353,8 +354,12 @@ class FastPath:
     access is in ``ctx`` (``bus``, ``addr``, ``size``, ``is_write``,
     ``value``, ``owner``, ``cookie``, ``offset``) and the caller stores the
     value of a read in ``ctx.value`` before the next ``step()``, which
-    completes it (and puts the registry reference).  ``finish()`` completes
-    a pending access without running the vCPU.
+    completes it (and puts the registry reference).  STEP_REGISTRY_ERROR:
+    the lookup failed (``reg_error``; the caller stores the value to read,
+    all ones).  STEP_PUT_ERROR: that put missed the lock deadline; the
+    reference is kept and the next ``step()`` puts again (set
+    ``ctx.has_ref = 0`` to give it up).  ``finish()`` completes a pending
+    access without running the vCPU.
     """
 
     def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int):

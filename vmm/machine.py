@@ -5,7 +5,8 @@ Set-up (Documentation/virt/kvm/api.rst): KVM_CREATE_VM, KVM_SET_TSS_ADDR,
 KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2 (dummy speaker), guest RAM in a memfd
 (:mod:`vmm.memory`), vCPUs with the CPUID of KVM_GET_SUPPORTED_CPUID (APIC
 id patched per vCPU), a fresh registry in a sealed memfd (nothing in /dev/shm, and a device
-cannot truncate it under the VMM), and the VMM's own
+cannot truncate it under the VMM; every vCPU wait on its lock has the
+deadline ``lock_timeout``, see :mod:`vmm.lockwatch`), and the VMM's own
 ports (test exit, power off).  :meth:`Machine.run` starts one thread per
 vCPU and waits for the first ending (:mod:`vmm.outcome`); :meth:`close`
 stops and joins the vCPUs, closes every device (killing device
@@ -23,7 +24,7 @@ import time
 
 from devices.base import BadParameter
 from ipc import Bus, Registry, RegistryError
-from ipc.registry import DEFAULT_CAPACITY
+from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout
 from vmm.boot import pvh
 from vmm.config import ConfigError, DeviceSpec
@@ -58,8 +59,14 @@ class Machine:
 
     def __init__(self, memory: int = DEFAULT_MEMORY, vcpus: int = 1, *,
                  registry_capacity: int = DEFAULT_CAPACITY,
-                 access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None):
+                 access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+        if not 0 < lock_timeout < 1e6:
+            raise ConfigError(f"lock timeout {lock_timeout!r}: must be a positive number of seconds")
         self.access_timeout = access_timeout
+        #: Deadline of every registry call a vCPU makes; a device holding
+        #: the lock longer is killed (vmm.lockwatch).
+        self.lock_timeout = lock_timeout
         #: Extra keyword arguments of RemoteEndpoint.spawn (poll window...).
         self.remote_options: dict = {}
         self.outcome: Outcome | None = None
@@ -98,10 +105,10 @@ class Machine:
             fd = self.vm.create_vcpu(i)
             self._vcpu_fds.append(fd)
             fd.set_cpuid(_cpuid_for(cpuid, i))
-        self.registry = Registry.create_sealed(capacity=registry_capacity)
+        self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
-        self.dispatcher = Dispatcher(self.registry, self.endpoints)
+        self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -233,7 +240,9 @@ class Machine:
     def _stop_vcpus(self) -> None:
         for v in self.vcpus:
             v.request_stop()
-        deadline = time.monotonic() + self.access_timeout + STOP_GRACE
+        # A vCPU may be in an access (access deadline) or dealing with a
+        # registry lock holder (lock deadlines, vmm.lockwatch).
+        deadline = time.monotonic() + self.access_timeout + 3 * self.lock_timeout + STOP_GRACE
         for v in self.vcpus:
             if not v.join(max(0.0, deadline - time.monotonic())):
                 self._stuck = True

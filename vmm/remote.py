@@ -270,6 +270,27 @@ class RemoteEndpoint:
         """Why the device was cut off, or None while it works."""
         return self._failure
 
+    def cut_off(self, reason: str) -> None:
+        """Cut the device off from outside (once): one error line, its
+        slots dead, SIGKILL through the pidfd, so only this child can be
+        hit; its regions are reaped when it has exited.  The VMM's lock
+        watch (vmm.lockwatch) calls this for a device that holds the
+        registry lock past the deadline."""
+        self._fail(reason)
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the device process to exit;
+        True once it has (or when it is no longer watched)."""
+        pidfd = self._pidfd
+        if pidfd < 0 or self._exited.is_set():
+            return True
+        poller = select.poll()
+        try:
+            poller.register(pidfd, select.POLLIN)
+            return bool(poller.poll(max(0, int(timeout * 1000))))
+        except (OSError, ValueError):
+            return True     # the pidfd was closed under us: torn down
+
     def close(self) -> None:
         """Shut the device down (Shutdown, then SIGKILL after a grace
         period), reap it, close every descriptor and mapping, and reap

@@ -16,7 +16,11 @@ Exits handled (Documentation/virt/kvm/api.rst, "kvm_run"):
 happen there, unclaimed accesses never reach Python, and Python only calls
 the owner's endpoint -- the same get/handler/put protocol and failure
 semantics as :mod:`vmm.dispatch`, which serves the all-Python loop
-(``fast=False``, or ``SPLITVMM_SLOW_PATH=1``).
+(``fast=False``, or ``SPLITVMM_SLOW_PATH=1``).  A registry call that
+misses the lock deadline comes back to Python in both loops, which hands
+the holder to :class:`vmm.lockwatch.LockWatch` (a device process holding
+the lock is killed; the stalled lookup completes as unclaimed, a stalled
+put is retried).
 
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
@@ -36,8 +40,9 @@ import threading
 from typing import Callable
 
 from vmm import kvm, report
-from vmm.dispatch import MMIO, PIO, Dispatcher, all_ones, registry_c_api
+from vmm.dispatch import MMIO, PIO, SVM_ETIMEDOUT, Dispatcher, all_ones, registry_c_api
 from vmm.endpoint import DeviceFailed
+from vmm.lockwatch import MAX_PUT_RETRIES
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
 
@@ -226,7 +231,9 @@ class VcpuThread:
         endpoints = dispatcher.endpoints
         failed = dispatcher.failed
         index = self.index
-        ACCESS, EXIT, ERRNO = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO
+        watch = dispatcher.lock_watch
+        ACCESS, EXIT, ERRNO, PUT_ERROR = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR
+        put_retries = 0
         try:
             while True:
                 if self._stop:
@@ -235,6 +242,21 @@ class VcpuThread:
                     self._park()
                     continue
                 rc = step()
+                if rc == PUT_ERROR:
+                    # The access was served; its put missed the lock
+                    # deadline.  Deal with the holder; the next step puts
+                    # again (unless the reference is given up here).
+                    if ctx.reg_error == SVM_ETIMEDOUT:
+                        watch.stalled(index, f"put of slot {ctx.slot}", put=True)
+                    put_retries += 1
+                    if (ctx.reg_error != SVM_ETIMEDOUT or watch.unusable is not None
+                            or put_retries > MAX_PUT_RETRIES or self._stop):
+                        log.error("vCPU %d: registry put of slot %d abandoned (code %d); the slot "
+                                  "stays referenced", index, ctx.slot, ctx.reg_error)
+                        ctx.has_ref = 0
+                        ctx.put_errors += 1
+                    continue
+                put_retries = 0
                 if rc == ACCESS:
                     owner = ctx.owner
                     endpoint = endpoints.get(owner)
@@ -263,10 +285,13 @@ class VcpuThread:
                     if self._other_exit(run.exit_reason):
                         return
                 else:
-                    log.error("vCPU %d: registry lookup of %s %#x failed (code %d); the access "
-                              "completes as unclaimed", index, "PIO" if ctx.bus == PIO else "MMIO",
-                              ctx.addr, ctx.reg_error)
+                    what = f"lookup of {'PIO' if ctx.bus == PIO else 'MMIO'} {ctx.addr:#x}"
                     ctx.value = all_ones(ctx.size)
+                    if ctx.reg_error == SVM_ETIMEDOUT:
+                        watch.stalled(index, what)   # logs; completes as unclaimed
+                    else:
+                        log.error("vCPU %d: registry %s failed (code %d); the access completes as "
+                                  "unclaimed", index, what, ctx.reg_error)
                 if self._park_requested:
                     self.parked = True
                     self.on_end(None)
