@@ -30,6 +30,13 @@ class BadParameter(DeviceError):
     """A device parameter (from the command line or a config) is invalid."""
 
 
+class Interrupt(Protocol):
+    """One interrupt source a host handed to a model."""
+
+    def trigger(self) -> None:
+        """Signal it once (an edge; through an irqfd when isolated)."""
+
+
 class DeviceHost(Protocol):
     """What a model may ask of its host."""
 
@@ -44,6 +51,23 @@ class DeviceHost(Protocol):
 
     def process_id(self) -> int:
         """The pid of the process the model runs in."""
+
+    def irq_line(self, gsi: int) -> Interrupt:
+        """An interrupt on the in-kernel irqchip's input ``gsi`` (ISA IRQ
+        4 for COM1, or a PCI INTx line), for the model to trigger."""
+
+    def msi_vector(self, index: int) -> MsiVector:
+        """The model's MSI (MSI-X table entry) number ``index``: the host
+        turns it into a KVM MSI route when the model programs it."""
+
+
+class MsiVector(Interrupt, Protocol):
+    """An MSI vector: program it with the address/data pair the guest
+    wrote into the MSI-X table, then trigger it (PCI Local Bus 3.0 6.8,
+    PCIe 6.0 7.7.2)."""
+
+    def program(self, address: int, data: int) -> None:
+        """Route this vector to ``address``/``data`` (a KVM MSI route)."""
 
 
 class Device(abc.ABC):
