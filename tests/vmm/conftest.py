@@ -41,15 +41,3 @@ def vmm_run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "vmm.cli", "run", *args], capture_output=True,
                           text=True, timeout=timeout, **kw)
 
-
-def remote_available() -> bool:
-    try:
-        import vmm.remote  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "vmm.remote":
-            raise
-        return False
-    return True
-
-
-needs_remote = pytest.mark.skipif(not remote_available(), reason="RemoteEndpoint not available yet")

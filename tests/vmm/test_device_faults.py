@@ -23,13 +23,13 @@ import pytest
 
 from ipc import Bus
 from ipc.registry import ffi as reg_ffi, lib as reg_lib
-from tests.vmm.conftest import needs_kvm, needs_remote
+from tests.vmm.conftest import needs_kvm
 from vmm.config import DeviceSpec, parse_device_spec
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
 from vmm.outcome import Ending
 
-pytestmark = [needs_kvm, needs_remote]
+pytestmark = needs_kvm
 
 PASS = 0x2A
 A_PIO, A_MMIO = 0x2000, 0xD000_0000

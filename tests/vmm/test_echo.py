@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.vmm.conftest import needs_kvm, needs_remote, vmm_run
+from tests.vmm.conftest import needs_kvm, vmm_run
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
@@ -37,7 +37,6 @@ def test_echo_inline_every_size_and_pid(guest, fast_path):
     assert outcome.ending is Ending.POWER_OFF, str(outcome)
 
 
-@needs_remote
 def test_echo_isolated_pid_differs(guest):
     outcome = run_echo(guest, "isolated", pid_mode=2)
     assert outcome.ending is Ending.POWER_OFF, str(outcome)

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from ipc import Bus
-from tests.vmm.conftest import needs_kvm, remote_available
+from tests.vmm.conftest import needs_kvm
 from vmm.config import parse_device_spec
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
@@ -25,8 +25,7 @@ MOVES = 1001
 @pytest.mark.parametrize("placement, fast_path", [
     ("inline", True),
     ("inline", False),
-    pytest.param("isolated", True, marks=pytest.mark.skipif(not remote_available(),
-                                                            reason="RemoteEndpoint not available yet")),
+    ("isolated", True),
 ], ids=["inline-c-loop", "inline-python-loop", "isolated"])
 def test_relocation_under_fire(guest, placement, fast_path):
     with Machine(memory=32 << 20, vcpus=2, fast_path=fast_path) as m:

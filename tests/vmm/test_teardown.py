@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.vmm.conftest import needs_kvm, remote_available, shm_segments
+from tests.vmm.conftest import needs_kvm, shm_segments
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending, Outcome
@@ -21,8 +21,7 @@ from vmm.outcome import Ending, Outcome
 pytestmark = needs_kvm
 
 DEVICE = "echo,pio=0x1000,mmio=0xd0000000,process={}"
-PLACEMENTS = ["inline", pytest.param("isolated", marks=pytest.mark.skipif(
-    not remote_available(), reason="RemoteEndpoint not available yet"))]
+PLACEMENTS = ["inline", "isolated"]
 
 
 def ours(pid: int) -> set[str]:

@@ -138,14 +138,6 @@ def main(argv: list[str] | None = None) -> int:
                         "unit": "microseconds per access; median and best of all rounds, "
                                 "runners interleaved"}
         runners = [r for r in ("bare", "inline", "inline_python", "isolated") if r not in args.skip]
-        if "isolated" in runners:
-            try:
-                import vmm.remote  # noqa: F401
-            except ModuleNotFoundError as e:
-                if e.name != "vmm.remote":
-                    raise
-                runners.remove("isolated")
-                report["isolated"] = {"skipped": "RemoteEndpoint not available yet"}
         bare = build_bare(cache) if "bare" in runners else None
         raw: dict[str, dict] = {r: {"pio": [], "mmio": [], "cpu": 0.0, "device_cpu": 0.0} for r in runners}
         for _ in range(args.repeat):
