@@ -10,6 +10,7 @@ it claimed that region, so it can tell its windows apart.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from typing import Protocol
 
@@ -37,6 +38,16 @@ class Interrupt(Protocol):
         """Signal it once (an edge; through an irqfd when isolated)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ConsoleFds:
+    """The byte console a host hands a model (a UART's line): bytes the
+    model sends go to ``output``, bytes it receives come from ``input``
+    (-1: none).  The host owns both descriptors."""
+
+    output: int
+    input: int
+
+
 class DeviceHost(Protocol):
     """What a model may ask of its host."""
 
@@ -52,9 +63,15 @@ class DeviceHost(Protocol):
     def process_id(self) -> int:
         """The pid of the process the model runs in."""
 
+    def console(self) -> ConsoleFds | None:
+        """The console given to this device (``vmm run --serial``), or
+        None.  Hosts without one may lack the method."""
+
     def irq_line(self, gsi: int) -> Interrupt:
         """An interrupt on the in-kernel irqchip's input ``gsi`` (ISA IRQ
-        4 for COM1, or a PCI INTx line), for the model to trigger."""
+        4 for COM1, or a PCI INTx line), for the model to trigger.
+        Raises :class:`DeviceError` when the host refuses it (a pin
+        outside 0-23, more pins than a device may hold)."""
 
     def msi_vector(self, index: int) -> MsiVector:
         """The model's MSI (MSI-X table entry) number ``index``: the host
@@ -67,7 +84,19 @@ class MsiVector(Interrupt, Protocol):
     PCIe 6.0 7.7.2)."""
 
     def program(self, address: int, data: int) -> None:
-        """Route this vector to ``address``/``data`` (a KVM MSI route)."""
+        """Route this vector to ``address``/``data`` (a KVM MSI route).
+
+        May be called from inside an access handler (an MSI-X table
+        write); again to change the route.  The host refuses an address
+        outside 0xFEExxxxx, or more routes than a device may hold, with a
+        :class:`DeviceError`.  Program a complete entry (e.g. when the
+        guest unmasks it), not each dword as it is written: a half-written
+        address may be refused.  Masking and pending bits are the model's:
+        it does not trigger a masked vector, it sets its PBA bit and
+        triggers on unmask."""
+
+    def unprogram(self) -> None:
+        """Drop the route (a trigger after this is dropped)."""
 
 
 class Device(abc.ABC):

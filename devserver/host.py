@@ -4,23 +4,29 @@
 shared registry: a model claims and releases its regions there directly,
 under the owner id the VMM gave this process, with no round trip to the
 VMM, also from inside the handler of an access (a window that moves).
+Interrupt lines and MSI vectors are irqfds the VMM hands over on request
+(:mod:`devserver.interrupts`); triggering one is an eventfd write.
 """
 
 from __future__ import annotations
 
 import os
 
-from devices.base import Space
+from devices.base import ConsoleFds, DeviceError, Space
+from devserver.interrupts import IrqClient, RemoteLine, RemoteMsi
 from ipc import Bus, Registry
 
 
 class RemoteHost:
     """What a model running in a device process may ask of its host."""
 
-    def __init__(self, registry: Registry, owner: int):
+    def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
+                 irq: IrqClient | None = None):
         self.registry = registry
         self.owner = owner
         self._pid = os.getpid()
+        self._console = console
+        self._irq = irq
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
         self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
@@ -30,3 +36,21 @@ class RemoteHost:
 
     def process_id(self) -> int:
         return self._pid
+
+    def console(self) -> ConsoleFds | None:
+        """The console the VMM passed (SetConsole), or None."""
+        return self._console
+
+    def _irq_client(self) -> IrqClient:
+        if self._irq is None:
+            raise DeviceError("this device host has no interrupt channel")
+        return self._irq
+
+    def irq_line(self, gsi: int) -> RemoteLine:
+        """Asks the VMM for an irqfd on irqchip input ``gsi`` (raises
+        :class:`devserver.interrupts.IrqUnavailable` when refused)."""
+        return RemoteLine(self._irq_client(), gsi)
+
+    def msi_vector(self, index: int) -> RemoteMsi:
+        """MSI vector ``index``; its route is asked for at program()."""
+        return RemoteMsi(self._irq_client(), index)

@@ -28,11 +28,14 @@ import time
 
 from devices.base import Device, Space
 from devserver.host import RemoteHost
+from devserver.interrupts import IrqClient
 from devserver.kinds import model_class
 from ipc import Registry
+from devices.base import ConsoleFds
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
-                          RemoteProtocolError, Reset, ResetDone, SetMemTable, SetRegistry,
-                          SetSlots, Shutdown, Start, negotiate)
+                          RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
+                          SetRegistry, SetSlots, Shutdown, Start, negotiate)
+from ipc.protocol import IRQ_ANSWERS
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
@@ -68,6 +71,10 @@ class DeviceServer:
         self.mem_table: SetMemTable | None = None
         self.model: Device | None = None
         self.host: RemoteHost | None = None
+        #: Interrupt requests to the VMM (devserver.interrupts).
+        self.irq: IrqClient | None = None
+        #: The console (SetConsole), kept open for the model until teardown.
+        self.console: ConsoleFds | None = None
         self._model_lock = threading.Lock()
         self._stopping = threading.Event()
         self._served_out = threading.Event()
@@ -148,6 +155,9 @@ class DeviceServer:
                     raise StartFailed(f"slot segment has {self.slots.nslots} slots, not {msg.nslots}")
             elif isinstance(msg, SetMemTable):
                 self._map_memory(msg)
+            elif isinstance(msg, SetConsole):
+                out_fd = os.dup(msg.out_fd)
+                self.console = ConsoleFds(out_fd, os.dup(msg.in_fd))
         except StartFailed:
             raise
         except Exception as e:
@@ -168,7 +178,8 @@ class DeviceServer:
         assert cfg is not None and self.registry is not None and self.slots is not None
         if self.slots.nslots < cfg.nvcpus:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
-        self.host = RemoteHost(self.registry, cfg.owner)
+        self.irq = IrqClient(self._send, self.channel.receive)
+        self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq)
         self.model = self._build_model()
 
     def _build_model(self) -> Device:
@@ -235,12 +246,16 @@ class DeviceServer:
         self._stop()
 
     def _control(self) -> None:
+        if self.irq is not None:    # answers to interrupt requests arrive here now
+            self.irq.reader = threading.current_thread()
         while not self._stopping.is_set():
             if self._parent and os.getppid() != self._parent:
                 log.info("the VMM (pid %d) is gone; exiting", self._parent)
                 return
             try:
-                msg = self.channel.receive(PARENT_CHECK)
+                msg = self.irq.take_deferred() if self.irq is not None else None
+                if msg is None:
+                    msg = self.channel.receive(PARENT_CHECK)
             except ChannelTimeout:
                 continue
             except RemoteProtocolError as e:
@@ -255,6 +270,10 @@ class DeviceServer:
             if isinstance(msg, Shutdown):
                 log.info("shutdown")
                 return
+            if isinstance(msg, IRQ_ANSWERS):
+                if self.irq is not None:
+                    self.irq.on_answer(msg)
+                continue
             if isinstance(msg, Reset):
                 self._reset()
             else:  # the protocol lets nothing else through in this state
@@ -266,6 +285,8 @@ class DeviceServer:
             old = self.model
             if old is not None:
                 old.stop()
+            if self.irq is not None:
+                self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
                 self.model = self._build_model()
             except StartFailed as e:
@@ -296,6 +317,8 @@ class DeviceServer:
             except Exception as e:
                 log.warning("stopping the model: %s", e)
             self.model = None
+        if self.irq is not None:
+            self.irq.close()
         if self.slots is not None:
             st = self.slots.device_stats()
             log.info("served %d access(es): %d found while polling, %d sleep(s), %.1f ms polling "
@@ -307,6 +330,8 @@ class DeviceServer:
             self.registry.close()
         if self.memory is not None:
             self.memory.close()
+        if self.console is not None:
+            close_fds((self.console.output, self.console.input))
         self.channel.close()
 
 

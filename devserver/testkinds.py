@@ -31,6 +31,29 @@ Other values and sizes at 0xFC are ignored (writes) or read all ones.
 Extra parameters: ``stall_ms=`` (1 to 600000, default 30000) and
 ``hog_delay_ms=`` (0 to 60000, default 50).  Every fault is logged at
 WARNING as a test hook.
+
+``irq-echo``: raises interrupts on the guest's request, through whatever
+host it runs on (a device process, or inline when a test registers the
+class).  ``pio=PORT``: 64 ports; ``pin=GSI`` (optional): ask for that
+line already in ``start()``, as a UART does.  4-byte accesses:
+
+======  =====  ============================================================
+offset  access  meaning
+======  =====  ============================================================
+0x00    w       ask the host for irqchip input (GSI) value (irq_line)
+0x04    w       trigger that line
+0x08    w       latch an MSI address (low 32 bits)
+0x0C    w       latch an MSI data value
+0x10    w       program MSI vector ``value`` with the latched address/data
+0x14    w       trigger MSI vector ``value``
+0x18    w       unprogram MSI vector ``value``
+0x1C    r       1 if the last request was refused (the error is logged),
+                else 0
+0x20    r       pid of the serving process
+======  =====  ============================================================
+
+Requests are made inside the handler of the write, as an MSI-X table
+write would make them.
 """
 
 from __future__ import annotations
@@ -40,7 +63,7 @@ import struct
 import threading
 import time
 
-from devices.base import BadParameter, DeviceHost, Space, parse_int
+from devices.base import BadParameter, Device, DeviceError, DeviceHost, Space, parse_int
 from devices.echo import ECHO_COUNT, Echo, ones
 
 log = logging.getLogger(__name__)
@@ -132,5 +155,85 @@ class FaultEcho(Echo):
             holding.wait(15)
 
 
+IRQ_PIN = 0x00
+IRQ_PIN_TRIGGER = 0x04
+IRQ_MSI_ADDRESS = 0x08
+IRQ_MSI_DATA = 0x0C
+IRQ_MSI_PROGRAM = 0x10
+IRQ_MSI_TRIGGER = 0x14
+IRQ_MSI_UNPROGRAM = 0x18
+IRQ_STATUS = 0x1C
+IRQ_PID = 0x20
+IRQ_WINDOW = 0x40
+
+
+class IrqEcho(Device):
+    """Interrupts on request (module docstring)."""
+
+    kind = "irq-echo"
+
+    def __init__(self, host: DeviceHost, **params: str):
+        pio = params.pop("pio", None)
+        pin = params.pop("pin", None)
+        super().__init__(host, **params)
+        self.start_pin = None if pin is None else parse_int(self.kind, "pin", pin)
+        if pio is None:
+            raise BadParameter(f"{self.kind}: pio= is required")
+        self.pio = parse_int(self.kind, "pio", pio)
+        if not 0 <= self.pio <= 0x10000 - IRQ_WINDOW:
+            raise BadParameter(f"{self.kind}: pio={self.pio:#x} is out of range")
+        self.line = None
+        self.vectors: dict = {}
+        self.address = 0
+        self.data = 0
+        self.refused = 0
+
+    def start(self) -> None:
+        if self.start_pin is not None:
+            self.line = self.host.irq_line(self.start_pin)
+        self.host.claim(Space.PIO, self.pio, IRQ_WINDOW)
+
+    def stop(self) -> None:
+        try:
+            self.host.release(Space.PIO, self.pio)
+        except Exception as e:
+            log.debug("irq-echo: release: %s", e)
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        if size == 4 and offset == IRQ_STATUS:
+            return self.refused
+        if size == 4 and offset == IRQ_PID:
+            return self.host.process_id()
+        return ones(size)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        if size != 4:
+            return
+        try:
+            self._write(offset, value)
+            self.refused = 0
+        except DeviceError as e:
+            log.warning("irq-echo: request refused: %s", e)
+            self.refused = 1
+
+    def _write(self, offset: int, value: int) -> None:
+        if offset == IRQ_PIN:
+            self.line = self.host.irq_line(value)
+        elif offset == IRQ_PIN_TRIGGER and self.line is not None:
+            self.line.trigger()
+        elif offset == IRQ_MSI_ADDRESS:
+            self.address = value
+        elif offset == IRQ_MSI_DATA:
+            self.data = value
+        elif offset == IRQ_MSI_PROGRAM:
+            vector = self.vectors.get(value) or self.host.msi_vector(value)
+            vector.program(self.address, self.data)
+            self.vectors[value] = vector
+        elif offset == IRQ_MSI_TRIGGER and value in self.vectors:
+            self.vectors[value].trigger()
+        elif offset == IRQ_MSI_UNPROGRAM and value in self.vectors:
+            self.vectors.pop(value).unprogram()
+
+
 #: kind -> class, added to devserver.kinds.KINDS under SPLITVMM_TEST_KINDS=1.
-TEST_KINDS = {FaultEcho.kind: FaultEcho}
+TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho}

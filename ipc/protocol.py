@@ -434,6 +434,151 @@ _SHUTDOWN_FROM = frozenset(State) - {S.CLOSING, S.CLOSED}
 _ERROR_FROM = frozenset(State) - {S.CLOSING, S.CLOSED, S.FAILED, S.AWAIT_HELLO}
 
 
+# ---- console (the serial device's line) ------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SetConsole(Message):
+    """VMM → device (optional, configuring): the console of ``vmm run
+    --serial``: bytes the device sends go to ``out_fd`` (the VMM's stdout
+    or a file), bytes it receives come from ``in_fd`` (a pipe the VMM
+    feeds from its terminal, or an empty input).  Nothing else of the
+    terminal reaches the device."""
+
+    TYPE: ClassVar[str] = "set-console"
+    SENDER: ClassVar[Role] = Role.VMM
+    FD_FIELDS: ClassVar[tuple[str, ...]] = ("out_fd", "in_fd")
+    out_fd: int
+    in_fd: int
+
+    def __post_init__(self) -> None:
+        _fd("out_fd", self.out_fd)
+        _fd("in_fd", self.in_fd)
+
+
+__all__.append("SetConsole")
+MESSAGES[SetConsole.TYPE] = SetConsole
+_CONFIG = (*_CONFIG, SetConsole)
+TRANSITIONS[(S.CONFIGURING, SetConsole)] = S.CONFIGURING
+
+
+# ---- interrupts (irqfds and MSI routes) ------------------------------------
+#
+#   device                                         VMM
+#   IrqLineRequest(seq, gsi)                  ─►   validates, KVM_IRQFD
+#   MsiRouteRequest(seq, index, address, data) ─►  KVM_SET_GSI_ROUTING (+ irqfd)
+#   MsiUnrouteRequest(seq, index)             ─►
+#                                             ◄─   IrqGranted(seq) [eventfd]  (line, route)
+#                                             ◄─   IrqDone(seq)               (route removed)
+#                                             ◄─   IrqRefused(seq, message)
+#
+# Allowed from Start on (a model asks in its start(), in a reset, or inside
+# an access handler); the device then writes the eventfd to interrupt, and
+# the VMM is not on that path.  Values are only type-checked here: the VMM
+# judges them (pin range, MSI window, per-device limits) and refuses with
+# IrqRefused, which does not cut the device off.
+
+def _u32(name: str, v: Any) -> None:
+    _need(type(v) is int and 0 <= v <= 0xFFFF_FFFF, f"{name} must be an integer in [0, 2**32), not {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqLineRequest(Message):
+    """Device → VMM: an eventfd raising irqchip input ``gsi``."""
+
+    TYPE: ClassVar[str] = "irq-line"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    gsi: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _u32("gsi", self.gsi)
+
+
+@dataclasses.dataclass(frozen=True)
+class MsiRouteRequest(Message):
+    """Device → VMM: route MSI vector ``index`` to ``address``/``data``
+    (a new route or an update; answered with the route's eventfd)."""
+
+    TYPE: ClassVar[str] = "msi-route"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    index: int
+    address: int
+    data: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _u32("index", self.index)
+        _u64("address", self.address)
+        _u32("data", self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MsiUnrouteRequest(Message):
+    """Device → VMM: drop MSI vector ``index``'s route."""
+
+    TYPE: ClassVar[str] = "msi-unroute"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    index: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _u32("index", self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqGranted(Message):
+    """VMM → device: the eventfd that raises what request ``seq`` asked for."""
+
+    TYPE: ClassVar[str] = "irq-granted"
+    SENDER: ClassVar[Role] = Role.VMM
+    FD_FIELDS: ClassVar[tuple[str, ...]] = ("fd",)
+    seq: int
+    fd: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _fd("fd", self.fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqDone(Message):
+    """VMM → device: request ``seq`` is done (no new eventfd)."""
+
+    TYPE: ClassVar[str] = "irq-done"
+    SENDER: ClassVar[Role] = Role.VMM
+    seq: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqRefused(Message):
+    """VMM → device: request ``seq`` is refused, and why."""
+
+    TYPE: ClassVar[str] = "irq-refused"
+    SENDER: ClassVar[Role] = Role.VMM
+    seq: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _text("message", self.message, MAX_TEXT)
+
+
+IRQ_REQUESTS = (IrqLineRequest, MsiRouteRequest, MsiUnrouteRequest)
+IRQ_ANSWERS = (IrqGranted, IrqDone, IrqRefused)
+__all__ += ["IrqLineRequest", "MsiRouteRequest", "MsiUnrouteRequest", "IrqGranted", "IrqDone",
+            "IrqRefused", "IRQ_REQUESTS", "IRQ_ANSWERS"]
+for _m in IRQ_REQUESTS + IRQ_ANSWERS:
+    MESSAGES[_m.TYPE] = _m
+    for _s in (S.STARTING, S.RUNNING, S.RESETTING, S.CLOSING):
+        TRANSITIONS[(_s, _m)] = _s
+
+
 def negotiate(hello: Hello, versions: frozenset[int] = frozenset({PROTOCOL_VERSION}),
               features: frozenset[str] = FEATURES) -> Welcome | None:
     """The device's answer to ``hello``: the highest common version and the

@@ -19,6 +19,7 @@ import math
 import os
 import select
 import socket
+import threading
 import time
 
 from ipc.protocol import (MAX_FDS, MAX_FRAME, NEED_DATA, Connection, ConnectionClosed, Message,
@@ -63,6 +64,10 @@ class Channel:
         self.conn = Connection(role)
         self._ready: list[Message | ConnectionClosed] = []   # parsed, not yet returned
         self._closed = False
+        # One thread may send (a device's serving thread asking for an
+        # irqfd) while another receives: the protocol state changes under
+        # this lock, never while a thread waits for the socket.
+        self._conn_lock = threading.Lock()
 
     @classmethod
     def from_fd(cls, fd: int, role: Role) -> Channel:
@@ -84,8 +89,9 @@ class Channel:
         """Send ``msg`` (the descriptors it names stay open here)."""
         if self._closed:
             raise ChannelClosed("channel is closed")
-        data, fds = self.conn.send(msg)
-        socket.send_fds(self.sock, [data], fds)
+        with self._conn_lock:
+            data, fds = self.conn.send(msg)
+            socket.send_fds(self.sock, [data], fds)
 
     def receive(self, timeout: float | None) -> Message | ConnectionClosed:
         """The next message, or ConnectionClosed at end of stream.
@@ -96,13 +102,14 @@ class Channel:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._ready:
-                return self._ready.pop(0)
-            try:
-                event = self.conn.next_event()
-            except RemoteProtocolError:
-                close_fds(self.conn.take_unclaimed_fds())
-                raise
+            with self._conn_lock:
+                if self._ready:
+                    return self._ready.pop(0)
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError:
+                    close_fds(self.conn.take_unclaimed_fds())
+                    raise
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
             self._wait_readable(deadline)
@@ -119,6 +126,10 @@ class Channel:
             return
         except ConnectionResetError:
             data, fds, flags = b"", [], 0
+        with self._conn_lock:
+            self._parse(data, fds, flags)
+
+    def _parse(self, data: bytes, fds: list[int], flags: int) -> None:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             close_fds(fds)
             why = "a packet larger than a frame" if flags & socket.MSG_TRUNC else \

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <linux/kvm.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define SVMM_MEMBER(name) __typeof__(((struct kvm_run *)0)->name)
 
@@ -48,4 +49,54 @@ int svmm_install_kick_handler(int signo)
     if (sigaction(signo, &sa, NULL) != 0)
         return -errno;
     return 0;
+}
+
+/* A GSI route, flattened (see _kvm.h); KVM's own limit is
+ * KVM_MAX_IRQ_ROUTES (4096 on x86, not in the uapi headers). */
+typedef struct {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t a, b, c;
+} svmm_route;
+#define SVMM_MAX_ROUTES 4096
+
+int svmm_set_gsi_routing(int vm_fd, const svmm_route *routes, unsigned n)
+{
+    size_t size = sizeof(struct kvm_irq_routing) + (size_t)n * sizeof(struct kvm_irq_routing_entry);
+    struct kvm_irq_routing *table;
+    unsigned i;
+    int rc;
+
+    if (n > SVMM_MAX_ROUTES)
+        return -E2BIG;
+    table = calloc(1, size);
+    if (!table)
+        return -ENOMEM;
+    table->nr = n;
+    for (i = 0; i < n; i++) {
+        struct kvm_irq_routing_entry *e = &table->entries[i];
+        e->gsi = routes[i].gsi;
+        e->type = routes[i].type;
+        if (routes[i].type == KVM_IRQ_ROUTING_IRQCHIP) {
+            e->u.irqchip.irqchip = routes[i].a;
+            e->u.irqchip.pin = routes[i].b;
+        } else {
+            e->u.msi.address_lo = routes[i].a;
+            e->u.msi.address_hi = routes[i].b;
+            e->u.msi.data = routes[i].c;
+        }
+    }
+    rc = ioctl(vm_fd, KVM_SET_GSI_ROUTING, table);
+    rc = rc < 0 ? -errno : 0;
+    free(table);
+    return rc;
+}
+
+int svmm_irq_line(int vm_fd, uint32_t gsi, uint32_t level)
+{
+    struct kvm_irq_level irq;
+    memset(&irq, 0, sizeof irq);
+    irq.irq = gsi;
+    irq.level = level;
+    return ioctl(vm_fd, KVM_IRQ_LINE, &irq) < 0 ? -errno : 0;
 }

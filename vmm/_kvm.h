@@ -251,3 +251,51 @@ int svmm_install_kick_handler(int signo);
 /* The MAP_FAILED value, as an integer. */
 #define SVMM_MAP_FAILED ...
 
+
+/* Interrupts (api.rst 4.25 KVM_IRQ_LINE, 4.52 KVM_SET_GSI_ROUTING,
+ * 4.75 KVM_IRQFD, 4.71 KVM_SIGNAL_MSI). */
+#define KVM_IRQ_LINE ...
+#define KVM_IRQFD ...
+#define KVM_SET_GSI_ROUTING ...
+#define KVM_SIGNAL_MSI ...
+#define KVM_CAP_IRQ_ROUTING ...
+#define KVM_CAP_IRQFD ...
+#define KVM_CAP_SIGNAL_MSI ...
+#define KVM_IRQFD_FLAG_DEASSIGN ...
+#define KVM_IRQ_ROUTING_IRQCHIP ...
+#define KVM_IRQ_ROUTING_MSI ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
+#define SVMM_MAX_ROUTES ...
+
+struct kvm_irqfd {
+    uint32_t fd;
+    uint32_t gsi;
+    uint32_t flags;
+    uint32_t resamplefd;
+    ...;
+};
+
+struct kvm_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t flags;
+    ...;
+};
+
+/* One GSI route, flattened (kvm_irq_routing_entry has a named union):
+ * type KVM_IRQ_ROUTING_IRQCHIP: a = irqchip, b = pin;
+ * type KVM_IRQ_ROUTING_MSI: a = address_lo, b = address_hi, c = data. */
+typedef struct {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t a, b, c;
+} svmm_route;
+
+/* KVM_SET_GSI_ROUTING with these n routes (the whole table).
+ * Returns 0 or -errno. */
+int svmm_set_gsi_routing(int vm_fd, const svmm_route *routes, unsigned n);
+/* KVM_IRQ_LINE: level of input gsi.  Returns 0 or -errno. */
+int svmm_irq_line(int vm_fd, uint32_t gsi, uint32_t level);

@@ -225,6 +225,38 @@ class Vm(_Fd):
         self._ioctl_ptr(lib.KVM_SET_USER_MEMORY_REGION, r,
                         f"KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_phys_addr:#x}+{size:#x}")
 
+    # -- interrupts (vmm.irq keeps the routing table) ------------------
+
+    def irq_line(self, gsi: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive irqchip input ``gsi`` to ``level``."""
+        rc = lib.svmm_irq_line(self.fd, gsi, level)
+        if rc < 0:
+            raise KvmError(f"KVM_IRQ_LINE gsi {gsi}", -rc)
+
+    def set_gsi_routing(self, routes) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole routing table with
+        ``routes``, (gsi, type, a, b, c) tuples (see ``svmm_route``)."""
+        table = ffi.new("svmm_route[]", max(1, len(routes)))
+        for i, (gsi, kind, a, b, c) in enumerate(routes):
+            table[i].gsi, table[i].type, table[i].a, table[i].b, table[i].c = gsi, kind, a, b, c
+        rc = lib.svmm_set_gsi_routing(self.fd, table, len(routes))
+        if rc < 0:
+            raise KvmError(f"KVM_SET_GSI_ROUTING ({len(routes)} routes)", -rc)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi`` (an edge);
+        ``deassign`` removes that binding."""
+        req = ffi.new("struct kvm_irqfd *")
+        req.fd, req.gsi = fd, gsi
+        req.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        self._ioctl_ptr(lib.KVM_IRQFD, req, f"KVM_IRQFD{' deassign' if deassign else ''} gsi {gsi}")
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: inject one MSI; >0 delivered, 0 blocked by the guest."""
+        msi = ffi.new("struct kvm_msi *")
+        msi.address_lo, msi.address_hi, msi.data = address & 0xFFFF_FFFF, address >> 32, data
+        return self._ioctl_ptr(lib.KVM_SIGNAL_MSI, msi, f"KVM_SIGNAL_MSI {address:#x}/{data:#x}")
+
     def create_vcpu(self, index: int) -> Vcpu:
         """KVM_CREATE_VCPU with vCPU (and APIC) id ``index``; maps its kvm_run."""
         fd = self._ioctl_int(lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")

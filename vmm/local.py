@@ -4,7 +4,9 @@ VMM, with no hop.
 * :class:`LocalHost` is the :class:`devices.base.DeviceHost` of a model
   placed ``process=inline``: claims and releases go straight to the
   shared registry under the device's owner id (exactly what a device
-  process does on its side), the pid is the VMM's.
+  process does on its side), the pid is the VMM's; interrupt lines and
+  MSI vectors are irqfds from :class:`vmm.irq.DeviceIrqs`, the same
+  kernel path a device process writes to.
 * :class:`LocalEndpoint` is the endpoint the dispatcher calls for such a
   model: it calls the model's ``read``/``write``.  A model that raises is
   a failed device (:class:`DeviceFailed`), as a dead process would be.
@@ -19,9 +21,10 @@ import logging
 import os
 from typing import Callable
 
-from devices.base import Device, Space
+from devices.base import ConsoleFds, Device, DeviceError, Space
 from ipc import Bus, Registry
 from vmm.endpoint import VMM_OWNER, DeviceFailed
+from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,12 @@ _BUSES = {s: Bus(int(s)) for s in Space}
 class LocalHost:
     """DeviceHost of an inline model: the registry, with its owner id."""
 
-    def __init__(self, registry: Registry, owner: int):
+    def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
+                 irqs: DeviceIrqs | None = None):
         self.registry = registry
         self.owner = owner
+        self._console = console
+        self.irqs = irqs
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
         self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
@@ -45,25 +51,89 @@ class LocalHost:
     def process_id(self) -> int:
         return os.getpid()
 
+    def console(self) -> ConsoleFds | None:
+        """The VMM's console (``--serial``) if this device was given it."""
+        return self._console
+
+    def _irqs(self) -> DeviceIrqs:
+        if self.irqs is None:
+            raise DeviceError("this host has no interrupt controller")
+        return self.irqs
+
+    def irq_line(self, gsi: int) -> LocalLine:
+        try:
+            return LocalLine(self._irqs().pin(gsi))
+        except IrqError as e:
+            raise DeviceError(str(e)) from None
+
+    def msi_vector(self, index: int) -> LocalMsi:
+        return LocalMsi(self._irqs(), index)
+
+
+class LocalLine:
+    """An irqchip input of an inline model: its irqfd."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def trigger(self) -> None:
+        signal(self._fd)
+
+
+class LocalMsi:
+    """An MSI vector of an inline model: a KVM MSI route and its irqfd
+    once programmed; a trigger before that is dropped (logged)."""
+
+    def __init__(self, irqs: DeviceIrqs, index: int):
+        self._irqs = irqs
+        self.index = index
+        self._fd: int | None = None
+
+    def program(self, address: int, data: int) -> None:
+        try:
+            self._fd = self._irqs.program(self.index, address, data)
+        except IrqError as e:
+            raise DeviceError(str(e)) from None
+
+    def unprogram(self) -> None:
+        self._fd = None
+        self._irqs.unprogram(self.index)
+
+    def trigger(self) -> None:
+        fd = self._fd
+        if fd is None:
+            log.debug("MSI vector %d triggered before it was programmed; dropped", self.index)
+            return
+        signal(fd)
+
 
 class LocalEndpoint:
     """A model running inside the VMM, behind the Endpoint interface."""
 
-    def __init__(self, model: Device, owner: int, name: str):
+    def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None):
         self.model = model
         self.owner = owner
         self.name = name
+        self.irqs = irqs
         self._read = model.read
         self._write = model.write
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
-               registry: Registry) -> LocalEndpoint:
+               registry: Registry, console: ConsoleFds | None = None,
+               irq_router: IrqRouter | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
-        regions (raises the model's BadParameter, the registry's errors)."""
-        model = model_class(LocalHost(registry, owner), **params)
-        model.start()
-        return cls(model, owner, name)
+        regions (raises the model's BadParameter, the registry's errors).
+        ``irq_router``: where its interrupts go (None: it has none)."""
+        irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
+        try:
+            model = model_class(LocalHost(registry, owner, console, irqs), **params)
+            model.start()
+        except BaseException:
+            if irqs is not None:
+                irqs.release_all()
+            raise
+        return cls(model, owner, name, irqs)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
@@ -80,6 +150,8 @@ class LocalEndpoint:
             self.model.stop()
         except Exception as e:
             log.warning("device %s: stop failed: %s", self.name, e)
+        if self.irqs is not None:
+            self.irqs.release_all()
 
 
 ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value

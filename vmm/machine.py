@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 
-from devices.base import BadParameter
+from devices.base import BadParameter, ConsoleFds, DeviceError
 from ipc import Bus, Registry, RegistryError
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout
@@ -30,9 +30,11 @@ from vmm.boot import pvh
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
+from vmm.pci import PciHost
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class Machine:
         self._closed = False
         self._stuck = False
         self.kvm = self.vm = self.memory = self.registry = None
+        self.irq: IrqRouter | None = None
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -98,6 +101,8 @@ class Machine:
         self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(kvm.PIT_SPEAKER_DUMMY)
+        #: GSI routing and irqfds of every device (vmm.irq).
+        self.irq = IrqRouter(self.vm)
         self.memory = GuestMemory(memory)
         self.memory.register(self.vm)
         cpuid = self.kvm.supported_cpuid()
@@ -112,6 +117,8 @@ class Machine:
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
+        #: PCI configuration mechanism #1 and the host bridge (vmm.pci).
+        self.pci = PciHost(self.dispatcher, self.vmm_handlers)
         self.vcpus = [VcpuThread(fd, self.dispatcher, self.memory, self.end, fast=fast_path)
                       for fd in self._vcpu_fds]
 
@@ -130,18 +137,22 @@ class Machine:
         self._next_owner += 1
         return owner
 
-    def add_device(self, spec: DeviceSpec) -> Endpoint:
-        """Start a device as its spec places it; returns its endpoint."""
+    def add_device(self, spec: DeviceSpec, console: ConsoleFds | None = None) -> Endpoint:
+        """Start a device as its spec places it; returns its endpoint.
+        ``console``: descriptors the device may use as its line (the serial
+        device, :mod:`vmm.console`); the caller keeps them."""
+        spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
         owner = self._new_owner()
         if spec.placement == "inline":
             try:
                 endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
-                                                          spec.name, self.registry)
-            except (RegistryError, BadParameter) as e:
+                                                          spec.name, self.registry, console,
+                                                          irq_router=self.irq)
+            except (RegistryError, DeviceError) as e:
                 self.registry.unregister_owner(owner)
                 raise ConfigError(f"device {spec.name}: {e}") from None
         else:
-            endpoint = self._spawn_isolated(spec, owner)
+            endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
@@ -155,7 +166,7 @@ class Machine:
                 log.warning("device %s: MMIO region %#x+%#x overlaps guest RAM; the guest cannot reach it",
                             name, r.start, r.length)
 
-    def _spawn_isolated(self, spec: DeviceSpec, owner: int) -> Endpoint:
+    def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         try:
             from vmm.remote import RemoteEndpoint
         except ModuleNotFoundError as e:
@@ -163,13 +174,16 @@ class Machine:
                 raise
             raise ConfigError(f"device {spec.name}: process=isolated is not available yet "
                               "(vmm.remote is missing); use process=inline") from None
-        from ipc.protocol import MemRegion
+        from ipc.protocol import MemRegion, SetConsole
 
         regions = [MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions]
+        options = dict(self.remote_options)
+        if console is not None:
+            options["console"] = SetConsole(out_fd=console.output, in_fd=console.input)
         return RemoteEndpoint.spawn(
             spec.kind, spec.param_dict(), owner=owner, name=spec.name, registry=self.registry,
             nvcpus=len(self._vcpu_fds), memfd=self.memory.fd, mem_regions=regions,
-            access_timeout=self.access_timeout, **self.remote_options)
+            access_timeout=self.access_timeout, irq_router=self.irq, **options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

@@ -37,12 +37,16 @@ import posix_ipc
 
 from ipc import Registry
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, MemRegion, Message,
-                          Ready, RemoteProtocolError, Reset, ResetDone, Role, SetMemTable,
-                          SetRegistry, SetSlots, Shutdown, Start, Welcome)
+                          Ready, RemoteProtocolError, Reset, ResetDone, Role, SetConsole,
+                          SetMemTable, SetRegistry, SetSlots, Shutdown, Start, Welcome)
+from ipc.protocol import (IRQ_REQUESTS, IrqDone, IrqGranted, IrqLineRequest, IrqRefused,
+                          MsiRouteRequest, MsiUnrouteRequest)
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm.console import StderrRelay
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
+from vmm.irq import DeviceIrqs, IrqError, IrqRouter
 
 __all__ = ["RemoteEndpoint", "DEVSERVER_COMMAND"]
 
@@ -91,6 +95,8 @@ class RemoteEndpoint:
         self._reset_done = threading.Event()
         self._monitor: threading.Thread | None = None
         self._exited = threading.Event()
+        #: The device's interrupt pins and MSI routes (None: it may have none).
+        self.irqs: DeviceIrqs | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -101,7 +107,9 @@ class RemoteEndpoint:
               access_timeout: float = 1.0, poll_us: int = 200, adaptive: bool = True,
               spin_us: int = 100, start_timeout: float = 10.0,
               command: Sequence[str] = DEVSERVER_COMMAND,
-              cpus: set[int] | None = None, move: bool = False) -> RemoteEndpoint:
+              cpus: set[int] | None = None, move: bool = False,
+              console: SetConsole | None = None,
+              irq_router: IrqRouter | None = None) -> RemoteEndpoint:
         """Start a device process and return once it is Ready.
 
         ``kind``/``params``: the model and its ``key=value`` parameters;
@@ -115,7 +123,11 @@ class RemoteEndpoint:
         ``cpus``: CPUs the device process may run on (default: any);
         ``move``: let the device's serving thread move itself off the CPU
         of the vCPU it serves (see ipc.slots; off by default: measured
-        bimodal on the nested development host).
+        bimodal on the nested development host);
+        ``console``: the console fds to hand the device (the VMM keeps
+        its own copies);
+        ``irq_router``: the VM's interrupt routing, from which the device
+        may ask for irqfds (pins, MSI routes; see ipc.protocol).
 
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
@@ -135,7 +147,7 @@ class RemoteEndpoint:
             return cls._start(kind, config, registry, reg_fd, memfd, mem_regions, deadline,
                               SetSlots(fd=0, nslots=nvcpus, poll_ns=poll_us * 1000,
                                        adaptive=adaptive, move=move),
-                              access_timeout, spin_us, command, cpus)
+                              access_timeout, spin_us, command, cpus, console, irq_router)
         finally:
             os.close(reg_fd)
 
@@ -143,17 +155,27 @@ class RemoteEndpoint:
     def _start(cls, kind: str, config: DeviceConfig, registry: Registry, reg_fd: int,
                memfd: int | None, mem_regions: Sequence[MemRegion] | None, deadline: float,
                set_slots: SetSlots, access_timeout: float, spin_us: int,
-               command: Sequence[str], cpus: set[int] | None) -> RemoteEndpoint:
+               command: Sequence[str], cpus: set[int] | None,
+               console: SetConsole | None = None,
+               irq_router: IrqRouter | None = None) -> RemoteEndpoint:
         name, owner = config.name, config.owner
         slots = SlotCaller.create(config.nvcpus, spin_ns=spin_us * 1000)
         ours, theirs = socketpair()
         proc = pidfd = None
+        # No descriptor of the VMM's terminal reaches the device (vmm.console).
+        relay = StderrRelay.for_child()
         try:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(theirs.fileno()), *_log_level_args(command)],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, start_new_session=True,
+                                        stderr=relay.child_fd if relay is not None else None)
             finally:
                 theirs.close()      # the child has its copy
+                if relay is not None and proc is not None:
+                    relay.started(name)
+                elif relay is not None:
+                    relay.abandon()
             pidfd = os.pidfd_open(proc.pid)
             if cpus is not None:
                 os.sched_setaffinity(proc.pid, cpus)
@@ -167,9 +189,11 @@ class RemoteEndpoint:
             raise
         ep = cls(kind=kind, owner=owner, name=name, registry=registry, proc=proc, pidfd=pidfd,
                  channel=Channel(ours, Role.VMM), slots=slots, access_timeout=access_timeout)
+        if irq_router is not None:
+            ep.irqs = DeviceIrqs(irq_router, name)
         try:
             ep._handshake(config, reg_fd, dataclasses.replace(set_slots, fd=slots.fd),
-                          memfd, mem_regions, deadline)
+                          memfd, mem_regions, deadline, console)
         except _StartError as e:
             reason = str(e)
             log.error("device %s (%s, pid %d) failed to start: %s", name, kind, proc.pid, reason)
@@ -200,7 +224,8 @@ class RemoteEndpoint:
         return msg
 
     def _handshake(self, config: DeviceConfig, reg_fd: int, set_slots: SetSlots, memfd: int | None,
-                   mem_regions: Sequence[MemRegion] | None, deadline: float) -> None:
+                   mem_regions: Sequence[MemRegion] | None, deadline: float,
+                   console: SetConsole | None = None) -> None:
         send = self._send
         send(Hello())
         welcome = self._receive(deadline)
@@ -213,8 +238,13 @@ class RemoteEndpoint:
             if "mem-table" not in welcome.features:
                 raise _StartError("does not take guest memory (no mem-table feature)")
             send(SetMemTable(fd=memfd, regions=tuple(mem_regions or ())))
+        if console is not None:
+            send(console)
         send(Start())
         ready = self._receive(deadline)
+        while isinstance(ready, IRQ_REQUESTS):      # the model's start() asks
+            self._serve_irq(ready)
+            ready = self._receive(deadline)
         assert isinstance(ready, Ready)
         self.reported_pid = ready.pid
         if ready.pid != self.pid:
@@ -254,6 +284,8 @@ class RemoteEndpoint:
         if "reset" not in self.features:
             raise DeviceFailed(f"device {self.name} does not support reset")
         self._reset_done.clear()
+        if self.irqs is not None:
+            self.irqs.release_all()     # power-on state: no routes; the new model asks again
         try:
             with self._chan_lock:
                 self._channel.send(Reset())
@@ -410,8 +442,39 @@ class RemoteEndpoint:
                 return False
             if isinstance(msg, ResetDone):
                 self._reset_done.set()
+            elif isinstance(msg, IRQ_REQUESTS):
+                self._serve_irq(msg)
             # Anything else the protocol let through (late Ready/Welcome
             # answers crossing a Shutdown) needs nothing.
+
+    def _serve_irq(self, msg: Message) -> None:
+        """Answer one interrupt request (on the monitor thread, or during
+        the handshake): validate it, act on the VM, send the answer.  A
+        refusal is logged and answered; it does not cut the device off."""
+        irqs = self.irqs
+        answer: Message
+        try:
+            if irqs is None:
+                raise IrqError("this VMM gives the device no interrupts")
+            if self._failure is not None or self._closing:
+                raise IrqError("the device is cut off or closing")
+            if isinstance(msg, IrqLineRequest):
+                answer = IrqGranted(msg.seq, irqs.pin(msg.gsi))
+            elif isinstance(msg, MsiRouteRequest):
+                answer = IrqGranted(msg.seq, irqs.program(msg.index, msg.address, msg.data))
+            else:
+                assert isinstance(msg, MsiUnrouteRequest)
+                irqs.unprogram(msg.index)
+                answer = IrqDone(msg.seq)
+        except (IrqError, OSError) as e:
+            log.warning("device %s: %s refused: %s", self.name, msg.TYPE, e)
+            answer = IrqRefused(msg.seq, str(e)[:1000] or type(e).__name__)
+        try:
+            with self._chan_lock:
+                self._channel.send(answer)
+        except Exception as e:
+            if not self._closing:
+                self._fail(f"cannot answer {msg.TYPE}: {e}")
 
     def _on_exit(self) -> None:
         """The process is gone: fail it if that was not asked for, reap it
@@ -421,6 +484,8 @@ class RemoteEndpoint:
         self._slots.mark_dead()
         _poll(self._proc)
         self._reap_regions()
+        if self.irqs is not None:
+            self.irqs.release_all()     # its routes and irqfds go with it
         self._exited.set()
 
     def _reap_regions(self) -> None:
@@ -454,6 +519,8 @@ class RemoteEndpoint:
             if monitor.is_alive():
                 log.warning("device %s: monitor thread did not stop", self.name)
         self._reap_regions()
+        if self.irqs is not None:
+            self.irqs.release_all()
         log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                   self._slots.device_stats())
         with self._chan_lock:

@@ -23,9 +23,12 @@ from vmm.endpoint import VmmError
 log = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).resolve().parent
-RUNTIME = (HERE / "start.S", HERE / "runtime.c")
+RUNTIME = (HERE / "start.S", HERE / "runtime.c", HERE / "irq.S", HERE / "irq.c")
 LINKER_SCRIPT = HERE / "guest.ld"
 HEADER = HERE / "guest.h"
+#: Every header of the guest library (guest.h, irq.h, serial.h, pci.h...):
+#: a change to any of them rebuilds the cached guests.
+HEADERS = tuple(sorted(HERE.glob("*.h")))
 
 CFLAGS = (
     "-m64", "-O2", "-std=gnu11", "-ffreestanding", "-fno-pic", "-no-pie", "-static",
@@ -58,7 +61,7 @@ def build(sources: Iterable[os.PathLike | str], out_dir: os.PathLike | str, name
     name = name or srcs[0].stem
     flags = list(CFLAGS) + [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
     digest = hashlib.sha256()
-    for path in (*RUNTIME, LINKER_SCRIPT, HEADER, *srcs):
+    for path in (*RUNTIME, LINKER_SCRIPT, *HEADERS, *srcs):
         try:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         except OSError as e:

@@ -18,9 +18,12 @@
  *      vCPU 0 runs guest_main() and then guest_finish(its result), and
  *      vCPU n runs guest_ap_main(n) and then parks (guest.h).
  *
- * There is no IDT: ring 3 never enters ring 0 again (under PVM an event
- * from user mode goes to MSR_PVM_EVENT_ENTRY, not through the IDT), so
- * any exception in ring 3 is a triple fault that the VMM reports.
+ * The IDT (irq.S, loaded here, its gates filled from ring 3 by irq_init)
+ * has gates for vectors 32..255 only: external interrupts taken in ring 3
+ * enter the ring-0 stub through it and iretq back, also on the PVM host
+ * (this guest never switches PVM on, so the host delivers events the x86
+ * way; see irq.h).  An exception in ring 3 finds no gate and is a triple
+ * fault that the VMM reports.
  *
  * Ring 3 may do port I/O: real hardware allows it through IOPL 3, PVM
  * (which runs ring 3 natively and keeps the host's IOPL 0) through the
@@ -126,6 +129,8 @@ _start64:
 	leal SEL_TSS0(%r9), %eax
 	ltr %ax
 
+	lidt idt_ptr                    /* irq.S; its gates are filled from ring 3 */
+
 	movq %rbx, %rdi
 	call guest_ring0_init
 
@@ -134,7 +139,7 @@ _start64:
 	leaq ustacks(%rax), %rax
 	pushq $SEL_UDATA
 	pushq %rax
-	pushq $0x3002                   /* IOPL 3, IF 0, reserved bit 1 */
+	pushq guest_ring3_rflags        /* IOPL 3, bit 1; IF per irq.h */
 	pushq $SEL_UCODE
 	pushq $user_entry
 	movq %rbx, %rdi
@@ -172,6 +177,13 @@ gdt_ptr:
 	.word gdt_end - gdt - 1
 	.quad gdt
 
+	/* RFLAGS of ring 3: IOPL 3, IF 0, reserved bit 1.  A guest that takes
+	 * interrupts overrides it with IF 1 (irq.h, IRQ_RING3_INTERRUPTS_ON). */
+	.balign 8
+	.weak guest_ring3_rflags
+guest_ring3_rflags:
+	.quad 0x3002
+
 	.balign 8
 	.globl guest_start_info
 guest_start_info:
@@ -195,6 +207,7 @@ pd:
 
 	.bss
 	.balign 4096
+	.globl kstacks
 kstacks:
 	.skip MAX_CPUS << KSTACK_SHIFT
 ustacks:
