@@ -2,10 +2,16 @@
 
 ``vmm run --guest FILE.elf [--vcpus N] [--memory SIZE] [--device SPEC]...
 [--timeout SECONDS] [--cmdline TEXT] [--access-timeout SECONDS]
-[--lock-timeout SECONDS]`` runs a PVH guest and exits with the
-status of its ending (:mod:`vmm.outcome`: 0 clean stop, odd test exit,
-2 bad arguments, 4 guest reset, 6 KVM failure, 8 timeout, 10 VMM error,
-128 + signal when interrupted).  Bad arguments give one line on stderr.
+[--lock-timeout SECONDS] [--serial stdio|file:PATH|none]`` runs a PVH
+guest and exits with the status of its ending (:mod:`vmm.outcome`: 0 clean
+stop, odd test exit, 2 bad arguments, 4 guest reset, 6 KVM failure, 8
+timeout, 10 VMM error, 12 Ctrl-A x, 128 + signal when interrupted).  Bad
+arguments give one line on stderr.
+
+Every run has a 16550A UART at COM1 (0x3f8, IRQ 4, in its own process)
+wired to the console (:mod:`vmm.console`; ``--serial stdio`` by default),
+unless ``--serial none``; a ``--device serial,...`` given explicitly takes
+its place (the first one gets the console).
 
 ``vmm run`` without ``--guest`` builds and boots the demo guest
 (``vmm/guests/demo.c``) with two echo devices, one in its own process and
@@ -27,7 +33,8 @@ from typing import NoReturn, Sequence
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm.boot import BootError
-from vmm.config import DEVICE_TYPES, ConfigError, parse_device_spec
+from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec, parse_device_spec
+from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
@@ -59,6 +66,13 @@ def _positive_int(text: str) -> int:
 def _size(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _serial(text: str) -> SerialMode:
+    try:
+        return parse_serial(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lock-timeout", type=_seconds, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
                      help="deadline of a vCPU's wait for the registry lock; a device process that "
                           f"holds it longer is killed (default {DEFAULT_LOCK_TIMEOUT:g})")
+    run.add_argument("--serial", type=_serial, default=parse_serial("stdio"), metavar="stdio|file:PATH|none",
+                     help="the COM1 console: stdio (default; raw terminal, Ctrl-A x quits), file:PATH "
+                          "(output only), none (no serial device)")
     return p
 
 
@@ -119,7 +136,7 @@ def _demo_guest() -> pathlib.Path:
     from vmm import guests
 
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "splitvmm"
-    return guests.build([guests.HERE / "demo.c"], cache / "guests", name="demo")
+    return guests.build([guests.HERE / "serial.c", guests.HERE / "demo.c"], cache / "guests", name="demo")
 
 
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
@@ -144,16 +161,53 @@ def run(args: argparse.Namespace) -> int:
         args.guest = _demo_guest()
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
+    # The console goes to the first serial device, or to COM1 added here.
+    console_spec = default_serial = None
+    if args.serial.kind != "none":
+        console_spec = next((s for s in specs if s.kind == "serial"), None)
+        if console_spec is None:
+            console_spec = default_serial = parse_device_spec("serial", taken)
+            specs.append(console_spec)
+    console = Console.open(args.serial) if console_spec is not None else None
+    try:
+        result = _run_machine(args, specs, console_spec, default_serial, console)
+    finally:
+        if console is not None:
+            console.close()
+    if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT, outcomes.Ending.QUIT):
+        log.info("%s", result)
+    else:
+        log.error("%s", result)
+        if result.report:
+            log.error("vCPU state:\n%s", result.report)
+    return result.status
+
+
+def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], console_spec: DeviceSpec | None,
+                 default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
                       lock_timeout=args.lock_timeout)
     try:
         machine.load_pvh(args.guest, args.cmdline)
         for spec in specs:
-            machine.add_device(spec)
+            try:
+                machine.add_device(spec, console.fds() if console is not None and spec is console_spec else None)
+            except VmmError as e:
+                if spec is not default_serial:
+                    raise
+                raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
+                                  "--serial none leaves them free)") from None
         started = time.monotonic()
+        if console is not None:
+            console.start(on_quit=lambda: machine.end(outcomes.Outcome(
+                outcomes.Ending.QUIT, "the user quit from the console (Ctrl-A x)")))
         result = machine.run(timeout=args.timeout)
+        if console is not None:
+            console.restore_terminal()
         print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
     finally:
+        if console is not None:
+            console.restore_terminal()
         # Teardown must finish: a second signal does not cut it short.
         saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
         try:
@@ -161,13 +215,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for signo, handler in saved.items():
                 signal.signal(signo, handler)
-    if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT):
-        log.info("%s", result)
-    else:
-        log.error("%s", result)
-        if result.report:
-            log.error("vCPU state:\n%s", result.report)
-    return result.status
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(args)
-    except (ConfigError, BootError, GuestMemoryError) as e:
+    except (ConfigError, BootError, GuestMemoryError, ConsoleError) as e:
         print(f"vmm: {e}", file=sys.stderr)
         return outcomes.STATUS_USAGE
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ odd     test exit, ``(v << 1) | 1`` (the OS keeps the low 8 bits)
         error, failed VM entry, an exit the VMM does not handle
 8       timeout (``--timeout``)
 10      the VMM itself failed (a bug, or KVM refused the set-up)
+12      the user quit from the console (Ctrl-A x, :mod:`vmm.console`)
 130     interrupted (SIGINT, Ctrl-C); 143 for SIGTERM, 129 for SIGHUP
 ======  =====================================================================
 """
@@ -38,6 +39,7 @@ class Ending(enum.Enum):
     TIMEOUT = "timeout"
     VMM_ERROR = "VMM error"
     INTERRUPTED = "interrupted"
+    QUIT = "console quit"
 
 
 STATUS_CLEAN = 0
@@ -46,6 +48,7 @@ STATUS_RESET = 4
 STATUS_KVM_FAILURE = 6
 STATUS_TIMEOUT = 8
 STATUS_VMM_ERROR = 10
+STATUS_QUIT = 12
 
 _STATUS = {
     Ending.POWER_OFF: STATUS_CLEAN,
@@ -53,6 +56,7 @@ _STATUS = {
     Ending.KVM_FAILURE: STATUS_KVM_FAILURE,
     Ending.TIMEOUT: STATUS_TIMEOUT,
     Ending.VMM_ERROR: STATUS_VMM_ERROR,
+    Ending.QUIT: STATUS_QUIT,
 }
 
 

@@ -37,7 +37,11 @@ def shm_segments() -> set[str]:
 
 
 def vmm_run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    """``vmm run ARGS`` as a separate process (the real exit status)."""
+    """``vmm run ARGS`` as a separate process (the real exit status); stdin
+    is /dev/null unless given (so a run never takes the terminal of the
+    person running the tests into raw mode, see vmm.console)."""
+    if "input" not in kw:
+        kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([sys.executable, "-m", "vmm.cli", "run", *args], capture_output=True,
                           text=True, timeout=timeout, **kw)
 
