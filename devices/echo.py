@@ -51,6 +51,41 @@ def ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
+class RegisterFile:
+    """The echo register file (the table above), without windows: shared
+    by ``echo`` and ``pci-echo`` (devices.pci_echo).  Not locked; its
+    owner serializes accesses.  ``sizes`` are the access sizes taken."""
+
+    def __init__(self) -> None:
+        self.scratch = bytearray(ECHO_SCRATCH_END)
+        self.count = 0
+
+    def read(self, offset: int, size: int, sizes: tuple[int, ...], pid: int) -> int:
+        self.count = (self.count + 1) & 0xFFFFFFFF
+        if size not in sizes or offset < 0 or offset + size > ECHO_REGS:
+            return ones(size)
+        if offset + size <= ECHO_SCRATCH_END:
+            return int.from_bytes(self.scratch[offset:offset + size], "little")
+        if offset == ECHO_PID and size == 4:
+            return pid & 0xFFFFFFFF
+        if offset == ECHO_COUNT and size == 4:
+            return self.count
+        return ones(size)
+
+    def write(self, offset: int, size: int, sizes: tuple[int, ...], value: int) -> int | None:
+        """Apply a write; returns the new base a write to ECHO_MOVE asks
+        for (the owner moves its window), else None."""
+        self.count = (self.count + 1) & 0xFFFFFFFF
+        if size not in sizes or offset < 0 or offset + size > ECHO_REGS:
+            return None
+        value &= ones(size)
+        if offset + size <= ECHO_SCRATCH_END:
+            self.scratch[offset:offset + size] = value.to_bytes(size, "little")
+        elif offset == ECHO_MOVE and size in (4, 8):
+            return value
+        return None
+
+
 class Echo(Device):
     kind = "echo"
 
@@ -65,8 +100,7 @@ class Echo(Device):
             self.base[Space.PIO] = self._check_base(Space.PIO, parse_int(self.kind, "pio", pio))
         if mmio is not None:
             self.base[Space.MMIO] = self._check_base(Space.MMIO, parse_int(self.kind, "mmio", mmio))
-        self.scratch = bytearray(ECHO_SCRATCH_END)
-        self.count = 0
+        self.regs = RegisterFile()
         # Two vCPUs may hit the device at once (inline placement, or two
         # request slots in a device process): keep the register file and
         # the window bases consistent.
@@ -96,27 +130,13 @@ class Echo(Device):
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         with self._lock:
-            self.count = (self.count + 1) & 0xFFFFFFFF
-            if size not in _SIZES.get(space, ()) or offset + size > ECHO_REGS:
-                return ones(size)
-            if offset + size <= ECHO_SCRATCH_END:
-                return int.from_bytes(self.scratch[offset:offset + size], "little")
-            if offset == ECHO_PID and size == 4:
-                return self.host.process_id() & 0xFFFFFFFF
-            if offset == ECHO_COUNT and size == 4:
-                return self.count
-            return ones(size)
+            return self.regs.read(offset, size, _SIZES.get(space, ()), self.host.process_id())
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
         with self._lock:
-            self.count = (self.count + 1) & 0xFFFFFFFF
-            if size not in _SIZES.get(space, ()) or offset + size > ECHO_REGS:
-                return
-            value &= ones(size)
-            if offset + size <= ECHO_SCRATCH_END:
-                self.scratch[offset:offset + size] = value.to_bytes(size, "little")
-            elif offset == ECHO_MOVE and size in (4, 8):
-                self._move(space, value)
+            new = self.regs.write(offset, size, _SIZES.get(space, ()), value)
+            if new is not None:
+                self._move(space, new)
 
     def _move(self, space: Space, new: int) -> None:
         """Move this window; called with the lock held, from the handler of

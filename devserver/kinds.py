@@ -6,10 +6,14 @@ import os
 
 from devices.base import Device
 from devices.echo import Echo
+from devices.pci_echo import PciEcho
+from devices.serial import Serial
 
 #: ``kind`` -> model class.  One line per model.
 KINDS: dict[str, type[Device]] = {
     Echo.kind: Echo,
+    PciEcho.kind: PciEcho,
+    Serial.kind: Serial,
 }
 
 #: With ``SPLITVMM_TEST_KINDS=1`` in its environment a device process also

@@ -13,12 +13,16 @@ import re
 
 from devices.base import BadParameter, Device
 from devices.echo import Echo
+from devices.pci_echo import PciEcho
+from devices.serial import Serial
 from vmm.endpoint import VmmError
 
 #: kind -> model class.  A model is placement-agnostic: the same class
 #: runs inline (vmm.local) or in a device process (devserver).
 DEVICE_TYPES: dict[str, type[Device]] = {
     Echo.kind: Echo,
+    PciEcho.kind: PciEcho,
+    Serial.kind: Serial,
 }
 
 PLACEMENTS = ("isolated", "inline")

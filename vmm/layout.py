@@ -49,6 +49,12 @@ HIGH_RAM_START = 4 * GiB
 #: In-kernel IOAPIC and local APIC (KVM_CREATE_IRQCHIP), never exits.
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
+#: PCI memory BARs: pre-assigned here, PCI_MMIO_PER_SLOT bytes per device
+#: number (vmm.pci); the guest may move them anywhere.  Inside the hole,
+#: clear of the addresses the echo tests use (0xD000_0000 and up).
+PCI_MMIO_WINDOW = 0xE000_0000
+PCI_MMIO_PER_SLOT = 1 * MiB
+PCI_MMIO_WINDOW_END = PCI_MMIO_WINDOW + 32 * PCI_MMIO_PER_SLOT
 #: Three pages KVM_SET_TSS_ADDR reserves (used by VMX for real mode).
 KVM_TSS_ADDR = 0xFFFB_D000
 
@@ -71,6 +77,16 @@ VCPU_PARK_LENGTH = 1
 #: vmm.bench: the benchmark guest writes phase marks here, the host
 #: timestamps them.
 BENCH_MARK_PORT = 0x0FF8
+
+# -- PCI configuration mechanism #1 (PCI Local Bus 3.0, 3.2.2.3.2) -------------
+
+#: CONFIG_ADDRESS (dword) and CONFIG_DATA (bytes 0xCFC-0xCFF), VMM-local.
+PCI_CONFIG_ADDRESS = 0xCF8
+PCI_CONFIG_DATA = 0xCFC
+#: PCI I/O BARs: pre-assigned here, PCI_IO_PER_SLOT ports per device number.
+PCI_IO_WINDOW = 0xC000
+PCI_IO_PER_SLOT = 0x200
+PCI_IO_WINDOW_END = PCI_IO_WINDOW + 32 * PCI_IO_PER_SLOT
 
 # -- limits ------------------------------------------------------------------
 

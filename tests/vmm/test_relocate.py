@@ -42,9 +42,11 @@ def test_relocation_under_fire(guest, placement, fast_path):
         assert m.registry.check() == []
         regions = m.registry.regions()
         # No slot leaked: nothing removing or referenced, and exactly the
-        # VMM's three ports plus the echo's two windows, at their new bases.
+        # VMM's own regions (three ports, PCI CONFIG_ADDRESS/CONFIG_DATA and
+        # the host bridge's config space) plus the echo's two windows, at
+        # their new bases.
         assert all(r.refcount == 0 and not r.removing for r in regions), regions
         assert sorted((r.bus, r.start, r.length) for r in regions if r.owner == ep.owner) == [
             (Bus.PIO, 0x1080, 0x100), (Bus.MMIO, 0xD000_1000, 0x1000)]
-        assert len([r for r in regions if r.owner == VMM_OWNER]) == 3
-        assert len(regions) == 5
+        assert len([r for r in regions if r.owner == VMM_OWNER]) == 6
+        assert len(regions) == 8

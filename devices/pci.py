@@ -1,0 +1,401 @@
+"""PCI functions of device models: the type-0 header, the capability
+list, BARs that the guest sizes and moves, and MSI-X -- the part that
+keeps the function's regions in the registry.  Register names and the
+configuration bytes are in :mod:`devices.pci_config`, MSI-X in
+:mod:`devices.pci_msix`.  Section numbers are those of the PCI Local Bus
+Specification 3.0 ("PCI 3.0") unless PCIe is named.
+
+A model subclasses :class:`PciDevice`, declares its BARs and capabilities
+in ``__init__`` and serves its BAR regions in :meth:`PciDevice.bar_read` /
+:meth:`PciDevice.bar_write`.  The base class claims the function's
+configuration space on ``Space.PCI`` (4 KiB per function, keyed like
+``ipc.pci_address``), serves it, and keeps the BAR regions in the registry
+in step with the COMMAND register and the BARs (PCI 3.0 6.2.2, 6.2.5):
+
+* a BAR region is registered while its decode bit (I/O or memory space)
+  is set and its address is not 0 (0 means "not assigned");
+* a write to a BAR while decode is on moves the region: the device
+  releases the old range and claims the new one itself, inside the handler
+  of that configuration write;
+* writing all ones to a BAR dword is a sizing probe: the register reads
+  back the size mask but the region stays where it was (as kvmtool does
+  for guests that size with decode on); the next real address moves it;
+* **overlaps** (two functions' BARs briefly on the same range while the
+  guest reassigns them): the region that is in the registry stays, the
+  newcomer's claim fails.  The BAR keeps the value the guest wrote (reads
+  return it), a warning names the range, and the BAR is marked
+  *conflicted*; the device retries the claim at its next configuration
+  access, at every decode toggle, and from a retry thread every
+  :data:`CONFLICT_RETRY` seconds until it succeeds -- so the region
+  appears as soon as the other one moves away.  kvmtool instead switches
+  off the *other* device's region for the duration; a device here cannot
+  touch another owner's regions, and nothing is lost either way: while the
+  conflict lasts, accesses go to the region that was there first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from devices.base import BadParameter, Device, DeviceHost, Space, parse_int
+from devices.pci_config import (
+    COMMAND_WRITABLE,
+    MAX_SLOT,
+    PCI_BASE_ADDRESS_IO_MASK,
+    PCI_BASE_ADDRESS_MEM_MASK,
+    PCI_CACHE_LINE_SIZE,
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_LIST_ID,
+    PCI_CAP_LIST_NEXT,
+    PCI_CAP_MSIX_SIZEOF,
+    PCI_CAPABILITY_LIST,
+    PCI_CFG_SPACE_EXP_SIZE,
+    PCI_CFG_SPACE_SIZE,
+    PCI_CLASS_PROG,
+    PCI_COMMAND,
+    PCI_COMMAND_IO,
+    PCI_COMMAND_MEMORY,
+    PCI_DEVICE_ID,
+    PCI_HEADER_TYPE,
+    PCI_HEADER_TYPE_NORMAL,
+    PCI_INTERRUPT_LINE,
+    PCI_MSIX_FLAGS,
+    PCI_NUM_BARS,
+    PCI_REVISION_ID,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_STD_HEADER_SIZEOF,
+    PCI_SUBSYSTEM_ID,
+    PCI_SUBSYSTEM_VENDOR_ID,
+    PCI_VENDOR_ID,
+    STATUS_W1C,
+    Bar,
+    BarKind,
+    ConfigSpace,
+    config_address,
+    ones,
+)
+from devices.pci_msix import MsiX
+
+__all__ = ["CONFLICT_RETRY", "COOKIE_CONFIG", "Bar", "BarKind", "MsiX", "PciDevice", "ones"]
+
+log = logging.getLogger(__name__)
+
+#: How often a conflicted BAR retries its claim (module docstring).
+CONFLICT_RETRY = 0.02
+#: Cookie of the configuration-space region (BAR regions use their index).
+COOKIE_CONFIG = 0x100
+
+
+class PciDevice(Device):
+    """Base of PCI device models (see the module docstring).
+
+    Parameters every PCI model takes: ``slot=N`` (device number on bus 0,
+    1-31; the VMM picks one if absent), and -- set by the VMM, which owns
+    the guest's address map -- ``mmio_window=ADDR`` and ``io_window=PORT``,
+    where the device pre-assigns its BARs (naturally aligned, in index
+    order); without them the BARs start unassigned (0).
+    """
+
+    vendor_id = 0xFFFF
+    device_id = 0xFFFF
+    class_code = 0xFF0000
+    revision = 0
+    subsystem_vendor_id = 0
+    subsystem_id = 0
+
+    def __init__(self, host: DeviceHost, **params: str):
+        slot = params.pop("slot", None)
+        mmio_window = params.pop("mmio_window", None)
+        io_window = params.pop("io_window", None)
+        super().__init__(host, **params)
+        self.slot = 0 if slot is None else parse_int(self.kind, "slot", slot)
+        if slot is not None and not 1 <= self.slot <= MAX_SLOT:
+            raise BadParameter(f"{self.kind}: slot={self.slot} (1 to {MAX_SLOT}; 0 is the host bridge)")
+        self.mmio_window = None if mmio_window is None else parse_int(self.kind, "mmio_window", mmio_window)
+        self.io_window = None if io_window is None else parse_int(self.kind, "io_window", io_window)
+        self.config = ConfigSpace()
+        self.bars: list[Bar | None] = [None] * PCI_NUM_BARS
+        self.msix: MsiX | None = None
+        self._last_cap = 0
+        self._cap_end = PCI_STD_HEADER_SIZEOF
+        # RLock: a handler of this device may call back into it (a retry).
+        self._lock = threading.RLock()
+        self._retry: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._claimed_config: int | None = None
+        c = self.config
+        c.set(PCI_VENDOR_ID, 2, self.vendor_id)
+        c.set(PCI_DEVICE_ID, 2, self.device_id)
+        c.set_wmask(PCI_COMMAND, 2, COMMAND_WRITABLE)
+        c.set_w1cmask(PCI_STATUS, 2, STATUS_W1C)
+        c.set(PCI_REVISION_ID, 1, self.revision)
+        c.set(PCI_CLASS_PROG, 3, self.class_code)
+        c.set_wmask(PCI_CACHE_LINE_SIZE, 1, 0xFF)
+        c.set(PCI_HEADER_TYPE, 1, PCI_HEADER_TYPE_NORMAL)
+        c.set(PCI_SUBSYSTEM_VENDOR_ID, 2, self.subsystem_vendor_id)
+        c.set(PCI_SUBSYSTEM_ID, 2, self.subsystem_id)
+        c.set_wmask(PCI_INTERRUPT_LINE, 1, 0xFF)
+
+    # -- declaring the function (from a subclass's __init__) --------------
+
+    def add_bar(self, index: int, kind: BarKind, size: int, prefetchable: bool = False) -> Bar:
+        """Declare BAR ``index`` (a 64-bit one takes ``index + 1`` too)."""
+        min_size = 4 if kind is BarKind.IO else 16
+        max_size = 256 if kind is BarKind.IO else (1 << 31 if kind is BarKind.MEM32 else 1 << 63)
+        if size < min_size or size > max_size or size & (size - 1):
+            raise BadParameter(f"{self.kind}: BAR {index} size {size:#x} (a power of two, "
+                               f"{min_size:#x} to {max_size:#x})")
+        bar = Bar(index, kind, size, prefetchable and kind is not BarKind.IO)
+        last = index + (1 if kind is BarKind.MEM64 else 0)
+        if not 0 <= index or last >= PCI_NUM_BARS or any(self.bars[i] for i in range(index, last + 1)):
+            raise BadParameter(f"{self.kind}: BAR {index} is taken or out of range")
+        self.bars[index] = bar
+        if kind is BarKind.MEM64:
+            self.bars[index + 1] = bar
+        c = self.config
+        c.set(bar.offset, 4, bar.flags)
+        if kind is BarKind.IO:
+            # 16-bit I/O decode: the upper half is hardwired to 0 (x86 has
+            # 64 Ki ports), so a region never leaves the port space.
+            c.set_wmask(bar.offset, 4, ~(size - 1) & PCI_BASE_ADDRESS_IO_MASK & 0xFFFF)
+        else:
+            mask = ~(size - 1) & ((1 << 64) - 1)
+            c.set_wmask(bar.offset, 4, mask & PCI_BASE_ADDRESS_MEM_MASK)
+            if kind is BarKind.MEM64:
+                c.set_wmask(bar.offset + 4, 4, mask >> 32)
+        return bar
+
+    def add_capability(self, cap_id: int, length: int) -> int:
+        """Append a capability of ``length`` bytes (ID and next pointer
+        included) to the list; returns its offset (PCI 3.0 6.7)."""
+        at = (self._cap_end + 3) & ~3
+        if at + length > PCI_CFG_SPACE_SIZE:
+            raise BadParameter(f"{self.kind}: no room for capability {cap_id:#x}")
+        c = self.config
+        c.set(at + PCI_CAP_LIST_ID, 1, cap_id)
+        if self._last_cap:
+            c.set(self._last_cap + PCI_CAP_LIST_NEXT, 1, at)
+        else:
+            c.set(PCI_CAPABILITY_LIST, 1, at)
+            c.set(PCI_STATUS, 2, c.get(PCI_STATUS, 2) | PCI_STATUS_CAP_LIST)
+        self._last_cap = at
+        self._cap_end = at + length
+        return at
+
+    def add_msix(self, nvectors: int, bar_index: int, table_offset: int, pba_offset: int) -> MsiX:
+        bar = self.bars[bar_index]
+        if bar is None or bar.index != bar_index or bar.kind is BarKind.IO:
+            raise BadParameter(f"{self.kind}: MSI-X needs memory BAR {bar_index}")
+        cap = self.add_capability(PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF)
+        self.msix = MsiX(self.config, self.host, cap, nvectors, bar, table_offset, pba_offset)
+        return self.msix
+
+    def _preassign(self) -> None:
+        """Place the BARs in the windows the VMM gave, naturally aligned."""
+        cursor = {Space.MMIO: self.mmio_window, Space.PIO: self.io_window}
+        for i, bar in enumerate(self.bars):
+            at = cursor[bar.space] if bar is not None else None
+            if bar is None or bar.index != i or at is None:
+                continue
+            base = (at + bar.size - 1) & ~(bar.size - 1)
+            cursor[bar.space] = base + bar.size
+            self._set_bar_address(bar, base)
+
+    # -- BAR values ----------------------------------------------------------
+
+    def bar_address(self, bar: Bar) -> int:
+        lo = self.config.get(bar.offset, 4)
+        if bar.kind is BarKind.IO:
+            return lo & PCI_BASE_ADDRESS_IO_MASK
+        addr = lo & PCI_BASE_ADDRESS_MEM_MASK
+        if bar.kind is BarKind.MEM64:
+            addr |= self.config.get(bar.offset + 4, 4) << 32
+        return addr
+
+    def _set_bar_address(self, bar: Bar, addr: int) -> None:
+        self.config.set(bar.offset, 4, (addr & 0xFFFF_FFFF) | bar.flags)
+        if bar.kind is BarKind.MEM64:
+            self.config.set(bar.offset + 4, 4, addr >> 32)
+
+    # -- Device interface ----------------------------------------------------
+
+    @property
+    def config_base(self) -> int:
+        return config_address(0, self.slot, 0)
+
+    def start(self) -> None:
+        if self.slot == 0:
+            raise BadParameter(f"{self.kind}: no slot= given (the VMM assigns one)")
+        self._preassign()
+        self.host.claim(Space.PCI, self.config_base, PCI_CFG_SPACE_EXP_SIZE, COOKIE_CONFIG)
+        self._claimed_config = self.config_base
+        # Firmware-like start: decode on, so pre-assigned BARs work at once.
+        with self._lock:
+            self.config.set(PCI_COMMAND, 2, PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
+            self._sync_all()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for i, bar in enumerate(self.bars):
+                if bar is not None and bar.index == i:
+                    bar.conflict = None
+                    self._unmap(bar)
+            if self._claimed_config is not None:
+                self._release(Space.PCI, self._claimed_config)
+                self._claimed_config = None
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        with self._lock:
+            if space is Space.PCI:
+                self._retry_conflicts()
+                if offset + size > PCI_CFG_SPACE_EXP_SIZE:
+                    return ones(size)
+                return self.config.read(offset, size)
+            bar = self._bar_of(cookie)
+            if bar is None:
+                return ones(size)
+            if self.msix is not None and bar is self.msix.bar and self.msix.owns(offset):
+                return self.msix.read(offset, size)
+            return self.bar_read(bar, offset, size)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if space is Space.PCI:
+                if offset + size <= PCI_CFG_SPACE_EXP_SIZE:
+                    self.config_write(offset, size, value & ones(size))
+                self._retry_conflicts()
+                return
+            bar = self._bar_of(cookie)
+            if bar is None:
+                return
+            if self.msix is not None and bar is self.msix.bar and self.msix.owns(offset):
+                self.msix.write(offset, size, value)
+                return
+            self.bar_write(bar, offset, size, value & ones(size))
+
+    def _bar_of(self, cookie: int) -> Bar | None:
+        if 0 <= cookie < PCI_NUM_BARS:
+            bar = self.bars[cookie]
+            if bar is not None and bar.index == cookie:
+                return bar
+        return None
+
+    # -- for subclasses --------------------------------------------------------
+
+    def bar_read(self, bar: Bar, offset: int, size: int) -> int:
+        """A read in BAR ``bar``'s region (the lock is held)."""
+        return ones(size)
+
+    def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
+        """A write in BAR ``bar``'s region (the lock is held)."""
+
+    # -- configuration writes --------------------------------------------------
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A guest write to configuration space; moves or (un)maps BAR
+        regions as it requires (lock held)."""
+        c = self.config
+        old_command = c.get(PCI_COMMAND, 2)
+        c.write(offset, size, value)
+        end = offset + size
+        if offset < PCI_COMMAND + 2 and end > PCI_COMMAND and c.get(PCI_COMMAND, 2) != old_command:
+            self._sync_all()
+        for i, bar in enumerate(self.bars):
+            if bar is None or bar.index != i or not (offset < bar.offset + bar.width and end > bar.offset):
+                continue
+            if self._is_sizing_probe(bar, offset, size, value):
+                continue
+            self._sync(bar)
+        msix = self.msix
+        if msix is not None and (offset < msix.cap + PCI_MSIX_FLAGS + 2 and end > msix.cap + PCI_MSIX_FLAGS
+                                 or c.get(PCI_COMMAND, 2) != old_command):
+            msix.control_written()
+
+    @staticmethod
+    def _is_sizing_probe(bar: Bar, offset: int, size: int, value: int) -> bool:
+        """All ones written over a whole BAR dword: a size probe."""
+        for dword in range(bar.offset, bar.offset + bar.width, 4):
+            if (offset <= dword and dword + 4 <= offset + size
+                    and (value >> (8 * (dword - offset))) & 0xFFFF_FFFF == 0xFFFF_FFFF):
+                return True
+        return False
+
+    # -- keeping regions in step -------------------------------------------------
+
+    def _wanted(self, bar: Bar) -> int | None:
+        if not self.config.get(PCI_COMMAND, 2) & bar.decode_bit:
+            return None
+        addr = self.bar_address(bar)
+        return addr or None
+
+    def _sync_all(self) -> None:
+        for i, bar in enumerate(self.bars):
+            if bar is not None and bar.index == i:
+                self._sync(bar)
+
+    def _sync(self, bar: Bar) -> None:
+        """Make the registered region match the BAR and COMMAND."""
+        want = self._wanted(bar)
+        if bar.mapped == want:
+            bar.conflict = None
+            return
+        self._unmap(bar)
+        bar.conflict = None
+        if want is None:
+            return
+        try:
+            self.host.claim(bar.space, want, bar.size, bar.index)
+        except Exception as e:  # the registry's RegionConflict, RegistryFull
+            bar.conflict = want
+            log.warning("%s: BAR %d %s %#x+%#x cannot be registered (%s); the BAR keeps the "
+                        "value, the region is registered once the range is free",
+                        self.kind, bar.index, bar.space.name, want, bar.size, e)
+            self._start_retry()
+            return
+        bar.mapped = want
+
+    def _unmap(self, bar: Bar) -> None:
+        if bar.mapped is not None:
+            self._release(bar.space, bar.mapped)
+            bar.mapped = None
+
+    def _release(self, space: Space, start: int) -> None:
+        try:
+            self.host.release(space, start)
+        except Exception as e:  # reaped already (the VMM cut us off)
+            log.debug("%s: releasing %s %#x: %s", self.kind, space.name, start, e)
+
+    def conflicted(self) -> int:
+        """Bit mask of the BARs waiting for their range to be free."""
+        return sum(1 << i for i, b in enumerate(self.bars) if b is not None and b.index == i
+                   and b.conflict is not None)
+
+    def _retry_conflicts(self) -> None:
+        for i, bar in enumerate(self.bars):
+            if bar is not None and bar.index == i and bar.conflict is not None:
+                try:
+                    self.host.claim(bar.space, bar.conflict, bar.size, bar.index)
+                except Exception as e:  # still taken (the registry's RegionConflict)
+                    log.debug("%s: BAR %d at %#x: still %s", self.kind, i, bar.conflict, e)
+                    continue
+                log.info("%s: BAR %d registered at %#x, the range is free now", self.kind, i, bar.conflict)
+                bar.mapped, bar.conflict = bar.conflict, None
+
+    def _start_retry(self) -> None:
+        if self._retry is not None and self._retry.is_alive():
+            return
+        self._retry = threading.Thread(target=self._retry_loop, name=f"{self.kind}-bar-retry", daemon=True)
+        self._retry.start()
+
+    def _retry_loop(self) -> None:
+        while not self._stopped.wait(CONFLICT_RETRY):
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                self._retry_conflicts()
+                if not self.conflicted():
+                    self._retry = None
+                    return
