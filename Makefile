@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test install bench
+.PHONY: run test lint install bench
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 # The whole test suite.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The linter (CI runs it after the tests).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ipc vmm devserver devices tests
 
 # Benchmarks (JSON on stdout; not part of the tests).
 bench: $(STAMP)

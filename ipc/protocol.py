@@ -170,7 +170,7 @@ class Message:
         if missing:
             raise ValueError(f"missing field(s) {sorted(missing)}")
         kw = {n: body[n] for n in names}
-        kw.update(zip(cls.FD_FIELDS, fds))
+        kw.update(zip(cls.FD_FIELDS, fds, strict=False))
         return cls._build(kw)
 
     @classmethod
@@ -333,7 +333,7 @@ class SetMemTable(Message):
             _need(isinstance(r, MemRegion), f"bad memory region {r!r}")
             regions.append(r)
         ordered = sorted(regions, key=lambda r: r.guest_addr)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in zip(ordered, ordered[1:], strict=False):
             _need(a.guest_addr + a.size <= b.guest_addr, "memory regions overlap")
         object.__setattr__(self, "regions", tuple(regions))
 

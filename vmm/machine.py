@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 
-from devices.base import BadParameter, ConsoleFds, DeviceError
+from devices.base import ConsoleFds, DeviceError
 from ipc import Bus, Registry, RegistryError
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout

@@ -409,7 +409,7 @@ class RemoteEndpoint:
                 events = poller.poll()
             except (OSError, ValueError):
                 return
-            for fd, ev in events:
+            for fd, _ev in events:
                 if fd == self._pidfd:
                     self._on_exit()
                     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import msgpack
@@ -228,7 +229,7 @@ def test_messages_validate_themselves(make):
 
 
 def test_messages_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         CONFIG.owner = 3  # type: ignore[misc]
 
 

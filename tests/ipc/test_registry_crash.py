@@ -158,12 +158,12 @@ class Setup:
                 if sc.removing_first:
                     self.reg.unregister(bus, start, sc.target[3])
             elif sc.kind == "unregister_owner" and sc.refs:
-                mine = [l for l in sc.layout if l[3] == sc.target[0]]
+                mine = [r for r in sc.layout if r[3] == sc.target[0]]
                 self.target_refs.append(self.reg.get(mine[-1][0], mine[-1][1]))
-            bystanders = [l for l in sc.layout if l[:2] != tuple(sc.target[:2])
-                          and (sc.kind != "unregister_owner" or l[3] != sc.target[0])]
-            for l in bystanders[:sc.other_refs]:
-                self.held.append(self.reg.get(l[0], l[1]))
+            bystanders = [r for r in sc.layout if r[:2] != tuple(sc.target[:2])
+                          and (sc.kind != "unregister_owner" or r[3] != sc.target[0])]
+            for r in bystanders[:sc.other_refs]:
+                self.held.append(self.reg.get(r[0], r[1]))
             assert all(r is not None for r in self.target_refs + self.held)
         except BaseException:
             self.close()

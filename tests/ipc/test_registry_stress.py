@@ -95,7 +95,7 @@ def writer(name: str, owner: int, seed: int, deadline: float) -> dict:
     assert n == len(mine), (n, len(mine))
     stats["final_unregistered"] = n
     # Every one of them is out of the index now.
-    for (bus, start), length in mine.items():
+    for bus, start in mine:
         ref = reg.get(bus, start)
         if ref is not None:
             assert ref.owner != owner, ref

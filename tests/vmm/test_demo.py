@@ -14,7 +14,7 @@ pytestmark = needs_kvm
 def test_vmm_run_without_arguments_runs_the_demo(tmp_path):
     r = vmm_run(env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    line = [l for l in r.stderr.splitlines() if l.startswith("vmm: power off")]
+    line = [text for text in r.stderr.splitlines() if text.startswith("vmm: power off")]
     assert len(line) == 1, r.stderr
     vmm_pid = int(re.search(r"VMM pid (\d+)", line[0]).group(1))
     iso = int(re.search(r"echo-isolated: pid (\d+) \(own process\)", line[0]).group(1))

@@ -310,7 +310,7 @@ def test_lock_word_naming_no_device_ends_the_vm(guest, caplog, holder):
         with Machine(memory=32 << 20, lock_timeout=SCRIBBLE_LOCK_TIMEOUT) as m:
             m.load_pvh(guest("faults"), cmdline("scribble"))
             a = m.add_device(echo("a0", A_PIO))
-            b = m.add_device(echo("b0", B_PIO, B_MMIO, placement="inline"))
+            m.add_device(echo("b0", B_PIO, B_MMIO, placement="inline"))
             offset = lock_word_offset(m.registry)
 
             def on_sync(vcpu: int, off: int, size: int, value: int) -> None:

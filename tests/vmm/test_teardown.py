@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.vmm.conftest import needs_kvm, shm_segments
-from vmm.config import parse_device_spec
+from vmm.config import ConfigError, parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending, Outcome
 
@@ -127,7 +127,7 @@ def test_in_process_machine_releases_its_registry(guest):
 
 def test_failed_setup_leaves_nothing(guest):
     before = ours(os.getpid())
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="overlaps"):
         with Machine(memory=16 << 20) as m:
             m.load_pvh(guest("hello"))
             m.add_device(parse_device_spec("echo,pio=0xf4,process=inline"))   # the test-exit port

@@ -136,7 +136,10 @@ def test_translate_walks_4_level_tables():
     pages[pd + 8 * 2] = 0x0060_0000 | 0x87               # 2 MiB page
     pages[pd + 8 * 3] = pt | 7
     pages[pt + 8 * 5] = 0x0000_9000 | 7                  # 4 KiB page
-    read = lambda a: pages.get(a, 0)
+
+    def read(a):
+        return pages.get(a, 0)
+
     args = (x86.CR0_PG | x86.CR0_PE, pml4, x86.CR4_PAE, x86.EFER_LME | x86.EFER_LMA)
     assert x86.translate(read, *args, (1 << 30) + (2 << 21) + 0x1234) == 0x60_1234
     assert x86.translate(read, *args, (1 << 30) + (3 << 21) + (5 << 12) + 0x56) == 0x9056
