@@ -31,6 +31,27 @@ in step with the COMMAND register and the BARs (PCI 3.0 6.2.2, 6.2.5):
   off the *other* device's region for the duration; a device here cannot
   touch another owner's regions, and nothing is lost either way: while the
   conflict lasts, accesses go to the region that was there first.
+
+**Interrupts** (:meth:`PciDevice.raise_interrupt`): with MSI-X enabled a
+request goes to its MSI-X vector and INTx# is never used (PCI 3.0 6.8.2);
+otherwise a model that declares an interrupt pin (``interrupt_pin = 1``,
+INTA#; the only pin supported) uses INTx#, wired to the GSI the VMM gives
+as ``intx_gsi=`` (vmm.layout, the swizzle), which the Interrupt Line
+register is pre-set to as firmware would (PCI 3.0 6.2.4; 0xFF, "no
+connection", without one).  INTx# models the level of a wire (PCI 3.0
+6.2.3): the function's interrupt condition is set by a request and stays
+set until the model's own acknowledge (:meth:`PciDevice.deassert_intx`,
+e.g. pci-echo's REG_ACK); STATUS.Interrupt_Status (bit 3) shows it, also
+while COMMAND.Interrupt_Disable (bit 10) is set.  The pin is driven while
+the condition is set, Interrupt_Disable is clear and MSI-X is disabled;
+each time that drive goes from off to on, one edge is sent through the
+host's irqfd (``host.irq_line(gsi).trigger()``) -- so clearing
+Interrupt_Disable (or disabling MSI-X) with the condition set delivers
+it, and a request while the condition is already set sends nothing new.
+A true level (re-delivery after the guest's EOI while the condition
+lasts, for a level-triggered IOAPIC pin) needs KVM_IRQFD_FLAG_RESAMPLE,
+which is not implemented: a guest driver must acknowledge the device in
+its handler, before it can get the next INTx.
 """
 
 from __future__ import annotations
@@ -38,7 +59,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, Space, parse_int
+from devices.base import BadParameter, Device, DeviceError, DeviceHost, Interrupt, Space, parse_int
 from devices.pci_config import (
     COMMAND_WRITABLE,
     MAX_SLOT,
@@ -54,17 +75,20 @@ from devices.pci_config import (
     PCI_CFG_SPACE_SIZE,
     PCI_CLASS_PROG,
     PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_IO,
     PCI_COMMAND_MEMORY,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
     PCI_HEADER_TYPE_NORMAL,
     PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
     PCI_MSIX_FLAGS,
     PCI_NUM_BARS,
     PCI_REVISION_ID,
     PCI_STATUS,
     PCI_STATUS_CAP_LIST,
+    PCI_STATUS_INTERRUPT,
     PCI_STD_HEADER_SIZEOF,
     PCI_SUBSYSTEM_ID,
     PCI_SUBSYSTEM_VENDOR_ID,
@@ -95,7 +119,9 @@ class PciDevice(Device):
     1-31; the VMM picks one if absent), and -- set by the VMM, which owns
     the guest's address map -- ``mmio_window=ADDR`` and ``io_window=PORT``,
     where the device pre-assigns its BARs (naturally aligned, in index
-    order); without them the BARs start unassigned (0).
+    order); without them the BARs start unassigned (0); and
+    ``intx_gsi=N``, the GSI (irqchip input) its INTA# is wired to (used
+    only by a model whose ``interrupt_pin`` is 1; module docstring).
     """
 
     vendor_id = 0xFFFF
@@ -104,17 +130,26 @@ class PciDevice(Device):
     revision = 0
     subsystem_vendor_id = 0
     subsystem_id = 0
+    #: Interrupt Pin register (PCI 3.0 6.2.4): 0 none, 1 INTA# (others
+    #: are not supported: single-function models only).
+    interrupt_pin = 0
 
     def __init__(self, host: DeviceHost, **params: str):
         slot = params.pop("slot", None)
         mmio_window = params.pop("mmio_window", None)
         io_window = params.pop("io_window", None)
+        intx_gsi = params.pop("intx_gsi", None)
         super().__init__(host, **params)
         self.slot = 0 if slot is None else parse_int(self.kind, "slot", slot)
         if slot is not None and not 1 <= self.slot <= MAX_SLOT:
             raise BadParameter(f"{self.kind}: slot={self.slot} (1 to {MAX_SLOT}; 0 is the host bridge)")
         self.mmio_window = None if mmio_window is None else parse_int(self.kind, "mmio_window", mmio_window)
         self.io_window = None if io_window is None else parse_int(self.kind, "io_window", io_window)
+        self.intx_gsi = None if intx_gsi is None else parse_int(self.kind, "intx_gsi", intx_gsi)
+        if self.intx_gsi is not None and not 0 <= self.intx_gsi < 0xFF:
+            raise BadParameter(f"{self.kind}: intx_gsi={self.intx_gsi} (0 to 254)")
+        if self.interrupt_pin not in (0, 1):
+            raise BadParameter(f"{self.kind}: interrupt pin {self.interrupt_pin} (0 or 1: INTA#)")
         self.config = ConfigSpace()
         self.bars: list[Bar | None] = [None] * PCI_NUM_BARS
         self.msix: MsiX | None = None
@@ -125,6 +160,14 @@ class PciDevice(Device):
         self._retry: threading.Thread | None = None
         self._stopped = threading.Event()
         self._claimed_config: int | None = None
+        self._intx_line: Interrupt | None = None
+        #: The function's INTx interrupt condition (STATUS.Interrupt_Status).
+        self._intx_pending = False
+        #: INTx# as last driven (module docstring).
+        self._intx_out = False
+        #: INTx edges sent, and those with no line to go to.
+        self.intx_sent = 0
+        self.intx_lost = 0
         c = self.config
         c.set(PCI_VENDOR_ID, 2, self.vendor_id)
         c.set(PCI_DEVICE_ID, 2, self.device_id)
@@ -137,6 +180,11 @@ class PciDevice(Device):
         c.set(PCI_SUBSYSTEM_VENDOR_ID, 2, self.subsystem_vendor_id)
         c.set(PCI_SUBSYSTEM_ID, 2, self.subsystem_id)
         c.set_wmask(PCI_INTERRUPT_LINE, 1, 0xFF)
+        c.set(PCI_INTERRUPT_PIN, 1, self.interrupt_pin)
+        if self.interrupt_pin:
+            # What firmware would leave there (PCI 3.0 6.2.4): the GSI of
+            # the wire, or 0xFF "unknown / no connection" on x86.
+            c.set(PCI_INTERRUPT_LINE, 1, 0xFF if self.intx_gsi is None else self.intx_gsi)
 
     # -- declaring the function (from a subclass's __init__) --------------
 
@@ -229,12 +277,30 @@ class PciDevice(Device):
         if self.slot == 0:
             raise BadParameter(f"{self.kind}: no slot= given (the VMM assigns one)")
         self._preassign()
+        self._connect_intx()
         self.host.claim(Space.PCI, self.config_base, PCI_CFG_SPACE_EXP_SIZE, COOKIE_CONFIG)
         self._claimed_config = self.config_base
         # Firmware-like start: decode on, so pre-assigned BARs work at once.
         with self._lock:
             self.config.set(PCI_COMMAND, 2, PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
             self._sync_all()
+
+    def _connect_intx(self) -> None:
+        """Ask the host for the irqfd of the INTA# wire (at start, before
+        the guest can see the function)."""
+        if not self.interrupt_pin:
+            return
+        if self.intx_gsi is None:
+            log.info("%s: no intx_gsi given; INTx goes nowhere", self.kind)
+            return
+        irq_line = getattr(self.host, "irq_line", None)
+        if irq_line is None:
+            log.warning("%s: the host has no interrupt lines; INTx goes nowhere", self.kind)
+            return
+        try:
+            self._intx_line = irq_line(self.intx_gsi)
+        except (NotImplementedError, DeviceError) as e:
+            log.warning("%s: no interrupt line %d (%s); INTx goes nowhere", self.kind, self.intx_gsi, e)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -292,6 +358,56 @@ class PciDevice(Device):
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         """A write in BAR ``bar``'s region (the lock is held)."""
 
+    # -- interrupts (module docstring) -------------------------------------------
+
+    def raise_interrupt(self, vector: int = 0) -> None:
+        """An interrupt request: MSI-X vector ``vector`` while MSI-X is
+        enabled; otherwise INTx# (the interrupt condition is set until
+        :meth:`deassert_intx`); a model with MSI-X and no pin holds the
+        vector pending instead (devices.pci_msix)."""
+        with self._lock:
+            msix = self.msix
+            if msix is not None and (msix.enabled or not self.interrupt_pin):
+                msix.raise_vector(vector)
+            elif self.interrupt_pin:
+                self._intx_pending = True
+                self._update_intx()
+            else:
+                log.debug("%s: interrupt raised with neither MSI-X nor INTx", self.kind)
+
+    def deassert_intx(self) -> None:
+        """The device's interrupt condition is acknowledged: clears
+        STATUS.Interrupt_Status and stops driving INTx#."""
+        with self._lock:
+            self._intx_pending = False
+            self._update_intx()
+
+    @property
+    def intx_pending(self) -> bool:
+        return self._intx_pending
+
+    def _update_intx(self) -> None:
+        """Show the condition in STATUS and send an edge when INTx# goes
+        from off to on (lock held)."""
+        if not self.interrupt_pin:
+            return
+        c = self.config
+        status = c.get(PCI_STATUS, 2)
+        if self._intx_pending:
+            c.set(PCI_STATUS, 2, status | PCI_STATUS_INTERRUPT)
+        else:
+            c.set(PCI_STATUS, 2, status & ~PCI_STATUS_INTERRUPT)
+        out = (self._intx_pending and not c.get(PCI_COMMAND, 2) & PCI_COMMAND_INTX_DISABLE
+               and not (self.msix is not None and self.msix.enabled))
+        if out and not self._intx_out:
+            line = self._intx_line
+            if line is None:
+                self.intx_lost += 1
+            else:
+                line.trigger()
+                self.intx_sent += 1
+        self._intx_out = out
+
     # -- configuration writes --------------------------------------------------
 
     def config_write(self, offset: int, size: int, value: int) -> None:
@@ -313,6 +429,7 @@ class PciDevice(Device):
         if msix is not None and (offset < msix.cap + PCI_MSIX_FLAGS + 2 and end > msix.cap + PCI_MSIX_FLAGS
                                  or c.get(PCI_COMMAND, 2) != old_command):
             msix.control_written()
+        self._update_intx()
 
     @staticmethod
     def _is_sizing_probe(bar: Bar, offset: int, size: int, value: int) -> bool:

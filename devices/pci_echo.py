@@ -10,16 +10,22 @@ BAR   kind, size    contents
 ===== ============= ====================================================
 0     mem32, 4 KiB  0x000-0x0FF: the echo register file (devices.echo;
                     the move register 0xF8 is ignored: BARs move through
-                    configuration space); 0x100-: :data:`REG_RAISE` and
-                    :data:`REG_CONFLICT`; the rest reads all ones
+                    configuration space); 0x100-0x113: :data:`REG_RAISE`,
+                    :data:`REG_CONFLICT`, :data:`REG_DELIVERED`,
+                    :data:`REG_ACK`, :data:`REG_INTX_SENT`; the rest
+                    reads all ones
 1     I/O, 256      the echo register file (move ignored), except
                     0xFC: :data:`REG_CONFLICT` again (read 4)
 2-3   mem64, 4 KiB  MSI-X table at :data:`MSIX_TABLE`, PBA at
                     :data:`MSIX_PBA`
 ===== ============= ====================================================
 
-One capability: MSI-X with ``vectors`` entries (default 4).  No INTx
-(interrupt pin 0).
+One capability: MSI-X with ``vectors`` entries (default 4).  Interrupt
+pin INTA# (1), wired where the VMM says (``intx_gsi=``, which the
+Interrupt Line register starts with).  A write to :data:`REG_RAISE` sends
+MSI-X vector N while MSI-X is enabled, else sets the interrupt condition
+and asserts INTx# (devices.pci, "Interrupts"); the condition lasts until
+the guest acknowledges it by writing :data:`REG_ACK`.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ MSIX_BAR_SIZE = 0x1000
 MSIX_TABLE = 0x000
 MSIX_PBA = 0x800
 
-#: BAR 0, write 4: raise MSI-X vector N (the value written).
+#: BAR 0, write 4: raise MSI-X vector N (the value written) while MSI-X is
+#: enabled; otherwise INTx (the value is ignored).
 REG_RAISE = 0x100
 #: BAR 0, read 4: bit mask of BARs waiting for a conflicting range to be
 #: freed (devices.pci, "overlaps").
@@ -52,6 +59,12 @@ REG_CONFLICT = 0x104
 IO_REG_CONFLICT = 0xFC
 #: BAR 0, read 4: MSI-X deliveries so far.
 REG_DELIVERED = 0x108
+#: BAR 0, 4 bytes: read 1 while the INTx interrupt condition is set (as
+#: STATUS.Interrupt_Status), else 0; a write (any value) acknowledges it:
+#: the condition and Interrupt_Status clear, INTx# is released.
+REG_ACK = 0x10C
+#: BAR 0, read 4: INTx edges sent so far.
+REG_INTX_SENT = 0x110
 
 DEFAULT_VECTORS = 4
 MAX_VECTORS = 64
@@ -64,6 +77,7 @@ class PciEcho(PciDevice):
     class_code = CLASS_CODE
     subsystem_vendor_id = VENDOR_ID
     subsystem_id = DEVICE_ID
+    interrupt_pin = 1
 
     def __init__(self, host: DeviceHost, **params: str):
         vectors = params.pop("vectors", None)
@@ -89,6 +103,10 @@ class PciEcho(PciDevice):
                 return self.conflicted()
             if size == 4 and offset == REG_DELIVERED and self.msix is not None:
                 return self.msix.delivered & 0xFFFF_FFFF
+            if size == 4 and offset == REG_ACK:
+                return int(self.intx_pending)
+            if size == 4 and offset == REG_INTX_SENT:
+                return self.intx_sent & 0xFFFF_FFFF
         return ones(size)
 
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
@@ -97,6 +115,8 @@ class PciEcho(PciDevice):
         elif bar.index == BAR_REGS:
             if offset < IO_SIZE:
                 self.regs.write(offset, size, (1, 2, 4, 8), value)
-            elif offset == REG_RAISE and size == 4 and self.msix is not None:
-                self.msix.raise_vector(value)
+            elif offset == REG_RAISE and size == 4:
+                self.raise_interrupt(value)
+            elif offset == REG_ACK and size == 4:
+                self.deassert_intx()
 

@@ -36,7 +36,9 @@ class MsiX:
     three allow it.  The host's MSI route of a vector is (re)programmed
     with the entry's address and data when the vector is unmasked, when
     the entry is written while unmasked, and before a delivery if they
-    changed -- never on the raise hot path otherwise.
+    changed -- never on the raise hot path otherwise.  (A model with an
+    INTx pin sends requests made while MSI-X is disabled to INTx instead:
+    devices.pci.PciDevice.raise_interrupt.)
     """
 
     def __init__(self, config: ConfigSpace, host: DeviceHost, cap: int, nvectors: int, bar: Bar,

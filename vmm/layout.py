@@ -88,6 +88,28 @@ PCI_IO_WINDOW = 0xC000
 PCI_IO_PER_SLOT = 0x200
 PCI_IO_WINDOW_END = PCI_IO_WINDOW + 32 * PCI_IO_PER_SLOT
 
+# -- PCI INTx (PCI Local Bus 3.0, 2.2.6 and 6.2.4) ----------------------------
+
+#: The INTx# pins of the devices on bus 0 are wired to IOAPIC inputs
+#: PCI_INTX_GSI_BASE .. + PCI_INTX_LINES - 1 (GSI 16-19: the IOAPIC pins no
+#: ISA IRQ uses; KVM's default routing sends them to the IOAPIC only), with
+#: the classic swizzle (PCI-to-PCI Bridge Architecture 1.2, 9.1): pin P
+#: (1 = INTA#) of device N goes to input 16 + (N + P - 1) % 4, so INTA# of
+#: slot N is GSI 16 + N % 4.  vmm.pci tells each device model the GSI of
+#: its INTA# (``intx_gsi=``); the model pre-sets its Interrupt Line register
+#: to it, as firmware would.  Devices on slots N and N + 4 share a line.
+PCI_INTX_GSI_BASE = 16
+PCI_INTX_LINES = 4
+
+
+def pci_intx_gsi(slot: int, pin: int = 1) -> int:
+    """The GSI (IOAPIC input) that INTx pin ``pin`` (1-4, INTA#-INTD#) of
+    bus-0 device ``slot`` is wired to (the swizzle above)."""
+    if not 1 <= pin <= 4:
+        raise ValueError(f"interrupt pin {pin} (1-4: INTA#-INTD#)")
+    return PCI_INTX_GSI_BASE + (slot + pin - 1) % PCI_INTX_LINES
+
+
 # -- limits ------------------------------------------------------------------
 
 MIN_MEMORY = 2 * MiB

@@ -22,7 +22,9 @@ Configuration mechanism #1 (PCI Local Bus 3.0, 3.2.2.3.2):
 
 The host bridge 00:00.0 is class 0x0600 with splitvmm's own IDs
 (:data:`BRIDGE_VENDOR_ID`:``BRIDGE_DEVICE_ID``; 0x5356 is "SV", not a
-PCI-SIG assignment).  Not here: the extended (ECAM/MMCONFIG) mechanism,
+PCI-SIG assignment).  Each PCI device's INTA# is wired to GSI
+``16 + slot % 4`` (:func:`vmm.layout.pci_intx_gsi`), passed to the model as
+``intx_gsi=`` at placement.  Not here: the extended (ECAM/MMCONFIG) mechanism,
 mechanism #2, other buses and bridges.
 """
 
@@ -123,8 +125,9 @@ class PciHost:
 
     def place(self, spec: DeviceSpec) -> DeviceSpec:
         """A PCI device's spec with its device number (``slot=``, the
-        lowest free one unless given) and its windows for pre-assigned
-        BARs (vmm.layout); other specs unchanged."""
+        lowest free one unless given), its windows for pre-assigned BARs
+        and the GSI its INTA# is wired to (``intx_gsi=``, the swizzle of
+        vmm.layout); other specs unchanged."""
         cls = DEVICE_TYPES.get(spec.kind)     # None: a kind only device processes know
         if cls is None or not issubclass(cls, PciDevice):
             return spec
@@ -147,4 +150,5 @@ class PciHost:
         params["slot"] = str(slot)
         params.setdefault("mmio_window", hex(layout.PCI_MMIO_WINDOW + slot * layout.PCI_MMIO_PER_SLOT))
         params.setdefault("io_window", hex(layout.PCI_IO_WINDOW + slot * layout.PCI_IO_PER_SLOT))
+        params.setdefault("intx_gsi", str(layout.pci_intx_gsi(slot)))
         return dataclasses.replace(spec, params=tuple(params.items()))

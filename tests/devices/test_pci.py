@@ -19,7 +19,9 @@ from devices.pci_echo import (
     BAR_REGS,
     DEVICE_ID,
     MSIX_PBA,
+    REG_ACK,
     REG_CONFLICT,
+    REG_INTX_SENT,
     REG_RAISE,
     VENDOR_ID,
     PciEcho,
@@ -41,15 +43,25 @@ class Vector:
         self.log.append(("trigger", self.n))
 
 
+class Line:
+    def __init__(self, log, gsi):
+        self.log, self.gsi = log, gsi
+
+    def trigger(self):
+        self.log.append(("intx", self.gsi))
+
+
 class RecordingHost:
     """Regions by (space, start) -> (length, cookie); overlapping claims
     fail, as the registry's do."""
 
-    def __init__(self, msi: bool = True):
+    def __init__(self, msi: bool = True, lines: bool = True):
         self.regions: dict[tuple[Space, int], tuple[int, int]] = {}
         self.log: list = []
         if msi:
             self.msi_vector = lambda n: Vector(self.log, n)
+        if lines:
+            self.irq_line = lambda gsi: Line(self.log, gsi)
 
     def claim(self, space, start, length, cookie=0):
         for (s, a), (n, _) in self.regions.items():
@@ -287,12 +299,11 @@ def test_msix_delivery_mask_pending_and_unmask():
     log = host.log
     table_write(dev, 1, 0, 0xFEE0_0000, 8)
     table_write(dev, 1, 8, 0x4041)
-    # disabled: pending
+    cfg_write(dev, cap + 2, cfg.PCI_MSIX_FLAGS_ENABLE, 2)
+    # enabled, vector masked: pending (disabled would be INTx: test_intx_*)
     dev.write(Space.MMIO, BAR_REGS, REG_RAISE, 4, 1)
     assert dev.read(Space.MMIO, BAR_MSIX, MSIX_PBA, 8) == 0b10
     assert log == []
-    cfg_write(dev, cap + 2, cfg.PCI_MSIX_FLAGS_ENABLE, 2)
-    assert log == []                                          # still masked
     table_write(dev, 1, 12, 0)                                # unmask: programmed...
     assert log == [("program", 1, 0xFEE0_0000, 0x4041)]      # ...not sent: no bus mastering
     cfg_write(dev, cfg.PCI_COMMAND, 0x7, 2)
@@ -330,6 +341,117 @@ def test_msix_without_host_support_keeps_the_model_working():
     table_write(dev, 0, 12, 0)
     dev.write(Space.MMIO, BAR_REGS, REG_RAISE, 4, 0)
     assert dev.msix.lost == 1 and dev.msix.pending == 0
+
+
+# -- INTx --------------------------------------------------------------------------
+
+def raise_(dev, n=0):
+    dev.write(Space.MMIO, BAR_REGS, REG_RAISE, 4, n)
+
+
+def intx_status(dev):
+    return bool(cfg_read(dev, cfg.PCI_STATUS, 2) & cfg.PCI_STATUS_INTERRUPT)
+
+
+def test_intx_pin_and_line_preset():
+    _, dev = make(intx_gsi="19")
+    assert cfg_read(dev, cfg.PCI_INTERRUPT_PIN, 1) == 1            # INTA#
+    assert cfg_read(dev, cfg.PCI_INTERRUPT_LINE, 1) == 19           # as firmware left it
+    cfg_write(dev, cfg.PCI_INTERRUPT_LINE, 0x0B, 1)                 # RW, firmware's
+    cfg_write(dev, cfg.PCI_INTERRUPT_PIN, 0x04, 1)                  # RO
+    assert cfg_read(dev, cfg.PCI_INTERRUPT_LINE, 2) == 0x010B
+    # no wiring given: 0xFF, "unknown / no connection" (PCI 3.0 6.2.4)
+    _, dev = make()
+    assert cfg_read(dev, cfg.PCI_INTERRUPT_LINE, 2) == 0x01FF
+    with pytest.raises(BadParameter):
+        make(intx_gsi="255")
+
+
+def test_intx_raise_status_and_ack():
+    host, dev = make(intx_gsi="17")
+    log = host.log
+    assert not intx_status(dev) and dev.read(Space.MMIO, BAR_REGS, REG_ACK, 4) == 0
+    raise_(dev, 2)                                   # MSI-X disabled: INTx
+    assert log == [("intx", 17)]
+    assert intx_status(dev) and dev.read(Space.MMIO, BAR_REGS, REG_ACK, 4) == 1
+    assert dev.read(Space.MMIO, BAR_MSIX, MSIX_PBA, 8) == 0            # not an MSI-X pending bit
+    # the status bit is read-only: writes (W1C of the error bits too) keep it
+    cfg_write(dev, cfg.PCI_STATUS, 0xFFFF, 2)
+    assert intx_status(dev)
+    # a request while the condition lasts: the wire is already asserted
+    raise_(dev)
+    assert log == [("intx", 17)]
+    dev.write(Space.MMIO, BAR_REGS, REG_ACK, 4, 0)
+    assert not intx_status(dev) and dev.read(Space.MMIO, BAR_REGS, REG_ACK, 4) == 0
+    raise_(dev)
+    assert log == [("intx", 17)] * 2
+    assert dev.read(Space.MMIO, BAR_REGS, REG_INTX_SENT, 4) == 2
+
+
+def test_intx_disable_holds_and_delivers_on_clear():
+    host, dev = make(intx_gsi="17")
+    log = host.log
+    cmd = cfg_read(dev, cfg.PCI_COMMAND, 2)
+    cfg_write(dev, cfg.PCI_COMMAND, cmd | cfg.PCI_COMMAND_INTX_DISABLE, 2)
+    raise_(dev)
+    assert log == [] and intx_status(dev)            # PCI 3.0 6.2.3: status still set
+    cfg_write(dev, cfg.PCI_COMMAND, cmd, 2)
+    assert log == [("intx", 17)]                     # delivered on clear
+    # set and clear again while the condition lasts: a new assertion
+    cfg_write(dev, cfg.PCI_COMMAND, cmd | cfg.PCI_COMMAND_INTX_DISABLE, 2)
+    cfg_write(dev, cfg.PCI_COMMAND, cmd, 2)
+    assert log == [("intx", 17)] * 2
+    # acknowledged while disabled: nothing on clear
+    cfg_write(dev, cfg.PCI_COMMAND, cmd | cfg.PCI_COMMAND_INTX_DISABLE, 2)
+    dev.write(Space.MMIO, BAR_REGS, REG_ACK, 4, 0)
+    cfg_write(dev, cfg.PCI_COMMAND, cmd, 2)
+    assert log == [("intx", 17)] * 2 and not intx_status(dev)
+
+
+def test_intx_never_used_with_msix_enabled():
+    host, dev = make(intx_gsi="17")
+    cap = msix_cap(dev)
+    log = host.log
+    table_write(dev, 0, 0, 0xFEE0_0000, 8)
+    table_write(dev, 0, 8, 0x41)
+    table_write(dev, 0, 12, 0)
+    cfg_write(dev, cfg.PCI_COMMAND, 0x7, 2)
+    cfg_write(dev, cap + 2, cfg.PCI_MSIX_FLAGS_ENABLE, 2)
+    log.clear()
+    raise_(dev, 0)
+    assert log == [("trigger", 0)] and not intx_status(dev)     # PCI 3.0 6.8.2
+    # a condition left from before MSI-X was enabled is not driven while
+    # it is, and is again once it is disabled
+    cfg_write(dev, cap + 2, 0, 2)
+    cfg_write(dev, cfg.PCI_COMMAND, 0x407, 2)
+    raise_(dev)
+    cfg_write(dev, cfg.PCI_COMMAND, 0x7, 2)
+    assert log == [("trigger", 0), ("intx", 17)]
+    cfg_write(dev, cap + 2, cfg.PCI_MSIX_FLAGS_ENABLE, 2)
+    cfg_write(dev, cfg.PCI_COMMAND, 0x407, 2)
+    cfg_write(dev, cfg.PCI_COMMAND, 0x7, 2)
+    assert log == [("trigger", 0), ("intx", 17)]
+    cfg_write(dev, cap + 2, 0, 2)
+    assert log == [("trigger", 0), ("intx", 17), ("intx", 17)]
+
+
+def test_intx_without_host_lines_keeps_the_model_working():
+    _, dev = make(RecordingHost(lines=False), intx_gsi="17")
+    raise_(dev)
+    assert intx_status(dev) and dev.intx_lost == 1 and dev.intx_sent == 0
+
+
+def test_model_without_pin_keeps_msix_pending_while_disabled():
+    class NoPin(PciEcho):
+        interrupt_pin = 0
+
+    host = RecordingHost()
+    dev = NoPin(host, slot="3", mmio_window=hex(MMIO_WIN), io_window=hex(IO_WIN), intx_gsi="17")
+    dev.start()
+    assert cfg_read(dev, cfg.PCI_INTERRUPT_LINE, 2) == 0
+    raise_(dev, 1)
+    assert host.log == [] and not intx_status(dev)
+    assert dev.read(Space.MMIO, BAR_MSIX, MSIX_PBA, 8) == 0b10
 
 
 def test_bad_parameters():

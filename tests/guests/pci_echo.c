@@ -25,6 +25,12 @@
  *         the second's BAR 0 moved onto the first's stays conflicted
  *         (accesses reach the first, the conflict is visible), and takes
  *         the range over once the first moves away.
+ * mode 7: INTx with MSI-X disabled: Interrupt Pin 1, Interrupt Line =
+ *         intx_gsi=G, routed through IOAPIC pin G; a request arrives as
+ *         that vector and sets STATUS.Interrupt_Status until the device's
+ *         REG_ACK; with COMMAND.INTx_Disable set nothing arrives but the
+ *         status sets, and clearing it delivers; with MSI-X enabled the
+ *         MSI vector fires and the INTx one does not.
  *
  * Status 0 when everything holds, else test_exit(n) for check n. */
 #include "guest.h"
@@ -289,6 +295,54 @@ static void mode_msix(void)
     CHECK(79, mmio_read32(mmio_a + REG_DELIVERED) == 5);
 }
 
+#define REG_ACK 0x10c
+#define REG_INTX_SENT 0x110
+#define VEC_INTX 0x61
+
+static int intx_status(void)
+{
+    return !!(pci_cfg_read16(bdf, PCI_STATUS) & PCI_STATUS_INTERRUPT);
+}
+
+static void mode_intx(void)
+{
+    struct pci_msix m;
+    irq_init();
+    irq_enable();
+    uint8_t pin = pci_cfg_read8(bdf, PCI_INTERRUPT_PIN);
+    uint8_t line = pci_cfg_read8(bdf, PCI_INTERRUPT_LINE);
+    CHECK(90, pin == 1 && line == guest_arg("intx_gsi", 0xff) && line < IOAPIC_PINS);
+    ioapic_route(line, VEC_INTX, 0);
+    CHECK(91, pci_msix_init(bdf, &m));
+    pci_msix_program(&m, 0, MSI_ADDRESS(0), MSI_DATA(VEC0));
+    pci_msix_mask(&m, 0, 0);
+    pci_command(bdf, PCI_COMMAND_MASTER, PCI_COMMAND_INTX_DISABLE);
+    CHECK(92, !intx_status() && mmio_read32(mmio_a + REG_ACK) == 0);
+    /* MSI-X disabled: INTx, its status set until acknowledged */
+    mmio_write32(mmio_a + REG_RAISE, 0);
+    CHECK(93, irq_wait(0, VEC_INTX, 1, SPINS));
+    CHECK(94, intx_status() && mmio_read32(mmio_a + REG_ACK) == 1 && irq_count(0, VEC0) == 0);
+    mmio_write32(mmio_a + REG_ACK, 0);
+    CHECK(95, !intx_status() && mmio_read32(mmio_a + REG_ACK) == 0);
+    /* INTx_Disable: nothing sent, the status still sets (PCI 3.0 6.2.3) */
+    pci_command(bdf, PCI_COMMAND_INTX_DISABLE, 0);
+    mmio_write32(mmio_a + REG_RAISE, 0);
+    irq_wait(0, VEC_INTX, 2, QUIET);
+    CHECK(96, irq_count(0, VEC_INTX) == 1 && intx_status() && mmio_read32(mmio_a + REG_INTX_SENT) == 1);
+    /* cleared while the status is set: delivered */
+    pci_command(bdf, 0, PCI_COMMAND_INTX_DISABLE);
+    CHECK(97, irq_wait(0, VEC_INTX, 2, SPINS) && mmio_read32(mmio_a + REG_INTX_SENT) == 2);
+    mmio_write32(mmio_a + REG_ACK, 0);
+    CHECK(98, !intx_status());
+    /* MSI-X enabled: the MSI vector, never INTx (PCI 3.0 6.8.2) */
+    pci_msix_enable(bdf, &m, 1, 0);
+    mmio_write32(mmio_a + REG_RAISE, 0);
+    CHECK(99, irq_wait(0, VEC0, 1, SPINS));
+    irq_wait(0, VEC_INTX, 3, QUIET);
+    CHECK(100, irq_count(0, VEC_INTX) == 2 && !intx_status() && mmio_read32(mmio_a + REG_INTX_SENT) == 2);
+    CHECK(101, mmio_read32(mmio_a + REG_DELIVERED) == 1 && irq_count(0, VEC0) == 1);
+}
+
 #define IO_REG_CONFLICT 0xfc
 
 static void mode_overlap(void)
@@ -330,6 +384,7 @@ int guest_main(void)
     case 4: mode_fuzz(); break;
     case 5: mode_msix(); break;
     case 6: mode_overlap(); break;
+    case 7: mode_intx(); break;
     default: return 99;
     }
     return 0;

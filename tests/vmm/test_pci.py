@@ -150,6 +150,20 @@ def test_overlapping_bars_are_not_lost(pci_guest, placement):
         assert (b.owner, Bus.MMIO, MMIO_WIN) in regions and (a.owner, Bus.MMIO, MMIO_NEW) in regions
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_intx_fallback_with_msix_off(pci_guest, placement):
+    # MSI-X disabled: the request arrives through INTA#, wired by the VMM
+    # to GSI 16 + slot % 4 (Interrupt Line pre-set to it), on the vector the
+    # guest routed that IOAPIC pin to; STATUS.Interrupt_Status follows the
+    # device's condition until REG_ACK; INTx_Disable holds it back and
+    # clearing it delivers; with MSI-X enabled only the MSI vector fires.
+    gsi = layout.pci_intx_gsi(SLOT)
+    assert gsi == 16 + SLOT % 4
+    outcome, _, _, failed, _ = run(pci_guest, 7, placement, intx_gsi=gsi)
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    assert failed is None
+
+
 def test_dead_device_function_reads_all_ones(pci_guest):
     # The device process dies before the guest looks: its regions are
     # reaped, so enumeration finds only the bridge (check 7 of mode 1).
