@@ -12,7 +12,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from devices.guestmem import GuestRam
 
 
 class Space(enum.IntEnum):
@@ -76,6 +79,33 @@ class DeviceHost(Protocol):
     def msi_vector(self, index: int) -> MsiVector:
         """The model's MSI (MSI-X table entry) number ``index``: the host
         turns it into a KVM MSI route when the model programs it."""
+
+
+    def guest_memory(self) -> GuestRam:
+        """Guest RAM, by guest-physical address, bounds-checked
+        (:class:`devices.guestmem.GuestRam`).  Raises
+        :class:`DeviceError` when the host has none (a device process
+        started without a memory table)."""
+
+    def ioeventfd(self, space: Space, address: int, length: int,
+                  datamatch: int | None = None) -> Doorbell:
+        """A doorbell: an eventfd that KVM signals on each guest write of
+        ``length`` bytes at ``address`` (inside a region this device has
+        claimed; writes of ``datamatch`` only, when given), with no exit
+        to the VMM.  The model polls :attr:`Doorbell.fd` and calls
+        :meth:`Doorbell.remove` before the region moves or goes (also
+        from inside an access handler).  Raises :class:`DeviceError` when
+        refused (not this device's region, too many, no VM)."""
+
+
+class Doorbell(Protocol):
+    """One ioeventfd (:meth:`DeviceHost.ioeventfd`)."""
+
+    #: The eventfd to poll (nonblocking; read it to consume the count).
+    fd: int
+
+    def remove(self) -> None:
+        """Unbind it from the guest address and close the eventfd."""
 
 
 class MsiVector(Interrupt, Protocol):

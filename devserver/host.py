@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 
 from devices.base import ConsoleFds, DeviceError, Space
-from devserver.interrupts import IrqClient, RemoteLine, RemoteMsi
+from devices.guestmem import GuestRam
+from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
 from ipc import Bus, Registry
 
 
@@ -21,7 +22,8 @@ class RemoteHost:
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
-                 irq: IrqClient | None = None):
+                 irq: IrqClient | None = None, memory: GuestRam | None = None):
+        self._memory = memory
         self.registry = registry
         self.owner = owner
         self._pid = os.getpid()
@@ -54,3 +56,15 @@ class RemoteHost:
     def msi_vector(self, index: int) -> RemoteMsi:
         """MSI vector ``index``; its route is asked for at program()."""
         return RemoteMsi(self._irq_client(), index)
+
+    def guest_memory(self) -> GuestRam:
+        """Guest RAM as mapped from the VMM's memory table."""
+        if self._memory is None:
+            raise DeviceError("the VMM gave this device no guest memory")
+        return self._memory
+
+    def ioeventfd(self, space: Space, address: int, length: int,
+                  datamatch: int | None = None) -> RemoteDoorbell:
+        """Asks the VMM to bind an ioeventfd (raises
+        :class:`devserver.interrupts.IrqUnavailable` when refused)."""
+        return RemoteDoorbell(self._irq_client(), int(space), address, length, datamatch)

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from devices.base import DeviceError
 from ipc.protocol import (
     IRQ_ANSWERS,
+    IoeventfdRemoveRequest,
+    IoeventfdRequest,
     ConnectionClosed,
     IrqGranted,
     IrqLineRequest,
@@ -75,7 +77,7 @@ class IrqClient:
         seq = next(self._seq) & 0xFFFF_FFFF
         msg = make(seq)
         reader = self.reader
-        if reader is None or reader is threading.current_thread():
+        if reader is None or reader is threading.current_thread() or not reader.is_alive():
             answer = self._request_in_line(msg)
         else:
             answer = self._request_waiting(msg)
@@ -202,3 +204,31 @@ class RemoteMsi:
             log.debug("MSI vector %d triggered before it was programmed; dropped", self.index)
             return
         os.eventfd_write(fd, 1)
+
+
+class RemoteDoorbell:
+    """An ioeventfd the VMM bound on request (ipc.protocol, "ioeventfds"):
+    the device polls :attr:`fd`; :meth:`remove` asks the VMM to unbind it
+    and closes it."""
+
+    def __init__(self, client: IrqClient, space: int, address: int, length: int,
+                 datamatch: int | None):
+        self._client = client
+        self._fields = dict(space=space, address=address, length=length,
+                            datamatch=datamatch or 0, match=datamatch is not None)
+        answer = client.request(lambda seq: IoeventfdRequest(seq, **self._fields))
+        if not isinstance(answer, IrqGranted):
+            raise IrqUnavailable(f"the VMM answered ioeventfd {address:#x} without an eventfd")
+        self.fd = answer.fd
+        os.set_blocking(self.fd, False)
+
+    def remove(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        try:
+            self._client.request(lambda seq: IoeventfdRemoveRequest(seq, **self._fields))
+        except IrqUnavailable as e:
+            log.warning("removing ioeventfd %#x: %s", self._fields["address"], e)
+        finally:
+            self._client.forget(fd)

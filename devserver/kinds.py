@@ -8,12 +8,18 @@ from devices.base import Device
 from devices.echo import Echo
 from devices.pci_echo import PciEcho
 from devices.serial import Serial
+from devices.virtio.blk import VirtioBlk
+from devices.virtio.console import VirtioConsole
+from devices.virtio.rng import VirtioRng
 
 #: ``kind`` -> model class.  One line per model.
 KINDS: dict[str, type[Device]] = {
     Echo.kind: Echo,
     PciEcho.kind: PciEcho,
     Serial.kind: Serial,
+    VirtioRng.kind: VirtioRng,
+    VirtioBlk.kind: VirtioBlk,
+    VirtioConsole.kind: VirtioConsole,
 }
 
 #: With ``SPLITVMM_TEST_KINDS=1`` in its environment a device process also

@@ -27,6 +27,7 @@ import threading
 import time
 
 from devices.base import Device, Space
+from devices.guestmem import GuestRam
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
 from devserver.kinds import model_class
@@ -69,6 +70,8 @@ class DeviceServer:
         self.slots: SlotServer | None = None
         self.memory: mmap.mmap | None = None
         self.mem_table: SetMemTable | None = None
+        #: Bounds-checked guest-physical view of self.memory, for the model.
+        self.guest_ram: GuestRam | None = None
         self.model: Device | None = None
         self.host: RemoteHost | None = None
         #: Interrupt requests to the VMM (devserver.interrupts).
@@ -172,6 +175,7 @@ class DeviceServer:
                 raise StartFailed(f"memory region at {r.guest_addr:#x} ends past the memory fd ({size:#x} bytes)")
         self.memory = mmap.mmap(msg.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.mem_table = msg
+        self.guest_ram = GuestRam(self.memory, msg.regions)
 
     def _start_model(self) -> None:
         cfg = self.config
@@ -179,7 +183,8 @@ class DeviceServer:
         if self.slots.nslots < cfg.nvcpus:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
         self.irq = IrqClient(self._send, self.channel.receive)
-        self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq)
+        self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq,
+                               memory=self.guest_ram)
         self.model = self._build_model()
 
     def _build_model(self) -> Device:
@@ -328,8 +333,16 @@ class DeviceServer:
             self.slots.close()
         if self.registry is not None:
             self.registry.close()
+        if self.guest_ram is not None:
+            try:
+                self.guest_ram.release()
+            except BufferError as e:
+                log.warning("guest RAM still in use at teardown: %s", e)
         if self.memory is not None:
-            self.memory.close()
+            try:
+                self.memory.close()
+            except BufferError as e:
+                log.warning("guest RAM mapping still in use: %s", e)
         if self.console is not None:
             close_fds((self.console.output, self.console.input))
         self.channel.close()

@@ -579,6 +579,60 @@ for _m in IRQ_REQUESTS + IRQ_ANSWERS:
         TRANSITIONS[(_s, _m)] = _s
 
 
+# ---- ioeventfds (doorbells) -------------------------------------------------
+#
+#   device                                              VMM
+#   IoeventfdRequest(seq, space, address, length,  ─►   validates (a region this
+#                    datamatch, match)                  device owns), KVM_IOEVENTFD
+#   IoeventfdRemoveRequest(seq, same fields)       ─►   KVM_IOEVENTFD deassign
+#                                                  ◄─   IrqGranted(seq) [eventfd] (added)
+#                                                  ◄─   IrqDone(seq)              (removed)
+#                                                  ◄─   IrqRefused(seq, message)
+#
+# Same rules and answers as the interrupt requests (from Start on, answered
+# on the VMM's monitor thread, so a device may ask from inside an access
+# handler -- a BAR that moves takes its doorbells along).  ``space`` is 0
+# (port I/O) or 1 (MMIO); ``match`` says whether only writes of
+# ``datamatch`` signal.
+
+@dataclasses.dataclass(frozen=True)
+class IoeventfdRequest(Message):
+    """Device → VMM: an eventfd signalled by guest writes at ``address``."""
+
+    TYPE: ClassVar[str] = "ioeventfd"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    space: int
+    address: int
+    length: int
+    datamatch: int = 0
+    match: bool = False
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _need(type(self.space) is int and self.space in (0, 1), f"space must be 0 or 1, not {self.space!r}")
+        _u64("address", self.address)
+        _need(type(self.length) is int and self.length in (1, 2, 4, 8),
+              f"length must be 1, 2, 4 or 8, not {self.length!r}")
+        _u64("datamatch", self.datamatch)
+        _need(type(self.match) is bool, "match must be a boolean")
+
+
+@dataclasses.dataclass(frozen=True)
+class IoeventfdRemoveRequest(IoeventfdRequest):
+    """Device → VMM: drop the ioeventfd added with these same fields."""
+
+    TYPE: ClassVar[str] = "ioeventfd-remove"
+
+
+IRQ_REQUESTS = (*IRQ_REQUESTS, IoeventfdRequest, IoeventfdRemoveRequest)
+__all__ += ["IoeventfdRequest", "IoeventfdRemoveRequest"]
+for _m in (IoeventfdRequest, IoeventfdRemoveRequest):
+    MESSAGES[_m.TYPE] = _m
+    for _s in (S.STARTING, S.RUNNING, S.RESETTING, S.CLOSING):
+        TRANSITIONS[(_s, _m)] = _s
+
+
 def negotiate(hello: Hello, versions: frozenset[int] = frozenset({PROTOCOL_VERSION}),
               features: frozenset[str] = FEATURES) -> Welcome | None:
     """The device's answer to ``hello``: the highest common version and the

@@ -299,3 +299,20 @@ typedef struct {
 int svmm_set_gsi_routing(int vm_fd, const svmm_route *routes, unsigned n);
 /* KVM_IRQ_LINE: level of input gsi.  Returns 0 or -errno. */
 int svmm_irq_line(int vm_fd, uint32_t gsi, uint32_t level);
+
+/* ioeventfd (api.rst 4.59 KVM_IOEVENTFD): a guest write to an address
+ * signals an eventfd instead of exiting to user space. */
+#define KVM_IOEVENTFD ...
+#define KVM_CAP_IOEVENTFD ...
+#define KVM_IOEVENTFD_FLAG_DATAMATCH ...
+#define KVM_IOEVENTFD_FLAG_PIO ...
+#define KVM_IOEVENTFD_FLAG_DEASSIGN ...
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t fd;
+    uint32_t flags;
+    ...;
+};

@@ -251,6 +251,27 @@ class Vm(_Fd):
         req.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         self._ioctl_ptr(lib.KVM_IRQFD, req, f"KVM_IRQFD{' deassign' if deassign else ''} gsi {gsi}")
 
+    def ioeventfd(self, fd: int, address: int, length: int, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes (0: any, MMIO
+        only) at ``address`` (a port when ``pio``) signals eventfd ``fd``
+        instead of exiting -- only writes of ``datamatch`` when given;
+        ``deassign`` removes the binding (the same arguments)."""
+        req = ffi.new("struct kvm_ioeventfd *")
+        req.addr, req.len, req.fd = address, length, fd
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+            req.datamatch = datamatch
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        req.flags = flags
+        self._ioctl_ptr(lib.KVM_IOEVENTFD, req,
+                        f"KVM_IOEVENTFD{' deassign' if deassign else ''} {'PIO' if pio else 'MMIO'} "
+                        f"{address:#x}+{length}")
+
     def signal_msi(self, address: int, data: int) -> int:
         """KVM_SIGNAL_MSI: inject one MSI; >0 delivered, 0 blocked by the guest."""
         msi = ffi.new("struct kvm_msi *")

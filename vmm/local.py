@@ -22,8 +22,10 @@ import os
 from typing import Callable
 
 from devices.base import ConsoleFds, Device, DeviceError, Space
+from devices.guestmem import GuestRam
 from ipc import Bus, Registry
 from vmm.endpoint import VMM_OWNER, DeviceFailed
+from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,30 @@ class LocalHost:
     """DeviceHost of an inline model: the registry, with its owner id."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
-                 irqs: DeviceIrqs | None = None):
+                 irqs: DeviceIrqs | None = None, memory: GuestRam | None = None,
+                 ioevents: DeviceIoeventfds | None = None):
         self.registry = registry
         self.owner = owner
         self._console = console
         self.irqs = irqs
+        self._memory = memory
+        self.ioevents = ioevents
+
+    def guest_memory(self) -> GuestRam:
+        """The VMM's own mapping of guest RAM, bounds-checked."""
+        if self._memory is None:
+            raise DeviceError("this host gives the device no guest memory")
+        return self._memory
+
+    def ioeventfd(self, space: Space, address: int, length: int,
+                  datamatch: int | None = None) -> LocalDoorbell:
+        if self.ioevents is None:
+            raise DeviceError("this host has no ioeventfds")
+        try:
+            fd = self.ioevents.add(int(space), address, length, datamatch)
+        except IoeventfdRefused as e:
+            raise DeviceError(str(e)) from None
+        return LocalDoorbell(self.ioevents, int(space), address, length, datamatch, fd)
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
         self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
@@ -68,6 +89,22 @@ class LocalHost:
 
     def msi_vector(self, index: int) -> LocalMsi:
         return LocalMsi(self._irqs(), index)
+
+
+class LocalDoorbell:
+    """An ioeventfd of an inline model (the VMM's DeviceIoeventfds keeps
+    the descriptor; remove() unbinds and closes it)."""
+
+    def __init__(self, ioevents: DeviceIoeventfds, space: int, address: int, length: int,
+                 datamatch: int | None, fd: int):
+        self._ioevents = ioevents
+        self._key = (space, address, length, datamatch)
+        self.fd = fd
+
+    def remove(self) -> None:
+        if self.fd >= 0:
+            self.fd = -1
+            self._ioevents.remove(*self._key)
 
 
 class LocalLine:
@@ -110,30 +147,36 @@ class LocalMsi:
 class LocalEndpoint:
     """A model running inside the VMM, behind the Endpoint interface."""
 
-    def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None):
+    def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None,
+                 ioevents: DeviceIoeventfds | None = None):
         self.model = model
         self.owner = owner
         self.name = name
         self.irqs = irqs
+        self.ioevents = ioevents
         self._read = model.read
         self._write = model.write
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
                registry: Registry, console: ConsoleFds | None = None,
-               irq_router: IrqRouter | None = None) -> LocalEndpoint:
+               irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
         regions (raises the model's BadParameter, the registry's errors).
-        ``irq_router``: where its interrupts go (None: it has none)."""
+        ``irq_router``: where its interrupts go, and the VM its doorbells
+        are bound in (None: it has neither); ``memory``: guest RAM."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
+        ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name) if irq_router is not None else None
         try:
-            model = model_class(LocalHost(registry, owner, console, irqs), **params)
+            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents), **params)
             model.start()
         except BaseException:
             if irqs is not None:
                 irqs.release_all()
+            if ioevents is not None:
+                ioevents.release_all()
             raise
-        return cls(model, owner, name, irqs)
+        return cls(model, owner, name, irqs, ioevents)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
@@ -152,6 +195,8 @@ class LocalEndpoint:
             log.warning("device %s: stop failed: %s", self.name, e)
         if self.irqs is not None:
             self.irqs.release_all()
+        if self.ioevents is not None:
+            self.ioevents.release_all()
 
 
 ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value

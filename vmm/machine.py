@@ -147,7 +147,7 @@ class Machine:
             try:
                 endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
                                                           spec.name, self.registry, console,
-                                                          irq_router=self.irq)
+                                                          irq_router=self.irq, memory=self._guest_ram())
             except (RegistryError, DeviceError) as e:
                 self.registry.unregister_owner(owner)
                 raise ConfigError(f"device {spec.name}: {e}") from None
@@ -157,6 +157,13 @@ class Machine:
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
+
+    def _guest_ram(self):
+        """Guest RAM for inline models (one shared bounds-checked view)."""
+        if getattr(self, "_ram_view", None) is None:
+            from devices.guestmem import GuestRam
+            self._ram_view = GuestRam(self.memory.view, self.memory.regions)
+        return self._ram_view
 
     def _warn_unreachable(self, name: str, owner: int) -> None:
         """MMIO regions on top of RAM never see an access: say so."""
@@ -287,6 +294,12 @@ class Machine:
             self.vm.close()
         if self.kvm is not None:
             self.kvm.close()
+        if getattr(self, "_ram_view", None) is not None:
+            try:
+                self._ram_view.release()
+            except BufferError as e:   # a model still holds a window on it
+                log.warning("guest RAM view still in use at teardown: %s", e)
+            self._ram_view = None
         if self.memory is not None:
             self.memory.close()
 

@@ -39,13 +39,14 @@ from ipc import Registry
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, MemRegion, Message,
                           Ready, RemoteProtocolError, Reset, ResetDone, Role, SetConsole,
                           SetMemTable, SetRegistry, SetSlots, Shutdown, Start, Welcome)
-from ipc.protocol import (IRQ_REQUESTS, IrqDone, IrqGranted, IrqLineRequest, IrqRefused,
-                          MsiRouteRequest, MsiUnrouteRequest)
+from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest, IrqDone, IrqGranted,
+                          IrqLineRequest, IrqRefused, MsiRouteRequest, MsiUnrouteRequest)
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
 from vmm.console import StderrRelay
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
+from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter
 
 __all__ = ["RemoteEndpoint", "DEVSERVER_COMMAND"]
@@ -97,6 +98,8 @@ class RemoteEndpoint:
         self._exited = threading.Event()
         #: The device's interrupt pins and MSI routes (None: it may have none).
         self.irqs: DeviceIrqs | None = None
+        #: The device's doorbells (None: it may have none).
+        self.ioevents: DeviceIoeventfds | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -191,6 +194,7 @@ class RemoteEndpoint:
                  channel=Channel(ours, Role.VMM), slots=slots, access_timeout=access_timeout)
         if irq_router is not None:
             ep.irqs = DeviceIrqs(irq_router, name)
+            ep.ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name)
         try:
             ep._handshake(config, reg_fd, dataclasses.replace(set_slots, fd=slots.fd),
                           memfd, mem_regions, deadline, console)
@@ -286,6 +290,8 @@ class RemoteEndpoint:
         self._reset_done.clear()
         if self.irqs is not None:
             self.irqs.release_all()     # power-on state: no routes; the new model asks again
+        if self.ioevents is not None:
+            self.ioevents.release_all()
         try:
             with self._chan_lock:
                 self._channel.send(Reset())
@@ -456,9 +462,21 @@ class RemoteEndpoint:
         try:
             if irqs is None:
                 raise IrqError("this VMM gives the device no interrupts")
-            if self._failure is not None or self._closing:
+            if isinstance(msg, IoeventfdRemoveRequest) and (self._failure is not None or self._closing):
+                answer = IrqDone(msg.seq)       # released with the rest at teardown
+            elif self._failure is not None or self._closing:
                 raise IrqError("the device is cut off or closing")
-            if isinstance(msg, IrqLineRequest):
+            elif isinstance(msg, IoeventfdRemoveRequest):
+                if self.ioevents is None:
+                    raise IrqError("this VMM gives the device no ioeventfds")
+                self.ioevents.remove(msg.space, msg.address, msg.length, msg.datamatch if msg.match else None)
+                answer = IrqDone(msg.seq)
+            elif isinstance(msg, IoeventfdRequest):
+                if self.ioevents is None:
+                    raise IrqError("this VMM gives the device no ioeventfds")
+                answer = IrqGranted(msg.seq, self.ioevents.add(msg.space, msg.address, msg.length,
+                                                               msg.datamatch if msg.match else None))
+            elif isinstance(msg, IrqLineRequest):
                 answer = IrqGranted(msg.seq, irqs.pin(msg.gsi))
             elif isinstance(msg, MsiRouteRequest):
                 answer = IrqGranted(msg.seq, irqs.program(msg.index, msg.address, msg.data))
@@ -466,7 +484,7 @@ class RemoteEndpoint:
                 assert isinstance(msg, MsiUnrouteRequest)
                 irqs.unprogram(msg.index)
                 answer = IrqDone(msg.seq)
-        except (IrqError, OSError) as e:
+        except (IrqError, IoeventfdRefused, OSError) as e:
             log.warning("device %s: %s refused: %s", self.name, msg.TYPE, e)
             answer = IrqRefused(msg.seq, str(e)[:1000] or type(e).__name__)
         try:
@@ -486,6 +504,8 @@ class RemoteEndpoint:
         self._reap_regions()
         if self.irqs is not None:
             self.irqs.release_all()     # its routes and irqfds go with it
+        if self.ioevents is not None:
+            self.ioevents.release_all()
         self._exited.set()
 
     def _reap_regions(self) -> None:
@@ -521,6 +541,8 @@ class RemoteEndpoint:
         self._reap_regions()
         if self.irqs is not None:
             self.irqs.release_all()
+        if self.ioevents is not None:
+            self.ioevents.release_all()
         log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                   self._slots.device_stats())
         with self._chan_lock:

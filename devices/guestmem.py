@@ -1,0 +1,95 @@
+"""Guest RAM as a device model sees it: guest-physical addresses,
+bounds-checked against the RAM layout, over one shared mapping.
+
+The same class serves both placements: inline, the buffer is the VMM's own
+mapping of the RAM memfd; in a device process, the memfd mapped there from
+the memory table (``SetMemTable``).  Every access names a guest-physical
+range; one that is not wholly inside one RAM region raises
+:class:`GuestMemoryFault` (a device error, never a host fault), so a
+model handling guest-controlled addresses (virtqueue descriptors) cannot
+reach a byte outside guest RAM.  The RAM is shared with a running guest:
+values read are snapshots, a model copies what it validates before using
+it (virtio 1.2 §2.7.5's driver may change a descriptor under it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from devices.base import DeviceError
+
+U64 = 1 << 64
+
+
+class GuestMemoryFault(DeviceError):
+    """A guest-physical range that is not (wholly) guest RAM."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RamRange:
+    """``size`` bytes of RAM at guest-physical ``guest_addr``, found at
+    ``offset`` in the buffer."""
+
+    guest_addr: int
+    size: int
+    offset: int
+
+
+class GuestRam:
+    """Guest-physical access to a buffer (an mmap of guest RAM)."""
+
+    def __init__(self, buffer, regions: Iterable):
+        view = memoryview(buffer).cast("B")
+        ranges = []
+        for r in regions:
+            rr = RamRange(int(r.guest_addr), int(r.size), int(r.offset))
+            if rr.size <= 0 or rr.offset < 0 or rr.offset + rr.size > len(view) or \
+                    rr.guest_addr < 0 or rr.guest_addr + rr.size > U64:
+                raise ValueError(f"RAM region {rr} does not fit the {len(view):#x}-byte mapping")
+            ranges.append(rr)
+        self._view = view
+        self.ranges: tuple[RamRange, ...] = tuple(sorted(ranges, key=lambda r: r.guest_addr))
+
+    def _offset(self, addr: int, length: int) -> int:
+        if type(addr) is not int or type(length) is not int or addr < 0 or length < 0:
+            raise GuestMemoryFault(f"bad guest range {addr!r}+{length!r}")
+        for r in self.ranges:
+            if r.guest_addr <= addr and addr + length <= r.guest_addr + r.size:
+                return r.offset + addr - r.guest_addr
+        raise GuestMemoryFault(f"guest-physical {addr:#x}+{length:#x} is not guest RAM")
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        try:
+            self._offset(addr, length)
+        except GuestMemoryFault:
+            return False
+        return True
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy window on ``[addr, addr + length)`` (writable).
+        Release it (``with``) before the mapping goes away."""
+        off = self._offset(addr, length)
+        return self._view[off:off + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        off = self._offset(addr, length)
+        return bytes(self._view[off:off + length])
+
+    def write(self, addr: int, data) -> None:
+        data = memoryview(data).cast("B")
+        off = self._offset(addr, len(data))
+        self._view[off:off + len(data)] = data
+
+    def read_int(self, addr: int, size: int) -> int:
+        """A little-endian unsigned integer of ``size`` bytes."""
+        off = self._offset(addr, size)
+        return int.from_bytes(self._view[off:off + size], "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        off = self._offset(addr, size)
+        self._view[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def release(self) -> None:
+        """Drop this object's view (before the mapping is closed)."""
+        self._view.release()
