@@ -15,6 +15,9 @@ from devices.base import BadParameter, Device
 from devices.echo import Echo
 from devices.pci_echo import PciEcho
 from devices.serial import Serial
+from devices.virtio.blk import VirtioBlk
+from devices.virtio.console import VirtioConsole
+from devices.virtio.rng import VirtioRng
 from vmm.endpoint import VmmError
 
 #: kind -> model class.  A model is placement-agnostic: the same class
@@ -23,6 +26,9 @@ DEVICE_TYPES: dict[str, type[Device]] = {
     Echo.kind: Echo,
     PciEcho.kind: PciEcho,
     Serial.kind: Serial,
+    VirtioRng.kind: VirtioRng,
+    VirtioBlk.kind: VirtioBlk,
+    VirtioConsole.kind: VirtioConsole,
 }
 
 PLACEMENTS = ("isolated", "inline")

@@ -1,0 +1,208 @@
+"""virtio-blk (virtio 1.2 §5.2) on a raw image file.
+
+``--device virtio-blk,path=FILE[,readonly=on][,serial=ID]``.  One request
+queue.  Features offered: VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
+VIRTIO_BLK_F_FLUSH, and VIRTIO_BLK_F_RO with ``readonly=on`` (the image is
+then opened read-only).  Configuration: capacity (the image size in
+512-byte sectors, rounded down), seg_max, blk_size (512).
+
+Requests (§5.2.6): a 16-byte header (type, reserved, sector) in the
+device-readable part, data, and a status byte, the last device-writable
+byte.  VIRTIO_BLK_T_IN reads straight into guest RAM (``preadv`` into the
+buffers' windows), VIRTIO_BLK_T_OUT writes straight from it (``pwritev``);
+a request is completed only after the system call returned, so the data
+is in the file (the page cache) when the driver sees it; VIRTIO_BLK_T_FLUSH
+is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
+zero-padded).  A request that is malformed (no room for header or status,
+data not a whole number of sectors, beyond the capacity) or fails on the
+host gets VIRTIO_BLK_S_IOERR, a write to a read-only disk too (§5.2.6.2);
+an unknown type gets VIRTIO_BLK_S_UNSUPP.  A chain without a status byte
+completes with length 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+from devices.base import BadParameter, DeviceHost
+from devices.guestmem import GuestRam
+from devices.virtio.pci import VirtioPciDevice
+from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BLOCK = 2
+QUEUE_SIZE = 128
+SECTOR_SIZE = 512
+
+# §5.2.3 feature bits
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+# §5.2.6 request types and status values
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+
+_HEADER = struct.Struct("<IIQ")
+#: struct virtio_blk_config up to blk_size (§5.2.4): capacity, size_max,
+#: seg_max, geometry (cylinders, heads, sectors), blk_size.
+_CONFIG = struct.Struct("<QIIHBBI")
+
+
+def _split(buffers: list[Buffer], at: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The byte ranges of ``buffers`` before and after byte ``at``."""
+    head, tail, pos = [], [], 0
+    for b in buffers:
+        lo, hi = pos, pos + b.length
+        if lo < at:
+            head.append((b.addr, min(hi, at) - lo))
+        if hi > at:
+            start = max(lo, at)
+            tail.append((b.addr + start - lo, hi - start))
+        pos = hi
+    return [r for r in head if r[1]], [r for r in tail if r[1]]
+
+
+class VirtioBlk(VirtioPciDevice):
+    kind = "virtio-blk"
+    virtio_id = VIRTIO_ID_BLOCK
+    class_code = 0x018000          # mass storage, other (as QEMU)
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, host: DeviceHost, **params: str):
+        path = params.pop("path", None)
+        readonly = params.pop("readonly", "off")
+        serial = params.pop("serial", None)
+        if path is None:
+            raise BadParameter("virtio-blk: path=FILE (a raw image) is required")
+        if readonly not in ("on", "off"):
+            raise BadParameter(f"virtio-blk: readonly={readonly!r} (on or off)")
+        self.readonly = readonly == "on"
+        features = (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
+        if self.readonly:
+            features |= 1 << VIRTIO_BLK_F_RO
+        self.device_features = features
+        self.path = path
+        ident = (serial if serial is not None else os.path.basename(path)).encode()
+        if len(ident) > VIRTIO_BLK_ID_BYTES:
+            raise BadParameter(f"virtio-blk: serial={serial!r} (at most {VIRTIO_BLK_ID_BYTES} bytes)")
+        self.ident = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        self.fd = -1
+        self.capacity = 0
+        super().__init__(host, **params)
+
+    def start(self) -> None:
+        try:
+            self.fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise BadParameter(f"virtio-blk: {self.path}: {e.strerror}") from None
+        self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def device_config(self) -> bytes:
+        return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
+
+    # -- requests ------------------------------------------------------------
+
+    def fail_request(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
+        return 0
+
+    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
+        readable, writable = chain.readable, chain.writable
+        rlen = sum(b.length for b in readable)
+        wlen = sum(b.length for b in writable)
+        if wlen < 1:
+            log.warning("%s: request %d has no status byte", self.kind, chain.head)
+            return 0
+        data_out, status_at = _split(writable, wlen - 1)
+        status_addr = status_at[0][0]
+        if rlen < _HEADER.size:
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        header, payload = _split(readable, _HEADER.size)
+        raw = b"".join(mem.read(a, n) for a, n in header)
+        rtype, _reserved, sector = _HEADER.unpack(raw)
+        try:
+            if rtype == VIRTIO_BLK_T_IN:
+                if payload:
+                    return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+                return self._read(mem, sector, data_out, status_addr)
+            if rtype == VIRTIO_BLK_T_OUT:
+                if data_out:
+                    return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+                return self._write(mem, sector, payload, status_addr)
+            if rtype == VIRTIO_BLK_T_FLUSH:
+                os.fdatasync(self.fd)
+                return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
+            if rtype == VIRTIO_BLK_T_GET_ID:
+                ident, done = self.ident, 0
+                for a, n in data_out:
+                    k = min(n, len(ident) - done)
+                    if k <= 0:
+                        break
+                    mem.write(a, ident[done:done + k])
+                    done += k
+                return self._status(mem, status_addr, VIRTIO_BLK_S_OK, done)
+        except OSError as e:
+            log.warning("%s: request type %d at sector %d: %s", self.kind, rtype, sector, e)
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        return self._status(mem, status_addr, VIRTIO_BLK_S_UNSUPP, 0)
+
+    @staticmethod
+    def _status(mem: GuestRam, addr: int, status: int, data_written: int) -> int:
+        mem.write(addr, bytes((status,)))
+        return data_written + 1
+
+    def _range_ok(self, sector: int, ranges: list[tuple[int, int]]) -> int | None:
+        total = sum(n for _a, n in ranges)
+        if total % SECTOR_SIZE or sector + total // SECTOR_SIZE > self.capacity:
+            return None
+        return total
+
+    def _read(self, mem: GuestRam, sector: int, ranges: list[tuple[int, int]], status_addr: int) -> int:
+        total = self._range_ok(sector, ranges)
+        if total is None:
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        offset = sector * SECTOR_SIZE
+        for a, n in ranges:
+            with mem.view(a, n) as window:
+                done = 0
+                while done < n:
+                    got = os.preadv(self.fd, [window[done:]], offset + done)
+                    if got <= 0:
+                        raise OSError(0, f"short read at byte {offset + done}")
+                    done += got
+            offset += n
+        return self._status(mem, status_addr, VIRTIO_BLK_S_OK, total)
+
+    def _write(self, mem: GuestRam, sector: int, ranges: list[tuple[int, int]], status_addr: int) -> int:
+        total = self._range_ok(sector, ranges)
+        if total is None or self.readonly:
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        offset = sector * SECTOR_SIZE
+        for a, n in ranges:
+            with mem.view(a, n) as window:
+                done = 0
+                while done < n:
+                    put = os.pwritev(self.fd, [window[done:]], offset + done)
+                    if put <= 0:
+                        raise OSError(0, f"short write at byte {offset + done}")
+                    done += put
+            offset += n
+        return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)

@@ -1,0 +1,201 @@
+"""Split virtqueues (virtio 1.2 §2.7), processed in guest RAM.
+
+Every value read from the rings is guest-controlled and checked before it
+is used, against a private copy (the driver may change shared memory at
+any time):
+
+* ring addresses and the queue size are validated once, at enable
+  (:meth:`Virtqueue.check_layout`: size a power of two up to
+  :data:`MAX_QUEUE_SIZE`, alignment §2.7 table, every ring inside RAM);
+* ``avail->idx`` may run at most ``size`` entries ahead of the device
+  (§2.7.6); further means the driver is broken: :class:`QueueBroken`,
+  for which the transport sets DEVICE_NEEDS_RESET (§2.1.2);
+* a head index must be below ``size`` (else QueueBroken too);
+* a chain (§2.7.5) is at most ``size`` descriptors long -- a longer one
+  loops, since ``next`` must stay below ``size`` --, each ``next`` below
+  ``size``, each buffer inside guest RAM (addr + len, no wrap),
+  device-writable buffers after all device-readable ones (§2.7.4.2), no
+  VIRTQ_DESC_F_INDIRECT (not offered), and at most
+  :data:`MAX_CHAIN_BYTES` in all.  A chain that breaks a rule is returned
+  with :attr:`Chain.error` set, so the device can fail that request alone
+  (its head is valid and is returned through the used ring).
+
+Memory is reached only through :class:`devices.guestmem.GuestRam`, which
+refuses any byte outside guest RAM.  Interrupt suppression: the device
+honours VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7); VIRTIO_F_EVENT_IDX and
+indirect descriptors are not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+
+from devices.guestmem import GuestMemoryFault, GuestRam
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_SIZE = 32768          # §2.7: "The maximum Queue Size value is 32768"
+#: Largest total of one chain's buffers this device accepts.
+MAX_CHAIN_BYTES = 64 << 20
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+#: Alignment of the three parts (§2.7, "Virtqueue Part" table).
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueBroken(Exception):
+    """The driver broke the ring as a whole: the device needs a reset."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One descriptor's buffer, validated (inside guest RAM)."""
+
+    addr: int
+    length: int
+    writable: bool
+
+
+@dataclasses.dataclass
+class Chain:
+    """One request: the head index and its buffers in order, or an error."""
+
+    head: int
+    buffers: list[Buffer]
+    error: str | None = None
+
+    @property
+    def readable(self) -> list[Buffer]:
+        return [b for b in self.buffers if not b.writable]
+
+    @property
+    def writable(self) -> list[Buffer]:
+        return [b for b in self.buffers if b.writable]
+
+
+def avail_size(n: int) -> int:
+    return 6 + 2 * n
+
+
+def used_size(n: int) -> int:
+    return 6 + 8 * n
+
+
+class Virtqueue:
+    """One split virtqueue's driver-set configuration and device state."""
+
+    def __init__(self, index: int, max_size: int):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} (a power of two up to {MAX_QUEUE_SIZE})")
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Power-on values (§4.1.4.3: queue_size reads the maximum)."""
+        self.size = self.max_size
+        self.msix_vector = 0xFFFF
+        self.enabled = False
+        self.desc = self.driver = self.device = 0
+        self.last_avail = 0
+        self.used_idx = 0
+        #: Requests served, requests failed (bad chain).
+        self.served = 0
+        self.failed = 0
+
+    # -- configuration ---------------------------------------------------
+
+    def check_layout(self, mem: GuestRam) -> str | None:
+        """Why the driver's size/addresses cannot be used, or None."""
+        n = self.size
+        if not 1 <= n <= self.max_size or n & (n - 1):
+            return f"queue {self.index}: size {n} (a power of two up to {self.max_size})"
+        for name, addr, length, align in (("descriptor table", self.desc, DESC_SIZE * n, DESC_ALIGN),
+                                          ("driver area", self.driver, avail_size(n), AVAIL_ALIGN),
+                                          ("device area", self.device, used_size(n), USED_ALIGN)):
+            if addr % align:
+                return f"queue {self.index}: {name} at {addr:#x} is not {align}-byte aligned"
+            if not mem.contains(addr, length):
+                return f"queue {self.index}: {name} {addr:#x}+{length:#x} is not in guest RAM"
+        return None
+
+    # -- the device's side of the rings ----------------------------------
+
+    def pending(self, mem: GuestRam) -> int:
+        """Entries the driver made available and the device has not taken
+        (raises QueueBroken when the index ran ahead by more than size)."""
+        avail_idx = mem.read_int(self.driver + 2, 2)
+        n = (avail_idx - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise QueueBroken(f"queue {self.index}: avail idx {avail_idx} is {n} ahead of "
+                              f"{self.last_avail} (size {self.size})")
+        return n
+
+    def pop(self, mem: GuestRam) -> Chain | None:
+        """The next available chain, or None when there is none."""
+        if not self.pending(mem):
+            return None
+        slot = self.last_avail % self.size
+        head = mem.read_int(self.driver + 4 + 2 * slot, 2)
+        if head >= self.size:
+            raise QueueBroken(f"queue {self.index}: head {head} in avail slot {slot} >= size {self.size}")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self._walk(mem, head)
+
+    def _walk(self, mem: GuestRam, head: int) -> Chain:
+        chain = Chain(head, [])
+        i, total, seen_writable = head, 0, False
+        for _ in range(self.size):
+            raw = mem.read(self.desc + DESC_SIZE * i, DESC_SIZE)
+            addr, length, flags, nxt = _DESC.unpack(raw)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                chain.error = f"descriptor {i}: INDIRECT (not negotiated)"
+                return chain
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if seen_writable and not writable:
+                chain.error = f"descriptor {i}: device-readable after device-writable (§2.7.4.2)"
+                return chain
+            seen_writable |= writable
+            if length and not mem.contains(addr, length):
+                chain.error = f"descriptor {i}: buffer {addr:#x}+{length:#x} is not in guest RAM"
+                return chain
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                chain.error = f"chain at {head}: more than {MAX_CHAIN_BYTES} bytes"
+                return chain
+            chain.buffers.append(Buffer(addr, length, writable))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= self.size:
+                chain.error = f"descriptor {i}: next {nxt} >= size {self.size}"
+                return chain
+            i = nxt
+        chain.error = f"chain at {head}: longer than the queue size {self.size} (a loop)"
+        return chain
+
+    def push(self, mem: GuestRam, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes written (§2.7.8):
+        the element first, then the index."""
+        slot = self.used_idx % self.size
+        mem.write(self.device + 4 + 8 * slot, _USED_ELEM.pack(head, written & 0xFFFF_FFFF))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        mem.write_int(self.device + 2, 2, self.used_idx)
+
+    def wants_interrupt(self, mem: GuestRam) -> bool:
+        """False when the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7)."""
+        return not mem.read_int(self.driver, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+
+def fault_text(e: GuestMemoryFault) -> str:
+    return f"guest memory: {e}"

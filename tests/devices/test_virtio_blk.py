@@ -1,0 +1,144 @@
+"""virtio-blk requests against a real image file and a guarded mmap'd
+buffer as guest RAM (tests/devices/test_virtio.py): reads and writes go
+straight between the file and guest RAM, flush, get-id, read-only, and
+malformed or unsupported requests get IOERR / UNSUPP."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from devices.base import BadParameter
+from devices.virtio import blk as vb
+from devices.virtio.blk import VirtioBlk
+from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from tests.devices.test_virtio import (BUF, HIGH, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
+                                       notify, offer, put_desc, setup_queue, used)
+from devices.virtio import pci as vp
+
+SECTORS = 64
+HDR, DATA, STATUS = BUF, BUF + 0x1000, BUF + 0x100
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(bytes(range(256)) * (SECTORS * 2))
+    return p
+
+
+def make(image, **params):
+    g = GuardedRam()
+    dev = VirtioBlk(FakeHost(g.ram), slot="4", path=str(image), **params)
+    dev.start()
+    assert negotiate(dev) == 0xB
+    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
+    setup_queue(dev)
+    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+    return dev, g.ram
+
+
+@pytest.fixture
+def blk(image):
+    dev, ram = make(image)
+    yield dev, ram
+    dev.stop()
+
+
+def request(dev, ram, rtype, sector, data_len=0, data_writable=True, header_len=16, status=True, data=None):
+    """One request as head 0; returns (used length, status byte)."""
+    ram.write(HDR, struct.pack("<IIQ", rtype, 0, sector)[:header_len])
+    ram.write(STATUS, b"\xee")
+    descs = [(HDR, header_len, 0)]
+    if data_len:
+        if data is not None:
+            ram.write(DATA, data)
+        descs.append((DATA, data_len, VIRTQ_DESC_F_WRITE if data_writable else 0))
+    if status:
+        descs.append((STATUS, 1, VIRTQ_DESC_F_WRITE))
+    for i, (a, n, f) in enumerate(descs):
+        put_desc(ram, i, a, n, f | (VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0), i + 1)
+    offer(ram, 0)
+    notify(dev)
+    idx, elems = used(ram)
+    return elems[-1][1], ram.read(STATUS, 1)[0]
+
+
+def test_config_space(blk):
+    dev, _ = blk
+    raw = bytes(dev.read(vp.Space.MMIO, 0, vp.DEVICE_OFFSET + i, 1) for i in range(24))
+    capacity, _size_max, seg_max, _c, _h, _s, blk_size = struct.unpack("<QIIHBBI", raw)
+    assert (capacity, seg_max, blk_size) == (SECTORS, vb.QUEUE_SIZE - 2, 512)
+    common_w(dev, vp.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
+    feats = common_r(dev, vp.VIRTIO_PCI_COMMON_DF, 4)
+    assert feats & (1 << vb.VIRTIO_BLK_F_FLUSH) and not feats & (1 << vb.VIRTIO_BLK_F_RO)
+
+
+def test_write_read_flush_get_id(blk, image):
+    dev, ram = blk
+    pattern = os.urandom(1024)
+    assert request(dev, ram, vb.VIRTIO_BLK_T_OUT, 3, 1024, data_writable=False, data=pattern) == (1, 0)
+    assert image.read_bytes()[3 * 512:5 * 512] == pattern      # in the file when acknowledged
+    ram.write(DATA, bytes(1024))
+    assert request(dev, ram, vb.VIRTIO_BLK_T_IN, 3, 1024) == (1025, 0)
+    assert ram.read(DATA, 1024) == pattern
+    assert request(dev, ram, vb.VIRTIO_BLK_T_FLUSH, 0) == (1, 0)
+    assert request(dev, ram, vb.VIRTIO_BLK_T_GET_ID, 0, 20) == (21, 0)
+    assert ram.read(DATA, 20) == b"disk.img".ljust(20, b"\0")
+    # the status byte sharing the data's descriptor, data across the RAM hole
+    ram.write(HDR, struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 0))
+    put_desc(ram, 0, HDR, 16, VIRTQ_DESC_F_NEXT, 1)
+    put_desc(ram, 1, LOW - 512, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2)
+    put_desc(ram, 2, HIGH, 513, VIRTQ_DESC_F_WRITE)
+    offer(ram, 0)
+    notify(dev)
+    assert used(ram)[1][-1] == (0, 1025)
+    assert ram.read(LOW - 512, 512) + ram.read(HIGH, 512) == image.read_bytes()[:1024]
+    assert ram.read(HIGH + 512, 1) == b"\0"
+
+
+@pytest.mark.parametrize("case,expect", [
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=SECTORS - 1, data_len=1024), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=(1 << 64) - 1, data_len=512), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=0, data_len=100), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=vb.VIRTIO_BLK_T_OUT, sector=0, data_len=512, data_writable=True), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=0, data_len=512, data_writable=False), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=0, header_len=8), (1, vb.VIRTIO_BLK_S_IOERR)),
+    (dict(rtype=99, sector=0), (1, vb.VIRTIO_BLK_S_UNSUPP)),
+    (dict(rtype=vb.VIRTIO_BLK_T_IN, sector=0, status=False), (0, 0xEE)),
+])
+def test_malformed_and_unsupported(blk, image, case, expect):
+    dev, ram = blk
+    before = image.read_bytes()
+    assert request(dev, ram, **case) == expect
+    assert image.read_bytes() == before
+    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+
+
+def test_readonly(image):
+    dev, ram = make(image, readonly="on")
+    try:
+        common_w(dev, vp.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
+        assert common_r(dev, vp.VIRTIO_PCI_COMMON_DF, 4) & (1 << vb.VIRTIO_BLK_F_RO)
+        before = image.read_bytes()
+        assert request(dev, ram, vb.VIRTIO_BLK_T_OUT, 0, 512, data_writable=False,
+                       data=b"x" * 512) == (1, vb.VIRTIO_BLK_S_IOERR)
+        assert image.read_bytes() == before
+        assert request(dev, ram, vb.VIRTIO_BLK_T_IN, 0, 512) == (513, 0)
+    finally:
+        dev.stop()
+
+
+def test_parameters(tmp_path):
+    with pytest.raises(BadParameter, match="path"):
+        VirtioBlk(FakeHost(None), slot="4")
+    with pytest.raises(BadParameter, match="readonly"):
+        VirtioBlk(FakeHost(None), slot="4", path="x", readonly="maybe")
+    with pytest.raises(BadParameter, match="serial"):
+        VirtioBlk(FakeHost(None), slot="4", path="x", serial="y" * 21)
+    dev = VirtioBlk(FakeHost(None), slot="4", path=str(tmp_path / "missing"))
+    with pytest.raises(BadParameter, match="missing"):
+        dev.start()
