@@ -16,7 +16,8 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-# The main job: the demo guest with an isolated and an inline device.
+# The main job: the demo guest with serial, virtio-rng, virtio-blk and virtio-console,
+# each in its own process.
 run: $(STAMP)
 	$(PY) -m vmm.cli run
 

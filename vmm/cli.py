@@ -14,9 +14,11 @@ unless ``--serial none``; a ``--device serial,...`` given explicitly takes
 its place (the first one gets the console).
 
 ``vmm run`` without ``--guest`` builds and boots the demo guest
-(``vmm/guests/demo.c``) with two echo devices, one in its own process and
-one inline.  Every run ends with a one-line summary on stderr: how the
-guest ended and which process served which device.
+(``vmm/guests/demo.c``) with virtio-rng, virtio-blk (on a temporary 16 MiB
+raw image, removed when the run ends) and virtio-console next to the
+serial console, each in its own process.  Every run ends with a one-line
+summary on stderr: how the guest ended and which process served which
+device.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import time
 from typing import NoReturn, Sequence
 
@@ -123,12 +126,11 @@ def _raise_interrupted(signo: int, _frame) -> None:
     raise Interrupted(signo)
 
 
-# The demo: its devices and the guest command line that tells it where
-# they are (the guest's defaults are the same addresses).
-DEMO_DEVICES = ("echo,id=echo-isolated,pio=0x1000,mmio=0xd0000000,process=isolated",
-                "echo,id=echo-inline,pio=0x1100,process=inline")
-DEMO_CMDLINE = ("iso_pio=0x1000 iso_mmio=0xd0000000 inl_pio=0x1100 free_pio=0x2000 "
-                "free_mmio=0xd0100000 move_to=0xd0200000")
+# The demo: its devices (the disk's path=, a temporary image, is added by
+# run()) and the size of that image.
+DEMO_DEVICES = ("virtio-rng,id=rng", "virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
+                "virtio-console,id=console")
+DEMO_DISK_SIZE = 16 << 20
 
 
 def _demo_guest() -> pathlib.Path:
@@ -136,7 +138,8 @@ def _demo_guest() -> pathlib.Path:
     from vmm import guests
 
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "splitvmm"
-    return guests.build([guests.HERE / "serial.c", guests.HERE / "demo.c"], cache / "guests", name="demo")
+    sources = [guests.HERE / name for name in ("demo.c", "virtio.c", "pci.c", "serial.c")]
+    return guests.build(sources, cache / "guests", name="demo")
 
 
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
@@ -157,8 +160,21 @@ def run(args: argparse.Namespace) -> int:
     if args.guest is None:
         if args.device or args.cmdline:
             raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
-        args.device, args.cmdline = list(DEMO_DEVICES), DEMO_CMDLINE
-        args.guest = _demo_guest()
+        fd, disk = tempfile.mkstemp(prefix="splitvmm-demo-", suffix=".img")
+        try:
+            try:
+                os.ftruncate(fd, DEMO_DISK_SIZE)
+            finally:
+                os.close(fd)
+            args.device = [spec.format(disk=disk) for spec in DEMO_DEVICES]
+            args.guest = _demo_guest()
+            return _run(args)
+        finally:
+            os.unlink(disk)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
     # The console goes to the first serial device, or to COM1 added here.

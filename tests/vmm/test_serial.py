@@ -270,8 +270,8 @@ def test_the_demo_reports_on_the_serial_console(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vmm.cli", "run"], capture_output=True, timeout=60, check=False,
                        stdin=subprocess.DEVNULL, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(b"splitvmm demo: echo devices at ports 0x1000 (own process)")
-    assert r.stdout.endswith(b"demo: all checks passed\n")
+    assert r.stdout.startswith(b"splitvmm demo guest: every device in its own process\n")
+    assert r.stdout.endswith(b"demo: all checks passed: ok\n")
     assert b"serial0: pid" in r.stderr
 
 
