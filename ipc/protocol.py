@@ -200,11 +200,9 @@ def _features(name: str, v: Any) -> frozenset[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Hello(Message):
-    """VMM → device: the protocol version and features the VMM speaks."""
+class _Versions(Message):
+    """The two handshake messages: a version and a feature set."""
 
-    TYPE: ClassVar[str] = "hello"
-    SENDER: ClassVar[Role] = Role.VMM
     version: int = PROTOCOL_VERSION
     features: frozenset[str] = FEATURES
 
@@ -214,17 +212,19 @@ class Hello(Message):
 
 
 @dataclasses.dataclass(frozen=True)
-class Welcome(Message):
+class Hello(_Versions):
+    """VMM → device: the protocol version and features the VMM speaks."""
+
+    TYPE: ClassVar[str] = "hello"
+    SENDER: ClassVar[Role] = Role.VMM
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome(_Versions):
     """Device → VMM: the version and the subset of features agreed on."""
 
     TYPE: ClassVar[str] = "welcome"
     SENDER: ClassVar[Role] = Role.DEVICE
-    version: int = PROTOCOL_VERSION
-    features: frozenset[str] = FEATURES
-
-    def __post_init__(self) -> None:
-        _need(type(self.version) is int and 1 <= self.version <= 0xFFFF, f"bad version {self.version!r}")
-        object.__setattr__(self, "features", _features("features", self.features))
 
 
 @dataclasses.dataclass(frozen=True)

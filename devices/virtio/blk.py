@@ -176,33 +176,28 @@ class VirtioBlk(VirtioPciDevice):
         return total
 
     def _read(self, mem: GuestRam, sector: int, ranges: list[tuple[int, int]], status_addr: int) -> int:
-        total = self._range_ok(sector, ranges)
-        if total is None:
-            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
-        offset = sector * SECTOR_SIZE
-        for a, n in ranges:
-            with mem.view(a, n) as window:
-                done = 0
-                while done < n:
-                    got = os.preadv(self.fd, [window[done:]], offset + done)
-                    if got <= 0:
-                        raise OSError(0, f"short read at byte {offset + done}")
-                    done += got
-            offset += n
-        return self._status(mem, status_addr, VIRTIO_BLK_S_OK, total)
+        return self._transfer(mem, sector, ranges, status_addr, write=False)
 
     def _write(self, mem: GuestRam, sector: int, ranges: list[tuple[int, int]], status_addr: int) -> int:
+        return self._transfer(mem, sector, ranges, status_addr, write=True)
+
+    def _transfer(self, mem: GuestRam, sector: int, ranges: list[tuple[int, int]], status_addr: int,
+                  write: bool) -> int:
+        """Move the request's data between the image and guest RAM with no
+        copy in between; a write returns only after pwritev did.  Returns
+        the used length (data read plus the status byte)."""
         total = self._range_ok(sector, ranges)
-        if total is None or self.readonly:
+        if total is None or (write and self.readonly):
             return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        io, what = (os.pwritev, "write") if write else (os.preadv, "read")
         offset = sector * SECTOR_SIZE
         for a, n in ranges:
             with mem.view(a, n) as window:
                 done = 0
                 while done < n:
-                    put = os.pwritev(self.fd, [window[done:]], offset + done)
-                    if put <= 0:
-                        raise OSError(0, f"short write at byte {offset + done}")
-                    done += put
+                    moved = io(self.fd, [window[done:]], offset + done)
+                    if moved <= 0:
+                        raise OSError(0, f"short {what} at byte {offset + done}")
+                    done += moved
             offset += n
-        return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
+        return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0 if write else total)

@@ -43,6 +43,7 @@ reading the ISR).  Queues are processed under the device's lock.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import select
@@ -237,10 +238,10 @@ class VirtioPciDevice(PciDevice):
     def device_config_write(self, offset: int, size: int, value: int) -> None:
         """A driver write into the device-specific configuration."""
 
+    @abc.abstractmethod
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
         """Serve one valid request; returns the bytes written into its
         device-writable buffers.  May raise GuestMemoryFault."""
-        raise NotImplementedError
 
     def fail_request(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
         """A request whose chain broke a rule (``chain.error``): what to
