@@ -178,8 +178,7 @@ class VirtioConsole(VirtioPciDevice):
                         del self._pending[:n]
                         written += n
                 else:
-                    log.warning("%s: receive request %d failed: %s", self.kind, chain.head, chain.error)
-                    q.failed += 1
+                    self.count_failed(q, chain)
                 q.push(mem, chain.head, written)
                 done += 1
         except (QueueBroken, GuestMemoryFault) as e:

@@ -518,10 +518,7 @@ class VirtioPciDevice(PciDevice):
                 if chain is None:
                     break
                 if chain.error is not None:
-                    # a hostile driver must not flood the log
-                    log.log(logging.WARNING if q.failed < LOGGED_FAILURES else logging.DEBUG,
-                            "%s: queue %d: request %d failed: %s", self.kind, q.index, chain.head, chain.error)
-                    q.failed += 1
+                    self.count_failed(q, chain)
                     written = self._guarded(self.fail_request, q, chain, mem)
                 else:
                     written = self._guarded(self.handle, q, chain, mem)
@@ -533,6 +530,13 @@ class VirtioPciDevice(PciDevice):
             return
         if done:
             self.used_notify(q, mem)
+
+    def count_failed(self, q: Virtqueue, chain: Chain) -> None:
+        """Log and count a request whose chain broke a rule; only the first
+        few per queue at WARNING, so a hostile driver cannot flood the log."""
+        log.log(logging.WARNING if q.failed < LOGGED_FAILURES else logging.DEBUG,
+                "%s: queue %d: request %d failed: %s", self.kind, q.index, chain.head, chain.error)
+        q.failed += 1
 
     def queue_ready(self, q: Virtqueue) -> GuestRam | None:
         """Guest RAM if queue ``q`` may be used now (lock held), else None."""
