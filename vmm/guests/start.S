@@ -63,10 +63,10 @@ _start32:
 	cld
 	movl LAPIC_ID, %esi
 	shrl $24, %esi
-	testl %esi, %esi
-	jnz 1f
+	/* Every vCPU stores the start info (the same one, vmm/boot/pvh.py):
+	 * a secondary vCPU may reach guest_arg() before vCPU 0 is this far. */
 	movl %ebx, guest_start_info
-1:	lgdt gdt_ptr
+	lgdt gdt_ptr
 	movl %cr4, %eax
 	orl $0x620, %eax                /* PAE | OSFXSR | OSXMMEXCPT */
 	movl %eax, %cr4
