@@ -21,15 +21,6 @@ IRQ_RING3_INTERRUPTS_ON;
 static struct virtio_dev rng;
 static uint8_t bytes[2][256];
 
-/* under QEMU the firmware leaves the 8259s unmasked: mask them before
- * ring 3 starts with IF = 1 */
-void guest_ring0_init(unsigned cpu)
-{
-    (void)cpu;
-    outb(PIC1_DATA, 0xff);
-    outb(PIC2_DATA, 0xff);
-}
-
 int guest_main(void)
 {
     unsigned rounds = (unsigned)guest_arg("rounds", 8);

@@ -29,17 +29,6 @@
 
 IRQ_RING3_INTERRUPTS_ON;
 
-/* Ring 3 runs with IF = 1 (for MSI-X), but under QEMU SeaBIOS leaves the
- * 8259s programmed (vector 8 for the PIT's IRQ 0, which has no gate here:
- * a triple fault).  Mask them before ring 3, with interrupts still off;
- * irq_init() masks them again. */
-void guest_ring0_init(unsigned cpu)
-{
-    (void)cpu;
-    outb(PIC1_DATA, 0xff);
-    outb(PIC2_DATA, 0xff);
-}
-
 #define MiB (1024u * 1024u)
 #define MSIX_VECTOR 0x60
 #define CHECK(n, cond, ...) do { if (!(cond)) { serial_printf("virtio-blk: check %d failed: ", n); \

@@ -13,7 +13,8 @@
  *      page tables (2 MiB pages, user-accessible, the whole 4 GiB),
  *   2. set up this CPU's TSS (rsp0 = its kernel stack, an I/O permission
  *      bitmap that allows every port),
- *   3. call guest_ring0_init(cpu) (weak, empty by default),
+ *   3. call guest_ring0_init(cpu) (weak, empty by default), and, when
+ *      ring 3 runs with interrupts on, mask the 8259 PICs (vCPU 0),
  *   4. iretq to ring 3 with IOPL 3, where
  *      vCPU 0 runs guest_main() and then guest_finish(its result), and
  *      vCPU n runs guest_ap_main(n) and then parks (guest.h).
@@ -134,6 +135,18 @@ _start64:
 	movq %rbx, %rdi
 	call guest_ring0_init
 
+	/* Ring 3 with IF = 1 (irq.h): vCPU 0 masks both 8259s first, with
+	 * interrupts still off.  A firmware may have left them programmed
+	 * (SeaBIOS under QEMU: the PIT's IRQ 0 on vector 8, which has no gate
+	 * here, a triple fault); irq_init() masks them again. */
+	testq $0x200, guest_ring3_rflags
+	jz 1f
+	testq %rbx, %rbx
+	jnz 1f
+	movb $0xff, %al
+	outb %al, $0x21
+	outb %al, $0xa1
+1:
 	leaq 1(%rbx), %rax
 	shlq $USTACK_SHIFT, %rax
 	leaq ustacks(%rax), %rax
