@@ -115,6 +115,7 @@ int guest_main(void)
     uint64_t rounds = guest_arg("rounds", 1), r, wst = 0, fst = 0;
     int moving = guest_arg("mover", 0) != 0;
     for (r = 0; r < rounds || (moving && !mover_done); r++) {
+        CHECK(53, r < rounds + 100000);          /* the mover never finished */
         uint64_t x = seed + r;
         for (unsigned i = 0; i < count * 512; i++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;

@@ -93,3 +93,15 @@ def test_flushed_data_survives_sigkill(blk_guest, image):
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(10)
     assert image.read_bytes()[5 * 512:21 * 512] == pattern(3, 16 * 512)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_bar_moved_while_the_other_vcpu_does_io(blk_guest, image, placement):
+    # vCPU 1 moves BAR 0 back and forth 40 times (each move re-binds the
+    # doorbell ioeventfd) while vCPU 0 writes, flushes and reads back.
+    outcome, stats, _ident, failed = run(blk_guest, image, placement, vcpus=2,
+                                         start=9, count=2, seed=11, mover=40, move=hex(0xE900_0000))
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    assert stats[0] == 0 and stats[1] == 0 and stats[2] >= 1 and failed is None
+    assert stats[3] == 40
+    assert image.read_bytes()[9 * 512:11 * 512] == pattern(11 + stats[2] - 1, 2 * 512)
