@@ -11,7 +11,9 @@ arguments give one line on stderr.
 Every run has a 16550A UART at COM1 (0x3f8, IRQ 4, in its own process)
 wired to the console (:mod:`vmm.console`; ``--serial stdio`` by default),
 unless ``--serial none``; a ``--device serial,...`` given explicitly takes
-its place (the first one gets the console).
+its place (the first one gets the console).  A virtio-console without
+``socket=PATH`` shares the console with it: both write to it, and the
+input goes to COM1 until ``Ctrl-A c`` passes it to the next device.
 
 ``vmm run`` without ``--guest`` builds and boots the demo guest
 (``vmm/guests/demo.c``) with virtio-rng, virtio-blk (on a temporary 16 MiB
@@ -114,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="deadline of a vCPU's wait for the registry lock; a device process that "
                           f"holds it longer is killed (default {DEFAULT_LOCK_TIMEOUT:g})")
     run.add_argument("--serial", type=_serial, default=parse_serial("stdio"), metavar="stdio|file:PATH|none",
-                     help="the COM1 console: stdio (default; raw terminal, Ctrl-A x quits), file:PATH "
-                          "(output only), none (no serial device)")
+                     help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
+                          "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
+                          "none (no console, no COM1)")
     return p
 
 
@@ -174,19 +177,28 @@ def run(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+def _on_console(spec: DeviceSpec) -> bool:
+    """Whether a device shares the VMM's console with COM1: a
+    virtio-console with no socket of its own."""
+    return spec.kind == "virtio-console" and "socket" not in spec.param_dict()
+
+
 def _run(args: argparse.Namespace) -> int:
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
-    # The console goes to the first serial device, or to COM1 added here.
-    console_spec = default_serial = None
+    # The console goes to the first serial device, or to COM1 added here,
+    # and to every virtio-console without a socket (vmm.console).
+    on_console: list[DeviceSpec] = []
+    default_serial = None
     if args.serial.kind != "none":
-        console_spec = next((s for s in specs if s.kind == "serial"), None)
-        if console_spec is None:
-            console_spec = default_serial = parse_device_spec("serial", taken)
-            specs.append(console_spec)
-    console = Console.open(args.serial) if console_spec is not None else None
+        first_serial = next((s for s in specs if s.kind == "serial"), None)
+        if first_serial is None:
+            first_serial = default_serial = parse_device_spec("serial", taken)
+            specs.append(first_serial)
+        on_console = [first_serial] + [s for s in specs if _on_console(s)]
+    console = Console.open(args.serial) if on_console else None
     try:
-        result = _run_machine(args, specs, console_spec, default_serial, console)
+        result = _run_machine(args, specs, on_console, default_serial, console)
     finally:
         if console is not None:
             console.close()
@@ -199,15 +211,16 @@ def _run(args: argparse.Namespace) -> int:
     return result.status
 
 
-def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], console_spec: DeviceSpec | None,
+def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
                  default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
                       lock_timeout=args.lock_timeout)
     try:
         machine.load_pvh(args.guest, args.cmdline)
+        lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
         for spec in specs:
             try:
-                machine.add_device(spec, console.fds() if console is not None and spec is console_spec else None)
+                machine.add_device(spec, lines.get(spec.name))
             except VmmError as e:
                 if spec is not default_serial:
                     raise

@@ -1,27 +1,34 @@
-"""The VMM's console: where the serial device's bytes go and come from
-(``vmm run --serial stdio|file:PATH|none``).
+"""The VMM's console: where the bytes of the devices on the VMM's line go
+and come from (``vmm run --serial stdio|file:PATH|none``).
 
-The VMM owns the terminal; the serial device -- in its own process by
-default, and untrusted -- gets two descriptors and nothing else of it
+The VMM owns the terminal; a device on the console -- COM1, and every
+virtio-console without a ``socket=`` -- in its own process by default, and
+untrusted, gets two descriptors and nothing else of it
 (:class:`ipc.protocol.SetConsole`): an output (a duplicate of the VMM's
-stdout, or the file) and an input (a pipe this module feeds).
+stdout, or the file) and an input (a pipe of its own that this module
+feeds).  Like QEMU's multiplexed ``-chardev stdio,mux=on``, every device's
+output goes to the one line, and the input goes to one device at a time:
+the first attached (COM1) at the start, the next one after ``Ctrl-A c``
+(the VMM says on stderr which one has it).
 
 ``stdio`` (the default): output to stdout.  When stdin is a terminal (and
 the VMM is in its foreground process group) it is put in raw mode for the
 run -- every key, Ctrl-C included, goes to the guest, as in QEMU's
 ``-serial stdio``; output processing (OPOST) is left as it was -- and the
 escape key Ctrl-A is interpreted: ``Ctrl-A x`` quits (exit status 12,
-:mod:`vmm.outcome`), ``Ctrl-A Ctrl-A`` sends one Ctrl-A, ``Ctrl-A h``
-prints the keys; any other key after Ctrl-A is dropped with it.  The
-terminal's attributes are restored on every way out (:meth:`Console.close`
-runs in ``vmm run``'s ``finally``, after a normal end, a guest crash, a
-signal or an exception; an ``atexit`` hook backs it up).  When stdin is
-not a terminal (a pipe or a file) its bytes go to the guest as they are,
-with no escape key, until its end.
+:mod:`vmm.outcome`), ``Ctrl-A c`` switches the input to the next device,
+``Ctrl-A Ctrl-A`` sends one Ctrl-A, ``Ctrl-A h`` prints the keys; any
+other key after Ctrl-A is dropped with it.  The terminal's attributes are
+restored on every way out (:meth:`Console.close` runs in ``vmm run``'s
+``finally``, after a normal end, a guest crash, a signal or an exception;
+an ``atexit`` hook backs it up).  When stdin is not a terminal (a pipe or
+a file) its bytes go to the first device as they are, with no escape key,
+until its end.
 
 ``file:PATH``: output to PATH (created or truncated), no input.
 ``none``: no console, and no serial device unless ``--device serial`` asks
-for one (whose output is then dropped).
+for one (whose output is then dropped, as a virtio-console's without
+``socket=``).
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ log = logging.getLogger(__name__)
 ESCAPE = 0x01
 QUIT_KEY = ord("x")
 HELP_KEY = ord("h")
+SWITCH_KEY = ord("c")
 HELP_TEXT = ("\r\nC-a h    print this help\r\nC-a x    quit the VMM (exit status 12)\r\n"
+             "C-a c    send the input to the next device on the console\r\n"
              "C-a C-a  send C-a to the guest\r\n")
 
 
@@ -99,18 +108,28 @@ def _write_only(fd: int) -> int:
     return os.dup(fd)
 
 
+@dataclasses.dataclass
+class _Frontend:
+    """A device on the console: the pipe its input comes through."""
+
+    name: str
+    input: int           # the read end, handed to the device
+    feed: int            # the write end, -1 once closed
+
+
 class Console:
-    """The console of one run: descriptors for the serial device and the
-    thread that feeds its input.  :meth:`open`, then :meth:`start` just
-    before the guest runs, then :meth:`close` (always)."""
+    """The console of one run: the output, one input pipe per device on it
+    and the thread that feeds the one that has the input.  :meth:`open`,
+    :meth:`attach` for each device, :meth:`start` just before the guest
+    runs, then :meth:`close` (always)."""
 
     def __init__(self, mode: SerialMode, stdin: int = 0, stdout: int = 1):
         self.mode = mode
         self._stdin = stdin
         self._stdout = stdout
-        self.output = -1         # what the device writes to
-        self.input = -1          # what the device reads from (read end)
-        self._feed = -1          # the write end of the input pipe
+        self.output = -1         # what the devices write to
+        self._frontends: list[_Frontend] = []
+        self._focus = 0          # index of the device that gets the input
         self._wake_r = self._wake_w = -1
         self._saved_attrs: list | None = None
         self._thread: threading.Thread | None = None
@@ -119,31 +138,41 @@ class Console:
 
     @classmethod
     def open(cls, mode: SerialMode, stdin: int = 0, stdout: int = 1) -> Console:
-        """Open the output and the input pipe (raises ConsoleError)."""
+        """Open the output (raises ConsoleError)."""
         self = cls(mode, stdin, stdout)
-        try:
-            if mode.kind == "file":
-                try:
-                    self.output = os.open(mode.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                except OSError as e:
-                    raise ConsoleError(f"--serial {mode}: {e.strerror}") from None
-            else:
-                try:
-                    self.output = _write_only(stdout)
-                except OSError as e:
-                    raise ConsoleError(f"--serial stdio: stdout: {e.strerror} (try --serial none)") from None
-            self.input, self._feed = os.pipe2(os.O_CLOEXEC)
-            if mode.kind == "file":
-                os.close(self._feed)     # no input: the device sees its end at once
-                self._feed = -1
-        except BaseException:
-            self.close()
-            raise
+        if mode.kind == "file":
+            try:
+                self.output = os.open(mode.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ConsoleError(f"--serial {mode}: {e.strerror}") from None
+        else:
+            try:
+                self.output = _write_only(stdout)
+            except OSError as e:
+                raise ConsoleError(f"--serial stdio: stdout: {e.strerror} (try --serial none)") from None
         return self
 
-    def fds(self) -> ConsoleFds:
-        """The descriptors the serial device uses (the VMM keeps them)."""
-        return ConsoleFds(self.output, self.input)
+    def attach(self, name: str) -> ConsoleFds:
+        """Put device ``name`` on the console: the descriptors it uses (the
+        VMM keeps them).  The first device attached has the input first."""
+        if self._thread is not None or self._closed:
+            raise VmmError("console: devices are attached before it starts")
+        r, w = os.pipe2(os.O_CLOEXEC)
+        if self.mode.kind == "file":
+            os.close(w)          # no input: the device sees its end at once
+            w = -1
+        self._frontends.append(_Frontend(name, r, w))
+        return ConsoleFds(self.output, r)
+
+    @property
+    def names(self) -> list[str]:
+        """The devices on the console, in the order of ``Ctrl-A c``."""
+        return [f.name for f in self._frontends]
+
+    @property
+    def focus(self) -> str | None:
+        """The device that gets the input now."""
+        return self._frontends[self._focus].name if self._frontends else None
 
     @property
     def raw(self) -> bool:
@@ -152,19 +181,20 @@ class Console:
 
     def start(self, on_quit: Callable[[], None]) -> None:
         """Begin forwarding input (raw mode if stdin is a terminal)."""
-        if self._feed < 0:
+        if not any(f.feed >= 0 for f in self._frontends):
             return
         self._on_quit = on_quit
         tty = self._is_foreground_tty()
         if not tty and os.isatty(self._stdin):
             log.info("console: not in the terminal's foreground; no input")
-            self._close_feed()
+            self._close_feeds()
             return
         if tty:
             self._saved_attrs = termios.tcgetattr(self._stdin)
             atexit.register(self._restore)
             termios.tcsetattr(self._stdin, termios.TCSADRAIN, _raw_keep_output(self._saved_attrs))
-            os.set_blocking(self._feed, False)
+            for f in self._frontends:
+                os.set_blocking(f.feed, False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._forward, args=(tty,), name="console-input", daemon=True)
         self._thread.start()
@@ -176,7 +206,8 @@ class Console:
             return False
 
     def _forward(self, tty: bool) -> None:
-        """The input thread: stdin → (escape filter) → the device's pipe."""
+        """The input thread: stdin → (escape filter) → the pipe of the
+        device that has the input."""
         poller = select.poll()
         poller.register(self._stdin, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -209,6 +240,10 @@ class Console:
                             self._send(bytes(out), tty)
                             self._quit()
                             return
+                        elif b == SWITCH_KEY:
+                            self._send(bytes(out), tty)
+                            out.clear()
+                            self._switch()
                         elif b == HELP_KEY:
                             os.write(2, HELP_TEXT.encode())
                     elif b == ESCAPE:
@@ -218,36 +253,50 @@ class Console:
                 data = bytes(out)
             if not self._send(data, tty):
                 break
-        # End of input: the device sees the end of its pipe.
-        self._close_feed()
+        # End of input: the devices see the end of their pipes.
+        self._close_feeds()
+
+    def _switch(self) -> None:
+        """``Ctrl-A c``: the input goes to the next device."""
+        self._focus = (self._focus + 1) % len(self._frontends)
+        os.write(2, f"\r\n[vmm: console input to {self.focus}]\r\n".encode())
 
     def _send(self, data: bytes, tty: bool) -> bool:
-        """Write to the device's pipe; False once it is gone.  Typed input
-        that finds the pipe full is dropped (like characters typed faster
-        than the guest reads); piped input waits."""
-        while data:
+        """Write to the pipe of the device that has the input; False once
+        no device takes input any more.  Typed input that finds the pipe
+        full is dropped (like characters typed faster than the guest
+        reads); piped input waits.  A device that is gone loses its input
+        (the others keep theirs)."""
+        target = self._frontends[self._focus]
+        while data and target.feed >= 0:
             try:
-                n = os.write(self._feed, data)
+                n = os.write(target.feed, data)
             except BlockingIOError:
-                log.debug("console: the guest does not read its input; %d byte(s) dropped", len(data))
-                return True
+                log.debug("console: %s does not read its input; %d byte(s) dropped", target.name, len(data))
+                break
             except OSError:
-                return False
+                self._close_feed(target)
+                break
             data = data[n:]
-        return True
+        return any(f.feed >= 0 for f in self._frontends)
 
     def _quit(self) -> None:
         log.info("console: quit (Ctrl-A x)")
         if self._on_quit is not None:
             self._on_quit()
 
-    def _close_feed(self) -> None:
-        feed, self._feed = self._feed, -1
+    @staticmethod
+    def _close_feed(f: _Frontend) -> None:
+        feed, f.feed = f.feed, -1
         if feed >= 0:
             try:
                 os.close(feed)
             except OSError:
                 pass
+
+    def _close_feeds(self) -> None:
+        for f in self._frontends:
+            self._close_feed(f)
 
     def _restore(self) -> None:
         attrs, self._saved_attrs = self._saved_attrs, None
@@ -278,14 +327,14 @@ class Console:
             if self._thread.is_alive():     # blocked writing piped input
                 log.debug("console: input thread still busy; left behind")
                 return
-        for fd in (self.output, self.input, self._wake_r, self._wake_w):
+        for fd in (self.output, self._wake_r, self._wake_w, *(f.input for f in self._frontends)):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self._close_feed()
-        self.output = self.input = self._wake_r = self._wake_w = -1
+        self._close_feeds()
+        self.output = self._wake_r = self._wake_w = -1
 
 
 class StderrRelay:

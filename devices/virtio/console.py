@@ -4,10 +4,11 @@
 ``--device virtio-console[,socket=PATH]``.  Queue 0 is receiveq0 (bytes
 to the guest), queue 1 transmitq0 (bytes from the guest).  The port is
 connected to the console the host hands the device (``host.console()``:
-the VMM's terminal or file, when the VMM gives it this device), else, with
-``socket=PATH``, to a Unix stream socket the device listens on (one client
-at a time; a new client replaces the old one), else to nothing (output is
-dropped, there is no input).
+the VMM's terminal or file, which ``vmm run`` gives a virtio-console
+without ``socket=``, :mod:`vmm.console`), else, with ``socket=PATH``, to a
+Unix stream socket the device listens on (one client at a time; a new
+client replaces the old one), else to nothing (output is dropped, there is
+no input).
 
 Transmit: every device-readable byte of a chain is written to the output;
 when the output cannot take it (a client that does not read), the rest is

@@ -1,12 +1,17 @@
 """Fixtures of the VMM tests: KVM presence, guests built once per session,
-and a watch on /dev/shm."""
+a watch on /dev/shm, and ``vmm run`` on a pseudo-terminal."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
+import pty
+import select
 import subprocess
 import sys
+import termios
+import time
 
 import pytest
 
@@ -45,3 +50,62 @@ def vmm_run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "vmm.cli", "run", *args], capture_output=True,
                           text=True, timeout=timeout, **kw)
 
+
+
+class PtyVmm:
+    """``vmm run`` with a new pty as its controlling terminal, stdin and
+    stdout (stderr is a pipe)."""
+
+    def __init__(self, guest, *args: str):
+        self.master, slave = pty.openpty()
+        self.attrs = termios.tcgetattr(self.master)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmm.cli", "run", "--guest", str(guest), "--timeout", "40", *args],
+            stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, text: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen.replace(b"\r\n", b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} in {self.seen!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:       # EIO: every slave descriptor is closed
+                    data = b""
+                if not data:
+                    assert text in self.seen.replace(b"\r\n", b"\n"), f"no {text!r} in {self.seen!r}"
+                    return
+                self.seen += data
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def wait(self, timeout: float = 20) -> tuple[int, str]:
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err.decode()
+
+    def lflag(self) -> int:
+        return termios.tcgetattr(self.master)[3]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.fixture
+def pty_vmm():
+    made = []
+
+    def start(guest, *args):
+        p = PtyVmm(guest, *args)
+        made.append(p)
+        return p
+    yield start
+    for p in made:
+        p.close()

@@ -5,9 +5,7 @@ pseudo-terminal as its controlling terminal."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import select
 import signal
 import subprocess
@@ -121,65 +119,6 @@ def test_bad_serial_values(capsys, serial_guest, value, words):
 
 
 # -- through a pseudo-terminal ---------------------------------------------
-
-class PtyVmm:
-    """``vmm run`` with a new pty as its controlling terminal, stdin and
-    stdout (stderr is a pipe)."""
-
-    def __init__(self, guest, *args: str):
-        self.master, slave = pty.openpty()
-        self.attrs = termios.tcgetattr(self.master)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmm.cli", "run", "--guest", str(guest), "--timeout", "40", *args],
-            stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-        os.close(slave)
-        self.seen = b""
-
-    def expect(self, text: bytes, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.seen.replace(b"\r\n", b"\n"):
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {text!r} in {self.seen!r}"
-            if select.select([self.master], [], [], left)[0]:
-                try:
-                    data = os.read(self.master, 4096)
-                except OSError:       # EIO: every slave descriptor is closed
-                    data = b""
-                if not data:
-                    assert text in self.seen.replace(b"\r\n", b"\n"), f"no {text!r} in {self.seen!r}"
-                    return
-                self.seen += data
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def wait(self, timeout: float = 20) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err.decode()
-
-    def lflag(self) -> int:
-        return termios.tcgetattr(self.master)[3]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
-
-
-@pytest.fixture
-def pty_vmm():
-    made = []
-
-    def start(guest, *args):
-        p = PtyVmm(guest, *args)
-        made.append(p)
-        return p
-    yield start
-    for p in made:
-        p.close()
-
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_typed_input_reaches_the_guest_in_raw_mode(serial_guest, pty_vmm, placement):

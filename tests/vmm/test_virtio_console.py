@@ -1,16 +1,18 @@
 """virtio-console on real KVM, inline and in a device process: the test
-guest (tests/guests/virtio_console.c) reads a line the client typed on
-the port's Unix socket and answers hello and the line."""
+guest (tests/guests/virtio_console.c) reads a line typed on the port --
+through its Unix socket, or on the VMM's terminal after Ctrl-A c passed
+the input from COM1 to it -- and answers hello and the line."""
 
 from __future__ import annotations
 
 import socket
+import termios
 import threading
 import time
 
 import pytest
 
-from tests.vmm.conftest import GUEST_SOURCES, needs_kvm
+from tests.vmm.conftest import GUEST_SOURCES, needs_kvm, vmm_run
 from vmm import guests
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
@@ -62,3 +64,37 @@ def test_hello_and_echo(console_guest, tmp_path, placement):
         t.join(10)
     assert outcome.ending is Ending.POWER_OFF, str(outcome)
     assert got == [b"hello\nping\n"]
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_on_the_vmm_terminal_after_ctrl_a_c(console_guest, pty_vmm, placement):
+    # COM1 has the input first: what is typed now is COM1's (this guest
+    # never reads it); Ctrl-A c passes the input to the virtio-console.
+    vm = pty_vmm(console_guest, "--device", f"virtio-console,id=hvc,process={placement}")
+    deadline = time.monotonic() + 20
+    while vm.lflag() & termios.ICANON:       # typed before raw mode, it would be echoed
+        assert time.monotonic() < deadline, "the terminal never went raw"
+        time.sleep(0.02)
+    vm.type(b"lost\n")
+    vm.type(b"\x01c")
+    vm.type(b"ping\n")
+    vm.expect(b"hello\nping\n")
+    assert b"lost" not in vm.seen
+    status, err = vm.wait()
+    assert status == 0, err
+    assert "console input to hvc" in err
+    assert termios.tcgetattr(vm.master) == vm.attrs
+
+
+def test_output_to_the_serial_file(console_guest, tmp_path):
+    sock = tmp_path / "c.sock"
+    out = tmp_path / "out.log"
+    got: list[bytes] = []
+    t = threading.Thread(target=client, args=(str(sock), got), daemon=True)
+    t.start()
+    r = vmm_run("--guest", str(console_guest), "--timeout", "30", "--serial", f"file:{out}",
+                "--device", f"virtio-console,socket={sock}")
+    t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert got == [b"hello\nping\n"]              # socket= keeps the port off the console
+    assert out.read_bytes() == b""

@@ -32,15 +32,6 @@ static struct virtio_dev rng, console;
 static struct virtio_blk blk;
 static uint8_t buf[MAX_SECTORS * VIRTIO_BLK_SECTOR] __attribute__((aligned(4096)));
 
-/* Mask the 8259s before ring 3 starts with IF = 1 (under a firmware that
- * left them programmed); irq_init() masks them again. */
-void guest_ring0_init(unsigned cpu)
-{
-    (void)cpu;
-    outb(PIC1_DATA, 0xff);
-    outb(PIC2_DATA, 0xff);
-}
-
 static const char *pci_name(const struct pci_dev *p)
 {
     if (p->vendor != VIRTIO_PCI_VENDOR)
@@ -148,7 +139,7 @@ static void blk_demo(void)
 
 static void console_demo(void)
 {
-    static const char line[] = "hello from the splitvmm demo guest\n";
+    static const char line[] = "virtio-console: hello from the splitvmm demo guest\n";
     int err = virtio_pci_init(&console, VIRTIO_ID_CONSOLE, 0);
     CHECK(30, err == 0, "virtio-console: %s", virtio_strerror(err));
     CHECK(31, (err = virtio_negotiate(&console, 0)) == 0, "virtio-console negotiate: %s", virtio_strerror(err));
