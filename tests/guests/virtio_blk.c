@@ -9,7 +9,12 @@
  * mover=N (vCPU 1 moves BAR 0 between its address and move=ADDR N times
  * while vCPU 0 keeps writing and reading; a doorbell written to the old
  * address is lost, so vCPU 0 rings again after a while, as a polling
- * driver would), rounds=R (write/read rounds of vCPU 0, default 1).
+ * driver would), rounds=R (write/read rounds of vCPU 0, default 1),
+ * hostile=SECTOR (first post broken requests -- a write from far outside
+ * guest RAM to SECTOR, a read into a buffer across the end of RAM
+ * (ramtop=ADDR), a huge length, a descriptor loop, a next index out of
+ * range: each must complete without S_OK -- then a head index out of
+ * range, which must set DEVICE_NEEDS_RESET; then reset and go on).
  *
  * Status 0 when everything holds, else test_exit(n) for check n. */
 #include "guest.h"
@@ -74,6 +79,48 @@ static uint8_t request(uint32_t type, uint64_t sector, void *data, uint32_t len,
     return status_byte;
 }
 
+/* Posts the chain at `head`, waits for it: it must complete, not with S_OK. */
+static void broken(unsigned head, int check)
+{
+    unsigned id;
+    status_byte = 0xee;
+    vm_post(head);
+    CHECK(check, vm_wait_used(&id) >= 0 && id == head && status_byte != S_OK);
+}
+
+static void hostile(uint64_t sector)
+{
+    uint64_t top = guest_arg("ramtop", 0);
+    CHECK(40, top != 0);
+    /* a write whose data lies far outside guest RAM */
+    hdr = (struct hdr){ T_OUT, 0, sector };
+    descs[0] = (struct desc){ (uintptr_t)&hdr, sizeof hdr, F_NEXT, 1 };
+    descs[1] = (struct desc){ 0xfff0000000000000ull, 512, F_NEXT, 2 };
+    descs[2] = (struct desc){ (uintptr_t)&status_byte, 1, F_WRITE, 0 };
+    broken(0, 41);
+    /* a read into a buffer that runs past the end of RAM */
+    hdr = (struct hdr){ T_IN, 0, sector };
+    descs[1] = (struct desc){ top - 256, 512, F_NEXT | F_WRITE, 2 };
+    broken(0, 42);
+    /* a huge length */
+    descs[1] = (struct desc){ (uintptr_t)rbuf, 0xffffffffu, F_NEXT | F_WRITE, 2 };
+    broken(0, 43);
+    /* a descriptor loop: data -> status -> data ... */
+    descs[1] = (struct desc){ (uintptr_t)rbuf, 512, F_NEXT | F_WRITE, 2 };
+    descs[2] = (struct desc){ (uintptr_t)&status_byte, 1, F_WRITE | F_NEXT, 1 };
+    broken(0, 44);
+    /* a next index beyond the ring */
+    descs[2] = (struct desc){ (uintptr_t)&status_byte, 1, F_WRITE | F_NEXT, 100 };
+    broken(0, 45);
+    /* a head index beyond the ring: the whole ring is broken */
+    vm_post(QSZ + 3);
+    uint64_t i;
+    for (i = 0; i < SPINS && !(mmio_read8(common + STATUS) & S_NEEDS_RESET); i++)
+        cpu_relax();
+    CHECK(46, i < SPINS);
+    vm_setup();                        /* reset, and start over */
+}
+
 void guest_ap_main(unsigned cpu)
 {
     uint64_t n = guest_arg("mover", 0), b = guest_arg("move", 0);
@@ -110,6 +157,8 @@ int guest_main(void)
     CHECK(2, count && count <= MAX_COUNT);
     CHECK(20, mmio_read32(devcfg) == (uint32_t)sectors && mmio_read32(devcfg + 4) == sectors >> 32);
     CHECK(21, mmio_read32(devcfg + 20) == 512);                   /* blk_size */
+    if (guest_arg("hostile", 0))
+        hostile(guest_arg("hostile", 0));
     CHECK(22, request(T_GET_ID, 0, ident, sizeof ident, 1) == S_OK);
     go = 1;
     uint64_t rounds = guest_arg("rounds", 1), r, wst = 0, fst = 0;

@@ -2,8 +2,8 @@
 test guest tests/guests/virtio_blk.c: capacity, get-id, a pattern written,
 flushed, read back in the guest and checked on the host image after the
 VM is gone; read-only; data written and flushed before the device process
-is SIGKILLed is in the image; and BAR 0 moved by one vCPU while the other
-keeps doing I/O on it."""
+is SIGKILLed is in the image; broken requests and rings from a hostile
+guest; and BAR 0 moved by one vCPU while the other keeps doing I/O on it."""
 
 from __future__ import annotations
 
@@ -77,6 +77,21 @@ def test_readonly(blk_guest, image, placement):
     assert outcome.ending is Ending.POWER_OFF, str(outcome)
     assert stats[0] == 1            # VIRTIO_BLK_S_IOERR
     assert image.read_bytes() == b"\x5a" * (SECTORS * 512)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_hostile_requests(blk_guest, image, placement):
+    # Each broken request completes without S_OK and writes nothing to the
+    # image; a head index out of range needs a reset; after it the device
+    # works (a write, flush and read back), and neither it nor the VMM fails.
+    outcome, stats, ident, failed = run(blk_guest, image, placement, start=100, count=4, seed=5,
+                                        hostile=1000, ramtop=hex(32 << 20))
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    assert stats[:3] == (0, 0, 1) and failed is None
+    assert ident == b"disk-A".ljust(20, b"\0")
+    data = image.read_bytes()
+    assert data[100 * 512:104 * 512] == pattern(5, 4 * 512)
+    assert data[1000 * 512:1001 * 512] == b"\x5a" * 512
 
 
 def test_flushed_data_survives_sigkill(blk_guest, image):
