@@ -58,3 +58,15 @@ def test_demo_removes_its_image_when_the_run_times_out(tmp_path):
 def test_demo_refuses_devices_without_a_guest():
     r = vmm_run("--device", "echo,pio=0x3000")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "need --guest" in r.stderr
+
+
+def test_demo_console_to_a_file(tmp_path):
+    # --serial file:PATH: COM1 and the virtio-console port both write there
+    _tmp, env = _env(tmp_path)
+    out = tmp_path / "console.log"
+    r = vmm_run("--serial", f"file:{out}", env=env)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert r.stdout == ""
+    assert "virtio-console: hello from the splitvmm demo guest\n" in text
+    assert "demo: all checks passed: ok" in text
