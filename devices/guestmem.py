@@ -50,14 +50,27 @@ class GuestRam:
             ranges.append(rr)
         self._view = view
         self.ranges: tuple[RamRange, ...] = tuple(sorted(ranges, key=lambda r: r.guest_addr))
+        # (first address, end, offset - first address) per range, for offset()
+        self._spans = tuple((r.guest_addr, r.guest_addr + r.size, r.offset - r.guest_addr) for r in self.ranges)
 
-    def _offset(self, addr: int, length: int) -> int:
+    @property
+    def buffer(self) -> memoryview:
+        """The whole mapping, indexed by :meth:`offset` (for struct's
+        ``unpack_from``/``pack_into`` on ranges already checked)."""
+        return self._view
+
+    def offset(self, addr: int, length: int) -> int:
+        """Where ``[addr, addr + length)`` is in :attr:`buffer`; raises
+        GuestMemoryFault unless the range is wholly inside one RAM region."""
         if type(addr) is not int or type(length) is not int or addr < 0 or length < 0:
             raise GuestMemoryFault(f"bad guest range {addr!r}+{length!r}")
-        for r in self.ranges:
-            if r.guest_addr <= addr and addr + length <= r.guest_addr + r.size:
-                return r.offset + addr - r.guest_addr
+        end = addr + length
+        for first, last, delta in self._spans:
+            if first <= addr and end <= last:
+                return addr + delta
         raise GuestMemoryFault(f"guest-physical {addr:#x}+{length:#x} is not guest RAM")
+
+    _offset = offset
 
     def contains(self, addr: int, length: int = 1) -> bool:
         try:

@@ -126,18 +126,24 @@ class VirtioBlk(VirtioPciDevice):
 
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
         readable, writable = chain.readable, chain.writable
-        rlen = sum(b.length for b in readable)
-        wlen = sum(b.length for b in writable)
-        if wlen < 1:
-            log.warning("%s: request %d has no status byte", self.kind, chain.head)
-            return 0
-        data_out, status_at = _split(writable, wlen - 1)
-        status_addr = status_at[0][0]
-        if rlen < _HEADER.size:
-            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
-        header, payload = _split(readable, _HEADER.size)
-        raw = b"".join(mem.read(a, n) for a, n in header)
-        rtype, _reserved, sector = _HEADER.unpack(raw)
+        if writable and writable[-1].length == 1:     # the usual layout: the status byte alone
+            status_addr = writable[-1].addr
+            data_out = [(b.addr, b.length) for b in writable[:-1] if b.length]
+        else:
+            wlen = sum(b.length for b in writable)
+            if wlen < 1:
+                log.warning("%s: request %d has no status byte", self.kind, chain.head)
+                return 0
+            data_out, status_at = _split(writable, wlen - 1)
+            status_addr = status_at[0][0]
+        if readable and readable[0].length == _HEADER.size:     # the header alone
+            payload = [(b.addr, b.length) for b in readable[1:] if b.length]
+            rtype, _reserved, sector = _HEADER.unpack_from(mem.buffer, mem.offset(readable[0].addr, _HEADER.size))
+        else:
+            if sum(b.length for b in readable) < _HEADER.size:
+                return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+            header, payload = _split(readable, _HEADER.size)
+            rtype, _reserved, sector = _HEADER.unpack(b"".join(mem.read(a, n) for a, n in header))
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 if payload:
@@ -166,7 +172,7 @@ class VirtioBlk(VirtioPciDevice):
 
     @staticmethod
     def _status(mem: GuestRam, addr: int, status: int, data_written: int) -> int:
-        mem.write(addr, bytes((status,)))
+        mem.buffer[mem.offset(addr, 1)] = status
         return data_written + 1
 
     def _range_ok(self, sector: int, ranges: list[tuple[int, int]]) -> int | None:

@@ -29,6 +29,7 @@ indirect descriptors are not offered.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import logging
 import struct
 
@@ -52,14 +53,14 @@ DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class QueueBroken(Exception):
     """The driver broke the ring as a whole: the device needs a reset."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Buffer:
+class Buffer(typing.NamedTuple):
     """One descriptor's buffer, validated (inside guest RAM)."""
 
     addr: int
@@ -110,6 +111,8 @@ class Virtqueue:
         self.desc = self.driver = self.device = 0
         self.last_avail = 0
         self.used_idx = 0
+        self._rings_key: tuple | None = None
+        self._rings: tuple[memoryview, int, int, int] | None = None
         #: Requests served, requests failed (bad chain).
         self.served = 0
         self.failed = 0
@@ -132,10 +135,23 @@ class Virtqueue:
 
     # -- the device's side of the rings ----------------------------------
 
+    def _where(self, mem: GuestRam) -> tuple[memoryview, int, int, int]:
+        """RAM's buffer and where the descriptor table, driver area and
+        device area are in it (each checked whole; raises
+        GuestMemoryFault), kept while the layout and ``mem`` stay."""
+        key = (mem, self.desc, self.driver, self.device, self.size)
+        if key != self._rings_key:
+            n = self.size
+            self._rings = (mem.buffer, mem.offset(self.desc, DESC_SIZE * n),
+                           mem.offset(self.driver, avail_size(n)), mem.offset(self.device, used_size(n)))
+            self._rings_key = key
+        return self._rings
+
     def pending(self, mem: GuestRam) -> int:
         """Entries the driver made available and the device has not taken
         (raises QueueBroken when the index ran ahead by more than size)."""
-        avail_idx = mem.read_int(self.driver + 2, 2)
+        view, _table, avail, _used = self._where(mem)
+        avail_idx = _U16.unpack_from(view, avail + 2)[0]
         n = (avail_idx - self.last_avail) & 0xFFFF
         if n > self.size:
             raise QueueBroken(f"queue {self.index}: avail idx {avail_idx} is {n} ahead of "
@@ -146,19 +162,20 @@ class Virtqueue:
         """The next available chain, or None when there is none."""
         if not self.pending(mem):
             return None
+        view, table, avail, _used = self._rings
         slot = self.last_avail % self.size
-        head = mem.read_int(self.driver + 4 + 2 * slot, 2)
+        head = _U16.unpack_from(view, avail + 4 + 2 * slot)[0]
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head {head} in avail slot {slot} >= size {self.size}")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return self._walk(mem, head)
+        return self._walk(mem, view, table, head)
 
-    def _walk(self, mem: GuestRam, head: int) -> Chain:
+    def _walk(self, mem: GuestRam, view: memoryview, table: int, head: int) -> Chain:
         chain = Chain(head, [])
+        buffers, size = chain.buffers, self.size
         i, total, seen_writable = head, 0, False
-        for _ in range(self.size):
-            raw = mem.read(self.desc + DESC_SIZE * i, DESC_SIZE)
-            addr, length, flags, nxt = _DESC.unpack(raw)
+        for _ in range(size):
+            addr, length, flags, nxt = _DESC.unpack_from(view, table + DESC_SIZE * i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 chain.error = f"descriptor {i}: INDIRECT (not negotiated)"
                 return chain
@@ -174,23 +191,23 @@ class Virtqueue:
             if total > MAX_CHAIN_BYTES:
                 chain.error = f"chain at {head}: more than {MAX_CHAIN_BYTES} bytes"
                 return chain
-            chain.buffers.append(Buffer(addr, length, writable))
+            buffers.append(Buffer(addr, length, writable))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
-            if nxt >= self.size:
-                chain.error = f"descriptor {i}: next {nxt} >= size {self.size}"
+            if nxt >= size:
+                chain.error = f"descriptor {i}: next {nxt} >= size {size}"
                 return chain
             i = nxt
-        chain.error = f"chain at {head}: longer than the queue size {self.size} (a loop)"
+        chain.error = f"chain at {head}: longer than the queue size {size} (a loop)"
         return chain
 
     def push(self, mem: GuestRam, head: int, written: int) -> None:
         """Return chain ``head`` with ``written`` bytes written (§2.7.8):
         the element first, then the index."""
-        slot = self.used_idx % self.size
-        mem.write(self.device + 4 + 8 * slot, _USED_ELEM.pack(head, written & 0xFFFF_FFFF))
+        view, _table, _avail, used = self._where(mem)
+        _USED_ELEM.pack_into(view, used + 4 + 8 * (self.used_idx % self.size), head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        mem.write_int(self.device + 2, 2, self.used_idx)
+        _U16.pack_into(view, used + 2, self.used_idx)
 
     def wants_interrupt(self, mem: GuestRam) -> bool:
         """False when the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7)."""
