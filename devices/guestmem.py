@@ -70,11 +70,10 @@ class GuestRam:
                 return addr + delta
         raise GuestMemoryFault(f"guest-physical {addr:#x}+{length:#x} is not guest RAM")
 
-    _offset = offset
 
     def contains(self, addr: int, length: int = 1) -> bool:
         try:
-            self._offset(addr, length)
+            self.offset(addr, length)
         except GuestMemoryFault:
             return False
         return True
@@ -82,25 +81,25 @@ class GuestRam:
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy window on ``[addr, addr + length)`` (writable).
         Release it (``with``) before the mapping goes away."""
-        off = self._offset(addr, length)
+        off = self.offset(addr, length)
         return self._view[off:off + length]
 
     def read(self, addr: int, length: int) -> bytes:
-        off = self._offset(addr, length)
+        off = self.offset(addr, length)
         return bytes(self._view[off:off + length])
 
     def write(self, addr: int, data) -> None:
         data = memoryview(data).cast("B")
-        off = self._offset(addr, len(data))
+        off = self.offset(addr, len(data))
         self._view[off:off + len(data)] = data
 
     def read_int(self, addr: int, size: int) -> int:
         """A little-endian unsigned integer of ``size`` bytes."""
-        off = self._offset(addr, size)
+        off = self.offset(addr, size)
         return int.from_bytes(self._view[off:off + size], "little")
 
     def write_int(self, addr: int, size: int, value: int) -> None:
-        off = self._offset(addr, size)
+        off = self.offset(addr, size)
         self._view[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
     def release(self) -> None:
