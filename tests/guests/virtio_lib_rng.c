@@ -35,15 +35,7 @@ int guest_main(void)
         struct pci_dev p;
         CHECK(15, pci_find(VIRTIO_PCI_VENDOR, VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_RNG, &p)
                   || pci_find(VIRTIO_PCI_VENDOR, 0x1005, &p));
-        pci_command(p.bdf, 0, PCI_COMMAND_MEMORY);
-        for (unsigned i = 0; i < 6; i++) {
-            struct pci_bar bar;
-            pci_bar_probe(p.bdf, i, &bar);
-            if (bar.size && !bar.io)
-                pci_bar_set(p.bdf, i, 0, bar.is64);
-            if (bar.is64)
-                i++;
-        }
+        pci_unassign_memory_bars(p.bdf);
         virtio_bar_window(guest_arg("window", 0xe8000000), guest_arg("window", 0xe8000000) + 0x1000000);
     }
     int err = virtio_pci_init(&rng, VIRTIO_ID_RNG, 0);

@@ -63,15 +63,7 @@ static void rng_demo(void)
      * that virtio_pci_init assigns them from our window. */
     uint64_t window = guest_arg("window", 0xe8000000);
     uint64_t old_bar0 = pci_bar_address(p.bdf, 0);
-    pci_command(p.bdf, 0, PCI_COMMAND_MEMORY);
-    for (unsigned i = 0; i < 6; i++) {
-        struct pci_bar bar;
-        pci_bar_probe(p.bdf, i, &bar);
-        if (bar.size && !bar.io)
-            pci_bar_set(p.bdf, i, 0, bar.is64);
-        if (bar.is64)
-            i++;
-    }
+    pci_unassign_memory_bars(p.bdf);
     virtio_bar_window(window, window + 0x1000000);
     int err = virtio_pci_init(&rng, VIRTIO_ID_RNG, 0);
     CHECK(11, err == 0, "virtio-rng: %s", virtio_strerror(err));

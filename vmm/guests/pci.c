@@ -132,6 +132,19 @@ void pci_bar_set(uint32_t bdf, unsigned index, uint64_t address, int is64)
         pci_cfg_write32(bdf, reg + 4, (uint32_t)(address >> 32));
 }
 
+void pci_unassign_memory_bars(uint32_t bdf)
+{
+    pci_command(bdf, 0, PCI_COMMAND_MEMORY);
+    for (unsigned i = 0; i < 6; i++) {
+        struct pci_bar bar;
+        pci_bar_probe(bdf, i, &bar);
+        if (bar.size && !bar.io)
+            pci_bar_set(bdf, i, 0, bar.is64);
+        if (bar.is64)
+            i++;
+    }
+}
+
 void pci_command(uint32_t bdf, uint16_t set, uint16_t clear)
 {
     uint16_t cmd = pci_cfg_read16(bdf, PCI_COMMAND);

@@ -80,6 +80,9 @@ void pci_bar_probe(uint32_t bdf, unsigned index, struct pci_bar *bar);
  * low dword first), leaving COMMAND as it is. */
 void pci_bar_set(uint32_t bdf, unsigned index, uint64_t address, int is64);
 uint64_t pci_bar_address(uint32_t bdf, unsigned index);
+/* Turns memory decode off and writes 0 into every memory BAR, so that a
+ * driver assigns them itself (I/O BARs are left as they are). */
+void pci_unassign_memory_bars(uint32_t bdf);
 /* Sets / clears bits of COMMAND. */
 void pci_command(uint32_t bdf, uint16_t set, uint16_t clear);
 /* Offset of the first capability with this ID, or 0. */
