@@ -6,7 +6,8 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
+2. apply the sandbox (:mod:`devserver.sandbox`; the model's host files
+   are opened just before), build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
 3. serve accesses from the slots on the main thread, while a control
    thread reads the socket (Reset, Shutdown) and watches for the VMM going
@@ -26,7 +27,9 @@ import os
 import threading
 import time
 
+from devices import hostres
 from devices.base import Device, Space
+from devserver import sandbox
 from devices.guestmem import GuestRam
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
@@ -83,6 +86,8 @@ class DeviceServer:
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: What the sandbox applied (devserver.sandbox).
+        self.sandbox = sandbox.Applied()
 
     # -- the whole life ------------------------------------------------------
 
@@ -136,9 +141,10 @@ class DeviceServer:
             if isinstance(msg, Start):
                 break
             self._configure(msg)
+        self._enter_sandbox()
         self._start_model()
         assert self.slots is not None and self.config is not None
-        self._send(Ready(os.getpid()))
+        self._send(Ready(os.getpid(), sandbox=tuple(self.sandbox.layers)))
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
@@ -176,6 +182,33 @@ class DeviceServer:
         self.memory = mmap.mmap(msg.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.mem_table = msg
         self.guest_ram = GuestRam(self.memory, msg.regions)
+
+    def _enter_sandbox(self) -> None:
+        """The sandbox (devserver.sandbox), once every descriptor is here
+        and before the model is built: its host files are opened first."""
+        cfg = self.config
+        if cfg is None:
+            raise StartFailed("start before device-config")
+        try:
+            cls = model_class(cfg.kind)
+        except KeyError as e:
+            raise StartFailed(str(e.args[0])) from None
+        keep = {self.channel.fileno()}
+        if self.console is not None:
+            keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
+        try:
+            keep |= hostres.preopen(cls.host_resources(dict(cfg.params)))
+        except OSError as e:
+            raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
+        try:
+            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep)
+        except sandbox.SandboxError as e:
+            raise StartFailed(str(e)) from None
+        if self.sandbox.pid_namespace:
+            self._parent = 0    # our parent is the reaper, outside; we die with it (devserver.sandbox.namespaces)
+        if self.sandbox.layers:
+            log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
+                     self.sandbox.seconds * 1e3, self.sandbox.rules)
 
     def _start_model(self) -> None:
         cfg = self.config

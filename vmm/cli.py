@@ -145,6 +145,12 @@ def _demo_guest() -> pathlib.Path:
     return guests.build(sources, cache / "guests", name="demo")
 
 
+def sandbox_summary(endpoint) -> str:
+    """``, sandbox LAYERS`` for a device in its own process, else nothing."""
+    sandbox = getattr(endpoint, "sandbox", None)
+    return f", {sandbox.describe()}" if sandbox is not None else ""
+
+
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
     """One line: how the run ended and which process served which device."""
     parts = []
@@ -153,6 +159,7 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
             continue
         pid = getattr(endpoint, "pid", None)
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
+        where += sandbox_summary(endpoint)
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"

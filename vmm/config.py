@@ -3,7 +3,10 @@
 ``--device TYPE[,key=value...]``: ``TYPE`` names a model in
 :data:`DEVICE_TYPES`; ``id=NAME`` (default ``TYPE`` plus a number) and
 ``process=isolated|inline`` (default ``isolated``) are understood for every
-type, every other key goes to the model, which validates it.
+type, and so are ``sandbox=strict|auto|off`` (default ``strict``) and
+``seccomp=kill|trap|log`` (default ``kill``), the sandbox of an isolated
+device (:mod:`devserver.sandbox`); every other key goes to the model,
+which validates it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ DEVICE_TYPES: dict[str, type[Device]] = {
 }
 
 PLACEMENTS = ("isolated", "inline")
+SANDBOX_MODES = ("strict", "auto", "off")
+SECCOMP_MODES = ("kill", "trap", "log")
 DEFAULT_PLACEMENT = "isolated"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -46,6 +51,9 @@ class DeviceSpec:
     name: str
     placement: str
     params: tuple[tuple[str, str], ...]
+    #: The sandbox of an isolated device (devserver.sandbox).
+    sandbox: str = "strict"
+    seccomp: str = "kill"
 
     @property
     def model_class(self) -> type[Device]:
@@ -93,6 +101,12 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     placement = params.pop("process", DEFAULT_PLACEMENT)
     if placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    sandbox = params.pop("sandbox", "strict")
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(f"device spec {text!r}: sandbox={sandbox!r} (expected strict, auto or off)")
+    seccomp = params.pop("seccomp", "kill")
+    if seccomp not in SECCOMP_MODES:
+        raise ConfigError(f"device spec {text!r}: seccomp={seccomp!r} (expected kill, trap or log)")
     name = params.pop("id", None)
     if name is None:
         n = 0
@@ -108,4 +122,4 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     except BadParameter as e:
         raise ConfigError(f"device {name}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()))
+    return DeviceSpec(kind, name, placement, tuple(params.items()), sandbox, seccomp)

@@ -190,7 +190,8 @@ class Machine:
         return RemoteEndpoint.spawn(
             spec.kind, spec.param_dict(), owner=owner, name=spec.name, registry=self.registry,
             nvcpus=len(self._vcpu_fds), memfd=self.memory.fd, mem_regions=regions,
-            access_timeout=self.access_timeout, irq_router=self.irq, **options)
+            access_timeout=self.access_timeout, irq_router=self.irq, sandbox=spec.sandbox,
+            seccomp=spec.seccomp, **options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

@@ -44,6 +44,7 @@ from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm import sandbox_report
 from vmm.console import StderrRelay
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
@@ -82,6 +83,8 @@ class RemoteEndpoint:
         #: launcher with its own pid namespace).
         self.reported_pid = 0
         self.features: frozenset[str] = frozenset()
+        #: The device's sandbox layers as it reported them (vmm.sandbox_report).
+        self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._proc = proc
         self._pidfd = pidfd
@@ -112,7 +115,8 @@ class RemoteEndpoint:
               command: Sequence[str] = DEVSERVER_COMMAND,
               cpus: set[int] | None = None, move: bool = False,
               console: SetConsole | None = None,
-              irq_router: IrqRouter | None = None) -> RemoteEndpoint:
+              irq_router: IrqRouter | None = None, sandbox: str = "strict",
+              seccomp: str = "kill") -> RemoteEndpoint:
         """Start a device process and return once it is Ready.
 
         ``kind``/``params``: the model and its ``key=value`` parameters;
@@ -130,7 +134,8 @@ class RemoteEndpoint:
         ``console``: the console fds to hand the device (the VMM keeps
         its own copies);
         ``irq_router``: the VM's interrupt routing, from which the device
-        may ask for irqfds (pins, MSI routes; see ipc.protocol).
+        may ask for irqfds (pins, MSI routes; see ipc.protocol);
+        ``sandbox``/``seccomp``: the device's sandbox (devserver.sandbox).
 
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
@@ -141,7 +146,8 @@ class RemoteEndpoint:
             raise ValueError(f"nvcpus must be in [1, {MAX_VCPUS}], not {nvcpus!r}")
         if not isinstance(poll_us, int) or poll_us < 0:
             raise ValueError(f"poll_us must be an integer >= 0, not {poll_us!r}")
-        config = DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus)
+        config = DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus,
+                              sandbox=sandbox, seccomp=seccomp)
         if memfd is not None and mem_regions is None:
             mem_regions = (MemRegion(0, os.fstat(memfd).st_size, 0),)
         deadline = time.monotonic() + start_timeout
@@ -250,6 +256,7 @@ class RemoteEndpoint:
             self._serve_irq(ready)
             ready = self._receive(deadline)
         assert isinstance(ready, Ready)
+        self.sandbox = sandbox_report.DeviceSandbox.at_ready(self.pid, ready.sandbox)
         self.reported_pid = ready.pid
         if ready.pid != self.pid:
             log.debug("device %s reports pid %d; its process is %d", self.name, ready.pid, self.pid)
@@ -401,7 +408,7 @@ class RemoteEndpoint:
             rc = self._proc.wait(wait)
         except subprocess.TimeoutExpired:
             return "still running"
-        return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        return sandbox_report.exit_text(self.name, self.sandbox, rc)
 
     def _watch(self) -> None:
         """Monitor thread: control messages, end of stream, process exit."""

@@ -1,0 +1,60 @@
+"""Layer 2: a user namespace whose root is an unprivileged host uid of the
+device's own.
+
+Started as root, the process first switches to a dedicated uid and gid
+(:func:`device_uid`: a base plus its pid, so no two live devices share one),
+losing every capability in the host's namespace, then unshares a user
+namespace and maps its root to that uid (one line, ``setgroups`` denied):
+root inside, with capabilities only over the namespaces it creates next;
+nobody outside.  Started as another user, root inside maps to that user.
+``unshare(CLONE_NEWUSER)`` fails once a thread exists, so this runs before
+the first thread."""
+
+from __future__ import annotations
+
+import os
+
+from devserver.sandbox import _sys
+
+#: Host uids (and gids) of device processes started as root: base + pid.
+DEVICE_UID_BASE = 1_900_000_000
+
+
+def device_uid(pid: int) -> int:
+    return DEVICE_UID_BASE + pid
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def apply() -> int:
+    """Enter the namespace; returns the host uid its root maps to."""
+    uid = os.geteuid()
+    gid = os.getegid()
+    if uid == 0:
+        uid = gid = device_uid(os.getpid())
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        _sys.set_dumpable(True)     # a uid change cleared it; /proc/self/*_map need it (fds.py clears it again)
+    _sys.unshare(_sys.CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"0 {uid} 1")
+    _write("/proc/self/gid_map", f"0 {gid} 1")
+    return uid
+
+
+def switch_uid() -> int:
+    """Without a user namespace (the fallback ``sandbox=auto`` takes when
+    the host refuses one): a plain switch to the dedicated uid, made after
+    the other namespaces, which still need root's capabilities."""
+    uid = device_uid(os.getpid())
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    return uid
