@@ -144,7 +144,7 @@ class DeviceServer:
         self._enter_sandbox()
         self._start_model()
         assert self.slots is not None and self.config is not None
-        self._send(Ready(os.getpid(), sandbox=tuple(self.sandbox.layers)))
+        self._send(Ready(self.sandbox.host_pid, sandbox=tuple(self.sandbox.layers)))
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
@@ -217,7 +217,7 @@ class DeviceServer:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
         self.irq = IrqClient(self._send, self.channel.receive)
         self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq,
-                               memory=self.guest_ram)
+                               memory=self.guest_ram, pid=self.sandbox.host_pid)
         self.model = self._build_model()
 
     def _build_model(self) -> Device:

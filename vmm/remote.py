@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import os
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -256,7 +255,8 @@ class RemoteEndpoint:
             self._serve_irq(ready)
             ready = self._receive(deadline)
         assert isinstance(ready, Ready)
-        self.sandbox = sandbox_report.DeviceSandbox.at_ready(self.pid, ready.sandbox)
+        self.sandbox = sandbox_report.DeviceSandbox.at_ready(self.pid, ready.sandbox, ready.pid)
+        self.pid = self.sandbox.device_pid or self.pid
         self.reported_pid = ready.pid
         if ready.pid != self.pid:
             log.debug("device %s reports pid %d; its process is %d", self.name, ready.pid, self.pid)
@@ -398,10 +398,7 @@ class RemoteEndpoint:
         self._reset_done.set()
 
     def _kill(self) -> None:
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # already gone, or pidfd closed
+        sandbox_report.kill(self.sandbox, self._proc.pid, self._pidfd)
 
     def _exit_text(self, wait: float) -> str:
         try:

@@ -40,13 +40,88 @@ class DeviceSandbox:
     #: Host pids of the device's processes: the one the VMM started, and
     #: the device itself when it runs in a pid namespace of its own.
     pids: tuple[int, ...] = ()
+    #: The device, when it runs in a pid namespace of its own as the child
+    #: of the process the VMM started (which only reaps it); else None.
+    device_pid: int | None = None
 
     @classmethod
-    def at_ready(cls, pid: int, layers: tuple[str, ...]) -> DeviceSandbox:
-        return cls(tuple(layers), (pid, *children(pid)))
+    def at_ready(cls, pid: int, layers: tuple[str, ...], reported_pid: int) -> DeviceSandbox:
+        """From Ready: the device's claim of its pid is believed only when
+        that process is the child of the one the VMM started."""
+        kids = children(pid)
+        device = reported_pid if reported_pid != pid and reported_pid in kids else None
+        return cls(tuple(layers), (pid, *kids), device)
 
     def describe(self) -> str:
         return "sandbox " + " ".join(self.layers) if self.layers else "no sandbox"
+
+
+def kill(sandbox: DeviceSandbox, pid: int, pidfd: int) -> None:
+    """SIGKILL the device.  In a pid namespace of its own, the device
+    itself (through a pidfd, once it is seen to be still the child of
+    ``pid``): the process the VMM started reaps it and dies the same way;
+    killing that one first would leave the device to an init that may
+    never reap it.  Otherwise the process the VMM started (``pidfd``)."""
+    if sandbox.device_pid is not None:
+        try:
+            fd = os.pidfd_open(sandbox.device_pid)
+        except OSError:
+            fd = -1         # gone already: the reaper is leaving too
+        if fd >= 0:
+            try:
+                if _parent_of(sandbox.device_pid) == pid:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    return
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass  # already gone, or pidfd closed
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def device_of_ns_tid(endpoints, tid: int):
+    """The one endpoint among ``endpoints`` that runs in a pid namespace
+    of its own and has a thread whose id there is ``tid`` (the registry
+    lock word holds that id: the kernel's robust-futex protocol uses the
+    holder's own namespace), or None when none or several have one (two
+    devices' namespaces number threads alike: the VMM cannot tell)."""
+    found = []
+    for ep in endpoints:
+        sandbox = getattr(ep, "sandbox", None)
+        if not isinstance(sandbox, DeviceSandbox) or sandbox.device_pid is None:
+            continue
+        if tid in _ns_tids(sandbox.device_pid):
+            found.append(ep)
+    return found[0] if len(found) == 1 else None
+
+
+def _ns_tids(pid: int) -> set[int]:
+    out = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"NSpid:"):
+                        out.add(int(line.split()[-1]))
+                        break
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def children(pid: int) -> tuple[int, ...]:

@@ -71,6 +71,8 @@ class Applied:
     #: This process is pid 1 of a pid namespace of its own (its parent,
     #: the process the VMM started, is the reaper).
     pid_namespace: bool = False
+    #: This process's pid as the host (the VMM) sees it.
+    host_pid: int = dataclasses.field(default_factory=os.getpid)
     #: Host uid of the device (0: unchanged).
     uid: int = 0
     #: Seconds the layers took.
@@ -101,7 +103,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
         return True if result is None else result
 
     from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns
-    from devserver.sandbox.policy import Rule, common, kind_rules
+    from devserver.sandbox.policy import EQ, Arg, Rule, common, kind_rules
 
     extra = kind_rules(kind, model_class)     # imports the kind's policy module while it can
     layer("preload", preload.apply)
@@ -110,7 +112,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     if uid is not None:
         out.uid = uid
     keep = set(keep) | {2} | fds.mapping_fds()
-    ns = layer("namespaces", _namespaces, namespaces, out, config, seccomp, fds, caps, landlock, Rule)
+    ns = layer("namespaces", _namespaces, namespaces, out, seccomp, fds, caps, landlock, Rule, Arg, EQ)
     layer("fds", fds.apply, keep)
     if uid is None and was_root and ns:
         out.uid = layer("uid", userns.switch_uid) or 0
@@ -123,11 +125,11 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     return out
 
 
-def _namespaces(namespaces, out: Applied, config: SandboxConfig, seccomp, fds, caps, landlock, Rule) -> None:
+def _namespaces(namespaces, out: Applied, seccomp, fds, caps, landlock, Rule, Arg, EQ) -> None:
     namespaces.unshare()
     namespaces.empty_root()
 
-    def lock_down_reaper(pidfd: int) -> None:
+    def lock_down_reaper(pidfd: int, device: int) -> None:
         from devserver.sandbox.policy import common
 
         fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
@@ -136,7 +138,8 @@ def _namespaces(namespaces, out: Applied, config: SandboxConfig, seccomp, fds, c
                 step()
             except OSError:
                 pass    # best effort: it runs no device code
-        seccomp.load(common.rules(os.getpid()) + (Rule("wait4"), Rule("waitid")), "kill")
+        seccomp.load(common.rules(os.getpid()) + (Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))),
+                     "kill")
 
-    namespaces.fork_into_pid_namespace(lock_down_reaper)
+    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper)
     out.pid_namespace = True

@@ -45,31 +45,45 @@ def empty_root() -> None:
                | _sys.MS_NODEV | _sys.MS_NOEXEC)
 
 
-def fork_into_pid_namespace(on_reaper) -> None:
-    """Fork; return in the child (pid 1 of the new namespace).  The parent
-    calls ``on_reaper(pidfd)`` (its own lock-down), then :func:`reap`, and never
-    returns."""
+def fork_into_pid_namespace(on_reaper) -> int:
+    """Fork; return in the child (pid 1 of the new namespace) with its pid
+    as the host sees it.  The parent calls ``on_reaper(pidfd, pid)`` (its
+    own lock-down), then :func:`reap`, and never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
+    r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         _sys.set_parent_death_signal(signal.SIGKILL)
-        return
+        os.close(w)
+        try:
+            data = os.read(r, 32)
+        finally:
+            os.close(r)
+        if not data:
+            os._exit(1)     # the reaper died before telling
+        return int(data)
     try:
+        os.close(r)
+        os.write(w, str(pid).encode())
+        os.close(w)
         pidfd = os.pidfd_open(pid)
-        on_reaper(pidfd)
+        on_reaper(pidfd, pid)
         reap(pid, pidfd)
     finally:
         os._exit(1)
 
 
 def reap(pid: int, pidfd: int) -> None:
-    """Wait for the device, then leave the way it left."""
+    """Wait for the device, then leave the way it left.  When the VMM goes
+    away first, kill the device and leave (nothing else would reap it)."""
     parent = os.getppid()
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     while not poller.poll(PARENT_CHECK_MS):
-        if os.getppid() != parent:      # the VMM is gone: so is the device (its death signal)
+        if os.getppid() != parent:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.waitpid(pid, 0)
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
@@ -81,6 +95,7 @@ def reap(pid: int, pidfd: int) -> None:
 
 
 def mirror_signal(signo: int) -> None:
-    signal.signal(signo, signal.SIG_DFL)
+    if signo not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signo, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signo])
     os.kill(os.getpid(), signo)
