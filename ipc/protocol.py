@@ -169,12 +169,10 @@ class Message:
         extra = set(body) - names - {"type"}
         if extra:
             raise ValueError(f"unknown field(s) {sorted(extra)}")
-        optional = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        missing = names - set(body) - optional
+        missing = names - set(body)
         if missing:
             raise ValueError(f"missing field(s) {sorted(missing)}")
-        kw = {n: body[n] for n in names if n in body}
+        kw = {n: body[n] for n in names}
         kw.update(zip(cls.FD_FIELDS, fds, strict=False))
         return cls._build(kw)
 

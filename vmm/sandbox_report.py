@@ -144,7 +144,9 @@ def exit_text(name: str, sandbox: DeviceSandbox, rc: int | None) -> str:
         return f"killed by {signal.Signals(signo).name}"
     nr = seccomp_syscall(sandbox.pids)
     call = syscall_name(nr) if nr is not None else "a system call outside its allowlist (not in the kernel log)"
-    log.error("device %s killed by seccomp: %s", name, call)
+    if sandbox.pids not in _reported:
+        _reported.add(sandbox.pids)
+        log.error("device %s killed by seccomp: %s", name, call)
     return f"killed by seccomp: {call}"
 
 
@@ -179,6 +181,8 @@ def seccomp_syscall(pids: tuple[int, ...]) -> int | None:
 
 
 _libseccomp = None
+#: Devices whose seccomp death was logged already (by their pids).
+_reported: set[tuple[int, ...]] = set()
 
 
 def syscall_name(nr: int) -> str:
