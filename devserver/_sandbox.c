@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <linux/capability.h>
 #include <linux/landlock.h>
@@ -84,52 +85,101 @@ int sb_landlock_deny_all(int abi)
     return rc;
 }
 
-/* seccomp=trap.  The kernel sends SIGSYS to the thread that made a call
- * outside the allowlist (SECCOMP_RET_TRAP; siginfo carries the number).
- * The handler writes "seccomp: blocked <name> (<nr>)", then hands over to
- * the handler that was there before it (faulthandler's, which dumps every
- * thread's Python stack: the line that made the call is on top of the
- * current thread), then dies of SIGSYS with the default action. */
-static int report_fd = 2;
+/* A call outside the allowlist (seccomp=kill and trap).  The filter's
+ * default action is SECCOMP_RET_TRAP: the kernel skips the call and sends
+ * SIGSYS to the thread that made it (siginfo carries the number).  The
+ * handler
+ *   - with seccomp=trap, writes "seccomp: blocked system call NAME (NR)"
+ *     to verbose_fd and hands over to the handler that was there before it
+ *     (faulthandler's, which dumps every thread's Python stack: the line
+ *     that made the call is on top of the current thread);
+ *   - sends the VMM one protocol frame on the control socket, an Error
+ *     message "killed by seccomp: NAME" (ipc/protocol.py: a 4-byte length,
+ *     then the msgpack map {"type": "error", "message": ...}; a
+ *     SOCK_SEQPACKET packet of its own, so it cannot interleave with a
+ *     frame another thread is sending);
+ *   - calls exit_group(sentinel), which a second filter turns into
+ *     SECCOMP_RET_KILL_PROCESS: the process dies of SIGSYS.
+ * No allocation here (the call may have been made inside malloc): names
+ * come from a table filled before the filter was loaded.  The process
+ * cannot take SIGSYS away from this handler (rt_sigaction on SIGSYS is
+ * outside its allowlist in kill mode). */
+#define SB_MAX_SYSCALL 512
+#define SB_NAME_LEN 32
+static char names[SB_MAX_SYSCALL][SB_NAME_LEN];
+static int report_sock = -1, verbose_fd = -1;
+static long sentinel;
 static struct sigaction previous;
 
-static void put(const char *s) { ssize_t r = write(report_fd, s, strlen(s)); (void)r; }
+void sb_set_syscall_name(int nr, const char *name)
+{
+    if (nr >= 0 && nr < SB_MAX_SYSCALL) {
+        strncpy(names[nr], name, SB_NAME_LEN - 1);
+        names[nr][SB_NAME_LEN - 1] = 0;
+    }
+}
+
+static size_t put(char *out, size_t at, const char *s)
+{
+    size_t n = strlen(s);
+    memcpy(out + at, s, n);
+    return at + n;
+}
 
 static void on_sigsys(int sig, siginfo_t *info, void *ctx)
 {
-    char num[24], *p = num + sizeof num;
+    char num[16], *p = num + sizeof num;
     int nr = info->si_syscall;
     *--p = 0;
     do { *--p = (char)('0' + nr % 10); nr /= 10; } while (nr && p > num);
-    /* Not async-signal-safe (it allocates), but this process is about to die. */
-    char *name = seccomp_syscall_resolve_num_arch(SCMP_ARCH_NATIVE, info->si_syscall);
-    put("seccomp: blocked system call ");
-    put(name ? name : "?");
-    put(" (");
-    put(p);
-    put(")\n");
-    if (previous.sa_flags & SA_SIGINFO) {
-        if (previous.sa_sigaction)
-            previous.sa_sigaction(sig, info, ctx);
-    } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
-        previous.sa_handler(sig);
+    const char *name = info->si_syscall >= 0 && info->si_syscall < SB_MAX_SYSCALL
+        && names[info->si_syscall][0] ? names[info->si_syscall] : p;
+    if (verbose_fd >= 0) {
+        char line[128];
+        size_t n = put(line, 0, "seccomp: blocked system call ");
+        n = put(line, n, name);
+        n = put(line, n, " (");
+        n = put(line, n, p);
+        n = put(line, n, ")\n");
+        ssize_t r = write(verbose_fd, line, n);
+        (void)r;
+        if (previous.sa_flags & SA_SIGINFO) {
+            if (previous.sa_sigaction)
+                previous.sa_sigaction(sig, info, ctx);
+        } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
+            previous.sa_handler(sig);
+        }
     }
-    signal(SIGSYS, SIG_DFL);
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGSYS);
-    sigprocmask(SIG_UNBLOCK, &set, NULL);
-    syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), SIGSYS);
+    if (report_sock >= 0) {
+        char frame[160], text[64];
+        size_t tn = put(text, 0, "killed by seccomp: ");
+        tn = put(text, tn, name);
+        size_t n = 4;
+        frame[n++] = (char)0x82;                        /* map of 2 */
+        frame[n++] = (char)0xa4; n = put(frame, n, "type");
+        frame[n++] = (char)0xa5; n = put(frame, n, "error");
+        frame[n++] = (char)0xa7; n = put(frame, n, "message");
+        frame[n++] = (char)0xd9; frame[n++] = (char)tn;  /* str 8 */
+        memcpy(frame + n, text, tn);
+        n += tn;
+        uint32_t len = (uint32_t)(n - 4);
+        memcpy(frame, &len, 4);                         /* little-endian length (x86-64) */
+        ssize_t r = send(report_sock, frame, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void)r;
+    }
+    syscall(SYS_exit_group, sentinel);                  /* killed here by the sentinel filter */
     _exit(128 + SIGSYS);
 }
 
-int sb_install_sigsys(int fd)
+int sb_install_sigsys(int sock, int vfd, long sentinel_value)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sigsys;
     sa.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    report_fd = fd;
+    report_sock = sock;
+    verbose_fd = vfd;
+    sentinel = sentinel_value;
     return sigaction(SIGSYS, &sa, &previous);
 }

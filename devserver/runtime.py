@@ -201,7 +201,8 @@ class DeviceServer:
         except OSError as e:
             raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
         try:
-            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep)
+            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
+                                         report_sock=self.channel.fileno())
         except sandbox.SandboxError as e:
             raise StartFailed(str(e)) from None
         if self.sandbox.pid_namespace:

@@ -448,7 +448,7 @@ class RemoteEndpoint:
                     self._fail(f"closed its control socket ({self._exit_text(0.2)})")
                 return False
             if isinstance(msg, Error):
-                self._fail(f"reported: {msg.message}")
+                self._fail(sandbox_report.error_text(self.name, self.sandbox, msg.message))
                 return False
             if isinstance(msg, ResetDone):
                 self._reset_done.set()

@@ -31,7 +31,7 @@ _RECORD = re.compile(rb"type=1326 .*? pid=(\d+) .*? syscall=(\d+)")
 MAX_RECORDS = 100_000
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class DeviceSandbox:
     """What one device process reported about its sandbox."""
 
@@ -43,6 +43,9 @@ class DeviceSandbox:
     #: The device, when it runs in a pid namespace of its own as the child
     #: of the process the VMM started (which only reaps it); else None.
     device_pid: int | None = None
+    #: The system call the device reported dying of (its SIGSYS handler's
+    #: Error message), if it did.
+    killed_by: str | None = None
 
     @classmethod
     def at_ready(cls, pid: int, layers: tuple[str, ...], reported_pid: int) -> DeviceSandbox:
@@ -133,6 +136,26 @@ def children(pid: int) -> tuple[int, ...]:
         return ()
 
 
+def error_text(name: str, sandbox: DeviceSandbox, message: str) -> str:
+    """The failure text of an Error message from a running device; the
+    report of its seccomp SIGSYS handler gets the line "device NAME killed
+    by seccomp: CALL" (the device may lie, but only about itself)."""
+    if message.startswith(SECCOMP_PREFIX):
+        call = message[len(SECCOMP_PREFIX):]
+        if call.isidentifier() and len(call) <= 32:
+            sandbox.killed_by = call
+            _log_once(name, sandbox, call)
+            return message
+    return f"reported: {message}"
+
+
+def _log_once(name: str, sandbox: DeviceSandbox, call: str) -> None:
+    key = (name, sandbox.pids)
+    if key not in _reported:
+        _reported.add(key)
+        log.error("device %s killed by seccomp: %s", name, call)
+
+
 def exit_text(name: str, sandbox: DeviceSandbox, rc: int | None) -> str:
     """How a device process ended, for the VMM's error line."""
     if rc is None:
@@ -142,11 +165,11 @@ def exit_text(name: str, sandbox: DeviceSandbox, rc: int | None) -> str:
     signo = -rc
     if signo != signal.SIGSYS:
         return f"killed by {signal.Signals(signo).name}"
-    nr = seccomp_syscall(sandbox.pids)
-    call = syscall_name(nr) if nr is not None else "a system call outside its allowlist (not in the kernel log)"
-    if sandbox.pids not in _reported:
-        _reported.add(sandbox.pids)
-        log.error("device %s killed by seccomp: %s", name, call)
+    call = sandbox.killed_by
+    if call is None:
+        nr = seccomp_syscall(sandbox.pids)
+        call = syscall_name(nr) if nr is not None else "a system call outside its allowlist (not in the kernel log)"
+    _log_once(name, sandbox, call)
     return f"killed by seccomp: {call}"
 
 
@@ -173,7 +196,7 @@ def seccomp_syscall(pids: tuple[int, ...]) -> int | None:
             if not record:
                 break
             m = _RECORD.search(record)
-            if m and m.group(1) in want:
+            if m and m.group(1) in want and int(m.group(2)) != _EXIT_GROUP:
                 found = int(m.group(2))
     finally:
         os.close(fd)
@@ -181,8 +204,12 @@ def seccomp_syscall(pids: tuple[int, ...]) -> int | None:
 
 
 _libseccomp = None
-#: Devices whose seccomp death was logged already (by their pids).
-_reported: set[tuple[int, ...]] = set()
+#: Devices whose seccomp death was logged already (by name and pids).
+_reported: set[tuple[str, tuple[int, ...]]] = set()
+#: How a device's SIGSYS handler words its report (devserver/_sandbox.c).
+SECCOMP_PREFIX = "killed by seccomp: "
+#: exit_group: the sentinel call of that handler, killed by the filter.
+_EXIT_GROUP = 231
 
 
 def syscall_name(nr: int) -> str:

@@ -85,9 +85,10 @@ class Applied:
 
 
 def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
-          keep: set[int]) -> Applied:
+          keep: set[int], report_sock: int = -1) -> Applied:
     """Apply the layers (module docstring); ``keep``: the descriptors the
-    runtime holds.  Must be called while the process has one thread."""
+    runtime holds; ``report_sock``: the control socket, where a seccomp
+    death is reported.  Must be called while the process has one thread."""
     out = Applied()
     if config.mode == "off":
         return out
@@ -127,7 +128,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     layer("caps", caps.apply)
     layer("landlock", landlock.apply)
     rules = common.rules(os.getpid()) + extra
-    n = layer(f"seccomp={config.seccomp}", seccomp.load, rules, config.seccomp)
+    n = layer(f"seccomp={config.seccomp}", seccomp.load, rules, config.seccomp, report_sock)
     out.rules = n or 0
     out.seconds = time.monotonic() - t0
     return out

@@ -64,7 +64,8 @@ def set_parent_death_signal(signo: int) -> None:
 
 
 def drop_bounding(cap: int) -> None:
-    prctl(lib.PR_CAPBSET_DROP, cap)
+    if prctl(lib.PR_CAPBSET_READ, cap):
+        prctl(lib.PR_CAPBSET_DROP, cap)
 
 
 def clear_ambient() -> None:
@@ -83,6 +84,3 @@ def landlock_abi() -> int:
 def landlock_deny_all(abi: int) -> None:
     _check(lib.sb_landlock_deny_all(abi), "landlock")
 
-
-def install_sigsys_report(fd: int) -> None:
-    _check(lib.sb_install_sigsys(fd), "sigaction(SIGSYS)")

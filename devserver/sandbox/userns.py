@@ -37,6 +37,7 @@ def apply() -> int:
     uid = os.geteuid()
     gid = os.getegid()
     if uid == 0:
+        _probe()        # before giving root up: a refusal must leave the other layers possible
         uid = gid = device_uid(os.getpid())
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -49,10 +50,29 @@ def apply() -> int:
     return uid
 
 
+def _probe() -> None:
+    """Raise the OSError ``unshare(CLONE_NEWUSER)`` would raise here (a
+    child process tries, so this one stays as it is)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _sys.unshare(_sys.CLONE_NEWUSER)
+        except OSError as e:
+            os._exit(min(e.errno or 1, 255))
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    err = os.waitstatus_to_exitcode(status)
+    if err:
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
 def switch_uid() -> int:
     """Without a user namespace (the fallback ``sandbox=auto`` takes when
     the host refuses one): a plain switch to the dedicated uid, made after
     the other namespaces, which still need root's capabilities."""
+    from devserver.sandbox import caps
+
+    caps.drop_bounding()    # while this process still may (CAP_SETPCAP)
     uid = device_uid(os.getpid())
     os.setgroups([])
     os.setresgid(uid, uid, uid)

@@ -36,6 +36,8 @@ class Rule:
     args: tuple[Arg, ...] = ()
     #: None: allow; an errno: answer it instead of running the call.
     errno: int | None = None
+    #: Kill the process instead (the sentinel of devserver.sandbox.seccomp).
+    kill: bool = False
 
     def __str__(self) -> str:
         cond = " && ".join(f"arg{a.index} {a.op} {a.value:#x}" + (f" == {a.match:#x}" if a.op == MASKED_EQ else "")
