@@ -202,7 +202,8 @@ class DeviceServer:
             raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
         try:
             self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
-                                         report_sock=self.channel.fileno())
+                                         report_sock=self.channel.fileno(),
+                                         tid_base=sandbox.tid_base(cfg.owner))
         except sandbox.SandboxError as e:
             raise StartFailed(str(e)) from None
         if self.sandbox.pid_namespace:

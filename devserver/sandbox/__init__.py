@@ -43,6 +43,12 @@ ONLY_ENV = "SPLITVMM_SANDBOX_LAYERS"
 LAYERS = ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp")
 
 
+def tid_base(owner: int) -> int:
+    """Where thread ids start in the pid namespace of device ``owner``
+    (threads after the first: the first is pid 1 in every namespace)."""
+    return (owner % 4000) * 1000
+
+
 class SandboxError(Exception):
     """A layer could not be applied under ``sandbox=strict``."""
 
@@ -85,16 +91,18 @@ class Applied:
 
 
 def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
-          keep: set[int], report_sock: int = -1) -> Applied:
+          keep: set[int], report_sock: int = -1, tid_base: int = 0) -> Applied:
     """Apply the layers (module docstring); ``keep``: the descriptors the
     runtime holds; ``report_sock``: the control socket, where a seccomp
-    death is reported.  Must be called while the process has one thread."""
+    death is reported; ``tid_base``: where thread ids start in the
+    device's pid namespace (the VMM tells registry-lock holders of
+    different devices apart by them).  Must be called while the process
+    has one thread."""
     out = Applied()
     if config.mode == "off":
         return out
     t0 = time.monotonic()
     strict = config.mode == "strict"
-
     only = os.environ.get(ONLY_ENV)
     chosen = set(only.split(",")) if only else None
 
@@ -111,9 +119,6 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
         out.layers.append(name)
         return True if result is None else result
 
-    from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns
-    from devserver.sandbox.policy import EQ, Arg, Rule, common, kind_rules
-
     extra = kind_rules(kind, model_class)     # imports the kind's policy module while it can
     layer("preload", preload.apply)
     was_root = os.geteuid() == 0
@@ -121,7 +126,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     if uid is not None:
         out.uid = uid
     keep = set(keep) | {2} | fds.mapping_fds()
-    ns = layer("namespaces", _namespaces, namespaces, out, seccomp, fds, caps, landlock, Rule, Arg, EQ)
+    ns = layer("namespaces", _namespaces, out, tid_base)
     layer("fds", fds.apply, keep)
     if uid is None and was_root and ns:
         out.uid = layer("uid", userns.switch_uid) or 0
@@ -134,21 +139,25 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     return out
 
 
-def _namespaces(namespaces, out: Applied, seccomp, fds, caps, landlock, Rule, Arg, EQ) -> None:
+def _namespaces(out: Applied, tid_base: int) -> None:
     namespaces.unshare()
-    namespaces.empty_root()
 
     def lock_down_reaper(pidfd: int, device: int) -> None:
-        from devserver.sandbox.policy import common
-
         fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
         for step in (caps.apply, landlock.apply):
             try:
                 step()
             except OSError:
                 pass    # best effort: it runs no device code
-        seccomp.load(common.rules(os.getpid()) + (Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))),
-                     "kill")
+        seccomp.load(common.rules(os.getpid()) + (
+            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))), "kill")
 
     out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper)
     out.pid_namespace = True
+    if tid_base:
+        namespaces.set_next_pid(tid_base)
+    namespaces.empty_root()
+
+
+from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns  # noqa: E402
+from devserver.sandbox.policy import EQ, Arg, Rule, common, kind_rules  # noqa: E402

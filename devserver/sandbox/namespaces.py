@@ -9,7 +9,10 @@ of the namespace and goes on as the device; the parent, the process the
 VMM started, becomes a tiny reaper (:func:`reap`) that mirrors the
 device's exit -- the same status, or death by the same signal -- so the
 VMM's view of its child is the device's.  The device dies with the reaper
-(``PR_SET_PDEATHSIG``), and the reaper leaves when the VMM is gone."""
+(``PR_SET_PDEATHSIG``), and the reaper leaves when the VMM is gone.
+Thread ids in the namespace start at a base the runtime chooses per
+device (``ns_last_pid``), so two devices' threads do not share ids: the
+registry lock word holds the holder's id in its own namespace."""
 
 from __future__ import annotations
 
@@ -43,6 +46,17 @@ def empty_root() -> None:
     os.chdir("/")
     _sys.mount("none", "/", None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_NOSUID
                | _sys.MS_NODEV | _sys.MS_NOEXEC)
+
+
+def set_next_pid(base: int) -> None:
+    """Make thread ids in this (new) pid namespace continue from ``base``
+    (``ns_last_pid``; needs CAP_SYS_ADMIN over the namespace and /proc
+    still there)."""
+    fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(base).encode())
+    finally:
+        os.close(fd)
 
 
 def fork_into_pid_namespace(on_reaper) -> int:

@@ -218,3 +218,26 @@ def test_strict_refuses_with_one_line_naming_the_layer(registry):
         assert read_status(ep.pid)["Seccomp"] == "0"
     finally:
         ep.close()
+
+
+def test_thread_ids_tell_two_sandboxed_devices_apart(registry):
+    """The registry lock word holds the holder's thread id in its own pid
+    namespace; thread ids start at a per-device base, so the VMM's lock
+    watch can name the device (only the first thread is 1 everywhere)."""
+    from vmm import sandbox_report
+
+    a = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1)
+    b = RemoteEndpoint.spawn("echo", {"pio": "0x5100"}, 3, "echo1", registry, nvcpus=1)
+    try:
+        for ep in (a, b):       # the control thread starts just after Ready
+            assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
+        ids_a, ids_b = sandbox_report._ns_tids(a.pid), sandbox_report._ns_tids(b.pid)
+        assert ids_a & ids_b == {1}
+        for tid in ids_a - {1}:
+            assert sandbox_report.device_of_ns_tid([a, b], tid) is a
+        for tid in ids_b - {1}:
+            assert sandbox_report.device_of_ns_tid([a, b], tid) is b
+        assert sandbox_report.device_of_ns_tid([a, b], 1) is None     # ambiguous: neither
+    finally:
+        a.close()
+        b.close()
