@@ -18,12 +18,13 @@ The conversation (VMM = front end, device = back end)::
     VMM                                   device
     Hello(version, features)      ─►
                                   ◄─      Welcome(version, features)
-    DeviceConfig(kind, params, owner, name, nvcpus)
+    DeviceConfig(kind, params, owner, name, nvcpus, sandbox, seccomp)
     SetRegistry  [fd]                     (each once, in any order;
     SetSlots     [fd]                      SetMemTable is optional)
     SetMemTable  [fd]
     Start                         ─►
-                                  ◄─      Ready(pid)   (initial regions claimed)
+                                  ◄─      Ready(pid, sandbox)   (initial regions claimed;
+                                                                 the sandbox layers that are on)
     Reset                         ─►
                                   ◄─      ResetDone
     Shutdown (at any time)        ─►      (the device exits)

@@ -34,7 +34,7 @@ from devices.base import Device, DeviceHost, Space, parse_int
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_ptrace, SYS_unshare, SYS_mount = 101, 272, 165
 PTRACE_SEIZE, PTRACE_DETACH = 0x4206, 17
-CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
 
 
 def _syscall(nr: int, *args: int | bytes | None) -> None:
@@ -71,6 +71,8 @@ class Hostile(Device):
             getattr(self, "attack_" + ATTACKS[value])()
         except OSError as e:
             self.outcome = e.errno or errno.EIO
+        except ValueError:      # resource.setrlimit words EPERM so
+            self.outcome = errno.EPERM
         else:
             self.outcome = 0
 
@@ -114,7 +116,10 @@ class Hostile(Device):
 
     def attack_ptrace_vmm(self) -> None:
         _syscall(SYS_ptrace, PTRACE_SEIZE, self.vmm_pid, 0, 0)
-        _syscall(SYS_ptrace, PTRACE_DETACH, self.vmm_pid, 0, 0)
+        try:    # a seized tracee is not stopped, so this fails; our exit detaches it anyway
+            _syscall(SYS_ptrace, PTRACE_DETACH, self.vmm_pid, 0, 0)
+        except OSError:
+            pass
 
     def attack_kill_vmm(self) -> None:
         os.kill(self.vmm_pid, 0)
@@ -123,14 +128,19 @@ class Hostile(Device):
         mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_EXEC).close()
 
     def attack_unshare(self) -> None:
-        _syscall(SYS_unshare, CLONE_NEWUSER)
+        # (a new user namespace is refused to any process with threads: EINVAL)
+        _syscall(SYS_unshare, CLONE_NEWNET)
 
     def attack_mount(self) -> None:
         _syscall(SYS_mount, b"none", self.dir.encode(), b"tmpfs", 0, None)
 
     def attack_raise_rlimit(self) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard + 1 if hard != resource.RLIM_INFINITY else hard))
+        """Raise a hard limit (needs CAP_SYS_RESOURCE)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if hard == resource.RLIM_INFINITY:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, soft))
+            hard = soft
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard + 4096))
 
     def attack_vmm_environ(self) -> None:
         with open(f"/proc/{self.vmm_pid}/environ", "rb") as f:
