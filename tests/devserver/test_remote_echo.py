@@ -177,7 +177,7 @@ def test_sigkill_while_an_access_waits(registry, caplog):
             out["started"] = t
         th = threading.Thread(target=access)
         th.start()
-        time.sleep(0.2)
+        assert wait_for(lambda: ep.call_stats().sleeps >= 1), "the access never waited"
         killed = time.monotonic()
         os.kill(ep.pid, signal.SIGKILL)           # ...and the device dies meanwhile
         th.join(10)
