@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 from ipc.protocol import MemRegion, SetConsole
 from vmm.irq import IrqRouter
@@ -49,7 +50,7 @@ class RemoteOptions:
     #: *spawn*: the device program (``--fd N`` is appended).
     command: Sequence[str] = DEVSERVER_COMMAND
     #: *spawn*: CPUs the device process may run on (None: any).
-    cpus: frozenset[int] | None = None
+    cpus: AbstractSet[int] | None = None
     #: Guest RAM to share (None: the device gets no guest memory).
     memfd: int | None = None
     #: Where ``memfd`` sits in the guest (None: the whole fd at address 0).
