@@ -183,9 +183,9 @@ class RemoteEndpoint:
                  channel=channel, slots=slots, access_timeout=options.access_timeout,
                  irqs=irqs, ioevents=ioevents)
         mem_regions = options.mem_regions
-        if options.memfd is not None and mem_regions is None:
-            mem_regions = (MemRegion(0, os.fstat(options.memfd).st_size, 0),)
         try:
+            if options.memfd is not None and mem_regions is None:
+                mem_regions = (MemRegion(0, os.fstat(options.memfd).st_size, 0),)
             reg_fd = registry_fd(registry)
         except BaseException:
             ep._failure = "start interrupted"
