@@ -282,7 +282,6 @@ class StateSegment:
         for i, size in enumerate(layout.queue_sizes):
             off = layout.queue_offset(i)
             struct.pack_into("<H", seg._map, off + 4, size & 0xFFFF)
-        seg._next = 1
         return seg
 
     @classmethod
