@@ -194,6 +194,11 @@ class InflightQueue:
         self._h[_USED] = used_idx & 0xFFFF
         self._batch.clear()
 
+    def release(self) -> None:
+        """Let go of the mapping (the owner unmaps it); the object is unusable after."""
+        for v in (self._q, self._h, self._region):
+            v.release()
+
     def in_flight(self) -> int:
         """Heads flagged in flight now (a scan: for tests and diagnostics)."""
         raw = bytes(self._region)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -97,6 +98,8 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _ZERO8 = bytes(8)
+
+log = logging.getLogger(__name__)
 
 
 class StateError(Exception):
@@ -427,11 +430,18 @@ class StateSegment:
 
     def close(self) -> None:
         """Unmap (views handed out must be gone) and close an owned fd."""
+        for q in self._queues.values():
+            q.release()
         self._queues.clear()
         if self._mem is not None:
             self._mem.release()
             self._mem = None  # type: ignore[assignment]
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                # A view of it is still held somewhere: the mapping goes
+                # when the last one does.
+                log.warning("state segment: a view is still held; unmapping later")
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
