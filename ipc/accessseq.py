@@ -124,7 +124,7 @@ def plan(pending: Iterable[Pending], record: AccessRecord | None, issued: int,
     correct since none of them was answered).  Two accesses with the same
     number are a VMM bug: ValueError."""
     items = sorted(pending, key=lambda p: p.seq)
-    for a, b in zip(items, items[1:]):
+    for a, b in zip(items, items[1:], strict=False):
         if a.seq == b.seq:
             raise ValueError(f"access {a.seq} is pending twice")
     statuses = tuple(statuses)

@@ -90,7 +90,7 @@ _COUNTER = 0         # byte offset in an entry
 _NEXT = 8
 _FLAG = 10
 _ENTRY = struct.Struct("<QHB5x")
-assert _ENTRY.size == ENTRY_SIZE
+assert _ENTRY.size == ENTRY_SIZE and ENTRY_SIZE == 16 and QUEUE_HEADER_SIZE % 8 == 0
 
 
 def region_size(max_size: int) -> int:
@@ -134,6 +134,8 @@ class InflightQueue:
     :meth:`recover` in a restarted device before popping anything.
     """
 
+    __slots__ = ("max_size", "size", "_region", "_b", "_h", "_q", "_counter", "_batch")
+
     def __init__(self, view: memoryview, max_size: int):
         want = region_size(max_size)
         mv = memoryview(view).cast("B")
@@ -167,32 +169,34 @@ class InflightQueue:
         (before the request is acted on)."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range for a queue of {self.size}")
-        base = QUEUE_HEADER_SIZE + head * ENTRY_SIZE
-        self._q[base >> 3] = self._counter
-        self._counter += 1
-        self._b[base + _FLAG] = 1
+        c = self._counter
+        self._q[(QUEUE_HEADER_SIZE >> 3) + 2 * head] = c        # the entry's counter
+        self._counter = c + 1
+        self._b[QUEUE_HEADER_SIZE + _FLAG + ENTRY_SIZE * head] = 1
 
     def push(self, head: int) -> None:
         """``head`` completes in the batch being published (before the
         guest's ``used->idx`` is stored)."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range for a queue of {self.size}")
-        base = QUEUE_HEADER_SIZE + head * ENTRY_SIZE
-        if self._b[base + _FLAG] != 1 or head in self._batch:
+        batch = self._batch
+        if self._b[QUEUE_HEADER_SIZE + _FLAG + ENTRY_SIZE * head] != 1 or head in batch:
             raise InflightError(f"head {head} completed but it is not in flight")
-        self._h[(base + _NEXT) >> 1] = self._h[_LBH]
-        self._h[_LBH] = head
-        self._batch.append(head)
+        h = self._h
+        h[((QUEUE_HEADER_SIZE + _NEXT) >> 1) + 8 * head] = h[_LBH]   # the entry's next
+        h[_LBH] = head
+        batch.append(head)
 
     def publish(self, used_idx: int) -> None:
         """The guest's ``used->idx`` now is ``used_idx`` (it covers the
         batch pushed since the last call): clear the batch's flags, then
         record the index."""
         b = self._b
-        for head in self._batch:
-            b[QUEUE_HEADER_SIZE + head * ENTRY_SIZE + _FLAG] = 0
+        batch = self._batch
+        for head in batch:
+            b[QUEUE_HEADER_SIZE + _FLAG + ENTRY_SIZE * head] = 0
         self._h[_USED] = used_idx & 0xFFFF
-        self._batch.clear()
+        batch.clear()
 
     def release(self) -> None:
         """Let go of the mapping (the owner unmaps it); the object is unusable after."""
