@@ -318,18 +318,18 @@ class StateSegment:
         """
         if type(state) is not dict:
             raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
-        try:
-            payload = self._packer.pack(state)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise TypeError(f"snapshot is not plain data: {e}") from None
-        n = len(payload)
-        cap = self.layout.capacity
-        if n > cap:
-            raise SnapshotTooLarge(
-                f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
         if access is not None and not 1 <= access.seq <= _U64:
             raise ValueError(f"access sequence numbers start at 1, not {access.seq}")
         with self._lock:
+            try:
+                payload = self._packer.pack(state)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TypeError(f"snapshot is not plain data: {e}") from None
+            n = len(payload)
+            cap = self.layout.capacity
+            if n > cap:
+                raise SnapshotTooLarge(
+                    f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
             if self._next is None:
                 # A restarted writer: continue after the latest valid one.
                 best = self.inspect().snapshot
