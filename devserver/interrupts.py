@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from devices.base import DeviceError
+from devices.base import HostRefused
 from ipc.protocol import (
     IRQ_ANSWERS,
     IoeventfdRemoveRequest,
@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 
 
-class IrqUnavailable(DeviceError):
-    """The VMM refused an interrupt request, or did not answer it."""
+class IrqUnavailable(HostRefused):
+    """The VMM refused an interrupt or ioeventfd request, or did not
+    answer it (what a model catches is :class:`devices.base.HostRefused`)."""
 
 
 class IrqClient:

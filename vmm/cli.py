@@ -38,7 +38,8 @@ from typing import NoReturn, Sequence
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm.boot import BootError
-from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec, parse_device_spec
+from devices.kinds import kinds
+from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
     run.add_argument("--device", action="append", default=[], metavar="SPEC",
                      help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type; "
-                          f"types: {', '.join(sorted(DEVICE_TYPES))}")
+                          f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")

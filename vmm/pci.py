@@ -38,7 +38,7 @@ from devices.pci import PciDevice
 from devices.pci_config import ConfigSpace
 from ipc import Bus, pci_address
 from vmm import layout
-from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec
+from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
 from vmm.local import VmmHandlers
 
@@ -128,8 +128,7 @@ class PciHost:
         lowest free one unless given), its windows for pre-assigned BARs
         and the GSI its INTA# is wired to (``intx_gsi=``, the swizzle of
         vmm.layout); other specs unchanged."""
-        cls = DEVICE_TYPES.get(spec.kind)     # None: a kind only device processes know
-        if cls is None or not issubclass(cls, PciDevice):
+        if not issubclass(spec.model_class, PciDevice):
             return spec
         params = spec.param_dict()
         if "slot" in params:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import posix_ipc
 
+from devices import kinds
 from ipc import Registry
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, MemRegion, Message,
                           Ready, RemoteProtocolError, Reset, ResetDone, Role, SetConsole,
@@ -162,6 +163,7 @@ class RemoteEndpoint:
                console: SetConsole | None = None,
                irq_router: IrqRouter | None = None) -> RemoteEndpoint:
         name, owner = config.name, config.owner
+        env = _child_env(kind, name)
         slots = SlotCaller.create(config.nvcpus, spin_ns=spin_us * 1000)
         ours, theirs = socketpair()
         proc = pidfd = None
@@ -171,7 +173,7 @@ class RemoteEndpoint:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(theirs.fileno()), *_log_level_args(command)],
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, start_new_session=True, env=env,
                                         stderr=relay.child_fd if relay is not None else None)
             finally:
                 theirs.close()      # the child has its copy
@@ -569,6 +571,23 @@ def _registry_fd(registry: Registry) -> int:
         raise ValueError("the registry must be sealed (Registry.create_sealed) or named to be shared")
     shm = posix_ipc.SharedMemory(registry.name)
     return shm.fd
+
+
+def _child_env(kind: str, name: str) -> dict[str, str] | None:
+    """The device process's environment: the VMM's, plus, for a
+    ``MODULE:CLASS`` model, the directory the VMM imported that module
+    from in front of PYTHONPATH (importable here, importable there).
+    Raises DeviceFailed for a kind that names no model."""
+    if not kinds.is_qualified(kind):
+        return None
+    try:
+        root = kinds.import_root(kinds.resolve(kind))
+    except kinds.ModelNotFound as e:
+        raise DeviceFailed(f"device {name}: {e}") from None
+    if root is None:
+        return None
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
 
 
 def _log_level_args(command: Sequence[str]) -> list[str]:

@@ -66,7 +66,7 @@ class VirtioConsole(VirtioPciDevice):
         self.dropped = 0
 
     def start(self) -> None:
-        console = getattr(self.host, "console", lambda: None)()
+        console = self.host.console()
         if console is not None:
             self._out, self._in = console.output, console.input
         elif self.socket_path is not None:

@@ -50,9 +50,9 @@ import select
 import struct
 import threading
 
-from devices.base import DeviceError, DeviceHost, Space
+from devices.base import DeviceHost, HostRefused, Space, all_ones
 from devices.guestmem import GuestMemoryFault, GuestRam
-from devices.pci import Bar, BarKind, PciDevice, ones
+from devices.pci import Bar, BarKind, PciDevice
 from devices.pci_config import PCI_CFG_SPACE_EXP_SIZE
 from devices.virtio.virtqueue import Chain, QueueBroken, Virtqueue
 
@@ -259,7 +259,7 @@ class VirtioPciDevice(PciDevice):
     def start(self) -> None:
         try:
             self._mem = self.host.guest_memory()
-        except (AttributeError, DeviceError) as e:
+        except HostRefused as e:
             log.warning("%s: no guest memory (%s); queues cannot be used", self.kind, e)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         super().start()
@@ -298,14 +298,11 @@ class VirtioPciDevice(PciDevice):
         self._drop_doorbells()
         if base is None or self._doorbells_failed or self._stopped.is_set():
             return
-        ask = getattr(self.host, "ioeventfd", None)
-        if ask is None:
-            return
         for q in self.queues:
             addr = base + NOTIFY_OFFSET + q.index * NOTIFY_OFF_MULTIPLIER
             try:
-                self._doorbells[q.index] = ask(Space.MMIO, addr, NOTIFY_LENGTH)
-            except (DeviceError, NotImplementedError) as e:
+                self._doorbells[q.index] = self.host.ioeventfd(Space.MMIO, addr, NOTIFY_LENGTH)
+            except HostRefused as e:
                 log.info("%s: no ioeventfd for queue %d (%s); notifications come as MMIO writes",
                          self.kind, q.index, e)
                 self._doorbells_failed = True
@@ -323,7 +320,7 @@ class VirtioPciDevice(PciDevice):
         for bell in bells.values():
             try:
                 bell.remove()
-            except Exception as e:  # the host is going away
+            except HostRefused as e:  # the host is going away
                 log.debug("%s: removing a doorbell: %s", self.kind, e)
 
     def _notify_loop(self) -> None:
@@ -359,7 +356,7 @@ class VirtioPciDevice(PciDevice):
 
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         if bar is not self.vbar:
-            return ones(size)
+            return all_ones(size)
         if COMMON_OFFSET <= offset and offset + size <= COMMON_OFFSET + VIRTIO_PCI_COMMON_CFG_SIZE:
             raw = self._common_bytes()
             o = offset - COMMON_OFFSET
@@ -378,7 +375,7 @@ class VirtioPciDevice(PciDevice):
             return self.notifies_eventfd & 0xFFFF_FFFF
         if offset == STATS_OFFSET + 4 and size == 4:
             return self.notifies_mmio & 0xFFFF_FFFF
-        return 0 if NOTIFY_OFFSET <= offset < STATS_OFFSET else ones(size)
+        return 0 if NOTIFY_OFFSET <= offset < STATS_OFFSET else all_ones(size)
 
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         if bar is not self.vbar:
@@ -591,7 +588,7 @@ class VirtioPciDevice(PciDevice):
             self.config.write(offset, size, value)
             access = self._cfg_window()
             if access is not None:
-                self.bar_write(self.vbar, access[0], access[1], value & ones(access[1]))
+                self.bar_write(self.vbar, access[0], access[1], value & all_ones(access[1]))
 
     def _in_cfg_data(self, offset: int, size: int) -> bool:
         data = self.pci_cfg_cap + VIRTIO_PCI_CFG_DATA

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from devices.base import Space
+from devices.base import DeviceHost, Space
 from devices.guestmem import GuestMemoryFault, GuestRam, RamRange
 from devices.virtio import pci as vp
 from devices.virtio.rng import VirtioRng
@@ -64,7 +64,7 @@ class FakeLine:
         self.log.append(("intx",))
 
 
-class FakeHost:
+class FakeHost(DeviceHost):
     def __init__(self, ram):
         self.ram = ram
         self.log = []
