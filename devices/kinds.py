@@ -68,24 +68,24 @@ def resolve(kind: str) -> type[Device]:
                             "or MODULE:CLASS)")
     m = _QUALIFIED.match(target)
     if m is None:
-        raise ModelNotFound(f"device type {kind!r}: {target!r} is not MODULE:CLASS")
+        raise ModelNotFound(f"{target!r} is not MODULE:CLASS")
     module_name, attr = m.groups()
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as e:      # a user's module may fail in any way while it is imported
-        raise ModelNotFound(f"device type {kind!r}: cannot import {module_name}: "
+        raise ModelNotFound(f"cannot import {module_name}: "
                             f"{type(e).__name__}: {e}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ModelNotFound(f"device type {kind!r}: module {module_name} has no {attr}") from None
+            raise ModelNotFound(f"module {module_name} has no {attr}") from None
     if not (isinstance(obj, type) and issubclass(obj, Device)):
-        raise ModelNotFound(f"device type {kind!r}: {module_name}:{attr} is not a subclass of "
+        raise ModelNotFound(f"{module_name}:{attr} is not a subclass of "
                             "devices.base.Device")
     if inspect.isabstract(obj):
         missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
-        raise ModelNotFound(f"device type {kind!r}: {module_name}:{attr} is abstract (no {missing})")
+        raise ModelNotFound(f"{module_name}:{attr} is abstract (no {missing})")
     return obj
 
 

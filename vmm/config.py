@@ -72,7 +72,7 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     try:
         model_class = kinds.resolve(kind)
     except kinds.ModelNotFound as e:
-        raise ConfigError(f"device spec {text!r}: {e}") from None
+        raise ConfigError(f"--device {kind}: {e}") from None
     params: dict[str, str] = {}
     if rest:
         for item in rest.split(","):
