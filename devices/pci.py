@@ -353,6 +353,15 @@ class PciDevice(Device):
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         """A write in BAR ``bar``'s region (the lock is held)."""
 
+    def bar_moved(self, bar: Bar) -> None:
+        """BAR ``bar``'s region changed: registered at a new address
+        (``bar.mapped``), or unregistered (``bar.mapped`` is None) -- the
+        guest moved the BAR, toggled decoding, or a conflicted claim
+        succeeded at last.  Called with the lock held, inside the handler
+        of the configuration access that caused it (or on the retry
+        thread); a model moves what it keeps at BAR addresses (e.g.
+        ioeventfds) here.  Not called at :meth:`stop`."""
+
     # -- interrupts (module docstring) -------------------------------------------
 
     def raise_interrupt(self, vector: int = 0) -> None:
@@ -456,18 +465,17 @@ class PciDevice(Device):
             return
         self._unmap(bar)
         bar.conflict = None
-        if want is None:
-            return
-        try:
-            self.host.claim(bar.space, want, bar.size, bar.index)
-        except HostRefused as e:  # RegionBusy, RegionTableFull
-            bar.conflict = want
-            log.warning("%s: BAR %d %s %#x+%#x cannot be registered (%s); the BAR keeps the "
-                        "value, the region is registered once the range is free",
-                        self.kind, bar.index, bar.space.name, want, bar.size, e)
-            self._start_retry()
-            return
-        bar.mapped = want
+        if want is not None:
+            try:
+                self.host.claim(bar.space, want, bar.size, bar.index)
+                bar.mapped = want
+            except HostRefused as e:  # RegionBusy, RegionTableFull
+                bar.conflict = want
+                log.warning("%s: BAR %d %s %#x+%#x cannot be registered (%s); the BAR keeps the "
+                            "value, the region is registered once the range is free",
+                            self.kind, bar.index, bar.space.name, want, bar.size, e)
+                self._start_retry()
+        self.bar_moved(bar)
 
     def _unmap(self, bar: Bar) -> None:
         if bar.mapped is not None:
@@ -495,6 +503,7 @@ class PciDevice(Device):
                     continue
                 log.info("%s: BAR %d registered at %#x, the range is free now", self.kind, i, bar.conflict)
                 bar.mapped, bar.conflict = bar.conflict, None
+                self.bar_moved(bar)
 
     def _start_retry(self) -> None:
         if self._retry is not None and self._retry.is_alive():

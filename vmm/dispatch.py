@@ -25,6 +25,7 @@ import logging
 import threading
 from typing import Callable, Mapping
 
+from devices.base import all_ones
 from ipc import Bus, LockTimeout, Registry, RegistryError
 from ipc.registry import lib as _reg_lib
 from vmm.endpoint import DeviceFailed, Endpoint
@@ -38,8 +39,6 @@ MMIO = int(Bus.MMIO)
 
 #: svm_reg_* code of a missed lock deadline (what the C fast path reports).
 SVM_ETIMEDOUT = _reg_lib.SVM_ETIMEDOUT
-
-ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
 def registry_c_api(registry: Registry) -> tuple[int, int, int] | None:
@@ -57,10 +56,6 @@ def registry_c_api(registry: Registry) -> tuple[int, int, int] | None:
     except (ImportError, AttributeError, TypeError) as e:
         log.warning("no C fast path (registry C core not reachable: %s)", e)
         return None
-
-
-def all_ones(size: int) -> int:
-    return ONES.get(size) or (1 << (8 * size)) - 1
 
 
 class Dispatcher:

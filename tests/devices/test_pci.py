@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from devices import pci
 from devices import pci_config as cfg
-from devices.base import BadParameter, DeviceHost, NotOffered, RegionBusy, Space
+from devices.base import BadParameter, DeviceHost, NotOffered, RegionBusy, Space, all_ones
 from devices.pci_echo import (
     BAR_IO,
     BAR_MSIX,
@@ -495,7 +495,7 @@ def test_fuzz_config_writes_keep_regions_declared(writes):
     host, dev = make()
     for off, size, value in writes:
         off -= off % size
-        cfg_write(dev, off, value & ((1 << (8 * size)) - 1), size)
+        cfg_write(dev, off, value & all_ones(size), size)
         check_regions(host)
     assert cfg_read(dev, 0) == DEVICE_ID << 16 | VENDOR_ID
     dev.stop()
