@@ -187,7 +187,8 @@ class LocalEndpoint:
                registry: Registry, console: ConsoleFds | None = None,
                irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
-        regions (raises the model's BadParameter, the registry's errors).
+        regions (raises the model's BadParameter, the host's HostRefused
+        family -- devices.base.DeviceError both).
         ``irq_router``: where its interrupts go, and the VM its doorbells
         are bound in (None: it has neither); ``memory``: guest RAM."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
