@@ -64,8 +64,8 @@ def resolve(kind: str) -> type[Device]:
     ``MODULE:CLASS``); raises :class:`ModelNotFound`."""
     target = kind if ":" in kind else kinds().get(kind)
     if target is None:
-        raise ModelNotFound(f"unknown device type {kind!r} (known: {', '.join(sorted(kinds()))}; "
-                            "or MODULE:CLASS)")
+        known = ", ".join(sorted(kinds())) or "none: is splitvmm installed? (make install)"
+        raise ModelNotFound(f"unknown device type {kind!r} (known: {known}; or MODULE:CLASS)")
     m = _QUALIFIED.match(target)
     if m is None:
         raise ModelNotFound(f"{target!r} is not MODULE:CLASS")

@@ -60,6 +60,7 @@ from devices.base import (
     Device,
     DeviceHost,
     HostRefused,
+    Interrupt,
     Space,
     all_ones,
     parse_int,
@@ -161,7 +162,7 @@ class Serial(Device):
         if not 0 <= self.irq < 24:
             raise BadParameter(f"serial: irq={self.irq} (expected 0 to 23, an IOAPIC input)")
         self._cond = threading.Condition(threading.Lock())
-        self._interrupt = None
+        self._interrupt: Interrupt | None = None
         self._console: ConsoleFds | None = None
         self._reader: threading.Thread | None = None
         self._wake_r = self._wake_w = -1

@@ -224,6 +224,8 @@ class DeviceServer:
             try:
                 with lock:
                     model = self.model
+                    if model is None:       # a reset that failed; the process is on its way out
+                        raise StartFailed("no model")
                     if req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0

@@ -107,7 +107,7 @@ class VirtioConsole(VirtioPciDevice):
                 self._listener.close()
                 self._listener = None
                 try:
-                    os.unlink(self.socket_path)
+                    os.unlink(self.socket_path or "")
                 except OSError:
                     pass
         if self._io_wake >= 0:
@@ -197,8 +197,11 @@ class VirtioConsole(VirtioPciDevice):
                     self._read_input(source, client)
 
     def _accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
         try:
-            conn, _ = self._listener.accept()
+            conn, _ = listener.accept()
         except OSError:
             return
         with self._lock:

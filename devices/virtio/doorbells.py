@@ -114,7 +114,9 @@ class Doorbells:
                     continue
                 with self._lock:
                     q = watched.get(fd)
-                    bell = self._bells.get(q) if q is not None else None
+                    if q is None:
+                        continue
+                    bell = self._bells.get(q)
                     if bell is None or bell.fd != fd:
                         continue            # moved or dropped since we looked
                     rung = _drain(fd)       # the eventfd sums the guest's writes
