@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -115,7 +116,17 @@ class Firing:
     #: orders firings of several processes for display).
     t: int
     detail: str | None = None
+    #: The engine's seed (what :meth:`random` derives from).
+    seed: int = 0
     _engine: FaultEngine | None = dataclasses.field(default=None, repr=False)
+
+    def random(self) -> random.Random:
+        """A generator for what the action makes up (``garbage`` bytes,
+        which bits ``corrupt`` flips), seeded by (seed, fault, device,
+        point, event): the same bytes in a rerun and in a replay."""
+        key = f"{self.fault}\0{self.device}\0{self.point}\0{self.event}".encode()
+        h = hashlib.blake2b(key, key=self.seed.to_bytes(8, "big"), digest_size=16)
+        return random.Random(int.from_bytes(h.digest(), "big"))
 
     def done(self, detail: str = "") -> None:
         """Record the firing with ``detail`` (what was done) in the trace.
@@ -247,7 +258,7 @@ class FaultEngine:
                 params: Mapping[str, Any]) -> Firing:
         self._seq += 1
         return Firing(device=self.device, fault=fault, point=point, event=event, count=count, action=action,
-                      params=params, seq=self._seq, t=time.monotonic_ns(), _engine=self)
+                      params=params, seq=self._seq, t=time.monotonic_ns(), seed=self.seed, _engine=self)
 
     def _done(self, firing: Firing) -> None:
         with self._lock:
@@ -331,10 +342,12 @@ class ReplayEngine(FaultEngine):
     which request got which sector) differs.  :meth:`arm` is refused.
 
     ``firings`` are the recorded firings of this device
-    (:meth:`devices.faults.trace.Trace.for_device`)."""
+    (:meth:`devices.faults.trace.Trace.for_device`), ``seed`` the trace's
+    (so :meth:`Firing.random` makes up the same bytes)."""
 
-    def __init__(self, device: str, firings: Iterable[Mapping[str, Any]], *, sink: Sink | None = None):
-        super().__init__(device, sink=sink)
+    def __init__(self, device: str, firings: Iterable[Mapping[str, Any]], *, seed: int = 0,
+                 sink: Sink | None = None):
+        super().__init__(device, seed=seed, sink=sink)
         self._script: dict[tuple[str, int], Mapping[str, Any]] = {}
         statuses: dict[str, FaultStatus] = {}
         for f in firings:

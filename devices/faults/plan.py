@@ -41,7 +41,7 @@ PLAN_KEYS = ("seed", "fault")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 SEED = Int(0, 2**64 - 1)
 #: Trigger arguments: nth/every count from 1, after from 0 (every event).
-TRIGGER_KINDS = {
+TRIGGER_KINDS: dict[str, Int | Number] = {
     "nth": Int(1, 2**63 - 1),
     "every": Int(1, 2**63 - 1),
     "after": Int(0, 2**63 - 1),
@@ -247,8 +247,10 @@ def parse_fault(entry: object, *, default_name: str | None = None, devices: Devi
         if device not in devices:
             known = ", ".join(sorted(devices)) or "none"
             raise err(f"no device {device!r} (devices: {known})", "device")
-        if isinstance(devices, Mapping) and devices[device] is not None:
-            table = devices[device]
+        if isinstance(devices, Mapping):
+            own = devices[device]
+            if own is not None:
+                table = own
 
     point = entry.get("point")
     if not isinstance(point, str):

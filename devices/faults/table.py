@@ -290,7 +290,7 @@ def check_points(points: Mapping[str, PointSpec]) -> None:
                     except ValueError as e:
                         raise TableError(f"point {name!r}: default of {key!r} of {action!r} {e}") from None
             for key, value in aspec.when.items():
-                kind = spec.match.get(key)
-                if not isinstance(kind, Choice) or value not in kind.values:
+                implied = spec.match.get(key)
+                if not isinstance(implied, Choice) or value not in implied.values:
                     raise TableError(f"point {name!r}: action {action!r} implies {key}={value!r}, "
                                      "not a choice of a match key")

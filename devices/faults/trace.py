@@ -206,7 +206,7 @@ def _check_header(record: dict[str, Any], where: str) -> Trace:
     plan, seed, devices = record.get("plan"), record.get("seed"), record.get("devices", [])
     if not isinstance(plan, str) or len(plan) != 64 or any(c not in "0123456789abcdef" for c in plan):
         raise TraceError(f"{where}: plan must be a SHA-256 hex digest")
-    if not _is_int(seed) or not 0 <= seed < 2**64:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise TraceError(f"{where}: seed must be an integer in 0..2**64-1")
     if not isinstance(devices, list) or not all(_is_text(d) for d in devices):
         raise TraceError(f"{where}: devices must be a list of ids")
