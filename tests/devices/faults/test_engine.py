@@ -8,12 +8,15 @@ import sys
 import threading
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from devices.faults import (
-    FaultEngine, FaultError, ReplayEngine, TraceWriter, parse_fault, parse_plan, read_trace, trace_digest,
+    POINTS, Choice, FaultEngine, Int, Span, FaultError, ReplayEngine, TraceWriter, parse_fault, parse_plan, read_trace, trace_digest,
     uniform64,
 )
 from devices.faults.engine import mix64
+from tests.devices.faults.test_plan import any_fault
 
 
 def make(*entries: dict[str, object], seed: int = 0, sink=None, device: str = "blk") -> FaultEngine:
@@ -298,3 +301,61 @@ def test_made_up_bytes_are_a_function_of_the_firing():
     assert len(first) == 10 and len(set(first)) == 10
     assert garbage(3) == first
     assert garbage(4) != first
+
+
+# -- property: any plan over any event sequence decides the same twice, and replays
+
+def _event_value(kind: object) -> st.SearchStrategy[object]:
+    if isinstance(kind, Span):
+        return st.integers(kind.min, min(kind.max, 64))     # small, so plans' spans get hit
+    if isinstance(kind, Choice):
+        return st.sampled_from(kind.values)
+    assert isinstance(kind, Int)
+    return st.integers(kind.lo, min(kind.hi, 8))
+
+
+def _events(points: list[str]) -> st.SearchStrategy[tuple[str, dict[str, object]]]:
+    return st.sampled_from(points).flatmap(
+        lambda p: st.fixed_dictionaries({k: _event_value(kind) for k, kind in POINTS[p].match.items()}).map(
+            lambda m: (p, m)))
+
+
+def _small(entry: dict[str, object]) -> dict[str, object]:
+    """``entry`` with small counts and match values, so most plans fire."""
+    out = dict(entry, device="blk")
+    for key, low in (("nth", 1), ("every", 1), ("after", 0)):
+        if key in out:
+            out[key] = low + out[key] % 6
+    for key, kind in POINTS[out["point"]].match.items():
+        if key in out and isinstance(kind, Span):
+            lo = out[key][0] % 48
+            out[key] = [lo, lo + 16]
+        elif key in out and isinstance(kind, Int):
+            out[key] = out[key] % 8
+    return out
+
+
+def _run(engine: FaultEngine, events: list[tuple[str, dict[str, object]]]) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    engine.sink = records.append
+    for point, match in events:
+        f = engine.point(point, **match)
+        if f is not None:
+            f.done(f.random().randbytes(2).hex())
+    return [{k: v for k, v in r.items() if k != "t"} for r in records]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(any_fault(), min_size=1, max_size=5), st.integers(0, 2**64 - 1), st.data())
+def test_any_plan_decides_the_same_twice_and_replays(entries, seed, data):
+    plan = parse_plan({"seed": seed, "fault": [_small(e) for e in entries]})
+    points = sorted({f.point for f in plan.faults} | {"access"})
+    events = data.draw(st.lists(_events(points), min_size=20, max_size=200))
+    first = _run(FaultEngine("blk", plan.faults, seed=seed), events)
+    assert _run(FaultEngine("blk", plan.faults, seed=seed), events) == first
+    for f in plan.faults:
+        if f.times is not None:
+            assert sum(r["fault"] == f.name for r in first) <= f.times
+    replayed = _run(ReplayEngine("blk", first, seed=seed), events)
+    assert replayed == first
+    event("fired" if first else "nothing fired")
