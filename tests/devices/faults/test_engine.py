@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import event, given, settings
@@ -320,7 +321,7 @@ def _events(points: list[str]) -> st.SearchStrategy[tuple[str, dict[str, object]
             lambda m: (p, m)))
 
 
-def _small(entry: dict[str, object]) -> dict[str, object]:
+def _small(entry: dict[str, Any]) -> dict[str, Any]:
     """``entry`` with small counts and match values, so most plans fire."""
     out = dict(entry, device="blk")
     for key, low in (("nth", 1), ("every", 1), ("after", 0)):
