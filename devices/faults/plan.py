@@ -225,19 +225,17 @@ def parse_fault(entry: object, *, default_name: str | None = None, devices: Devi
         if not isinstance(key, str):
             raise PlanError("keys are strings", fault=label, key=repr(key), source=source)
 
-    def error(message: str, key: str | None = None) -> PlanError:
-        return PlanError(message, fault=_label(label, entry.get("name")), key=key, source=source)
+    def err(message: str, key: str | None = None) -> PlanError:
+        return PlanError(message, fault=where, key=key, source=source)
 
+    where = _label(label, entry.get("name"))
     name = entry.get("name", default_name if default_name is not None else next_name(taken))
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise error("must be 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or "
-                    f"digit, not {name!r}", "name")
+        raise err("must be 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or "
+                  f"digit, not {name!r}", "name")
     if name in taken:
-        raise error(f"{name!r} is already armed", "name")
-    label = _label(label, name)
-
-    def err(message: str, key: str | None = None) -> PlanError:
-        return PlanError(message, fault=label, key=key, source=source)
+        raise err(f"{name!r} is already armed", "name")
+    where = _label(label, name)
 
     device = entry.get("device")
     if not isinstance(device, str) or not device:
