@@ -4,6 +4,9 @@ model's own points, the table's shape, the benchmark's output."""
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +111,11 @@ def test_bench_prints_json(capsys):
     results = out["results"]
     assert set(results) >= {"silent_dict_test", "silent_fault_point", "armed_never_matching", "firing_1_percent"}
     assert all(v > 0 for v in results.values())
+
+
+def test_the_package_imports_nothing_of_vmm_ipc_devserver():
+    code = ("import sys, devices.faults, devices.faults.bench, devices.faults.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vmm', 'ipc', 'devserver')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "[]"
