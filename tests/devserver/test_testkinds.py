@@ -13,7 +13,7 @@ from ipc import Bus
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import DeviceFailed
 from vmm.outcome import Ending
-from vmm.remote import RemoteEndpoint
+from vmm.remote import RemoteEndpoint, RemoteOptions
 from devices.echo import ECHO_PID
 from tests.testkinds import FAULT_ECHO
 
@@ -22,7 +22,7 @@ PIO = 0x1000
 
 def spawn(registry, owner=2, kind=FAULT_ECHO, **params) -> RemoteEndpoint:
     return RemoteEndpoint.spawn(kind, {"pio": hex(PIO), **params}, owner, f"f{owner}", registry,
-                                nvcpus=1, access_timeout=5.0)
+                                1, RemoteOptions(access_timeout=5.0))
 
 
 def test_a_module_class_model_is_imported_where_the_vmm_imported_it(registry, monkeypatch, tmp_path):
