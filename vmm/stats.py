@@ -33,6 +33,7 @@ _TOTAL_NS = 2 * _NSPACES
 _FAILURES = _TOTAL_NS + 1
 _HIST = _FAILURES + 1
 _CELL = _HIST + HISTOGRAM_BUCKETS
+_now = time.perf_counter_ns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,21 +93,28 @@ class AccessStats:
                 is_write: bool, value: int) -> int:
         """``endpoint.access(...)``, counted and timed.  Called only from
         vCPU ``vcpu``'s own thread."""
-        t0 = time.perf_counter_ns()
+        t0 = _now()
         try:
-            return endpoint.access(vcpu, bus, cookie, offset, size, is_write, value)
+            value = endpoint.access(vcpu, bus, cookie, offset, size, is_write, value)
         except DeviceFailed:
-            self._cell(vcpu, endpoint.owner)[_FAILURES] += 1
+            self._count(vcpu, endpoint.owner, bus * 2 + is_write, _now() - t0)[_FAILURES] += 1
             raise
-        finally:
-            ns = time.perf_counter_ns() - t0
-            cells = self._cells[vcpu]
-            cell = cells.get(endpoint.owner)
-            if cell is None:
-                cell = self._cell(vcpu, endpoint.owner)
+        ns = _now() - t0
+        cell = self._cells[vcpu].get(endpoint.owner)
+        if cell is None:
+            self._count(vcpu, endpoint.owner, bus * 2 + is_write, ns)
+        else:
             cell[bus * 2 + is_write] += 1
             cell[_TOTAL_NS] += ns
-            cell[_HIST + min(ns.bit_length(), HISTOGRAM_BUCKETS - 1)] += 1
+            cell[_HIST + ns.bit_length()] += 1
+        return value
+
+    def _count(self, vcpu: int, owner: int, index: int, ns: int) -> list[int]:
+        cell = self._cell(vcpu, owner)
+        cell[index] += 1
+        cell[_TOTAL_NS] += ns
+        cell[_HIST + min(ns.bit_length(), HISTOGRAM_BUCKETS - 1)] += 1
+        return cell
 
     def _cell(self, vcpu: int, owner: int) -> list[int]:
         cells = self._cells[vcpu]

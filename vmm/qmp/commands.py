@@ -118,7 +118,7 @@ def query_status(machine: Machine) -> dict[str, Any]:
     for v in machine.vcpus:
         if v.parked:
             vstate = "parked"
-        elif state == "prelaunch":
+        elif started is None:
             vstate = "prelaunch"
         elif not v.alive:
             vstate = "stopped"
