@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ipc import Bus, RegistryError
 from vmm.endpoint import VMM_OWNER, VmmError
+from vmm.remote import RemoteEndpoint
 from vmm.qmp.wire import COMMAND_NOT_FOUND, DEVICE_NOT_FOUND, GENERIC_ERROR, QmpError
 
 if TYPE_CHECKING:
@@ -142,7 +143,11 @@ def query_devices(machine: Machine) -> list[dict[str, Any]]:
         spec = machine.device_specs.get(owner)
         reason = machine.device_failure(owner)
         # A device process has a pid of its own; an inline model is the VMM's.
-        pid = getattr(endpoint, "pid", None) or os.getpid()
+        # (A device the VMM connected to, rather than started, may have none.)
+        if isinstance(endpoint, RemoteEndpoint):
+            pid = endpoint.pid if endpoint.pid > 0 else None
+        else:
+            pid = os.getpid()
         counted = stats.device(owner)
         out.append({
             "id": endpoint.name,

@@ -80,6 +80,7 @@ class QmpServer:
         self._execute = execute or (lambda name, args: run_command(machine, name, args))
         self._listener, self._inode = _listen(self.path)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()     # no write to the pipe once it is closed
         self._events: collections.deque[Event] = collections.deque()
         self._clients: dict[int, _Client] = {}
         self._selector = selectors.DefaultSelector()
@@ -102,10 +103,13 @@ class QmpServer:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass    # full: a wake-up is pending anyway; closed: shutting down
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass    # full: a wake-up is pending anyway
 
     @property
     def clients(self) -> int:
@@ -127,8 +131,10 @@ class QmpServer:
             self._drop(client, None)
         self._selector.close()
         self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -265,6 +271,8 @@ class QmpServer:
 
     def _flush_all(self) -> None:
         """Closing: the last events, then what each client has queued."""
+        self._selector.unregister(self._listener)
+        self._selector.unregister(self._wake_r)
         self._send_events()
         deadline = time.monotonic() + FLUSH_TIMEOUT
         while any(c.out for c in self._clients.values()):
