@@ -5,7 +5,7 @@
 [--lock-timeout SECONDS] [--serial stdio|file:PATH|none] [--api PATH]`` runs a PVH
 guest and exits with the status of its ending (:mod:`vmm.outcome`: 0 clean
 stop, odd test exit, 2 bad arguments, 4 guest reset, 6 KVM failure, 8
-timeout, 10 VMM error, 12 Ctrl-A x, 128 + signal when interrupted).  Bad
+timeout, 10 VMM error, 12 quit (Ctrl-A x or QMP quit), 128 + signal when interrupted).  Bad
 arguments give one line on stderr.
 
 Every run has a 16550A UART at COM1 (0x3f8, IRQ 4, in its own process)

@@ -83,9 +83,8 @@ class Dispatcher:
         #: Deals with whoever holds the registry lock past a deadline.
         self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
         #: Per-device counts and forwarding latency (vmm.stats); both exit
-        #: loops hand every access to its owner through ``forward``.
+        #: loops hand every access to its owner through ``stats.access``.
         self.stats = AccessStats()
-        self.forward = self.stats.forward
 
     def access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int) -> int:
         """Serve one access; returns the value read (0 for a write)."""
@@ -116,7 +115,7 @@ class Dispatcher:
                     log.warning("%s %#x: region owner %d has no endpoint", Bus(bus).name, addr, owner)
                 return 0 if is_write else all_ones(size)
             try:
-                return self.forward(endpoint, vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
+                return self.stats.access(endpoint, vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
             except DeviceFailed as e:
                 self.fail(endpoint, e)
                 return 0 if is_write else all_ones(size)

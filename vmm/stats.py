@@ -2,7 +2,7 @@
 address space and direction, how many failed, and how long forwarding
 took, as a log2 histogram (``query-stats`` of :mod:`vmm.qmp`).
 
-:meth:`AccessStats.forward` stands where the dispatcher hands an access to
+:meth:`AccessStats.access` stands where the dispatcher hands an access to
 the owner's endpoint (both exit loops, :mod:`vmm.dispatch` and
 :mod:`vmm.vcpu`).  It is on the hot path, so it does little: two clock
 reads, one dict look-up and three list increments.  Each vCPU writes only
@@ -89,7 +89,7 @@ class AccessStats:
     def __init__(self) -> None:
         self._cells: list[dict[int, list[int]]] = [{} for _ in range(MAX_VCPUS)]
 
-    def forward(self, endpoint: Endpoint, vcpu: int, bus: int, cookie: int, offset: int, size: int,
+    def access(self, endpoint: Endpoint, vcpu: int, bus: int, cookie: int, offset: int, size: int,
                 is_write: bool, value: int) -> int:
         """``endpoint.access(...)``, counted and timed.  Called only from
         vCPU ``vcpu``'s own thread."""

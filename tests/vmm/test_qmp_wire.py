@@ -185,12 +185,12 @@ def test_stats_count_by_space_direction_and_vcpu():
     stats = AccessStats()
     ep = _Endpoint()
     for vcpu in (0, 3):
-        assert stats.forward(ep, vcpu, int(Bus.MMIO), 0, 0, 4, False, 0) == 0x55
-        stats.forward(ep, vcpu, int(Bus.PIO), 0, 0, 1, True, 1)
-    stats.forward(ep, 1, int(Bus.PCI), 0, 0, 4, 1, 1)     # the C loop passes ints
+        assert stats.access(ep, vcpu, int(Bus.MMIO), 0, 0, 4, False, 0) == 0x55
+        stats.access(ep, vcpu, int(Bus.PIO), 0, 0, 1, True, 1)
+    stats.access(ep, 1, int(Bus.PCI), 0, 0, 4, 1, 1)     # the C loop passes ints
     ep.fail = True
     with pytest.raises(DeviceFailed):
-        stats.forward(ep, 0, int(Bus.PIO), 0, 0, 1, False, 0)
+        stats.access(ep, 0, int(Bus.PIO), 0, 0, 1, False, 0)
     d = stats.device(7)
     assert d.counts[(Bus.MMIO, False)] == 2 and d.counts[(Bus.PIO, True)] == 2
     assert d.counts[(Bus.PCI, True)] == 1 and d.counts[(Bus.PIO, False)] == 1
