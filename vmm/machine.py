@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
 from ipc import Bus, Registry, RegistryError
@@ -41,6 +42,9 @@ from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
+
+if TYPE_CHECKING:
+    from vmm.qmp.server import QmpServer
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ class Machine:
         self._pause_lock = threading.Lock()
         self._paused = False
         self._qmp_quit = False
-        self._api = None
+        self._api: QmpServer | None = None
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -381,7 +385,7 @@ class Machine:
     def query_stats(self, **filters) -> list:
         return self.qmp("query-stats", **filters)
 
-    def serve_api(self, path) -> object:
+    def serve_api(self, path: str | os.PathLike) -> QmpServer:
         """Serve the control socket (QMP) at ``path`` until :meth:`close`."""
         from vmm.qmp.server import QmpServer
         if self._api is not None:

@@ -259,9 +259,29 @@ def test_stop_holds_every_vcpu_out_of_kvm_run(vm):
     m.memory.write(FLAG, (0x2A).to_bytes(8, "little"))
     v.thread.join(30)
     assert v.outcome.ending is Ending.TEST_EXIT and v.outcome.value == 0x2A
+    assert seen == ["STOP", "RESUME", "SHUTDOWN"]
     assert m.query_status()["status"] == "shutdown"
     with pytest.raises(QmpError):
         m.qmp("cont")
+
+
+def test_paused_before_the_run_starts_paused(guest):
+    with Machine(memory=32 << 20, vcpus=1) as m:
+        m.load_pvh(guest("spin"), f"counter={COUNTER:#x} flag={FLAG:#x}")
+        assert m.query_status()["status"] == "prelaunch"
+        assert m.pause() is True
+        result = []
+        t = threading.Thread(target=lambda: result.append(m.run(timeout=120)), daemon=True)
+        t.start()
+        wait_for(lambda: m.vcpus[0].alive and _syscall(m.vcpus[0].thread.native_id) == SYS_FUTEX,
+                 what="vCPU 0 parked before its first KVM_RUN")
+        time.sleep(0.2)      # an observation window: the guest must not start in it
+        assert m.memory.read_u64(COUNTER) == 0
+        assert m.resume() is True
+        wait_for(lambda: m.memory.read_u64(COUNTER) > 0, what="the guest to start")
+        m.memory.write(FLAG, (1).to_bytes(8, "little"))
+        t.join(30)
+        assert result[0].ending is Ending.TEST_EXIT
 
 
 def test_machine_methods_match_the_socket(vm):
