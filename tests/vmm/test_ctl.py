@@ -121,5 +121,9 @@ def test_ctl_on_a_stale_socket_and_run_replacing_it(guest):
         assert not os.path.exists(path)
         r = vmm_run("--guest", str(guest("hello")), "--api", "/nonexistent-dir/api.sock", "--serial", "none")
         assert r.returncode == 2 and "--api /nonexistent-dir/api.sock" in r.stderr
+        long = os.path.join(d, "x" * 110)
+        r = vmm_run("--guest", str(guest("hello")), "--api", long, "--serial", "none")
+        assert r.returncode == 2 and "longer than the 107 bytes" in r.stderr
+        assert not os.path.exists(long)
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -45,6 +45,8 @@ MAX_CLIENTS = 16
 MAX_OUTPUT = 4 << 20
 FLUSH_TIMEOUT = 1.0
 _RECV = 64 << 10
+#: sun_path holds 108 bytes, the terminating NUL included (unix(7)).
+_SUN_PATH_MAX = 107
 #: The greeting's version: QEMU clients print version.qemu.major/minor/micro.
 VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "splitvmm 0.1.0"}
 
@@ -184,7 +186,8 @@ class QmpServer:
             self.refused += 1
             try:
                 sock.send(encode({"error": QmpError(
-                    GENERIC_ERROR, f"too many clients ({self.max_clients}); try again later").as_json()}))
+                    GENERIC_ERROR, f"too many clients ({self.max_clients}); try again later").as_json()}),
+                    socket.MSG_NOSIGNAL)
             except OSError:
                 pass
             sock.close()
@@ -230,7 +233,7 @@ class QmpServer:
     def _write(self, client: _Client) -> None:
         try:
             while client.out:
-                n = client.sock.send(client.out)
+                n = client.sock.send(client.out, socket.MSG_NOSIGNAL)
                 del client.out[:n]
         except (BlockingIOError, InterruptedError):
             pass
@@ -286,12 +289,14 @@ class QmpServer:
 
 def _listen(path: str) -> tuple[socket.socket, int]:
     """A listening socket at ``path``, mode 0600 from the start."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ApiError(f"--api {path}: longer than the {_SUN_PATH_MAX} bytes a Unix socket address holds")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ApiError(f"--api {path}: {e.strerror}") from None
+        raise ApiError(f"--api {path}: {e.strerror or e}") from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ApiError(f"--api {path}: exists and is not a socket")
@@ -301,16 +306,16 @@ def _listen(path: str) -> tuple[socket.socket, int]:
         except ConnectionRefusedError:
             pass        # stale: nobody accepts there; replaced below
         except OSError as e:
-            raise ApiError(f"--api {path}: {e.strerror}") from None
+            raise ApiError(f"--api {path}: {e.strerror or e}") from None
         else:
             raise ApiError(f"--api {path}: another process is serving this socket")
         finally:
             probe.close()
     parent = os.path.dirname(os.path.abspath(path))
     try:
-        private = tempfile.mkdtemp(prefix=".vmm-api-", dir=parent)
+        private = tempfile.mkdtemp(prefix=".vmm", dir=parent)
     except OSError as e:
-        raise ApiError(f"--api {path}: {e.strerror} ({parent})") from None
+        raise ApiError(f"--api {path}: {e.strerror or e} ({parent})") from None
     tmp = os.path.join(private, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -321,7 +326,7 @@ def _listen(path: str) -> tuple[socket.socket, int]:
         inode = os.stat(path).st_ino
     except OSError as e:
         sock.close()
-        raise ApiError(f"--api {path}: {e.strerror}") from None
+        raise ApiError(f"--api {path}: {e.strerror or e}") from None
     finally:
         try:
             os.unlink(tmp)
