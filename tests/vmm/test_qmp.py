@@ -22,7 +22,9 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.vmm.conftest import needs_kvm
+from ipc import Bus
 from vmm.config import parse_device_spec
+from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
 from vmm.outcome import Ending
 from vmm.qmp import QmpError
@@ -297,6 +299,37 @@ def test_machine_methods_match_the_socket(vm):
     with pytest.raises(QmpError) as e:
         m.qmp("query-regions", bus="isa")
     assert e.value.desc == "Parameter 'bus' does not accept value 'isa'"
+
+
+def test_query_regions_is_live_refcount_and_removing(guest):
+    # A VMM handler holds the guest's first access while the test looks:
+    # the region is referenced (refcount 1); unregistered meanwhile, it
+    # stays listed as removing until that access's put frees the slot.
+    port = 0x2000
+    entered, release = threading.Event(), threading.Event()
+
+    def write(vcpu, offset, size, value):
+        entered.set()
+        assert release.wait(60)
+
+    with Machine(memory=32 << 20, vcpus=1) as m:
+        m.add_handler(Bus.PIO, port, 4, write=write)
+        m.load_pvh(guest("spin"), f"pio={port:#x} accesses=1 counter={COUNTER:#x} flag={FLAG:#x}")
+        result = []
+        t = threading.Thread(target=lambda: result.append(m.run(timeout=120)), daemon=True)
+        t.start()
+        assert entered.wait(60)
+        (r,) = [x for x in m.query_regions(bus="pio") if x["start"] == port]
+        assert (r["refcount"], r["removing"], r["device"]) == (1, False, "vmm")
+        m.registry.unregister(Bus.PIO, port, owner=VMM_OWNER)
+        (r,) = [x for x in m.query_regions(bus="pio") if x["start"] == port]
+        assert (r["refcount"], r["removing"]) == (1, True)
+        release.set()
+        wait_for(lambda: not [x for x in m.query_regions(bus="pio") if x["start"] == port],
+                 what="the slot to be freed at the last put")
+        t.join(30)
+        # The read-back found nobody at the port: all ones, the guest's check 1.
+        assert result[0].ending is Ending.TEST_EXIT and result[0].value == 1
 
 
 def test_device_failed_event(vm):
