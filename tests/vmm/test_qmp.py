@@ -26,7 +26,7 @@ from ipc import Bus
 from vmm.config import parse_device_spec
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
-from vmm.outcome import Ending
+from vmm.outcome import Ending, Outcome
 from vmm.qmp import QmpError
 from vmm.qmp.server import MAX_CLIENTS
 
@@ -60,7 +60,7 @@ class Vm:
         except BaseException:
             m.close()
             raise
-        self.outcome = None
+        self.outcome: Outcome | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -68,7 +68,9 @@ class Vm:
         self.outcome = self.machine.run(timeout=240)
 
     def counters(self) -> list[int]:
-        return [self.machine.memory.read_u64(COUNTER + 8 * i) for i in range(len(self.machine.vcpus))]
+        memory = self.machine.memory
+        assert memory is not None
+        return [memory.read_u64(COUNTER + 8 * i) for i in range(len(self.machine.vcpus))]
 
     def spinning(self) -> bool:
         """Every vCPU's counter moves (the guest runs)."""

@@ -170,8 +170,11 @@ def query_regions(machine: Machine, bus: str | None = None, device: str | None =
     if bus is not None and bus not in _BUSES:
         raise QmpError(GENERIC_ERROR, f"Parameter 'bus' does not accept value '{bus}'")
     owner = _owner_of(machine, device) if device is not None else None
-    out = []
-    for r in sorted(machine.registry.regions(), key=lambda r: (int(r.bus), r.start, r.slot)):
+    out: list[dict[str, Any]] = []
+    registry = machine.registry
+    if registry is None:
+        raise QmpError(GENERIC_ERROR, "the machine has no registry (closed?)")
+    for r in sorted(registry.regions(), key=lambda r: (int(r.bus), r.start, r.slot)):
         if bus is not None and r.bus != _BUSES[bus]:
             continue
         if owner is not None and r.owner != owner:
