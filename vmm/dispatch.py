@@ -31,6 +31,7 @@ from ipc.registry import lib as _reg_lib
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
 from vmm.outcome import Outcome
+from vmm.stats import AccessStats
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class Dispatcher:
         self.unclaimed = 0
         #: Deals with whoever holds the registry lock past a deadline.
         self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
+        #: Per-device counts and forwarding latency (vmm.stats); both exit
+        #: loops hand every access to its owner through ``stats.access``.
+        self.stats = AccessStats()
 
     def access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int) -> int:
         """Serve one access; returns the value read (0 for a write)."""
@@ -106,7 +110,7 @@ class Dispatcher:
                     log.warning("%s %#x: region owner %d has no endpoint", Bus(bus).name, addr, owner)
                 return 0 if is_write else all_ones(size)
             try:
-                return endpoint.access(vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
+                return self.stats.access(endpoint, vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
             except DeviceFailed as e:
                 self.fail(endpoint, e)
                 return 0 if is_write else all_ones(size)
