@@ -56,7 +56,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -114,9 +114,9 @@ class SnapshotTooLarge(StateError, ValueError):
     """A snapshot does not fit the capacity chosen at creation."""
 
 
-@dataclasses.dataclass(frozen=True)
-class AccessRecord:
-    """The last access a snapshot includes and the answer it got."""
+class AccessRecord(NamedTuple):
+    """The last access a snapshot includes and the answer it got (a named
+    tuple: one is made per access, so it must be cheap)."""
 
     seq: int
     value: int
@@ -262,6 +262,7 @@ class StateSegment:
         self._record: AccessRecord | None = None
         self._last_payload: bytes | None = None
         self._queues: dict[int, InflightQueue] = {}
+        self._buffers = (layout.buffer_offset(0), layout.buffer_offset(1))
 
     # ---- creation -----------------------------------------------------
 
@@ -343,7 +344,7 @@ class StateSegment:
             else:
                 seq, value, status = record.seq, record.value & _U64, record.status & _U32
             number = self._next
-            off = self.layout.buffer_offset(number & 1)
+            off = self._buffers[number & 1]
             mem = self._mem
             numb = _NUMBER.pack(number)
             rec = _RECORD.pack(seq, value, n, status)
