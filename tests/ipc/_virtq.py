@@ -1,8 +1,9 @@
 """A minimal split-virtqueue device for the inflight record's tests.
 
-"Guest memory" is a shared anonymous mapping holding the available ring's
-heads, the used ring's elements and ``used->idx`` (virtio 1.2 §2.7.6,
-§2.7.8, reduced to what completion order needs).  The device pops heads
+"Guest memory" is a shared anonymous mapping holding the used ring's
+elements and ``used->idx`` (virtio 1.2 §2.7.8); the available ring is the
+list ``Guest.avail``, which the driver filled before the device starts
+(virtio 1.2 §2.7.6, reduced to the order of the heads).  The device pops heads
 in order and completes them following a script, updating the inflight
 record exactly as ``ipc.inflight`` prescribes; the guest stores can go
 through the same tripwire as the record's, so a kill can land between
@@ -16,7 +17,6 @@ import struct
 
 from ipc.inflight import InflightQueue
 
-AVAIL = 0           # u16 heads
 USED_IDX = 1024     # u16
 USED_RING = 2048    # (u32 id, u32 len) elements
 
@@ -26,16 +26,18 @@ class Guest:
         self.size = size
         self.avail = list(avail)
         self.map = mmap.mmap(-1, 4096 + 8 * size)        # MAP_SHARED: survives into children
-        struct.pack_into(f"<{len(avail)}H", self.map, AVAIL, *avail)
         self.b = memoryview(self.map)
         self.h = self.b.cast("H")
 
     def used_idx(self) -> int:
         return struct.unpack_from("<H", self.map, USED_IDX)[0]
 
+    def used_id(self, i: int) -> int:
+        """The head of used-ring element ``i`` (counting from the start)."""
+        return struct.unpack_from("<I", self.map, USED_RING + 8 * (i % self.size))[0]
+
     def used_ids(self) -> list[int]:
-        n = self.used_idx()
-        return [struct.unpack_from("<I", self.map, USED_RING + 8 * (i % self.size))[0] for i in range(n)]
+        return [self.used_id(i) for i in range(self.used_idx())]
 
 
 class Device:

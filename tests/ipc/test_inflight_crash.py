@@ -10,16 +10,23 @@ used-ring heads + resubmitted heads + heads still to pop = the available
 ring, each exactly once, resubmitted ones in pop order.  The recovery's own
 repair is then killed at each of its stores too, and a second recovery
 must give the same answer.
+
+Then random SIGKILLs, restart after restart, of a device that keeps up to
+six requests in flight and completes them in batches, each new process
+recovering from what the previous one left, until the whole available
+ring is done.
 """
 
 from __future__ import annotations
 
+import random
 import signal
+import time
 
 import pytest
 
 from ipc.state import StateSegment
-from tests.ipc._children import spawn
+from tests.ipc._children import child_ready, spawn
 from tests.ipc._tripwire import Tripwire, wire_queue, Wired
 from tests.ipc._virtq import Device, Guest
 
@@ -100,3 +107,57 @@ def test_kill_at_every_store(name):
             dev.finish()
             assert sorted(guest.used_ids()) == sorted(AVAIL)
             assert q.in_flight() == 0
+
+
+# ---- random kills, restart after restart -------------------------------------
+
+N = 60000           # requests in the available ring (used->idx stays below 2**16)
+WINDOW = 6          # at most this many in flight; a head comes back after SIZE positions
+
+
+def _looping_device(fd: int, guest: Guest, seed: int) -> str:
+    q = StateSegment.attach(fd).queue(0)
+    used = guest.used_idx()
+    rec = q.recover(SIZE, used)
+    dev = Device(q, guest, rec.last_avail_idx, used)
+    dev.inflight = list(rec.resubmit)
+    rng = random.Random(seed)
+    child_ready()
+    while dev.inflight or dev.last_avail < N:
+        if dev.last_avail < N and len(dev.inflight) < WINDOW and rng.random() < 0.6:
+            dev.pop()
+        elif dev.inflight:
+            dev.complete(dev.inflight[:rng.randint(1, len(dev.inflight))])
+    return "done"
+
+
+def test_random_kills_lose_nothing_and_complete_nothing_twice():
+    avail = [i % SIZE for i in range(N)]
+    rng = random.Random(2024)
+    kills = 0
+    with StateSegment.create(capacity=64, queue_sizes=(SIZE,)) as seg:
+        guest = Guest(SIZE, avail)
+        seg.queue(0).reset(SIZE)
+        for rnd in range(400):
+            child = spawn(_looping_device, seg.fd, guest, rnd)
+            try:
+                child.wait_ready(30)
+                deadline = time.monotonic() + rng.uniform(0.00005, 0.002)
+                while time.monotonic() < deadline and child.alive:
+                    pass
+            finally:
+                child.kill()
+            if child.signaled != signal.SIGKILL:
+                assert child.exitcode == 0 and child.result() == "done", child.describe()
+                break
+            kills += 1
+            used = guest.used_idx()
+            rec = StateSegment.attach(seg.fd).queue(0).recover(SIZE, used)
+            # FIFO completion: what the guest saw used is the ring's prefix,
+            # what is resubmitted comes right after it, in pop order.
+            assert list(rec.resubmit) == avail[used:rec.last_avail_idx]
+            assert len(rec.resubmit) <= WINDOW
+            recent = range(max(0, used - SIZE), used)
+            assert [guest.used_id(i) for i in recent] == [avail[i] for i in recent]
+        assert guest.used_idx() == N, "the run did not finish"
+        assert kills >= 20, kills
