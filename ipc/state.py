@@ -367,7 +367,12 @@ class StateSegment:
     def inspect(self) -> ReadResult:
         """Check both buffers (copied into private memory first) and return
         the valid one with the highest number, with the reasons the others
-        were rejected.  Never raises for anything found in the segment."""
+        were rejected.  Never raises for anything found in the segment.
+
+        Meant for a segment whose writer is dead or idle (a restart, a
+        drained device).  With a writer still storing, a torn copy fails its
+        checksum and the other buffer is used; both are missed only if two
+        stores complete during one read."""
         problems: list[str] = []
         found: list[Snapshot] = []
         for i in (0, 1):
