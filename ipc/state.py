@@ -285,7 +285,7 @@ class StateSegment:
         seg._mem[:layout.header_size] = layout.pack_header()
         for i, size in enumerate(layout.queue_sizes):
             off = layout.queue_offset(i)
-            struct.pack_into("<H", seg._map, off + 4, size & 0xFFFF)
+            struct.pack_into("<H", seg._map, off + 2, size & 0xFFFF)   # its max_size
         return seg
 
     @classmethod

@@ -63,10 +63,12 @@ class Device:
         for i, head in enumerate(heads):
             off = USED_RING + 8 * ((self.used + i) % self.g.size)
             self.gb[off:off + 8] = struct.pack("<II", head, 512)
-            self.q.push(head)
         self.used = (self.used + len(heads)) & 0xFFFF
         self.gh[USED_IDX // 2] = self.used                  # the commit point
-        self.q.publish(self.used)
+        if len(heads) == 1:
+            self.q.complete(heads[0], self.used)
+        else:
+            self.q.complete_batch(heads, self.used)
         for head in heads:
             self.inflight.remove(head)
 

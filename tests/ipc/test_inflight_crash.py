@@ -51,11 +51,11 @@ def _device(fd: int, guest: Guest, script: list, at: int | None) -> int:
     return trip.count
 
 
-def _repair(fd: int, used: int, at: int) -> None:
+def _repair(fd: int, guest: Guest, used: int, at: int) -> None:
     q = StateSegment.attach(fd).queue(0)
     trip = Tripwire(at)
     wire_queue(q, trip)
-    q.recover(SIZE, used)
+    q.recover(SIZE, used, guest.used_id)
 
 
 def _run_child(fn, *args) -> None:
@@ -70,7 +70,7 @@ def _run_child(fn, *args) -> None:
 def _check(seg, guest: Guest):
     """Recover; assert the exactly-once invariant; return the recovery."""
     used = guest.used_idx()
-    rec = StateSegment.attach(seg.fd).queue(0).recover(SIZE, used)
+    rec = StateSegment.attach(seg.fd).queue(0).recover(SIZE, used, guest.used_id)
     done = guest.used_ids()
     rest = AVAIL[rec.last_avail_idx:]
     assert sorted(done + list(rec.resubmit) + rest) == sorted(AVAIL), (done, rec, rest)
@@ -96,12 +96,12 @@ def test_kill_at_every_store(name):
                 with StateSegment.create(capacity=64, queue_sizes=(SIZE,)) as seg2:
                     g2 = Guest(SIZE, AVAIL)
                     _run_child(_device, seg2.fd, g2, script, at)
-                    _run_child(_repair, seg2.fd, used, r_at)
+                    _run_child(_repair, seg2.fd, g2, used, r_at)
                     rec2 = _check(seg2, g2)
                     assert (rec2.resubmit, rec2.last_avail_idx) == (rec.resubmit, rec.last_avail_idx)
             # the restarted device finishes: every head used exactly once
             q = StateSegment.attach(seg.fd).queue(0)
-            q.recover(SIZE, used)
+            q.recover(SIZE, used, guest.used_id)
             dev = Device(q, guest, rec.last_avail_idx, used)
             dev.inflight = list(rec.resubmit)
             dev.finish()
@@ -118,7 +118,7 @@ WINDOW = 6          # at most this many in flight; a head comes back after SIZE 
 def _looping_device(fd: int, guest: Guest, seed: int) -> str:
     q = StateSegment.attach(fd).queue(0)
     used = guest.used_idx()
-    rec = q.recover(SIZE, used)
+    rec = q.recover(SIZE, used, guest.used_id)
     dev = Device(q, guest, rec.last_avail_idx, used)
     dev.inflight = list(rec.resubmit)
     rng = random.Random(seed)
@@ -152,7 +152,7 @@ def test_random_kills_lose_nothing_and_complete_nothing_twice():
                 break
             kills += 1
             used = guest.used_idx()
-            rec = StateSegment.attach(seg.fd).queue(0).recover(SIZE, used)
+            rec = StateSegment.attach(seg.fd).queue(0).recover(SIZE, used, guest.used_id)
             # FIFO completion: what the guest saw used is the ring's prefix,
             # what is resubmitted comes right after it, in pop order.
             assert list(rec.resubmit) == avail[used:rec.last_avail_idx]
