@@ -6,8 +6,9 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. apply the sandbox (:mod:`devserver.sandbox`; the model's host files
-   are opened just before), build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
+2. apply the sandbox (:mod:`devserver.sandbox`; the model's module is
+   imported and its host files are opened just before), then build the
+   model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
 3. serve accesses from the slots on the main thread, while a control
    thread reads the socket (Reset, Shutdown) and watches for the VMM going
@@ -31,9 +32,10 @@ from devices import hostres
 from devices.base import Device, Space
 from devserver import sandbox
 from devices.guestmem import GuestRam
+from devserver.errors import StartFailed
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
-from devserver.kinds import model_class
+from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
 from devices.base import ConsoleFds
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
@@ -55,10 +57,6 @@ STUCK_GRACE = 2.0
 PARENT_CHECK = 0.5
 _SPACES = (Space.PIO, Space.MMIO, Space.PCI)
 _SIZES = frozenset((1, 2, 4, 8))
-
-
-class StartFailed(Exception):
-    """The device cannot start; the message goes to the VMM as Error."""
 
 
 class DeviceServer:
@@ -190,9 +188,9 @@ class DeviceServer:
         if cfg is None:
             raise StartFailed("start before device-config")
         try:
-            cls = model_class(cfg.kind)
-        except KeyError as e:
-            raise StartFailed(str(e.args[0])) from None
+            cls = resolve(cfg.kind)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
         keep = {self.channel.fileno()}
         if self.console is not None:
             keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
@@ -226,14 +224,11 @@ class DeviceServer:
         cfg, host = self.config, self.host
         assert cfg is not None and host is not None
         try:
-            model = model_class(cfg.kind)(host, **cfg.params)
-        except KeyError as e:
-            raise StartFailed(str(e.args[0])) from None
-        except Exception as e:
+            model = resolve(cfg.kind)(host, **cfg.params)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        except Exception as e:      # the model's constructor, whatever it raises
             raise StartFailed(f"{cfg.kind}: {e}") from None
-        bind = getattr(model, "bind_test_server", None)
-        if bind is not None:    # TEST-ONLY kinds (devserver.testkinds) reach into the runtime
-            bind(self)
         try:
             model.start()
         except Exception as e:
@@ -265,6 +260,8 @@ class DeviceServer:
             try:
                 with lock:
                     model = self.model
+                    if model is None:       # a reset that failed; the process is on its way out
+                        raise StartFailed("no model")
                     if req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0

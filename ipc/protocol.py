@@ -81,6 +81,8 @@ MAX_FRAME = 64 * 1024
 #: Most descriptors one message may carry.
 MAX_FDS = 4
 MAX_NAME = 64
+#: A device kind may be ``MODULE:CLASS`` (devices.kinds), longer than a name.
+MAX_KIND = 256
 MAX_TEXT = 1024
 MAX_PARAMS = 64
 MAX_VCPUS = 256
@@ -250,7 +252,7 @@ class DeviceConfig(Message):
     def __post_init__(self) -> None:
         _need(self.sandbox in SANDBOX_MODES, f"sandbox must be one of {', '.join(SANDBOX_MODES)}, not {self.sandbox!r}")
         _need(self.seccomp in SECCOMP_MODES, f"seccomp must be one of {', '.join(SECCOMP_MODES)}, not {self.seccomp!r}")
-        _text("kind", self.kind, MAX_NAME)
+        _text("kind", self.kind, MAX_KIND)
         _need(isinstance(self.params, dict) and len(self.params) <= MAX_PARAMS,
               f"params must be a map of at most {MAX_PARAMS} entries")
         for k, v in self.params.items():

@@ -48,7 +48,7 @@ class DeviceSandbox:
     killed_by: str | None = None
 
     @classmethod
-    def at_ready(cls, pid: int, layers: tuple[str, ...], reported_pid: int) -> DeviceSandbox:
+    def from_ready(cls, pid: int, layers: tuple[str, ...], reported_pid: int) -> DeviceSandbox:
         """From Ready: the device's claim of its pid is believed only when
         that process is the child of the one the VMM started."""
         kids = children(pid)
@@ -59,12 +59,61 @@ class DeviceSandbox:
         return "sandbox " + " ".join(self.layers) if self.layers else "no sandbox"
 
 
-def kill(sandbox: DeviceSandbox, pid: int, pidfd: int) -> None:
-    """SIGKILL the device.  In a pid namespace of its own, the device
-    itself (through a pidfd, once it is seen to be still the child of
-    ``pid``): the process the VMM started reaps it and dies the same way;
-    killing that one first would leave the device to an init that may
-    never reap it.  Otherwise the process the VMM started (``pidfd``)."""
+def at_ready(name: str, peer, layers: tuple[str, ...], reported_pid: int):
+    """(DeviceSandbox, peer) once device ``name`` is Ready: a child this
+    VMM spawned (:class:`vmm.remote.process.DeviceProcess`) comes back as a
+    :class:`SandboxedChild`, which knows the device in its pid namespace."""
+    from vmm.remote.process import DeviceProcess
+
+    if not isinstance(peer, DeviceProcess):
+        return DeviceSandbox(tuple(layers)), peer
+    sandbox = DeviceSandbox.from_ready(peer.pid, layers, reported_pid)
+    return sandbox, SandboxedChild(name, peer, sandbox)
+
+
+class SandboxedChild:
+    """The :class:`vmm.remote.peer.Peer` of a spawned device in its own pid
+    namespace: ``pid`` is the device's (the child only reaps it), ``kill``
+    kills the device first (:func:`kill`), ``exit_text`` names the seccomp
+    call a SIGSYS death came from."""
+
+    def __init__(self, name: str, child, sandbox: DeviceSandbox):
+        self._name = name
+        self._child = child
+        self.sandbox = sandbox
+        self.pid = sandbox.device_pid or child.pid
+
+    @property
+    def exit_fd(self) -> int | None:
+        return self._child.exit_fd
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.returncode
+
+    def kill(self) -> None:
+        fd = self._child.exit_fd
+        if fd is None or fd < 0 or not kill_device(self.sandbox, self._child.pid):
+            self._child.kill()
+
+    def wait(self, timeout: float) -> bool:
+        return self._child.wait(timeout)
+
+    def exit_text(self, wait: float) -> str:
+        if not self._child.wait(wait):
+            return "still running"
+        return exit_text(self._name, self.sandbox, self._child.returncode)
+
+    def close(self) -> None:
+        self._child.close()
+
+
+def kill_device(sandbox: DeviceSandbox, pid: int) -> bool:
+    """SIGKILL a device in its own pid namespace, the child of ``pid`` (the
+    process the VMM started), through a pidfd once it is seen to be still
+    that child; True if sent.  The parent reaps it and dies the same way;
+    killing the parent first would leave the device to an init that may
+    never reap it (this machine's does not)."""
     if sandbox.device_pid is not None:
         try:
             fd = os.pidfd_open(sandbox.device_pid)
@@ -74,15 +123,12 @@ def kill(sandbox: DeviceSandbox, pid: int, pidfd: int) -> None:
             try:
                 if _parent_of(sandbox.device_pid) == pid:
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    return
+                    return True
             except OSError:
                 pass
             finally:
                 os.close(fd)
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass  # already gone, or pidfd closed
+    return False
 
 
 def _parent_of(pid: int) -> int | None:

@@ -53,6 +53,7 @@ PEERS = {
                                "no interpreter)"},
 }
 KINDS = ("echo", "pci-echo", "serial", "virtio-rng", "virtio-blk", "virtio-console")
+USER_MODEL = "devserver.sandbox.hostile:Hostile"
 
 
 def allowlist() -> dict:
@@ -65,12 +66,13 @@ def allowlist() -> dict:
 
 
 def _spawn_ms(registry, sandbox: str, n: int) -> list[float]:
-    from vmm.remote import RemoteEndpoint
+    from vmm.remote import RemoteEndpoint, RemoteOptions
 
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1, sandbox=sandbox)
+        ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, 1,
+                                  RemoteOptions(sandbox=sandbox))
         out.append((time.perf_counter() - t) * 1e3)
         ep.close()
     return out
@@ -92,7 +94,7 @@ def setup_cost(n: int) -> dict:
 def _attack_once(registry, name: str, layers: str | None, params: dict) -> str:
     from ipc import Bus
     from vmm.endpoint import DeviceFailed
-    from vmm.remote import RemoteEndpoint
+    from vmm.remote import RemoteEndpoint, RemoteOptions
 
     env_before = os.environ.get(ONLY_ENV)
     if layers is None:
@@ -100,9 +102,8 @@ def _attack_once(registry, name: str, layers: str | None, params: dict) -> str:
     else:
         os.environ[ONLY_ENV] = layers
     try:
-        ep = RemoteEndpoint.spawn("hostile", params, 2, "hostile0", registry, nvcpus=1, access_timeout=10.0,
-                                  sandbox="auto", command=(sys.executable, "-m", "devserver.sandbox.hostile",
-                                                           "hostile"))
+        ep = RemoteEndpoint.spawn(USER_MODEL, params, 2, "hostile0", registry, 1,
+                                  RemoteOptions(access_timeout=10.0, sandbox="auto"))
     finally:
         if env_before is None:
             os.environ.pop(ONLY_ENV, None)

@@ -6,9 +6,10 @@ it exists only in a device process started as
     python -m devserver.sandbox.hostile KIND --fd N ...
 
 which serves it under ``KIND`` (a built-in kind's name, to get that
-kind's allowlist, or any other name: then it is a user model and gets
-the common part plus :attr:`Hostile.syscalls`), and otherwise runs the
-ordinary device-process command line (:mod:`devserver.cli`).
+kind's allowlist), and otherwise runs the ordinary device-process command
+line (:mod:`devserver.cli`); or as a user's model, through the ordinary
+device process: ``devserver.sandbox.hostile:Hostile`` (the common part
+plus :attr:`Hostile.syscalls`).
 
 Registers (4-byte accesses in a 16-port window at ``pio=``): a write of
 an attack number (:data:`ATTACKS`) at offset 0 runs it; a read at offset
@@ -152,12 +153,16 @@ ATTACKS = tuple(name[len("attack_"):] for name in vars(Hostile) if name.startswi
 
 
 def main() -> int:
-    from devserver import kinds
+    from devserver import runtime
     from devserver.cli import main as devserver_main
 
     kind = sys.argv[1]
-    Hostile.kind = kind
-    kinds.KINDS[kind] = Hostile
+    real = runtime.resolve
+
+    def resolve(name: str) -> type[Device]:
+        return Hostile if name == kind else real(name)
+
+    runtime.resolve = resolve   # this process serves Hostile under KIND (TEST-ONLY)
     return devserver_main(sys.argv[2:])
 
 

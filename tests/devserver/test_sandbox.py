@@ -24,7 +24,7 @@ from devserver.sandbox.hostile import ATTACKS
 from devserver.sandbox.userns import DEVICE_UID_BASE
 from ipc import Bus
 from vmm.endpoint import DeviceFailed
-from vmm.remote import RemoteEndpoint
+from vmm.remote import DEVSERVER_COMMAND, RemoteEndpoint, RemoteOptions
 
 from tests.devserver.test_remote_echo import wait_for
 
@@ -50,11 +50,21 @@ STOPPED_BY = {
 }
 #: Built-in kinds (each served by the hostile model under its allowlist)
 #: and a user model (common part plus the class's ``syscalls``).
-KINDS = ["virtio-blk", "virtio-rng", "virtio-console", "serial", "echo", "pci-echo", "my-user-model"]
+USER_MODEL = "devserver.sandbox.hostile:Hostile"
+KINDS = ["virtio-blk", "virtio-rng", "virtio-console", "serial", "echo", "pci-echo", USER_MODEL]
 
 
 def hostile_command(kind: str) -> tuple[str, ...]:
+    """A built-in kind: a device process serving the hostile model under
+    that kind (its allowlist); the user model: the ordinary one."""
+    if kind == USER_MODEL:
+        return DEVSERVER_COMMAND
     return (sys.executable, "-m", "devserver.sandbox.hostile", kind)
+
+
+def spawn_device(registry, kind: str, params: dict[str, str], owner: int = 2, name: str = "echo0",
+                 **options) -> RemoteEndpoint:
+    return RemoteEndpoint.spawn(kind, params, owner, name, registry, 1, RemoteOptions(**options))
 
 
 @pytest.fixture
@@ -86,8 +96,8 @@ def targets(tmp_path):
 
 
 def spawn(registry, kind: str, params: dict[str, str], **kw) -> RemoteEndpoint:
-    return RemoteEndpoint.spawn(kind, params, 2, "hostile0", registry, nvcpus=1, access_timeout=10.0,
-                                command=hostile_command(kind), **kw)
+    return spawn_device(registry, kind, params, name="hostile0", access_timeout=10.0,
+                        command=hostile_command(kind), **kw)
 
 
 def attack(registry, ep: RemoteEndpoint, name: str) -> int:
@@ -159,7 +169,7 @@ def read_status(pid: int) -> dict[str, str]:
 
 
 def test_proc_shows_the_sandbox(registry):
-    ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1)
+    ep = spawn_device(registry, "echo", {"pio": "0x5000"})
     try:
         assert ep.sandbox.layers == ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp=kill")
         pid = ep.pid
@@ -198,9 +208,8 @@ def test_strict_refuses_with_one_line_naming_the_layer(registry):
     line naming the layer; auto goes on without it (a plain switch to the
     device's uid instead)."""
     with pytest.raises(DeviceFailed, match=r"sandbox layer userns cannot be applied: .*Operation not permitted"):
-        RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1, command=RESTRICTED)
-    ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1, sandbox="auto",
-                              command=RESTRICTED)
+        spawn_device(registry, "echo", {"pio": "0x5000"}, command=RESTRICTED)
+    ep = spawn_device(registry, "echo", {"pio": "0x5000"}, sandbox="auto", command=RESTRICTED)
     try:
         assert "userns" not in ep.sandbox.layers and "uid" in ep.sandbox.layers
         assert "seccomp=kill" in ep.sandbox.layers
@@ -212,7 +221,7 @@ def test_strict_refuses_with_one_line_naming_the_layer(registry):
         assert os.readlink(f"/proc/{ep.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     finally:
         ep.close()
-    ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1, sandbox="off")
+    ep = spawn_device(registry, "echo", {"pio": "0x5000"}, sandbox="off")
     try:
         assert ep.sandbox.layers == ()
         assert read_status(ep.pid)["Seccomp"] == "0"
@@ -226,8 +235,8 @@ def test_thread_ids_tell_two_sandboxed_devices_apart(registry):
     watch can name the device (only the first thread is 1 everywhere)."""
     from vmm import sandbox_report
 
-    a = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "echo0", registry, nvcpus=1)
-    b = RemoteEndpoint.spawn("echo", {"pio": "0x5100"}, 3, "echo1", registry, nvcpus=1)
+    a = spawn_device(registry, "echo", {"pio": "0x5000"})
+    b = spawn_device(registry, "echo", {"pio": "0x5100"}, 3, "echo1")
     try:
         for ep in (a, b):       # the control thread starts just after Ready
             assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)

@@ -1,6 +1,6 @@
 """The sandbox under a running guest, on real KVM (guest:
 tests/guests/hostile.c): the guest asks the hostile test device
-(devserver.sandbox.hostile) for an attack on its host; the sandbox stops
+(devserver.sandbox.hostile, as a user's model: ``MODULE:CLASS``) for an attack on its host; the sandbox stops
 it -- an error, or the device killed by seccomp with the call named --
 and the VM goes on with its other device.  This test runs as root (CI
 does): the VMM that starts the devices is root, and the sandbox holds."""
@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 
 import pytest
 
 from devserver.sandbox.hostile import ATTACKS
 from tests.vmm.conftest import needs_kvm
-from vmm.config import DeviceSpec, parse_device_spec
+from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
 
@@ -28,11 +27,9 @@ GONE = 0x7E
 def run(guest, attack: str, tmp_path) -> tuple[int, Machine]:
     with Machine(memory=16 << 20) as m:
         m.load_pvh(guest("hostile"), f"hostile={HOSTILE} echo={ECHO} attack={ATTACKS.index(attack)}")
-        m.remote_options["command"] = (sys.executable, "-m", "devserver.sandbox.hostile", "hostile")
         m.add_device(parse_device_spec(f"echo,pio={ECHO:#x},mmio=0xd0000000"))
-        ep = m.add_device(DeviceSpec("hostile", "evil", "isolated",
-                                     (("pio", hex(HOSTILE)), ("vmm_pid", str(os.getpid())),
-                                      ("dir", str(tmp_path)))))
+        ep = m.add_device(parse_device_spec(f"devserver.sandbox.hostile:Hostile,id=evil,pio={HOSTILE:#x},"
+                                            f"vmm_pid={os.getpid()},dir={tmp_path}"))
         outcome = m.run(timeout=60)
         assert outcome.ending is Ending.TEST_EXIT, outcome
         return outcome.value, ep

@@ -52,14 +52,28 @@ KIND_MODULES = {
     "virtio-rng": "rng",
     "virtio-console": "console",
 }
+#: The same for the built-in classes named ``MODULE:CLASS``.
+CLASS_MODULES = {
+    "devices.virtio.blk:VirtioBlk": "blk",
+    "devices.virtio.rng:VirtioRng": "rng",
+    "devices.virtio.console:VirtioConsole": "console",
+}
+#: Built-in kinds (and their classes) that need nothing beyond the common part.
+PLAIN_KINDS = {"echo", "pci-echo", "serial"}
+_PLAIN_CLASSES = {"devices.echo:Echo", "devices.pci_echo:PciEcho", "devices.serial:Serial"}
 
 
 def kind_rules(kind: str, cls: type[Device] | None) -> tuple[Rule, ...]:
-    """The rules one kind adds to the common part: its policy module's, or
-    for a model without one, the names its class declares."""
-    module = KIND_MODULES.get(kind)
+    """The rules one kind adds to the common part: its policy module's
+    (found by the kind's name, or by the class for a built-in model named
+    ``MODULE:CLASS``), or for any other model the names its class
+    declares in ``syscalls``."""
+    qualified = f"{cls.__module__}:{cls.__qualname__}" if cls is not None else ""
+    module = KIND_MODULES.get(kind) or CLASS_MODULES.get(qualified)
     names: tuple[str | Rule, ...] = ()
-    if module is not None:
+    if kind in PLAIN_KINDS or qualified in _PLAIN_CLASSES:
+        pass
+    elif module is not None:
         names = importlib.import_module(f"{__name__}.{module}").SYSCALLS
     elif cls is not None:
         declared = getattr(cls, "syscalls", ())
