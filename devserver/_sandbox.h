@@ -7,7 +7,8 @@ typedef void *scmp_filter_ctx;
 enum scmp_compare { SCMP_CMP_NE = 1, SCMP_CMP_LT = 2, SCMP_CMP_LE = 3, SCMP_CMP_EQ = 4,
                     SCMP_CMP_GE = 5, SCMP_CMP_GT = 6, SCMP_CMP_MASKED_EQ = 7, ... };
 struct scmp_arg_cmp { unsigned int arg; enum scmp_compare op; uint64_t datum_a; uint64_t datum_b; };
-enum scmp_filter_attr { SCMP_FLTATR_CTL_NNP, SCMP_FLTATR_CTL_TSYNC, SCMP_FLTATR_CTL_LOG, ... };
+enum scmp_filter_attr { SCMP_FLTATR_CTL_NNP, SCMP_FLTATR_CTL_TSYNC, SCMP_FLTATR_CTL_LOG,
+                        SCMP_FLTATR_CTL_SSB, SCMP_FLTATR_CTL_OPTIMIZE, ... };
 #define SCMP_ACT_KILL_PROCESS ...
 #define SCMP_ACT_TRAP ...
 #define SCMP_ACT_LOG ...

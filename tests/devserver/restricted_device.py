@@ -3,16 +3,15 @@ run under a seccomp filter that refuses new user namespaces (EPERM), as
 systemd's ``RestrictNamespaces=`` does to a unit; everything else is
 allowed.  For tests of ``sandbox=strict`` and ``auto``."""
 
+import errno
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from devserver._sandbox_c import lib  # noqa: E402
 from devserver.sandbox import _sys, seccomp  # noqa: E402
 from devserver.sandbox.policy import MASKED_EQ, Arg, Rule  # noqa: E402
-from devserver._sandbox_c import lib  # noqa: E402
-
-import errno  # noqa: E402
 
 rules = (Rule("unshare", (Arg(0, MASKED_EQ, _sys.CLONE_NEWUSER, _sys.CLONE_NEWUSER),), errno=errno.EPERM),)
 

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from devices.base import Device
 from devserver.sandbox.policy import KIND_MODULES, kind_rules
 from devserver.sandbox.policy import common
 
@@ -77,15 +78,15 @@ def test_a_kinds_own_calls_run_for_it_only(kind, case):
 
 
 def test_a_user_model_gets_what_its_class_declares():
-    class Mine:
+    class Mine(Device):
         syscalls = ("getrandom", "pread64")
 
     rules = kind_rules("my-model", Mine)
     assert [r.name for r in rules] == ["getrandom", "pread64"]
     assert kind_rules("echo", None) == ()
     with pytest.raises(TypeError):
-        class Bad:
-            syscalls = "getrandom"
+        class Bad(Device):
+            syscalls = "getrandom"  # type: ignore[assignment]
         kind_rules("my-model", Bad)
 
 

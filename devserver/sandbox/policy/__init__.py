@@ -76,7 +76,7 @@ def kind_rules(kind: str, cls: type[Device] | None) -> tuple[Rule, ...]:
     elif module is not None:
         names = importlib.import_module(f"{__name__}.{module}").SYSCALLS
     elif cls is not None:
-        declared = getattr(cls, "syscalls", ())
+        declared = cls.syscalls
         if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
             raise TypeError(f"{cls.__name__}.syscalls must be a tuple of system call names")
         names = tuple(declared)
