@@ -156,7 +156,7 @@ def device_of_ns_tid(endpoints, tid: int):
 
 
 def _ns_tids(pid: int) -> set[int]:
-    out = set()
+    out: set[int] = set()
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:

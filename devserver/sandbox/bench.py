@@ -58,7 +58,7 @@ USER_MODEL = "devserver.sandbox.hostile:Hostile"
 
 def allowlist() -> dict:
     base = {r.name for r in common.rules(1)}
-    out = {"common": len(base)}
+    out: dict = {"common": len(base)}
     for kind in KINDS:
         out[kind] = len(base | {r.name for r in kind_rules(kind, None)})
     out["kind_files"] = {k: [r.name for r in kind_rules(k, None)] for k in KIND_MODULES}
@@ -82,7 +82,7 @@ def setup_cost(n: int) -> dict:
     from ipc import Registry
 
     with Registry.create_sealed(capacity=64) as reg:
-        rounds = {"strict": [], "off": []}
+        rounds: dict[str, list[float]] = {"strict": [], "off": []}
         for _ in range(n):
             for mode in rounds:
                 rounds[mode] += _spawn_ms(reg, mode, 1)
@@ -179,7 +179,7 @@ def demo_boot(n: int) -> dict:
     on.pop(ONLY_ENV, None)
     off = dict(on, **{ONLY_ENV: "none"})
     _timed(cmd, on)     # builds the demo guest once
-    runs = {"sandboxed": [], "not_sandboxed": []}
+    runs: dict[str, list[float]] = {"sandboxed": [], "not_sandboxed": []}
     for _ in range(n):
         runs["sandboxed"].append(_timed(cmd, on))
         runs["not_sandboxed"].append(_timed(cmd, off))

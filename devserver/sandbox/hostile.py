@@ -156,11 +156,11 @@ def main() -> int:
     from devserver import runtime
     from devserver.cli import main as devserver_main
 
-    kind = sys.argv[1]
+    served = sys.argv[1]
     real = runtime.resolve
 
-    def resolve(name: str) -> type[Device]:
-        return Hostile if name == kind else real(name)
+    def resolve(kind: str) -> type[Device]:
+        return Hostile if kind == served else real(kind)
 
     runtime.resolve = resolve   # this process serves Hostile under KIND (TEST-ONLY)
     return devserver_main(sys.argv[2:])

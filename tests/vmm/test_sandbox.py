@@ -18,13 +18,14 @@ from tests.vmm.conftest import needs_kvm
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
+from vmm.remote import RemoteEndpoint
 
 pytestmark = needs_kvm
 HOSTILE, ECHO = 0x6000, 0x7000
 GONE = 0x7E
 
 
-def run(guest, attack: str, tmp_path) -> tuple[int, Machine]:
+def run(guest, attack: str, tmp_path) -> tuple[int, RemoteEndpoint]:
     with Machine(memory=16 << 20) as m:
         m.load_pvh(guest("hostile"), f"hostile={HOSTILE} echo={ECHO} attack={ATTACKS.index(attack)}")
         m.add_device(parse_device_spec(f"echo,pio={ECHO:#x},mmio=0xd0000000"))
@@ -32,6 +33,7 @@ def run(guest, attack: str, tmp_path) -> tuple[int, Machine]:
                                             f"vmm_pid={os.getpid()},dir={tmp_path}"))
         outcome = m.run(timeout=60)
         assert outcome.ending is Ending.TEST_EXIT, outcome
+        assert isinstance(ep, RemoteEndpoint)
         return outcome.value, ep
 
 
