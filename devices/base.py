@@ -54,11 +54,17 @@ class ConsoleFds:
 class DeviceHost(Protocol):
     """What a model may ask of its host."""
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0,
+              coalesce: bool = False) -> None:
         """Register ``[start, start + length)`` for this device.
 
         May be called from inside :meth:`Device.write` (a device that moves
-        its own window).  Raises the registry's errors (overlap, full)."""
+        its own window).  Raises the registry's errors (overlap, full).
+        ``coalesce`` (MMIO only): guest writes to the region may be queued
+        by KVM and delivered later, in order, before any other access the
+        device serves (coalesced MMIO; reads are never coalesced); raises
+        :class:`DeviceError` when the host refuses it.  :meth:`release`
+        removes the zone with the region."""
 
     def release(self, space: Space, start: int) -> None:
         """Unregister this device's region starting at ``start``."""

@@ -14,7 +14,7 @@ import os
 
 from devices.base import ConsoleFds, DeviceError, Space
 from devices.guestmem import GuestRam
-from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
+from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
 from ipc import Bus, Registry
 
 
@@ -29,11 +29,30 @@ class RemoteHost:
         self._pid = os.getpid()
         self._console = console
         self._irq = irq
+        #: Starts of the MMIO regions the VMM coalesces for this device.
+        self._zones: set[int] = set()
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) then ask the
+        VMM for a coalesced zone over it (devserver.interrupts), or undo
+        the registration and raise IrqUnavailable."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise DeviceError(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        client = self._irq_client() if coalesce else None
         self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+        if client is not None:
+            try:
+                request_zone(client, start, length)
+            except DeviceError:
+                self.registry.unregister(Bus.MMIO, start, self.owner)
+                raise
+            self._zones.add(start)
 
     def release(self, space: Space, start: int) -> None:
+        """Unregister the region (and drop its coalesced zone, if any)."""
+        if Space(space) == Space.MMIO and start in self._zones:
+            self._zones.discard(start)
+            remove_zone(self._irq_client(), start)
         self.registry.unregister(Bus(int(space)), start, self.owner)
 
     def process_id(self) -> int:

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from devices.base import DeviceError
 from ipc.protocol import (
     IRQ_ANSWERS,
+    CoalescedMmioRemoveRequest,
+    CoalescedMmioRequest,
     IoeventfdRemoveRequest,
     IoeventfdRequest,
     ConnectionClosed,
@@ -232,3 +234,19 @@ class RemoteDoorbell:
             log.warning("removing ioeventfd %#x: %s", self._fields["address"], e)
         finally:
             self._client.forget(fd)
+
+
+def request_zone(client: IrqClient, address: int, length: int) -> None:
+    """Ask the VMM to coalesce guest writes to ``[address, address +
+    length)`` (a region this device has registered); raises
+    IrqUnavailable when refused."""
+    client.request(lambda seq: CoalescedMmioRequest(seq, address, length))
+
+
+def remove_zone(client: IrqClient, address: int) -> None:
+    """Ask the VMM to drop the coalesced zone at ``address`` (a refusal or
+    no answer is logged: the VMM drops every zone of the device at its end)."""
+    try:
+        client.request(lambda seq: CoalescedMmioRemoveRequest(seq, address))
+    except IrqUnavailable as e:
+        log.warning("removing coalesced zone %#x: %s", address, e)

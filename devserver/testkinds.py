@@ -65,6 +65,7 @@ import time
 
 from devices.base import BadParameter, Device, DeviceError, DeviceHost, Space, parse_int
 from devices.echo import ECHO_COUNT, Echo, ones
+from ipc import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -235,5 +236,95 @@ class IrqEcho(Device):
             self.vectors.pop(value).unprogram()
 
 
+SUM_WINDOW = 0x1000
+SUM_ADD = 0x00
+SUM_COUNT = 0x08
+SUM_TOTAL = 0x10
+SUM_HASH = 0x18
+SUM_RESET = 0x20
+SUM_MOVE = 0x28
+SUM_PID = 0x30
+#: FNV-1a, 64 bits: the hash of the written values is order-sensitive.
+FNV_OFFSET = 0xCBF2_9CE4_8422_2325
+FNV_PRIME = 0x100_0000_01B3
+U64 = (1 << 64) - 1
+
+
+class CoalesceSum(Device):
+    """``coalesce-sum``: adds up what the guest writes, for the coalesced
+    MMIO tests and benchmark (vmm.coalesce).
+
+    ``mmio=ADDR``: a 4 KiB window, claimed with ``coalesce=True`` unless
+    ``coalesce=off``; ``plain=ADDR`` (optional): a second 4 KiB window,
+    never coalesced, feeding the same sums.  Registers of either window:
+
+    ======  ======  ==========================================================
+    offset  access  meaning
+    ======  ======  ==========================================================
+    0x00    w       add the value (any size): count += 1, sum += value,
+                    hash = (hash ^ value) * FNV prime (FNV-1a over values)
+    0x08    r       count
+    0x10    r       sum (mod 2**64)
+    0x18    r       hash (starts at the FNV offset basis)
+    0x20    w       reset count, sum and hash
+    0x28    w       move the ``mmio=`` window to ``value`` (release, claim)
+    0x30    r       pid of the serving process
+    ======  ======  ==========================================================
+
+    Reads of fewer than 8 bytes return the low bytes; other offsets read 0.
+    """
+
+    kind = "coalesce-sum"
+
+    def __init__(self, host: DeviceHost, mmio: str | None = None, plain: str | None = None,
+                 coalesce: str = "on", **params: str):
+        super().__init__(host, **params)
+        if mmio is None:
+            raise BadParameter(f"{self.kind}: mmio= is required")
+        if coalesce not in ("on", "off"):
+            raise BadParameter(f"{self.kind}: coalesce={coalesce!r} (on or off)")
+        self.base = parse_int(self.kind, "mmio", mmio)
+        self.plain = None if plain is None else parse_int(self.kind, "plain", plain)
+        self.coalesce = coalesce == "on"
+        self.count = self.total = 0
+        self.hash = FNV_OFFSET
+
+    def start(self) -> None:
+        self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
+        if self.plain is not None:
+            self.host.claim(Space.MMIO, self.plain, SUM_WINDOW, 1)
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        value = {SUM_COUNT: self.count, SUM_TOTAL: self.total, SUM_HASH: self.hash,
+                 SUM_PID: self.host.process_id()}.get(offset, 0)
+        return value & ((1 << (8 * size)) - 1)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        if offset == SUM_ADD:
+            self.count += 1
+            self.total = (self.total + value) & U64
+            self.hash = ((self.hash ^ value) * FNV_PRIME) & U64
+        elif offset == SUM_RESET:
+            self.count = self.total = 0
+            self.hash = FNV_OFFSET
+        elif offset == SUM_MOVE and cookie == 0 and size == 8 and value != self.base:
+            self.host.release(Space.MMIO, self.base)
+            try:
+                self.host.claim(Space.MMIO, value, SUM_WINDOW, 0, coalesce=self.coalesce)
+            except (DeviceError, ValueError, RegistryError) as e:
+                log.warning("coalesce-sum: cannot move to %#x: %s; staying at %#x", value, e, self.base)
+                self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
+                return
+            self.base = value
+
+    def stop(self) -> None:
+        for start in (self.base, self.plain):
+            if start is not None:
+                try:
+                    self.host.release(Space.MMIO, start)
+                except (DeviceError, RegistryError):
+                    pass
+
+
 #: kind -> class, added to devserver.kinds.KINDS under SPLITVMM_TEST_KINDS=1.
-TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho}
+TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho, CoalesceSum.kind: CoalesceSum}

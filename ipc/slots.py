@@ -38,6 +38,7 @@ import time
 from typing import NamedTuple
 
 from ipc._slots_c import ffi, lib
+from ipc.errors import IpcError
 
 __all__ = [
     "SlotError",
@@ -79,7 +80,7 @@ _unpack_request = struct.Struct("=6I3Q").unpack_from
 assert _unpack_request.__self__.size == ffi.sizeof("struct svs_request")
 
 
-class SlotError(Exception):
+class SlotError(IpcError):
     """Base of the errors of the access slots."""
 
 

@@ -25,6 +25,7 @@ from devices.base import ConsoleFds, Device, DeviceError, Space
 from devices.guestmem import GuestRam
 from ipc import Bus, Registry
 from vmm.endpoint import VMM_OWNER, DeviceFailed
+from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
 
@@ -39,13 +40,15 @@ class LocalHost:
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
                  irqs: DeviceIrqs | None = None, memory: GuestRam | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.registry = registry
         self.owner = owner
         self._console = console
         self.irqs = irqs
         self._memory = memory
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: this host has none).
+        self.zones = zones
 
     def guest_memory(self) -> GuestRam:
         """The VMM's own mapping of guest RAM, bounds-checked."""
@@ -63,10 +66,26 @@ class LocalHost:
             raise DeviceError(str(e)) from None
         return LocalDoorbell(self.ioevents, int(space), address, length, datamatch, fd)
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) also as a
+        KVM coalesced zone (vmm.coalesce), or neither."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise DeviceError(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        if coalesce and self.zones is None:
+            raise DeviceError("this host has no coalesced MMIO")
         self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+        if coalesce:
+            assert self.zones is not None
+            try:
+                self.zones.add(start, length)
+            except CoalesceRefused as e:
+                self.registry.unregister(_BUSES[Space.MMIO], start, self.owner)
+                raise DeviceError(str(e)) from None
 
     def release(self, space: Space, start: int) -> None:
+        """Unregister the region (and its coalesced zone, if it has one)."""
+        if self.zones is not None and Space(space) == Space.MMIO:
+            self.zones.remove(start)
         self.registry.unregister(_BUSES[Space(space)], start, self.owner)
 
     def process_id(self) -> int:
@@ -148,35 +167,41 @@ class LocalEndpoint:
     """A model running inside the VMM, behind the Endpoint interface."""
 
     def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.model = model
         self.owner = owner
         self.name = name
         self.irqs = irqs
         self.ioevents = ioevents
+        self.zones = zones
         self._read = model.read
         self._write = model.write
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
                registry: Registry, console: ConsoleFds | None = None,
-               irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
+               irq_router: IrqRouter | None = None, memory: GuestRam | None = None,
+               coalesced: CoalescedMmio | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
         regions (raises the model's BadParameter, the registry's errors).
         ``irq_router``: where its interrupts go, and the VM its doorbells
-        are bound in (None: it has neither); ``memory``: guest RAM."""
+        are bound in (None: it has neither); ``memory``: guest RAM;
+        ``coalesced``: the VM's coalesced-MMIO zones (None: none)."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
         ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name) if irq_router is not None else None
+        zones = DeviceZones(coalesced, registry, owner, name) if coalesced is not None else None
         try:
-            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents), **params)
+            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents, zones), **params)
             model.start()
         except BaseException:
             if irqs is not None:
                 irqs.release_all()
             if ioevents is not None:
                 ioevents.release_all()
+            if zones is not None:
+                zones.release_all()
             raise
-        return cls(model, owner, name, irqs, ioevents)
+        return cls(model, owner, name, irqs, ioevents, zones)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
@@ -197,6 +222,8 @@ class LocalEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
 
 
 ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value

@@ -39,11 +39,13 @@ from ipc import Registry
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, MemRegion, Message,
                           Ready, RemoteProtocolError, Reset, ResetDone, Role, SetConsole,
                           SetMemTable, SetRegistry, SetSlots, Shutdown, Start, Welcome)
+from ipc.protocol import CoalescedMmioRemoveRequest, CoalescedMmioRequest
 from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest, IrqDone, IrqGranted,
                           IrqLineRequest, IrqRefused, MsiRouteRequest, MsiUnrouteRequest)
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.console import StderrRelay
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
@@ -100,6 +102,8 @@ class RemoteEndpoint:
         self.irqs: DeviceIrqs | None = None
         #: The device's doorbells (None: it may have none).
         self.ioevents: DeviceIoeventfds | None = None
+        #: The device's coalesced-MMIO zones (None: it may have none).
+        self.zones: DeviceZones | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -112,7 +116,8 @@ class RemoteEndpoint:
               command: Sequence[str] = DEVSERVER_COMMAND,
               cpus: set[int] | None = None, move: bool = False,
               console: SetConsole | None = None,
-              irq_router: IrqRouter | None = None) -> RemoteEndpoint:
+              irq_router: IrqRouter | None = None,
+              coalesced: CoalescedMmio | None = None) -> RemoteEndpoint:
         """Start a device process and return once it is Ready.
 
         ``kind``/``params``: the model and its ``key=value`` parameters;
@@ -130,7 +135,9 @@ class RemoteEndpoint:
         ``console``: the console fds to hand the device (the VMM keeps
         its own copies);
         ``irq_router``: the VM's interrupt routing, from which the device
-        may ask for irqfds (pins, MSI routes; see ipc.protocol).
+        may ask for irqfds (pins, MSI routes; see ipc.protocol);
+        ``coalesced``: the VM's coalesced-MMIO zones, of which the device
+        may ask for some inside its own regions.
 
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
@@ -150,7 +157,7 @@ class RemoteEndpoint:
             return cls._start(kind, config, registry, reg_fd, memfd, mem_regions, deadline,
                               SetSlots(fd=0, nslots=nvcpus, poll_ns=poll_us * 1000,
                                        adaptive=adaptive, move=move),
-                              access_timeout, spin_us, command, cpus, console, irq_router)
+                              access_timeout, spin_us, command, cpus, console, irq_router, coalesced)
         finally:
             os.close(reg_fd)
 
@@ -160,7 +167,8 @@ class RemoteEndpoint:
                set_slots: SetSlots, access_timeout: float, spin_us: int,
                command: Sequence[str], cpus: set[int] | None,
                console: SetConsole | None = None,
-               irq_router: IrqRouter | None = None) -> RemoteEndpoint:
+               irq_router: IrqRouter | None = None,
+               coalesced: CoalescedMmio | None = None) -> RemoteEndpoint:
         name, owner = config.name, config.owner
         slots = SlotCaller.create(config.nvcpus, spin_ns=spin_us * 1000)
         ours, theirs = socketpair()
@@ -195,6 +203,8 @@ class RemoteEndpoint:
         if irq_router is not None:
             ep.irqs = DeviceIrqs(irq_router, name)
             ep.ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name)
+        if coalesced is not None:
+            ep.zones = DeviceZones(coalesced, registry, owner, name)
         try:
             ep._handshake(config, reg_fd, dataclasses.replace(set_slots, fd=slots.fd),
                           memfd, mem_regions, deadline, console)
@@ -292,6 +302,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # power-on state: no routes; the new model asks again
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         try:
             with self._chan_lock:
                 self._channel.send(Reset())
@@ -462,10 +474,20 @@ class RemoteEndpoint:
         try:
             if irqs is None:
                 raise IrqError("this VMM gives the device no interrupts")
-            if isinstance(msg, IoeventfdRemoveRequest) and (self._failure is not None or self._closing):
+            if isinstance(msg, (IoeventfdRemoveRequest, CoalescedMmioRemoveRequest)) and (
+                    self._failure is not None or self._closing):
                 answer = IrqDone(msg.seq)       # released with the rest at teardown
             elif self._failure is not None or self._closing:
                 raise IrqError("the device is cut off or closing")
+            elif isinstance(msg, CoalescedMmioRequest):
+                if self.zones is None:
+                    raise IrqError("this VMM gives the device no coalesced MMIO")
+                self.zones.add(msg.address, msg.length)
+                answer = IrqDone(msg.seq)
+            elif isinstance(msg, CoalescedMmioRemoveRequest):
+                if self.zones is not None:
+                    self.zones.remove(msg.address)
+                answer = IrqDone(msg.seq)
             elif isinstance(msg, IoeventfdRemoveRequest):
                 if self.ioevents is None:
                     raise IrqError("this VMM gives the device no ioeventfds")
@@ -484,7 +506,7 @@ class RemoteEndpoint:
                 assert isinstance(msg, MsiUnrouteRequest)
                 irqs.unprogram(msg.index)
                 answer = IrqDone(msg.seq)
-        except (IrqError, IoeventfdRefused, OSError) as e:
+        except (IrqError, IoeventfdRefused, CoalesceRefused, OSError) as e:
             log.warning("device %s: %s refused: %s", self.name, msg.TYPE, e)
             answer = IrqRefused(msg.seq, str(e)[:1000] or type(e).__name__)
         try:
@@ -506,6 +528,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # its routes and irqfds go with it
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         self._exited.set()
 
     def _reap_regions(self) -> None:
@@ -543,6 +567,8 @@ class RemoteEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                   self._slots.device_stats())
         with self._chan_lock:

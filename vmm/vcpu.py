@@ -40,9 +40,7 @@ import threading
 from typing import Callable
 
 from vmm import kvm, report
-from vmm.dispatch import MMIO, PIO, SVM_ETIMEDOUT, Dispatcher, all_ones, registry_c_api
-from vmm.endpoint import DeviceFailed
-from vmm.lockwatch import MAX_PUT_RETRIES
+from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
 
@@ -62,9 +60,12 @@ class VcpuThread:
                  on_end: Callable[[Outcome | None], None], fast: bool = True):
         self.fd = fd
         api = registry_c_api(dispatcher.registry) if fast else None
+        page = dispatcher.coalesced_page
+        #: This vCPU's view of the VM's coalesced-MMIO ring (None: none).
+        self.ring = fd.coalesced_ring(page) if page else None
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
-            fd, *api, int(dispatcher.registry.lock_timeout * 1e9))
+            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -170,6 +171,8 @@ class VcpuThread:
         page = fd.page
         run_once = fd.run_once
         access = self.dispatcher.access
+        drain = self.dispatcher.drain
+        ring = self.ring
         index = self.index
         mmio_data = fd.mmio_data_offset
         EXIT_IO, EXIT_MMIO, OUT = kvm.EXIT_IO, kvm.EXIT_MMIO, kvm.EXIT_IO_OUT
@@ -187,6 +190,8 @@ class VcpuThread:
                         return
                     continue
                 exits += 1
+                if ring is not None and ring.pending():
+                    drain(index)
                 reason = run.exit_reason
                 if reason == EXIT_IO:
                     size = io.size
@@ -222,18 +227,20 @@ class VcpuThread:
             self.exits = exits
 
     def _loop_fast(self) -> None:
-        """The loop over the C fast path: Python runs only handlers."""
+        """The loop over the C fast path: Python runs only handlers, through
+        the dispatcher's own forward/failure methods (one path, two speeds)."""
         fast = self.fast
+        assert fast is not None
         ctx = fast.ctx
         step = fast.step
         run = self.fd.run
         dispatcher = self.dispatcher
-        endpoints = dispatcher.endpoints
-        failed = dispatcher.failed
+        forward = dispatcher.forward
+        error = dispatcher.registry.error
         index = self.index
-        watch = dispatcher.lock_watch
-        ACCESS, EXIT, ERRNO, PUT_ERROR = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR
-        put_retries = 0
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
+                                                 kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN)
+        put_attempts = 0
         try:
             while True:
                 if self._stop:
@@ -243,36 +250,24 @@ class VcpuThread:
                     continue
                 rc = step()
                 if rc == PUT_ERROR:
-                    # The access was served; its put missed the lock
-                    # deadline.  Deal with the holder; the next step puts
-                    # again (unless the reference is given up here).
-                    if ctx.reg_error == SVM_ETIMEDOUT:
-                        watch.stalled(index, f"put of slot {ctx.slot}", put=True)
-                    put_retries += 1
-                    if (ctx.reg_error != SVM_ETIMEDOUT or watch.unusable is not None
-                            or put_retries > MAX_PUT_RETRIES or self._stop):
-                        log.error("vCPU %d: registry put of slot %d abandoned (code %d); the slot "
-                                  "stays referenced", index, ctx.slot, ctx.reg_error)
+                    # The access was served; its put failed.  The next step
+                    # puts again, unless the reference is given up here.
+                    put_attempts += 1
+                    if not dispatcher.put_timed_out(index, ctx.slot, error(ctx.reg_error), put_attempts) \
+                            or self._stop:
                         ctx.has_ref = 0
                         ctx.put_errors += 1
                     continue
-                put_retries = 0
+                put_attempts = 0
                 if rc == ACCESS:
-                    owner = ctx.owner
-                    endpoint = endpoints.get(owner)
-                    is_write = ctx.is_write
                     size = ctx.size
-                    if endpoint is None or owner in failed:
-                        value = 0 if is_write else all_ones(size)
-                    else:
-                        try:
-                            value = endpoint.access(index, ctx.bus, ctx.cookie, ctx.offset, size,
-                                                    is_write, ctx.value)
-                        except DeviceFailed as e:
-                            dispatcher.fail(endpoint, e)
-                            value = 0 if is_write else all_ones(size)
-                    if not is_write:
+                    value = forward(index, ctx.bus, ctx.owner, ctx.cookie, ctx.offset, size,
+                                    bool(ctx.is_write), ctx.value)
+                    if not ctx.is_write:
                         ctx.value = value & _MASK[size]
+                elif rc == DRAIN:
+                    dispatcher.drain(index)
+                    continue
                 elif rc == ERRNO:
                     err = ctx.err
                     if err not in (errno.EINTR, errno.EAGAIN):
@@ -285,13 +280,8 @@ class VcpuThread:
                     if self._other_exit(run.exit_reason):
                         return
                 else:
-                    what = f"lookup of {'PIO' if ctx.bus == PIO else 'MMIO'} {ctx.addr:#x}"
-                    ctx.value = all_ones(ctx.size)
-                    if ctx.reg_error == SVM_ETIMEDOUT:
-                        watch.stalled(index, what)   # logs; completes as unclaimed
-                    else:
-                        log.error("vCPU %d: registry %s failed (code %d); the access completes as "
-                                  "unclaimed", index, what, ctx.reg_error)
+                    ctx.value = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size,
+                                                         bool(ctx.is_write), error(ctx.reg_error))
                 if self._park_requested:
                     self.parked = True
                     self.on_end(None)
