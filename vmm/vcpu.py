@@ -133,6 +133,13 @@ class VcpuThread:
             self._cond.notify_all()
 
     @property
+    def exit_count(self) -> int:
+        """Exits to user space so far: live with the C fast path (also
+        from another thread, or a handler of this vCPU's access); with the
+        Python loop, counted when the loop ends (:attr:`exits`)."""
+        return self.fast.ctx.exits if self.fast is not None else self.exits
+
+    @property
     def alive(self) -> bool:
         return self._alive
 

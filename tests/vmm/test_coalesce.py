@@ -11,6 +11,12 @@ the same time, and the VMM refuses zones outside a device's own regions.
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import sys
+import time
+
 import pytest
 
 from devserver.testkinds import CoalesceSum
@@ -42,8 +48,8 @@ def coalesce_sum_kind(monkeypatch):
 
 
 def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 1,
-        second: bool = False) -> dict:
-    with Machine(memory=32 << 20, vcpus=vcpus) as m:
+        second: bool = False, fast_path: bool = True) -> dict:
+    with Machine(memory=32 << 20, vcpus=vcpus, fast_path=fast_path) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
         m.load_pvh(guest("coalesce"), cmdline)
@@ -60,9 +66,10 @@ def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 
                 "zones": m.coalesced.zones(), "owners": [ep.owner for ep in eps]}
 
 
-@pytest.mark.parametrize("placement", ["inline", "isolated"])
-def test_ten_thousand_writes_arrive_in_order_with_few_exits(guest, placement):
-    r = run(guest, placement, f"win={WIN:#x} n={N} moveto={MOVETO:#x}")
+@pytest.mark.parametrize("placement,fast_path", [("inline", True), ("isolated", True), ("inline", False)],
+                         ids=["inline", "isolated", "inline-python-loop"])
+def test_ten_thousand_writes_arrive_in_order_with_few_exits(guest, placement, fast_path):
+    r = run(guest, placement, f"win={WIN:#x} n={N} moveto={MOVETO:#x}", fast_path=fast_path)
     assert r["outcome"].ending is Ending.POWER_OFF, str(r["outcome"])
     # two phases of N writes; a full ring (~170 entries) costs one exit
     assert r["exits"][0] < 2 * N / 20, r
@@ -119,3 +126,39 @@ def test_zone_requests_are_validated():
         assert zones.remove(7, WIN)
         assert zones.remove_owner(8) == MAX_ZONES_PER_DEVICE
         assert zones.zones() == []
+
+
+def test_zones_of_a_device_process_go_when_it_dies(guest):
+    with Machine(memory=16 << 20) as m:
+        if not m.coalesced.page:
+            pytest.skip("KVM on this host has no coalesced MMIO")
+        ep = m.add_device(DeviceSpec("coalesce-sum", "sum0", "isolated", (("mmio", hex(WIN)),)))
+        assert m.coalesced.zones() == [(WIN, WINDOW, ep.owner)]
+        os.kill(ep.pid, signal.SIGKILL)
+        assert ep.wait_exited(30)
+        deadline = time.monotonic() + 30
+        while m.coalesced.zones() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.coalesced.zones() == []
+        assert not [r for r in m.registry.regions() if r.owner == ep.owner]
+
+
+def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
+    """A hostile device asks for zones over another device's window, part
+    of it, and an address nobody claimed: each is refused, it stays up."""
+    from tests.devserver.fake_device import ZONE_THEFTS
+    from vmm.remote import RemoteEndpoint
+
+    fake = os.path.join(os.path.dirname(__file__), "..", "devserver", "fake_device.py")
+    caplog.set_level(logging.WARNING, logger="vmm.remote")
+    with Machine(memory=16 << 20) as m:
+        if not m.coalesced.page:
+            pytest.skip("KVM on this host has no coalesced MMIO")
+        victim = m.add_device(DeviceSpec("coalesce-sum", "sum0", "inline", (("mmio", hex(WIN)),)))
+        with RemoteEndpoint.spawn("echo", {}, 40, "thief", m.registry, nvcpus=1,
+                                  command=(sys.executable, fake, "zone-thief"),
+                                  irq_router=m.irq, coalesced=m.coalesced) as thief:
+            assert thief.failed is None
+            assert m.coalesced.zones() == [(WIN, WINDOW, victim.owner)]
+        refused = [r.getMessage() for r in caplog.records if "coalesced-mmio refused" in r.getMessage()]
+        assert len(refused) == len(ZONE_THEFTS), refused
