@@ -76,7 +76,9 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 #: Optional capabilities this code knows; a Welcome names the agreed subset.
-FEATURES = frozenset({"mem-table", "reset"})
+#: ``coalesced-batch``: the device applies write batches (ipc.batch) and
+#: takes a batch segment in the answer to its first CoalescedMmioRequest.
+FEATURES = frozenset({"mem-table", "reset", "coalesced-batch"})
 #: Largest frame body (msgpack bytes after the length prefix).
 MAX_FRAME = 64 * 1024
 #: Most descriptors one message may carry.
@@ -644,11 +646,15 @@ for _m in (IoeventfdRequest, IoeventfdRemoveRequest):
 #                                                       KVM_REGISTER_COALESCED_MMIO
 #   CoalescedMmioRemoveRequest(seq, address)       ─►   KVM_UNREGISTER_COALESCED_MMIO
 #                                                  ◄─   IrqDone(seq)
+#                                                  ◄─   IrqGranted(seq) [batch segment]
 #                                                  ◄─   IrqRefused(seq, message)
 #
 # The device registers the region in the registry itself, then asks for
 # the zone (only the VMM holds the VM fd); same rules and answers as the
 # ioeventfd requests.  Removing a zone the device does not hold is done.
+# With the feature ``coalesced-batch`` a granted zone is answered with
+# IrqGranted carrying the device's batch segment (ipc.batch, the same one
+# each time): the VMM then delivers the queued writes in batches.
 
 @dataclasses.dataclass(frozen=True)
 class CoalescedMmioRequest(Message):

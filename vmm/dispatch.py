@@ -199,14 +199,64 @@ class Dispatcher:
                     if not batch:
                         break
                     n += len(batch)
-                    for addr, size, value in batch:
-                        self._access(vcpu, MMIO, addr, size, True, value, False)
+                    self._deliver(vcpu, batch)
             finally:
                 self._draining.on = False
             if n:
                 self.coalesced_writes += n
                 self.drains += 1
         return n
+
+    def _deliver(self, vcpu: int, writes: list[tuple[int, int, int]]) -> None:
+        """Deliver drained (address, size, value) writes in order: each is
+        looked up in the registry, and a run of consecutive writes to one
+        owner goes to its endpoint as one batch (one request to a device
+        process), the references held until the batch is served.  So a
+        write in a batch that moves its own region takes effect for the
+        lookups of the next batch: the rest of its batch was in flight."""
+        get = self._get
+        run: list[tuple[int, int, int, int, int]] = []
+        refs: list[Reference] = []
+        owner = -1
+        try:
+            for addr, size, value in writes:
+                try:
+                    ref = get(MMIO, addr, size)
+                except RegistryError as e:
+                    self.lookup_failed(vcpu, MMIO, addr, size, True, e)
+                    continue
+                except ValueError:
+                    ref = None
+                if ref is None:
+                    self.unclaimed += 1
+                    continue
+                if ref.owner != owner and run:
+                    self._forward_batch(vcpu, owner, run, refs)
+                    run, refs = [], []
+                owner = ref.owner
+                refs.append(ref)
+                run.append((MMIO, ref.cookie, ref.offset, size, value))
+            if run:
+                self._forward_batch(vcpu, owner, run, refs)
+                refs = []
+        finally:
+            for ref in refs:
+                self._put_ref(vcpu, ref)
+
+    def _forward_batch(self, vcpu: int, owner: int, writes: list[tuple[int, int, int, int, int]],
+                       refs: list[Reference]) -> None:
+        """:meth:`forward` for a run of writes to one owner; puts ``refs``."""
+        try:
+            endpoint = self.endpoints.get(owner)
+            if endpoint is None or owner in self.failed:
+                return
+            try:
+                endpoint.access_batch(vcpu, writes)
+            except DeviceFailed as e:
+                self.fail(endpoint, e)
+        finally:
+            for ref in refs:
+                self._put_ref(vcpu, ref)
 
     # -- failures -------------------------------------------------------------
 

@@ -213,6 +213,14 @@ class LocalEndpoint:
         except Exception as e:
             raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
 
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        write = self._write
+        try:
+            for space, cookie, offset, size, value in writes:
+                write(_SPACES[space], cookie, offset, size, value)
+        except Exception as e:
+            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+
     def close(self) -> None:
         try:
             self.model.stop()
@@ -263,6 +271,10 @@ class VmmHandlers:
         if read is None:
             return (1 << (8 * size)) - 1
         return read(vcpu, offset, size)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        for space, cookie, offset, size, value in writes:
+            self.access(vcpu, space, cookie, offset, size, True, value)
 
     def close(self) -> None:
         for bus, start in self._regions:

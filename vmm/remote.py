@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 import posix_ipc
 
@@ -42,6 +43,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, MemRegio
 from ipc.protocol import CoalescedMmioRemoveRequest, CoalescedMmioRequest
 from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest, IrqDone, IrqGranted,
                           IrqLineRequest, IrqRefused, MsiRouteRequest, MsiUnrouteRequest)
+from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
@@ -104,6 +106,11 @@ class RemoteEndpoint:
         self.ioevents: DeviceIoeventfds | None = None
         #: The device's coalesced-MMIO zones (None: it may have none).
         self.zones: DeviceZones | None = None
+        #: Where queued writes go in batches (ipc.batch), once the device
+        #: has a zone and speaks ``coalesced-batch``.
+        self._batch: BatchWriter | None = None
+        self._batch_lock = threading.Lock()      # one batch in the segment at a time
+        self._batch_make_lock = threading.Lock()  # not _batch_lock: a batch's handler may ask for zones
 
     # -- start ---------------------------------------------------------------
 
@@ -281,15 +288,39 @@ class RemoteEndpoint:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
         try:
             return self._call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout)
-        except SlotTimeout:
+        except SlotError as e:
+            self._call_failed(e)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        """Forward writes (space, cookie, offset, size, value) in order: a
+        request per batch (ipc.batch) once the device has a batch segment,
+        else one access each.  Raises :class:`DeviceFailed`."""
+        batch = self._batch
+        if batch is None:
+            for space, cookie, offset, size, value in writes:
+                self.access(vcpu, space, cookie, offset, size, True, value)
+            return
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        with self._batch_lock:
+            done = 0
+            while done < len(writes):
+                n = batch.write(writes[done:done + batch.capacity])
+                try:
+                    self._call(vcpu, BATCH_SPACE, 0, 0, 8, True, n, self.access_timeout)
+                except SlotError as e:
+                    self._call_failed(e)
+                done += n
+
+    def _call_failed(self, error: SlotError) -> NoReturn:
+        """Cut the device off for a failed slot call (a dead device is cut
+        off by its monitor already) and raise DeviceFailed."""
+        if isinstance(error, SlotTimeout):
             self._fail(f"no answer within {self.access_timeout:g} s")
-        except SlotPeerDead:
-            pass
-        except (SlotDeviceError, SlotBadResponse) as e:
-            self._fail(str(e))
-        except SlotError as e:  # closed under us
-            self._fail(str(e))
-        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}")
+        elif not isinstance(error, SlotPeerDead):    # it failed, answered garbage, or closed under us
+            self._fail(str(error))
+        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}") \
+            from None
 
     def reset(self, timeout: float = 5.0) -> None:
         """Put the model back in its power-on state.  Raises DeviceFailed."""
@@ -484,6 +515,12 @@ class RemoteEndpoint:
                     raise IrqError("this VMM gives the device no coalesced MMIO")
                 self.zones.add(msg.address, msg.length)
                 answer = IrqDone(msg.seq)
+                if "coalesced-batch" in self.features:
+                    with self._batch_make_lock:
+                        if self._batch is None:
+                            self._batch = BatchWriter()
+                        assert self._batch.fd is not None
+                        answer = IrqGranted(msg.seq, self._batch.fd)
             elif isinstance(msg, CoalescedMmioRemoveRequest):
                 if self.zones is not None:
                     self.zones.remove(msg.address)
@@ -579,6 +616,9 @@ class RemoteEndpoint:
             pass
         self._pidfd = -1
         self._slots.close()
+        with self._batch_make_lock, self._batch_lock:
+            if self._batch is not None:
+                self._batch.close()
         self._closed = True
 
 
