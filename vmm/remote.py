@@ -44,8 +44,7 @@ from ipc.protocol import CoalescedMmioRemoveRequest, CoalescedMmioRequest
 from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest, IrqDone, IrqGranted,
                           IrqLineRequest, IrqRefused, MsiRouteRequest, MsiUnrouteRequest)
 from ipc.batch import BATCH_SPACE, BatchWriter
-from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
-                       SlotError, SlotPeerDead, SlotTimeout)
+from ipc.slots import (CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout)
 from ipc.transport import Channel, ChannelTimeout, socketpair
 from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.console import StderrRelay
