@@ -573,8 +573,9 @@ class IrqRefused(Message):
         _text("message", self.message, MAX_TEXT)
 
 
-IRQ_REQUESTS = (IrqLineRequest, MsiRouteRequest, MsiUnrouteRequest)
-IRQ_ANSWERS = (IrqGranted, IrqDone, IrqRefused)
+IRQ_REQUESTS: tuple[type[Message], ...] = (IrqLineRequest, MsiRouteRequest, MsiUnrouteRequest)
+IRQ_ANSWERS: tuple[type[Message], ...] = (IrqGranted, IrqDone, IrqRefused)
+_m: type[Message]
 __all__ += ["IrqLineRequest", "MsiRouteRequest", "MsiUnrouteRequest", "IrqGranted", "IrqDone",
             "IrqRefused", "IRQ_REQUESTS", "IRQ_ANSWERS"]
 for _m in IRQ_REQUESTS + IRQ_ANSWERS:

@@ -416,7 +416,7 @@ class Registry:
         if rc:
             self._raise(rc, timeout, f"{bus.name} {start:#x}+{length:#x} overlaps a registered region")
 
-    def get(self, bus: Bus, addr: int, size: int = 1, timeout: float | None = None) -> Reference | None:
+    def get(self, bus: Bus | int, addr: int, size: int = 1, timeout: float | None = None) -> Reference | None:
         """Look up the region containing ``[addr, addr + size)`` and count a
         reference to it; None when no single region contains the access."""
         # The hot path of every guest access: kept free of anything that
