@@ -13,14 +13,17 @@ Exits handled (Documentation/virt/kvm/api.rst, "kvm_run"):
 
 **Fast path.**  By default the loop runs in C (``_vcpu.c`` through
 :class:`vmm.kvm.FastPath`): KVM_RUN, decoding and the registry lookup
-happen there, unclaimed accesses never reach Python, and Python only calls
-the owner's endpoint -- the same get/handler/put protocol and failure
-semantics as :mod:`vmm.dispatch`, which serves the all-Python loop
-(``fast=False``, or ``SPLITVMM_SLOW_PATH=1``).  A registry call that
-misses the lock deadline comes back to Python in both loops, which hands
-the holder to :class:`vmm.lockwatch.LockWatch` (a device process holding
-the lock is killed; the stalled lookup completes as unclaimed, a stalled
-put is retried).
+happen there, unclaimed accesses never reach Python, and Python hands the
+access to :meth:`vmm.dispatch.Dispatcher.forward` -- the endpoint lookup
+and failure handling the all-Python loop (``fast=False``, or
+``SPLITVMM_SLOW_PATH=1``) reaches through ``Dispatcher.access``.  A
+registry call that fails (a missed lock deadline) comes back to Python in
+both loops and goes to the same ``Dispatcher.lookup_failed`` /
+``put_timed_out``, which hand the holder to
+:class:`vmm.lockwatch.LockWatch` (a device process holding the lock is
+killed; the stalled lookup completes as unclaimed, a stalled put is
+retried).  Coalesced MMIO: both loops have the dispatcher drain the ring
+on every exit that finds writes queued in it (:mod:`vmm.coalesce`).
 
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
