@@ -13,7 +13,6 @@ import os
 import socket
 import struct
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -57,7 +56,6 @@ def main() -> None:
             if granted:
                 chan.send(Error(f"granted: {granted}"))
         chan.send(Ready(os.getpid()))
-        time.sleep(0.2)
         if mode == "junk-after":
             sock.send(b"\x05\x00\x00\x00junk!")
         elif mode == "bad-msgpack":

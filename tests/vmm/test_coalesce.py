@@ -151,7 +151,7 @@ def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
     """A hostile device asks for zones over another device's window, part
     of it, and an address nobody claimed: each is refused, it stays up."""
     from tests.devserver.fake_device import ZONE_THEFTS
-    from vmm.remote import RemoteEndpoint
+    from vmm.remote import RemoteEndpoint, RemoteOptions
 
     fake = os.path.join(os.path.dirname(__file__), "..", "devserver", "fake_device.py")
     caplog.set_level(logging.WARNING, logger="vmm.remote")
@@ -159,9 +159,9 @@ def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
         victim = m.add_device(DeviceSpec("coalesce-sum", "sum0", "inline", (("mmio", hex(WIN)),)))
-        with RemoteEndpoint.spawn("echo", {}, 40, "thief", m.registry, nvcpus=1,
-                                  command=(sys.executable, fake, "zone-thief"),
-                                  irq_router=m.irq, coalesced=m.coalesced) as thief:
+        options = RemoteOptions(command=(sys.executable, fake, "zone-thief"), irq_router=m.irq,
+                                coalesced=m.coalesced)
+        with RemoteEndpoint.spawn("echo", {}, 40, "thief", m.registry, 1, options) as thief:
             assert thief.failed is None
             assert m.coalesced.zones() == [(WIN, WINDOW, victim.owner)]
         refused = [r.getMessage() for r in caplog.records if "coalesced-mmio refused" in r.getMessage()]
