@@ -166,3 +166,14 @@ def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
             assert m.coalesced.zones() == [(WIN, WINDOW, victim.owner)]
         refused = [r.getMessage() for r in caplog.records if "coalesced-mmio refused" in r.getMessage()]
         assert len(refused) == len(ZONE_THEFTS), refused
+
+
+def test_a_reset_device_process_asks_for_its_zone_again():
+    with Machine(memory=16 << 20) as m:
+        if not m.coalesced.page:
+            pytest.skip("KVM on this host has no coalesced MMIO")
+        ep = m.add_device(DeviceSpec("coalesce-sum", "sum0", "isolated", (("mmio", hex(WIN)),)))
+        assert "coalesced-batch" in ep.features
+        ep.reset()
+        assert ep.failed is None
+        assert m.coalesced.zones() == [(WIN, WINDOW, ep.owner)]
