@@ -65,6 +65,8 @@ import time
 
 from devices.base import BadParameter, Device, DeviceError, DeviceHost, Space, parse_int
 from devices.echo import ECHO_COUNT, Echo, ones
+from devices.pci import PciDevice
+from devices.pci_config import Bar, BarKind
 from ipc import RegistryError
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,27 @@ FNV_PRIME = 0x100_0000_01B3
 U64 = (1 << 64) - 1
 
 
+class _Sums:
+    """What the coalesce-sum kinds add up (count, sum, FNV-1a hash)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = self.total = 0
+        self.hash = FNV_OFFSET
+
+    def add(self, value: int) -> None:
+        self.count += 1
+        self.total = (self.total + value) & U64
+        self.hash = ((self.hash ^ value) * FNV_PRIME) & U64
+
+    def read(self, offset: int, size: int, pid: int) -> int:
+        value = {SUM_COUNT: self.count, SUM_TOTAL: self.total, SUM_HASH: self.hash,
+                 SUM_PID: pid}.get(offset, 0)
+        return value & ((1 << (8 * size)) - 1)
+
+
 class CoalesceSum(Device):
     """``coalesce-sum``: adds up what the guest writes, for the coalesced
     MMIO tests and benchmark (vmm.coalesce).
@@ -286,8 +309,7 @@ class CoalesceSum(Device):
         self.base = parse_int(self.kind, "mmio", mmio)
         self.plain = None if plain is None else parse_int(self.kind, "plain", plain)
         self.coalesce = coalesce == "on"
-        self.count = self.total = 0
-        self.hash = FNV_OFFSET
+        self.sums = _Sums()
 
     def start(self) -> None:
         self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
@@ -295,18 +317,13 @@ class CoalesceSum(Device):
             self.host.claim(Space.MMIO, self.plain, SUM_WINDOW, 1)
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
-        value = {SUM_COUNT: self.count, SUM_TOTAL: self.total, SUM_HASH: self.hash,
-                 SUM_PID: self.host.process_id()}.get(offset, 0)
-        return value & ((1 << (8 * size)) - 1)
+        return self.sums.read(offset, size, self.host.process_id())
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
         if offset == SUM_ADD:
-            self.count += 1
-            self.total = (self.total + value) & U64
-            self.hash = ((self.hash ^ value) * FNV_PRIME) & U64
+            self.sums.add(value)
         elif offset == SUM_RESET:
-            self.count = self.total = 0
-            self.hash = FNV_OFFSET
+            self.sums.reset()
         elif offset == SUM_MOVE and cookie == 0 and size == 8 and value != self.base:
             self.host.release(Space.MMIO, self.base)
             try:
@@ -326,5 +343,31 @@ class CoalesceSum(Device):
                     pass
 
 
+class PciCoalesceSum(PciDevice):
+    """``pci-coalesce-sum``: the registers of ``coalesce-sum`` (0x00-0x30,
+    without the move register) behind BAR 0, a 4 KiB 32-bit memory BAR
+    declared with ``coalesce=True``: the guest moves it by reprogramming
+    the BAR, and the coalesced zone moves with it.  IDs 0x1234:0x5c01."""
+
+    kind = "pci-coalesce-sum"
+    vendor_id = 0x1234
+    device_id = 0x5C01
+
+    def __init__(self, host: DeviceHost, **params: str):
+        super().__init__(host, **params)
+        self.add_bar(0, BarKind.MEM32, SUM_WINDOW, coalesce=True)
+        self.sums = _Sums()
+
+    def bar_read(self, bar: Bar, offset: int, size: int) -> int:
+        return self.sums.read(offset, size, self.host.process_id())
+
+    def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
+        if offset == SUM_ADD:
+            self.sums.add(value)
+        elif offset == SUM_RESET:
+            self.sums.reset()
+
+
 #: kind -> class, added to devserver.kinds.KINDS under SPLITVMM_TEST_KINDS=1.
-TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho, CoalesceSum.kind: CoalesceSum}
+TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho, CoalesceSum.kind: CoalesceSum,
+              PciCoalesceSum.kind: PciCoalesceSum}

@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from devserver.testkinds import CoalesceSum
+from devserver.testkinds import CoalesceSum, PciCoalesceSum
 from ipc import Bus
-from tests.vmm.conftest import needs_kvm
-from vmm import config
+from tests.vmm.conftest import GUEST_SOURCES, needs_kvm
+from vmm import config, guests
 from vmm.coalesce import MAX_ZONES_PER_DEVICE, CoalesceRefused
 from vmm.config import DeviceSpec
 from vmm.endpoint import VMM_OWNER
@@ -34,6 +34,7 @@ pytestmark = needs_kvm
 WIN = 0xD000_0000
 MOVETO = 0xD010_0000
 WIN2 = 0xD020_0000
+PCI_MOVETO = 0xE800_0000
 WINDOW = 0x1000
 N = 10_000
 RUN_TIMEOUT = 120
@@ -45,6 +46,7 @@ def coalesce_sum_kind(monkeypatch):
     SPLITVMM_TEST_KINDS=1, and inline placement finds it in the table."""
     monkeypatch.setenv("SPLITVMM_TEST_KINDS", "1")
     monkeypatch.setitem(config.DEVICE_TYPES, CoalesceSum.kind, CoalesceSum)
+    monkeypatch.setitem(config.DEVICE_TYPES, PciCoalesceSum.kind, PciCoalesceSum)
 
 
 def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 1,
@@ -80,6 +82,21 @@ def test_ten_thousand_writes_arrive_in_order_with_few_exits(guest, placement, fa
     assert r["zones"] == [(MOVETO, WINDOW, r["owners"][0])]
     if placement == "isolated":     # delivered in batches: a request per drain, not per write
         assert r["calls"][0] < 2 * N / 20, r
+
+
+@pytest.mark.parametrize("placement", ["inline", "isolated"])
+def test_the_zone_moves_with_a_reprogrammed_pci_bar(guest_cache, placement):
+    image = guests.build([GUEST_SOURCES / "coalesce_pci.c", guests.HERE / "pci.c"], guest_cache)
+    with Machine(memory=32 << 20) as m:
+        if not m.coalesced.page:
+            pytest.skip("KVM on this host has no coalesced MMIO")
+        m.load_pvh(image, f"n={N} moveto={PCI_MOVETO:#x}")
+        ep = m.add_device(DeviceSpec("pci-coalesce-sum", "psum0", placement, ()))
+        outcome = m.run(timeout=RUN_TIMEOUT)
+        assert outcome.ending is Ending.POWER_OFF, str(outcome)
+        assert getattr(ep, "failed", None) is None
+        assert m.vcpus[0].exits < 2 * N / 20
+        assert m.coalesced.zones() == [(PCI_MOVETO, WINDOW, ep.owner)]
 
 
 @pytest.mark.parametrize("placement", ["inline", "isolated"])
