@@ -54,6 +54,11 @@ offset  access  meaning
 
 Requests are made inside the handler of the write, as an MSI-X table
 write would make them.
+
+``coalesce-sum`` and ``pci-coalesce-sum``: add up what the guest writes to
+a coalesced MMIO window (a plain window, or a PCI BAR the guest moves),
+with an order-sensitive hash, for the coalesced-MMIO tests and benchmark
+(their class docstrings list the registers).
 """
 
 from __future__ import annotations
