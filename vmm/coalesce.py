@@ -28,7 +28,11 @@ removes it when the model releases the region (a BAR that moves is a
 release and a claim), and every zone of a device goes when the device is
 cut off, reaped, reset or closed.  Writes still queued for a zone that has
 gone are delivered through the registry like any other, to whoever owns
-the address then (nobody, usually: dropped).
+the address then (nobody, usually: dropped).  A device process that takes
+its region out of the registry without asking the VMM to drop the zone
+leaves a stale zone: it still queues (and the registry still routes) the
+guest's writes there, and is removed when a zone asked for later overlaps
+it.
 """
 
 from __future__ import annotations
@@ -101,11 +105,18 @@ class CoalescedMmio:
                 raise CoalesceRefused(f"MMIO {start:#x}+{length:#x} belongs to another owner")
         end = start + length
         with self._lock:
-            for s, (n, o) in self._zones.items():
+            for s, (n, o) in list(self._zones.items()):
                 if s == start and n == length and o == owner:
                     return      # asked twice: the same zone
                 if s < end and start < s + n:
-                    raise CoalesceRefused(f"zone {start:#x}+{length:#x} overlaps the zone {s:#x}+{n:#x}")
+                    if not _stale(registry, s, n, o):
+                        raise CoalesceRefused(f"zone {start:#x}+{length:#x} overlaps the zone {s:#x}+{n:#x}")
+                    # Its owner took the region out of the registry without
+                    # asking the VMM to drop the zone: drop it now.
+                    log.warning("coalesced MMIO zone %#x+%#x of owner %d outlived its region; removed",
+                                s, n, o)
+                    del self._zones[s]
+                    self._unregister(s, n)
             held = sum(1 for _, o in self._zones.values() if o == owner)
             if held >= limit:
                 raise CoalesceRefused(f"device {name} already holds {limit} coalesced zones")
@@ -141,6 +152,15 @@ class CoalescedMmio:
             self.vm.coalesced_mmio(start, length, unregister=True)
         except kvm.KvmError as e:
             log.warning("coalesced MMIO zone %#x+%#x: %s", start, length, e)
+
+
+def _stale(registry: Registry, start: int, length: int, owner: int) -> bool:
+    """True when no region of ``owner`` holds the zone any more."""
+    ref = registry.get(Bus.MMIO, start, length)
+    if ref is None:
+        return True
+    with ref:
+        return ref.owner != owner
 
 
 class DeviceZones:

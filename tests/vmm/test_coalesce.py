@@ -147,6 +147,12 @@ def test_zone_requests_are_validated():
         assert zones.remove(7, WIN)
         assert zones.remove_owner(8) == MAX_ZONES_PER_DEVICE
         assert zones.zones() == []
+        # a zone whose region went behind the VMM's back gives way
+        zones.add(reg, 7, "dev7", WIN, 0x100)
+        reg.unregister(Bus.MMIO, WIN, owner=7)
+        reg.register(Bus.MMIO, WIN, WINDOW, owner=9)
+        zones.add(reg, 9, "dev9", WIN, WINDOW)
+        assert zones.zones() == [(WIN, WINDOW, 9)]
 
 
 def test_zones_of_a_device_process_go_when_it_dies(guest):
