@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # The linter (CI runs it after the tests).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ipc vmm devserver devices tests
+	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
 
 # Benchmarks (JSON on stdout; not part of the tests).
 bench: $(STAMP)

@@ -5,20 +5,34 @@ shared registry: a model claims and releases its regions there directly,
 under the owner id the VMM gave this process, with no round trip to the
 VMM, also from inside the handler of an access (a window that moves).
 Interrupt lines and MSI vectors are irqfds the VMM hands over on request
-(:mod:`devserver.interrupts`); triggering one is an eventfd write.
+(:mod:`devserver.interrupts`); triggering one is an eventfd write.  The
+registry's errors reach the model as the :class:`devices.base.HostRefused`
+family (:func:`registry_refusal`).
 """
 
 from __future__ import annotations
 
 import os
 
-from devices.base import ConsoleFds, DeviceError, Space
+from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space)
 from devices.guestmem import GuestRam
 from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
-from ipc import Bus, Registry
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 
 
-class RemoteHost:
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class RemoteHost(DeviceHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -29,31 +43,40 @@ class RemoteHost:
         self._pid = os.getpid()
         self._console = console
         self._irq = irq
-        #: Starts of the MMIO regions the VMM coalesces for this device.
-        self._zones: set[int] = set()
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True``; the VMM was asked for a zone over each when
+        #: the host has a control channel (else they are plain regions).
+        self.coalesced: dict[tuple[Space, int], int] = {}
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0, coalesce: bool = False) -> None:
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
         """Register the region; with ``coalesce`` (MMIO only) then ask the
         VMM for a coalesced zone over it (devserver.interrupts), or undo
-        the registration and raise IrqUnavailable."""
+        the registration and raise the refusal (IrqUnavailable)."""
         if coalesce and Space(space) != Space.MMIO:
-            raise DeviceError(f"only MMIO regions can be coalesced, not {Space(space).name}")
-        client = self._irq_client() if coalesce else None
-        self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
-        if client is not None:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        try:
+            self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        if not coalesce:
+            return
+        if self._irq is not None:
             try:
-                request_zone(client, start, length)
-            except DeviceError:
+                request_zone(self._irq, start, length)
+            except HostRefused:
                 self.registry.unregister(Bus.MMIO, start, self.owner)
                 raise
-            self._zones.add(start)
+        self.coalesced[(Space.MMIO, start)] = length
 
     def release(self, space: Space, start: int) -> None:
-        """Unregister the region (and drop its coalesced zone, if any)."""
-        if Space(space) == Space.MMIO and start in self._zones:
-            self._zones.discard(start)
-            remove_zone(self._irq_client(), start)
-        self.registry.unregister(Bus(int(space)), start, self.owner)
+        """Unregister the region (and have the VMM drop its zone, if any)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self._irq is not None:
+            remove_zone(self._irq, start)
+        try:
+            self.registry.unregister(Bus(int(space)), start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return self._pid
@@ -64,12 +87,13 @@ class RemoteHost:
 
     def _irq_client(self) -> IrqClient:
         if self._irq is None:
-            raise DeviceError("this device host has no interrupt channel")
+            raise NotOffered("this device host has no interrupt channel")
         return self._irq
 
     def irq_line(self, gsi: int) -> RemoteLine:
         """Asks the VMM for an irqfd on irqchip input ``gsi`` (raises
-        :class:`devserver.interrupts.IrqUnavailable` when refused)."""
+        :class:`devserver.interrupts.IrqUnavailable`, a HostRefused, when
+        refused)."""
         return RemoteLine(self._irq_client(), gsi)
 
     def msi_vector(self, index: int) -> RemoteMsi:
@@ -79,7 +103,7 @@ class RemoteHost:
     def guest_memory(self) -> GuestRam:
         """Guest RAM as mapped from the VMM's memory table."""
         if self._memory is None:
-            raise DeviceError("the VMM gave this device no guest memory")
+            raise NotOffered("the VMM gave this device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,

@@ -58,7 +58,8 @@ class CoalesceRefused(VmmError):
 
 class CoalescedMmio:
     """The zones of one VM and its ring (None when KVM has no coalesced
-    MMIO: every request is refused)."""
+    MMIO: a request is granted without a zone, the region stays plain --
+    what the guest sees is the same, only slower)."""
 
     @classmethod
     def for_vm(cls, kvm_fd: kvm.Kvm, vm: kvm.Vm, vcpu: kvm.Vcpu) -> CoalescedMmio:
@@ -91,8 +92,10 @@ class CoalescedMmio:
             limit: int = MAX_ZONES_PER_DEVICE) -> None:
         """Register ``[start, start + length)`` as a zone of ``owner``
         (raises :class:`CoalesceRefused`, changes nothing then)."""
-        if self.ring is None:
-            raise CoalesceRefused("KVM on this host has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
+        if self.ring is None:       # nothing to coalesce with: the region stays plain
+            log.debug("device %s: KVM has no coalesced MMIO; %#x+%#x stays a plain region", name,
+                      start, length)
+            return
         if type(start) is not int or type(length) is not int:
             raise CoalesceRefused(f"zone {start!r}+{length!r}: not integers")
         if not 0 < length <= MAX_ZONE_LENGTH or not 0 <= start < U64_END - length:

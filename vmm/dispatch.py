@@ -35,19 +35,19 @@ import logging
 import threading
 from typing import Callable, Mapping
 
+from devices.base import all_ones
 from ipc import Bus, LockTimeout, Reference, Registry, RegistryError
 from ipc.registry import CApi
 from vmm.coalesce import CoalescedMmio
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
 from vmm.outcome import Outcome
+from vmm.stats import AccessStats
 
 log = logging.getLogger(__name__)
 
 PIO = int(Bus.PIO)
 MMIO = int(Bus.MMIO)
-
-ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
 def registry_c_api(registry: Registry) -> CApi | None:
@@ -58,10 +58,6 @@ def registry_c_api(registry: Registry) -> CApi | None:
     except RegistryError as e:
         log.warning("no C fast path (registry C core not reachable: %s)", e)
         return None
-
-
-def all_ones(size: int) -> int:
-    return ONES.get(size) or (1 << (8 * size)) - 1
 
 
 class Dispatcher:
@@ -83,6 +79,11 @@ class Dispatcher:
         self.unclaimed = 0
         #: Deals with whoever holds the registry lock past a deadline.
         self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
+        #: Per-device counts and forwarding latency (vmm.stats); both exit
+        #: loops hand every access to its owner through ``stats.access``
+        #: (in :meth:`forward`), drained coalesced writes through
+        #: ``stats.access_batch``.
+        self.stats = AccessStats()
         #: The VM's coalesced-MMIO zones and ring (None: no coalescing).
         self.coalesced = coalesced
         #: The ring, when coalescing is possible at all, and its page in
@@ -136,7 +137,7 @@ class Dispatcher:
                 log.warning("%s access: region owner %d has no endpoint", Bus(bus).name, owner)
             return 0 if is_write else all_ones(size)
         try:
-            return endpoint.access(vcpu, bus, cookie, offset, size, is_write, value)
+            return self.stats.access(endpoint, vcpu, bus, cookie, offset, size, is_write, value)
         except DeviceFailed as e:
             self.fail(endpoint, e)
             return 0 if is_write else all_ones(size)
@@ -251,7 +252,7 @@ class Dispatcher:
             if endpoint is None or owner in self.failed:
                 return
             try:
-                endpoint.access_batch(vcpu, writes)
+                self.stats.access_batch(endpoint, vcpu, writes)
             except DeviceFailed as e:
                 self.fail(endpoint, e)
         finally:

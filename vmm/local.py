@@ -21,11 +21,12 @@ import logging
 import os
 from typing import Callable
 
-from devices.base import ConsoleFds, Device, DeviceError, Space
+from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space, all_ones)
 from devices.guestmem import GuestRam
-from ipc import Bus, Registry
-from vmm.endpoint import VMM_OWNER, DeviceFailed
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
+from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
 
@@ -35,7 +36,18 @@ _SPACES = {int(s): s for s in Space}
 _BUSES = {s: Bus(int(s)) for s in Space}
 
 
-class LocalHost:
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error (as devserver.host's)."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class LocalHost(DeviceHost):
     """DeviceHost of an inline model: the registry, with its owner id."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -49,44 +61,55 @@ class LocalHost:
         self.ioevents = ioevents
         #: The device's coalesced-MMIO zones (None: this host has none).
         self.zones = zones
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True`` (a zone each, when the host has zones).
+        self.coalesced: dict[tuple[Space, int], int] = {}
 
     def guest_memory(self) -> GuestRam:
         """The VMM's own mapping of guest RAM, bounds-checked."""
         if self._memory is None:
-            raise DeviceError("this host gives the device no guest memory")
+            raise NotOffered("this host gives the device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,
                   datamatch: int | None = None) -> LocalDoorbell:
         if self.ioevents is None:
-            raise DeviceError("this host has no ioeventfds")
+            raise NotOffered("this host has no ioeventfds")
         try:
             fd = self.ioevents.add(int(space), address, length, datamatch)
         except IoeventfdRefused as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
         return LocalDoorbell(self.ioevents, int(space), address, length, datamatch, fd)
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0, coalesce: bool = False) -> None:
-        """Register the region; with ``coalesce`` (MMIO only) also as a
-        KVM coalesced zone (vmm.coalesce), or neither."""
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) also as a KVM
+        coalesced zone (vmm.coalesce) -- a plain region on a host without
+        zones -- or neither when the zone is refused."""
         if coalesce and Space(space) != Space.MMIO:
-            raise DeviceError(f"only MMIO regions can be coalesced, not {Space(space).name}")
-        if coalesce and self.zones is None:
-            raise DeviceError("this host has no coalesced MMIO")
-        self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
-        if coalesce:
-            assert self.zones is not None
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        try:
+            self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        if not coalesce:
+            return
+        if self.zones is not None:
             try:
                 self.zones.add(start, length)
             except CoalesceRefused as e:
                 self.registry.unregister(_BUSES[Space.MMIO], start, self.owner)
-                raise DeviceError(str(e)) from None
+                raise HostRefused(str(e)) from None
+        self.coalesced[(Space.MMIO, start)] = length
 
     def release(self, space: Space, start: int) -> None:
         """Unregister the region (and its coalesced zone, if it has one)."""
-        if self.zones is not None and Space(space) == Space.MMIO:
+        if self.coalesced.pop((Space(space), start), None) is not None and self.zones is not None:
             self.zones.remove(start)
-        self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        try:
+            self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return os.getpid()
@@ -97,14 +120,14 @@ class LocalHost:
 
     def _irqs(self) -> DeviceIrqs:
         if self.irqs is None:
-            raise DeviceError("this host has no interrupt controller")
+            raise NotOffered("this host has no interrupt controller")
         return self.irqs
 
     def irq_line(self, gsi: int) -> LocalLine:
         try:
             return LocalLine(self._irqs().pin(gsi))
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
 
     def msi_vector(self, index: int) -> LocalMsi:
         return LocalMsi(self._irqs(), index)
@@ -149,7 +172,7 @@ class LocalMsi:
         try:
             self._fd = self._irqs.program(self.index, address, data)
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
 
     def unprogram(self) -> None:
         self._fd = None
@@ -183,7 +206,8 @@ class LocalEndpoint:
                irq_router: IrqRouter | None = None, memory: GuestRam | None = None,
                coalesced: CoalescedMmio | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
-        regions (raises the model's BadParameter, the registry's errors).
+        regions (raises the model's BadParameter, the host's HostRefused
+        family -- devices.base.DeviceError both).
         ``irq_router``: where its interrupts go, and the VM its doorbells
         are bound in (None: it has neither); ``memory``: guest RAM;
         ``coalesced``: the VM's coalesced-MMIO zones (None: none)."""
@@ -269,7 +293,7 @@ class VmmHandlers:
                 write(vcpu, offset, size, value)
             return 0
         if read is None:
-            return (1 << (8 * size)) - 1
+            return all_ones(size)
         return read(vcpu, offset, size)
 
     def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:

@@ -1,6 +1,6 @@
 """Coalesced MMIO end to end on real KVM (guest: tests/guests/coalesce.c).
 
-A ``coalesce-sum`` device (devserver.testkinds) claims a coalesced MMIO
+A ``coalesce-sum`` device (tests.testkinds, named ``MODULE:CLASS``) claims a coalesced MMIO
 window; the guest (ring 3) writes 10,000 values to it and then reads the
 count, the sum and an order-sensitive hash of what the device received,
 checking them itself.  Inline and in a device process: every write
@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from devserver.testkinds import CoalesceSum, PciCoalesceSum
 from ipc import Bus
+from tests.testkinds import COALESCE_SUM, PCI_COALESCE_SUM
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm
-from vmm import config, guests
+from vmm import guests
 from vmm.coalesce import MAX_ZONES_PER_DEVICE, CoalesceRefused
 from vmm.config import DeviceSpec
 from vmm.endpoint import VMM_OWNER
@@ -40,25 +40,16 @@ N = 10_000
 RUN_TIMEOUT = 120
 
 
-@pytest.fixture(autouse=True)
-def coalesce_sum_kind(monkeypatch):
-    """coalesce-sum is test-only: device processes serve it under
-    SPLITVMM_TEST_KINDS=1, and inline placement finds it in the table."""
-    monkeypatch.setenv("SPLITVMM_TEST_KINDS", "1")
-    monkeypatch.setitem(config.DEVICE_TYPES, CoalesceSum.kind, CoalesceSum)
-    monkeypatch.setitem(config.DEVICE_TYPES, PciCoalesceSum.kind, PciCoalesceSum)
-
-
 def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 1,
         second: bool = False, fast_path: bool = True) -> dict:
     with Machine(memory=32 << 20, vcpus=vcpus, fast_path=fast_path) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
         m.load_pvh(guest("coalesce"), cmdline)
-        eps = [m.add_device(DeviceSpec("coalesce-sum", "sum0", placement,
+        eps = [m.add_device(DeviceSpec(COALESCE_SUM, "sum0", placement,
                                        (("mmio", hex(WIN)), ("coalesce", coalesce))))]
         if second:
-            eps.append(m.add_device(DeviceSpec("coalesce-sum", "sum1", placement,
+            eps.append(m.add_device(DeviceSpec(COALESCE_SUM, "sum1", placement,
                                                (("mmio", hex(WIN2)), ("coalesce", coalesce)))))
         outcome = m.run(timeout=RUN_TIMEOUT)
         assert all(getattr(ep, "failed", None) is None for ep in eps)
@@ -91,7 +82,7 @@ def test_the_zone_moves_with_a_reprogrammed_pci_bar(guest_cache, placement):
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
         m.load_pvh(image, f"n={N} moveto={PCI_MOVETO:#x}")
-        ep = m.add_device(DeviceSpec("pci-coalesce-sum", "psum0", placement, ()))
+        ep = m.add_device(DeviceSpec(PCI_COALESCE_SUM, "psum0", placement, ()))
         outcome = m.run(timeout=RUN_TIMEOUT)
         assert outcome.ending is Ending.POWER_OFF, str(outcome)
         assert getattr(ep, "failed", None) is None
@@ -159,7 +150,7 @@ def test_zones_of_a_device_process_go_when_it_dies(guest):
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
-        ep = m.add_device(DeviceSpec("coalesce-sum", "sum0", "isolated", (("mmio", hex(WIN)),)))
+        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),)))
         assert m.coalesced.zones() == [(WIN, WINDOW, ep.owner)]
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(30)
@@ -181,7 +172,7 @@ def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
-        victim = m.add_device(DeviceSpec("coalesce-sum", "sum0", "inline", (("mmio", hex(WIN)),)))
+        victim = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "inline", (("mmio", hex(WIN)),)))
         options = RemoteOptions(command=(sys.executable, fake, "zone-thief"), irq_router=m.irq,
                                 coalesced=m.coalesced)
         with RemoteEndpoint.spawn("echo", {}, 40, "thief", m.registry, 1, options) as thief:
@@ -195,7 +186,7 @@ def test_a_reset_device_process_asks_for_its_zone_again():
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
-        ep = m.add_device(DeviceSpec("coalesce-sum", "sum0", "isolated", (("mmio", hex(WIN)),)))
+        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),)))
         assert "coalesced-batch" in ep.features
         ep.reset()
         assert ep.failed is None

@@ -2,8 +2,8 @@
 
 One guest (``coalesce_guest.c``, **ring 3**) does N 8-byte MMIO writes to
 a coalesced window, then N to a plain window of the same device (the
-test-only ``coalesce-sum`` model of :mod:`devserver.testkinds`, one
-instance, both windows feeding one sum), each phase closed by a read that
+test-only ``coalesce-sum`` model, ``--device tests.testkinds:CoalesceSum``:
+run it from a source tree; one instance, both windows feeding one sum), each phase closed by a read that
 must see every write; the host timestamps marks around the phases.  The
 per-write cost of the two windows is measured in the same run, inline and
 in a device process, with the exits counted and the machine's load
@@ -22,9 +22,8 @@ import sys
 import tempfile
 import time
 
-from devserver.testkinds import CoalesceSum
 from ipc import Bus
-from vmm import config, guests, layout
+from vmm import guests, layout
 from vmm.config import DeviceSpec
 from vmm.machine import Machine
 
@@ -32,6 +31,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 WIN = 0xD000_0000
 PLAIN = 0xD000_1000
 MEMORY = 32 * layout.MiB
+#: The model (test-only, in the source tree's tests/).
+COALESCE_SUM = "tests.testkinds:CoalesceSum"
 
 
 def _samples(marks: list[tuple[int, int]], iters: int) -> tuple[list[float], list[float]]:
@@ -63,7 +64,7 @@ def run(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: 
             raise RuntimeError("KVM on this host has no coalesced MMIO")
         m.add_handler(Bus.PIO, layout.BENCH_MARK_PORT, 1, write=mark)
         m.load_pvh(image, cmdline)
-        m.add_device(DeviceSpec(CoalesceSum.kind, "sum0", placement,
+        m.add_device(DeviceSpec(COALESCE_SUM, "sum0", placement,
                                 (("mmio", hex(WIN)), ("plain", hex(PLAIN)))))
         outcome = m.run(timeout=timeout)
         if outcome.status != 0:
@@ -96,10 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=["inline", "inline_python", "isolated"])
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
     args = ap.parse_args(argv)
-    # coalesce-sum is a test-only kind: device processes serve it under
-    # SPLITVMM_TEST_KINDS=1, the inline placement finds it in the table.
-    os.environ["SPLITVMM_TEST_KINDS"] = "1"
-    config.DEVICE_TYPES.setdefault(CoalesceSum.kind, CoalesceSum)
     cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
     cache = pathlib.Path(args.cache or cache_ctx.name)   # type: ignore[union-attr]
     try:

@@ -1,11 +1,12 @@
 """TEST-ONLY device kinds: devices that misbehave on request.
 
-Not for anything but tests.  These kinds exist only in a device process
-whose environment has ``SPLITVMM_TEST_KINDS=1`` (see
-:mod:`devserver.kinds`); the VMM's ``--device`` parser does not know them
-(a test names one in a :class:`vmm.config.DeviceSpec` of its own).  They
-reach into the device-process runtime (its control socket, its registry
-mapping) through ``bind_test_server``, which no real device model has.
+Not for anything but tests.  They are models like a user's own, named
+``--device tests.testkinds:FaultEcho`` / ``tests.testkinds:IrqEcho``
+(:data:`FAULT_ECHO`, :data:`IRQ_ECHO`; :mod:`devices.kinds`), so they reach
+a device process the way any out-of-tree model does.  ``fault-echo``
+reaches into the device-process runtime (its control socket, its
+registry mapping), which no real model does: it finds the runtime of its
+process itself (:func:`_device_server`); the runtime has no test hooks.
 
 ``fault-echo``: the ``echo`` device (:mod:`devices.echo`, same parameters
 and registers) plus a fault register at offset 0xFC of either window:
@@ -55,26 +56,33 @@ offset  access  meaning
 Requests are made inside the handler of the write, as an MSI-X table
 write would make them.
 
-``coalesce-sum`` and ``pci-coalesce-sum``: add up what the guest writes to
-a coalesced MMIO window (a plain window, or a PCI BAR the guest moves),
-with an order-sensitive hash, for the coalesced-MMIO tests and benchmark
-(their class docstrings list the registers).
+``coalesce-sum`` and ``pci-coalesce-sum`` (:data:`COALESCE_SUM`,
+:data:`PCI_COALESCE_SUM`): add up what the guest writes to a coalesced
+MMIO window (a plain window, or a PCI BAR the guest moves), with an
+order-sensitive hash, for the coalesced-MMIO tests and benchmark (their
+class docstrings list the registers).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import struct
 import threading
 import time
 
-from devices.base import BadParameter, Device, DeviceError, DeviceHost, Space, parse_int
-from devices.echo import ECHO_COUNT, Echo, ones
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.echo import ECHO_COUNT, Echo
 from devices.pci import PciDevice
 from devices.pci_config import Bar, BarKind
-from ipc import RegistryError
 
 log = logging.getLogger(__name__)
+
+#: The ``--device`` TYPE of each kind.
+FAULT_ECHO = "tests.testkinds:FaultEcho"
+IRQ_ECHO = "tests.testkinds:IrqEcho"
+COALESCE_SUM = "tests.testkinds:CoalesceSum"
+PCI_COALESCE_SUM = "tests.testkinds:PciCoalesceSum"
 
 FAULT_REG = 0xFC
 FAULT_GARBAGE_FRAMING = 1
@@ -105,7 +113,6 @@ class FaultEcho(Echo):
         self.stall_ms = self._bounded(params.pop("stall_ms", "30000"), "stall_ms", 1, 600_000)
         self.hog_delay_ms = self._bounded(params.pop("hog_delay_ms", "50"), "hog_delay_ms", 0, 60_000)
         super().__init__(host, **params)
-        self._server = None
         self._hog: threading.Thread | None = None
 
     def _bounded(self, text: str, key: str, low: int, high: int) -> int:
@@ -114,16 +121,16 @@ class FaultEcho(Echo):
             raise BadParameter(f"{self.kind}: {key}={value} (expected {low} to {high})")
         return value
 
-    def bind_test_server(self, server) -> None:
-        """Called by the device-process runtime (devserver.runtime) with
-        itself: the control socket and the registry mapping to abuse."""
-        self._server = server
+    @property
+    def _server(self):
+        """The runtime of this device process (None inline)."""
+        return _device_server()
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         if offset != FAULT_REG:
             return super().read(space, cookie, offset, size)
         if size != 4:
-            return ones(size)
+            return all_ones(size)
         log.warning("test hook: stalling this read for %d ms", self.stall_ms)
         time.sleep(self.stall_ms / 1000)
         return super().read(space, cookie, ECHO_COUNT, 4)
@@ -204,7 +211,7 @@ class IrqEcho(Device):
     def stop(self) -> None:
         try:
             self.host.release(Space.PIO, self.pio)
-        except Exception as e:
+        except HostRefused as e:
             log.debug("irq-echo: release: %s", e)
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
@@ -212,7 +219,7 @@ class IrqEcho(Device):
             return self.refused
         if size == 4 and offset == IRQ_PID:
             return self.host.process_id()
-        return ones(size)
+        return all_ones(size)
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
         if size != 4:
@@ -220,7 +227,7 @@ class IrqEcho(Device):
         try:
             self._write(offset, value)
             self.refused = 0
-        except DeviceError as e:
+        except HostRefused as e:
             log.warning("irq-echo: request refused: %s", e)
             self.refused = 1
 
@@ -241,6 +248,15 @@ class IrqEcho(Device):
             self.vectors[value].trigger()
         elif offset == IRQ_MSI_UNPROGRAM and value in self.vectors:
             self.vectors.pop(value).unprogram()
+
+
+
+def _device_server():
+    """The :class:`devserver.runtime.DeviceServer` running in this process,
+    or None (an inline model)."""
+    from devserver.runtime import DeviceServer
+
+    return next((o for o in gc.get_objects() if isinstance(o, DeviceServer)), None)
 
 
 SUM_WINDOW = 0x1000
@@ -275,7 +291,7 @@ class _Sums:
     def read(self, offset: int, size: int, pid: int) -> int:
         value = {SUM_COUNT: self.count, SUM_TOTAL: self.total, SUM_HASH: self.hash,
                  SUM_PID: pid}.get(offset, 0)
-        return value & ((1 << (8 * size)) - 1)
+        return value & all_ones(size)
 
 
 class CoalesceSum(Device):
@@ -333,7 +349,7 @@ class CoalesceSum(Device):
             self.host.release(Space.MMIO, self.base)
             try:
                 self.host.claim(Space.MMIO, value, SUM_WINDOW, 0, coalesce=self.coalesce)
-            except (DeviceError, ValueError, RegistryError) as e:
+            except HostRefused as e:
                 log.warning("coalesce-sum: cannot move to %#x: %s; staying at %#x", value, e, self.base)
                 self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
                 return
@@ -344,7 +360,7 @@ class CoalesceSum(Device):
             if start is not None:
                 try:
                     self.host.release(Space.MMIO, start)
-                except (DeviceError, RegistryError):
+                except HostRefused:    # reaped already (the VMM cut us off)
                     pass
 
 
@@ -371,8 +387,3 @@ class PciCoalesceSum(PciDevice):
             self.sums.add(value)
         elif offset == SUM_RESET:
             self.sums.reset()
-
-
-#: kind -> class, added to devserver.kinds.KINDS under SPLITVMM_TEST_KINDS=1.
-TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho, CoalesceSum.kind: CoalesceSum,
-              PciCoalesceSum.kind: PciCoalesceSum}
