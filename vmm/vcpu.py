@@ -89,7 +89,16 @@ class VcpuThread:
     # -- control, from other threads ---------------------------------
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the thread; :attr:`alive` is True from here on until the
+        thread ends (not only once the thread got to run)."""
+        with self._cond:
+            self._alive = True
+        try:
+            self.thread.start()
+        except BaseException:
+            with self._cond:
+                self._alive = False
+            raise
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon (no-op once the thread ended)."""
@@ -152,7 +161,6 @@ class VcpuThread:
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_VCPU)
         with self._cond:
             self._ident = threading.get_ident()
-            self._alive = True
         try:
             if self.fast is not None:
                 self._loop_fast()
