@@ -1,6 +1,6 @@
 /* Coalesced MMIO: many writes to a coalesced window, then reads that must
  * see every one of them, in order (the coalesce-sum test device,
- * devserver/testkinds.py).
+ * tests/testkinds.py).
  *
  * Command line: win=ADDR (the device's coalesced window), n=N (writes per
  * phase, default 10000), moveto=ADDR (optional: then move the window

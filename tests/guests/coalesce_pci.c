@@ -1,5 +1,5 @@
 /* Coalesced MMIO behind a PCI BAR that the guest moves (the
- * pci-coalesce-sum test device, devserver/testkinds.py).
+ * pci-coalesce-sum test device, tests/testkinds.py).
  *
  * Command line: n=N (writes per phase, default 10000), moveto=ADDR (where
  * BAR 0 goes after the first phase).  Ends with status 0 (power off)
