@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import msgpack
 
@@ -415,8 +415,8 @@ MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, DeviceConfig, SetRegistry, SetSlots, SetMemTable,
                         Start, Ready, Reset, ResetDone, Shutdown, Error)
 }
-_CONFIG = (DeviceConfig, SetRegistry, SetSlots, SetMemTable)
-_REQUIRED_CONFIG = frozenset({DeviceConfig, SetRegistry, SetSlots})
+_CONFIG: tuple[type[Message], ...] = (DeviceConfig, SetRegistry, SetSlots, SetMemTable)
+_REQUIRED_CONFIG: frozenset[type[Message]] = frozenset({DeviceConfig, SetRegistry, SetSlots})
 
 S = State
 #: (state, message type) -> next state.  The sender of each type is fixed
@@ -824,7 +824,7 @@ class Connection:
             self._fds.clear()
             raise
 
-    def _fail(self, why: str):
+    def _fail(self, why: str) -> NoReturn:
         raise RemoteProtocolError(why)
 
     def _next(self) -> Message | ConnectionClosed | _NeedData:

@@ -164,6 +164,8 @@ class Reference:
     offset: int
     generation: int
     slot: int
+    #: The handle it is to be put to; None once put.
+    _registry: Registry | None
 
     def __enter__(self) -> Reference:
         return self
@@ -192,9 +194,12 @@ _tls = threading.local()
 _get = lib.svm_reg_get
 _put = lib.svm_reg_put
 _ENOTFOUND = lib.SVM_ENOTFOUND
-# struct svm_ref: start, length, owner, cookie, generation, offset, slot
-_unpack_ref = struct.Struct("=7Q").unpack_from
-assert _unpack_ref.__self__.size == ffi.sizeof("struct svm_ref")
+# struct svm_ref, read as seven u64 in this order (checked field by field).
+_REF_FIELDS = ("start", "length", "owner", "cookie", "generation", "offset", "slot")
+_REF = struct.Struct("=7Q")
+_unpack_ref = _REF.unpack_from
+assert _REF.size == ffi.sizeof("struct svm_ref")
+assert all(ffi.offsetof("struct svm_ref", f) == 8 * i for i, f in enumerate(_REF_FIELDS))
 
 
 def _holder_pid(tid: int) -> int | None:
