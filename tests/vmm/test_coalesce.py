@@ -105,6 +105,14 @@ def test_two_vcpus_share_the_ring(guest, placement):
     assert sum(r["exits"]) < 2 * N / 10, r
 
 
+@pytest.mark.parametrize("placement", ["inline", "isolated"])
+def test_two_vcpus_write_one_window_at_once(guest, placement):
+    r = run(guest, placement, f"win={WIN:#x} n={N} shared=1", vcpus=2)
+    assert r["outcome"].ending is Ending.POWER_OFF, str(r["outcome"])
+    assert sum(r["exits"]) < 2 * N / 10, r
+    assert r["delivered"] >= 2 * N - sum(r["exits"]), r
+
+
 def test_zone_requests_are_validated():
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
