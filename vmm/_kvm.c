@@ -114,7 +114,7 @@ int svmm_coalesced_pending(void *ring)
     return __atomic_load_n(&r->first, __ATOMIC_RELAXED) != __atomic_load_n(&r->last, __ATOMIC_ACQUIRE);
 }
 
-int svmm_coalesced_take(void *ring, struct kvm_coalesced_mmio *out, unsigned n)
+int svmm_coalesced_take(void *ring, uint64_t *out, unsigned n)
 {
     struct kvm_coalesced_mmio_ring *r = ring;
     uint32_t first = __atomic_load_n(&r->first, __ATOMIC_RELAXED);
@@ -126,7 +126,16 @@ int svmm_coalesced_take(void *ring, struct kvm_coalesced_mmio *out, unsigned n)
         return -1;
     }
     while (first != last && got < n) {
-        out[got++] = r->coalesced_mmio[first];
+        const struct kvm_coalesced_mmio *e = &r->coalesced_mmio[first];
+        uint32_t len = e->len;
+        if (len == 1 || len == 2 || len == 4 || len == 8) {
+            uint64_t value = 0;
+            memcpy(&value, e->data, len);              /* x86: little-endian */
+            out[3 * got] = e->phys_addr;
+            out[3 * got + 1] = len;
+            out[3 * got + 2] = value;
+            got++;
+        }
         first = (first + 1) % SVMM_COALESCED_MAX;
     }
     /* The entries are copied before KVM may reuse them. */

@@ -332,21 +332,17 @@ struct kvm_coalesced_mmio_zone {
     ...;
 };
 
-struct kvm_coalesced_mmio {
-    uint64_t phys_addr;
-    uint32_t len;
-    uint8_t data[8];
-    ...;
-};
-
 /* Entries of one ring page (KVM_COALESCED_MMIO_MAX for 4 KiB pages). */
 #define SVMM_COALESCED_MAX ...
 /* The page size the ring's capacity assumes. */
 #define SVMM_COALESCED_PAGE ...
 
 /* Copy up to n queued writes out of the ring (oldest first) and hand
- * their entries back to KVM; returns how many were copied.  A ring whose
- * indices are out of range is reset (first = last) and -1 returned. */
-int svmm_coalesced_take(void *ring, struct kvm_coalesced_mmio *out, unsigned n);
+ * their entries back to KVM; returns how many were copied.  Each write
+ * becomes three u64 in out: guest-physical address, length, value (the
+ * length's bytes of data, little-endian, zero-extended); entries of a
+ * length other than 1, 2, 4 or 8 are skipped.  A ring whose indices are
+ * out of range is reset (first = last) and -1 returned. */
+int svmm_coalesced_take(void *ring, uint64_t *out, unsigned n);
 /* 1 when the ring holds at least one write. */
 int svmm_coalesced_pending(void *ring);

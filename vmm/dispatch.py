@@ -170,15 +170,21 @@ class Dispatcher:
         return False
 
     def _put_ref(self, vcpu: int, ref: Reference) -> None:
-        attempt = 0
-        while True:
+        try:
+            self._put(ref)
+        except RegistryError as e:
+            self._put_failed(vcpu, ref, e)
+
+    def _put_failed(self, vcpu: int, ref: Reference, error: RegistryError) -> None:
+        """Deal with a put that failed and put again while that is worth it."""
+        attempt = 1
+        while self.put_timed_out(vcpu, ref.slot, error, attempt):
             try:
                 self._put(ref)
                 return
             except RegistryError as e:
+                error = e
                 attempt += 1
-                if not self.put_timed_out(vcpu, ref.slot, e, attempt):
-                    return
 
     # -- coalesced MMIO -------------------------------------------------------
 
@@ -241,8 +247,7 @@ class Dispatcher:
                 self._forward_batch(vcpu, owner, run, refs)
                 refs = []
         finally:
-            for ref in refs:
-                self._put_ref(vcpu, ref)
+            self._put_refs(vcpu, refs)
 
     def _forward_batch(self, vcpu: int, owner: int, writes: list[tuple[int, int, int, int, int]],
                        refs: list[Reference]) -> None:
@@ -256,8 +261,15 @@ class Dispatcher:
             except DeviceFailed as e:
                 self.fail(endpoint, e)
         finally:
-            for ref in refs:
-                self._put_ref(vcpu, ref)
+            self._put_refs(vcpu, refs)
+
+    def _put_refs(self, vcpu: int, refs: list[Reference]) -> None:
+        put = self._put
+        for ref in refs:
+            try:
+                put(ref)
+            except RegistryError as e:
+                self._put_failed(vcpu, ref, e)
 
     # -- failures -------------------------------------------------------------
 

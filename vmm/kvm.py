@@ -444,7 +444,8 @@ class CoalescedRing:
 
     def __init__(self, address):
         self.address = address
-        self._buf = ffi.new("struct kvm_coalesced_mmio[]", COALESCED_MAX)
+        self._buf = ffi.new("uint64_t[]", 3 * COALESCED_MAX)
+        self._view = memoryview(ffi.buffer(self._buf)).cast("Q")
         self._take = lib.svmm_coalesced_take
         self._pending = lib.svmm_coalesced_pending
 
@@ -456,17 +457,11 @@ class CoalescedRing:
         Entries of a length other than 1, 2, 4 or 8 are dropped (KVM
         never queues them); a ring with indices out of range is reset and
         raises :class:`KvmError`."""
-        buf = self._buf
-        n = self._take(self.address, buf, COALESCED_MAX)
+        n = self._take(self.address, self._buf, COALESCED_MAX)
         if n < 0:
             raise KvmError("coalesced-MMIO ring indices out of range; ring reset", errno.EIO)
-        out = []
-        for i in range(n):
-            e = buf[i]
-            size = e.len
-            if size in (1, 2, 4, 8):
-                out.append((e.phys_addr, size, int.from_bytes(ffi.buffer(e.data, size), "little")))
-        return out
+        flat = self._view[:3 * n].tolist()
+        return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
 
 
 class FastPath:
