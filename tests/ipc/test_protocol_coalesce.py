@@ -61,5 +61,10 @@ def test_malformed_remove_is_refused():
 
 
 def test_ipc_errors_share_one_base():
-    for family in (RegistryError, SlotError, ProtocolError, RemoteProtocolError):
+    from ipc.batch import BatchError
+    from ipc.inflight import InflightError
+    from ipc.state import StateError
+
+    for family in (RegistryError, SlotError, ProtocolError, RemoteProtocolError, BatchError, InflightError,
+                   StateError):
         assert issubclass(family, IpcError)
