@@ -135,18 +135,51 @@ def test_restored_queue_reports_to_the_inflight_hook(registry, guarded):
         def pushed(self, queue, head, used_idx):
             seen.append(("pushed", queue, head, used_idx))
 
-        def reset(self, queue):
-            seen.append(("reset", queue))
+        def enabled(self, queue, size):
+            seen.append(("enabled", queue, size))
 
     new = VirtioRng(KeptHost(registry, memory=ram), **RNG)
     new.queues[0].inflight = Record()
     resume(new, state)
     rng_request(ram, 5)
     notify(new)
-    assert seen == [("popped", 0, 5, 4), ("pushed", 0, 5, 4)]
-    common_w(new, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)
-    assert seen[-1] == ("reset", 0)
+    assert seen == [("popped", 0, 5, 4), ("pushed", 0, 5, 4)]     # the record follows the ring
+    common_w(new, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)          # reset, then a driver sets it up again
+    ready(new)
+    assert seen[2] == ("enabled", 0, 8)
     new.stop()
+
+
+def test_requests_in_flight_are_served_again_first(registry, guarded):
+    ram = guarded.ram
+    _, old = rng_in_use(registry, guarded)
+    state = old.snapshot()
+    old.doorbells.stop()
+    # The dead process had taken head 3 and not returned it (the record
+    # says so); the driver then made head 4 available.
+    rng_request(ram, 3)
+    rng_request(ram, 4)
+    new = VirtioRng(KeptHost(registry, memory=ram), **RNG)
+    new.restore(state)
+    new.resume_inflight(0, [3], last_avail=4, used_idx=3)
+    new.start()
+    assert used(ram)[0] == 5 and used(ram)[1][3:] == [(3, 32), (4, 32)]
+    new.stop()
+
+
+@pytest.mark.parametrize("heads, last_avail, used_idx", [
+    ([8], 4, 3), ([1, 1], 5, 3), ([1], 5, 3), ([True], 4, 3), ([1], 1 << 16, 3), (list(range(9)), 12, 3)])
+def test_inflight_that_does_not_fit_is_refused(registry, guarded, heads, last_avail, used_idx):
+    _, old = rng_in_use(registry, guarded)
+    state = old.snapshot()
+    old.stop()
+    new = VirtioRng(KeptHost(registry, owner=9, memory=guarded.ram), **RNG)
+    new.restore(state)
+    with pytest.raises(BadState):
+        new.resume_inflight(0, heads, last_avail, used_idx)
+    assert new.queues[0].resubmit == [] and new.queues[0].last_avail == 3
+    with pytest.raises(BadState):
+        new.resume_inflight(1, [], 3, 3)                    # no such queue
 
 
 def test_rng_hostile_snapshots(registry, guarded):
