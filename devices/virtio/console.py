@@ -17,7 +17,9 @@ Receive: a reader thread takes input as it comes and fills the buffers the
 driver made available on receiveq0; at most :data:`RX_PENDING` bytes wait
 for buffers, and the input is not read further until they are taken
 (back-pressure, nothing lost); input that arrived before the driver is
-ready -- or across a device reset -- waits for it.
+ready -- or across a device reset -- waits for it.  A restarted device
+(snapshot and restore, devices.base) keeps that input; a socket client
+connects again to the new process.
 """
 
 from __future__ import annotations
