@@ -8,11 +8,14 @@ is kept.  Hostile snapshots are refused with BadState."""
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devices import pci_config as cfg
 from devices.base import BadState, ConsoleFds, Space, resume
@@ -437,3 +440,62 @@ def test_console_hostile_device_state(registry, guarded):
         s = {**state, "model": {**state["model"], "device": bad}}
         with pytest.raises(BadState):
             VirtioConsole(KeptHost(registry, owner=9, memory=guarded.ram), slot="5").restore(s)
+
+
+# -- anything restore accepts is safe to run ------------------------------------
+
+def _leaves(value, path=()):
+    if type(value) is dict:
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif type(value) is list:
+        for i, v in enumerate(value):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_values_are_refused_or_safe(registry, guarded, data):
+    """Random values of the right types in random fields of a real
+    snapshot: restore refuses them (BadState) or the model starts, serves
+    every register and a request, and stops -- never another error."""
+    global _RNG_STATE
+    if _RNG_STATE is None:
+        _, old = rng_in_use(registry, guarded)
+        _RNG_STATE = old.snapshot()
+        old.stop()
+    state = copy.deepcopy(_RNG_STATE)
+    leaves = list(_leaves(state))
+    for path, value in data.draw(st.lists(st.sampled_from(leaves), min_size=1, max_size=6)):
+        if type(value) is bool:
+            new = data.draw(st.booleans())
+        elif type(value) is int:
+            new = data.draw(st.one_of(st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.integers(0, (1 << 64) - 1)))
+        elif type(value) is bytes:
+            new = data.draw(st.binary(min_size=len(value), max_size=len(value)))
+        else:
+            continue
+        parent = state
+        for p in path[:-1]:
+            parent = parent[p]
+        parent[path[-1]] = new
+    dev = VirtioRng(KeptHost(registry, owner=11, memory=guarded.ram), **RNG)
+    try:
+        dev.restore(state)
+    except BadState:
+        return
+    try:
+        dev.start()
+        common_view(dev)
+        rng_request(guarded.ram, 6)
+        notify(dev)
+    finally:
+        dev.stop()
+        for r in registry.regions():
+            if r.owner == 11:
+                registry.unregister(r.bus, r.start, r.owner)
+
+
+_RNG_STATE: dict | None = None
