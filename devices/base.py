@@ -302,7 +302,10 @@ class Device(abc.ABC):
       the work a doorbell may have announced while it was down (a
       virtio queue).  After ``start``, :func:`resume` releases what the
       dead process held and the state does not
-      (:meth:`DeviceHost.release_unadopted`).
+      (:meth:`DeviceHost.release_unadopted`).  Anything a runtime adds
+      from its own records goes between ``restore`` and ``start`` (the
+      virtqueues' in-flight requests:
+      :meth:`devices.virtio.core.VirtioCore.resume_inflight`).
 
     A model that does not implement the pair raises :class:`NoSnapshot`
     (the default): it can only be started again from power-on.
