@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 
 from ipc.protocol import MemRegion, SetConsole
+from vmm.coalesce import CoalescedMmio
 from vmm.irq import IrqRouter
 
 __all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
@@ -64,6 +65,9 @@ class RemoteOptions:
     sandbox: str = "strict"
     #: What its seccomp filter does with a call outside the allowlist.
     seccomp: str = "kill"
+    #: The VM's coalesced-MMIO zones, of which the device may ask for some
+    #: inside its own regions (None: it gets none, its requests are refused).
+    coalesced: CoalescedMmio | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.poll_us, int) or self.poll_us < 0:
