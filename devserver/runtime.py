@@ -206,6 +206,7 @@ class DeviceServer:
         except sandbox.SandboxError as e:
             raise StartFailed(str(e)) from None
         if self.sandbox.pid_namespace:
+            _name_filter.pid = self.sandbox.host_pid
             self._parent = 0    # our parent is the reaper, outside; we die with it (devserver.sandbox.namespaces)
         if self.sandbox.layers:
             log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
@@ -411,9 +412,14 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
+    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
+    #: pid namespace); 0: the process's own.
+    pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.device = self.name_
+        if self.pid:
+            record.process = self.pid
         return True
 
 
