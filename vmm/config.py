@@ -94,6 +94,9 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     placement = params.pop("process", DEFAULT_PLACEMENT)
     if placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    if placement == "inline" and ("sandbox" in params or "seccomp" in params):
+        raise ConfigError(f"device spec {text!r}: sandbox= and seccomp= are for process=isolated "
+                          "(an inline model runs in the VMM)")
     sandbox = params.pop("sandbox", "strict")
     if sandbox not in SANDBOX_MODES:
         raise ConfigError(f"device spec {text!r}: sandbox={sandbox!r} (expected strict, auto or off)")

@@ -24,6 +24,7 @@ def test_every_type_takes_them_and_the_model_never_sees_them(kind):
 @pytest.mark.parametrize("text, message", [
     ("echo,pio=0x5000,sandbox=lax", "sandbox='lax' (expected strict, auto or off)"),
     ("echo,pio=0x5000,seccomp=allow", "seccomp='allow' (expected kill, trap or log)"),
+    ("echo,pio=0x5000,process=inline,sandbox=strict", "sandbox= and seccomp= are for process=isolated"),
 ])
 def test_a_bad_value_is_one_clear_error(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
