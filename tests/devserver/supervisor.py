@@ -1,0 +1,111 @@
+"""TEST-ONLY: what a socket unit with ``Restart=on-failure`` does, without
+systemd (never started on the development machines).
+
+    python supervisor.py --listen PATH [--restart on-failure|always|no] -- COMMAND...
+
+Binds ``PATH`` (``AF_UNIX SOCK_SEQPACKET``, as ``ListenSequentialPacket=``)
+and keeps it for its whole life, like the socket unit.  Starts ``COMMAND``
+with the socket as descriptor 3 and ``LISTEN_FDS=1``, ``LISTEN_PID`` (the
+child's own pid: set between fork and exec), ``LISTEN_FDNAMES=control``;
+when the child dies it starts it again, per ``--restart`` with systemd's
+meaning (``on-failure``: a non-zero status or a signal other than the clean
+SIGHUP/SIGINT/SIGTERM/SIGPIPE).  Connections that arrive while no child
+runs wait in the socket's backlog, as they do behind a socket unit.
+
+Each event is one line on stdout, flushed: ``started PID``, ``exited PID
+status N`` or ``exited PID signal NAME``, ``stopped``.  SIGTERM stops the
+child (SIGTERM, then SIGKILL after 5 s) and the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
+stopping = False
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def start(sock: socket.socket, command: list[str]) -> int:
+    pid = os.fork()
+    if pid == 0:                    # the child: nothing but set-up, then exec
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.dup2(sock.fileno(), 3, inheritable=True)
+            env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="control")
+            os.execvpe(command[0], command, env)
+        finally:
+            os._exit(127)
+    say(f"started {pid}")
+    return pid
+
+
+def restart_wanted(policy: str, status: int) -> bool:
+    if policy == "always":
+        return True
+    if policy == "no":
+        return False
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status) not in CLEAN_SIGNALS
+    return os.WEXITSTATUS(status) != 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--listen", required=True)
+    ap.add_argument("--restart", default="on-failure", choices=["on-failure", "always", "no"])
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(args.listen)
+    os.chmod(args.listen, 0o600)
+    sock.listen(8)
+    child = 0
+
+    def on_term(signo, frame):
+        global stopping
+        stopping = True
+        if child:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_term)
+    while not stopping:
+        child = start(sock, command)
+        pidfd = os.pidfd_open(child)
+        deadline = None
+        while not select.select([pidfd], [], [], 0.2)[0]:
+            if stopping and deadline is None:
+                deadline = time.monotonic() + 5
+            if deadline is not None and time.monotonic() > deadline:
+                os.kill(child, signal.SIGKILL)
+        os.close(pidfd)
+        _, status = os.waitpid(child, 0)
+        if os.WIFSIGNALED(status):
+            say(f"exited {child} signal {signal.Signals(os.WTERMSIG(status)).name}")
+        else:
+            say(f"exited {child} status {os.WEXITSTATUS(status)}")
+        child = 0
+        if not restart_wanted(args.restart, status):
+            break
+    sock.close()
+    os.unlink(args.listen)
+    say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
