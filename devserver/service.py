@@ -43,7 +43,6 @@ import logging
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ from devserver.kinds import KINDS, model_class
 from devserver.notify import Notifier, Watchdog, watchdog_interval
 from devserver.runtime import DeviceServer, StartFailed, configure_logging, set_log_name
 from ipc.protocol import FEATURES, PROTOCOL_VERSION, DeviceConfig, Error, Hello, Role
-from ipc.transport import Channel, ChannelTimeout
+from ipc.transport import Channel, ChannelTimeout, peer_credentials
 
 __all__ = ["ServiceSpec", "SpecError", "DeviceService", "parse_spec", "capabilities", "main"]
 
@@ -127,12 +126,8 @@ def capabilities() -> dict:
 
 
 def peer_pid(sock: socket.socket) -> int:
-    """The pid of the process at the other end (SO_PEERCRED; 0 if unknown)."""
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    except OSError:
-        return 0
-    return pid
+    """The pid of the VMM that connected (SO_PEERCRED; 0 if unknown)."""
+    return peer_credentials(sock)[0]
 
 
 class DeviceService:

@@ -19,13 +19,14 @@ import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 
 from ipc.protocol import (MAX_FDS, MAX_FRAME, NEED_DATA, Connection, ConnectionClosed, Message,
                           ProtocolError, RemoteProtocolError, Role)
 
-__all__ = ["Channel", "ChannelTimeout", "ChannelClosed", "socketpair"]
+__all__ = ["Channel", "ChannelTimeout", "ChannelClosed", "socketpair", "peer_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair for one control connection (both close-on-exec;
     pass one end to the child with ``pass_fds``)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` the kernel recorded for the other end of a
+    connected ``AF_UNIX`` socket (SO_PEERCRED, ``man 7 unix``): on an
+    accepted socket, the process that connected; on a connecting one, the
+    process that called listen() -- under socket activation, the service
+    manager.  ``(0, -1, -1)`` when unknown."""
+    try:
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return (0, -1, -1)
 
 
 def close_fds(fds) -> None:

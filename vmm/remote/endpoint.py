@@ -80,6 +80,8 @@ class RemoteEndpoint:
         #: The pid the device reported in Ready (differs under a sandbox
         #: launcher with its own pid namespace).
         self.reported_pid = 0
+        #: The service socket it was reached at (``connect=PATH``), or None.
+        self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
         self.access_timeout = access_timeout
         self._channel = channel
@@ -199,7 +201,8 @@ class RemoteEndpoint:
             agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text)
         except StartError as e:
             reason = str(e)
-            log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
+            # The caller reports the DeviceFailed (one line); this is detail.
+            log.info("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
             ep._failure = f"failed to start: {reason}"
             ep._teardown()
             raise DeviceFailed(f"device {ep.name}: {reason}") from None
