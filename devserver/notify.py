@@ -15,7 +15,8 @@ Without ``$NOTIFY_SOCKET`` every call does nothing, so the same code runs
 under systemd, under ``systemd-socket-activate`` and by hand.  A failed
 send is logged once and never raised: the manager's troubles must not stop
 a device from serving its VM (a lost keep-alive is then judged by the
-manager, as it would judge a hung device).
+manager, as it would judge a hung device).  Sends never block: a
+datagram the manager's full queue has no room for is dropped.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ __all__ = ["Notifier", "Watchdog", "watchdog_interval", "notify_address"]
 
 log = logging.getLogger(__name__)
 
-#: How long one send may block on a full manager queue.
-SEND_TIMEOUT = 1.0
 #: STATUS= text is cut to this many characters (systemd shows one line).
 MAX_STATUS = 200
 
@@ -83,7 +82,9 @@ class Notifier:
         self._warned = False
         if address is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.settimeout(SEND_TIMEOUT)
+            # Never wait: the keep-alives are sent from the loop that serves
+            # the VM, and a manager whose queue is full must not stall it.
+            sock.setblocking(False)
             self._sock = sock
 
     @classmethod

@@ -111,6 +111,7 @@ class DeviceServer:
             except StartFailed as e:
                 log.error("cannot start: %s", e)
                 self._send(Error(str(e)[:1000] or "device failed to start"))
+                self._drain()
                 return EXIT_START_FAILED
             except (RemoteProtocolError, ChannelTimeout, EOFError) as e:
                 log.error("handshake with the VMM failed: %s", e)
@@ -130,6 +131,21 @@ class DeviceServer:
                 self.channel.send(msg)
             except OSError as e:
                 log.info("cannot send %s to the VMM: %s", msg.TYPE, e)
+
+    def _drain(self, timeout: float = 2.0) -> None:
+        """After an Error: take what the VMM still sends until it hangs up
+        (or ``timeout``), so it reads the Error before it sees the end of
+        the stream (closing with its messages unread would reset the
+        connection, which the VMM may see first)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(left)
+            except (ChannelTimeout, RemoteProtocolError, OSError):
+                return
+            if isinstance(msg, ConnectionClosed):
+                return
+            close_fds(msg.fds())
 
     # -- handshake -----------------------------------------------------------
 

@@ -155,20 +155,23 @@ class DeviceService:
 
     # -- what the manager sees --------------------------------------------
 
+    def session_served(self) -> int:
+        """Accesses served to the VM being served (0 between VMs)."""
+        server = self._server
+        if server is None or server.slots is None:
+            return 0
+        try:
+            return server.slots.device_stats().served
+        except Exception:  # closed under us: counted at teardown
+            return 0
+
     def served(self) -> int:
         """Accesses served, in every session so far (this one included)."""
-        server = self._server
-        live = 0
-        if server is not None and server.slots is not None:
-            try:
-                live = server.slots.device_stats().served
-            except Exception:  # closed under us: counted at teardown
-                live = 0
-        return self.served_before + live
+        return self.served_before + self.session_served()
 
     def status_text(self) -> str:
         if self.serving:
-            return f"serving the VM of pid {self.vm_pid}; {self.served()} access(es) served"
+            return f"serving the VM of pid {self.vm_pid}; {self.session_served()} access(es) served"
         return f"listening on {self.listener.where}; {self.sessions} VM(s) served, {self.served()} access(es)"
 
     # -- the loop ----------------------------------------------------------
@@ -335,10 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("serve: %s", e)
         return EXIT_USAGE
     set_log_name(spec.kind)
-    # The watchdog is read before the activation variables are removed;
-    # both are for this process only (WATCHDOG_PID, LISTEN_PID).
+    # Both are for this process only (WATCHDOG_PID, LISTEN_PID).  The
+    # passed descriptors are taken before anything here opens one, so no
+    # socket of ours can land on fd 3 when the manager passed none.
     interval = watchdog_interval()
-    notifier = Notifier.from_environ()
     try:
         listener = activation.from_environ()
         if listener is not None and args.listen:
@@ -351,8 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             listener = activation.bind(args.listen)
     except ActivationError as e:
         log.error("serve: %s", e)
+        notifier = Notifier.from_environ()
         notifier.notify(STATUS=f"failed: {e}", ERRNO=22)
         return EXIT_NO_SOCKET
+    notifier = Notifier.from_environ()
     service = DeviceService(spec, listener, notifier, handshake_timeout=args.handshake_timeout,
                             busy_grace=args.busy_grace, watchdog=interval)
 

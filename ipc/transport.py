@@ -138,7 +138,11 @@ class Channel:
         except BlockingIOError:
             return
         except ConnectionResetError:
-            data, fds, flags = b"", [], 0
+            # The peer closed with packets of ours unread (man 7 unix): the
+            # kernel reports that once, ahead of what the peer sent before
+            # closing -- a refusal's Error, say.  That is still queued, and
+            # end of stream follows it.
+            return
         with self._conn_lock:
             self._parse(data, fds, flags)
 

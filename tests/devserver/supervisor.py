@@ -41,7 +41,10 @@ def start(sock: socket.socket, command: list[str]) -> int:
     if pid == 0:                    # the child: nothing but set-up, then exec
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.dup2(sock.fileno(), 3, inheritable=True)
+            if sock.fileno() == 3:
+                os.set_inheritable(3, True)     # dup2(3, 3) would leave close-on-exec set
+            else:
+                os.dup2(sock.fileno(), 3, inheritable=True)
             env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="control")
             os.execvpe(command[0], command, env)
         finally:

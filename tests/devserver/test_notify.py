@@ -85,3 +85,20 @@ def test_watchdog_pings_once_per_interval_with_the_status(tmp_path):
     finally:
         n.close()
         sink.close()
+
+
+def test_a_manager_that_does_not_read_never_stalls_the_sender(tmp_path):
+    """The keep-alives come from the loop that serves the VM: with the
+    manager's queue full, a send returns at once (dropped, logged once)."""
+    import time
+
+    sink = NotifySocket(tmp_path)          # never read
+    n = Notifier(sink.env_value)
+    try:
+        start = time.monotonic()
+        sent = [n.watchdog() for _ in range(5000)]
+        assert time.monotonic() - start < 5.0
+        assert sent[0] and not sent[-1]     # the queue filled up and the rest were dropped
+    finally:
+        n.close()
+        sink.close()
