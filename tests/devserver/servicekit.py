@@ -173,12 +173,14 @@ def serve_activated(spec: str, path: pathlib.Path, *args: str, env_pass: dict[st
 
 
 def supervised(spec: str, path: pathlib.Path, *args: str, restart: str = "on-failure",
-               env: dict[str, str] | None = None) -> Service:
+               env: dict[str, str] | None = None, watchdog_sec: float = 0.0) -> Service:
     """``devserver serve SPEC`` under the test supervisor (socket held, the
-    device re-executed with LISTEN_FDS when it dies); returns once the
-    first device process listens."""
-    svc = Service([sys.executable, str(SUPERVISOR), "--listen", str(path), "--restart", restart, "--",
-                   *DEVSERVER, "serve", spec, *args], env=env or service_env())
+    device re-executed with LISTEN_FDS when it dies; with ``watchdog_sec``
+    it is also the NOTIFY_SOCKET and kills a device whose pings stop);
+    returns once the first device process listens."""
+    watchdog = ["--watchdog-sec", str(watchdog_sec), "--notify", f"{path}.notify"] if watchdog_sec else []
+    svc = Service([sys.executable, str(SUPERVISOR), "--listen", str(path), "--restart", restart, *watchdog,
+                   "--", *DEVSERVER, "serve", spec, *args], env=env or service_env())
     svc.err.wait(lambda line: "listening on fd 3" in line, what="the supervised service listening")
     return svc
 

@@ -1,7 +1,9 @@
-"""TEST-ONLY: what a socket unit with ``Restart=on-failure`` does, without
-systemd (never started on the development machines).
+"""TEST-ONLY: what a socket unit with ``Restart=on-failure`` (and optionally
+``WatchdogSec=``) does, without systemd (never started on the development
+machines).
 
-    python supervisor.py --listen PATH [--restart on-failure|always|no] -- COMMAND...
+    python supervisor.py --listen PATH [--restart on-failure|always|no]
+                         [--watchdog-sec S --notify PATH] -- COMMAND...
 
 Binds ``PATH`` (``AF_UNIX SOCK_SEQPACKET``, as ``ListenSequentialPacket=``)
 and keeps it for its whole life, like the socket unit.  Starts ``COMMAND``
@@ -12,15 +14,24 @@ meaning (``on-failure``: a non-zero status or a signal other than the clean
 SIGHUP/SIGINT/SIGTERM/SIGPIPE).  Connections that arrive while no child
 runs wait in the socket's backlog, as they do behind a socket unit.
 
-Each event is one line on stdout, flushed: ``started PID``, ``exited PID
-status N`` or ``exited PID signal NAME``, ``stopped``.  SIGTERM stops the
-child (SIGTERM, then SIGKILL after 5 s) and the supervisor.
+With ``--watchdog-sec``, it also plays the manager's notification socket
+(bound at ``--notify PATH``, passed as ``NOTIFY_SOCKET`` with
+``WATCHDOG_USEC`` and ``WATCHDOG_PID``): each datagram is echoed as an
+event, and a child that sends no ``WATCHDOG=1`` for ``S`` seconds is
+killed with SIGABRT (systemd's ``WatchdogSignal=`` default) -- a failure,
+so it is restarted.
+
+Each event is one line on stdout, flushed: ``started PID``, ``notify PID
+KEY=VALUE;KEY=VALUE``, ``watchdog PID`` (timed out), ``exited PID status
+N`` or ``exited PID signal NAME``, ``stopped``.  SIGTERM stops the child
+(SIGTERM, then SIGKILL after 5 s) and the supervisor.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import signal
 import socket
@@ -36,16 +47,20 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-def start(sock: socket.socket, command: list[str]) -> int:
+def start(sock: socket.socket, command: list[str], extra_env: dict[str, str], watchdog: bool) -> int:
     pid = os.fork()
     if pid == 0:                    # the child: nothing but set-up, then exec
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))    # a watchdog SIGABRT leaves no core file
             if sock.fileno() == 3:
                 os.set_inheritable(3, True)     # dup2(3, 3) would leave close-on-exec set
             else:
                 os.dup2(sock.fileno(), 3, inheritable=True)
-            env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="control")
+            me = str(os.getpid())
+            env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=me, LISTEN_FDNAMES="control", **extra_env)
+            if watchdog:
+                env["WATCHDOG_PID"] = me
             os.execvpe(command[0], command, env)
         finally:
             os._exit(127)
@@ -67,6 +82,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--listen", required=True)
     ap.add_argument("--restart", default="on-failure", choices=["on-failure", "always", "no"])
+    ap.add_argument("--watchdog-sec", type=float, default=0.0)
+    ap.add_argument("--notify", help="where to bind the notification socket (with --watchdog-sec)")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -74,6 +91,12 @@ def main() -> int:
     sock.bind(args.listen)
     os.chmod(args.listen, 0o600)
     sock.listen(8)
+    notify = None
+    extra_env: dict[str, str] = {}
+    if args.watchdog_sec > 0:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(args.notify)
+        extra_env = {"NOTIFY_SOCKET": args.notify, "WATCHDOG_USEC": str(int(args.watchdog_sec * 1e6))}
     child = 0
 
     def on_term(signo, frame):
@@ -87,13 +110,29 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     while not stopping:
-        child = start(sock, command)
+        child = start(sock, command, extra_env, notify is not None)
         pidfd = os.pidfd_open(child)
-        deadline = None
-        while not select.select([pidfd], [], [], 0.2)[0]:
-            if stopping and deadline is None:
-                deadline = time.monotonic() + 5
-            if deadline is not None and time.monotonic() > deadline:
+        kill_at = None
+        watchdog_at = time.monotonic() + args.watchdog_sec if notify is not None else None
+        watched = [pidfd] + ([notify] if notify is not None else [])
+        while True:
+            ready = select.select(watched, [], [], 0.1)[0]
+            if pidfd in ready:
+                break
+            if notify is not None and notify in ready:
+                data = notify.recv(4096).decode(errors="replace")
+                fields = [line for line in data.split("\n") if line]
+                say(f"notify {child} " + ";".join(fields))
+                if "WATCHDOG=1" in fields:
+                    watchdog_at = time.monotonic() + args.watchdog_sec
+            now = time.monotonic()
+            if watchdog_at is not None and now > watchdog_at:
+                say(f"watchdog {child}")
+                os.kill(child, signal.SIGABRT)
+                watchdog_at = None
+            if stopping and kill_at is None:
+                kill_at = now + 5
+            if kill_at is not None and now > kill_at:
                 os.kill(child, signal.SIGKILL)
         os.close(pidfd)
         _, status = os.waitpid(child, 0)
@@ -106,6 +145,9 @@ def main() -> int:
             break
     sock.close()
     os.unlink(args.listen)
+    if notify is not None:
+        notify.close()
+        os.unlink(args.notify)
     say("stopped")
     return 0
 

@@ -32,6 +32,7 @@ from tests.devserver.servicekit import (NotifySocket, connect, needs_socket_acti
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm, vmm_run
 from vmm import guests
 from vmm.config import parse_device_spec
+from vmm.endpoint import DeviceFailed
 from vmm.machine import Machine
 from vmm.outcome import Ending
 from vmm.remote import RemoteOptions
@@ -304,3 +305,53 @@ def test_a_hung_model_stops_the_watchdog_pings(tmp_path):
     finally:
         svc.stop()
         notify.close()
+
+
+def test_a_hung_model_is_killed_by_the_watchdog_and_the_service_comes_back(tmp_path):
+    """The whole loop of WatchdogSec=, with the test supervisor as the
+    manager: the model hangs in a handler, the pings stop, the supervisor
+    kills the device (SIGABRT) and starts it again, and the next attach is
+    served by the new process."""
+    path = tmp_path / "fault.sock"
+    svc = supervised("fault-echo,stall_ms=60000", path, watchdog_sec=1.0,
+                     env=service_env(SPLITVMM_TEST_KINDS="1"))
+    name = segment_name("svc")
+    try:
+        with Registry.create(name) as registry:
+            try:
+                first = started_pids(svc)[0]
+                ep = attach_service(str(path), "fault-echo", {"pio": hex(PIO)}, 2, "f0", registry, 1,
+                                    RemoteOptions(access_timeout=30.0))
+                try:
+                    assert ep.reported_pid == first
+                    svc.out.wait(lambda line: line.startswith(f"notify {first} ") and "WATCHDOG=1" in line
+                                 and "serving" in line, what="pings while serving")
+                    with pytest.raises(DeviceFailed):
+                        read(registry, ep, 0xFC)           # hangs until the watchdog ends the process
+                    svc.out.wait(lambda line: line == f"exited {first} signal SIGABRT")
+                    assert f"watchdog {first}" in svc.out.lines
+                finally:
+                    ep.close()
+                second = int(svc.out.wait(lambda line: line.startswith("started ") and line != f"started {first}")
+                             .split()[1])
+                ep = attach_service(str(path), "fault-echo", {"pio": hex(PIO)}, 3, "f1", registry, 1,
+                                    RemoteOptions(access_timeout=30.0))
+                try:
+                    assert ep.reported_pid == second
+                    assert read(registry, ep, 0xF4) == 1     # a fresh device: its first access
+                finally:
+                    ep.close()
+            finally:
+                registry.unlink()
+    finally:
+        svc.stop()
+
+
+def read(registry: Registry, ep, offset: int) -> int:
+    """A 4-byte PIO read at the echo window's ``offset``, as a vCPU exit does it."""
+    ref = registry.get(Bus.PIO, PIO + offset, 4)
+    assert ref is not None and ref.owner == ep.owner
+    try:
+        return ep.access(0, int(Bus.PIO), ref.cookie, ref.offset, 4, False, 0)
+    finally:
+        registry.put(ref)
