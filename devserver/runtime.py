@@ -16,6 +16,14 @@
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
 could not start (the VMM got an Error message), 2 when the VMM broke the
 protocol or the handshake did not finish in time.
+
+The same runtime serves one VM session of a device service
+(:mod:`devserver.service`), through a few hooks: ``config_filter`` merges
+the service's own kind and parameters into the VMM's DeviceConfig (or
+refuses it), ``tick`` is called from the handshake waits and the serving
+loop (the watchdog's keep-alives), ``stuck_status`` is the exit status when
+a handler is stuck; and :meth:`DeviceServer.request_stop` ends a session
+from a signal handler.
 """
 
 from __future__ import annotations
