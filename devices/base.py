@@ -26,12 +26,69 @@ class Space(enum.IntEnum):
     PCI = 2
 
 
+def all_ones(size: int) -> int:
+    """The value of a ``size``-byte read nobody answers (all bits set);
+    also the mask of a ``size``-byte value."""
+    return _ONES.get(size) or (1 << (8 * size)) - 1
+
+
+_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+
+
+# -- errors ------------------------------------------------------------------
+#
+#   DeviceError
+#   ├── BadParameter        a model rejects its parameters
+#   ├── GuestMemoryFault    a guest-physical range that is not guest RAM
+#   └── HostRefused         the host will not grant a request
+#       ├── RegionBusy      claim: the range overlaps a registered region
+#       ├── RegionTableFull claim: the host's region table is full
+#       ├── RegionNotHeld   release: this device holds no region there
+#       └── NotOffered      the host offers no such thing at all
+#
+# Both hosts (inline in the VMM, remote in a device process) raise exactly
+# these; a model catches what it can handle and lets the rest fail the
+# access (an access that raises fails the device).
+
+
 class DeviceError(Exception):
-    """Base of the errors device models raise."""
+    """Base of the errors device models and their hosts raise."""
 
 
 class BadParameter(DeviceError):
     """A device parameter (from the command line or a config) is invalid."""
+
+
+class GuestMemoryFault(DeviceError):
+    """A guest-physical range that is not (wholly) guest RAM
+    (:class:`devices.guestmem.GuestRam`)."""
+
+
+class HostRefused(DeviceError):
+    """The host will not grant a request: an interrupt pin outside 0-23, an
+    MSI address outside 0xFEExxxxx, an ioeventfd outside the device's
+    regions, more than a device may hold, or no answer from the VMM."""
+
+
+class RegionBusy(HostRefused):
+    """:meth:`DeviceHost.claim`: the range overlaps a registered region
+    (this device's or another's)."""
+
+
+class RegionTableFull(HostRefused):
+    """:meth:`DeviceHost.claim`: the host's region table has no room."""
+
+
+class RegionNotHeld(HostRefused):
+    """:meth:`DeviceHost.release`: this device holds no region starting
+    there (never claimed, released already, or reaped by the VMM when it
+    cut the device off)."""
+
+
+class NotOffered(HostRefused):
+    """The host offers no such thing at all: no interrupt controller, no
+    guest memory, no ioeventfds (a host built to validate parameters, a
+    device process started without them)."""
 
 
 class Interrupt(Protocol):
@@ -49,53 +106,6 @@ class ConsoleFds:
 
     output: int
     input: int
-
-
-class DeviceHost(Protocol):
-    """What a model may ask of its host."""
-
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
-        """Register ``[start, start + length)`` for this device.
-
-        May be called from inside :meth:`Device.write` (a device that moves
-        its own window).  Raises the registry's errors (overlap, full)."""
-
-    def release(self, space: Space, start: int) -> None:
-        """Unregister this device's region starting at ``start``."""
-
-    def process_id(self) -> int:
-        """The pid of the process the model runs in."""
-
-    def console(self) -> ConsoleFds | None:
-        """The console given to this device (``vmm run --serial``), or
-        None.  Hosts without one may lack the method."""
-
-    def irq_line(self, gsi: int) -> Interrupt:
-        """An interrupt on the in-kernel irqchip's input ``gsi`` (ISA IRQ
-        4 for COM1, or a PCI INTx line), for the model to trigger.
-        Raises :class:`DeviceError` when the host refuses it (a pin
-        outside 0-23, more pins than a device may hold)."""
-
-    def msi_vector(self, index: int) -> MsiVector:
-        """The model's MSI (MSI-X table entry) number ``index``: the host
-        turns it into a KVM MSI route when the model programs it."""
-
-
-    def guest_memory(self) -> GuestRam:
-        """Guest RAM, by guest-physical address, bounds-checked
-        (:class:`devices.guestmem.GuestRam`).  Raises
-        :class:`DeviceError` when the host has none (a device process
-        started without a memory table)."""
-
-    def ioeventfd(self, space: Space, address: int, length: int,
-                  datamatch: int | None = None) -> Doorbell:
-        """A doorbell: an eventfd that KVM signals on each guest write of
-        ``length`` bytes at ``address`` (inside a region this device has
-        claimed; writes of ``datamatch`` only, when given), with no exit
-        to the VMM.  The model polls :attr:`Doorbell.fd` and calls
-        :meth:`Doorbell.remove` before the region moves or goes (also
-        from inside an access handler).  Raises :class:`DeviceError` when
-        refused (not this device's region, too many, no VM)."""
 
 
 class Doorbell(Protocol):
@@ -118,8 +128,8 @@ class MsiVector(Interrupt, Protocol):
 
         May be called from inside an access handler (an MSI-X table
         write); again to change the route.  The host refuses an address
-        outside 0xFEExxxxx, or more routes than a device may hold, with a
-        :class:`DeviceError`.  Program a complete entry (e.g. when the
+        outside 0xFEExxxxx, or more routes than a device may hold, with
+        :class:`HostRefused`.  Program a complete entry (e.g. when the
         guest unmasks it), not each dword as it is written: a half-written
         address may be refused.  Masking and pending bits are the model's:
         it does not trigger a masked vector, it sets its PBA bit and
@@ -129,12 +139,87 @@ class MsiVector(Interrupt, Protocol):
         """Drop the route (a trigger after this is dropped)."""
 
 
+class DeviceHost(abc.ABC):
+    """What a model may ask of its host: the API a model is written against.
+
+    The VMM's inline host (:class:`vmm.local.LocalHost`) and a device
+    process's (:class:`devserver.host.RemoteHost`) implement it all;
+    every refusal is a :class:`HostRefused` subclass.  The defaults here
+    are a host that offers nothing beyond regions (:class:`NotOffered`).
+    """
+
+    @abc.abstractmethod
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Register ``[start, start + length)`` for this device; its
+        accesses reach the model with ``cookie`` and the offset in it.
+
+        May be called from inside :meth:`Device.write` (a device that moves
+        its own window).  ``coalesce=True`` (MMIO only) lets the VMM queue
+        the guest's writes there and deliver them in order, batched, before
+        the next access that reaches this device (KVM coalesced MMIO);
+        reads are never coalesced.  Raises :class:`RegionBusy` (overlap),
+        :class:`RegionTableFull`, :class:`HostRefused` (an empty or
+        wrapping range)."""
+
+    @abc.abstractmethod
+    def release(self, space: Space, start: int) -> None:
+        """Unregister this device's region starting at ``start`` (raises
+        :class:`RegionNotHeld` when there is none)."""
+
+    @abc.abstractmethod
+    def process_id(self) -> int:
+        """The pid of the process the model runs in."""
+
+    def console(self) -> ConsoleFds | None:
+        """The console given to this device (``vmm run --serial``), or
+        None (no console: not an error)."""
+        return None
+
+    def irq_line(self, gsi: int) -> Interrupt:
+        """An interrupt on the in-kernel irqchip's input ``gsi`` (ISA IRQ
+        4 for COM1, or a PCI INTx line), for the model to trigger.
+        Raises :class:`HostRefused` (a pin outside 0-23, more pins than a
+        device may hold; :class:`NotOffered`: no irqchip)."""
+        raise NotOffered("this host has no interrupt controller")
+
+    def msi_vector(self, index: int) -> MsiVector:
+        """The model's MSI (MSI-X table entry) number ``index``: the host
+        turns it into a KVM MSI route when the model programs it
+        (:meth:`MsiVector.program`).  :class:`NotOffered`: no irqchip."""
+        raise NotOffered("this host has no interrupt controller")
+
+    def guest_memory(self) -> GuestRam:
+        """Guest RAM, by guest-physical address, bounds-checked
+        (:class:`devices.guestmem.GuestRam`).  Raises :class:`NotOffered`
+        when the host has none."""
+        raise NotOffered("this host gives the device no guest memory")
+
+    def ioeventfd(self, space: Space, address: int, length: int,
+                  datamatch: int | None = None) -> Doorbell:
+        """A doorbell: an eventfd that KVM signals on each guest write of
+        ``length`` bytes at ``address`` (inside a region this device has
+        claimed; writes of ``datamatch`` only, when given), with no exit
+        to the VMM.  The model polls :attr:`Doorbell.fd` and calls
+        :meth:`Doorbell.remove` before the region moves or goes (also
+        from inside an access handler).  Raises :class:`HostRefused` (not
+        this device's region, too many; :class:`NotOffered`: no VM)."""
+        raise NotOffered("this host has no ioeventfds")
+
+
 class Device(abc.ABC):
     """Base class of device models.
 
-    Subclasses set ``kind`` (the ``TYPE`` of ``--device TYPE,...``), parse
-    their parameters in ``__init__`` (raising :class:`BadParameter`),
-    claim their regions in :meth:`start`, and serve accesses.
+    Subclasses set ``kind`` (a name for logs; the ``TYPE`` of ``--device
+    TYPE,...`` is its entry point in the ``splitvmm.devices`` group, or
+    ``MODULE:CLASS``, :mod:`devices.kinds`), parse their parameters in
+    ``__init__`` (raising :class:`BadParameter`; the host may not be used
+    there: the VMM builds a model once on a host that refuses everything,
+    to check its parameters before the guest starts), claim their regions
+    in :meth:`start`, and serve accesses.  ``read``/``write`` may be called
+    from several threads at once (one per vCPU): a model keeps its own
+    lock.  An exception out of ``read``/``write`` fails the device (its
+    regions are removed, the VM goes on).
     """
 
     kind = ""

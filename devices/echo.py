@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, Space, parse_int
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ _WINDOW = {Space.PIO: PIO_WINDOW, Space.MMIO: MMIO_WINDOW}
 _LIMIT = {Space.PIO: 1 << 16, Space.MMIO: 1 << 64}
 
 
-def ones(size: int) -> int:
-    """The all-ones value of an access of ``size`` bytes."""
-    return (1 << (8 * size)) - 1
-
-
 class RegisterFile:
     """The echo register file (the table above), without windows: shared
     by ``echo`` and ``pci-echo`` (devices.pci_echo).  Not locked; its
@@ -63,14 +58,14 @@ class RegisterFile:
     def read(self, offset: int, size: int, sizes: tuple[int, ...], pid: int) -> int:
         self.count = (self.count + 1) & 0xFFFFFFFF
         if size not in sizes or offset < 0 or offset + size > ECHO_REGS:
-            return ones(size)
+            return all_ones(size)
         if offset + size <= ECHO_SCRATCH_END:
             return int.from_bytes(self.scratch[offset:offset + size], "little")
         if offset == ECHO_PID and size == 4:
             return pid & 0xFFFFFFFF
         if offset == ECHO_COUNT and size == 4:
             return self.count
-        return ones(size)
+        return all_ones(size)
 
     def write(self, offset: int, size: int, sizes: tuple[int, ...], value: int) -> int | None:
         """Apply a write; returns the new base a write to ECHO_MOVE asks
@@ -78,7 +73,7 @@ class RegisterFile:
         self.count = (self.count + 1) & 0xFFFFFFFF
         if size not in sizes or offset < 0 or offset + size > ECHO_REGS:
             return None
-        value &= ones(size)
+        value &= all_ones(size)
         if offset + size <= ECHO_SCRATCH_END:
             self.scratch[offset:offset + size] = value.to_bytes(size, "little")
         elif offset == ECHO_MOVE and size in (4, 8):
@@ -121,7 +116,7 @@ class Echo(Device):
         for space, base in list(self.base.items()):
             try:
                 self.host.release(space, base)
-            except Exception as e:  # the host may already have reaped it
+            except HostRefused as e:  # the VMM may already have reaped it
                 log.debug("echo: releasing %s window at %#x: %s", space.name, base, e)
 
     @staticmethod
@@ -153,7 +148,7 @@ class Echo(Device):
         self.host.release(space, old)
         try:
             self.host.claim(space, new, window, cookie)
-        except Exception as e:
+        except HostRefused as e:
             log.warning("echo: cannot move %s window to %#x (%s); it stays at %#x", space.name, new, e, old)
             self.host.claim(space, old, window, cookie)
             return

@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, Device, DeviceError, DeviceHost, Interrupt, Space, parse_int
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Interrupt, Space, all_ones, parse_int
 from devices.pci_config import (
     COMMAND_WRITABLE,
     MAX_SLOT,
@@ -98,11 +98,10 @@ from devices.pci_config import (
     BarKind,
     ConfigSpace,
     config_address,
-    ones,
 )
 from devices.pci_msix import MsiX
 
-__all__ = ["CONFLICT_RETRY", "COOKIE_CONFIG", "Bar", "BarKind", "MsiX", "PciDevice", "ones"]
+__all__ = ["CONFLICT_RETRY", "COOKIE_CONFIG", "Bar", "BarKind", "MsiX", "PciDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +292,9 @@ class PciDevice(Device):
         if self.intx_gsi is None:
             log.info("%s: no intx_gsi given; INTx goes nowhere", self.kind)
             return
-        irq_line = getattr(self.host, "irq_line", None)
-        if irq_line is None:
-            log.warning("%s: the host has no interrupt lines; INTx goes nowhere", self.kind)
-            return
         try:
-            self._intx_line = irq_line(self.intx_gsi)
-        except (NotImplementedError, DeviceError) as e:
+            self._intx_line = self.host.irq_line(self.intx_gsi)
+        except HostRefused as e:
             log.warning("%s: no interrupt line %d (%s); INTx goes nowhere", self.kind, self.intx_gsi, e)
 
     def stop(self) -> None:
@@ -318,11 +313,11 @@ class PciDevice(Device):
             if space is Space.PCI:
                 self._retry_conflicts()
                 if offset + size > PCI_CFG_SPACE_EXP_SIZE:
-                    return ones(size)
+                    return all_ones(size)
                 return self.config.read(offset, size)
             bar = self._bar_of(cookie)
             if bar is None:
-                return ones(size)
+                return all_ones(size)
             if self.msix is not None and bar is self.msix.bar and self.msix.owns(offset):
                 return self.msix.read(offset, size)
             return self.bar_read(bar, offset, size)
@@ -331,7 +326,7 @@ class PciDevice(Device):
         with self._lock:
             if space is Space.PCI:
                 if offset + size <= PCI_CFG_SPACE_EXP_SIZE:
-                    self.config_write(offset, size, value & ones(size))
+                    self.config_write(offset, size, value & all_ones(size))
                 self._retry_conflicts()
                 return
             bar = self._bar_of(cookie)
@@ -340,7 +335,7 @@ class PciDevice(Device):
             if self.msix is not None and bar is self.msix.bar and self.msix.owns(offset):
                 self.msix.write(offset, size, value)
                 return
-            self.bar_write(bar, offset, size, value & ones(size))
+            self.bar_write(bar, offset, size, value & all_ones(size))
 
     def _bar_of(self, cookie: int) -> Bar | None:
         if 0 <= cookie < PCI_NUM_BARS:
@@ -353,10 +348,19 @@ class PciDevice(Device):
 
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         """A read in BAR ``bar``'s region (the lock is held)."""
-        return ones(size)
+        return all_ones(size)
 
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         """A write in BAR ``bar``'s region (the lock is held)."""
+
+    def bar_moved(self, bar: Bar) -> None:
+        """BAR ``bar``'s region changed: registered at a new address
+        (``bar.mapped``), or unregistered (``bar.mapped`` is None) -- the
+        guest moved the BAR, toggled decoding, or a conflicted claim
+        succeeded at last.  Called with the lock held, inside the handler
+        of the configuration access that caused it (or on the retry
+        thread); a model moves what it keeps at BAR addresses (e.g.
+        ioeventfds) here.  Not called at :meth:`stop`."""
 
     # -- interrupts (module docstring) -------------------------------------------
 
@@ -461,18 +465,17 @@ class PciDevice(Device):
             return
         self._unmap(bar)
         bar.conflict = None
-        if want is None:
-            return
-        try:
-            self.host.claim(bar.space, want, bar.size, bar.index)
-        except Exception as e:  # the registry's RegionConflict, RegistryFull
-            bar.conflict = want
-            log.warning("%s: BAR %d %s %#x+%#x cannot be registered (%s); the BAR keeps the "
-                        "value, the region is registered once the range is free",
-                        self.kind, bar.index, bar.space.name, want, bar.size, e)
-            self._start_retry()
-            return
-        bar.mapped = want
+        if want is not None:
+            try:
+                self.host.claim(bar.space, want, bar.size, bar.index)
+                bar.mapped = want
+            except HostRefused as e:  # RegionBusy, RegionTableFull
+                bar.conflict = want
+                log.warning("%s: BAR %d %s %#x+%#x cannot be registered (%s); the BAR keeps the "
+                            "value, the region is registered once the range is free",
+                            self.kind, bar.index, bar.space.name, want, bar.size, e)
+                self._start_retry()
+        self.bar_moved(bar)
 
     def _unmap(self, bar: Bar) -> None:
         if bar.mapped is not None:
@@ -482,7 +485,7 @@ class PciDevice(Device):
     def _release(self, space: Space, start: int) -> None:
         try:
             self.host.release(space, start)
-        except Exception as e:  # reaped already (the VMM cut us off)
+        except HostRefused as e:  # RegionNotHeld: reaped already (the VMM cut us off)
             log.debug("%s: releasing %s %#x: %s", self.kind, space.name, start, e)
 
     def conflicted(self) -> int:
@@ -495,11 +498,12 @@ class PciDevice(Device):
             if bar is not None and bar.index == i and bar.conflict is not None:
                 try:
                     self.host.claim(bar.space, bar.conflict, bar.size, bar.index)
-                except Exception as e:  # still taken (the registry's RegionConflict)
+                except HostRefused as e:  # still taken (RegionBusy)
                     log.debug("%s: BAR %d at %#x: still %s", self.kind, i, bar.conflict, e)
                     continue
                 log.info("%s: BAR %d registered at %#x, the range is free now", self.kind, i, bar.conflict)
                 bar.mapped, bar.conflict = bar.conflict, None
+                self.bar_moved(bar)
 
     def _start_retry(self) -> None:
         if self._retry is not None and self._retry.is_alive():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from devices.base import BadParameter, DeviceError, DeviceHost, MsiVector
+from devices.base import BadParameter, DeviceHost, HostRefused, MsiVector, all_ones
 from devices.pci_config import (
     MSIX_MAX_VECTORS,
     PCI_COMMAND,
@@ -21,7 +21,6 @@ from devices.pci_config import (
     PCI_MSIX_TABLE,
     Bar,
     ConfigSpace,
-    ones,
 )
 
 log = logging.getLogger(__name__)
@@ -115,15 +114,11 @@ class MsiX:
     def _vector(self, n: int) -> MsiVector | None:
         vec = self._vectors.get(n)
         if vec is None:
-            get = getattr(self.host, "msi_vector", None)
             try:
-                vec = get(n) if get is not None else None
-            except (NotImplementedError, DeviceError) as e:
-                log.debug("MSI-X vector %d: %s", n, e)
-                vec = None
-            if vec is None:
+                vec = self.host.msi_vector(n)
+            except HostRefused as e:
                 if not self._no_host_logged:
-                    log.warning("MSI-X: the device host has no MSI support; vectors go nowhere")
+                    log.warning("MSI-X: vector %d: %s; vectors go nowhere", n, e)
                     self._no_host_logged = True
                 return None
             self._vectors[n] = vec
@@ -137,7 +132,7 @@ class MsiX:
         if self._routes.get(n) != route:
             try:
                 vec.program(*route)
-            except DeviceError as e:
+            except HostRefused as e:
                 log.warning("MSI-X vector %d: cannot route %#x/%#x: %s", n, route[0], route[1], e)
                 self._routes.pop(n, None)
                 return None
@@ -181,14 +176,14 @@ class MsiX:
         """Table and PBA take aligned DWORD and QWORD accesses (6.8.2);
         other accesses read all ones."""
         if size not in (4, 8) or offset % size:
-            return ones(size)
+            return all_ones(size)
         if self.table_offset <= offset and offset + size <= self.table_offset + self.table_size:
             at = offset - self.table_offset
             return int.from_bytes(self.table[at:at + size], "little")
         if self.pba_offset <= offset and offset + size <= self.pba_offset + self.pba_size:
             at = offset - self.pba_offset
-            return (self.pending >> (8 * at)) & ones(size)
-        return ones(size)
+            return (self.pending >> (8 * at)) & all_ones(size)
+        return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Table writes; the PBA is read-only (6.8.2.10)."""
@@ -199,7 +194,7 @@ class MsiX:
         at = offset - self.table_offset
         n = at // PCI_MSIX_ENTRY_SIZE
         was_masked = self.masked(n)
-        data = (value & ones(size)).to_bytes(size, "little")
+        data = (value & all_ones(size)).to_bytes(size, "little")
         for i, b in enumerate(data):
             field = (at + i) % PCI_MSIX_ENTRY_SIZE
             if field == PCI_MSIX_ENTRY_VECTOR_CTRL:

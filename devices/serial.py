@@ -58,9 +58,11 @@ from devices.base import (
     BadParameter,
     ConsoleFds,
     Device,
-    DeviceError,
     DeviceHost,
+    HostRefused,
+    Interrupt,
     Space,
+    all_ones,
     parse_int,
 )
 
@@ -160,7 +162,7 @@ class Serial(Device):
         if not 0 <= self.irq < 24:
             raise BadParameter(f"serial: irq={self.irq} (expected 0 to 23, an IOAPIC input)")
         self._cond = threading.Condition(threading.Lock())
-        self._interrupt = None
+        self._interrupt: Interrupt | None = None
         self._console: ConsoleFds | None = None
         self._reader: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
@@ -188,16 +190,11 @@ class Serial(Device):
 
     def start(self) -> None:
         self.host.claim(Space.PIO, self.pio, UART_REGS, 0)
-        irq_line = getattr(self.host, "irq_line", None)
-        if irq_line is not None:
-            try:
-                self._interrupt = irq_line(self.irq)
-            except (NotImplementedError, DeviceError) as e:
-                log.info("serial: no interrupt line %d on this host (%s); polling only", self.irq, e)
-        else:
-            log.info("serial: the host has no interrupt lines; polling only")
-        console = getattr(self.host, "console", None)
-        self._console = console() if console is not None else None
+        try:
+            self._interrupt = self.host.irq_line(self.irq)
+        except HostRefused as e:
+            log.info("serial: no interrupt line %d on this host (%s); polling only", self.irq, e)
+        self._console = self.host.console()
         if self._console is not None and self._console.input >= 0:
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._reader = threading.Thread(target=self._read_input, name="serial-input", daemon=True)
@@ -221,14 +218,14 @@ class Serial(Device):
             self._reader = None
         try:
             self.host.release(Space.PIO, self.pio)
-        except Exception as e:  # the host may already have reaped it
+        except HostRefused as e:  # the VMM may already have reaped it
             log.debug("serial: releasing ports at %#x: %s", self.pio, e)
 
     # -- accesses ------------------------------------------------------------
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         if size != 1 or not 0 <= offset < UART_REGS:
-            return (1 << (8 * size)) - 1
+            return all_ones(size)
         with self._cond:
             value = self._read(offset)
             self._update_irq()

@@ -5,20 +5,34 @@ shared registry: a model claims and releases its regions there directly,
 under the owner id the VMM gave this process, with no round trip to the
 VMM, also from inside the handler of an access (a window that moves).
 Interrupt lines and MSI vectors are irqfds the VMM hands over on request
-(:mod:`devserver.interrupts`); triggering one is an eventfd write.
+(:mod:`devserver.interrupts`); triggering one is an eventfd write.  The
+registry's errors reach the model as the :class:`devices.base.HostRefused`
+family (:func:`registry_refusal`).
 """
 
 from __future__ import annotations
 
 import os
 
-from devices.base import ConsoleFds, DeviceError, Space
+from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space)
 from devices.guestmem import GuestRam
 from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
-from ipc import Bus, Registry
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 
 
-class RemoteHost:
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class RemoteHost(DeviceHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -29,12 +43,25 @@ class RemoteHost:
         self._pid = os.getpid()
         self._console = console
         self._irq = irq
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True`` (the VMM is asked for the zone; issue 9 §2).
+        self.coalesced: dict[tuple[Space, int], int] = {}
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
-        self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        try:
+            self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
 
     def release(self, space: Space, start: int) -> None:
-        self.registry.unregister(Bus(int(space)), start, self.owner)
+        self.coalesced.pop((Space(space), start), None)
+        try:
+            self.registry.unregister(Bus(int(space)), start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return self._pid
@@ -45,12 +72,13 @@ class RemoteHost:
 
     def _irq_client(self) -> IrqClient:
         if self._irq is None:
-            raise DeviceError("this device host has no interrupt channel")
+            raise NotOffered("this device host has no interrupt channel")
         return self._irq
 
     def irq_line(self, gsi: int) -> RemoteLine:
         """Asks the VMM for an irqfd on irqchip input ``gsi`` (raises
-        :class:`devserver.interrupts.IrqUnavailable` when refused)."""
+        :class:`devserver.interrupts.IrqUnavailable`, a HostRefused, when
+        refused)."""
         return RemoteLine(self._irq_client(), gsi)
 
     def msi_vector(self, index: int) -> RemoteMsi:
@@ -60,7 +88,7 @@ class RemoteHost:
     def guest_memory(self) -> GuestRam:
         """Guest RAM as mapped from the VMM's memory table."""
         if self._memory is None:
-            raise DeviceError("the VMM gave this device no guest memory")
+            raise NotOffered("the VMM gave this device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,

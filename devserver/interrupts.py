@@ -28,8 +28,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from devices.base import DeviceError
+from devices.base import HostRefused
 from ipc.protocol import (
     IRQ_ANSWERS,
     IoeventfdRemoveRequest,
@@ -50,14 +51,15 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 
 
-class IrqUnavailable(DeviceError):
-    """The VMM refused an interrupt request, or did not answer it."""
+class IrqUnavailable(HostRefused):
+    """The VMM refused an interrupt or ioeventfd request, or did not
+    answer it (what a model catches is :class:`devices.base.HostRefused`)."""
 
 
 class IrqClient:
     """Request/answer over the control socket (see the module docstring)."""
 
-    def __init__(self, send: Callable[[Message], None], receive: Callable[[float], Message],
+    def __init__(self, send: Callable[[Message], None], receive: Callable[[float], Message | ConnectionClosed],
                  timeout: float = REQUEST_TIMEOUT):
         self._send = send
         self._receive = receive
@@ -214,7 +216,7 @@ class RemoteDoorbell:
     def __init__(self, client: IrqClient, space: int, address: int, length: int,
                  datamatch: int | None):
         self._client = client
-        self._fields = dict(space=space, address=address, length=length,
+        self._fields: dict[str, Any] = dict(space=space, address=address, length=length,
                             datamatch=datamatch or 0, match=datamatch is not None)
         answer = client.request(lambda seq: IoeventfdRequest(seq, **self._fields))
         if not isinstance(answer, IrqGranted):

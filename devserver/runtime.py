@@ -6,7 +6,7 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
+2. build the model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
 3. serve accesses from the slots on the main thread, while a control
    thread reads the socket (Reset, Shutdown) and watches for the VMM going
@@ -37,9 +37,10 @@ from collections.abc import Callable
 
 from devices.base import Device, Space
 from devices.guestmem import GuestRam
+from devserver.errors import StartFailed
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
-from devserver.kinds import model_class
+from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
 from devices.base import ConsoleFds
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
@@ -61,10 +62,6 @@ STUCK_GRACE = 2.0
 PARENT_CHECK = 0.5
 _SPACES = (Space.PIO, Space.MMIO, Space.PCI)
 _SIZES = frozenset((1, 2, 4, 8))
-
-
-class StartFailed(Exception):
-    """The device cannot start; the message goes to the VMM as Error."""
 
 
 class DeviceServer:
@@ -246,14 +243,11 @@ class DeviceServer:
         cfg, host = self.config, self.host
         assert cfg is not None and host is not None
         try:
-            model = model_class(cfg.kind)(host, **cfg.params)
-        except KeyError as e:
-            raise StartFailed(str(e.args[0])) from None
-        except Exception as e:
+            model = resolve(cfg.kind)(host, **cfg.params)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        except Exception as e:      # the model's constructor, whatever it raises
             raise StartFailed(f"{cfg.kind}: {e}") from None
-        bind = getattr(model, "bind_test_server", None)
-        if bind is not None:    # TEST-ONLY kinds (devserver.testkinds) reach into the runtime
-            bind(self)
         try:
             model.start()
         except Exception as e:
@@ -288,6 +282,8 @@ class DeviceServer:
             try:
                 with lock:
                     model = self.model
+                    if model is None:       # a reset that failed; the process is on its way out
+                        raise StartFailed("no model")
                     if req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 from devserver import activation
 from devserver.activation import ActivationError, Listener
-from devserver.kinds import KINDS, model_class
+from devices.kinds import ModelNotFound, kinds, resolve
 from devserver.notify import Notifier, Watchdog, watchdog_interval
 from devserver.runtime import DeviceServer, StartFailed, configure_logging, set_log_name
 from ipc.protocol import FEATURES, PROTOCOL_VERSION, DeviceConfig, Error, Hello, Role
@@ -95,9 +95,9 @@ def parse_spec(text: str) -> ServiceSpec:
     if not kind:
         raise SpecError(f"{text!r}: missing KIND")
     try:
-        model_class(kind)
-    except KeyError as e:
-        raise SpecError(str(e.args[0])) from None
+        resolve(kind)
+    except ModelNotFound as e:
+        raise SpecError(str(e)) from None
     params: dict[str, str] = {}
     for item in rest.split(",") if rest else ():
         key, eq, value = item.partition("=")
@@ -119,7 +119,7 @@ def capabilities() -> dict:
     return {
         "type": "splitvmm-device",
         "protocol": {"version": PROTOCOL_VERSION, "features": sorted(FEATURES)},
-        "kinds": sorted(KINDS),
+        "kinds": sorted(kinds()),
         "features": list(SERVICE_FEATURES),
         "socket": "AF_UNIX SOCK_SEQPACKET",
     }
@@ -245,14 +245,21 @@ class DeviceService:
     def merge(self, cfg: DeviceConfig) -> DeviceConfig:
         """The VMM's DeviceConfig with this service's parameters added;
         StartFailed when the kind differs or a key is on both sides."""
-        if cfg.kind != self.spec.kind:
+        if _target(cfg.kind) != _target(self.spec.kind):
             raise StartFailed(f"kind mismatch: this service runs {self.spec.kind}, the VMM asked for {cfg.kind}")
         both = sorted(set(cfg.params) & set(self.spec.params))
         if both:
             keys = ", ".join(f"{k}=" for k in both)
             raise StartFailed(f"{keys} given both by the VMM and on the service's command line "
                               "(give each parameter on one side)")
-        return dataclasses.replace(cfg, params={**self.spec.params, **cfg.params})
+        return dataclasses.replace(cfg, kind=self.spec.kind, params={**self.spec.params, **cfg.params})
+
+
+def _target(kind: str) -> str:
+    """``module:Class`` of a registered kind, else the text itself: a kind
+    and its ``MODULE:CLASS`` name the same model.  Nothing is imported, so
+    a VMM cannot make the service load a module of its choosing."""
+    return kinds().get(kind, kind)
 
     # -- a second VMM while one is served -----------------------------------
 

@@ -80,6 +80,8 @@ MAX_FRAME = 64 * 1024
 #: Most descriptors one message may carry.
 MAX_FDS = 4
 MAX_NAME = 64
+#: A device kind may be ``MODULE:CLASS`` (devices.kinds), longer than a name.
+MAX_KIND = 256
 MAX_TEXT = 1024
 MAX_PARAMS = 64
 MAX_VCPUS = 256
@@ -240,7 +242,7 @@ class DeviceConfig(Message):
     nvcpus: int
 
     def __post_init__(self) -> None:
-        _text("kind", self.kind, MAX_NAME)
+        _text("kind", self.kind, MAX_KIND)
         _need(isinstance(self.params, dict) and len(self.params) <= MAX_PARAMS,
               f"params must be a map of at most {MAX_PARAMS} entries")
         for k, v in self.params.items():

@@ -2,10 +2,10 @@
 
 ``vmm run --guest FILE.elf [--vcpus N] [--memory SIZE] [--device SPEC]...
 [--timeout SECONDS] [--cmdline TEXT] [--access-timeout SECONDS]
-[--lock-timeout SECONDS] [--serial stdio|file:PATH|none]`` runs a PVH
+[--lock-timeout SECONDS] [--serial stdio|file:PATH|none] [--api PATH]`` runs a PVH
 guest and exits with the status of its ending (:mod:`vmm.outcome`: 0 clean
 stop, odd test exit, 2 bad arguments, 4 guest reset, 6 KVM failure, 8
-timeout, 10 VMM error, 12 Ctrl-A x, 128 + signal when interrupted).  Bad
+timeout, 10 VMM error, 12 quit (Ctrl-A x or QMP quit), 128 + signal when interrupted).  Bad
 arguments give one line on stderr.
 
 Every run has a 16550A UART at COM1 (0x3f8, IRQ 4, in its own process)
@@ -21,6 +21,10 @@ raw image, removed when the run ends) and virtio-console next to the
 serial console, each in its own process.  Every run ends with a one-line
 summary on stderr: how the guest ended and which process served which
 device.
+
+``--api PATH`` serves the control socket (QMP's wire protocol,
+:mod:`vmm.qmp`) for the run; ``vmm ctl PATH COMMAND [key=value...]``
+runs one command on it and prints the answer (:mod:`vmm.qmp.ctl`).
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from typing import NoReturn, Sequence
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm.boot import BootError
-from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec, parse_device_spec
+from devices.kinds import kinds
+from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
+from vmm.qmp.server import ApiError
 
 log = logging.getLogger("vmm")
 
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", action="append", default=[], metavar="SPEC",
                      help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
                           "or connect=PATH for a device service (devserver serve --listen PATH); "
-                          f"types: {', '.join(sorted(DEVICE_TYPES))}")
+                          f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
@@ -120,7 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
                           "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
                           "none (no console, no COM1)")
+    run.add_argument("--api", metavar="PATH",
+                     help="serve the control socket (QMP's wire protocol, mode 0600) at PATH; "
+                          "see `vmm ctl`")
+    ctl = sub.add_parser("ctl", help="run one command on a VM's control socket",
+                         description="Run one QMP command on the control socket of `vmm run --api PATH` "
+                                     "and print the answer as JSON.",
+                         epilog=_ctl_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ctl.add_argument("--table", action="store_true", help="aligned tables instead of JSON (query commands)")
+    ctl.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the VM (default 10)")
+    ctl.add_argument("path", metavar="PATH", help="the control socket (--api PATH of vmm run)")
+    ctl.add_argument("qmp_command", metavar="COMMAND", help="a command, e.g. query-status")
+    ctl.add_argument("arguments", nargs="*", metavar="key=value", help="the command's arguments")
     return p
+
+
+def _ctl_epilog() -> str:
+    from vmm.qmp.commands import COMMANDS
+
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {c.help}" for name, c in sorted(COMMANDS.items())]
+    return "commands:\n" + "\n".join(lines) + \
+        "\n\nexit status: 0 done, 1 QMP error, 2 bad arguments, 3 no VM at PATH"
+
+
+def ctl(args: argparse.Namespace) -> int:
+    from vmm.qmp.ctl import ctl as run_ctl
+
+    status, out, err = run_ctl(args.path, args.qmp_command, args.arguments, table=args.table,
+                               timeout=args.timeout)
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return status
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -230,6 +270,8 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
                     raise
                 raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
                                   "--serial none leaves them free)") from None
+        if args.api is not None:
+            machine.serve_api(args.api)
         started = time.monotonic()
         if console is not None:
             console.start(on_quit=lambda: machine.end(outcomes.Outcome(
@@ -260,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return outcomes.STATUS_USAGE
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="vmm: %(levelname)s: %(message)s" if args.verbose else "vmm: %(message)s")
+    if args.command == "ctl":
+        return ctl(args)
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(args)
-    except (ConfigError, BootError, GuestMemoryError, ConsoleError) as e:
+    except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
         print(f"vmm: {e}", file=sys.stderr)
         return outcomes.STATUS_USAGE
     except KeyboardInterrupt:

@@ -25,11 +25,13 @@ import logging
 import threading
 from typing import Callable, Mapping
 
+from devices.base import all_ones
 from ipc import Bus, LockTimeout, Registry, RegistryError
 from ipc.registry import lib as _reg_lib
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
 from vmm.outcome import Outcome
+from vmm.stats import AccessStats
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ MMIO = int(Bus.MMIO)
 
 #: svm_reg_* code of a missed lock deadline (what the C fast path reports).
 SVM_ETIMEDOUT = _reg_lib.SVM_ETIMEDOUT
-
-ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
 def registry_c_api(registry: Registry) -> tuple[int, int, int] | None:
@@ -57,10 +57,6 @@ def registry_c_api(registry: Registry) -> tuple[int, int, int] | None:
     except (ImportError, AttributeError, TypeError) as e:
         log.warning("no C fast path (registry C core not reachable: %s)", e)
         return None
-
-
-def all_ones(size: int) -> int:
-    return ONES.get(size) or (1 << (8 * size)) - 1
 
 
 class Dispatcher:
@@ -81,6 +77,9 @@ class Dispatcher:
         self.unclaimed = 0
         #: Deals with whoever holds the registry lock past a deadline.
         self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
+        #: Per-device counts and forwarding latency (vmm.stats); both exit
+        #: loops hand every access to its owner through ``stats.access``.
+        self.stats = AccessStats()
 
     def access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int) -> int:
         """Serve one access; returns the value read (0 for a write)."""
@@ -111,7 +110,7 @@ class Dispatcher:
                     log.warning("%s %#x: region owner %d has no endpoint", Bus(bus).name, addr, owner)
                 return 0 if is_write else all_ones(size)
             try:
-                return endpoint.access(vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
+                return self.stats.access(endpoint, vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
             except DeviceFailed as e:
                 self.fail(endpoint, e)
                 return 0 if is_write else all_ones(size)

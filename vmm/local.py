@@ -21,9 +21,10 @@ import logging
 import os
 from typing import Callable
 
-from devices.base import ConsoleFds, Device, DeviceError, Space
+from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space, all_ones)
 from devices.guestmem import GuestRam
-from ipc import Bus, Registry
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
@@ -34,7 +35,18 @@ _SPACES = {int(s): s for s in Space}
 _BUSES = {s: Bus(int(s)) for s in Space}
 
 
-class LocalHost:
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error (as devserver.host's)."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class LocalHost(DeviceHost):
     """DeviceHost of an inline model: the registry, with its owner id."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -46,28 +58,41 @@ class LocalHost:
         self.irqs = irqs
         self._memory = memory
         self.ioevents = ioevents
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True`` (for the VMM's coalesced-MMIO zones, issue 9 §2).
+        self.coalesced: dict[tuple[Space, int], int] = {}
 
     def guest_memory(self) -> GuestRam:
         """The VMM's own mapping of guest RAM, bounds-checked."""
         if self._memory is None:
-            raise DeviceError("this host gives the device no guest memory")
+            raise NotOffered("this host gives the device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,
                   datamatch: int | None = None) -> LocalDoorbell:
         if self.ioevents is None:
-            raise DeviceError("this host has no ioeventfds")
+            raise NotOffered("this host has no ioeventfds")
         try:
             fd = self.ioevents.add(int(space), address, length, datamatch)
         except IoeventfdRefused as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
         return LocalDoorbell(self.ioevents, int(space), address, length, datamatch, fd)
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
-        self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        try:
+            self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
 
     def release(self, space: Space, start: int) -> None:
-        self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        self.coalesced.pop((Space(space), start), None)
+        try:
+            self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return os.getpid()
@@ -78,14 +103,14 @@ class LocalHost:
 
     def _irqs(self) -> DeviceIrqs:
         if self.irqs is None:
-            raise DeviceError("this host has no interrupt controller")
+            raise NotOffered("this host has no interrupt controller")
         return self.irqs
 
     def irq_line(self, gsi: int) -> LocalLine:
         try:
             return LocalLine(self._irqs().pin(gsi))
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
 
     def msi_vector(self, index: int) -> LocalMsi:
         return LocalMsi(self._irqs(), index)
@@ -130,7 +155,7 @@ class LocalMsi:
         try:
             self._fd = self._irqs.program(self.index, address, data)
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
 
     def unprogram(self) -> None:
         self._fd = None
@@ -162,7 +187,8 @@ class LocalEndpoint:
                registry: Registry, console: ConsoleFds | None = None,
                irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
-        regions (raises the model's BadParameter, the registry's errors).
+        regions (raises the model's BadParameter, the host's HostRefused
+        family -- devices.base.DeviceError both).
         ``irq_router``: where its interrupts go, and the VM its doorbells
         are bound in (None: it has neither); ``memory``: guest RAM."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
@@ -234,7 +260,7 @@ class VmmHandlers:
                 write(vcpu, offset, size, value)
             return 0
         if read is None:
-            return (1 << (8 * size)) - 1
+            return all_ones(size)
         return read(vcpu, offset, size)
 
     def close(self) -> None:

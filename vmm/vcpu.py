@@ -230,6 +230,7 @@ class VcpuThread:
         dispatcher = self.dispatcher
         endpoints = dispatcher.endpoints
         failed = dispatcher.failed
+        counted_access = dispatcher.stats.access
         index = self.index
         watch = dispatcher.lock_watch
         ACCESS, EXIT, ERRNO, PUT_ERROR = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR
@@ -266,8 +267,8 @@ class VcpuThread:
                         value = 0 if is_write else all_ones(size)
                     else:
                         try:
-                            value = endpoint.access(index, ctx.bus, ctx.cookie, ctx.offset, size,
-                                                    is_write, ctx.value)
+                            value = counted_access(endpoint, index, ctx.bus, ctx.cookie, ctx.offset, size,
+                                                   is_write, ctx.value)
                         except DeviceFailed as e:
                             dispatcher.fail(endpoint, e)
                             value = 0 if is_write else all_ones(size)

@@ -30,9 +30,9 @@ import stat
 import threading
 
 from devices.base import BadParameter, DeviceHost
-from devices.guestmem import GuestMemoryFault, GuestRam
+from devices.guestmem import GuestRam
 from devices.virtio.pci import VirtioPciDevice
-from devices.virtio.virtqueue import Chain, QueueBroken, Virtqueue
+from devices.virtio.virtqueue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class VirtioConsole(VirtioPciDevice):
         self.dropped = 0
 
     def start(self) -> None:
-        console = getattr(self.host, "console", lambda: None)()
+        console = self.host.console()
         if console is not None:
             self._out, self._in = console.output, console.input
         elif self.socket_path is not None:
@@ -107,7 +107,7 @@ class VirtioConsole(VirtioPciDevice):
                 self._listener.close()
                 self._listener = None
                 try:
-                    os.unlink(self.socket_path)
+                    os.unlink(self.socket_path or "")
                 except OSError:
                     pass
         if self._io_wake >= 0:
@@ -126,8 +126,8 @@ class VirtioConsole(VirtioPciDevice):
         return self._out
 
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
-        if queue.index != TRANSMITQ:
-            return 0
+        if queue.index == RECEIVEQ:
+            return self._receive(chain, mem)
         fd = self._output_fd()
         for buf in chain.readable:
             data = mem.read(buf.addr, buf.length)
@@ -151,43 +151,23 @@ class VirtioConsole(VirtioPciDevice):
 
     # -- receive -------------------------------------------------------------
 
-    def _process(self, q: Virtqueue) -> None:
-        if q.index == RECEIVEQ:
-            self._deliver()
-        else:
-            super()._process(q)
+    def wants_requests(self, queue: Virtqueue) -> bool:
+        """receiveq0's buffers are taken only while input waits for them."""
+        return queue.index != RECEIVEQ or bool(self._pending)
 
-    def _deliver(self) -> None:
-        """Fill available receive buffers with pending input (lock held)."""
-        q = self.queues[RECEIVEQ]
-        mem = self.queue_ready(q)
-        if mem is None or not self._pending:
-            return
-        done = 0
-        try:
-            while self._pending:
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                written = 0
-                if chain.error is None:
-                    for buf in chain.writable:
-                        n = min(buf.length, len(self._pending))
-                        if n == 0:
-                            break
-                        mem.write(buf.addr, self._pending[:n])
-                        del self._pending[:n]
-                        written += n
-                else:
-                    self.count_failed(q, chain)
-                q.push(mem, chain.head, written)
-                done += 1
-        except (QueueBroken, GuestMemoryFault) as e:
-            self.needs_reset(str(e))
-            return
-        if done:
-            self.used_notify(q, mem)
+    def _receive(self, chain: Chain, mem: GuestRam) -> int:
+        """Fill one receive buffer chain with pending input (lock held)."""
+        written = 0
+        for buf in chain.writable:
+            n = min(buf.length, len(self._pending))
+            if n == 0:
+                break
+            mem.write(buf.addr, self._pending[:n])
+            del self._pending[:n]
+            written += n
+        if written:
             self._kick_reader()                     # room again: read on
+        return written
 
     def _read_loop(self) -> None:
         while not self._stopped.is_set():
@@ -217,8 +197,11 @@ class VirtioConsole(VirtioPciDevice):
                     self._read_input(source, client)
 
     def _accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
         try:
-            conn, _ = self._listener.accept()
+            conn, _ = listener.accept()
         except OSError:
             return
         with self._lock:
@@ -244,4 +227,4 @@ class VirtioConsole(VirtioPciDevice):
                     self._in = -1
                 return
             self._pending += data
-            self._deliver()
+            self.process_queue(self.queues[RECEIVEQ])

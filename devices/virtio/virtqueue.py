@@ -145,6 +145,7 @@ class Virtqueue:
             self._rings = (mem.buffer, mem.offset(self.desc, DESC_SIZE * n),
                            mem.offset(self.driver, avail_size(n)), mem.offset(self.device, used_size(n)))
             self._rings_key = key
+        assert self._rings is not None
         return self._rings
 
     def pending(self, mem: GuestRam) -> int:
@@ -162,6 +163,7 @@ class Virtqueue:
         """The next available chain, or None when there is none."""
         if not self.pending(mem):
             return None
+        assert self._rings is not None     # pending() just set them
         view, table, avail, _used = self._rings
         slot = self.last_avail % self.size
         head = _U16.unpack_from(view, avail + 4 + 2 * slot)[0]

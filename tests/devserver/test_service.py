@@ -14,7 +14,7 @@ import sys
 import msgpack
 import pytest
 
-from devserver.kinds import KINDS
+from devices.kinds import kinds
 from ipc.protocol import PROTOCOL_VERSION
 from tests.devserver.servicekit import (DEVSERVER, NotifySocket, Service, connect, needs_socket_activate,
                                         serve_activated, serve_listen, service_env)
@@ -32,7 +32,7 @@ def test_print_capabilities():
     caps = json.loads(r.stdout)
     assert caps["type"] == "splitvmm-device"
     assert caps["protocol"]["version"] == PROTOCOL_VERSION
-    assert set(caps["kinds"]) == set(KINDS) >= {"echo", "serial", "virtio-blk", "virtio-rng"}
+    assert set(caps["kinds"]) == set(kinds()) >= {"echo", "serial", "virtio-blk", "virtio-rng"}
     assert {"listen", "socket-activation", "sd-notify", "watchdog"} <= set(caps["features"])
 
 
@@ -104,6 +104,7 @@ def test_listen_fds_meant_for_another_pid_are_not_taken(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("nosuch", "unknown device type 'nosuch'"),
+    ("tests.nosuch:Model", "cannot import tests.nosuch"),
     ("echo,pio", "is not key=value"),
     ("echo,id=blk", "id= is given by the VMM"),
     ("echo,pio=1,pio=2", "pio given twice"),

@@ -29,6 +29,7 @@ from ipc import Bus, Registry
 from tests.conftest import segment_name
 from tests.devserver.servicekit import (NotifySocket, connect, needs_socket_activate, serve_activated,
                                         serve_listen, service_env, started_pids, supervised)
+from tests.testkinds import FAULT_ECHO
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm, vmm_run
 from vmm import guests
 from vmm.config import parse_device_spec
@@ -265,13 +266,13 @@ def test_a_hung_model_stops_the_watchdog_pings(tmp_path):
     KVM needed): registry lookup, access through the slot, put."""
     notify = NotifySocket(tmp_path)
     path = tmp_path / "fault.sock"
-    svc = serve_listen("fault-echo,stall_ms=2500", path,
-                       env=service_env(notify, WATCHDOG_USEC="200000", SPLITVMM_TEST_KINDS="1"))
+    svc = serve_listen(f"{FAULT_ECHO},stall_ms=2500", path,
+                       env=service_env(notify, WATCHDOG_USEC="200000"))
     name = segment_name("svc")
     try:
         with Registry.create(name) as registry:
             try:
-                ep = attach_service(str(path), "fault-echo", {"pio": hex(PIO)}, 2, "f0", registry, 1,
+                ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 2, "f0", registry, 1,
                                     RemoteOptions(access_timeout=20.0))
                 try:
                     def access(offset: int) -> int:
@@ -313,14 +314,13 @@ def test_a_hung_model_is_killed_by_the_watchdog_and_the_service_comes_back(tmp_p
     kills the device (SIGABRT) and starts it again, and the next attach is
     served by the new process."""
     path = tmp_path / "fault.sock"
-    svc = supervised("fault-echo,stall_ms=60000", path, watchdog_sec=1.0,
-                     env=service_env(SPLITVMM_TEST_KINDS="1"))
+    svc = supervised(f"{FAULT_ECHO},stall_ms=60000", path, watchdog_sec=1.0)
     name = segment_name("svc")
     try:
         with Registry.create(name) as registry:
             try:
                 first = started_pids(svc)[0]
-                ep = attach_service(str(path), "fault-echo", {"pio": hex(PIO)}, 2, "f0", registry, 1,
+                ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 2, "f0", registry, 1,
                                     RemoteOptions(access_timeout=30.0))
                 try:
                     assert ep.reported_pid == first
@@ -334,7 +334,7 @@ def test_a_hung_model_is_killed_by_the_watchdog_and_the_service_comes_back(tmp_p
                     ep.close()
                 second = int(svc.out.wait(lambda line: line.startswith("started ") and line != f"started {first}")
                              .split()[1])
-                ep = attach_service(str(path), "fault-echo", {"pio": hex(PIO)}, 3, "f1", registry, 1,
+                ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 3, "f1", registry, 1,
                                     RemoteOptions(access_timeout=30.0))
                 try:
                     assert ep.reported_pid == second

@@ -46,7 +46,7 @@ from vmm.irq import DeviceIrqs
 from vmm.remote.handshake import Offer, StartError, handshake, registry_fd
 from vmm.remote.options import RemoteOptions
 from vmm.remote.peer import Peer
-from vmm.remote.process import DeviceProcess
+from vmm.remote.process import DeviceProcess, child_env
 from vmm.remote.requests import RequestService
 
 __all__ = ["RemoteEndpoint", "SHUTDOWN_GRACE", "MAX_VCPUS"]
@@ -134,10 +134,11 @@ class RemoteEndpoint:
         (bad parameters, protocol error, death, deadline).
         """
         config = _config(kind, params, owner, name, nvcpus)
+        env = child_env(kind, name)
         deadline = time.monotonic() + options.start_timeout
         ours, theirs = socketpair()
         try:
-            process = DeviceProcess.start(options.command, theirs, name, options.cpus)
+            process = DeviceProcess.start(options.command, theirs, name, options.cpus, env)
         except BaseException:
             ours.close()
             raise

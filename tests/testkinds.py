@@ -1,11 +1,12 @@
 """TEST-ONLY device kinds: devices that misbehave on request.
 
-Not for anything but tests.  These kinds exist only in a device process
-whose environment has ``SPLITVMM_TEST_KINDS=1`` (see
-:mod:`devserver.kinds`); the VMM's ``--device`` parser does not know them
-(a test names one in a :class:`vmm.config.DeviceSpec` of its own).  They
-reach into the device-process runtime (its control socket, its registry
-mapping) through ``bind_test_server``, which no real device model has.
+Not for anything but tests.  They are models like a user's own, named
+``--device tests.testkinds:FaultEcho`` / ``tests.testkinds:IrqEcho``
+(:data:`FAULT_ECHO`, :data:`IRQ_ECHO`; :mod:`devices.kinds`), so they reach
+a device process the way any out-of-tree model does.  ``fault-echo``
+reaches into the device-process runtime (its control socket, its
+registry mapping), which no real model does: it finds the runtime of its
+process itself (:func:`_device_server`); the runtime has no test hooks.
 
 ``fault-echo``: the ``echo`` device (:mod:`devices.echo`, same parameters
 and registers) plus a fault register at offset 0xFC of either window:
@@ -58,15 +59,20 @@ write would make them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import struct
 import threading
 import time
 
-from devices.base import BadParameter, Device, DeviceError, DeviceHost, Space, parse_int
-from devices.echo import ECHO_COUNT, Echo, ones
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.echo import ECHO_COUNT, Echo
 
 log = logging.getLogger(__name__)
+
+#: The ``--device`` TYPE of each kind.
+FAULT_ECHO = "tests.testkinds:FaultEcho"
+IRQ_ECHO = "tests.testkinds:IrqEcho"
 
 FAULT_REG = 0xFC
 FAULT_GARBAGE_FRAMING = 1
@@ -97,7 +103,6 @@ class FaultEcho(Echo):
         self.stall_ms = self._bounded(params.pop("stall_ms", "30000"), "stall_ms", 1, 600_000)
         self.hog_delay_ms = self._bounded(params.pop("hog_delay_ms", "50"), "hog_delay_ms", 0, 60_000)
         super().__init__(host, **params)
-        self._server = None
         self._hog: threading.Thread | None = None
 
     def _bounded(self, text: str, key: str, low: int, high: int) -> int:
@@ -106,16 +111,16 @@ class FaultEcho(Echo):
             raise BadParameter(f"{self.kind}: {key}={value} (expected {low} to {high})")
         return value
 
-    def bind_test_server(self, server) -> None:
-        """Called by the device-process runtime (devserver.runtime) with
-        itself: the control socket and the registry mapping to abuse."""
-        self._server = server
+    @property
+    def _server(self):
+        """The runtime of this device process (None inline)."""
+        return _device_server()
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         if offset != FAULT_REG:
             return super().read(space, cookie, offset, size)
         if size != 4:
-            return ones(size)
+            return all_ones(size)
         log.warning("test hook: stalling this read for %d ms", self.stall_ms)
         time.sleep(self.stall_ms / 1000)
         return super().read(space, cookie, ECHO_COUNT, 4)
@@ -196,7 +201,7 @@ class IrqEcho(Device):
     def stop(self) -> None:
         try:
             self.host.release(Space.PIO, self.pio)
-        except Exception as e:
+        except HostRefused as e:
             log.debug("irq-echo: release: %s", e)
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
@@ -204,7 +209,7 @@ class IrqEcho(Device):
             return self.refused
         if size == 4 and offset == IRQ_PID:
             return self.host.process_id()
-        return ones(size)
+        return all_ones(size)
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
         if size != 4:
@@ -212,7 +217,7 @@ class IrqEcho(Device):
         try:
             self._write(offset, value)
             self.refused = 0
-        except DeviceError as e:
+        except HostRefused as e:
             log.warning("irq-echo: request refused: %s", e)
             self.refused = 1
 
@@ -235,5 +240,10 @@ class IrqEcho(Device):
             self.vectors.pop(value).unprogram()
 
 
-#: kind -> class, added to devserver.kinds.KINDS under SPLITVMM_TEST_KINDS=1.
-TEST_KINDS = {FaultEcho.kind: FaultEcho, IrqEcho.kind: IrqEcho}
+
+def _device_server():
+    """The :class:`devserver.runtime.DeviceServer` running in this process,
+    or None (an inline model)."""
+    from devserver.runtime import DeviceServer
+
+    return next((o for o in gc.get_objects() if isinstance(o, DeviceServer)), None)
