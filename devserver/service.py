@@ -254,13 +254,6 @@ class DeviceService:
                               "(give each parameter on one side)")
         return dataclasses.replace(cfg, kind=self.spec.kind, params={**self.spec.params, **cfg.params})
 
-
-def _target(kind: str) -> str:
-    """``module:Class`` of a registered kind, else the text itself: a kind
-    and its ``MODULE:CLASS`` name the same model.  Nothing is imported, so
-    a VMM cannot make the service load a module of its choosing."""
-    return kinds().get(kind, kind)
-
     # -- a second VMM while one is served -----------------------------------
 
     def _refuse_while_busy(self, ended: threading.Event, serving: int) -> None:
@@ -279,6 +272,13 @@ def _target(kind: str) -> str:
                 self._pending.append(conn)      # served next, by the accept loop
                 return
             _refuse(conn, f"busy: this service serves one VM at a time and serves the VMM of pid {serving}")
+
+
+def _target(kind: str) -> str:
+    """``module:Class`` of a registered kind, else the text itself: a kind
+    and its ``MODULE:CLASS`` name the same model.  Nothing is imported, so
+    a VMM cannot make the service load a module of its choosing."""
+    return kinds().get(kind, kind)
 
 
 def _accept(sock: socket.socket) -> socket.socket | None:
