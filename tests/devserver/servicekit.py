@@ -162,6 +162,7 @@ def serve_activated(spec: str, path: pathlib.Path, *args: str, env_pass: dict[st
     """``devserver serve SPEC`` under ``systemd-socket-activate``: the
     program is started at the first connection; returns once the
     activator listens."""
+    assert SOCKET_ACTIVATE is not None      # needs_socket_activate skips without it
     argv = [SOCKET_ACTIVATE, "-l", str(path), "--fdname=control"]
     if seqpacket:
         argv.append("--seqpacket")

@@ -95,7 +95,9 @@ def test_socket_activated_device_serves_vms_and_notifies(tmp_path, loop_guest):
         assert served_by(r.stderr) == svc.proc.pid      # the activator exec'd the service in place
         ready = notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
         assert "listening on fd 3" in ready["STATUS"]
-        vmm_pid = int(re.search(r"VMM pid (\d+)", r.stderr).group(1))
+        m = re.search(r"VMM pid (\d+)", r.stderr)
+        assert m, r.stderr
+        vmm_pid = int(m.group(1))
         notify.wait(lambda m: f"serving the VM of pid {vmm_pid}" in m.get("STATUS", ""), what="serving the VM")
         # The VM went away: listening again, with the count of what it served.
         done = notify.wait(lambda m: "1 VM(s) served" in m.get("STATUS", ""), what="the status after the VM")
