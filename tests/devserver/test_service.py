@@ -134,8 +134,9 @@ def test_listen_replaces_a_stale_socket_but_not_a_live_one(tmp_path):
     assert not path.exists()                    # removed by the service that made it
 
 
-def test_sigterm_while_a_client_is_connected(tmp_path):
-    notify = NotifySocket(tmp_path)
+@pytest.mark.parametrize("abstract", [False, True], ids=["notify-path", "notify-abstract"])
+def test_sigterm_while_a_client_is_connected(tmp_path, abstract):
+    notify = NotifySocket(tmp_path, abstract=abstract)
     path = tmp_path / "dev.sock"
     svc = serve_listen(ECHO, path, env=service_env(notify))
     try:
