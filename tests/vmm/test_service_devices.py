@@ -155,8 +155,8 @@ def test_supervisor_reexecutes_a_killed_device_and_it_serves_the_next_vm(tmp_pat
         first = started_pids(svc)[0]
         r = run_vm(loop_guest, path)
         assert r.returncode == PASS_STATUS, r.stderr
-        # The socket's listener is the supervisor, so the VMM knows the
-        # device's pid from its Ready only.
+        # The socket's listener (SO_PEERCRED) is the supervisor; the VMM
+        # takes the pid the kernel attached to the device's messages.
         assert served_by(r.stderr) == first
         os.kill(first, signal.SIGKILL)                    # between VMs
         svc.out.wait(lambda line: line == f"exited {first} signal SIGKILL")

@@ -11,12 +11,12 @@ pidfd -- the end of the control stream is its end, and stopping it means
 hanging up (:class:`vmm.remote.peer.SocketPeer`), after which the service
 listens again.  It is never signalled.
 
-Its pid: the kernel's SO_PEERCRED on a connecting socket names whoever
-called listen() -- the device itself with ``--listen`` or
-``systemd-socket-activate``, but the service manager under a socket unit --
-so the pid the device reports in Ready is taken only when the two agree;
-otherwise the pid stays unknown (0) and the summary names the reported
-one.
+Its pid is the kernel's word, not the device's: SO_PEERCRED on a
+connecting socket names whoever called listen() (the service manager,
+under a socket unit), so the socket has SO_PASSCRED instead and the pid
+is the one the kernel attached to the device's Ready (the process that
+sent it, in this VMM's pid namespace; the device cannot forge it without
+CAP_SYS_ADMIN).  The pid the device reports in Ready is only shown.
 
 Failures to attach (nothing listening, a refusal: kind mismatch, a
 parameter on both sides, busy) are configuration errors: the run stops
@@ -30,7 +30,6 @@ import logging
 import socket
 
 from ipc.registry import Registry
-from ipc.transport import peer_credentials
 from vmm.config import ConfigError
 from vmm.endpoint import DeviceFailed
 from vmm.remote.endpoint import RemoteEndpoint
@@ -49,6 +48,7 @@ def connect(path: str, name: str, timeout: float = CONNECT_TIMEOUT) -> socket.so
     """A control socket connected to the service at ``path``; ConfigError
     (one line, naming the device) when there is none."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)    # the sender's pid on every packet
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -74,7 +74,6 @@ def attach_service(path: str, kind: str, params: dict[str, str], owner: int, nam
     device is Ready.  Raises ConfigError when it cannot be reached or
     refuses (the service's reason in the message)."""
     sock = connect(path, name, min(CONNECT_TIMEOUT, options.start_timeout))
-    listener_pid = peer_credentials(sock)[0]
     peer = SocketPeer(sock, 0)
     try:
         endpoint = RemoteEndpoint.attach(sock, peer, kind, params, owner, name, registry, nvcpus, options)
@@ -84,8 +83,7 @@ def attach_service(path: str, kind: str, params: dict[str, str], owner: int, nam
             raise ConfigError(f"device {name}: the service at {path} refused: {reason[9:]}") from None
         raise ConfigError(f"device {name}: the service at {path}: {reason}") from None
     endpoint.service_path = path
-    if listener_pid and endpoint.reported_pid == listener_pid:
-        peer.pid = listener_pid
-    log.info("device %s: attached to the service at %s (it reports pid %d%s)", name, path,
-             endpoint.reported_pid, "" if peer.pid else "; the socket's listener is another process")
+    peer.pid = endpoint.sender_pid
+    log.info("device %s: attached to the service at %s, pid %d (it reports %d)", name, path, peer.pid,
+             endpoint.reported_pid)
     return endpoint

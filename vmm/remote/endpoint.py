@@ -114,6 +114,12 @@ class RemoteEndpoint:
         }
 
     @property
+    def sender_pid(self) -> int:
+        """The pid the kernel attached to the device's last control message
+        (SO_PASSCRED set on its socket, as vmm.remote.connect does; else 0)."""
+        return self._channel.sender_pid
+
+    @property
     def pid(self) -> int:
         """Pid of the device process as this VMM knows it (0: unknown)."""
         return self.peer.pid
