@@ -32,6 +32,12 @@ STOPPING=1 on SIGTERM or SIGINT.
 Exit status: 0 stopped by SIGTERM/SIGINT; 1 no usable listening socket; 2
 bad command line; 3 a model handler stuck after its VM went away (a
 failure, so ``Restart=on-failure`` starts a fresh process).
+
+Not yet (restart with state, issue 10 sections 2-3): every session builds a
+fresh model.  A VMM that reconnects to a restarted service will hand it
+the state segment it kept, and the session will restore from it instead;
+the session's hooks into the runtime (:meth:`DeviceService.merge`, the
+watchdog tick) are where that plugs in.
 """
 
 from __future__ import annotations
