@@ -357,3 +357,65 @@ def read(registry: Registry, ep, offset: int) -> int:
         return ep.access(0, int(Bus.PIO), ref.cookie, ref.offset, 4, False, 0)
     finally:
         registry.put(ref)
+
+
+@needs_kvm
+def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_path, guest, caplog):
+    """As for a spawned device (tests/vmm/test_device_faults.py): a thread
+    of service device A takes the registry lock inside the handler of the
+    guest's write and keeps it.  The lock watch finds the holder -- the
+    kernel-verified pid of A's service process, though the socket's
+    listener is the supervisor -- kills it, the registry is recovered, the
+    guest goes on with device B and ends with PASS; the supervisor starts
+    the service again and it serves the next VMM."""
+    from tests.vmm.test_device_faults import (A_MMIO, A_PIO, B_MMIO, B_PIO, FAULT_HOG, FLAG, PASS, cmdline,
+                                              echo, healthy)
+
+    path = tmp_path / "a.sock"
+    svc = supervised(FAULT_ECHO, path)
+    try:
+        first = started_pids(svc)[0]
+        stop_flag = threading.Event()
+        with Machine(memory=32 << 20, lock_timeout=0.3) as m:
+            m.load_pvh(guest("faults"), cmdline("hog", a_mmio=A_MMIO, fault=FAULT_HOG))
+            a = m.add_device(parse_device_spec(f"{FAULT_ECHO},connect={path},id=a0,pio={A_PIO:#x},"
+                                               f"mmio={A_MMIO:#x},hog_delay_ms=50"))
+            b = m.add_device(echo("b0", B_PIO, B_MMIO))
+            assert a.pid == first
+            recoveries = m.registry.recoveries
+
+            def raise_flag() -> None:          # tells the guest A is cut off
+                deadline = time.monotonic() + RUN_TIMEOUT
+                while a.failed is None and not stop_flag.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if a.failed is not None:
+                    m.memory.write(FLAG, b"\x01")
+
+            flagger = threading.Thread(target=raise_flag, daemon=True)
+            flagger.start()
+            try:
+                outcome = m.run(timeout=RUN_TIMEOUT)
+            finally:
+                stop_flag.set()
+                flagger.join(5)
+            assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
+            assert a.failed is not None and "registry lock" in a.failed, a.failed
+            assert m.dispatcher.lock_watch.kills == 1 and m.dispatcher.lock_watch.unusable is None
+            assert m.registry.recoveries > recoveries, "no owner-death recovery"
+            assert m.registry.holder()[1] == 0
+            assert not [r for r in m.registry.regions() if r.owner == a.owner]
+            healthy(m, b)
+        svc.out.wait(lambda line: line == f"exited {first} signal SIGKILL")
+        second = int(svc.out.wait(lambda line: line.startswith("started ") and line != f"started {first}")
+                     .split()[1])
+        with Registry.create(segment_name("svc")) as registry:
+            try:
+                ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 2, "a1", registry, 1, RemoteOptions())
+                try:
+                    assert ep.pid == second and read(registry, ep, 0xF4) == 1
+                finally:
+                    ep.close()
+            finally:
+                registry.unlink()
+    finally:
+        svc.stop()
