@@ -76,7 +76,7 @@ class DeviceServer:
                  check_parent: bool = True, *,
                  config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
                  tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
-                 stuck_status: int = EXIT_OK):
+                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
         #: Service mode (devserver.service): turns the VMM's DeviceConfig
@@ -91,6 +91,9 @@ class DeviceServer:
         #: Exit status when a handler is stuck after the VMM went away (a
         #: service exits non-zero, so its manager restarts it).
         self.stuck_status = stuck_status
+        #: Descriptors of the caller's that the sandbox keeps open (a
+        #: service session's health pipe).
+        self.keep_fds = set(keep_fds or ())
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -247,7 +250,7 @@ class DeviceServer:
             cls = resolve(cfg.kind)
         except ModelNotFound as e:
             raise StartFailed(str(e)) from None
-        keep = {self.channel.fileno()}
+        keep = {self.channel.fileno()} | self.keep_fds
         if self.console is not None:
             keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
         try:

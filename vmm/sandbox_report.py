@@ -59,6 +59,34 @@ class DeviceSandbox:
         return "sandbox " + " ".join(self.layers) if self.layers else "no sandbox"
 
 
+def for_service(layers: tuple[str, ...], pid: int) -> DeviceSandbox:
+    """The sandbox of a service's session device whose process (the
+    kernel's word, SO_PASSCRED) is ``pid``: with the namespaces layer it is
+    pid 1 of its own pid namespace, whose thread ids the lock word holds."""
+    if pid <= 0:
+        return DeviceSandbox(tuple(layers))
+    in_ns = "namespaces" in layers
+    return DeviceSandbox(tuple(layers), (pid,), pid if in_ns else None)
+
+
+def seccomp_death(name: str, sandbox: DeviceSandbox) -> str | None:
+    """The system call a device that died was killed for, when the
+    kernel logged a seccomp kill of its process (a service's device is not
+    this VMM's child: no exit status tells); logged once.  Call it only
+    once the process is known to be dead."""
+    if sandbox.killed_by is not None:
+        return sandbox.killed_by
+    if not sandbox.pids or "seccomp=kill" not in sandbox.layers:
+        return None
+    nr = seccomp_syscall(sandbox.pids)
+    if nr is None:
+        return None
+    call = syscall_name(nr)
+    sandbox.killed_by = call
+    _log_once(name, sandbox, call)
+    return call
+
+
 def at_ready(name: str, peer, layers: tuple[str, ...], reported_pid: int):
     """(DeviceSandbox, peer) once device ``name`` is Ready: a child this
     VMM spawned (:class:`vmm.remote.process.DeviceProcess`) comes back as a

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 
 from devices.base import Device
@@ -144,11 +145,20 @@ def _namespaces(out: Applied, tid_base: int) -> None:
 
     def lock_down_reaper(pidfd: int, device: int) -> None:
         fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
-        for step in (caps.apply, landlock.apply):
-            try:
-                step()
-            except OSError:
-                pass    # best effort: it runs no device code
+        if callable(signal.getsignal(signal.SIGTERM)):
+            # A process that handles SIGTERM (a service's session) passes it
+            # on: the device, pid 1 of its namespace, has the same handler.
+            signal.signal(signal.SIGTERM, lambda _s, _f: _forward(pidfd, signal.SIGTERM))
+        # No Landlock here: on ABI >= 6 it scopes signals to the reaper's
+        # own domain, which the device (whose domain is made after the
+        # fork, not inside this one) is not in -- the reaper could no
+        # longer kill the device when the VMM goes away, nor pass a
+        # SIGTERM on (pidfd_send_signal: EPERM).  Its seccomp list is a
+        # few calls, and open answers EACCES.
+        try:
+            caps.apply()
+        except OSError:
+            pass    # best effort: it runs no device code
         seccomp.load(common.rules(os.getpid()) + (
             Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))), "kill")
 
@@ -157,6 +167,13 @@ def _namespaces(out: Applied, tid_base: int) -> None:
     if tid_base:
         namespaces.set_next_pid(tid_base)
     namespaces.empty_root()
+
+
+def _forward(pidfd: int, signo: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signo)
+    except OSError:
+        pass    # the device has exited: the reaper is about to mirror it
 
 
 from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns  # noqa: E402
