@@ -667,4 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, stop)
-    return service.run()
+    rc = service.run()
+    # Stopped already: a second SIGTERM must not kill the interpreter on its
+    # way out (its finalisation puts Python's handlers back to the default).
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, signal.SIG_IGN)
+    return rc
