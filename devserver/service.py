@@ -16,27 +16,44 @@ guest memory, the registry and slot segments, and the placement it decided
 parameter given on both sides, is refused: the VMM gets an Error naming
 it, the service logs one line, and listens again.
 
-When the VM goes away -- Shutdown, the connection closed, the VMM killed
--- the session's model, mappings and descriptors are released and the
-service listens again, so a restarted VMM finds it where it was.  While a
-VM is served, another VMM that connects waits ``--busy-grace`` seconds (a
-restarted VMM often connects just before the old connection's end is
-seen) and is then refused ("busy").
+Each VM session runs in a process of its own, forked from the listener:
+the listener never starts a thread (it checks before every fork), so the
+child can enter a user namespace, and the session applies the sandbox
+exactly as a spawned device does (:mod:`devserver.sandbox`: strict by
+default, ``--sandbox auto`` applies what the host or unit allows and
+still loads seccomp, ``off`` for debugging; ``--seccomp kill|trap|log``).
+The sandbox is the service's: the VMM's DeviceConfig cannot weaken it.
+Forking keeps everything imported: a session starts in tens of
+milliseconds, where a fresh ``python -m devserver --fd N`` takes about
+200 ms.  The device that sends Ready is the session's process (pid 1 of
+its pid namespace under the sandbox), so the pid the VMM takes from the
+kernel (SO_PASSCRED) is the one to kill.
+
+When the session's process exits -- Shutdown, the connection closed, the
+VMM killed, a seccomp kill, the VMM cutting it off -- the listener reaps
+it, logs how it ended, and listens again, so a restarted VMM finds it
+where it was.  While a VM is served, another VMM that connects waits
+``--busy-grace`` seconds (a restarted VMM often connects just before the
+old connection's end is seen) and is then refused ("busy", told by a
+short-lived forked process so the loop never waits on a client).
 
 With ``$NOTIFY_SOCKET`` (:mod:`devserver.notify`): READY=1 once listening,
-STATUS= (listening / serving the VM of pid N, accesses served), WATCHDOG=1
-from the accept loop, the handshake and the serving loop while they run
-(so a hung model stops the pings and the manager restarts the service),
-STOPPING=1 on SIGTERM or SIGINT.
+STATUS= (listening / serving the VM of pid N, accesses served),
+STOPPING=1 on SIGTERM or SIGINT (the session gets SIGTERM, SIGKILL after
+:data:`STOP_GRACE`).  WATCHDOG=1: between VMs from the listener's loop;
+while a VM is served only as the session's own keep-alives arrive over a
+pipe (sent from its handshake waits and serving loop, with the accesses
+served), so a hung model stops the pings and the manager restarts the
+service.
 
 Exit status: 0 stopped by SIGTERM/SIGINT; 1 no usable listening socket; 2
-bad command line; 3 a model handler stuck after its VM went away (a
-failure, so ``Restart=on-failure`` starts a fresh process).
+bad command line.  A session's process exits as a device process does,
+or with 3 when a model handler is stuck after its VM went away.
 
 Not yet (restart with state, issue 10 sections 2-3): every session builds a
-fresh model.  A VMM that reconnects to a restarted service will hand it
-the state segment it kept, and the session will restore from it instead;
-the session's hooks into the runtime (:meth:`DeviceService.merge`, the
+fresh model.  A VMM that reconnects will hand the session the state
+segment it kept, and the session will restore from it instead; the
+session's hooks into the runtime (:meth:`DeviceService.merge`, the
 watchdog tick) are where that plugs in.
 """
 
