@@ -54,6 +54,8 @@ import os
 import select
 import threading
 
+from devices.faults.apply import fault_bytes
+from devices.faults.table import POINTS
 from devices.base import (
     BadParameter,
     ConsoleFds,
@@ -150,6 +152,7 @@ OUTPUT_DEADLINE = 1.0
 
 class Serial(Device):
     kind = "serial"
+    fault_points = {"serial.tx": POINTS["serial.tx"], "serial.rx": POINTS["serial.rx"], "irq": POINTS["irq"]}
 
     def __init__(self, host: DeviceHost, **params: str):
         pio = params.pop("pio", None)
@@ -329,6 +332,13 @@ class Serial(Device):
 
     def _receive(self, byte: int) -> None:
         """One character completes in the receiver (lock held)."""
+        if "serial.rx" in self.fault_engine.armed:
+            for b in fault_bytes(self.fault_engine, "serial.rx", bytes((byte,))):
+                self._receive_one(b)
+            return
+        self._receive_one(byte)
+
+    def _receive_one(self, byte: int) -> None:
         if self._room() > 0:
             self.rx.append(byte)
         elif self.fifo_enabled:
@@ -345,6 +355,8 @@ class Serial(Device):
         if self.mcr & UART_MCR_LOOP:
             self._receive(byte)
             self.rx_idle = True            # nothing follows it on the line
+        elif "serial.tx" in self.fault_engine.armed:
+            self._output(fault_bytes(self.fault_engine, "serial.tx", bytes((byte,))))
         else:
             self._output(bytes((byte,)))
         self.thr_pending = True            # ... and comes back once the byte is out

@@ -20,6 +20,7 @@ protocol or the handshake did not finish in time.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -27,14 +28,22 @@ import threading
 import time
 
 from devices.base import Device, Space
+from devices.faults.apply import ProcessHooks, serve_access
+from devices.faults.engine import FaultEngine, ReplayEngine
+from devices.faults.hook import SILENT
+from devices.faults.plan import parse_fault
+from devices.faults.table import FaultError
+from devices.faults.trace import check_record
 from devices.guestmem import GuestRam
 from devserver.errors import StartFailed
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
 from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
+from ipc.registry import take_lock_for_fault
 from devices.base import ConsoleFds
-from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
+                          Hello, Message, Ready,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
                           SetRegistry, SetSlots, Shutdown, Start, negotiate)
 from ipc.protocol import IRQ_ANSWERS
@@ -80,6 +89,9 @@ class DeviceServer:
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: The device's fault engine (FaultControl setup; SILENT before).
+        self.fault_engine: FaultEngine = SILENT
+        self._process_faults = ProcessHooks(take_lock=self._take_registry_lock)
 
     # -- the whole life ------------------------------------------------------
 
@@ -226,7 +238,11 @@ class DeviceServer:
                     model = self.model
                     if model is None:       # a reset that failed; the process is on its way out
                         raise StartFailed("no model")
-                    if req.is_write:
+                    armed = self.fault_engine.armed
+                    if "access" in armed or "process" in armed:
+                        value = serve_access(model, self.fault_engine, _SPACES, space, req.cookie, req.offset,
+                                             size, req.is_write, req.value, self._process_faults)
+                    elif req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0
                     else:
@@ -277,6 +293,8 @@ class DeviceServer:
                 continue
             if isinstance(msg, Reset):
                 self._reset()
+            elif isinstance(msg, FaultControl):
+                self._fault_control(msg)
             else:  # the protocol lets nothing else through in this state
                 log.error("unexpected %s from the VMM", msg.TYPE)
                 return
@@ -290,6 +308,7 @@ class DeviceServer:
                 self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
                 self.model = self._build_model()
+                self.model.attach_faults(self.fault_engine)
             except StartFailed as e:
                 self.model = None
                 log.error("reset failed: %s", e)
@@ -297,6 +316,75 @@ class DeviceServer:
                 self._stop()
                 return
         self._send(ResetDone())
+
+    # -- faults (devices.faults; ipc.protocol "faults" block) -----------------
+
+    def _take_registry_lock(self) -> None:
+        assert self.registry is not None
+        take_lock_for_fault(self.registry)
+
+    def _fault_record(self, record: dict) -> None:
+        """The engine's sink: each record goes to the VMM, which writes the
+        trace (a sandboxed process has no filesystem)."""
+        self._send(FaultFired(json.dumps(record, separators=(",", ":"), allow_nan=False)))
+
+    def _fault_control(self, msg: FaultControl) -> None:
+        try:
+            result = self._fault_op(msg.op, json.loads(msg.body))
+            reply = FaultReply(msg.seq, True, json.dumps(result, separators=(",", ":")))
+        except (FaultError, ValueError, KeyError, TypeError) as e:
+            reply = FaultReply(msg.seq, False, (str(e) or type(e).__name__)[:1000])
+        if len(reply.body) > 50_000:
+            reply = FaultReply(msg.seq, False, "the answer is too large for one message")
+        self._send(reply)
+
+    def _fault_op(self, op: str, body: object) -> object:
+        cfg, model = self.config, self.model
+        assert cfg is not None
+        if model is None:
+            raise FaultError("no model")
+        if not isinstance(body, dict):
+            raise FaultError(f"{op}: the body is a JSON object")
+        points = type(model).all_fault_points()
+        devices = {cfg.name: points}
+        if op == "setup":
+            seed = body.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise FaultError("setup: seed must be an integer in 0..2**64-1")
+            replay = body.get("replay")
+            engine: FaultEngine
+            if replay is not None:
+                if not isinstance(replay, list):
+                    raise FaultError("setup: replay must be a list of firings")
+                firings = [check_record(r, f"replay #{i + 1}") for i, r in enumerate(replay)]
+                engine = ReplayEngine(cfg.name, firings, seed=seed, sink=self._fault_record)
+            else:
+                faults = body.get("faults", [])
+                if not isinstance(faults, list):
+                    raise FaultError("setup: faults must be a list")
+                parsed = [parse_fault(f, devices=devices, points=points) for f in faults]
+                engine = FaultEngine(cfg.name, parsed, seed=seed, points=points, sink=self._fault_record)
+            self.fault_engine = engine
+            if self.host is not None:
+                self.host.fault_engine = engine
+            with self._model_lock:
+                if self.model is not None:
+                    self.model.attach_faults(engine)
+            return {"armed": len(engine.faults())}
+        engine = self.fault_engine
+        if engine is SILENT:
+            raise FaultError("the fault engine is not set up")
+        if op == "arm":
+            fault = parse_fault(body, devices=devices, points=points, taken=[f.name for f in engine.faults()])
+            engine.arm(fault)
+            return fault.to_dict()
+        if op == "disarm":
+            name = body.get("name")
+            if not isinstance(name, str):
+                raise FaultError("disarm: name must be a string")
+            return engine.disarm(name).to_dict()
+        return {"faults": [s.to_dict() for s in engine.query()],
+                "events": {p: engine.events(p) for p in engine.armed}}
 
     def _stop(self) -> None:
         """Make the serving thread return; exit hard if it is stuck."""
