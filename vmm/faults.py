@@ -21,6 +21,7 @@ device is failed, its regions reaped, the VM goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -57,7 +58,7 @@ def check_placement(fault: Fault, spec: DeviceSpec, label: str = "fault") -> Non
     """Refuse a ``process`` fault on an inline device."""
     if fault.point == "process" and spec.placement == "inline":
         raise PlanError(f"device {fault.device!r} runs inside the VMM (process=inline): the process point "
-                        "needs process=isolated", fault=f"{label} {fault.name!r}", key="point")
+                        "needs process=isolated", fault=f"{label} {json.dumps(fault.name)}", key="point")
 
 
 def check_plan(plan: Plan, specs: Mapping[str, DeviceSpec]) -> None:
