@@ -23,12 +23,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
 
 import pytest
 
-from devices.faults.plan import loads_plan
+from devices.faults.plan import load_plan, loads_plan
 from devices.faults.trace import read_trace, trace_digest
 from tests.vmm.conftest import REPO, needs_kvm, vmm_run
 from vmm.config import parse_device_spec
@@ -403,3 +402,177 @@ def test_virtio_faults_seen_by_the_guest(virtio_guest, tmp_path, placement):
 
 def _names(text: str) -> list[str]:
     return [line.split('"')[1] for line in text.splitlines() if line.startswith("name = ")]
+
+
+# -- vmm run: the demo, the trace, replay, byte streams, bad plans ----------------
+
+EXAMPLES = REPO / "examples" / "faults"
+
+
+def test_demo_under_a_plan_fails_readably_and_replays(tmp_path):
+    out, trace, again = tmp_path / "out.txt", tmp_path / "run.jsonl", tmp_path / "replay.jsonl"
+    r = vmm_run("--serial", f"file:{out}", "--faults", str(EXAMPLES / "demo-blk-errors.toml"),
+                "--fault-trace", str(trace), "--timeout", "60")
+    assert r.returncode == 47, r.stderr        # test exit 23: (23 << 1) | 1
+    assert "demo: check 23 failed: write: I/O error" in out.read_text()
+    assert "vmm: faults: blk/demo-write-fails: 1 firing(s)" in r.stderr
+    t = read_trace(trace)
+    assert t.plan == load_plan(EXAMPLES / "demo-blk-errors.toml").digest and t.seed == 0
+    assert [(f["device"], f["point"], f["event"], f["action"]) for f in t.firings] == [
+        ("blk", "blk.write", 1, "ioerr")]
+    r = vmm_run("--serial", f"file:{out}", "--fault-replay", str(trace), "--fault-trace", str(again),
+                "--timeout", "60")
+    assert r.returncode == 47, r.stderr
+    assert "demo: check 23 failed: write: I/O error" in out.read_text()
+    assert trace_digest(read_trace(again)) == trace_digest(t)
+
+
+BYTES_PLAN = """
+[[fault]]
+name = "s-drop"
+device = "serial0"
+point = "serial.tx"
+nth = 1
+action = "drop"
+[[fault]]
+name = "s-twice"
+device = "serial0"
+point = "serial.tx"
+nth = 3
+action = "duplicate"
+[[fault]]
+name = "c-garbage"
+device = "console"
+point = "console.tx"
+nth = 1
+action = "garbage"
+[[fault]]
+name = "c-drop"
+device = "console"
+point = "console.tx"
+nth = 2
+action = "drop"
+"""
+
+
+def test_byte_faults_in_the_console_output(tmp_path):
+    plan_file, out, trace = tmp_path / "bytes.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
+    plan_file.write_text(BYTES_PLAN)
+    r = vmm_run("--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
+                "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    text = out.read_bytes()
+    assert text.startswith(b"pllitvmm demo guest: "), text[:40]          # "s" lost, "l" twice
+    g = next(f for f in read_trace(trace).firings if f["fault"] == "c-garbage")
+    garbage = int(g["detail"].rsplit(" ", 1)[1], 16)
+    assert bytes([garbage]) + b"rtio-console: hello from the splitvmm demo guest\n" in text
+
+
+BAD_PLANS = {
+    "unknown key": ('[[fault]]\ndevice = "e"\npoint = "access"\nnth = 1\naction = "ones"\ncolour = 1\n',
+                    "fault #1 \"fault-1\": key 'colour': unknown key"),
+    "action of another point": ('[[fault]]\ndevice = "e"\npoint = "access"\nnth = 1\naction = "ioerr"\n',
+                                "key 'action': 'ioerr' is not an action of point 'access'"),
+    "no such device": ('[[fault]]\ndevice = "blk"\npoint = "access"\nnth = 1\naction = "ones"\n',
+                       "key 'device': no device 'blk'"),
+    "two triggers": ('[[fault]]\ndevice = "e"\npoint = "access"\nnth = 1\nevery = 2\naction = "ones"\n',
+                     "key 'every': two triggers at once"),
+    "point the model lacks": ('[[fault]]\ndevice = "e"\npoint = "blk.write"\nnth = 1\naction = "ioerr"\n',
+                              "key 'point': 'blk.write' is not a point of device 'e'"),
+    "process inline": ('[[fault]]\ndevice = "e"\npoint = "process"\nnth = 1\naction = "crash"\n',
+                       "key 'point': device 'e' runs inside the VMM"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_bad_plans_one_line_status_2(guest, tmp_path, case):
+    text, message = BAD_PLANS[case]
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    r = vmm_run("--guest", str(guest("hello")), "--serial", "none", "--device", "echo,id=e,pio=0x2000,process=inline",
+                "--faults", str(p))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vmm: --faults {p}: ") and message in lines[0], r.stderr
+
+
+def test_bad_replay_and_flag_combinations(guest, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type":"header"}\n')
+    r = vmm_run("--guest", str(guest("hello")), "--serial", "none", "--fault-replay", str(bad))
+    assert r.returncode == 2 and "not a splitvmm-fault-trace header" in r.stderr
+    r = vmm_run("--guest", str(guest("hello")), "--serial", "none", "--fault-seed", "3")
+    assert r.returncode == 2 and "--fault-seed needs --faults" in r.stderr
+
+
+# -- determinism ----------------------------------------------------------------------
+
+PROBABILITY_PLAN = "".join(
+    f'[[fault]]\nname = "{n}"\ndevice = "{d}"\npoint = "access"\nprobability = {p}\naction = "{a}"\n{extra}'
+    for n, d, p, a, extra in (("e0-ones", "e0", 0.2, "ones", ""), ("e1-value", "e1", 0.3, "value", "value = 7\n"),
+                              ("e2-garbage", "e2", 0.25, "garbage", "")))
+
+
+def _probability_run(guest, seed: int, placement: str = "inline") -> tuple[str, int, list]:
+    specs = [f"echo,id=e{i},pio={0x2000 + 0x100 * i:#x},process={placement}" for i in range(3)]
+    parsed = [parse_device_spec(s) for s in specs]
+    by_name = {s.name: s for s in parsed}
+    with Machine(memory=32 << 20) as m:
+        m.faults.configure(plan(PROBABILITY_PLAN, by_name, seed=seed))
+        m.load_pvh(guest("fault_access"), f"p0=0x2000 p1=0x2100 p2=0x2200 n=16 stats={STATS:#x}")
+        for s in parsed:
+            m.add_device(s)
+        outcome = m.run(timeout=60)
+        assert outcome.ending is Ending.POWER_OFF, str(outcome)
+        values = struct.unpack("<192Q", m.memory.read(STATS, 192 * 8))
+        return m.faults.digest_of_trace(), len(m.faults.trace()), values[:32]
+
+
+def test_same_seed_same_trace_other_seed_other_trace(guest):
+    first, n, values = _probability_run(guest, 1234)
+    assert n > 3                    # something fired on the three devices
+    for _ in range(19):
+        assert _probability_run(guest, 1234)[0] == first
+    # the same decisions in device processes
+    assert _probability_run(guest, 1234, "isolated")[0] == first
+    assert _probability_run(guest, 99)[0] != first
+
+
+# -- run-time control: Machine.faults, QMP fault-arm / fault-disarm / query-faults ---------
+
+def test_fault_arm_at_run_time_and_bad_arguments(guest):
+    from vmm.qmp import QmpError
+
+    spec = parse_device_spec("echo,id=e,pio=0x2000")
+    fired = []
+    with Machine(memory=32 << 20) as m:
+        m.events.subscribe(lambda ev: fired.append(ev.data) if ev.name == "FAULT_FIRED" else None)
+        m.load_pvh(guest("fault_access"), f"p0=0x2000 n=4 stats={STATS:#x}")
+        m.add_device(spec)
+        for args, message in (
+                ({"point": "access", "nth": 1, "action": "ones"}, "key 'device': missing"),
+                ({"device": "nope", "point": "access", "nth": 1, "action": "ones"}, "no device 'nope'"),
+                ({"device": "e", "point": "access", "nth": 0, "action": "ones"}, "key 'nth': must be in 1.."),
+                ({"device": "e", "point": "access", "nth": 1, "action": "value"}, "key 'value': missing"),
+                ({"device": "e", "point": "access", "nth": "1", "action": "ones"}, "must be an integer"),
+                ({"device": "e", "point": "access", "nth": 1, "action": "ones", "ms": 5},
+                 "a parameter of action 'delay'")):
+            with pytest.raises(QmpError, match=message):
+                m.qmp("fault-arm", **args)
+        armed = m.qmp("fault-arm", device="e", point="access", nth=2, action="value", value=0xAB, name="v")
+        assert armed["name"] == "v" and armed["dir"] == "read"
+        with pytest.raises(QmpError, match="'v' is already armed"):
+            m.qmp("fault-arm", device="e", point="access", nth=3, action="ones", name="v")
+        m.faults.arm({"device": "e", "point": "access", "nth": 3, "action": "ones", "name": "gone"})
+        assert m.faults.disarm("gone")["firings"] == 0
+        with pytest.raises(QmpError, match="no fault 'gone' is armed"):
+            m.qmp("fault-disarm", name="gone")
+        outcome = m.run(timeout=60)
+        assert outcome.ending is Ending.POWER_OFF, str(outcome)
+        values = struct.unpack("<8Q", m.memory.read(STATS, 64))[::2]
+        status = m.qmp("query-faults")
+        records = m.faults.trace()
+    assert values == (0x1000, 0xAB, 0x1002, 0x1003)
+    assert [(s["name"], s["events"], s["firings"]) for s in status] == [("v", 4, 1)]
+    assert [r["type"] for r in records] == ["arm", "arm", "disarm", "fire"]
+    assert fired and fired[0]["fault"] == "v" and fired[0]["device"] == "e"
