@@ -102,7 +102,8 @@ def _apply_access(firing: Firing, model: AccessModel, spaces: Any, space: int, c
         return 0
     if action == "delay":
         ms = params["ms"]
-        time.sleep(ms / 1000)
+        if ms:
+            time.sleep(ms / 1000)
         firing.done(f"{where} served {ms:g} ms late")
     if is_write:
         model.write(spaces[space], cookie, offset, size, value)

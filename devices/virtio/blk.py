@@ -212,7 +212,7 @@ class VirtioBlk(VirtioPciDevice):
                 return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
             firing.done(f"{what}: {sum(n for _a, n in head) // SECTOR_SIZE} sector(s) written, acknowledged whole")
             return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
-        if action == "delay":
+        if action == "delay" and firing.params["ms"]:
             time.sleep(firing.params["ms"] / 1000)
             firing.done(f"{what} served {firing.params['ms']:g} ms late")
         try:
