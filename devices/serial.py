@@ -332,13 +332,6 @@ class Serial(Device):
 
     def _receive(self, byte: int) -> None:
         """One character completes in the receiver (lock held)."""
-        if "serial.rx" in self.fault_engine.armed:
-            for b in fault_bytes(self.fault_engine, "serial.rx", bytes((byte,))):
-                self._receive_one(b)
-            return
-        self._receive_one(byte)
-
-    def _receive_one(self, byte: int) -> None:
         if self._room() > 0:
             self.rx.append(byte)
         elif self.fifo_enabled:
@@ -419,6 +412,8 @@ class Serial(Device):
             if not held:
                 log.debug("serial: end of console input")
                 return
+            if "serial.rx" in self.fault_engine.armed:     # the line's faults (devices.faults)
+                held = fault_bytes(self.fault_engine, "serial.rx", held)
 
     # -- interrupts ---------------------------------------------------------
 

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -576,3 +577,125 @@ def test_fault_arm_at_run_time_and_bad_arguments(guest):
     assert [(s["name"], s["events"], s["firings"]) for s in status] == [("v", 4, 1)]
     assert [r["type"] for r in records] == ["arm", "arm", "disarm", "fire"]
     assert fired and fired[0]["fault"] == "v" and fired[0]["device"] == "e"
+
+
+def test_vmm_ctl_fault_commands(guest, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "api.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmm.cli", "run", "--guest", str(guest("spin")), "--api", path, "--serial", "none",
+         "--timeout", "120", "--cmdline", "pio=0x1000 accesses=50", "--device", "echo,id=echo0,pio=0x1000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vmm.cli", "ctl", path, *args], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the control socket never appeared"
+            time.sleep(0.02)
+        r = ctl("fault-arm", "device=echo0", "point=access", "every=1000000", "action=value", "value=0x10",
+                "offset=[0, 3]", "name=slow")
+        assert r.returncode == 1 and "key 'value': must be an integer" in r.stderr   # 0x10 is not JSON
+        r = ctl("fault-arm", "device=echo0", "point=access", "every=1000000", "action=value", "value=16",
+                "offset=[0, 3]", "name=v16")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["offset"] == [0, 3] and json.loads(r.stdout)["dir"] == "read"
+        r = ctl("--table", "query-faults")
+        assert r.returncode == 0 and "v16" in r.stdout and "echo0" in r.stdout
+        r = ctl("fault-disarm", "name=v16")
+        assert r.returncode == 0 and json.loads(r.stdout)["name"] == "v16"
+        r = ctl("fault-disarm", "name=v16")
+        assert r.returncode == 1 and "no fault 'v16' is armed" in r.stderr
+        assert ctl("quit").returncode == 0
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+RX_PLAN = """
+[[fault]]
+device = "{dev}"
+point = "{point}"
+nth = 2
+action = "drop"
+[[fault]]
+device = "{dev}"
+point = "{point}"
+nth = 3
+action = "duplicate"
+"""
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
+    from tests.vmm.test_serial import talk
+    from vmm import guests
+
+    serial_guest = guests.build([guests.HERE / "serial.c", REPO / "tests" / "guests" / "serial.c"], guest_cache,
+                                name="serial")
+    p = tmp_path / "rx.toml"
+    p.write_text(RX_PLAN.format(dev="serial0", point="serial.rx"))
+    extra = [] if placement == "isolated" else ["--device", "serial,process=inline"]
+    status, out, err = talk(serial_guest, b"ready\n", b"ab\x01c.", "--cmdline", "mode=echo", *extra,
+                            "--faults", str(p))
+    assert status == 0, err
+    assert out == b"ready\n61 01 01 63 bye\n"       # 'b' lost, 0x01 twice: what the guest received
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
+    import socket
+    import threading
+    import time
+
+    from vmm import guests
+
+    console_guest = guests.build([REPO / "tests" / "guests" / "virtio_console.c", guests.HERE / "pci.c"],
+                                 guest_cache)
+    path = str(tmp_path / "console.sock")
+    got: list[bytes] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 20
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+        s.settimeout(20)
+        buf = b""
+        try:
+            s.sendall(b"ping\n")
+            while buf.count(b"\n") < 2:
+                data = s.recv(100)
+                if not data:
+                    break
+                buf += data
+        finally:
+            got.append(buf)
+            s.close()
+
+    spec = parse_device_spec(f"virtio-console,id=con,socket={path},process={placement}")
+    with Machine(memory=32 << 20) as m:
+        m.faults.configure(plan(RX_PLAN.format(dev="con", point="console.rx"), {"con": spec}))
+        m.load_pvh(console_guest, "")
+        m.add_device(spec)
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        outcome = m.run(timeout=40)
+        t.join(10)
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    assert got == [b"hello\npnng\n"]        # 'i' lost, 'n' twice: the line the guest read and sent back
