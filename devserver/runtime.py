@@ -28,7 +28,7 @@ import threading
 import time
 
 from devices.base import Device, Space
-from devices.faults.apply import ProcessHooks, serve_access
+from devices.faults.apply import ProcessHooks, attach_engine, serve_access
 from devices.faults.engine import FaultEngine, ReplayEngine
 from devices.faults.hook import SILENT
 from devices.faults.plan import parse_fault
@@ -366,7 +366,7 @@ class DeviceServer:
                 engine = FaultEngine(cfg.name, parsed, seed=seed, points=points, sink=self._fault_record)
             self.fault_engine = engine
             if self.host is not None:
-                self.host.fault_engine = engine
+                attach_engine(self.host, engine)
             with self._model_lock:
                 if self.model is not None:
                     self.model.attach_faults(engine)

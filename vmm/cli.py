@@ -303,7 +303,7 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
         return {"plan": None, "trace": args.fault_trace, "devices": list(by_name)}
     try:
         plan = load_plan(args.faults, devices=device_points(by_name), seed=args.fault_seed)
-        check_plan(plan, by_name)
+        check_plan(plan, by_name, source=args.faults)
     except FaultError as e:
         raise ConfigError(f"--faults {e}") from None
     return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}

@@ -54,17 +54,18 @@ def device_points(specs: Mapping[str, DeviceSpec]) -> dict[str, Mapping[str, Poi
     return {name: spec.model_class.all_fault_points() for name, spec in specs.items()}
 
 
-def check_placement(fault: Fault, spec: DeviceSpec, label: str = "fault") -> None:
+def check_placement(fault: Fault, spec: DeviceSpec, label: str = "fault", source: str | None = None) -> None:
     """Refuse a ``process`` fault on an inline device."""
     if fault.point == "process" and spec.placement == "inline":
         raise PlanError(f"device {fault.device!r} runs inside the VMM (process=inline): the process point "
-                        "needs process=isolated", fault=f"{label} {json.dumps(fault.name)}", key="point")
+                        "needs process=isolated", fault=f"{label} {json.dumps(fault.name)}", key="point",
+                        source=source)
 
 
-def check_plan(plan: Plan, specs: Mapping[str, DeviceSpec]) -> None:
+def check_plan(plan: Plan, specs: Mapping[str, DeviceSpec], source: str | None = None) -> None:
     """What a plan needs beyond its own validation: placements."""
     for i, fault in enumerate(plan.faults, 1):
-        check_placement(fault, specs[fault.device], f"fault #{i}")
+        check_placement(fault, specs[fault.device], f"fault #{i}", source)
 
 
 class MachineFaults:

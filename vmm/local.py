@@ -23,7 +23,7 @@ from typing import Callable
 
 from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
                           RegionTableFull, Space, all_ones)
-from devices.faults.apply import FaultyInterrupt, serve_access
+from devices.faults.apply import FaultyInterrupt, attach_engine, serve_access
 from devices.faults.engine import FaultEngine
 from devices.guestmem import GuestRam
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
@@ -214,7 +214,7 @@ class LocalEndpoint:
         """Give the model its fault engine (the ``access`` point is served
         here, the model's own points and ``irq`` by the model and host)."""
         self.fault_engine = engine
-        self._host.fault_engine = engine
+        attach_engine(self._host, engine)
         self.model.attach_faults(engine)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,

@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 #: How long after the first edge ``duplicate`` sends the second, so the
 #: guest's LAPIC sees two interrupts rather than one edge merged into an
 #: interrupt already pending (an MSI is an edge; IRR holds one).
-DUPLICATE_GAP = 0.002
+DUPLICATE_GAP = 0.010
 _SPACE_NAMES = ("pio", "mmio", "pci")
 _BYTES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
@@ -164,21 +165,29 @@ def apply_process(firing: Firing, hooks: ProcessHooks | None) -> None:
 class FaultyInterrupt:
     """An interrupt (:class:`devices.base.Interrupt`, or an MSI vector with
     ``program``/``unprogram``) behind the ``irq`` point.  ``holder`` is
-    whatever carries the device's engine as ``fault_engine`` (the host),
-    looked up at each trigger, so an engine attached after the model asked
-    for its interrupts still applies; ``vector`` is the point's match value
-    (the MSI-X entry, 0 for a line)."""
+    whatever carries the device's engine as ``fault_engine`` (the host);
+    ``vector`` is the point's match value (the MSI-X entry, 0 for a line).
+
+    While the engine has never counted ``irq``, :attr:`trigger` *is* the
+    inner interrupt's own method (no extra call on the completion path);
+    :func:`attach_engine` and the engine's arm/disarm switch it over
+    (:func:`refresh_interrupts`)."""
 
     def __init__(self, inner: Any, holder: Any, vector: int):
         self._inner = inner
         self._holder = holder
         self._vector = vector
+        self.trigger: Callable[[], None] = inner.trigger
+        holder.__dict__.setdefault("_fault_interrupts", []).append(weakref.ref(self))
+        self.refresh()
 
-    def trigger(self) -> None:
+    def refresh(self) -> None:
+        """Route :attr:`trigger` through the point iff it is counted."""
+        armed = "irq" in self._holder.fault_engine.armed
+        self.trigger = self._faulty_trigger if armed else self._inner.trigger
+
+    def _faulty_trigger(self) -> None:
         engine: FaultEngine = self._holder.fault_engine
-        if "irq" not in engine.armed:
-            self._inner.trigger()
-            return
         firing = engine.point("irq", vector=self._vector)
         if firing is None:
             self._inner.trigger()
@@ -200,6 +209,23 @@ class FaultyInterrupt:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+def refresh_interrupts(holder: Any) -> None:
+    """Re-route every :class:`FaultyInterrupt` handed out by ``holder``."""
+    for ref in list(holder.__dict__.get("_fault_interrupts", ())):
+        interrupt = ref()
+        if interrupt is not None:
+            interrupt.refresh()
+
+
+def attach_engine(holder: Any, engine: FaultEngine) -> None:
+    """Make ``engine`` the one of ``holder`` (a device host) and of the
+    interrupts it handed out, now and whenever a fault is armed or
+    disarmed on it."""
+    holder.fault_engine = engine
+    engine.on_change.append(lambda: refresh_interrupts(holder))
+    refresh_interrupts(holder)
 
 
 def _later(seconds: float, fn: Callable[[], None]) -> None:
