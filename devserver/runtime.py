@@ -8,9 +8,12 @@
    a deadline; each received descriptor is mapped and closed at once;
 2. build the model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
-3. serve accesses from the slots on the main thread, while a control
-   thread reads the socket (Reset, Shutdown) and watches for the VMM going
-   away (end of stream, or this process re-parented);
+3. serve accesses from the slots on the main thread (through the
+   ``access`` and ``process`` fault points once they are armed,
+   :mod:`devices.faults.apply`), while a control thread reads the socket
+   (Reset, Shutdown, FaultControl: the device's fault engine) and watches
+   for the VMM going away (end of stream, or this process re-parented);
+   each fault firing goes to the VMM as a FaultFired message;
 4. on the way out, release the model's regions and unmap everything.
 
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device

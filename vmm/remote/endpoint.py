@@ -22,6 +22,10 @@ A monitor thread per device watches the control socket (messages go to a
 ``{message type: handler}`` table; requests to
 :class:`~vmm.remote.requests.RequestService`) and the peer's exit fd, so
 death is noticed when it happens, not at the next access timeout.
+Fault injection (:mod:`vmm.faults`) asks the device's engine with
+:meth:`RemoteEndpoint.fault_control` and gets its firing records through
+``on_fault_record``; what a device sent just before it died is read before
+its exit is handled, so the record of a ``crash`` firing is not lost.
 """
 
 from __future__ import annotations
