@@ -34,3 +34,4 @@ bench: $(STAMP)
 	$(PY) -m ipc.bench
 	$(PY) -m devserver.bench
 	$(PY) -m vmm.bench
+	$(PY) -m vmm.bench.coalesce
