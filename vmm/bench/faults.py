@@ -98,7 +98,41 @@ def access_costs(loops: int = 20_000, rounds: int = 25) -> dict[str, float]:
     return out
 
 
-def blk_handle_costs(loops: int = 5_000, rounds: int = 15) -> dict[str, float]:
+_BASE_BLK = """
+import os, sys, tempfile, timeit
+from devices.guestmem import GuestRam
+from devices.virtio.blk import VirtioBlk
+from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
+from ipc.protocol import MemRegion
+from vmm.config import _NullHost
+ram = bytearray(1 << 20)
+mem = GuestRam(ram, [MemRegion(0, len(ram), 0)])
+q = Virtqueue(0, 128)
+q.desc, q.driver, q.device = 0x1000, 0x2000, 0x3000
+ram[0x100:0x110] = (0).to_bytes(4, "little") + bytes(4) + (8).to_bytes(8, "little")
+chain = Chain(0, [Buffer(0x100, 16, False), Buffer(0x10000, 4096, True), Buffer(0x200, 1, True)])
+with tempfile.NamedTemporaryFile() as image:
+    image.truncate(1 << 20)
+    image.flush()
+    model = VirtioBlk(_NullHost(), path=image.name)
+    model.fd = os.open(image.name, os.O_RDWR)
+    model.capacity = 2048
+    def serve():
+        q.push(mem, chain.head, model.handle(q, chain, mem))
+    n = int(sys.argv[1])
+    print(min(timeit.repeat(serve, number=n, repeat=3)) / n * 1e9)
+"""
+
+
+def base_blk_ns(base_tree: str, loops: int) -> float:
+    """The same request under the tree before fault injection (its own process)."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _BASE_BLK, str(loops)], cwd=base_tree, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return float(out.stdout.strip())
+
+
+def blk_handle_costs(loops: int = 5_000, rounds: int = 15, base_tree: str | None = None) -> dict[str, float]:
     """ns per virtio-blk 4 KiB read request served by ``VirtioBlk.handle``
     and the queue's completion (``Virtqueue.push`` behind the
     ``queue.complete`` test), in this process, on a real image: no engine,
@@ -143,14 +177,20 @@ def blk_handle_costs(loops: int = 5_000, rounds: int = 15) -> dict[str, float]:
                 q.push(mem, chain.head, written)
 
         best = {name: float("inf") for name in models}
+        if base_tree is not None:
+            best["before"] = float("inf")
         for _ in range(rounds):
             for name, model in models.items():
                 best[name] = min(best[name], timeit.timeit(lambda m=model: serve(m), number=loops))
+            if base_tree is not None:
+                best["before"] = min(best["before"], base_blk_ns(base_tree, loops) * loops / 1e9)
         for model in models.values():
             os.close(model.fd)
     out = {name: round(t / loops * 1e9, 1) for name, t in best.items()}
     out["nothing_armed_cost_ns"] = round(out["empty_engine"] - out["no_engine"], 1)
     out["armed_silent_cost_ns"] = round(out["blk_read_armed_never_matching"] - out["no_engine"], 1)
+    if "before" in out:
+        out["no_plan_vs_before_ns"] = round(out["empty_engine"] - out["before"], 1)
     return out
 
 
@@ -194,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             report["ratios_of_best_to_no_plan"] = {v: round(s["IOPS_best"] / best, 3) for v, s in blk.items()
                                                    if best and s.get("IOPS_best")}
     report["access_point_ns_per_access"] = access_costs()
-    report["blk_request_ns_in_process"] = blk_handle_costs()
+    report["blk_request_ns_in_process"] = blk_handle_costs(base_tree=args.base_tree)
     report["load_avg_after"] = round(os.getloadavg()[0], 2)
     json.dump(report, sys.stdout, indent=2)
     print()
