@@ -278,6 +278,32 @@ point = "blk.write"
 nth = 10
 action = "hang"
 [[fault]]
+name = "r1-unsupp"
+device = "blk"
+point = "blk.read"
+nth = 1
+action = "unsupp"
+[[fault]]
+name = "f3-unsupp"
+device = "blk"
+point = "blk.flush"
+nth = 3
+action = "unsupp"
+[[fault]]
+name = "r7-late"
+device = "blk"
+point = "blk.read"
+nth = 7
+action = "delay"
+ms = 300
+[[fault]]
+name = "f7-late"
+device = "blk"
+point = "blk.flush"
+nth = 7
+action = "delay"
+ms = 300
+[[fault]]
 name = "rng2-repeat"
 device = "rng"
 point = "rng.request"
@@ -353,12 +379,13 @@ def test_virtio_faults_seen_by_the_guest(virtio_guest, tmp_path, placement):
         return recs[what | rnd << 4]
 
     ok = [rec(k, r) for r in (2, 3, 4, 6) for k in (W, F)]
+
     normal_lat = max(r[2] for r in ok)
     # the spurious interrupt of the access fault, on a read that raises none
     assert rec(0x200)[3] == 1
     # blk.write ioerr / unsupp, blk.flush ioerr: the statuses, and nothing in the image
-    assert rec(W, 0)[0] == 1 and rec(F, 0)[0] == 0 and rec(R, 0)[6] > 0
-    assert rec(W, 1)[0] == 2 and rec(F, 1)[0] == 1
+    assert rec(W, 0)[0] == 1 and rec(F, 0)[0] == 0 and rec(R, 0)[0] == 2 and rec(R, 0)[6] > 0
+    assert rec(W, 1)[0] == 2 and rec(F, 1)[0] == 1 and rec(F, 2)[0] == 2
     # lose: acknowledged, read back differs, missing from the image; torn: the first sector only
     assert rec(W, 2)[0] == 0 and rec(R, 2)[6] > 1000
     assert rec(W, 3)[0] == 0 and 0 < rec(R, 3)[6] <= (C - 1) * SECTOR
@@ -380,8 +407,10 @@ def test_virtio_faults_seen_by_the_guest(virtio_guest, tmp_path, placement):
     assert rec(F, 5)[3] == 2
     assert rec(R, 5)[0] == 1 and rec(R, 5)[3] == 1
     assert rec(R, 5)[2] > max(0.010 * TSC_HZ * 0.8, 5 * normal_lat)
-    # a request 300 ms late
-    assert rec(W, 6)[0] == 0 and rec(W, 6)[1] > 0.3 * TSC_HZ
+    # requests 300 ms late: write, flush, read
+    for kind in (W, F, R):
+        assert rec(kind, 6)[0] == 0 and rec(kind, 6)[1] > 0.3 * TSC_HZ, kind
+    assert rec(R, 6)[6] == 0
     assert sectors(6) == pattern(1 + 6, C * SECTOR)
     # queue.complete: a duplicate completion, then a used element naming another descriptor:
     # the driver sees both and resets the device each time; then a write that never completes
@@ -399,6 +428,28 @@ def test_virtio_faults_seen_by_the_guest(virtio_guest, tmp_path, placement):
     fired = [(r["device"], r["fault"], r["point"], r["event"]) for r in records if r["type"] == "fire"]
     assert sorted(f[1] for f in fired) == sorted(n for n in _names(VIRTIO_PLAN))
     assert ("blk", "irq-lose", "irq", 17) in fired and ("blk", "w10-hang", "blk.write", 10) in fired
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+@pytest.mark.parametrize("point", ["blk.read", "blk.flush"])
+def test_blk_hang_on_read_and_flush(virtio_guest, tmp_path, placement, point):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\x5a" * (2048 * SECTOR))
+    specs = {"blk": parse_device_spec(f"virtio-blk,id=blk,path={image},process={placement}"),
+             "rng": parse_device_spec(f"virtio-rng,id=rng,process={placement}")}
+    text = f'[[fault]]\ndevice = "blk"\npoint = "{point}"\nnth = 1\naction = "hang"\n'
+    with Machine(memory=32 << 20) as m:
+        m.faults.configure(plan(text, specs))
+        m.load_pvh(virtio_guest, f"stats={STATS:#x} rounds=2 rng=1 settle=1000000 timeout=3000000000")
+        for s in specs.values():
+            m.add_device(s)
+        outcome = m.run(timeout=60)
+        raw = struct.unpack("<512Q", m.memory.read(STATS, 4096))
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    recs = [(raw[8 * i + 7], signed(raw[8 * i])) for i in range(raw[511])]
+    hung = 2 if point == "blk.flush" else 3
+    # probe, the write, (the flush,) the hung request; then the rng request: the VM goes on
+    assert recs[1] == (1, 0) and recs[hung] == (hung, -7) and recs[hung + 1] == (0x100, 16), recs
 
 
 def _names(text: str) -> list[str]:
@@ -442,6 +493,18 @@ point = "serial.tx"
 nth = 3
 action = "duplicate"
 [[fault]]
+name = "s-garbage"
+device = "serial0"
+point = "serial.tx"
+nth = 5
+action = "garbage"
+[[fault]]
+name = "c-twice"
+device = "console"
+point = "console.tx"
+nth = 3
+action = "duplicate"
+[[fault]]
 name = "c-garbage"
 device = "console"
 point = "console.tx"
@@ -463,10 +526,15 @@ def test_byte_faults_in_the_console_output(tmp_path):
                 "--timeout", "60")
     assert r.returncode == 0, r.stderr
     text = out.read_bytes()
-    assert text.startswith(b"pllitvmm demo guest: "), text[:40]          # "s" lost, "l" twice
-    g = next(f for f in read_trace(trace).firings if f["fault"] == "c-garbage")
-    garbage = int(g["detail"].rsplit(" ", 1)[1], 16)
-    assert bytes([garbage]) + b"rtio-console: hello from the splitvmm demo guest\n" in text
+    firings = {f["fault"]: f for f in read_trace(trace).firings}
+
+    def garbage(name: str) -> bytes:
+        return bytes([int(firings[name]["detail"].rsplit(" ", 1)[1], 16)])
+
+    # "s" lost, "l" twice, "t" replaced
+    assert text.startswith(b"plli" + garbage("s-garbage") + b"vmm demo guest: "), text[:40]
+    # "v" replaced, "i" lost, "r" twice
+    assert garbage("c-garbage") + b"rrtio-console: hello from the splitvmm demo guest\n" in text
 
 
 BAD_PLANS = {
@@ -632,6 +700,12 @@ device = "{dev}"
 point = "{point}"
 nth = 3
 action = "duplicate"
+[[fault]]
+name = "g"
+device = "{dev}"
+point = "{point}"
+nth = 4
+action = "garbage"
 """
 
 
@@ -645,10 +719,13 @@ def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     p = tmp_path / "rx.toml"
     p.write_text(RX_PLAN.format(dev="serial0", point="serial.rx"))
     extra = [] if placement == "isolated" else ["--device", "serial,process=inline"]
+    trace = tmp_path / "t.jsonl"
     status, out, err = talk(serial_guest, b"ready\n", b"ab\x01c.", "--cmdline", "mode=echo", *extra,
-                            "--faults", str(p))
+                            "--faults", str(p), "--fault-trace", str(trace))
     assert status == 0, err
-    assert out == b"ready\n61 01 01 63 bye\n"       # 'b' lost, 0x01 twice: what the guest received
+    g = next(f for f in read_trace(trace).firings if f["fault"] == "g")["detail"].rsplit(" ", 1)[1]
+    # 'b' lost, 0x01 twice, 'c' replaced: what the guest received
+    assert out == b"ready\n61 01 01 " + f"{int(g, 16):02x}".encode() + b" bye\n"
 
 
 @pytest.mark.parametrize("placement", ["isolated", "inline"])
@@ -697,5 +774,8 @@ def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
         t.start()
         outcome = m.run(timeout=40)
         t.join(10)
+        records = m.faults.trace()
     assert outcome.ending is Ending.POWER_OFF, str(outcome)
-    assert got == [b"hello\npnng\n"]        # 'i' lost, 'n' twice: the line the guest read and sent back
+    g = bytes([int(next(r for r in records if r.get("fault") == "g")["detail"].rsplit(" ", 1)[1], 16)])
+    # 'i' lost, 'n' twice, 'g' replaced: the line the guest read and sent back
+    assert got == [b"hello\npnn" + g + b"\n"]
