@@ -779,3 +779,18 @@ def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     g = bytes([int(next(r for r in records if r.get("fault") == "g")["detail"].rsplit(" ", 1)[1], 16)])
     # 'i' lost, 'n' twice, 'g' replaced: the line the guest read and sent back
     assert got == [b"hello\npnn" + g + b"\n"]
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_a_users_own_point(guest, placement):
+    text = ('[[fault]]\nname = "flip"\ndevice = "latch"\npoint = "latch.store"\nevery = 1\nvalue = 0x1003\n'
+            'action = "invert"\n[[fault]]\nname = "one"\ndevice = "latch"\npoint = "access"\nnth = 6\n'
+            'action = "ones"\n')
+    outcome, values, _c, records, _s, failures = run_access(
+        guest, [f"tests.vmm.fault_models:Latch,id=latch,pio=0x2000,process={placement}"], text, n=8)
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    expected = [0x1000 + i for i in range(8)]
+    expected[3] = ~0x1003 & ONES32          # its own point: only the write of 0x1003 matched
+    expected[5] = ONES32                    # the free access point: the 6th read (nth counts reads)
+    assert values[0] == expected
+    assert sorted(r["fault"] for r in records if r["type"] == "fire") == ["flip", "one"]
