@@ -63,7 +63,7 @@ class ProcessHooks:
 
 
 def serve_access(model: AccessModel, engine: FaultEngine, spaces: Any, space: int, cookie: int, offset: int,
-                 size: int, is_write: bool, value: int, process: ProcessHooks | None = None) -> int:
+                 size: int, is_write: int, value: int, process: ProcessHooks | None = None) -> int:
     """Serve one access with the ``process`` and ``access`` points applied;
     the value read (0 for a write).  ``spaces`` maps the space number to
     what the model takes (:class:`devices.base.Space`)."""
@@ -83,7 +83,7 @@ def serve_access(model: AccessModel, engine: FaultEngine, spaces: Any, space: in
 
 
 def _apply_access(firing: Firing, model: AccessModel, spaces: Any, space: int, cookie: int, offset: int,
-                  size: int, is_write: bool, value: int) -> int:
+                  size: int, is_write: int, value: int) -> int:
     action, params = firing.action, firing.params
     where = f"{_SPACE_NAMES[space] if space < 3 else space} {'write' if is_write else 'read'} at {offset:#x}"
     mask = _BYTES.get(size, (1 << (8 * size)) - 1)

@@ -582,7 +582,7 @@ PROBABILITY_PLAN = "".join(
                               ("e2-garbage", "e2", 0.25, "garbage", "")))
 
 
-def _probability_run(guest, seed: int, placement: str = "inline") -> tuple[str, int, list]:
+def _probability_run(guest, seed: int, placement: str = "inline") -> tuple[str, int, tuple]:
     specs = [f"echo,id=e{i},pio={0x2000 + 0x100 * i:#x},process={placement}" for i in range(3)]
     parsed = [parse_device_spec(s) for s in specs]
     by_name = {s.name: s for s in parsed}
