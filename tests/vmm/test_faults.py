@@ -150,7 +150,8 @@ def test_process_faults_lose_only_their_device(guest, caplog):
     specs.append("echo,id=bystander,pio=0x2800")
     text = "".join(f'[[fault]]\ndevice = "{a.replace("_", "-")}"\npoint = "process"\nnth = 10\naction = "{a}"\n'
                    for a in PROCESS_ACTIONS)
-    outcome, values, _cycles, records, _s, failures = run_access(guest, specs, text, n=8, lock_timeout=0.5)
+    outcome, values, _cycles, records, _s, failures = run_access(guest, specs, text, n=8, lock_timeout=0.5,
+                                                                 access_timeout=2.0)
     assert outcome.ending is Ending.POWER_OFF, str(outcome)
     for d, action in enumerate(PROCESS_ACTIONS):
         name = action.replace("_", "-")
