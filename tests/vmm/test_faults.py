@@ -167,7 +167,8 @@ def test_process_faults_lose_only_their_device(guest, caplog):
     assert values[len(PROCESS_ACTIONS)] == [0x1000 + i for i in range(8)]
     assert failures["bystander"] is None
     assert "held the registry lock" in failures["hold-lock"]
-    assert "no answer" in failures["hang"] and "SIGKILL" in failures["crash"]
+    # SIGKILL, or (pid 1 of the sandbox's pid namespace ignores its own SIGKILL) status 137
+    assert "no answer" in failures["hang"] and ("SIGKILL" in failures["crash"] or "status 137" in failures["crash"])
     assert "status 1" in failures["exit"]
     assert failures["(recoveries)"] >= 2      # the lock of the killed holder and of the one that died
 
