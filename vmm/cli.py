@@ -37,7 +37,9 @@ from typing import NoReturn, Sequence
 
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
+from vmm import cpuid as cpuids
 from vmm.boot import BootError
+from vmm.boot.linux import KERNEL_BOOTS
 from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
@@ -92,6 +94,17 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _cpuid_hide(text: str) -> tuple[str, ...]:
+    try:
+        return cpuids.parse_hide(text)
+    except cpuids.CpuidError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: Kernel command line of --kernel without --append: the console on COM1.
+DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmm", description="splitvmm: a KVM VMM whose devices run as separate processes")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -110,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="a Linux kernel to boot: a bzImage or an ELF vmlinux with a PVH note (vmm.boot.linux)")
+    run.add_argument("--initrd", metavar="FILE", help="initial RAM disk of --kernel")
+    run.add_argument("--append", default=None, metavar="TEXT",
+                     help=f"kernel command line of --kernel (default {DEFAULT_APPEND!r})")
+    run.add_argument("--kernel-boot", choices=KERNEL_BOOTS, default="auto",
+                     help="how a bzImage boots: pvh (payload decompressed on the host, PVH entry), "
+                          "bzimage (64-bit boot protocol), auto (pvh on a PVM host, else bzimage)")
+    run.add_argument("--cpuid-hide", type=_cpuid_hide, default=(), metavar="FEATURE,...",
+                     help="CPUID features to hide from the guest, e.g. cx16,xsave,popcnt (vmm.cpuid)")
     run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
                      help=f"deadline of one access to a device process (default {DEFAULT_ACCESS_TIMEOUT:g})")
     run.add_argument("--lock-timeout", type=_seconds, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
@@ -160,6 +183,14 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernel is not None:
+        if args.guest is not None:
+            raise ConfigError("--kernel and --guest exclude each other")
+        if args.cmdline:
+            raise ConfigError("--cmdline is for --guest; the kernel's command line is --append")
+        return _run(args)
+    if args.initrd is not None or args.append is not None:
+        raise ConfigError("--initrd and --append need --kernel")
     if args.guest is None:
         if args.device or args.cmdline:
             raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
@@ -214,9 +245,13 @@ def _run(args: argparse.Namespace) -> int:
 def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
                  default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout)
+                      lock_timeout=args.lock_timeout, cpuid_hide=getattr(args, "cpuid_hide", ()))
     try:
-        machine.load_pvh(args.guest, args.cmdline)
+        if getattr(args, "kernel", None) is not None:
+            append = DEFAULT_APPEND if args.append is None else args.append
+            machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
+        else:
+            machine.load_pvh(args.guest, args.cmdline)
         lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
         for spec in specs:
             try:
