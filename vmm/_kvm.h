@@ -33,6 +33,8 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_SET_CPUID2 ...
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
 
 /* Capabilities. */
 #define KVM_CAP_IRQCHIP ...
@@ -155,6 +157,19 @@ struct kvm_cpuid2 {
     ...;
 };
 #define SVMM_CPUID2_ENTRIES ...
+
+/* Pending/injected events (vmm.emulate injects #BP through it). */
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    uint32_t flags;
+    ...;
+};
 
 struct kvm_mp_state {
     uint32_t mp_state;

@@ -370,6 +370,16 @@ class Vcpu(_Fd):
         """KVM_SET_SREGS."""
         self._ioctl_ptr(lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
+    def get_vcpu_events(self):
+        """KVM_GET_VCPU_EVENTS -> ``struct kvm_vcpu_events``."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        self._ioctl_ptr(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._ioctl_ptr(lib.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
     def set_cpuid(self, cpuid: Cpuid) -> None:
         """KVM_SET_CPUID2."""
         self._ioctl_ptr(lib.KVM_SET_CPUID2, cpuid.ptr, "KVM_SET_CPUID2")
