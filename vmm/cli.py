@@ -142,7 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
                           "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
                           "none (no console, no COM1)")
+    image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
+    image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
     return p
+
+
+def image_command(args: argparse.Namespace) -> int:
+    """``vmm image``: print the kernel and initramfs paths (built when needed)."""
+    from vmm import image
+    try:
+        built = image.build(pathlib.Path(args.cache) if args.cache else None)
+    except image.ImageError as e:
+        print(f"vmm: image: {e}", file=sys.stderr)
+        return outcomes.STATUS_VMM_ERROR
+    print(f"kernel  {built.kernel}  (Linux {built.version})")
+    print(f"initrd  {built.initrd}  (busybox, modules {' '.join(built.modules)})")
+    print(f"run:    vmm run --kernel {built.kernel} --initrd {built.initrd} --memory 512M "
+          "--device virtio-blk,path=DISK.img")
+    return 0
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -293,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="vmm: %(levelname)s: %(message)s" if args.verbose else "vmm: %(message)s")
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if args.command == "image":
+            return image_command(args)
         return run(args)
     except (ConfigError, BootError, GuestMemoryError, ConsoleError) as e:
         print(f"vmm: {e}", file=sys.stderr)
