@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench image linux-check
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,12 @@ bench: $(STAMP)
 	$(PY) -m ipc.bench
 	$(PY) -m devserver.bench
 	$(PY) -m vmm.bench
+
+# A Linux kernel and initramfs from Debian packages (printed paths; cached).
+image: $(STAMP)
+	$(PY) -m vmm.cli image
+
+# Debian's cloud kernel booted as far as this host allows (minutes; not in
+# `make test`).  JSON report on stdout; LINUX_CHECK_ARGS=--qemu compares QEMU.
+linux-check: $(STAMP)
+	$(PY) -m tests.vmm.linux.long_boot $(LINUX_CHECK_ARGS)

@@ -196,7 +196,10 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
-    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}"
+    from vmm import emulate
+    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n)
+    extra = f"; emulated by the VMM: {emulated}" if emulated else ""
+    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 
 
 def run(args: argparse.Namespace) -> int:
