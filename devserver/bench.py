@@ -86,10 +86,10 @@ def _inline(registry: Registry, n: int, rounds: int) -> dict:
 
 def _isolated(registry: Registry, n: int, rounds: int, poll_us: int, adaptive: bool = True,
               move: bool = False) -> dict:
-    from vmm.remote import RemoteEndpoint
+    from vmm.remote import RemoteEndpoint, RemoteOptions
 
-    ep = RemoteEndpoint.spawn("echo", {"pio": hex(PORT)}, 2, "bench0", registry, nvcpus=1,
-                              poll_us=poll_us, adaptive=adaptive, move=move)
+    ep = RemoteEndpoint.spawn("echo", {"pio": hex(PORT)}, 2, "bench0", registry, 1,
+                              RemoteOptions(poll_us=poll_us, adaptive=adaptive, move=move))
     try:
         get, put, access = registry.get, registry.put, ep.access
         addr = PORT + 0x10

@@ -16,6 +16,7 @@ crashes included.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import time
 
 from devices.base import ConsoleFds, DeviceError
 from ipc import Bus, Registry, RegistryError
+from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import cpuid as cpuids
 from vmm import kvm, layout
@@ -36,6 +38,7 @@ from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
 from vmm.pci import PciHost
+from vmm.remote import RemoteEndpoint, RemoteOptions
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -72,8 +75,10 @@ class Machine:
         #: Deadline of every registry call a vCPU makes; a device holding
         #: the lock longer is killed (vmm.lockwatch).
         self.lock_timeout = lock_timeout
-        #: Extra keyword arguments of RemoteEndpoint.spawn (poll window...).
-        self.remote_options: dict = {}
+        #: How device processes are started and served (poll window...);
+        #: the machine fills in access_timeout, guest memory, console and
+        #: interrupt routing for each device.
+        self.remote_options = RemoteOptions()
         self.outcome: Outcome | None = None
         self.endpoints: dict[int, Endpoint] = {}
         self.vcpus: list[VcpuThread] = []
@@ -192,23 +197,13 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
-        try:
-            from vmm.remote import RemoteEndpoint
-        except ModuleNotFoundError as e:
-            if e.name != "vmm.remote":
-                raise
-            raise ConfigError(f"device {spec.name}: process=isolated is not available yet "
-                              "(vmm.remote is missing); use process=inline") from None
-        from ipc.protocol import MemRegion, SetConsole
-
-        regions = [MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions]
-        options = dict(self.remote_options)
-        if console is not None:
-            options["console"] = SetConsole(out_fd=console.output, in_fd=console.input)
-        return RemoteEndpoint.spawn(
-            spec.kind, spec.param_dict(), owner=owner, name=spec.name, registry=self.registry,
-            nvcpus=len(self._vcpu_fds), memfd=self.memory.fd, mem_regions=regions,
-            access_timeout=self.access_timeout, irq_router=self.irq, **options)
+        options = dataclasses.replace(
+            self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
+            mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
+            irq_router=self.irq,
+            console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
+        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                    len(self._vcpu_fds), options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

@@ -11,7 +11,6 @@ import os
 import socket
 import struct
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -42,7 +41,6 @@ def main() -> None:
         for fd in chan.conn.take_unclaimed_fds():
             os.close(fd)
         chan.send(Ready(os.getpid()))
-        time.sleep(0.2)
         if mode == "junk-after":
             sock.send(b"\x05\x00\x00\x00junk!")
         elif mode == "bad-msgpack":

@@ -13,7 +13,7 @@ from ipc import Bus
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import DeviceFailed
 from vmm.outcome import Ending
-from vmm.remote import RemoteEndpoint
+from vmm.remote import RemoteEndpoint, RemoteOptions
 
 PIO = 0x1000
 ENV = "SPLITVMM_TEST_KINDS"
@@ -21,7 +21,7 @@ ENV = "SPLITVMM_TEST_KINDS"
 
 def spawn(registry, owner=2, **params) -> RemoteEndpoint:
     return RemoteEndpoint.spawn("fault-echo", {"pio": hex(PIO), **params}, owner, f"f{owner}", registry,
-                                nvcpus=1, access_timeout=5.0)
+                                1, RemoteOptions(access_timeout=5.0))
 
 
 def test_test_kinds_exist_only_under_the_environment_switch(registry, monkeypatch):

@@ -111,22 +111,31 @@ def test_timeout_when_nobody_answers(pair):
     assert caller.stats().timeouts == 1
 
 
+def wait_asleep(caller: SlotCaller, timeout: float = 10.0) -> None:
+    """Return once a call has given up spinning and sleeps on its answer
+    (which never comes)."""
+    deadline = time.monotonic() + timeout
+    while caller.stats().sleeps < 1:
+        assert time.monotonic() < deadline, "the call never went to sleep"
+        time.sleep(0.005)
+
+
 def test_mark_dead_wakes_a_waiter_at_once(pair):
     caller, _ = pair
     out = {}
 
     def wait():
-        t = time.monotonic()
         try:
             caller.call(0, 0, 0, 0, 4, False, 0, timeout=10.0)
         except SlotPeerDead:
-            out["after"] = time.monotonic() - t
+            out["at"] = time.monotonic()
     th = threading.Thread(target=wait)
     th.start()
-    time.sleep(0.2)
+    wait_asleep(caller)
+    marked = time.monotonic()
     caller.mark_dead()
     th.join(5)
-    assert out["after"] < 0.5
+    assert out["at"] - marked < 0.5
     with pytest.raises(SlotPeerDead):
         caller.call(1, 0, 0, 0, 4, False, 0, timeout=1.0)
 
@@ -177,7 +186,7 @@ def test_close_waits_for_a_call_in_flight(pair):
             errors.append(e)
     th = threading.Thread(target=wait)
     th.start()
-    time.sleep(0.1)
+    wait_asleep(caller)
     caller.close()          # must not unmap under the waiting call
     th.join(5)
     assert isinstance(errors[0], SlotPeerDead)
@@ -208,7 +217,10 @@ def test_idle_server_sleeps(pair):
     try:
         for _ in range(50):
             caller.call(0, 0, 0, 0, 4, False, 0, timeout=2.0)
-        time.sleep(0.3)      # idle: the window runs out, the server sleeps
+        # Idle: the poll window runs out and the server goes to sleep.
+        deadline = time.monotonic() + 10.0
+        while caller.device_stats().sleeps < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         s = caller.device_stats()
         assert s.sleeps >= 1 and s.served == 50
     finally:

@@ -17,7 +17,6 @@ def test_bench_prints_json(tmp_path):
                         "--cache", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["guest_ring"] == 3
     for runner in ("bare_c", "inline", "inline_python", "isolated"):
         assert report[runner]["pio_us"] > 0 and report[runner]["mmio_us"] > 0
     assert "pio_ratio" in report["inline"] and "pio_ratio" in report["isolated"]

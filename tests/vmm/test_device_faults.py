@@ -100,7 +100,9 @@ def all_stopped(pid: int) -> bool:
 
 
 def errors(caplog, logger: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == logger]
+    """Error lines of ``logger`` and its children."""
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and (r.name == logger or r.name.startswith(logger + "."))]
 
 
 def healthy(m: Machine, *endpoints) -> None:

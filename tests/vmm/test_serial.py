@@ -216,7 +216,6 @@ def test_the_demo_reports_on_the_serial_console(tmp_path):
 
 # -- interrupts --------------------------------------------------------------
 
-@pytest.mark.skipif(not (guests.HERE / "irq.h").exists(), reason="the guest interrupt library is not there yet")
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_interrupt_driven_receive_and_transmit(guest_cache, placement):
     """IRQ 4 through the IOAPIC to a guest handler: THRE interrupts send,

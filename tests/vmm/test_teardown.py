@@ -73,13 +73,33 @@ def start_vmm(guest, mode: str, placement: str) -> subprocess.Popen:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def guest_ticks(pid: int, tid: int | None = None) -> int:
+    """Clock ticks process ``pid`` (or its thread ``tid``) has spent running
+    a guest (/proc stat field 43, guest_time): above 0 once a vCPU runs."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[40])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def wait_guest_runs(pid: int, tid: int | None = None, above: int = 0, timeout: float = 20.0) -> None:
+    """Wait until the guest has run more than ``above`` ticks in ``pid`` (or
+    its thread ``tid``)."""
+    deadline = time.monotonic() + timeout
+    while guest_ticks(pid, tid) <= above:
+        assert time.monotonic() < deadline, "the guest never ran"
+        time.sleep(0.01)
+
+
 def wait_running(proc: subprocess.Popen, placement: str) -> set[int]:
-    """Wait until the VMM has its registry (and its device process)."""
+    """Wait until the VMM has its registry (and its device process) and
+    its vCPU runs the guest (run() is reached)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         kids = children(proc.pid)
-        if ours(proc.pid) and (placement == "inline" or kids):
-            time.sleep(0.3)   # let it reach run()
+        if ours(proc.pid) and (placement == "inline" or kids) and guest_ticks(proc.pid) > 0:
             return children(proc.pid)
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -141,12 +161,19 @@ def test_pause_resume_and_stop_a_vcpu_inside_kvm_run(guest):
         result: list[Outcome] = []
         runner = threading.Thread(target=lambda: result.append(m.run(timeout=60)))
         runner.start()
-        time.sleep(0.3)
+        pid = os.getpid()
+        deadline = time.monotonic() + 20
+        while m.vcpus[0].thread.native_id is None:
+            assert time.monotonic() < deadline, "vCPU 0 never started"
+            time.sleep(0.01)
+        tid = m.vcpus[0].thread.native_id
+        wait_guest_runs(pid, tid)                 # vCPU 0 is inside KVM_RUN
         t = time.monotonic()
         assert m.vcpus[0].pause(timeout=5)
         assert time.monotonic() - t < 1.0
+        paused_at = guest_ticks(pid, tid)
         m.vcpus[0].resume()
-        time.sleep(0.1)
+        wait_guest_runs(pid, tid, above=paused_at)  # back in the guest
         assert m.vcpus[0].alive
         t = time.monotonic()
         m.end(Outcome(Ending.POWER_OFF, "stopped by the test"))

@@ -1,0 +1,393 @@
+"""The fault engine of one device: counts the events of each armed point,
+decides by trigger (or by a recorded trace) which ones fire, and records
+the firings.
+
+Numbering.  Each point has an event counter per device, 1-based, started
+when the point is first armed on the engine and kept counting after its
+faults are disarmed; a firing's ``event`` is that number, and replay keys on
+(device, point, event).  Each fault also counts the events *it matches*
+(its match keys, and the match values its action implies); its trigger
+looks at that count: ``nth = N`` fires on the Nth, ``every = N`` on each
+Nth, ``after = N`` on each one after the Nth, ``probability = P`` on each
+with probability P, at most ``times`` times.  A fault's decisions depend
+only on its own count, so never on other faults or on thread timing beyond
+the order of the events themselves.  When several faults fire on one
+event, the first armed is applied and the others are counted as shadowed
+(their ``times`` are not used up).
+
+The probability generator is counter-based (SplitMix64 indexed by the
+count): fault ``name`` under ``seed`` has the state ``s`` = BLAKE2b with an
+8-byte digest, key = ``seed`` as 8 bytes big-endian, data = the UTF-8 name,
+read big-endian; its count ``n`` fires when ``mix64(s + n * 0x9E3779B97F4A7C15
+mod 2**64) < floor(P * 2**64)``, ``mix64`` being SplitMix64's output function
+-- the same answer in any process, thread or order, whatever else is armed.
+
+Cost.  :attr:`FaultEngine.armed` maps each counted point to its faults and
+is replaced whole on arm/disarm, so a caller's ``if "blk.write" in
+engine.armed`` is the whole cost of a point with nothing armed;
+:meth:`FaultEngine.point` starts with that test too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from devices.faults.plan import Fault
+from devices.faults.table import POINTS, Choice, FaultError, PointSpec, Span
+
+#: Where an engine sends its records (one JSON-able dict each): a
+#: :class:`devices.faults.trace.TraceWriter`, or a device runtime's
+#: forwarder to the VMM.  Called with the engine's lock not held.
+Sink = Callable[[dict[str, Any]], None]
+
+_SPAN, _SET, _EQ = 0, 1, 2
+
+
+_M64 = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def name_state(seed: int, name: str) -> int:
+    """The generator state of fault ``name`` under ``seed``."""
+    h = hashlib.blake2b(name.encode(), key=seed.to_bytes(8, "big"), digest_size=8)
+    return int.from_bytes(h.digest(), "big")
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea, Flood 2014)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def uniform64(seed: int, name: str, count: int) -> int:
+    """The generator's 64-bit value for count ``count`` of fault ``name``."""
+    return mix64((name_state(seed, name) + count * _GOLDEN) & _M64)
+
+
+def threshold(probability: float) -> int:
+    """``floor(P * 2**64)``: a value below it fires (P = 1: every one)."""
+    return int(probability * 2**64)
+
+
+def trigger_function(fault: Fault, seed: int) -> Callable[[int], bool]:
+    """Whether the fault's trigger selects its ``count``-th matching event
+    (``times`` aside)."""
+    n = fault.arg
+    if fault.trigger == "nth":
+        return lambda count: count == n
+    if fault.trigger == "every":
+        return lambda count: count % n == 0
+    if fault.trigger == "after":
+        return lambda count: count > n
+    if fault.trigger == "probability":
+        limit, state = threshold(n), name_state(seed, fault.name)
+        if limit == 0:
+            return lambda count: False
+        return lambda count: mix64((state + count * _GOLDEN) & _M64) < limit
+    raise FaultError(f"fault {fault.name!r}: unknown trigger {fault.trigger!r}")
+
+
+@dataclasses.dataclass(eq=False)
+class Firing:
+    """One fault firing on one event.  The caller applies ``action`` with
+    ``params`` and then calls :meth:`done` with what it did; for an action
+    that does not return (``crash``, ``exit``, ``die_holding_lock``,
+    ``hang``) it calls :meth:`done` first."""
+
+    device: str
+    fault: str
+    point: str
+    #: The point's event number on this device (1-based): the replay key.
+    event: int
+    #: The fault's own count of matching events at this one (replay: 0).
+    count: int
+    action: str
+    params: Mapping[str, Any]
+    #: Per-device firing sequence, 1-based.
+    seq: int
+    #: ``time.monotonic_ns()`` of the decision (system-wide on Linux, so it
+    #: orders firings of several processes for display).
+    t: int
+    detail: str | None = None
+    #: The engine's seed (what :meth:`random` derives from).
+    seed: int = 0
+    _engine: FaultEngine | None = dataclasses.field(default=None, repr=False)
+
+    def random(self) -> random.Random:
+        """A generator for what the action makes up (``garbage`` bytes,
+        which bits ``corrupt`` flips), seeded by (seed, fault, device,
+        point, event): the same bytes in a rerun and in a replay."""
+        key = f"{self.fault}\0{self.device}\0{self.point}\0{self.event}".encode()
+        h = hashlib.blake2b(key, key=self.seed.to_bytes(8, "big"), digest_size=16)
+        return random.Random(int.from_bytes(h.digest(), "big"))
+
+    def done(self, detail: str = "") -> None:
+        """Record the firing with ``detail`` (what was done) in the trace.
+        Once; a second call is ignored."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self.detail = detail
+            engine._done(self)
+
+    def record(self) -> dict[str, Any]:
+        """The firing as a trace line (:mod:`devices.faults.trace`)."""
+        return {"type": "fire", "seq": self.seq, "t": self.t, "device": self.device, "fault": self.fault,
+                "point": self.point, "event": self.event, "action": self.action, "params": dict(self.params),
+                "detail": self.detail if self.detail is not None else ""}
+
+
+@dataclasses.dataclass
+class FaultStatus:
+    """A fault's counters (QMP ``query-faults``)."""
+
+    fault: Fault
+    events: int = 0         # matching events seen
+    firings: int = 0
+    shadowed: int = 0       # fired together with an earlier fault, not applied
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.fault.name, "device": self.fault.device, "point": self.fault.point,
+                "action": self.fault.action, "events": self.events, "firings": self.firings,
+                "shadowed": self.shadowed, "fault": self.fault.to_dict()}
+
+
+class _Armed:
+    """A fault armed on an engine, with its counters and compiled matcher."""
+
+    __slots__ = ("fault", "status", "matcher", "selects", "left")
+
+    def __init__(self, fault: Fault, spec: PointSpec, seed: int):
+        self.fault = fault
+        self.status = FaultStatus(fault)
+        self.matcher = tuple(_compile(key, spec.match[key], value) for key, value in fault.match.items())
+        self.selects = trigger_function(fault, seed)
+        self.left = fault.times       # None: unlimited
+
+
+def _compile(key: str, kind: object, value: Any) -> tuple[str, int, Any, Any]:
+    if isinstance(kind, Span):
+        return key, _SPAN, value[0], value[1]
+    if isinstance(kind, Choice):
+        return key, _SET, kind.accepted(value), None
+    return key, _EQ, value, None
+
+
+def _missing(point: str, key: str) -> Any:
+    raise FaultError(f"point {point!r} hit without its match key {key!r}")
+
+
+class FaultEngine:
+    """The faults of one device.  Thread-safe: :meth:`point` may be called
+    from several threads (vCPUs, queue workers) while :meth:`arm` and
+    :meth:`disarm` run.
+
+    ``faults`` are armed from the start (the plan's, already validated for
+    this device: :meth:`devices.faults.plan.Plan.for_device`); ``points``
+    is the table their points come from (a model's own points added);
+    ``sink`` receives a record per firing (on :meth:`Firing.done`) and per
+    run-time arm/disarm.
+    """
+
+    #: point -> faults armed there, in arm order; every counted point is a
+    #: key (an empty tuple once its faults are disarmed).  Replaced, never
+    #: changed in place, so a reader needs no lock.
+    armed: Mapping[str, tuple[_Armed, ...]]
+
+    def __init__(self, device: str, faults: Iterable[Fault] = (), *, seed: int = 0,
+                 points: Mapping[str, PointSpec] = POINTS, sink: Sink | None = None):
+        self.device = device
+        self.seed = seed
+        self.points = points
+        self.sink = sink
+        self.armed = {}
+        self._lock = threading.Lock()
+        self._events: dict[str, int] = {}
+        self._faults: dict[str, _Armed] = {}
+        self._seq = 0
+        self._pending: dict[int, Firing] = {}
+        for fault in faults:
+            self._arm(fault)
+
+    # -- run time ---------------------------------------------------------
+
+    def point(self, name: str, /, **match: Any) -> Firing | None:
+        """One event at point ``name`` with its match values (every match
+        key of the point, e.g. ``sector=``); the firing, or None."""
+        if name not in self.armed:
+            return None
+        with self._lock:
+            event = self._events[name] = self._events[name] + 1
+            firing = self._decide(name, event, match)
+            if firing is not None:
+                self._pending[firing.seq] = firing
+            return firing
+
+    def _decide(self, name: str, event: int, match: Mapping[str, Any]) -> Firing | None:
+        chosen: Firing | None = None
+        for armed in self.armed[name]:
+            missed = False
+            for key, how, a, b in armed.matcher:
+                v = match[key] if key in match else _missing(name, key)
+                if not (a <= v <= b if how == _SPAN else v in a if how == _SET else v == a):
+                    missed = True
+                    break
+            if missed:
+                continue
+            status = armed.status
+            count = status.events = status.events + 1
+            if armed.left == 0 or not armed.selects(count):
+                continue
+            if chosen is not None:
+                status.shadowed += 1
+                continue
+            status.firings += 1
+            if armed.left is not None:
+                armed.left -= 1
+            fault = armed.fault
+            chosen = self._firing(fault.name, name, event, count, fault.action, fault.params)
+        return chosen
+
+    def _firing(self, fault: str, point: str, event: int, count: int, action: str,
+                params: Mapping[str, Any]) -> Firing:
+        self._seq += 1
+        return Firing(device=self.device, fault=fault, point=point, event=event, count=count, action=action,
+                      params=params, seq=self._seq, t=time.monotonic_ns(), seed=self.seed, _engine=self)
+
+    def _done(self, firing: Firing) -> None:
+        with self._lock:
+            self._pending.pop(firing.seq, None)
+        if self.sink is not None:
+            self.sink(firing.record())
+
+    def flush(self) -> None:
+        """Record the firings whose caller never called :meth:`Firing.done`
+        (at teardown), with detail "(not reported)"."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for firing in sorted(pending, key=lambda f: f.seq):
+            firing.done("(not reported)")
+
+    # -- arming -----------------------------------------------------------
+
+    def arm(self, fault: Fault) -> None:
+        """Arm ``fault`` (validated: :func:`devices.faults.plan.parse_fault`)
+        while running; its point's numbering starts now if it was not
+        counted yet."""
+        self._arm(fault)
+        if self.sink is not None:
+            self.sink({"type": "arm", "t": time.monotonic_ns(), "device": self.device, "fault": fault.name,
+                       "point": fault.point, "event": self._events[fault.point], "plan": fault.to_dict()})
+
+    def _arm(self, fault: Fault) -> None:
+        if fault.device != self.device:
+            raise FaultError(f"fault {fault.name!r} is for device {fault.device!r}, not {self.device!r}")
+        spec = self.points.get(fault.point)
+        if spec is None:
+            raise FaultError(f"fault {fault.name!r}: device {self.device!r} has no point {fault.point!r}")
+        armed = _Armed(fault, spec, self.seed)
+        with self._lock:
+            if fault.name in self._faults:
+                raise FaultError(f"fault {fault.name!r} is already armed on {self.device!r}")
+            self._faults[fault.name] = armed
+            self._events.setdefault(fault.point, 0)
+            table = dict(self.armed)
+            table[fault.point] = table.get(fault.point, ()) + (armed,)
+            self.armed = table
+
+    def disarm(self, name: str) -> FaultStatus:
+        """Disarm the fault called ``name``; its final counters.  Its point
+        keeps counting (so later event numbers stay those of the run)."""
+        with self._lock:
+            armed = self._faults.pop(name, None)
+            if armed is None:
+                raise FaultError(f"no fault {name!r} armed on {self.device!r}")
+            point = armed.fault.point
+            table = dict(self.armed)
+            table[point] = tuple(a for a in table[point] if a is not armed)
+            self.armed = table
+            event = self._events[point]
+        if self.sink is not None:
+            self.sink({"type": "disarm", "t": time.monotonic_ns(), "device": self.device, "fault": name,
+                       "point": point, "event": event})
+        return armed.status
+
+    # -- queries ----------------------------------------------------------
+
+    def query(self) -> list[FaultStatus]:
+        """Every armed fault's counters, in arm order (copies)."""
+        with self._lock:
+            return [dataclasses.replace(a.status) for a in self._faults.values()]
+
+    def events(self, point: str) -> int:
+        """How many events of ``point`` were counted (0 if never armed)."""
+        return self._events.get(point, 0)
+
+    def faults(self) -> list[Fault]:
+        with self._lock:
+            return [a.fault for a in self._faults.values()]
+
+
+class ReplayEngine(FaultEngine):
+    """An engine whose decisions come from a trace: the firing recorded for
+    (this device, point, event number) fires again, with its fault name,
+    action and parameters; nothing else does.  Triggers and match keys are
+    not consulted, so the replay holds when the guest's timing (and so
+    which request got which sector) differs.  :meth:`arm` is refused.
+
+    ``firings`` are the recorded firings of this device
+    (:meth:`devices.faults.trace.Trace.for_device`), ``seed`` the trace's
+    (so :meth:`Firing.random` makes up the same bytes)."""
+
+    def __init__(self, device: str, firings: Iterable[Mapping[str, Any]], *, seed: int = 0,
+                 sink: Sink | None = None):
+        super().__init__(device, seed=seed, sink=sink)
+        self._script: dict[tuple[str, int], Mapping[str, Any]] = {}
+        statuses: dict[str, FaultStatus] = {}
+        for f in firings:
+            if f["device"] != device:
+                raise FaultError(f"replay of {device!r} given a firing of {f['device']!r}")
+            key = (f["point"], f["event"])
+            if key in self._script:
+                raise FaultError(f"replay: two firings at {device}/{key[0]} event {key[1]}")
+            self._script[key] = f
+            self._events.setdefault(f["point"], 0)
+            if f["fault"] not in statuses:
+                statuses[f["fault"]] = FaultStatus(_replayed_fault(f))
+        self._statuses = statuses
+        self.armed = {point: () for point in self._events}
+
+    def _decide(self, name: str, event: int, match: Mapping[str, Any]) -> Firing | None:
+        f = self._script.get((name, event))
+        if f is None:
+            return None
+        status = self._statuses[f["fault"]]
+        status.events += 1
+        status.firings += 1
+        return self._firing(f["fault"], name, event, 0, f["action"], f["params"])
+
+    def arm(self, fault: Fault) -> None:
+        raise FaultError(f"device {self.device!r} replays a trace: arming {fault.name!r} is refused")
+
+    def disarm(self, name: str) -> FaultStatus:
+        raise FaultError(f"device {self.device!r} replays a trace: disarming {name!r} is refused")
+
+    def query(self) -> list[FaultStatus]:
+        with self._lock:
+            return [dataclasses.replace(s) for s in self._statuses.values()]
+
+    def faults(self) -> list[Fault]:
+        return [s.fault for s in self._statuses.values()]
+
+
+def _replayed_fault(f: Mapping[str, Any]) -> Fault:
+    """What a replay knows of a fault: its name, device, point, action and
+    parameters; the trigger is the trace itself."""
+    return Fault(name=f["fault"], device=f["device"], point=f["point"], trigger="replay", arg=0, times=None,
+                 action=f["action"], params=dict(f["params"]), match={})

@@ -1,0 +1,71 @@
+"""The options of a device in another process, as one value.
+
+:class:`RemoteOptions` replaces the keyword arguments that
+``RemoteEndpoint.spawn`` used to take one by one: the machine keeps one
+(``Machine.remote_options``, the tunables) and fills in what it hands each
+device (guest memory, console, interrupt routing) with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+
+from ipc.protocol import MemRegion, SetConsole
+from vmm.irq import IrqRouter
+
+__all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
+
+#: How a device process is started; ``--fd N`` is appended.
+DEVSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "devserver")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteOptions:
+    """How a device process is started, handshaken with and served.
+
+    The fields marked *spawn* matter only when the VMM starts the process
+    itself (``RemoteEndpoint.spawn``); a device reached over a connected
+    socket (``RemoteEndpoint.attach``) ignores them.
+    """
+
+    #: Deadline of one access, in seconds.
+    access_timeout: float = 1.0
+    #: Deadline of the whole start (handshake up to Ready), in seconds.
+    start_timeout: float = 10.0
+    #: The device's longest poll after a request, in microseconds (0: it
+    #: sleeps at once).
+    poll_us: int = 200
+    #: Let the device shorten or lengthen its poll window (see ipc.slots).
+    adaptive: bool = True
+    #: How long a vCPU spins on the answer before sleeping, in microseconds.
+    spin_us: int = 100
+    #: Let the device's serving thread move itself off the CPU of the vCPU
+    #: it serves (see ipc.slots; off by default: measured bimodal on the
+    #: nested development host).
+    move: bool = False
+    #: *spawn*: the device program (``--fd N`` is appended).
+    command: Sequence[str] = DEVSERVER_COMMAND
+    #: *spawn*: CPUs the device process may run on (None: any).
+    cpus: AbstractSet[int] | None = None
+    #: Guest RAM to share (None: the device gets no guest memory).
+    memfd: int | None = None
+    #: Where ``memfd`` sits in the guest (None: the whole fd at address 0).
+    mem_regions: Sequence[MemRegion] | None = None
+    #: The console fds to hand the device (the VMM keeps its own copies).
+    console: SetConsole | None = None
+    #: The VM's interrupt routing, from which the device may ask for
+    #: irqfds and ioeventfds (None: it gets none, its requests are refused).
+    irq_router: IrqRouter | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.poll_us, int) or self.poll_us < 0:
+            raise ValueError(f"poll_us must be an integer >= 0, not {self.poll_us!r}")
+        object.__setattr__(self, "command", tuple(self.command))
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", frozenset(self.cpus))
+        if self.mem_regions is not None:
+            object.__setattr__(self, "mem_regions", tuple(self.mem_regions))

@@ -1,0 +1,126 @@
+"""Spawning and supervising a device process (a child of this VMM).
+
+:meth:`DeviceProcess.start` runs the device program with one end of the
+control socket pair as ``--fd N`` (nothing else of the VMM's: stdin and
+stdout are /dev/null, stderr goes through :class:`vmm.console.StderrRelay`),
+in its own session, optionally pinned to ``cpus``.  The process is watched
+through a pidfd, so only this child can ever be signalled.  It is the
+:class:`vmm.remote.peer.Peer` of the endpoint that talks to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence, Set
+
+from vmm.console import StderrRelay
+from vmm.remote.options import DEVSERVER_COMMAND
+
+__all__ = ["DeviceProcess"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceProcess:
+    """One device child: its Popen and pidfd."""
+
+    def __init__(self, proc: subprocess.Popen, pidfd: int):
+        self.pid = proc.pid
+        self._proc = proc
+        self._pidfd = pidfd
+
+    @classmethod
+    def start(cls, command: Sequence[str], channel: socket.socket, name: str,
+              cpus: Set[int] | None = None) -> DeviceProcess:
+        """Start ``command --fd N`` with ``channel`` as descriptor N; the
+        caller's copy of ``channel`` is closed on every path."""
+        proc = pidfd = None
+        # No descriptor of the VMM's terminal reaches the device (vmm.console).
+        relay = StderrRelay.for_child()
+        try:
+            try:
+                proc = subprocess.Popen([*command, "--fd", str(channel.fileno()), *_log_level_args(command)],
+                                        pass_fds=[channel.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, start_new_session=True,
+                                        stderr=relay.child_fd if relay is not None else None)
+            finally:
+                channel.close()      # the child has its copy
+                if relay is not None and proc is not None:
+                    relay.started(name)
+                elif relay is not None:
+                    relay.abandon()
+            pidfd = os.pidfd_open(proc.pid)
+            if cpus is not None:
+                os.sched_setaffinity(proc.pid, cpus)
+        except BaseException:
+            if pidfd is not None:
+                os.close(pidfd)
+            if proc is not None:
+                _kill_and_reap(proc)
+            raise
+        return cls(proc, pidfd)
+
+    @property
+    def exit_fd(self) -> int | None:
+        """The pidfd (polls readable once the child has exited)."""
+        return self._pidfd
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once reaped (negative: the signal), else None."""
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd."""
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # already gone, or pidfd closed
+
+    def wait(self, timeout: float) -> bool:
+        """Reap it if it exits within ``timeout`` seconds; True once reaped."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def exit_text(self, wait: float) -> str:
+        if not self.wait(wait):
+            return "still running"
+        rc = self._proc.returncode
+        return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+
+    def close(self) -> None:
+        """Close the pidfd (the child must be reaped already)."""
+        if self._pidfd >= 0:
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass
+        self._pidfd = -1
+
+
+def _log_level_args(command: Sequence[str]) -> list[str]:
+    """Give a devserver the VMM's logging level (quiet unless the VMM is
+    verbose); other device programs get no extra arguments."""
+    if tuple(command) != tuple(DEVSERVER_COMMAND):
+        return []
+    level = logging.getLogger().getEffectiveLevel()
+    name = "DEBUG" if level <= logging.DEBUG else "INFO" if level <= logging.INFO else "WARNING"
+    return ["--log-level", name]
+
+
+def _kill_and_reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(5.0)
+    except subprocess.TimeoutExpired:
+        log.error("device process %d does not die", proc.pid)
