@@ -34,6 +34,8 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
 #define KVM_GET_VCPU_EVENTS ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
 #define KVM_SET_VCPU_EVENTS ...
 
 /* Capabilities. */
@@ -168,6 +170,13 @@ struct kvm_vcpu_events {
         uint32_t error_code;
     } exception;
     uint32_t flags;
+    ...;
+};
+
+/* x87/SSE/AVX state in the standard XSAVE layout (vmm.emulate's
+ * ldmxcsr/stmxcsr: MXCSR is bytes 24-27, XSTATE_BV bytes 512-519). */
+struct kvm_xsave {
+    uint32_t region[1024];
     ...;
 };
 

@@ -14,7 +14,12 @@ INSTRUCTION_BYTES``) or are read through the guest's page tables
   operands only: the count and the flags the SDM defines (popcnt: ZF =
   source zero, CF OF SF AF PF cleared; tzcnt/lzcnt: CF = source zero,
   ZF = result zero);
-* ``fwait`` (9B): a no-op (no x87 exception is ever pending here).
+* ``fwait`` (9B): a no-op (no x87 exception is ever pending here);
+* ``ldmxcsr m32`` / ``stmxcsr m32`` (0F AE /2, /3; 64-bit mode, any
+  ModRM/SIB/displacement/RIP-relative form, FS/GS overrides): MXCSR is
+  read or written in the vCPU's XSAVE area (KVM_GET/SET_XSAVE), the
+  operand through the guest's page tables; reserved MXCSR bits set by
+  ldmxcsr raise ``#GP(0)``, as the CPU does (SDM Vol. 2A "LDMXCSR").
 
 Anything else is left to the caller to report; :func:`name` names the
 usual suspects (``cmpxchg16b``, ``xrstor``...) for that report.
@@ -54,15 +59,65 @@ _counts_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
+class Memory:
+    """A ModRM memory operand: base + index * scale + disp (register
+    numbers or None), RIP-relative, and a segment override (fs/gs)."""
+
+    base: int | None
+    index: int | None
+    scale: int
+    disp: int
+    rip_relative: bool = False
+    segment: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Decoded:
     """One instruction: its name, length and, for the bit counts, the
-    operands (register numbers) and operand size in bits."""
+    operands (register numbers) and operand size in bits; for
+    ldmxcsr/stmxcsr the memory operand."""
 
     name: str
     length: int
     dest: int = 0
     src: int = 0
     size: int = 0
+    mem: Memory | None = None
+
+
+def decode_modrm_memory(code: bytes, rex: int) -> tuple[Memory, int] | None:
+    """The memory operand of the ModRM byte at ``code[0]`` (64-bit
+    addressing, SDM Vol. 2A §2.1.5 and §2.2.1.6) and the bytes it takes
+    (ModRM, SIB, displacement); None for a register operand or too few bytes."""
+    if not code:
+        return None
+    modrm = code[0]
+    mod, rm = modrm >> 6, modrm & 7
+    if mod == 3:
+        return None
+    pos = 1
+    base: int | None = rm | (8 if rex & 1 else 0)
+    index: int | None = None
+    scale = 1
+    rip_relative = False
+    if rm == 4:
+        if len(code) < 2:
+            return None
+        sib = code[1]
+        pos = 2
+        scale = 1 << (sib >> 6)
+        idx = ((sib >> 3) & 7) | (8 if rex & 2 else 0)
+        index = None if idx == 4 else idx
+        base = (sib & 7) | (8 if rex & 1 else 0)
+        if sib & 7 == 5 and mod == 0:
+            base = None
+    elif rm == 5 and mod == 0:
+        base, rip_relative = None, True
+    disp_size = 1 if mod == 1 else 4 if (mod == 2 or base is None) else 0
+    if len(code) < pos + disp_size:
+        return None
+    disp = int.from_bytes(code[pos:pos + disp_size], "little", signed=True) if disp_size else 0
+    return Memory(base, index, scale, disp, rip_relative), pos + disp_size
 
 
 def decode(code: bytes, long_mode: bool = True, default_size: int = 32) -> Decoded | None:
@@ -84,6 +139,15 @@ def decode(code: bytes, long_mode: bool = True, default_size: int = 32) -> Decod
         return Decoded("int3", pos + 1)
     if rest[0] == 0x9B and not rex:
         return Decoded("fwait", pos + 1)
+    if long_mode and len(rest) >= 3 and rest[:2] == b"\x0f\xae" and (rest[2] >> 3) & 7 in (2, 3) \
+            and not prefixes & {0x66, 0xF2, 0xF3, 0x67}:
+        operand = decode_modrm_memory(rest[2:], rex)
+        if operand is None:
+            return None
+        mem, used = operand
+        segment = "fs" if 0x64 in prefixes else "gs" if 0x65 in prefixes else None
+        mem = dataclasses.replace(mem, segment=segment)
+        return Decoded("ldmxcsr" if (rest[2] >> 3) & 7 == 2 else "stmxcsr", pos + 2 + used, mem=mem)
     if rest[:3] == b"\x0f\x01\xca":
         return Decoded("clac", pos + 3)
     if rest[:3] == b"\x0f\x01\xcb":
@@ -119,6 +183,95 @@ def write_gpr(regs, number: int, value: int, size: int) -> None:
     if size == 16:
         value = (getattr(regs, field) & ~0xFFFF) | (value & 0xFFFF)
     setattr(regs, field, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def effective_address(mem: Memory, regs, sregs, next_rip: int) -> int:
+    addr = mem.disp
+    if mem.rip_relative:
+        addr += next_rip
+    if mem.base is not None:
+        addr += getattr(regs, GPRS[mem.base])
+    if mem.index is not None:
+        addr += getattr(regs, GPRS[mem.index]) * mem.scale
+    if mem.segment is not None:
+        addr += getattr(sregs, mem.segment).base
+    return addr & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class OperandFault(Exception):
+    """The memory operand is not mapped (the guest would take a #PF)."""
+
+
+def _phys(memory: GuestMemory, sregs, linear: int, length: int) -> list[tuple[int, int]]:
+    """(physical, length) pieces of [linear, linear + length), per page."""
+    out = []
+    done = 0
+    while done < length:
+        addr = linear + done
+        try:
+            phys = x86.translate(memory.read_u64, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, addr)
+        except (x86.TranslationError, GuestMemoryError) as e:
+            raise OperandFault(str(e)) from None
+        n = min(length - done, 0x1000 - (addr & 0xFFF))
+        if not memory.contains(phys, n):
+            raise OperandFault(f"{addr:#x} is not RAM")
+        out.append((phys, n))
+        done += n
+    return out
+
+
+def read_linear(memory: GuestMemory, sregs, linear: int, length: int) -> bytes:
+    return b"".join(memory.read(p, n) for p, n in _phys(memory, sregs, linear, length))
+
+
+def write_linear(memory: GuestMemory, sregs, linear: int, data: bytes) -> None:
+    pos = 0
+    for p, n in _phys(memory, sregs, linear, len(data)):
+        memory.write(p, data[pos:pos + n])
+        pos += n
+
+
+#: Offsets in the XSAVE area (SDM Vol. 1 §10.5.1, §13.4): MXCSR,
+#: MXCSR_MASK, XSTATE_BV; XSTATE_BV bit 1 is SSE state.
+XSAVE_MXCSR = 24
+XSAVE_MXCSR_MASK = 28
+XSAVE_XSTATE_BV = 512
+XFEATURE_SSE = 1 << 1
+DEFAULT_MXCSR_MASK = 0xFFBF
+GP_VECTOR = 13
+
+
+def _mxcsr(vcpu, memory: GuestMemory, d: Decoded, regs, sregs, next_rip: int) -> bool | None:
+    """ldmxcsr/stmxcsr: True when done, False when #GP(0) was injected
+    instead, None when the operand is unmapped (nothing done)."""
+    assert d.mem is not None
+    addr = effective_address(d.mem, regs, sregs, next_rip)
+    area = vcpu.get_xsave()
+    try:
+        if d.name == "stmxcsr":
+            write_linear(memory, sregs, addr, bytes(area[XSAVE_MXCSR:XSAVE_MXCSR + 4]))
+            return True
+        value = int.from_bytes(read_linear(memory, sregs, addr, 4), "little")
+    except OperandFault:
+        return None
+    mask = int.from_bytes(area[XSAVE_MXCSR_MASK:XSAVE_MXCSR_MASK + 4], "little") or DEFAULT_MXCSR_MASK
+    if value & ~mask:
+        _inject(vcpu, GP_VECTOR, 0)
+        return False
+    area[XSAVE_MXCSR:XSAVE_MXCSR + 4] = value.to_bytes(4, "little")
+    area[XSAVE_XSTATE_BV] |= XFEATURE_SSE      # so KVM takes MXCSR from the area
+    vcpu.set_xsave(area)
+    return True
+
+
+def _inject(vcpu, vector: int, error_code: int | None = None) -> None:
+    events = vcpu.get_vcpu_events()
+    events.exception.injected = 1
+    events.exception.nr = vector
+    events.exception.has_error_code = 0 if error_code is None else 1
+    events.exception.error_code = error_code or 0
+    events.exception.pending = 0
+    vcpu.set_vcpu_events(events)
 
 
 def fetch(memory: GuestMemory, sregs, linear: int, n: int = MAX_INSN) -> bytes:
@@ -158,7 +311,17 @@ def fallback(vcpu, memory: GuestMemory, insn: bytes | None = None) -> tuple[bool
     if d is None:
         return False, name(code)
     rip_mask = 0xFFFF_FFFF_FFFF_FFFF if long_mode else 0xFFFF_FFFF
-    regs.rip = (regs.rip + d.length) & rip_mask
+    next_rip = (regs.rip + d.length) & rip_mask
+    if d.name in ("ldmxcsr", "stmxcsr"):
+        done = _mxcsr(vcpu, memory, d, regs, sregs, next_rip)
+        if done is None:
+            return False, f"{d.name} (operand not mapped)"
+        if done:                  # a #GP leaves rip on the instruction
+            regs.rip = next_rip
+            vcpu.set_regs(regs)
+        _count(vcpu, d.name)
+        return True, d.name
+    regs.rip = next_rip
     if d.name == "clac":
         regs.rflags &= ~RFLAGS_AC
     elif d.name == "stac":
@@ -170,20 +333,18 @@ def fallback(vcpu, memory: GuestMemory, insn: bytes | None = None) -> tuple[bool
         regs.rflags = (regs.rflags & ~clear) | flags
     vcpu.set_regs(regs)
     if d.name == "int3":
-        events = vcpu.get_vcpu_events()
-        events.exception.injected = 1
-        events.exception.nr = BP_VECTOR
-        events.exception.has_error_code = 0
-        events.exception.error_code = 0
-        events.exception.pending = 0
-        vcpu.set_vcpu_events(events)
+        _inject(vcpu, BP_VECTOR)
+    _count(vcpu, d.name)
+    return True, d.name
+
+
+def _count(vcpu, what: str) -> None:
     with _counts_lock:
-        counts[d.name] += 1
-        first = counts[d.name] == 1
+        counts[what] += 1
+        first = counts[what] == 1
     if first:
         log.info("vCPU %d: emulating %s for the guest (KVM's emulator failed on it)",
-                 getattr(vcpu, "index", -1), d.name)
-    return True, d.name
+                 getattr(vcpu, "index", -1), what)
 
 
 # -- naming what is not emulated ------------------------------------------
@@ -191,7 +352,7 @@ def fallback(vcpu, memory: GuestMemory, insn: bytes | None = None) -> tuple[bool
 #: (opcode bytes after prefixes/REX, ModRM reg field or None, name)
 _KNOWN = (
     (b"\x0f\xc7", 1, "cmpxchg8b/cmpxchg16b"),
-    (b"\x0f\xae", 4, "xsave"), (b"\x0f\xae", 5, "xrstor"), (b"\x0f\xae", 6, "xsaveopt"),
+    (b"\x0f\xae", 2, "ldmxcsr"), (b"\x0f\xae", 3, "stmxcsr"), (b"\x0f\xae", 4, "xsave"), (b"\x0f\xae", 5, "xrstor"), (b"\x0f\xae", 6, "xsaveopt"),
     (b"\x0f\xc7", 4, "xsavec"), (b"\x0f\xc7", 5, "xsaves"), (b"\x0f\xc7", 3, "xrstors"),
     (b"\x0f\xc7", 6, "rdrand"), (b"\x0f\xc7", 7, "rdseed"),
     (b"\x0f\x01\xd0", None, "xgetbv"), (b"\x0f\x01\xd1", None, "xsetbv"),
@@ -220,7 +381,7 @@ def name(code: bytes) -> str:
         if len(rest) > len(opcode) and (rest[len(opcode)] >> 3) & 7 == reg:
             if what == "cmpxchg8b/cmpxchg16b":
                 return "cmpxchg16b" if rex & 8 else "cmpxchg8b"
-            if what in ("xsave", "xrstor", "xsaveopt") and rest[len(opcode)] >> 6 == 3:
+            if what in ("xsave", "xrstor", "xsaveopt", "ldmxcsr", "stmxcsr") and rest[len(opcode)] >> 6 == 3:
                 continue                     # register forms are fences (lfence, mfence...)
             return what + ("64" if rex & 8 and what.startswith("x") else "")
     if rest[:1] == b"\xcc":

@@ -380,6 +380,18 @@ class Vcpu(_Fd):
         """KVM_SET_VCPU_EVENTS."""
         self._ioctl_ptr(lib.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
 
+    def get_xsave(self) -> bytearray:
+        """KVM_GET_XSAVE -> the 4 KiB XSAVE area (standard format)."""
+        area = ffi.new("struct kvm_xsave *")
+        self._ioctl_ptr(lib.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytearray(ffi.buffer(area, 4096))
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE of a 4 KiB XSAVE area."""
+        area = ffi.new("struct kvm_xsave *")
+        ffi.memmove(area, bytes(data[:4096]), min(len(data), 4096))
+        self._ioctl_ptr(lib.KVM_SET_XSAVE, area, "KVM_SET_XSAVE")
+
     def set_cpuid(self, cpuid: Cpuid) -> None:
         """KVM_SET_CPUID2."""
         self._ioctl_ptr(lib.KVM_SET_CPUID2, cpuid.ptr, "KVM_SET_CPUID2")
