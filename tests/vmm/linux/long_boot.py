@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--memory", default="256M", help="guest RAM (less RAM: fewer struct pages for the "
+                   "emulated ring 0 to initialise)")
     p.add_argument("--qemu", action="store_true")
     p.add_argument("--keep", metavar="DIR", help="keep the console logs here")
     p.add_argument("--until", metavar="TEXT", help="stop each run once this console text appears "
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     disk.write_bytes(b"splitvmm-linux-check".ljust(16 << 20, b"\0"))
     report = {"kernel": built.version}
     cmd = [sys.executable, "-m", "vmm.cli", "-v", "run", "--kernel", str(built.kernel), "--initrd", str(built.initrd),
-           "--memory", "512M", "--vcpus", str(args.vcpus), "--cpuid-hide", HIDE, "--append", APPEND,
+           "--memory", args.memory, "--vcpus", str(args.vcpus), "--cpuid-hide", HIDE, "--append", APPEND,
            "--device", f"virtio-blk,path={disk},serial=linux-check", "--timeout", str(args.timeout),
            "--serial", f"file:{work / 'splitvmm.txt'}"]
     report["splitvmm"] = watch(cmd, work / "splitvmm.txt", args.timeout + 60, work / "splitvmm.err", args.until)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         if qemu is None:
             report["qemu"] = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
         else:
-            qcmd = [qemu, "-enable-kvm", "-cpu", "host", "-m", "512", "-smp", str(args.vcpus), "-nographic",
+            qcmd = [qemu, "-enable-kvm", "-m", args.memory, "-smp", str(args.vcpus), "-nographic",
                     "-no-reboot", "-kernel", str(built.kernel), "-initrd", str(built.initrd),
                     "-append", APPEND, "-drive", f"file={disk},format=raw,if=virtio",
                     "-serial", f"file:{work / 'qemu.txt'}", "-monitor", "none", "-display", "none"]
