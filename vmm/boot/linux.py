@@ -99,15 +99,5 @@ def load(memory: GuestMemory, kernel: str | os.PathLike, initrd: str | os.PathLi
 def _pvh(memory: GuestMemory, data: bytes, name: str, initrd: bytes | None, cmdline: str, rsdp: int,
          what: str) -> LoadedKernel:
     booted = pvh.load(memory, data, cmdline, initrd=initrd, rsdp=rsdp)
-    placed = None
-    if initrd is not None:
-        placed = _module0(memory)
     return LoadedKernel("pvh", f"{what}, PVH entry {booted.entry:#x}",
-                        lambda vcpu: pvh.enter(vcpu, booted), placed)
-
-
-def _module0(memory: GuestMemory) -> tuple[int, int]:
-    from vmm import layout
-    raw = memory.read(layout.PVH_MODLIST, pvh.MODLIST_ENTRY.size)
-    addr, size, _c, _r = pvh.MODLIST_ENTRY.unpack(raw)
-    return addr, size
+                        lambda vcpu: pvh.enter(vcpu, booted), booted.modules[0] if booted.modules else None)

@@ -75,6 +75,8 @@ class PvhBoot:
     start_info: int
     #: [start, end) of guest-physical memory the image occupies.
     image: tuple[int, int]
+    #: (address, size) of each module (the initrd), in start-info order.
+    modules: tuple[tuple[int, int], ...] = ()
 
 
 def find_entry(elf: ElfFile) -> int:
@@ -149,7 +151,7 @@ def load(memory: GuestMemory, image: bytes | str | os.PathLike, cmdline: str = "
         modules.append((at, len(initrd)))
     write_start_info(memory, cmdline, modules, rsdp)
     write_boot_gdt(memory)
-    return PvhBoot(entry=entry, start_info=layout.PVH_START_INFO, image=(lo, hi))
+    return PvhBoot(entry=entry, start_info=layout.PVH_START_INFO, image=(lo, hi), modules=tuple(modules))
 
 
 def write_start_info(memory: GuestMemory, cmdline: str, modules: list[tuple[int, int]] | None = None,
