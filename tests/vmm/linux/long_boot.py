@@ -33,10 +33,12 @@ from vmm import image
 MILESTONES = ("Linux version", "Memory:", "x86/fpu:", "smpboot:", "devtmpfs: initialized",
               "PCI: Using configuration type 1", "clocksource: Switched to", "Freeing unused kernel",
               "Run /init", image.BANNER, "virtio disk(s)", image.DONE, "reboot: Power down")
-#: ``initcall_blacklist=ftrace_check_for_weak_functions`` skips ftrace's
-#: check of every mcount record against kallsyms (minutes in emulated ring
-#: 0 here, with soft-lockup warnings; it only validates records).
-APPEND = "console=ttyS0 earlyprintk=ttyS0 noxsave initcall_blacklist=ftrace_check_for_weak_functions"
+#: ``initcall_blacklist=`` skips two tracing initcalls that take minutes in
+#: emulated ring 0 and only serve tracing: ftrace's check of every mcount
+#: record against kallsyms (soft-lockup warnings), and the trace-event
+#: "eval map" update, whose mutex held ``init_kprobe_trace`` for ~230 s.
+APPEND = ("console=ttyS0 earlyprintk=ttyS0 noxsave "
+          "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init")
 HIDE = "cx16,xsave,popcnt,smap"
 
 
