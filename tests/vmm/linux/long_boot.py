@@ -40,11 +40,8 @@ MILESTONES = ("Linux version", "Memory:", "x86/fpu:", "smpboot:", "devtmpfs: ini
 APPEND = ("console=ttyS0 earlyprintk=ttyS0 noxsave "
           "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init")
 #: cx16, xsave (with osxsave and leaf 0xD): instructions PVM's emulator
-#: lacks (cmpxchg16b, xrstor); popcnt and smap: fewer fallbacks; ssse3,
-#: sse4_1, sse4_2, pclmulqdq, aes: keep the kernel's own SIMD code (the
-#: RNG's blake2s_compress_ssse3 first) off, since the emulator lacks
-#: SSE moves such as ``movd xmm15, ecx``.
-HIDE = "cx16,xsave,popcnt,smap,ssse3,sse4_1,sse4_2,pclmulqdq,aes"
+#: lacks (cmpxchg16b, xrstor); popcnt and smap: fewer fallbacks.
+HIDE = "cx16,xsave,popcnt,smap"
 
 
 def watch(cmd: list[str], console: pathlib.Path, timeout: float, stderr_path: pathlib.Path,
