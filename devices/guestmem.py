@@ -17,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from devices.base import DeviceError
+from devices.base import GuestMemoryFault, all_ones
+
+__all__ = ["GuestMemoryFault", "GuestRam", "RamRange"]
 
 U64 = 1 << 64
-
-
-class GuestMemoryFault(DeviceError):
-    """A guest-physical range that is not (wholly) guest RAM."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +98,7 @@ class GuestRam:
 
     def write_int(self, addr: int, size: int, value: int) -> None:
         off = self.offset(addr, size)
-        self._view[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._view[off:off + size] = (value & all_ones(size)).to_bytes(size, "little")
 
     def release(self) -> None:
         """Drop this object's view (before the mapping is closed)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from devices.base import Space
+from devices.base import Space, all_ones
 
 # -- type-0 header (PCI 3.0 6.1, figure 6-1) -------------------------------
 
@@ -106,8 +106,6 @@ def config_address(bus: int, device: int, function: int, offset: int = 0) -> int
     return bus << 20 | device << 15 | function << 12 | offset
 
 
-def ones(size: int) -> int:
-    return (1 << (8 * size)) - 1
 
 
 class BarKind(enum.Enum):
@@ -128,6 +126,10 @@ class Bar:
     mapped: int | None = None
     #: Base the BAR asks for but another region holds (module docstring).
     conflict: int | None = None
+    #: Memory BAR whose region is claimed with ``coalesce=True``
+    #: (DeviceHost.claim: guest writes may be queued; the zone moves with
+    #: the BAR).
+    coalesce: bool = False
 
     @property
     def space(self) -> Space:
@@ -170,13 +172,13 @@ class ConfigSpace:
 
     def set(self, offset: int, size: int, value: int) -> None:
         """Set a register's value as the device (no write rules)."""
-        self.data[offset:offset + size] = (value & ones(size)).to_bytes(size, "little")
+        self.data[offset:offset + size] = (value & all_ones(size)).to_bytes(size, "little")
 
     def set_wmask(self, offset: int, size: int, mask: int) -> None:
-        self.wmask[offset:offset + size] = (mask & ones(size)).to_bytes(size, "little")
+        self.wmask[offset:offset + size] = (mask & all_ones(size)).to_bytes(size, "little")
 
     def set_w1cmask(self, offset: int, size: int, mask: int) -> None:
-        self.w1cmask[offset:offset + size] = (mask & ones(size)).to_bytes(size, "little")
+        self.w1cmask[offset:offset + size] = (mask & all_ones(size)).to_bytes(size, "little")
 
     def read(self, offset: int, size: int) -> int:
         """A guest read; beyond the 256 bytes it reads 0 (no extended

@@ -30,9 +30,9 @@ the guest acknowledges it by writing :data:`REG_ACK`.
 
 from __future__ import annotations
 
-from devices.base import BadParameter, DeviceHost, parse_int
+from devices.base import BadParameter, DeviceHost, all_ones, parse_int
 from devices.echo import RegisterFile
-from devices.pci import Bar, BarKind, PciDevice, ones
+from devices.pci import Bar, BarKind, PciDevice
 
 #: splitvmm's own IDs: 0x5356 is "SV" in ASCII, not a PCI-SIG assignment;
 #: fine for a test VMM's private devices, never for hardware.
@@ -91,6 +91,17 @@ class PciEcho(PciDevice):
         self.add_msix(nvec, BAR_MSIX, MSIX_TABLE, MSIX_PBA)
         self.regs = RegisterFile()
 
+    # -- snapshot: the register file (the PCI state is devices.pci's) --------
+
+    def model_state(self) -> dict:
+        return self.regs.snapshot()
+
+    def check_model_state(self, state: object, where: str) -> object:
+        return RegisterFile.check(state, where)
+
+    def load_model_state(self, checked: object) -> None:
+        self.regs.load(checked)  # type: ignore[arg-type]  # what check_model_state returned
+
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         if bar.index == BAR_IO:
             if offset == IO_REG_CONFLICT and size == 4:
@@ -107,7 +118,7 @@ class PciEcho(PciDevice):
                 return int(self.intx_pending)
             if size == 4 and offset == REG_INTX_SENT:
                 return self.intx_sent & 0xFFFF_FFFF
-        return ones(size)
+        return all_ones(size)
 
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         if bar.index == BAR_IO:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from devices.base import BadParameter, DeviceError, DeviceHost, MsiVector
+from devices.base import BadParameter, DeviceHost, HostRefused, MsiVector, all_ones
 from devices.pci_config import (
     MSIX_MAX_VECTORS,
     PCI_COMMAND,
@@ -21,8 +21,8 @@ from devices.pci_config import (
     PCI_MSIX_TABLE,
     Bar,
     ConfigSpace,
-    ones,
 )
+from devices.snapshot import Fields, require
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,11 @@ class MsiX:
     def _vector(self, n: int) -> MsiVector | None:
         vec = self._vectors.get(n)
         if vec is None:
-            get = getattr(self.host, "msi_vector", None)
             try:
-                vec = get(n) if get is not None else None
-            except (NotImplementedError, DeviceError) as e:
-                log.debug("MSI-X vector %d: %s", n, e)
-                vec = None
-            if vec is None:
+                vec = self.host.msi_vector(n)
+            except HostRefused as e:
                 if not self._no_host_logged:
-                    log.warning("MSI-X: the device host has no MSI support; vectors go nowhere")
+                    log.warning("MSI-X: vector %d: %s; vectors go nowhere", n, e)
                     self._no_host_logged = True
                 return None
             self._vectors[n] = vec
@@ -137,7 +133,7 @@ class MsiX:
         if self._routes.get(n) != route:
             try:
                 vec.program(*route)
-            except DeviceError as e:
+            except HostRefused as e:
                 log.warning("MSI-X vector %d: cannot route %#x/%#x: %s", n, route[0], route[1], e)
                 self._routes.pop(n, None)
                 return None
@@ -171,6 +167,44 @@ class MsiX:
                     self._program(n)
             self._flush()
 
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    def snapshot(self) -> dict:
+        """Table, pending bits and counters (the capability's control
+        register is in configuration space, devices.pci)."""
+        return {"table": bytes(self.table), "pending": self.pending,
+                "delivered": self.delivered, "lost": self.lost}
+
+    def check(self, state: object, where: str) -> tuple[bytes, int, int, int]:
+        """A snapshot's fields, checked (BadState): entries as the guest
+        can write them (devices.pci_msix.MsiX.write), pending bits of
+        existing vectors only."""
+        f = Fields(state, where, ("table", "pending", "delivered", "lost"))
+        table = f.blob("table", self.table_size)
+        for n in range(self.nvectors):
+            e = table[n * PCI_MSIX_ENTRY_SIZE:(n + 1) * PCI_MSIX_ENTRY_SIZE]
+            require(not e[PCI_MSIX_ENTRY_LOWER_ADDR] & 0x3
+                    and not e[PCI_MSIX_ENTRY_VECTOR_CTRL] & ~PCI_MSIX_ENTRY_CTRL_MASKBIT
+                    and not any(e[PCI_MSIX_ENTRY_VECTOR_CTRL + 1:]),
+                    f.name("table"), f"entry {n}: reserved bits set")
+        pending = f.integer("pending", 0, (1 << self.nvectors) - 1)
+        return table, pending, f.integer("delivered"), f.integer("lost")
+
+    def load(self, checked: tuple[bytes, int, int, int]) -> None:
+        table, self.pending, self.delivered, self.lost = checked
+        self.table[:] = table
+        self._routes.clear()
+
+    def resume(self) -> None:
+        """After a restore: ask the host again for the routes of the
+        entries that may deliver (the VMM kept them; the same vector
+        objects come back).  Nothing is delivered: pending bits stay
+        until the guest's next unmask, as they would have."""
+        if self.enabled and not self.function_masked:
+            for n in range(self.nvectors):
+                if not self.masked(n):
+                    self._program(n)
+
     # -- the guest side: table and PBA in the BAR --------------------------
 
     def owns(self, offset: int) -> bool:
@@ -181,14 +215,14 @@ class MsiX:
         """Table and PBA take aligned DWORD and QWORD accesses (6.8.2);
         other accesses read all ones."""
         if size not in (4, 8) or offset % size:
-            return ones(size)
+            return all_ones(size)
         if self.table_offset <= offset and offset + size <= self.table_offset + self.table_size:
             at = offset - self.table_offset
             return int.from_bytes(self.table[at:at + size], "little")
         if self.pba_offset <= offset and offset + size <= self.pba_offset + self.pba_size:
             at = offset - self.pba_offset
-            return (self.pending >> (8 * at)) & ones(size)
-        return ones(size)
+            return (self.pending >> (8 * at)) & all_ones(size)
+        return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Table writes; the PBA is read-only (6.8.2.10)."""
@@ -199,7 +233,7 @@ class MsiX:
         at = offset - self.table_offset
         n = at // PCI_MSIX_ENTRY_SIZE
         was_masked = self.masked(n)
-        data = (value & ones(size)).to_bytes(size, "little")
+        data = (value & all_ones(size)).to_bytes(size, "little")
         for i, b in enumerate(data):
             field = (at + i) % PCI_MSIX_ENTRY_SIZE
             if field == PCI_MSIX_ENTRY_VECTOR_CTRL:

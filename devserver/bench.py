@@ -33,25 +33,10 @@ import uuid
 
 from devices.base import Space
 from devices.echo import Echo
-from ipc import Bus, Registry, slotbench
+from devserver.host import RemoteHost
+from ipc import Registry, slotbench
 
 PORT = 0x1000
-
-
-class _LocalHost:
-    """The smallest in-process host (for the inline floor)."""
-
-    def __init__(self, registry: Registry, owner: int):
-        self.registry, self.owner = registry, owner
-
-    def claim(self, space, start, length, cookie=0):
-        self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
-
-    def release(self, space, start):
-        self.registry.unregister(Bus(int(space)), start, self.owner)
-
-    def process_id(self):
-        return os.getpid()
 
 
 def _rounds(one_access, n: int, rounds: int) -> list[float]:
@@ -65,7 +50,7 @@ def _rounds(one_access, n: int, rounds: int) -> list[float]:
 
 
 def _inline(registry: Registry, n: int, rounds: int) -> dict:
-    model = Echo(_LocalHost(registry, 3), pio=hex(PORT + 0x1000))
+    model = Echo(RemoteHost(registry, 3), pio=hex(PORT + 0x1000))
     model.start()
     get, put, read, pio = registry.get, registry.put, model.read, Space.PIO
     addr = PORT + 0x1000 + 0x10

@@ -5,36 +5,121 @@ shared registry: a model claims and releases its regions there directly,
 under the owner id the VMM gave this process, with no round trip to the
 VMM, also from inside the handler of an access (a window that moves).
 Interrupt lines and MSI vectors are irqfds the VMM hands over on request
-(:mod:`devserver.interrupts`); triggering one is an eventfd write.
+(:mod:`devserver.interrupts`); triggering one is an eventfd write.  The
+registry's errors reach the model as the :class:`devices.base.HostRefused`
+family (:func:`registry_refusal`).
 """
 
 from __future__ import annotations
 
 import os
 
-from devices.base import ConsoleFds, DeviceError, Space
+from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space)
+from devices.faults.apply import FaultyInterrupt
 from devices.guestmem import GuestRam
-from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
-from ipc import Bus, Registry
+from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 
 
-class RemoteHost:
+_SPACE_OF = {Bus(int(s)): s for s in Space}
+
+
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class RemoteHost(DeviceHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
-                 irq: IrqClient | None = None, memory: GuestRam | None = None):
+                 irq: IrqClient | None = None, memory: GuestRam | None = None,
+                 pid: int | None = None):
         self._memory = memory
         self.registry = registry
         self.owner = owner
-        self._pid = os.getpid()
+        #: The pid as the VMM sees it (a sandboxed device in a pid
+        #: namespace of its own is pid 1 there).
+        self._pid = os.getpid() if pid is None else pid
         self._console = console
         self._irq = irq
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True``; the VMM was asked for a zone over each when
+        #: the host has a control channel (else they are plain regions).
+        self.coalesced: dict[tuple[Space, int], int] = {}
+        #: The regions claimed or adopted through this host, for
+        #: :meth:`release_unadopted` (devices.base, "Snapshots").
+        self.taken: set[tuple[Space, int]] = set()
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
-        self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) then ask the
+        VMM for a coalesced zone over it (devserver.interrupts), or undo
+        the registration and raise the refusal (IrqUnavailable)."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        try:
+            self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        self.taken.add((Space(space), start))
+        if not coalesce:
+            return
+        if self._irq is not None:
+            try:
+                request_zone(self._irq, start, length)
+            except HostRefused:
+                self.registry.unregister(Bus.MMIO, start, self.owner)
+                raise
+        self.coalesced[(Space.MMIO, start)] = length
+
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Claim, or find this owner's identical region already there
+        (left by the device's previous process; devices.base)."""
+        try:
+            self.claim(space, start, length, cookie, coalesce=coalesce)
+            return
+        except RegionBusy:
+            bus = Bus(int(space))
+            try:
+                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
+                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
+            except RegistryError as e:
+                raise registry_refusal(e) from None
+            if not held:
+                raise
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def release_unadopted(self) -> int:
+        """Unregister this owner's regions no claim/adopt here took."""
+        try:
+            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
+                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
+            for r in stale:
+                self.registry.unregister(r.bus, r.start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
-        self.registry.unregister(Bus(int(space)), start, self.owner)
+        """Unregister the region (and have the VMM drop its zone, if any)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self._irq is not None:
+            remove_zone(self._irq, start)
+        self.taken.discard((Space(space), start))
+        try:
+            self.registry.unregister(Bus(int(space)), start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return self._pid
@@ -45,22 +130,23 @@ class RemoteHost:
 
     def _irq_client(self) -> IrqClient:
         if self._irq is None:
-            raise DeviceError("this device host has no interrupt channel")
+            raise NotOffered("this device host has no interrupt channel")
         return self._irq
 
     def irq_line(self, gsi: int) -> RemoteLine:
         """Asks the VMM for an irqfd on irqchip input ``gsi`` (raises
-        :class:`devserver.interrupts.IrqUnavailable` when refused)."""
-        return RemoteLine(self._irq_client(), gsi)
+        :class:`devserver.interrupts.IrqUnavailable`, a HostRefused, when
+        refused)."""
+        return FaultyInterrupt(RemoteLine(self._irq_client(), gsi), self, 0)  # type: ignore[return-value]
 
     def msi_vector(self, index: int) -> RemoteMsi:
         """MSI vector ``index``; its route is asked for at program()."""
-        return RemoteMsi(self._irq_client(), index)
+        return FaultyInterrupt(RemoteMsi(self._irq_client(), index), self, index)  # type: ignore[return-value]
 
     def guest_memory(self) -> GuestRam:
         """Guest RAM as mapped from the VMM's memory table."""
         if self._memory is None:
-            raise DeviceError("the VMM gave this device no guest memory")
+            raise NotOffered("the VMM gave this device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,

@@ -28,10 +28,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from devices.base import DeviceError
+from devices.base import HostRefused
 from ipc.protocol import (
     IRQ_ANSWERS,
+    CoalescedMmioRemoveRequest,
+    CoalescedMmioRequest,
     IoeventfdRemoveRequest,
     IoeventfdRequest,
     ConnectionClosed,
@@ -42,6 +45,7 @@ from ipc.protocol import (
     MsiRouteRequest,
     MsiUnrouteRequest,
 )
+from ipc.batch import BatchError, BatchReader
 from ipc.transport import ChannelTimeout
 
 log = logging.getLogger(__name__)
@@ -50,14 +54,15 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 
 
-class IrqUnavailable(DeviceError):
-    """The VMM refused an interrupt request, or did not answer it."""
+class IrqUnavailable(HostRefused):
+    """The VMM refused an interrupt or ioeventfd request, or did not
+    answer it (what a model catches is :class:`devices.base.HostRefused`)."""
 
 
 class IrqClient:
     """Request/answer over the control socket (see the module docstring)."""
 
-    def __init__(self, send: Callable[[Message], None], receive: Callable[[float], Message],
+    def __init__(self, send: Callable[[Message], None], receive: Callable[[float], Message | ConnectionClosed],
                  timeout: float = REQUEST_TIMEOUT):
         self._send = send
         self._receive = receive
@@ -70,6 +75,9 @@ class IrqClient:
         #: the runtime); None while the handshake still reads it in line.
         self.reader: threading.Thread | None = None
         self._fds: set[int] = set()
+        #: The batch segment the VMM delivers coalesced writes through
+        #: (ipc.batch), once it gave one.
+        self.batch: BatchReader | None = None
 
     def request(self, make: Callable[[int], Message]) -> Message:
         """Send ``make(seq)`` and return the VMM's answer to it (IrqGranted
@@ -214,7 +222,7 @@ class RemoteDoorbell:
     def __init__(self, client: IrqClient, space: int, address: int, length: int,
                  datamatch: int | None):
         self._client = client
-        self._fields = dict(space=space, address=address, length=length,
+        self._fields: dict[str, Any] = dict(space=space, address=address, length=length,
                             datamatch=datamatch or 0, match=datamatch is not None)
         answer = client.request(lambda seq: IoeventfdRequest(seq, **self._fields))
         if not isinstance(answer, IrqGranted):
@@ -232,3 +240,30 @@ class RemoteDoorbell:
             log.warning("removing ioeventfd %#x: %s", self._fields["address"], e)
         finally:
             self._client.forget(fd)
+
+
+def request_zone(client: IrqClient, address: int, length: int) -> None:
+    """Ask the VMM to coalesce guest writes to ``[address, address +
+    length)`` (a region this device has registered); raises
+    IrqUnavailable when refused.  An answer that carries the batch
+    segment (feature ``coalesced-batch``) maps it as :attr:`IrqClient.batch`
+    the first time; later copies are closed."""
+    answer = client.request(lambda seq: CoalescedMmioRequest(seq, address, length))
+    if isinstance(answer, IrqGranted):
+        if client.batch is None:
+            try:
+                client.batch = BatchReader(answer.fd)
+            except (BatchError, OSError, ValueError) as e:
+                client.forget(answer.fd)
+                remove_zone(client, address)
+                raise IrqUnavailable(f"the VMM's batch segment: {e}") from None
+        client.forget(answer.fd)     # mapped (or a copy): the descriptor is not needed
+
+
+def remove_zone(client: IrqClient, address: int) -> None:
+    """Ask the VMM to drop the coalesced zone at ``address`` (a refusal or
+    no answer is logged: the VMM drops every zone of the device at its end)."""
+    try:
+        client.request(lambda seq: CoalescedMmioRemoveRequest(seq, address))
+    except IrqUnavailable as e:
+        log.warning("removing coalesced zone %#x: %s", address, e)

@@ -6,37 +6,64 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. build the model (:mod:`devserver.kinds`) on a :class:`RemoteHost`, let it
+2. apply the sandbox (:mod:`devserver.sandbox`; the model's module is
+   imported and its host files are opened just before), then build the
+   model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
-3. serve accesses from the slots on the main thread, while a control
-   thread reads the socket (Reset, Shutdown) and watches for the VMM going
-   away (end of stream, or this process re-parented);
+3. serve accesses from the slots on the main thread (through the
+   ``access`` and ``process`` fault points once they are armed,
+   :mod:`devices.faults.apply`), while a control thread reads the socket
+   (Reset, Shutdown, FaultControl: the device's fault engine) and watches
+   for the VMM going away (end of stream, or this process re-parented);
+   each fault firing goes to the VMM as a FaultFired message;
 4. on the way out, release the model's regions and unmap everything.
 
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
 could not start (the VMM got an Error message), 2 when the VMM broke the
 protocol or the handshake did not finish in time.
+
+The same runtime serves one VM session of a device service
+(:mod:`devserver.service`), through a few hooks: ``config_filter`` merges
+the service's own kind and parameters into the VMM's DeviceConfig (or
+refuses it), ``tick`` is called from the handshake waits and the serving
+loop (the watchdog's keep-alives), ``stuck_status`` is the exit status when
+a handler is stuck; and :meth:`DeviceServer.request_stop` ends a session
+from a signal handler.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 
+from devices import hostres
 from devices.base import Device, Space
+from devices.faults.apply import ProcessHooks, attach_engine, serve_access
+from devices.faults.engine import FaultEngine, ReplayEngine
+from devices.faults.hook import SILENT
+from devices.faults.plan import parse_fault
+from devices.faults.table import FaultError
+from devices.faults.trace import check_record
+from devserver import sandbox
 from devices.guestmem import GuestRam
+from devserver.errors import StartFailed
 from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
-from devserver.kinds import model_class
+from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
+from ipc.registry import take_lock_for_fault
 from devices.base import ConsoleFds
-from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
+                          Hello, Message, Ready,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
                           SetRegistry, SetSlots, Shutdown, Start, negotiate)
 from ipc.protocol import IRQ_ANSWERS
+from ipc.batch import BATCH_SPACE, BatchError
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
@@ -54,17 +81,28 @@ _SPACES = (Space.PIO, Space.MMIO, Space.PCI)
 _SIZES = frozenset((1, 2, 4, 8))
 
 
-class StartFailed(Exception):
-    """The device cannot start; the message goes to the VMM as Error."""
-
-
 class DeviceServer:
     """One device process's runtime (see the module docstring)."""
 
     def __init__(self, channel: Channel, handshake_timeout: float = 10.0,
-                 check_parent: bool = True):
+                 check_parent: bool = True, *,
+                 config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
+                 tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
+                 stuck_status: int = EXIT_OK):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
+        #: Service mode (devserver.service): turns the VMM's DeviceConfig
+        #: into the one to run (the service's own kind and parameters
+        #: merged in), or raises StartFailed to refuse it.
+        self.config_filter = config_filter
+        #: Called from the handshake waits and from the serving loop at
+        #: least every ``wait_slice`` seconds while they are healthy (the
+        #: service's watchdog keep-alives, devserver.notify).
+        self.tick = tick
+        self.wait_slice = wait_slice
+        #: Exit status when a handler is stuck after the VMM went away (a
+        #: service exits non-zero, so its manager restarts it).
+        self.stuck_status = stuck_status
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -78,11 +116,18 @@ class DeviceServer:
         self.irq: IrqClient | None = None
         #: The console (SetConsole), kept open for the model until teardown.
         self.console: ConsoleFds | None = None
+        #: Accesses served (known once the server has run).
+        self.served = 0
         self._model_lock = threading.Lock()
         self._stopping = threading.Event()
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: The device's fault engine (FaultControl setup; SILENT before).
+        self.fault_engine: FaultEngine = SILENT
+        self._process_faults = ProcessHooks(take_lock=self._take_registry_lock)
+        #: What the sandbox applied (devserver.sandbox).
+        self.sandbox = sandbox.Applied()
 
     # -- the whole life ------------------------------------------------------
 
@@ -93,6 +138,7 @@ class DeviceServer:
             except StartFailed as e:
                 log.error("cannot start: %s", e)
                 self._send(Error(str(e)[:1000] or "device failed to start"))
+                self._drain()
                 return EXIT_START_FAILED
             except (RemoteProtocolError, ChannelTimeout, EOFError) as e:
                 log.error("handshake with the VMM failed: %s", e)
@@ -113,10 +159,36 @@ class DeviceServer:
             except OSError as e:
                 log.info("cannot send %s to the VMM: %s", msg.TYPE, e)
 
+    def _drain(self, timeout: float = 2.0) -> None:
+        """After an Error: take what the VMM still sends until it hangs up
+        (or ``timeout``), so it reads the Error before it sees the end of
+        the stream (closing with its messages unread would reset the
+        connection, which the VMM may see first)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(left)
+            except (ChannelTimeout, RemoteProtocolError, OSError):
+                return
+            if isinstance(msg, ConnectionClosed):
+                return
+            close_fds(msg.fds())
+
     # -- handshake -----------------------------------------------------------
 
     def _receive(self, deadline: float) -> Message:
-        msg = self.channel.receive(max(0.0, deadline - time.monotonic()))
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if self.tick is None:
+                msg = self.channel.receive(left)
+                break
+            try:
+                msg = self.channel.receive(min(left, self.wait_slice))
+                break
+            except ChannelTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                self.tick()
         if isinstance(msg, ConnectionClosed):
             raise EOFError("the VMM closed the control socket during the handshake")
         return msg
@@ -136,9 +208,10 @@ class DeviceServer:
             if isinstance(msg, Start):
                 break
             self._configure(msg)
+        self._enter_sandbox()
         self._start_model()
         assert self.slots is not None and self.config is not None
-        self._send(Ready(os.getpid()))
+        self._send(Ready(self.sandbox.host_pid, sandbox=tuple(self.sandbox.layers)))
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
@@ -147,6 +220,8 @@ class DeviceServer:
         """Apply one configuration message; close its descriptor either way."""
         try:
             if isinstance(msg, DeviceConfig):
+                if self.config_filter is not None:
+                    msg = self.config_filter(msg)
                 self.config = msg
                 set_log_name(msg.name)
             elif isinstance(msg, SetRegistry):
@@ -177,6 +252,36 @@ class DeviceServer:
         self.mem_table = msg
         self.guest_ram = GuestRam(self.memory, msg.regions)
 
+    def _enter_sandbox(self) -> None:
+        """The sandbox (devserver.sandbox), once every descriptor is here
+        and before the model is built: its host files are opened first."""
+        cfg = self.config
+        if cfg is None:
+            raise StartFailed("start before device-config")
+        try:
+            cls = resolve(cfg.kind)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        keep = {self.channel.fileno()}
+        if self.console is not None:
+            keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
+        try:
+            keep |= hostres.preopen(cls.host_resources(dict(cfg.params)))
+        except OSError as e:
+            raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
+        try:
+            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
+                                         report_sock=self.channel.fileno(),
+                                         tid_base=sandbox.tid_base(cfg.owner))
+        except sandbox.SandboxError as e:
+            raise StartFailed(str(e)) from None
+        if self.sandbox.pid_namespace:
+            _name_filter.pid = self.sandbox.host_pid
+            self._parent = 0    # our parent is the reaper, outside; we die with it (devserver.sandbox.namespaces)
+        if self.sandbox.layers:
+            log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
+                     self.sandbox.seconds * 1e3, self.sandbox.rules)
+
     def _start_model(self) -> None:
         cfg = self.config
         assert cfg is not None and self.registry is not None and self.slots is not None
@@ -184,21 +289,18 @@ class DeviceServer:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
         self.irq = IrqClient(self._send, self.channel.receive)
         self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq,
-                               memory=self.guest_ram)
+                               memory=self.guest_ram, pid=self.sandbox.host_pid)
         self.model = self._build_model()
 
     def _build_model(self) -> Device:
         cfg, host = self.config, self.host
         assert cfg is not None and host is not None
         try:
-            model = model_class(cfg.kind)(host, **cfg.params)
-        except KeyError as e:
-            raise StartFailed(str(e.args[0])) from None
-        except Exception as e:
+            model = resolve(cfg.kind)(host, **cfg.params)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        except Exception as e:      # the model's constructor, whatever it raises
             raise StartFailed(f"{cfg.kind}: {e}") from None
-        bind = getattr(model, "bind_test_server", None)
-        if bind is not None:    # TEST-ONLY kinds (devserver.testkinds) reach into the runtime
-            bind(self)
         try:
             model.start()
         except Exception as e:
@@ -215,14 +317,20 @@ class DeviceServer:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
         complete = slots.complete
+        tick, wait = self.tick, self.wait_slice
         while True:
             try:
-                req = slots.next(1.0)
+                req = slots.next(wait)
             except SlotsStopped:
                 return
+            if tick is not None:
+                tick()
             if req is None:
                 continue
             space, size = req.space, req.size
+            if space == BATCH_SPACE:
+                complete(req, 0, self._serve_batch(req.value))
+                continue
             if space >= len(_SPACES) or size not in _SIZES:
                 log.error("bad request from the VMM: space %d size %d", space, size)
                 complete(req, 0, STATUS_ERROR)
@@ -230,7 +338,13 @@ class DeviceServer:
             try:
                 with lock:
                     model = self.model
-                    if req.is_write:
+                    if model is None:       # a reset that failed; the process is on its way out
+                        raise StartFailed("no model")
+                    armed = self.fault_engine.armed
+                    if "access" in armed or "process" in armed:
+                        value = serve_access(model, self.fault_engine, _SPACES, space, req.cookie, req.offset,
+                                             size, req.is_write, req.value, self._process_faults)
+                    elif req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0
                     else:
@@ -240,6 +354,35 @@ class DeviceServer:
                 complete(req, 0, STATUS_ERROR)
                 continue
             complete(req, value if type(value) is int else 0, STATUS_OK)
+
+    def _serve_batch(self, count: int) -> int:
+        """Apply a batch of writes (coalesced MMIO, ipc.batch) in order;
+        the status to answer."""
+        batch = self.irq.batch if self.irq is not None else None
+        try:
+            if batch is None:
+                raise BatchError("a write batch, but the VMM gave no batch segment")
+            writes = batch.read(count)
+        except BatchError as e:
+            log.error("bad request from the VMM: %s", e)
+            return STATUS_ERROR
+        try:
+            with self._model_lock:
+                model = self.model
+                assert model is not None
+                engine = self.fault_engine
+                if "access" in engine.armed or "process" in engine.armed:   # each write is an access event
+                    for space, cookie, offset, size, value in writes:
+                        serve_access(model, engine, _SPACES, space, cookie, offset, size, True, value,
+                                     self._process_faults)
+                else:
+                    write = model.write
+                    for space, cookie, offset, size, value in writes:
+                        write(_SPACES[space], cookie, offset, size, value)
+        except Exception:
+            log.exception("a batch of %d writes failed", count)
+            return STATUS_ERROR
+        return STATUS_OK
 
     # -- control socket ------------------------------------------------------
 
@@ -281,6 +424,8 @@ class DeviceServer:
                 continue
             if isinstance(msg, Reset):
                 self._reset()
+            elif isinstance(msg, FaultControl):
+                self._fault_control(msg)
             else:  # the protocol lets nothing else through in this state
                 log.error("unexpected %s from the VMM", msg.TYPE)
                 return
@@ -294,6 +439,7 @@ class DeviceServer:
                 self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
                 self.model = self._build_model()
+                self.model.attach_faults(self.fault_engine)
             except StartFailed as e:
                 self.model = None
                 log.error("reset failed: %s", e)
@@ -301,6 +447,87 @@ class DeviceServer:
                 self._stop()
                 return
         self._send(ResetDone())
+
+    def request_stop(self) -> None:
+        """Ask the server to end without waiting for it (safe in a signal
+        handler that runs on the serving thread): the serving loop
+        returns, the control thread sees the socket shut."""
+        self._stopping.set()
+        if self.slots is not None:
+            self.slots.stop()
+        try:
+            self.channel.shutdown()
+        except OSError:
+            pass
+
+    # -- faults (devices.faults; ipc.protocol "faults" block) -----------------
+
+    def _take_registry_lock(self) -> None:
+        assert self.registry is not None
+        take_lock_for_fault(self.registry)
+
+    def _fault_record(self, record: dict) -> None:
+        """The engine's sink: each record goes to the VMM, which writes the
+        trace (a sandboxed process has no filesystem)."""
+        self._send(FaultFired(json.dumps(record, separators=(",", ":"), allow_nan=False)))
+
+    def _fault_control(self, msg: FaultControl) -> None:
+        try:
+            result = self._fault_op(msg.op, json.loads(msg.body))
+            reply = FaultReply(msg.seq, True, json.dumps(result, separators=(",", ":")))
+        except (FaultError, ValueError, KeyError, TypeError) as e:
+            reply = FaultReply(msg.seq, False, (str(e) or type(e).__name__)[:1000])
+        if len(reply.body) > 50_000:
+            reply = FaultReply(msg.seq, False, "the answer is too large for one message")
+        self._send(reply)
+
+    def _fault_op(self, op: str, body: object) -> object:
+        cfg, model = self.config, self.model
+        assert cfg is not None
+        if model is None:
+            raise FaultError("no model")
+        if not isinstance(body, dict):
+            raise FaultError(f"{op}: the body is a JSON object")
+        points = type(model).all_fault_points()
+        devices = {cfg.name: points}
+        if op == "setup":
+            seed = body.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise FaultError("setup: seed must be an integer in 0..2**64-1")
+            replay = body.get("replay")
+            engine: FaultEngine
+            if replay is not None:
+                if not isinstance(replay, list):
+                    raise FaultError("setup: replay must be a list of firings")
+                firings = [check_record(r, f"replay #{i + 1}") for i, r in enumerate(replay)]
+                engine = ReplayEngine(cfg.name, firings, seed=seed, sink=self._fault_record)
+            else:
+                faults = body.get("faults", [])
+                if not isinstance(faults, list):
+                    raise FaultError("setup: faults must be a list")
+                parsed = [parse_fault(f, devices=devices, points=points) for f in faults]
+                engine = FaultEngine(cfg.name, parsed, seed=seed, points=points, sink=self._fault_record)
+            self.fault_engine = engine
+            if self.host is not None:
+                attach_engine(self.host, engine)
+            with self._model_lock:
+                if self.model is not None:
+                    self.model.attach_faults(engine)
+            return {"armed": len(engine.faults())}
+        engine = self.fault_engine
+        if engine is SILENT:
+            raise FaultError("the fault engine is not set up")
+        if op == "arm":
+            fault = parse_fault(body, devices=devices, points=points, taken=[f.name for f in engine.faults()])
+            engine.arm(fault)
+            return fault.to_dict()
+        if op == "disarm":
+            name = body.get("name")
+            if not isinstance(name, str):
+                raise FaultError("disarm: name must be a string")
+            return engine.disarm(name).to_dict()
+        return {"faults": [s.to_dict() for s in engine.query()],
+                "events": {p: engine.events(p) for p in engine.armed}}
 
     def _stop(self) -> None:
         """Make the serving thread return; exit hard if it is stuck."""
@@ -310,7 +537,7 @@ class DeviceServer:
         if not self._served_out.wait(STUCK_GRACE):
             log.error("a handler is stuck; exiting without cleaning up")
             logging.shutdown()
-            os._exit(EXIT_OK)
+            os._exit(self.stuck_status)
 
     # -- teardown ------------------------------------------------------------
 
@@ -326,6 +553,7 @@ class DeviceServer:
             self.irq.close()
         if self.slots is not None:
             st = self.slots.device_stats()
+            self.served = st.served
             log.info("served %d access(es): %d found while polling, %d sleep(s), %.1f ms polling "
                      "(%.1f ms of it in vain), %d poll(s) cut short, %d move(s) off a vCPU's CPU",
                      st.served, st.polled_hits, st.sleeps, st.poll_ns / 1e6, st.poll_wasted_ns / 1e6,
@@ -352,9 +580,14 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
+    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
+    #: pid namespace); 0: the process's own.
+    pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.device = self.name_
+        if self.pid:
+            record.process = self.pid
         return True
 
 

@@ -2,10 +2,10 @@
 
 ``vmm run --guest FILE.elf [--vcpus N] [--memory SIZE] [--device SPEC]...
 [--timeout SECONDS] [--cmdline TEXT] [--access-timeout SECONDS]
-[--lock-timeout SECONDS] [--serial stdio|file:PATH|none]`` runs a PVH
+[--lock-timeout SECONDS] [--serial stdio|file:PATH|none] [--api PATH]`` runs a PVH
 guest and exits with the status of its ending (:mod:`vmm.outcome`: 0 clean
 stop, odd test exit, 2 bad arguments, 4 guest reset, 6 KVM failure, 8
-timeout, 10 VMM error, 12 Ctrl-A x, 128 + signal when interrupted).  Bad
+timeout, 10 VMM error, 12 quit (Ctrl-A x or QMP quit), 128 + signal when interrupted).  Bad
 arguments give one line on stderr.
 
 Every run has a 16550A UART at COM1 (0x3f8, IRQ 4, in its own process)
@@ -21,6 +21,14 @@ raw image, removed when the run ends) and virtio-console next to the
 serial console, each in its own process.  Every run ends with a one-line
 summary on stderr: how the guest ended and which process served which
 device.
+
+``--faults PLAN.toml [--fault-seed N] [--fault-trace FILE]`` or
+``--fault-replay TRACE`` inject faults (:mod:`vmm.faults`, README "Fault
+injection"); the closing summary then lists the firings per fault.
+
+``--api PATH`` serves the control socket (QMP's wire protocol,
+:mod:`vmm.qmp`) for the run; ``vmm ctl PATH COMMAND [key=value...]``
+runs one command on it and prints the answer (:mod:`vmm.qmp.ctl`).
 """
 
 from __future__ import annotations
@@ -39,12 +47,14 @@ from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm import cpuid as cpuids
 from vmm.boot import BootError
+from devices.kinds import kinds
 from vmm.boot.linux import KERNEL_BOOTS
-from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec, parse_device_spec
+from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
+from vmm.qmp.server import ApiError
 
 log = logging.getLogger("vmm")
 
@@ -105,6 +115,16 @@ def _cpuid_hide(text: str) -> tuple[str, ...]:
 DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial"
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} must be in 0..2**64-1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmm", description="splitvmm: a KVM VMM whose devices run as separate processes")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -118,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
     run.add_argument("--device", action="append", default=[], metavar="SPEC",
-                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type; "
-                          f"types: {', '.join(sorted(DEVICE_TYPES))}")
+                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
+                          "or connect=PATH for a device service (devserver serve --listen PATH); "
+                          f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
@@ -142,9 +163,53 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
                           "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
                           "none (no console, no COM1)")
+    run.add_argument("--faults", metavar="PLAN.toml",
+                     help="a fault plan (README \"Fault injection\"; TOML, or JSON when it ends in .json), "
+                          "validated against the devices before the guest starts")
+    run.add_argument("--fault-seed", type=_seed, metavar="N", help="the plan's seed instead of its own")
+    run.add_argument("--fault-trace", metavar="FILE",
+                     help="write every firing of every device to FILE (JSON Lines, header with plan digest "
+                          "and seed)")
+    run.add_argument("--fault-replay", metavar="TRACE",
+                     help="re-apply exactly the firings of TRACE (a --fault-trace file) by device, point "
+                          "and event number, instead of a plan")
+    run.add_argument("--api", metavar="PATH",
+                     help="serve the control socket (QMP's wire protocol, mode 0600) at PATH; "
+                          "see `vmm ctl`")
+    ctl = sub.add_parser("ctl", help="run one command on a VM's control socket",
+                         description="Run one QMP command on the control socket of `vmm run --api PATH` "
+                                     "and print the answer as JSON.",
+                         epilog=_ctl_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ctl.add_argument("--table", action="store_true", help="aligned tables instead of JSON (query commands)")
+    ctl.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the VM (default 10)")
+    ctl.add_argument("path", metavar="PATH", help="the control socket (--api PATH of vmm run)")
+    ctl.add_argument("qmp_command", metavar="COMMAND", help="a command, e.g. query-status")
+    ctl.add_argument("arguments", nargs="*", metavar="key=value", help="the command's arguments")
     image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
     image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
     return p
+
+
+def _ctl_epilog() -> str:
+    from vmm.qmp.commands import COMMANDS
+
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {c.help}" for name, c in sorted(COMMANDS.items())]
+    return "commands:\n" + "\n".join(lines) + \
+        "\n\nexit status: 0 done, 1 QMP error, 2 bad arguments, 3 no VM at PATH"
+
+
+def ctl(args: argparse.Namespace) -> int:
+    from vmm.qmp.ctl import ctl as run_ctl
+
+    status, out, err = run_ctl(args.path, args.qmp_command, args.arguments, table=args.table,
+                               timeout=args.timeout)
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return status
 
 
 def image_command(args: argparse.Namespace) -> int:
@@ -185,6 +250,12 @@ def _demo_guest() -> pathlib.Path:
     return guests.build(sources, cache / "guests", name="demo")
 
 
+def sandbox_summary(endpoint) -> str:
+    """``, sandbox LAYERS`` for a device in its own process, else nothing."""
+    sandbox = getattr(endpoint, "sandbox", None)
+    return f", {sandbox.describe()}" if sandbox is not None else ""
+
+
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
     """One line: how the run ended and which process served which device."""
     parts = []
@@ -193,6 +264,10 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
             continue
         pid = getattr(endpoint, "pid", None)
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
+        service = getattr(endpoint, "service_path", None)
+        if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
+            where = f"pid {pid or endpoint.reported_pid} (service at {service})"
+        where += sandbox_summary(endpoint)
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
@@ -247,9 +322,10 @@ def _run(args: argparse.Namespace) -> int:
             first_serial = default_serial = parse_device_spec("serial", taken)
             specs.append(first_serial)
         on_console = [first_serial] + [s for s in specs if _on_console(s)]
+    faults = _fault_setup(args, specs)
     console = Console.open(args.serial) if on_console else None
     try:
-        result = _run_machine(args, specs, on_console, default_serial, console)
+        result = _run_machine(args, specs, on_console, default_serial, console, faults)
     finally:
         if console is not None:
             console.close()
@@ -262,11 +338,48 @@ def _run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
+    """The plan (or trace to replay) checked against the VM's devices
+    before anything starts: one line naming fault and key, status 2."""
+    from devices.faults.plan import load_plan
+    from devices.faults.table import FaultError
+    from devices.faults.trace import read_trace
+    from vmm.faults import check_plan, device_points
+
+    by_name = {spec.name: spec for spec in specs}
+    if args.fault_replay is not None:
+        if args.faults is not None or args.fault_seed is not None:
+            raise ConfigError("--fault-replay replays a trace: it takes no --faults or --fault-seed")
+        try:
+            trace = read_trace(args.fault_replay)
+        except FaultError as e:
+            raise ConfigError(f"--fault-replay: {e}") from None
+        unknown = sorted({f["device"] for f in trace.firings} - set(by_name))
+        if unknown:
+            raise ConfigError(f"--fault-replay {args.fault_replay}: firings of device(s) this VM does not "
+                              f"have: {', '.join(unknown)}")
+        return {"replay": trace, "trace": args.fault_trace, "devices": list(by_name)}
+    if args.faults is None:
+        if args.fault_seed is not None:
+            raise ConfigError("--fault-seed needs --faults PLAN")
+        return {"plan": None, "trace": args.fault_trace, "devices": list(by_name)}
+    try:
+        plan = load_plan(args.faults, devices=device_points(by_name), seed=args.fault_seed)
+        check_plan(plan, by_name, source=args.faults)
+    except FaultError as e:
+        raise ConfigError(f"--faults {e}") from None
+    return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
+
+
 def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
-                 default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
+                 default_serial: DeviceSpec | None, console: Console | None,
+                 faults: dict | None = None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
                       lock_timeout=args.lock_timeout, cpuid_hide=getattr(args, "cpuid_hide", ()))
     try:
+        if faults is not None:
+            machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
+                                     devices=faults["devices"])
         if getattr(args, "kernel", None) is not None:
             append = DEFAULT_APPEND if args.append is None else args.append
             machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
@@ -281,6 +394,8 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
                     raise
                 raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
                                   "--serial none leaves them free)") from None
+        if args.api is not None:
+            machine.serve_api(args.api)
         started = time.monotonic()
         if console is not None:
             console.start(on_quit=lambda: machine.end(outcomes.Outcome(
@@ -289,6 +404,9 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
         if console is not None:
             console.restore_terminal()
         print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
+        fault_summary = machine.faults.summary()
+        if fault_summary:
+            print(f"vmm: {fault_summary}", file=sys.stderr)
     finally:
         if console is not None:
             console.restore_terminal()
@@ -311,12 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return outcomes.STATUS_USAGE
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="vmm: %(levelname)s: %(message)s" if args.verbose else "vmm: %(message)s")
+    if args.command == "ctl":
+        return ctl(args)
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.command == "image":
             return image_command(args)
         return run(args)
-    except (ConfigError, BootError, GuestMemoryError, ConsoleError) as e:
+    except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
         print(f"vmm: {e}", file=sys.stderr)
         return outcomes.STATUS_USAGE
     except KeyboardInterrupt:

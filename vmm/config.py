@@ -1,9 +1,17 @@
-"""Device specs of the command line, and the table of device types.
+"""Device specs of the command line.
 
-``--device TYPE[,key=value...]``: ``TYPE`` names a model in
-:data:`DEVICE_TYPES`; ``id=NAME`` (default ``TYPE`` plus a number) and
-``process=isolated|inline`` (default ``isolated``) are understood for every
-type, every other key goes to the model, which validates it.
+``--device TYPE[,key=value...]``: ``TYPE`` names a model, a registered
+kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
+(default ``TYPE`` plus a number) and ``process=isolated|inline`` (default
+``isolated``) are understood for every type, and so are
+``sandbox=strict|auto|off`` (default ``strict``) and
+``seccomp=kill|trap|log`` (default ``kill``), the sandbox of a device in
+its own process (:mod:`devserver.sandbox`); every other key goes to the
+model, which validates it: the model is built once on a host that refuses
+everything, before the guest starts.  ``connect=PATH`` attaches to a device
+that runs as a service listening on ``PATH`` (``devserver serve``): the
+service holds the model's own parameters and validates the whole set; the
+VMM adds placement (and the sandbox it asks the service's device for).
 """
 
 from __future__ import annotations
@@ -11,28 +19,17 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from devices.base import BadParameter, Device
-from devices.echo import Echo
-from devices.pci_echo import PciEcho
-from devices.serial import Serial
-from devices.virtio.blk import VirtioBlk
-from devices.virtio.console import VirtioConsole
-from devices.virtio.rng import VirtioRng
+from devices import kinds
+from devices.base import Device, DeviceError, DeviceHost, NotOffered, Space
+from ipc.protocol import MAX_KIND
 from vmm.endpoint import VmmError
 
-#: kind -> model class.  A model is placement-agnostic: the same class
-#: runs inline (vmm.local) or in a device process (devserver).
-DEVICE_TYPES: dict[str, type[Device]] = {
-    Echo.kind: Echo,
-    PciEcho.kind: PciEcho,
-    Serial.kind: Serial,
-    VirtioRng.kind: VirtioRng,
-    VirtioBlk.kind: VirtioBlk,
-    VirtioConsole.kind: VirtioConsole,
-}
-
 PLACEMENTS = ("isolated", "inline")
+SANDBOX_MODES = ("strict", "auto", "off")
+SECCOMP_MODES = ("kill", "trap", "log")
 DEFAULT_PLACEMENT = "isolated"
+#: The placement of a ``connect=PATH`` device: its own process, not ours.
+SERVICE_PLACEMENT = "service"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -46,24 +43,31 @@ class DeviceSpec:
     name: str
     placement: str
     params: tuple[tuple[str, str], ...]
+    #: The socket of the device service to attach to (placement "service").
+    connect: str | None = None
+    #: The sandbox of a device in its own process (devserver.sandbox).
+    sandbox: str = "strict"
+    seccomp: str = "kill"
 
     @property
     def model_class(self) -> type[Device]:
-        return DEVICE_TYPES[self.kind]
+        """The model class (raises devices.kinds.ModelNotFound)."""
+        return kinds.resolve(self.kind)
 
     def param_dict(self) -> dict[str, str]:
         return dict(self.params)
 
 
-class _NullHost:
+class _NullHost(DeviceHost):
     """A DeviceHost that refuses everything: models are built on it only to
     validate their parameters (constructors must not touch the host)."""
 
-    def claim(self, space, start, length, cookie=0):
-        raise RuntimeError("validation host")
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        raise NotOffered("a parameter-validation host has no regions")
 
-    def release(self, space, start):
-        raise RuntimeError("validation host")
+    def release(self, space: Space, start: int) -> None:
+        raise NotOffered("a parameter-validation host has no regions")
 
     def process_id(self) -> int:
         return 0
@@ -78,8 +82,12 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     kind = kind.strip()
     if not kind:
         raise ConfigError(f"device spec {text!r}: missing TYPE")
-    if kind not in DEVICE_TYPES:
-        raise ConfigError(f"device spec {text!r}: unknown type {kind!r} (known: {', '.join(sorted(DEVICE_TYPES))})")
+    if len(kind) > MAX_KIND:
+        raise ConfigError(f"device spec {text[:80]!r}...: TYPE is longer than {MAX_KIND} characters")
+    try:
+        model_class = kinds.resolve(kind)
+    except kinds.ModelNotFound as e:
+        raise ConfigError(f"--device {kind}: {e}") from None
     params: dict[str, str] = {}
     if rest:
         for item in rest.split(","):
@@ -90,22 +98,52 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
             if key in params:
                 raise ConfigError(f"device spec {text!r}: {key} given twice")
             params[key] = value.strip()
+    connect = params.pop("connect", None)
+    if connect is not None and "process" in params:
+        raise ConfigError(f"device spec {text!r}: connect= and process= exclude each other "
+                          "(a connected device runs in its service's process)")
+    if connect is not None and not connect:
+        raise ConfigError(f"device spec {text!r}: connect= needs the PATH of the service's socket")
     placement = params.pop("process", DEFAULT_PLACEMENT)
-    if placement not in PLACEMENTS:
+    if connect is not None:
+        placement = SERVICE_PLACEMENT
+    elif placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    if placement == "inline" and ("sandbox" in params or "seccomp" in params):
+        raise ConfigError(f"device spec {text!r}: sandbox= and seccomp= are for process=isolated "
+                          "(an inline model runs in the VMM)")
+    sandbox = params.pop("sandbox", "strict")
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(f"device spec {text!r}: sandbox={sandbox!r} (expected strict, auto or off)")
+    seccomp = params.pop("seccomp", "kill")
+    if seccomp not in SECCOMP_MODES:
+        raise ConfigError(f"device spec {text!r}: seccomp={seccomp!r} (expected kill, trap or log)")
     name = params.pop("id", None)
     if name is None:
         n = 0
-        while f"{kind}{n}" in taken:
+        base = _default_name(kind, model_class)
+        while f"{base}{n}" in taken:
             n += 1
-        name = f"{kind}{n}"
+        name = f"{base}{n}"
     elif not _ID.match(name):
         raise ConfigError(f"device spec {text!r}: id={name!r} (letters, digits, '_', '.', '-'; at most 64)")
     if name in taken:
         raise ConfigError(f"device spec {text!r}: id {name!r} is already used")
-    try:
-        DEVICE_TYPES[kind](_NullHost(), **params)
-    except BadParameter as e:
-        raise ConfigError(f"device {name}: {e}") from None
+    if connect is None:     # a service validates the parameters it completes
+        try:
+            model_class(_NullHost(), **params)
+        except DeviceError as e:
+            raise ConfigError(f"device {name}: {e}") from None
+        except Exception as e:      # a model of the user's may fail in any way
+            raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()))
+    return DeviceSpec(kind, name, placement, tuple(params.items()), connect, sandbox=sandbox, seccomp=seccomp)
+
+
+def _default_name(kind: str, model_class: type[Device]) -> str:
+    """The stem of a default ``id=``: the kind, or for ``MODULE:CLASS`` the
+    class's own ``kind`` (else its name), cut to fit an id."""
+    if not kinds.is_qualified(kind):
+        return kind
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", model_class.kind or model_class.__name__.lower())
+    return stem[:60] or "device"

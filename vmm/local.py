@@ -21,9 +21,13 @@ import logging
 import os
 from typing import Callable
 
-from devices.base import ConsoleFds, Device, DeviceError, Space
+from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
+                          RegionTableFull, Space, all_ones)
+from devices.faults.apply import FaultyInterrupt, attach_engine, serve_access
+from devices.faults.engine import FaultEngine
 from devices.guestmem import GuestRam
-from ipc import Bus, Registry
+from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
+from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
@@ -34,40 +38,119 @@ _SPACES = {int(s): s for s in Space}
 _BUSES = {s: Bus(int(s)) for s in Space}
 
 
-class LocalHost:
+_SPACE_OF = {Bus(int(s)): s for s in Space}
+
+
+def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
+    """The model's view of a registry error (as devserver.host's)."""
+    if isinstance(e, RegionConflict):
+        return RegionBusy(str(e))
+    if isinstance(e, RegistryFull):
+        return RegionTableFull(str(e))
+    if isinstance(e, RegionNotFound):
+        return RegionNotHeld(str(e))
+    return HostRefused(f"the registry refused: {e}")
+
+
+class LocalHost(DeviceHost):
     """DeviceHost of an inline model: the registry, with its owner id."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
                  irqs: DeviceIrqs | None = None, memory: GuestRam | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.registry = registry
         self.owner = owner
         self._console = console
         self.irqs = irqs
         self._memory = memory
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: this host has none).
+        self.zones = zones
+        #: (space, start) -> length of the regions claimed with
+        #: ``coalesce=True`` (a zone each, when the host has zones).
+        self.coalesced: dict[tuple[Space, int], int] = {}
+        #: The regions claimed or adopted through this host, for
+        #: :meth:`release_unadopted` (devices.base, "Snapshots").
+        self.taken: set[tuple[Space, int]] = set()
 
     def guest_memory(self) -> GuestRam:
         """The VMM's own mapping of guest RAM, bounds-checked."""
         if self._memory is None:
-            raise DeviceError("this host gives the device no guest memory")
+            raise NotOffered("this host gives the device no guest memory")
         return self._memory
 
     def ioeventfd(self, space: Space, address: int, length: int,
                   datamatch: int | None = None) -> LocalDoorbell:
         if self.ioevents is None:
-            raise DeviceError("this host has no ioeventfds")
+            raise NotOffered("this host has no ioeventfds")
         try:
             fd = self.ioevents.add(int(space), address, length, datamatch)
         except IoeventfdRefused as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
         return LocalDoorbell(self.ioevents, int(space), address, length, datamatch, fd)
 
-    def claim(self, space: Space, start: int, length: int, cookie: int = 0) -> None:
-        self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+    def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) also as a KVM
+        coalesced zone (vmm.coalesce) -- a plain region on a host without
+        zones -- or neither when the zone is refused."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
+        try:
+            self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        self.taken.add((Space(space), start))
+        if not coalesce:
+            return
+        if self.zones is not None:
+            try:
+                self.zones.add(start, length)
+            except CoalesceRefused as e:
+                self.registry.unregister(_BUSES[Space.MMIO], start, self.owner)
+                raise HostRefused(str(e)) from None
+        self.coalesced[(Space.MMIO, start)] = length
+
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Claim, or find this owner's identical region already there
+        (left by the device's previous process; devices.base)."""
+        try:
+            self.claim(space, start, length, cookie, coalesce=coalesce)
+            return
+        except RegionBusy:
+            bus = _BUSES[Space(space)]
+            try:
+                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
+                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
+            except RegistryError as e:
+                raise registry_refusal(e) from None
+            if not held:
+                raise
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def release_unadopted(self) -> int:
+        """Unregister this owner's regions no claim/adopt here took."""
+        try:
+            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
+                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
+            for r in stale:
+                self.registry.unregister(r.bus, r.start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
-        self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        """Unregister the region (and its coalesced zone, if it has one)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self.zones is not None:
+            self.zones.remove(start)
+        self.taken.discard((Space(space), start))
+        try:
+            self.registry.unregister(_BUSES[Space(space)], start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
 
     def process_id(self) -> int:
         return os.getpid()
@@ -78,17 +161,18 @@ class LocalHost:
 
     def _irqs(self) -> DeviceIrqs:
         if self.irqs is None:
-            raise DeviceError("this host has no interrupt controller")
+            raise NotOffered("this host has no interrupt controller")
         return self.irqs
 
     def irq_line(self, gsi: int) -> LocalLine:
         try:
-            return LocalLine(self._irqs().pin(gsi))
+            line = LocalLine(self._irqs().pin(gsi))
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
+        return FaultyInterrupt(line, self, 0)  # type: ignore[return-value]  # the irq fault point
 
     def msi_vector(self, index: int) -> LocalMsi:
-        return LocalMsi(self._irqs(), index)
+        return FaultyInterrupt(LocalMsi(self._irqs(), index), self, index)  # type: ignore[return-value]
 
 
 class LocalDoorbell:
@@ -130,7 +214,7 @@ class LocalMsi:
         try:
             self._fd = self._irqs.program(self.index, address, data)
         except IrqError as e:
-            raise DeviceError(str(e)) from None
+            raise HostRefused(str(e)) from None
 
     def unprogram(self) -> None:
         self._fd = None
@@ -148,43 +232,77 @@ class LocalEndpoint:
     """A model running inside the VMM, behind the Endpoint interface."""
 
     def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.model = model
         self.owner = owner
         self.name = name
         self.irqs = irqs
         self.ioevents = ioevents
+        self.zones = zones
         self._read = model.read
         self._write = model.write
+        self._host = model.host
+        #: The device's fault engine (devices.faults; SILENT until attach_faults).
+        self.fault_engine: FaultEngine = model.fault_engine
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
                registry: Registry, console: ConsoleFds | None = None,
-               irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
+               irq_router: IrqRouter | None = None, memory: GuestRam | None = None,
+               coalesced: CoalescedMmio | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
-        regions (raises the model's BadParameter, the registry's errors).
+        regions (raises the model's BadParameter, the host's HostRefused
+        family -- devices.base.DeviceError both).
         ``irq_router``: where its interrupts go, and the VM its doorbells
-        are bound in (None: it has neither); ``memory``: guest RAM."""
+        are bound in (None: it has neither); ``memory``: guest RAM;
+        ``coalesced``: the VM's coalesced-MMIO zones (None: none)."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
         ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name) if irq_router is not None else None
+        zones = DeviceZones(coalesced, registry, owner, name) if coalesced is not None else None
         try:
-            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents), **params)
+            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents, zones), **params)
             model.start()
         except BaseException:
             if irqs is not None:
                 irqs.release_all()
             if ioevents is not None:
                 ioevents.release_all()
+            if zones is not None:
+                zones.release_all()
             raise
-        return cls(model, owner, name, irqs, ioevents)
+        return cls(model, owner, name, irqs, ioevents, zones)
+
+    def attach_faults(self, engine: FaultEngine) -> None:
+        """Give the model its fault engine (the ``access`` point is served
+        here, the model's own points and ``irq`` by the model and host)."""
+        self.fault_engine = engine
+        attach_engine(self._host, engine)
+        self.model.attach_faults(engine)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
+        armed = self.fault_engine.armed
         try:
+            if "access" in armed or "process" in armed:
+                return serve_access(self.model, self.fault_engine, _SPACES, space, cookie, offset, size,
+                                    is_write, value)
             if is_write:
                 self._write(_SPACES[space], cookie, offset, size, value)
                 return 0
             return self._read(_SPACES[space], cookie, offset, size)
+        except Exception as e:
+            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        write = self._write
+        engine = self.fault_engine
+        try:
+            if "access" in engine.armed or "process" in engine.armed:    # each write is an access event
+                for space, cookie, offset, size, value in writes:
+                    serve_access(self.model, engine, _SPACES, space, cookie, offset, size, True, value)
+                return
+            for space, cookie, offset, size, value in writes:
+                write(_SPACES[space], cookie, offset, size, value)
         except Exception as e:
             raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
 
@@ -197,6 +315,8 @@ class LocalEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
 
 
 ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value
@@ -234,8 +354,12 @@ class VmmHandlers:
                 write(vcpu, offset, size, value)
             return 0
         if read is None:
-            return (1 << (8 * size)) - 1
+            return all_ones(size)
         return read(vcpu, offset, size)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        for space, cookie, offset, size, value in writes:
+            self.access(vcpu, space, cookie, offset, size, True, value)
 
     def close(self) -> None:
         for bus, start in self._regions:

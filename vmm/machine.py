@@ -22,24 +22,34 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import cpuid as cpuids
 from vmm import kvm, layout
 from vmm.boot import pvh
+from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
 from vmm.pci import PciHost
+from vmm.qmp import events as qmp_events
+from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
+
+if TYPE_CHECKING:
+    from vmm.qmp.server import QmpServer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,22 @@ class Machine:
         self._stuck = False
         self.kvm = self.vm = self.memory = self.registry = None
         self.irq: IrqRouter | None = None
+        #: STOP, RESUME, SHUTDOWN and DEVICE_FAILED, to whoever subscribes
+        #: (the control socket, vmm.qmp).
+        self.events = EventHub()
+        #: owner -> the spec each device was started from.
+        self.device_specs: dict[int, DeviceSpec] = {}
+        #: monotonic times of the run's start and end (None until then).
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self._failures: dict[int, str] = {}
+        self._failure_lock = threading.Lock()
+        self._pause_lock = threading.Lock()
+        self._paused = False
+        self._qmp_quit = False
+        self._api: QmpServer | None = None
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -121,7 +147,11 @@ class Machine:
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
-        self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end)
+        #: Coalesced-MMIO zones and the ring (vmm.coalesce).
+        self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
+        self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
+                                     on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
+                                     coalesced=self.coalesced)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -170,13 +200,23 @@ class Machine:
             try:
                 endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
                                                           spec.name, self.registry, console,
-                                                          irq_router=self.irq, memory=self._guest_ram())
+                                                          irq_router=self.irq, memory=self._guest_ram(),
+                                                          coalesced=self.coalesced)
             except (RegistryError, DeviceError) as e:
                 self.registry.unregister_owner(owner)
                 raise ConfigError(f"device {spec.name}: {e}") from None
+        elif spec.connect is not None:
+            endpoint = self._attach_service(spec, owner, console)
         else:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
+        self.device_specs[owner] = spec
+        try:
+            self.faults.attach(endpoint, spec)
+        except (FaultsError, DeviceFailed) as e:
+            raise ConfigError(f"device {spec.name}: {e}") from None
+        except FaultError as e:
+            raise ConfigError(str(e)) from None
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
@@ -197,13 +237,21 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
-        options = dataclasses.replace(
+        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                    len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        assert spec.connect is not None
+        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                              len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
+        return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq,
+            irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                    len(self._vcpu_fds), options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""
@@ -237,10 +285,12 @@ class Machine:
             if self.outcome is not None:
                 return
             self.outcome = outcome
+        self.ended_at = time.monotonic()
         log.debug("%s", outcome)
         self._ended.set()
         for v in self.vcpus:
             v.request_stop()
+        self.events.emit(qmp_events.SHUTDOWN, qmp_events.shutdown_data(outcome, self._qmp_quit))
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run the guest until it ends, ``timeout`` seconds pass, or the
@@ -250,7 +300,8 @@ class Machine:
         if self._started:
             raise VmmError("a machine runs once")
         self._started = True
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self.started_at = time.monotonic()
+        deadline = None if timeout is None else self.started_at + timeout
         try:
             for v in self.vcpus:
                 v.start()
@@ -261,7 +312,9 @@ class Machine:
                     break
                 if self._ended.wait(left):
                     break
-                self.vcpus[0].check_halt()
+                self._check_devices()
+                if not self._paused:
+                    self.vcpus[0].check_halt()
         except KeyboardInterrupt:
             self.end(Outcome(Ending.INTERRUPTED, "interrupted by SIGINT", value=signal.SIGINT))
         except Interrupted as e:
@@ -282,6 +335,108 @@ class Machine:
                 self._stuck = True
                 log.error("vCPU %d did not stop; its resources are leaked", v.index)
 
+    # -- control (vmm.qmp: the same commands as the control socket) -------
+
+    @property
+    def run_state(self) -> str:
+        """prelaunch, running, paused or shutdown (QEMU's RunState names)."""
+        if self.outcome is not None:
+            return "shutdown"
+        if self._paused:
+            return "paused"
+        return "running" if self._started else "prelaunch"
+
+    def pause(self) -> bool:
+        """Hold every vCPU outside KVM_RUN, waiting, until :meth:`resume`
+        (QMP ``stop``; event STOP).  False when it was paused already.
+        Before :meth:`run` the vCPUs start paused."""
+        with self._pause_lock:
+            if self.outcome is not None:
+                raise VmmError("the run has ended")
+            if self._paused:
+                return False
+            # A vCPU inside an access leaves it within the access deadline.
+            deadline = time.monotonic() + self.access_timeout + 3 * self.lock_timeout + STOP_GRACE
+            late = [v.index for v in self.vcpus if not v.pause(max(0.0, deadline - time.monotonic()))]
+            self._paused = True
+            self.events.emit(qmp_events.STOP)
+        if late:
+            raise VmmError(f"vCPU {', '.join(map(str, late))} did not stop in time; it stops when "
+                           "its access ends")
+        return True
+
+    def resume(self) -> bool:
+        """Let every vCPU run again (QMP ``cont``; event RESUME).  False
+        when it was not paused."""
+        with self._pause_lock:
+            if self.outcome is not None:
+                raise VmmError("the run has ended")
+            if not self._paused:
+                return False
+            self._paused = False
+            for v in self.vcpus:
+                v.resume()
+            self.events.emit(qmp_events.RESUME)
+        return True
+
+    def quit(self) -> None:
+        """End the run as the user asked (QMP ``quit``; status 12)."""
+        self._qmp_quit = True
+        self.end(Outcome(Ending.QUIT, "quit through the control socket (QMP quit)"))
+
+    def device_failure(self, owner: int) -> str | None:
+        """Why device ``owner`` was cut off, or None while it works."""
+        self._check_devices()
+        return self._failures.get(owner)
+
+    def _check_devices(self) -> None:
+        """Notice device processes that failed with no access to see it."""
+        for owner, endpoint in list(self.endpoints.items()):
+            if owner not in self._failures:
+                reason = endpoint.failed if isinstance(endpoint, RemoteEndpoint) else None
+                if reason:
+                    self._note_failure(owner, reason)
+                elif owner in self.dispatcher.failed:
+                    self._note_failure(owner, "failed")
+
+    def _note_failure(self, owner: int, reason: str) -> None:
+        with self._failure_lock:
+            if owner in self._failures:
+                return
+            self._failures[owner] = reason
+        endpoint = self.endpoints.get(owner)
+        spec = self.device_specs.get(owner)
+        self.events.emit(qmp_events.DEVICE_FAILED, {
+            "device": endpoint.name if endpoint is not None else str(owner),
+            "kind": spec.kind if spec is not None else None, "reason": reason})
+
+    def qmp(self, command: str, **arguments):
+        """Run a control command (the table of :mod:`vmm.qmp.commands`),
+        e.g. ``machine.qmp("query-regions", bus="mmio")``; returns its
+        ``return`` value, raises :class:`vmm.qmp.QmpError`."""
+        from vmm.qmp.commands import execute
+        return execute(self, command, arguments)
+
+    def query_status(self) -> dict:
+        return self.qmp("query-status")
+
+    def query_devices(self) -> list:
+        return self.qmp("query-devices")
+
+    def query_regions(self, **filters) -> list:
+        return self.qmp("query-regions", **filters)
+
+    def query_stats(self, **filters) -> list:
+        return self.qmp("query-stats", **filters)
+
+    def serve_api(self, path: str | os.PathLike) -> QmpServer:
+        """Serve the control socket (QMP) at ``path`` until :meth:`close`."""
+        from vmm.qmp.server import QmpServer
+        if self._api is not None:
+            raise VmmError("the control socket is served already")
+        self._api = QmpServer(self, path)
+        return self._api
+
     # -- teardown --------------------------------------------------------
 
     def close(self) -> None:
@@ -291,11 +446,14 @@ class Machine:
         self._closed = True
         if self._started:
             self._stop_vcpus()
+        if self._api is not None:
+            self._api.close()       # before the registry and devices it reads go
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
             try:
                 endpoint.close()
             except Exception as e:
                 log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()

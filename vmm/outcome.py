@@ -19,7 +19,8 @@ odd     test exit, ``(v << 1) | 1`` (the OS keeps the low 8 bits)
         error, failed VM entry, an exit the VMM does not handle
 8       timeout (``--timeout``)
 10      the VMM itself failed (a bug, or KVM refused the set-up)
-12      the user quit from the console (Ctrl-A x, :mod:`vmm.console`)
+12      the user quit: from the console (Ctrl-A x, :mod:`vmm.console`) or
+        with ``quit`` on the control socket (:mod:`vmm.qmp`)
 130     interrupted (SIGINT, Ctrl-C); 143 for SIGTERM, 129 for SIGHUP
 ======  =====================================================================
 """

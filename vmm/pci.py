@@ -34,11 +34,12 @@ import dataclasses
 import logging
 
 from devices import pci_config as model
+from devices.base import all_ones
 from devices.pci import PciDevice
 from devices.pci_config import ConfigSpace
 from ipc import Bus, pci_address
 from vmm import layout
-from vmm.config import DEVICE_TYPES, ConfigError, DeviceSpec
+from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
 from vmm.local import VmmHandlers
 
@@ -89,7 +90,7 @@ class PciHost:
     def _address_read(self, vcpu: int, offset: int, size: int) -> int:
         if offset == 0 and size == 4:
             return self.config_address
-        return (1 << (8 * size)) - 1
+        return all_ones(size)
 
     def _address_write(self, vcpu: int, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
@@ -105,7 +106,7 @@ class PciHost:
     def _data_read(self, vcpu: int, offset: int, size: int) -> int:
         key = self._target(offset)
         if key is None:
-            return (1 << (8 * size)) - 1
+            return all_ones(size)
         return self.dispatcher.access(vcpu, Bus.PCI, key, size, False, 0)
 
     def _data_write(self, vcpu: int, offset: int, size: int, value: int) -> None:
@@ -128,8 +129,7 @@ class PciHost:
         lowest free one unless given), its windows for pre-assigned BARs
         and the GSI its INTA# is wired to (``intx_gsi=``, the swizzle of
         vmm.layout); other specs unchanged."""
-        cls = DEVICE_TYPES.get(spec.kind)     # None: a kind only device processes know
-        if cls is None or not issubclass(cls, PciDevice):
+        if not issubclass(spec.model_class, PciDevice):
             return spec
         params = spec.param_dict()
         if "slot" in params:

@@ -17,7 +17,9 @@ Receive: a reader thread takes input as it comes and fills the buffers the
 driver made available on receiveq0; at most :data:`RX_PENDING` bytes wait
 for buffers, and the input is not read further until they are taken
 (back-pressure, nothing lost); input that arrived before the driver is
-ready -- or across a device reset -- waits for it.
+ready -- or across a device reset -- waits for it.  A restarted device
+(snapshot and restore, devices.base) keeps that input; a socket client
+connects again to the new process.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 
 from devices.base import BadParameter, DeviceHost
-from devices.guestmem import GuestMemoryFault, GuestRam
+from devices.faults.apply import fault_bytes
+from devices.faults.table import POINTS
+from devices.guestmem import GuestRam
+from devices.hostres import LISTEN_UNIX, HostResource, listen_unix
+from devices.snapshot import Fields
 from devices.virtio.pci import VirtioPciDevice
-from devices.virtio.virtqueue import Chain, QueueBroken, Virtqueue
+from devices.virtio.virtqueue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ class VirtioConsole(VirtioPciDevice):
     virtio_id = VIRTIO_ID_CONSOLE
     class_code = 0x078000           # simple communication controller, other (as QEMU)
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    fault_points = {**VirtioPciDevice.fault_points, "console.tx": POINTS["console.tx"],
+                    "console.rx": POINTS["console.rx"]}
 
     def __init__(self, host: DeviceHost, **params: str):
         self.socket_path = params.pop("socket", None)
@@ -66,7 +73,7 @@ class VirtioConsole(VirtioPciDevice):
         self.dropped = 0
 
     def start(self) -> None:
-        console = getattr(self.host, "console", lambda: None)()
+        console = self.host.console()
         if console is not None:
             self._out, self._in = console.output, console.input
         elif self.socket_path is not None:
@@ -76,20 +83,14 @@ class VirtioConsole(VirtioPciDevice):
         self._reader = threading.Thread(target=self._read_loop, name=f"{self.kind}-input", daemon=True)
         self._reader.start()
 
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        return (HostResource(LISTEN_UNIX, params["socket"]),) if params.get("socket") else ()
+
     def _listen(self, path: str) -> None:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)         # a stale socket of an earlier run
-        except FileNotFoundError:
-            pass
+            s = listen_unix(path)
         except OSError as e:
-            raise BadParameter(f"virtio-console: socket={path}: {e.strerror}") from None
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(path)
-            s.listen(1)
-        except OSError as e:
-            s.close()
             raise BadParameter(f"virtio-console: socket={path}: {e.strerror}") from None
         self._listener = s
 
@@ -107,7 +108,7 @@ class VirtioConsole(VirtioPciDevice):
                 self._listener.close()
                 self._listener = None
                 try:
-                    os.unlink(self.socket_path)
+                    os.unlink(self.socket_path or "")
                 except OSError:
                     pass
         if self._io_wake >= 0:
@@ -118,6 +119,19 @@ class VirtioConsole(VirtioPciDevice):
         if self._io_wake >= 0:
             os.eventfd_write(self._io_wake, 1)
 
+    # -- snapshot: input the guest has not taken yet ------------------------
+
+    def device_state(self) -> dict:
+        return {"pending": bytes(self._pending), "dropped": self.dropped}
+
+    def check_device_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("pending", "dropped"))
+        return f.blob("pending", max_length=RX_PENDING + READ_CHUNK), f.integer("dropped")
+
+    def load_device_state(self, checked: object) -> None:
+        pending, self.dropped = checked  # type: ignore[misc]  # what check_device_state returned
+        self._pending[:] = pending
+
     # -- transmit ----------------------------------------------------------
 
     def _output_fd(self) -> int:
@@ -126,11 +140,13 @@ class VirtioConsole(VirtioPciDevice):
         return self._out
 
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
-        if queue.index != TRANSMITQ:
-            return 0
+        if queue.index == RECEIVEQ:
+            return self._receive(chain, mem)
         fd = self._output_fd()
         for buf in chain.readable:
             data = mem.read(buf.addr, buf.length)
+            if "console.tx" in self.fault_engine.armed:
+                data = fault_bytes(self.fault_engine, "console.tx", data)
             if fd < 0:
                 self.dropped += len(data)
                 continue
@@ -151,43 +167,29 @@ class VirtioConsole(VirtioPciDevice):
 
     # -- receive -------------------------------------------------------------
 
-    def _process(self, q: Virtqueue) -> None:
-        if q.index == RECEIVEQ:
-            self._deliver()
-        else:
-            super()._process(q)
+    def wants_requests(self, queue: Virtqueue) -> bool:
+        """receiveq0's buffers are taken only while input waits for them."""
+        return queue.index != RECEIVEQ or bool(self._pending)
 
-    def _deliver(self) -> None:
-        """Fill available receive buffers with pending input (lock held)."""
-        q = self.queues[RECEIVEQ]
-        mem = self.queue_ready(q)
-        if mem is None or not self._pending:
-            return
-        done = 0
-        try:
-            while self._pending:
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                written = 0
-                if chain.error is None:
-                    for buf in chain.writable:
-                        n = min(buf.length, len(self._pending))
-                        if n == 0:
-                            break
-                        mem.write(buf.addr, self._pending[:n])
-                        del self._pending[:n]
-                        written += n
-                else:
-                    self.count_failed(q, chain)
-                q.push(mem, chain.head, written)
-                done += 1
-        except (QueueBroken, GuestMemoryFault) as e:
-            self.needs_reset(str(e))
-            return
-        if done:
-            self.used_notify(q, mem)
+    def _receive(self, chain: Chain, mem: GuestRam) -> int:
+        """Fill one receive buffer chain with pending input (lock held)."""
+        written = 0
+        for buf in chain.writable:
+            n = min(buf.length, len(self._pending))
+            if n == 0:
+                break
+            chunk = bytes(self._pending[:n])
+            del self._pending[:n]
+            if "console.rx" in self.fault_engine.armed:
+                chunk = fault_bytes(self.fault_engine, "console.rx", chunk)
+                self._pending[:0] = chunk[n:]      # a duplicated byte that did not fit waits
+                chunk = chunk[:n]
+                n = len(chunk)
+            mem.write(buf.addr, chunk)
+            written += n
+        if written:
             self._kick_reader()                     # room again: read on
+        return written
 
     def _read_loop(self) -> None:
         while not self._stopped.is_set():
@@ -217,8 +219,11 @@ class VirtioConsole(VirtioPciDevice):
                     self._read_input(source, client)
 
     def _accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
         try:
-            conn, _ = self._listener.accept()
+            conn, _ = listener.accept()
         except OSError:
             return
         with self._lock:
@@ -244,4 +249,4 @@ class VirtioConsole(VirtioPciDevice):
                     self._in = -1
                 return
             self._pending += data
-            self._deliver()
+            self.process_queue(self.queues[RECEIVEQ])

@@ -25,103 +25,71 @@ Capabilities (§4.1.4): VIRTIO_PCI_CAP_COMMON_CFG, _NOTIFY_CFG, _ISR_CFG,
 _DEVICE_CFG, _PCI_CFG (the configuration-space window of §4.1.4.9), and
 MSI-X.
 
-Feature negotiation (§2.2, §3.1.1): the device offers VIRTIO_F_VERSION_1
-plus its own features; FEATURES_OK stays clear when the driver accepted
-something not offered or not VERSION_1 (this is a modern-only device).
-Device status and reset (§2.1, §4.1.4.3.1): writing 0 resets the device;
-DEVICE_NEEDS_RESET is set (and a configuration-change interrupt sent,
-§2.1.2) when the driver breaks a ring as a whole or enables a queue whose
-size or addresses cannot be used; queues are then left alone until reset.
+The status, feature and queue logic is the transport-independent
+:class:`devices.virtio.core.VirtioCore`; the spec's numbers are in
+:mod:`devices.virtio.spec`.
 
 Notifications: the device asks its host for one ioeventfd per queue at the
 queue's notify address (a doorbell KVM signals with no exit), polls them
-on its own thread, and moves them when the guest moves BAR 0; an MMIO
-write that reaches the device anyway (no ioeventfd) is served the same.
-Completions go out as the queue's MSI-X vector (or INTx, acknowledged by
-reading the ISR).  Queues are processed under the device's lock.
+on a thread of its own (:mod:`devices.virtio.doorbells`), and moves them
+when the guest moves BAR 0 (:meth:`devices.pci.PciDevice.bar_moved`); an
+MMIO write that reaches the device anyway (no ioeventfd) is served the
+same.  Completions go out as the queue's MSI-X vector (or INTx,
+acknowledged by reading the ISR).  Queues are processed under the
+device's lock.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
-import os
-import select
 import struct
-import threading
 
-from devices.base import DeviceError, DeviceHost, Space
-from devices.guestmem import GuestMemoryFault, GuestRam
-from devices.pci import Bar, BarKind, PciDevice, ones
+from devices.base import DeviceHost, HostRefused, Space, all_ones
+from devices.faults.table import POINTS
+from devices.pci import Bar, BarKind, PciDevice
 from devices.pci_config import PCI_CFG_SPACE_EXP_SIZE
-from devices.virtio.virtqueue import Chain, QueueBroken, Virtqueue
+from devices.guestmem import GuestRam
+from devices.snapshot import U16, U32, Fields, require
+from devices.virtio.core import VirtioCore
+from devices.virtio.doorbells import Doorbells
+from devices.virtio.spec import (
+    PCI_CAP_ID_VNDR,
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_CAP_BAR,
+    VIRTIO_PCI_CAP_CFG_TYPE,
+    VIRTIO_PCI_CAP_COMMON_CFG,
+    VIRTIO_PCI_CAP_DEVICE_CFG,
+    VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_LEN,
+    VIRTIO_PCI_CAP_LENGTH,
+    VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_OFFSET,
+    VIRTIO_PCI_CAP_PCI_CFG,
+    VIRTIO_PCI_CAP_SIZEOF,
+    VIRTIO_PCI_CFG_CAP_SIZEOF,
+    VIRTIO_PCI_CFG_DATA,
+    VIRTIO_PCI_COMMON_CFG_SIZE,
+    VIRTIO_PCI_COMMON_DFSELECT,
+    VIRTIO_PCI_COMMON_GF,
+    VIRTIO_PCI_COMMON_GFSELECT,
+    VIRTIO_PCI_COMMON_MSIX,
+    VIRTIO_PCI_COMMON_Q_DESCLO,
+    VIRTIO_PCI_COMMON_Q_ENABLE,
+    VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_COMMON_Q_SELECT,
+    VIRTIO_PCI_COMMON_Q_SIZE,
+    VIRTIO_PCI_COMMON_STATUS,
+    VIRTIO_PCI_DEVICE_ID_BASE,
+    VIRTIO_PCI_ISR_CONFIG,
+    VIRTIO_PCI_ISR_QUEUE,
+    VIRTIO_PCI_NOTIFY_CAP_MULT,
+    VIRTIO_PCI_NOTIFY_CAP_SIZEOF,
+    VIRTIO_PCI_SUBSYSTEM_ID_BASE,
+    VIRTIO_PCI_VENDOR_ID,
+)
+from devices.virtio.virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
-
-VIRTIO_PCI_VENDOR_ID = 0x1AF4
-VIRTIO_PCI_DEVICE_ID_BASE = 0x1040         # §4.1.2.1: 0x1040 + device ID
-VIRTIO_PCI_SUBSYSTEM_ID_BASE = 0x40
-
-# §2.1 Device Status Field
-VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
-VIRTIO_CONFIG_S_DRIVER = 2
-VIRTIO_CONFIG_S_DRIVER_OK = 4
-VIRTIO_CONFIG_S_FEATURES_OK = 8
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
-VIRTIO_CONFIG_S_FAILED = 0x80
-
-# §6 Reserved Feature Bits
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_ACCESS_PLATFORM = 33
-VIRTIO_F_RING_PACKED = 34
-
-# §4.1.4 Virtio Structure PCI Capabilities
-PCI_CAP_ID_VNDR = 0x09
-VIRTIO_PCI_CAP_COMMON_CFG = 1
-VIRTIO_PCI_CAP_NOTIFY_CFG = 2
-VIRTIO_PCI_CAP_ISR_CFG = 3
-VIRTIO_PCI_CAP_DEVICE_CFG = 4
-VIRTIO_PCI_CAP_PCI_CFG = 5
-# struct virtio_pci_cap field offsets
-VIRTIO_PCI_CAP_LEN = 2
-VIRTIO_PCI_CAP_CFG_TYPE = 3
-VIRTIO_PCI_CAP_BAR = 4
-VIRTIO_PCI_CAP_ID = 5
-VIRTIO_PCI_CAP_OFFSET = 8
-VIRTIO_PCI_CAP_LENGTH = 12
-VIRTIO_PCI_CAP_SIZEOF = 16
-VIRTIO_PCI_NOTIFY_CAP_MULT = 16            # notify_off_multiplier
-VIRTIO_PCI_NOTIFY_CAP_SIZEOF = 20
-VIRTIO_PCI_CFG_DATA = 16                   # pci_cfg_data of virtio_pci_cfg_cap
-VIRTIO_PCI_CFG_CAP_SIZEOF = 20
-
-# §4.1.4.3 struct virtio_pci_common_cfg
-VIRTIO_PCI_COMMON_DFSELECT = 0x00
-VIRTIO_PCI_COMMON_DF = 0x04
-VIRTIO_PCI_COMMON_GFSELECT = 0x08
-VIRTIO_PCI_COMMON_GF = 0x0C
-VIRTIO_PCI_COMMON_MSIX = 0x10
-VIRTIO_PCI_COMMON_NUMQ = 0x12
-VIRTIO_PCI_COMMON_STATUS = 0x14
-VIRTIO_PCI_COMMON_CFGGENERATION = 0x15
-VIRTIO_PCI_COMMON_Q_SELECT = 0x16
-VIRTIO_PCI_COMMON_Q_SIZE = 0x18
-VIRTIO_PCI_COMMON_Q_MSIX = 0x1A
-VIRTIO_PCI_COMMON_Q_ENABLE = 0x1C
-VIRTIO_PCI_COMMON_Q_NOFF = 0x1E
-VIRTIO_PCI_COMMON_Q_DESCLO = 0x20
-VIRTIO_PCI_COMMON_Q_DESCHI = 0x24
-VIRTIO_PCI_COMMON_Q_AVAILLO = 0x28
-VIRTIO_PCI_COMMON_Q_AVAILHI = 0x2C
-VIRTIO_PCI_COMMON_Q_USEDLO = 0x30
-VIRTIO_PCI_COMMON_Q_USEDHI = 0x34
-VIRTIO_PCI_COMMON_CFG_SIZE = 0x38          # the virtio 1.0 structure
-
-VIRTIO_MSI_NO_VECTOR = 0xFFFF
-VIRTIO_PCI_ISR_QUEUE = 1
-VIRTIO_PCI_ISR_CONFIG = 2
 
 # Layout of BAR 0 (module docstring)
 BAR_VIRTIO = 0
@@ -140,25 +108,23 @@ MSIX_BAR_SIZE = 0x1000
 MSIX_TABLE = 0x000
 MSIX_PBA = 0x800
 
-#: Failed requests per queue (until reset) logged as warnings; then debug.
-LOGGED_FAILURES = 10
-
 _COMMON = struct.Struct("<IIIIHHBBHHHHHQQQ")
 assert _COMMON.size == VIRTIO_PCI_COMMON_CFG_SIZE
 
 
-class VirtioPciDevice(PciDevice):
+class VirtioPciDevice(VirtioCore, PciDevice):
     """Base of virtio-pci device models.
 
     A subclass sets ``virtio_id``, ``class_code``, ``queue_sizes`` (one
     maximum size per queue) and ``device_features``, and implements
     :meth:`handle` (one request) and, if it has any, the device-specific
-    configuration (:meth:`device_config`, :meth:`device_config_write`).
+    configuration (:meth:`device_config`, :meth:`device_config_write`);
+    the other hooks are :class:`devices.virtio.core.VirtioCore`'s.
     """
 
     virtio_id = 0
-    queue_sizes: tuple[int, ...] = ()
-    device_features = 0
+    #: Every virtio device's fault points (devices.faults); a device adds its own.
+    fault_points = {"irq": POINTS["irq"], "queue.complete": POINTS["queue.complete"]}
     vendor_id = VIRTIO_PCI_VENDOR_ID
     revision = 1
     subsystem_vendor_id = VIRTIO_PCI_VENDOR_ID
@@ -171,8 +137,7 @@ class VirtioPciDevice(PciDevice):
 
     def __init__(self, host: DeviceHost, **params: str):
         super().__init__(host, **params)
-        self.features = (1 << VIRTIO_F_VERSION_1) | self.device_features
-        self.queues = [Virtqueue(i, n) for i, n in enumerate(self.queue_sizes)]
+        self.init_core()
         self.vbar = self.add_bar(BAR_VIRTIO, BarKind.MEM64, VIRTIO_BAR_SIZE)
         self.add_bar(BAR_MSIX, BarKind.MEM64, MSIX_BAR_SIZE)
         self._add_virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE)
@@ -192,13 +157,9 @@ class VirtioPciDevice(PciDevice):
         #: Notifications seen through the ioeventfds / as MMIO writes.
         self.notifies_eventfd = 0
         self.notifies_mmio = 0
-        self._doorbells: dict[int, object] = {}     # queue -> Doorbell
-        self._doorbell_base: int | None = None
-        self._doorbells_failed = False
-        self._wake = -1            # made in start(): a model built only to validate holds no fd
-        self._notifier: threading.Thread | None = None
-        self._mem: GuestRam | None = None
-        self._reset_state()
+        self.doorbells = Doorbells(host, self._lock, self.kind, NOTIFY_LENGTH, self._rung)
+        self._reset_transport()
+        self.reset_core()
 
     def _add_virtio_cap(self, cfg_type: int, offset: int, length: int,
                         size: int = VIRTIO_PCI_CAP_SIZEOF) -> int:
@@ -211,155 +172,101 @@ class VirtioPciDevice(PciDevice):
         c.set(at + VIRTIO_PCI_CAP_LENGTH, 4, length)
         return at
 
-    def _reset_state(self) -> None:
-        """Device reset (§2.4): everything the driver set goes back."""
-        self.status = 0
+    def _reset_transport(self) -> None:
         self.device_feature_select = 0
         self.driver_feature_select = 0
-        self.driver_features = 0
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
-        self.config_generation = 0
         self.queue_select = 0
         self.isr = 0
-        self.broken: str | None = None
-        for q in self.queues:
-            q.reset()
-        self.device_reset()
 
-    # -- for subclasses ----------------------------------------------------
-
-    def device_reset(self) -> None:
-        """Put device-specific state back to its power-on values."""
-
-    def device_config(self) -> bytes:
-        """The device-specific configuration structure."""
-        return b""
-
-    def device_config_write(self, offset: int, size: int, value: int) -> None:
-        """A driver write into the device-specific configuration."""
-
-    @abc.abstractmethod
-    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
-        """Serve one valid request; returns the bytes written into its
-        device-writable buffers.  May raise GuestMemoryFault."""
-
-    def fail_request(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
-        """A request whose chain broke a rule (``chain.error``): what to
-        write back; by default nothing (used length 0)."""
-        return 0
-
-    def config_changed(self) -> None:
-        """Tell the driver the device configuration changed (§4.1.4.5)."""
-        with self._lock:
-            self.config_generation = (self.config_generation + 1) & 0xFF
-            self._config_interrupt()
+    def reset(self) -> None:
+        """Device reset (§2.4, the driver wrote 0 to the status)."""
+        self._reset_transport()
+        self.reset_core()
+        self.deassert_intx()
 
     # -- life ----------------------------------------------------------------
 
     def start(self) -> None:
         try:
             self._mem = self.host.guest_memory()
-        except (AttributeError, DeviceError) as e:
+        except HostRefused as e:
             log.warning("%s: no guest memory (%s); queues cannot be used", self.kind, e)
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.doorbells.start()
         super().start()
-        self._notifier = threading.Thread(target=self._notify_loop, name=f"{self.kind}-notify", daemon=True)
-        self._notifier.start()
+        if self.restored:
+            with self._lock:
+                self.resume_queues()
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._kick_notifier()
-        if self._notifier is not None and self._notifier is not threading.current_thread():
-            self._notifier.join(5.0)
-        with self._lock:
-            self._drop_doorbells()
+        self.doorbells.stop()
         super().stop()
-        if self._wake >= 0:
-            os.close(self._wake)
-            self._wake = -1
+
+    # -- snapshot: transport, core, device (devices.base.Device, "Snapshots") --
+
+    def model_state(self) -> dict:
+        return {"transport": {"device_feature_select": self.device_feature_select,
+                              "driver_feature_select": self.driver_feature_select,
+                              "config_msix_vector": self.config_msix_vector,
+                              "queue_select": self.queue_select, "isr": self.isr,
+                              "notifies_eventfd": self.notifies_eventfd, "notifies_mmio": self.notifies_mmio},
+                "core": self.core_state(), "device": self.device_state()}
+
+    def check_model_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("transport", "core", "device"))
+        t = f.sub("transport", ("device_feature_select", "driver_feature_select", "config_msix_vector",
+                                "queue_select", "isr", "notifies_eventfd", "notifies_mmio"))
+        assert self.msix is not None
+        nvectors = self.msix.nvectors
+        transport = {k: t.integer(k, 0, U32) for k in ("device_feature_select", "driver_feature_select")}
+        transport.update({k: t.integer(k) for k in ("notifies_eventfd", "notifies_mmio")})
+        transport["queue_select"] = t.integer("queue_select", 0, U16)
+        transport["isr"] = t.integer("isr", 0, VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG)
+        vector = t.integer("config_msix_vector", 0, U16)
+        require(vector < nvectors or vector == VIRTIO_MSI_NO_VECTOR, t.name("config_msix_vector"),
+                f"{vector} (the function has {nvectors} vectors)")
+        transport["config_msix_vector"] = vector
+        try:
+            mem: GuestRam | None = self.host.guest_memory()
+        except HostRefused:
+            mem = None
+        core = self.check_core_state(f.state["core"], f.name("core"), mem, nvectors)
+        device = self.check_device_state(f.state["device"], f.name("device"))
+        return transport, core, device
+
+    def load_model_state(self, checked: object) -> None:
+        transport, core, device = checked  # type: ignore[misc]  # what check_model_state returned
+        for k, v in transport.items():
+            setattr(self, k, v)
+        self.load_core_state(core)
+        self.load_device_state(device)
+
+    def resume_queues(self) -> None:
+        """After a restore (lock held): serve what the driver made
+        available while the device was down -- a doorbell the dead
+        process had drained but not served is not lost."""
+        for q in self.queues:
+            self.process_queue(q)
 
     # -- doorbells -------------------------------------------------------------
 
-    def _sync(self, bar: Bar) -> None:
-        super()._sync(bar)
-        if bar is self.vbar:
-            self._rebind_doorbells()
-
-    def _retry_conflicts(self) -> None:
-        super()._retry_conflicts()
-        self._rebind_doorbells()
-
-    def _rebind_doorbells(self) -> None:
-        """Keep one ioeventfd per queue at its notify address while BAR 0
-        is registered (lock held; also inside the BAR write's handler)."""
-        base = self.vbar.mapped
-        if base == self._doorbell_base:
+    def bar_moved(self, bar: Bar) -> None:
+        """BAR 0 moved: the doorbells go with it (lock held)."""
+        if bar is not self.vbar:
             return
-        self._drop_doorbells()
-        if base is None or self._doorbells_failed or self._stopped.is_set():
-            return
-        ask = getattr(self.host, "ioeventfd", None)
-        if ask is None:
-            return
-        for q in self.queues:
-            addr = base + NOTIFY_OFFSET + q.index * NOTIFY_OFF_MULTIPLIER
-            try:
-                self._doorbells[q.index] = ask(Space.MMIO, addr, NOTIFY_LENGTH)
-            except (DeviceError, NotImplementedError) as e:
-                log.info("%s: no ioeventfd for queue %d (%s); notifications come as MMIO writes",
-                         self.kind, q.index, e)
-                self._doorbells_failed = True
-                break
-        self._doorbell_base = base
-        self._kick_notifier()
+        base = bar.mapped
+        self.doorbells.bind(None if base is None else {
+            q.index: base + NOTIFY_OFFSET + q.index * NOTIFY_OFF_MULTIPLIER for q in self.queues})
 
-    def _kick_notifier(self) -> None:
-        if self._wake >= 0:
-            os.eventfd_write(self._wake, 1)
-
-    def _drop_doorbells(self) -> None:
-        bells, self._doorbells = self._doorbells, {}
-        self._doorbell_base = None
-        for bell in bells.values():
-            try:
-                bell.remove()
-            except Exception as e:  # the host is going away
-                log.debug("%s: removing a doorbell: %s", self.kind, e)
-
-    def _notify_loop(self) -> None:
-        """Poll the doorbells; process the queue whose bell rang."""
-        while not self._stopped.is_set():
-            with self._lock:
-                watched = {bell.fd: q for q, bell in self._doorbells.items() if bell.fd >= 0}
-            poller = select.poll()
-            poller.register(self._wake, select.POLLIN)
-            for fd in watched:
-                poller.register(fd, select.POLLIN)
-            try:
-                events = poller.poll(1000)
-            except (OSError, ValueError):
-                continue
-            for fd, ev in events:
-                if fd == self._wake:
-                    _drain(fd)              # the doorbells changed: look again
-                    continue
-                if ev & select.POLLNVAL:
-                    continue
-                with self._lock:
-                    q = watched.get(fd)
-                    bell = self._doorbells.get(q) if q is not None else None
-                    if bell is None or bell.fd != fd:
-                        continue            # moved or dropped since we looked
-                    rung = _drain(fd)       # the eventfd sums the guest's writes
-                    if rung:
-                        self.notifies_eventfd += rung
-                        self._process(self.queues[q])
+    def _rung(self, queue: int, count: int) -> None:
+        self.notifies_eventfd += count
+        self.process_queue(self.queues[queue])
 
     # -- BAR 0 ------------------------------------------------------------------
 
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         if bar is not self.vbar:
-            return ones(size)
+            return all_ones(size)
         if COMMON_OFFSET <= offset and offset + size <= COMMON_OFFSET + VIRTIO_PCI_COMMON_CFG_SIZE:
             raw = self._common_bytes()
             o = offset - COMMON_OFFSET
@@ -378,7 +285,7 @@ class VirtioPciDevice(PciDevice):
             return self.notifies_eventfd & 0xFFFF_FFFF
         if offset == STATS_OFFSET + 4 and size == 4:
             return self.notifies_mmio & 0xFFFF_FFFF
-        return 0 if NOTIFY_OFFSET <= offset < STATS_OFFSET else ones(size)
+        return 0 if NOTIFY_OFFSET <= offset < STATS_OFFSET else all_ones(size)
 
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         if bar is not self.vbar:
@@ -389,7 +296,7 @@ class VirtioPciDevice(PciDevice):
             self.device_config_write(offset - DEVICE_OFFSET, size, value)
         elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + len(self.queues) * NOTIFY_OFF_MULTIPLIER:
             self.notifies_mmio += 1
-            self._process(self.queues[(offset - NOTIFY_OFFSET) // NOTIFY_OFF_MULTIPLIER])
+            self.process_queue(self.queues[(offset - NOTIFY_OFFSET) // NOTIFY_OFF_MULTIPLIER])
 
     def _selected(self) -> Virtqueue | None:
         qs = self.queue_select
@@ -420,14 +327,14 @@ class VirtioPciDevice(PciDevice):
         elif o == VIRTIO_PCI_COMMON_GFSELECT and size == 4:
             self.driver_feature_select = value
         elif o == VIRTIO_PCI_COMMON_GF and size == 4:
-            if self.status & VIRTIO_CONFIG_S_FEATURES_OK or self.driver_feature_select >= 2:
+            if self.features_locked() or self.driver_feature_select >= 2:
                 return          # §2.2.1: no feature changes after FEATURES_OK
             shift = 32 * self.driver_feature_select
             self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
         elif o == VIRTIO_PCI_COMMON_MSIX and size == 2:
             self.config_msix_vector = self._msix_vector_value(value)
         elif o == VIRTIO_PCI_COMMON_STATUS and size == 1:
-            self._status_write(value)
+            self.status_write(value)
         elif o == VIRTIO_PCI_COMMON_Q_SELECT and size == 2:
             self.queue_select = value
         elif q is None or q.enabled:
@@ -442,7 +349,7 @@ class VirtioPciDevice(PciDevice):
             q.msix_vector = self._msix_vector_value(value)
         elif o == VIRTIO_PCI_COMMON_Q_ENABLE and size == 2:
             if value == 1:
-                self._enable(q)
+                self.enable_queue(q)
         elif VIRTIO_PCI_COMMON_Q_DESCLO <= o < VIRTIO_PCI_COMMON_CFG_SIZE and size in (4, 8) and o % size == 0:
             field = ("desc", "driver", "device")[(o - VIRTIO_PCI_COMMON_Q_DESCLO) // 8]
             old = getattr(q, field)
@@ -454,125 +361,23 @@ class VirtioPciDevice(PciDevice):
                 new = (old & 0xFFFF_FFFF) | (value << 32)
             setattr(q, field, new)
 
-    def _status_write(self, value: int) -> None:
-        if value == 0:
-            log.debug("%s: reset by the driver", self.kind)
-            self._reset_state()
-            self.deassert_intx()
-            return
-        new = value & ~VIRTIO_CONFIG_S_NEEDS_RESET | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET)
-        if new & VIRTIO_CONFIG_S_FEATURES_OK and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
-            extra = self.driver_features & ~self.features
-            if extra or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-                log.warning("%s: FEATURES_OK refused: driver features %#x (offered %#x; VERSION_1 is required)",
-                            self.kind, self.driver_features, self.features)
-                new &= ~VIRTIO_CONFIG_S_FEATURES_OK
-        if new & VIRTIO_CONFIG_S_DRIVER_OK and not new & VIRTIO_CONFIG_S_FEATURES_OK:
-            new &= ~VIRTIO_CONFIG_S_DRIVER_OK
-        was_ok = self.status & VIRTIO_CONFIG_S_DRIVER_OK
-        self.status = new
-        if new & VIRTIO_CONFIG_S_DRIVER_OK and not was_ok:
-            for q in self.queues:
-                self._process(q)
+    # -- interrupts (§4.1.4.5, §4.1.5.1.3) ---------------------------------------
 
-    def _enable(self, q: Virtqueue) -> None:
-        if self._mem is None:
-            self.needs_reset(f"queue {q.index} enabled, but the device has no guest memory")
-            return
-        why = q.check_layout(self._mem)
-        if why is not None:
-            self.needs_reset(why)
-            return
-        q.enabled = True
-        q.last_avail = q.used_idx = 0
+    def interrupt_queue(self, queue: Virtqueue) -> None:
+        self.isr |= VIRTIO_PCI_ISR_QUEUE
+        if self.msix is not None and self.msix.enabled:
+            if queue.msix_vector != VIRTIO_MSI_NO_VECTOR:
+                self.raise_interrupt(queue.msix_vector)
+        else:
+            self.raise_interrupt()
 
-    # -- the data path ----------------------------------------------------------
-
-    def needs_reset(self, why: str) -> None:
-        """The driver broke the device's state: DEVICE_NEEDS_RESET and a
-        configuration-change notification (§2.1.2); queues stop."""
-        if self.broken is None:
-            log.warning("%s: device needs reset: %s", self.kind, why)
-        self.broken = why
-        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
-        self._config_interrupt()
-
-    def _config_interrupt(self) -> None:
+    def interrupt_config(self) -> None:
         self.isr |= VIRTIO_PCI_ISR_CONFIG
         if self.msix is not None and self.msix.enabled:
             if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
                 self.raise_interrupt(self.config_msix_vector)
         else:
             self.raise_interrupt()
-
-    def _process(self, q: Virtqueue) -> None:
-        """Serve what the driver made available on ``q`` (lock held).
-        Bounded: at most 4 * size requests per call."""
-        mem = self.queue_ready(q)
-        if mem is None:
-            return
-        done = 0
-        try:
-            for _ in range(4 * q.size):
-                chain = q.pop(mem)
-                if chain is None:
-                    break
-                if chain.error is not None:
-                    self.count_failed(q, chain)
-                    written = self._guarded(self.fail_request, q, chain, mem)
-                else:
-                    written = self._guarded(self.handle, q, chain, mem)
-                    q.served += 1
-                q.push(mem, chain.head, written)
-                done += 1
-        except (QueueBroken, GuestMemoryFault) as e:
-            self.needs_reset(str(e))
-            return
-        if done:
-            self.used_notify(q, mem)
-
-    def count_failed(self, q: Virtqueue, chain: Chain) -> None:
-        """Log and count a request whose chain broke a rule; only the first
-        few per queue at WARNING, so a hostile driver cannot flood the log."""
-        log.log(logging.WARNING if q.failed < LOGGED_FAILURES else logging.DEBUG,
-                "%s: queue %d: request %d failed: %s", self.kind, q.index, chain.head, chain.error)
-        q.failed += 1
-
-    def queue_ready(self, q: Virtqueue) -> GuestRam | None:
-        """Guest RAM if queue ``q`` may be used now (lock held), else None."""
-        mem = self._mem
-        if (mem is None or not q.enabled or self.broken is not None
-                or not self.status & VIRTIO_CONFIG_S_DRIVER_OK):
-            return None
-        return mem
-
-    def used_notify(self, q: Virtqueue, mem: GuestRam) -> None:
-        """Used buffers were added to ``q``: interrupt the driver unless it
-        asked not to (§2.7.7; lock held)."""
-        try:
-            if not q.wants_interrupt(mem):
-                return
-        except GuestMemoryFault as e:
-            self.needs_reset(str(e))
-            return
-        self.isr |= VIRTIO_PCI_ISR_QUEUE
-        if self.msix is not None and self.msix.enabled:
-            if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
-                self.raise_interrupt(q.msix_vector)
-        else:
-            self.raise_interrupt()
-
-    def _guarded(self, fn, q: Virtqueue, chain: Chain, mem: GuestRam) -> int:
-        try:
-            return fn(q, chain, mem)
-        except GuestMemoryFault as e:       # validated, but be safe
-            log.warning("%s: queue %d: request %d: %s", self.kind, q.index, chain.head, e)
-            q.failed += 1
-            return 0
-        except Exception:                   # a bug in the model fails the request, not the device
-            log.exception("%s: queue %d: request %d", self.kind, q.index, chain.head)
-            q.failed += 1
-            return 0
 
     # -- VIRTIO_PCI_CAP_PCI_CFG (§4.1.4.9) ---------------------------------------
 
@@ -591,7 +396,7 @@ class VirtioPciDevice(PciDevice):
             self.config.write(offset, size, value)
             access = self._cfg_window()
             if access is not None:
-                self.bar_write(self.vbar, access[0], access[1], value & ones(access[1]))
+                self.bar_write(self.vbar, access[0], access[1], value & all_ones(access[1]))
 
     def _in_cfg_data(self, offset: int, size: int) -> bool:
         data = self.pci_cfg_cap + VIRTIO_PCI_CFG_DATA
@@ -607,9 +412,3 @@ class VirtioPciDevice(PciDevice):
             return None
         return off, length
 
-
-def _drain(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except (BlockingIOError, OSError):
-        return 0

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from devices.base import BadParameter, Space
+from devices.base import BadParameter, DeviceHost, RegionBusy, Space
 from devices.echo import ECHO_COUNT, ECHO_MOVE, ECHO_PID, Echo
 
 
-class RecordingHost:
+class RecordingHost(DeviceHost):
     def __init__(self, refuse: set[int] = frozenset()):
         self.regions: dict[tuple[Space, int], tuple[int, int]] = {}
         self.refuse = refuse
 
     def claim(self, space, start, length, cookie=0):
         if start in self.refuse:
-            raise RuntimeError("overlap")
+            raise RegionBusy("overlap")
         assert (space, start) not in self.regions
         self.regions[(space, start)] = (length, cookie)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from devices import pci
 from devices import pci_config as cfg
-from devices.base import BadParameter, Space
+from devices.base import BadParameter, DeviceHost, NotOffered, RegionBusy, Space, all_ones
 from devices.pci_echo import (
     BAR_IO,
     BAR_MSIX,
@@ -51,22 +51,19 @@ class Line:
         self.log.append(("intx", self.gsi))
 
 
-class RecordingHost:
+class RecordingHost(DeviceHost):
     """Regions by (space, start) -> (length, cookie); overlapping claims
     fail, as the registry's do."""
 
     def __init__(self, msi: bool = True, lines: bool = True):
         self.regions: dict[tuple[Space, int], tuple[int, int]] = {}
         self.log: list = []
-        if msi:
-            self.msi_vector = lambda n: Vector(self.log, n)
-        if lines:
-            self.irq_line = lambda gsi: Line(self.log, gsi)
+        self.msi, self.lines = msi, lines
 
     def claim(self, space, start, length, cookie=0):
         for (s, a), (n, _) in self.regions.items():
             if s == space and a < start + length and start < a + n:
-                raise RuntimeError(f"overlap with {a:#x}+{n:#x}")
+                raise RegionBusy(f"overlap with {a:#x}+{n:#x}")
         self.regions[(space, start)] = (length, cookie)
 
     def release(self, space, start):
@@ -74,6 +71,16 @@ class RecordingHost:
 
     def process_id(self):
         return 4242
+
+    def msi_vector(self, n):
+        if not self.msi:
+            raise NotOffered("no MSI")
+        return Vector(self.log, n)
+
+    def irq_line(self, gsi):
+        if not self.lines:
+            raise NotOffered("no irqchip")
+        return Line(self.log, gsi)
 
 
 def make(host=None, **params):
@@ -488,7 +495,7 @@ def test_fuzz_config_writes_keep_regions_declared(writes):
     host, dev = make()
     for off, size, value in writes:
         off -= off % size
-        cfg_write(dev, off, value & ((1 << (8 * size)) - 1), size)
+        cfg_write(dev, off, value & all_ones(size), size)
         check_regions(host)
     assert cfg_read(dev, 0) == DEVICE_ID << 16 | VENDOR_ID
     dev.stop()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from devices.base import BadParameter, ConsoleFds, Space
+from devices.base import BadParameter, ConsoleFds, DeviceHost, NotOffered, Space
 from devices.serial import (
     FIFO_SIZE,
     UART_FCR,
@@ -49,7 +49,7 @@ class Line:
         self.edges += 1
 
 
-class Host:
+class Host(DeviceHost):
     """Registers regions, hands out an IRQ line and a pipe console."""
 
     def __init__(self, console: bool = True, irq: bool = True):
@@ -60,8 +60,7 @@ class Host:
             self.out_r, self.out_w = os.pipe()
             self.in_r, self.in_w = os.pipe()
             os.set_blocking(self.out_r, False)
-        if irq:
-            self.irq_line = self._irq_line
+        self.irq = irq
 
     def claim(self, space, start, length, cookie=0):
         self.regions[(space, start)] = (length, cookie)
@@ -72,7 +71,9 @@ class Host:
     def process_id(self):
         return 1
 
-    def _irq_line(self, gsi):
+    def irq_line(self, gsi):
+        if not self.irq:
+            raise NotOffered("no irqchip")
         return self.lines.setdefault(gsi, Line())
 
     def console(self):

@@ -14,9 +14,10 @@ import struct
 
 import pytest
 
-from devices.base import Space
+from devices.base import DeviceHost, Space
 from devices.guestmem import GuestMemoryFault, GuestRam, RamRange
 from devices.virtio import pci as vp
+from devices.virtio import spec as vs
 from devices.virtio.rng import VirtioRng
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
 
@@ -64,7 +65,7 @@ class FakeLine:
         self.log.append(("intx",))
 
 
-class FakeHost:
+class FakeHost(DeviceHost):
     def __init__(self, ram):
         self.ram = ram
         self.log = []
@@ -112,34 +113,34 @@ def common_r(dev, off, size):
 
 
 def negotiate(dev, features_hi=1):
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, vp.VIRTIO_CONFIG_S_ACKNOWLEDGE | vp.VIRTIO_CONFIG_S_DRIVER)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_DFSELECT, 4, 1)
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_DF, 4) & 1       # VERSION_1
-    common_w(dev, vp.VIRTIO_PCI_COMMON_GFSELECT, 4, 1)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_GF, 4, features_hi)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xB)
-    return common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, vs.VIRTIO_CONFIG_S_ACKNOWLEDGE | vs.VIRTIO_CONFIG_S_DRIVER)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_DFSELECT, 4, 1)
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_DF, 4) & 1       # VERSION_1
+    common_w(dev, vs.VIRTIO_PCI_COMMON_GFSELECT, 4, 1)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_GF, 4, features_hi)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xB)
+    return common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1)
 
 
 def setup_queue(dev, desc=DESC, avail=AVAIL, used=USED, size=QSIZE):
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_Q_SIZE, 2) == dev.queues[0].max_size
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SIZE, 2, size)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_DESCLO, 4, desc & 0xFFFF_FFFF)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_DESCHI, 4, desc >> 32)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_AVAILLO, 4, avail & 0xFFFF_FFFF)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_AVAILHI, 4, avail >> 32)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_USEDLO, 4, used & 0xFFFF_FFFF)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_USEDHI, 4, used >> 32)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_Q_SIZE, 2) == dev.queues[0].max_size
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SIZE, 2, size)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_DESCLO, 4, desc & 0xFFFF_FFFF)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_DESCHI, 4, desc >> 32)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_AVAILLO, 4, avail & 0xFFFF_FFFF)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_AVAILHI, 4, avail >> 32)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_USEDLO, 4, used & 0xFFFF_FFFF)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_USEDHI, 4, used >> 32)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
 
 
 def ready(dev):
     assert negotiate(dev) == 0xB
     setup_queue(dev)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
 
 
 def put_desc(ram, i, addr, length, flags, nxt=0):
@@ -163,7 +164,7 @@ def used(ram):
 
 
 def status(dev):
-    return common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1)
+    return common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1)
 
 
 def test_guest_ram_bounds(guarded):
@@ -189,13 +190,13 @@ def test_pci_identity_and_capabilities(rng):
     seen = {}
     at = c.get(0x34, 1)
     while at:
-        if c.get(at, 1) == vp.PCI_CAP_ID_VNDR:
+        if c.get(at, 1) == vs.PCI_CAP_ID_VNDR:
             seen[c.get(at + 3, 1)] = (c.get(at + 4, 1), c.get(at + 8, 4), c.get(at + 12, 4), at)
         at = c.get(at + 1, 1)
     assert set(seen) == {1, 2, 3, 4, 5}
-    assert seen[vp.VIRTIO_PCI_CAP_COMMON_CFG][:2] == (0, vp.COMMON_OFFSET)
-    assert c.get(seen[vp.VIRTIO_PCI_CAP_NOTIFY_CFG][3] + 16, 4) == vp.NOTIFY_OFF_MULTIPLIER
-    assert common_r(rng, vp.VIRTIO_PCI_COMMON_NUMQ, 2) == 1
+    assert seen[vs.VIRTIO_PCI_CAP_COMMON_CFG][:2] == (0, vp.COMMON_OFFSET)
+    assert c.get(seen[vs.VIRTIO_PCI_CAP_NOTIFY_CFG][3] + 16, 4) == vp.NOTIFY_OFF_MULTIPLIER
+    assert common_r(rng, vs.VIRTIO_PCI_COMMON_NUMQ, 2) == 1
 
 
 def test_rng_request_and_interrupt(rng, guarded):
@@ -209,7 +210,7 @@ def test_rng_request_and_interrupt(rng, guarded):
     data = ram.read(BUF, 64)
     assert len(set(data)) > 8
     assert ("intx",) in rng.host.log            # MSI-X off: INTx
-    assert rng.read(Space.MMIO, vp.BAR_VIRTIO, vp.ISR_OFFSET, 1) == vp.VIRTIO_PCI_ISR_QUEUE
+    assert rng.read(Space.MMIO, vp.BAR_VIRTIO, vp.ISR_OFFSET, 1) == vs.VIRTIO_PCI_ISR_QUEUE
     assert rng.read(Space.MMIO, vp.BAR_VIRTIO, vp.ISR_OFFSET, 1) == 0
     assert rng.notifies_mmio == 1
     # a chain across both RAM regions
@@ -221,9 +222,9 @@ def test_rng_request_and_interrupt(rng, guarded):
 
 
 def test_features_without_version_1_refused(rng):
-    assert negotiate(rng, features_hi=0) & vp.VIRTIO_CONFIG_S_FEATURES_OK == 0
-    assert negotiate(rng, features_hi=3) & vp.VIRTIO_CONFIG_S_FEATURES_OK == 0   # not offered
-    assert negotiate(rng, features_hi=1) & vp.VIRTIO_CONFIG_S_FEATURES_OK
+    assert negotiate(rng, features_hi=0) & vs.VIRTIO_CONFIG_S_FEATURES_OK == 0
+    assert negotiate(rng, features_hi=3) & vs.VIRTIO_CONFIG_S_FEATURES_OK == 0   # not offered
+    assert negotiate(rng, features_hi=1) & vs.VIRTIO_CONFIG_S_FEATURES_OK
 
 
 @pytest.mark.parametrize("bad", ["out_of_ram", "hole", "huge", "wrap", "loop", "next_range", "indirect",
@@ -271,9 +272,9 @@ def test_broken_ring_needs_reset(rng, guarded, bad):
         ram.write_int(AVAIL + 4, 2, QSIZE)              # head out of range
         ram.write_int(AVAIL + 2, 2, 1)
     notify(rng)
-    assert status(rng) & vp.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert status(rng) & vs.VIRTIO_CONFIG_S_NEEDS_RESET
     assert used(ram)[0] == 0
-    assert rng.read(Space.MMIO, vp.BAR_VIRTIO, vp.ISR_OFFSET, 1) & vp.VIRTIO_PCI_ISR_CONFIG
+    assert rng.read(Space.MMIO, vp.BAR_VIRTIO, vp.ISR_OFFSET, 1) & vs.VIRTIO_PCI_ISR_CONFIG
     notify(rng)                                          # ignored until reset
     ram.write(AVAIL, bytes(64))
     ram.write(USED, bytes(128))
@@ -288,17 +289,17 @@ def test_broken_ring_needs_reset(rng, guarded, bad):
 def test_unusable_queue_layout_needs_reset(rng, where):
     assert negotiate(rng) == 0xB
     setup_queue(rng, **where)
-    assert status(rng) & vp.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert status(rng) & vs.VIRTIO_CONFIG_S_NEEDS_RESET
     assert not rng.queues[0].enabled
 
 
 def test_msix_vector_mapping_failure_reads_no_vector(rng):
-    common_w(rng, vp.VIRTIO_PCI_COMMON_Q_MSIX, 2, 99)
-    assert common_r(rng, vp.VIRTIO_PCI_COMMON_Q_MSIX, 2) == vp.VIRTIO_MSI_NO_VECTOR
-    common_w(rng, vp.VIRTIO_PCI_COMMON_Q_MSIX, 2, 1)
-    assert common_r(rng, vp.VIRTIO_PCI_COMMON_Q_MSIX, 2) == 1
-    common_w(rng, vp.VIRTIO_PCI_COMMON_Q_SELECT, 2, 5)
-    assert common_r(rng, vp.VIRTIO_PCI_COMMON_Q_SIZE, 2) == 0
+    common_w(rng, vs.VIRTIO_PCI_COMMON_Q_MSIX, 2, 99)
+    assert common_r(rng, vs.VIRTIO_PCI_COMMON_Q_MSIX, 2) == vs.VIRTIO_MSI_NO_VECTOR
+    common_w(rng, vs.VIRTIO_PCI_COMMON_Q_MSIX, 2, 1)
+    assert common_r(rng, vs.VIRTIO_PCI_COMMON_Q_MSIX, 2) == 1
+    common_w(rng, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, 5)
+    assert common_r(rng, vs.VIRTIO_PCI_COMMON_Q_SIZE, 2) == 0
 
 
 def test_random_garbage_rings(rng, guarded):
@@ -326,7 +327,7 @@ def test_random_garbage_rings(rng, guarded):
         for _ in range(3):
             notify(rng)
         handled += rng.queues[0].served + rng.queues[0].failed
-        broken += bool(status(rng) & vp.VIRTIO_CONFIG_S_NEEDS_RESET)
+        broken += bool(status(rng) & vs.VIRTIO_CONFIG_S_NEEDS_RESET)
     assert handled > 50 and 0 < broken < 200
 
 

@@ -16,7 +16,9 @@ from devices.virtio.blk import VirtioBlk
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from tests.devices.test_virtio import (BUF, HIGH, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
                                        notify, offer, put_desc, setup_queue, used)
+from devices.base import Space
 from devices.virtio import pci as vp
+from devices.virtio import spec as vs
 
 SECTORS = 64
 HDR, DATA, STATUS = BUF, BUF + 0x1000, BUF + 0x100
@@ -34,10 +36,10 @@ def make(image, **params):
     dev = VirtioBlk(FakeHost(g.ram), slot="4", path=str(image), **params)
     dev.start()
     assert negotiate(dev) == 0xB
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
     setup_queue(dev)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
     return dev, g.ram
 
 
@@ -69,11 +71,11 @@ def request(dev, ram, rtype, sector, data_len=0, data_writable=True, header_len=
 
 def test_config_space(blk):
     dev, _ = blk
-    raw = bytes(dev.read(vp.Space.MMIO, 0, vp.DEVICE_OFFSET + i, 1) for i in range(24))
+    raw = bytes(dev.read(Space.MMIO, 0, vp.DEVICE_OFFSET + i, 1) for i in range(24))
     capacity, _size_max, seg_max, _c, _h, _s, blk_size = struct.unpack("<QIIHBBI", raw)
     assert (capacity, seg_max, blk_size) == (SECTORS, vb.QUEUE_SIZE - 2, 512)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
-    feats = common_r(dev, vp.VIRTIO_PCI_COMMON_DF, 4)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
+    feats = common_r(dev, vs.VIRTIO_PCI_COMMON_DF, 4)
     assert feats & (1 << vb.VIRTIO_BLK_F_FLUSH) and not feats & (1 << vb.VIRTIO_BLK_F_RO)
 
 
@@ -115,14 +117,14 @@ def test_malformed_and_unsupported(blk, image, case, expect):
     before = image.read_bytes()
     assert request(dev, ram, **case) == expect
     assert image.read_bytes() == before
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
 
 
 def test_readonly(image):
     dev, ram = make(image, readonly="on")
     try:
-        common_w(dev, vp.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
-        assert common_r(dev, vp.VIRTIO_PCI_COMMON_DF, 4) & (1 << vb.VIRTIO_BLK_F_RO)
+        common_w(dev, vs.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
+        assert common_r(dev, vs.VIRTIO_PCI_COMMON_DF, 4) & (1 << vb.VIRTIO_BLK_F_RO)
         before = image.read_bytes()
         assert request(dev, ram, vb.VIRTIO_BLK_T_OUT, 0, 512, data_writable=False,
                        data=b"x" * 512) == (1, vb.VIRTIO_BLK_S_IOERR)

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from devices.base import Space
 from devices.virtio import pci as vp
+from devices.virtio import spec as vs
 from devices.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole
 from devices.virtio.virtqueue import VIRTQ_DESC_F_WRITE
 from tests.devices.test_virtio import FakeHost, GuardedRam, common_r, common_w, negotiate, put_desc
@@ -21,13 +23,13 @@ QSIZE = 8
 
 
 def setup(dev, q, desc, avail, used):
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SELECT, 2, q)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_SIZE, 2, QSIZE)
-    for off, v in ((vp.VIRTIO_PCI_COMMON_Q_DESCLO, desc), (vp.VIRTIO_PCI_COMMON_Q_AVAILLO, avail),
-                   (vp.VIRTIO_PCI_COMMON_Q_USEDLO, used)):
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, q)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SIZE, 2, QSIZE)
+    for off, v in ((vs.VIRTIO_PCI_COMMON_Q_DESCLO, desc), (vs.VIRTIO_PCI_COMMON_Q_AVAILLO, avail),
+                   (vs.VIRTIO_PCI_COMMON_Q_USEDLO, used)):
         common_w(dev, off, 4, v)
         common_w(dev, off + 4, 4, 0)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
 
 
 def offer(ram, q, head):
@@ -55,8 +57,8 @@ def console(tmp_path):
     assert negotiate(dev) == 0xB
     setup(dev, RECEIVEQ, **RX)
     setup(dev, TRANSMITQ, **TX)
-    common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
-    assert common_r(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
+    common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+    assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
     client.settimeout(5)
@@ -74,7 +76,7 @@ def test_both_directions(console):
     deadline = time.monotonic() + 5
     while dev._client is None and time.monotonic() < deadline:     # the accept is asynchronous
         time.sleep(0.005)
-    dev.write(vp.Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * TRANSMITQ, 2, TRANSMITQ)
+    dev.write(Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * TRANSMITQ, 2, TRANSMITQ)
     assert wait_used(ram, TX, 1) == (0, 0)
     assert client.recv(100) == b"hello, host\n"
     # receive: input waits until the driver posts a buffer
@@ -84,7 +86,7 @@ def test_both_directions(console):
     ram.write(put_desc_rx, (0x20000).to_bytes(8, "little") + (64).to_bytes(4, "little")
               + VIRTQ_DESC_F_WRITE.to_bytes(2, "little") + bytes(2))
     offer(ram, RX, 0)
-    dev.write(vp.Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * RECEIVEQ, 2, RECEIVEQ)
+    dev.write(Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * RECEIVEQ, 2, RECEIVEQ)
     assert wait_used(ram, RX, 1) == (0, 5)
     assert ram.read(0x20000, 5) == b"typed"
     # a buffer already waiting is filled as input arrives
@@ -102,11 +104,11 @@ def test_no_connection_drops_output(tmp_path):
         assert negotiate(dev) == 0xB
         setup(dev, RECEIVEQ, **RX)
         setup(dev, TRANSMITQ, **TX)
-        common_w(dev, vp.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+        common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
         put_desc(ram := g.ram, 0, 0x10000, 7, 0)
         ram.write(TX["desc"], ram.read(0x1000, 16))
         offer(ram, TX, 0)
-        dev.write(vp.Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * TRANSMITQ, 2, TRANSMITQ)
+        dev.write(Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * TRANSMITQ, 2, TRANSMITQ)
         assert wait_used(ram, TX, 1) == (0, 0) and dev.dropped == 7
     finally:
         dev.stop()

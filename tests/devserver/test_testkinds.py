@@ -1,4 +1,4 @@
-"""The TEST-ONLY ``fault-echo`` kind (devserver.testkinds) and the VMM's
+"""The TEST-ONLY ``fault-echo`` kind (tests.testkinds) and the VMM's
 answer to a device holding the registry lock, without KVM: real device
 processes, the real dispatcher, a Python thread for the vCPU."""
 
@@ -14,20 +14,33 @@ from vmm.dispatch import Dispatcher
 from vmm.endpoint import DeviceFailed
 from vmm.outcome import Ending
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from devices.echo import ECHO_PID
+from tests.testkinds import FAULT_ECHO
 
 PIO = 0x1000
-ENV = "SPLITVMM_TEST_KINDS"
 
 
-def spawn(registry, owner=2, **params) -> RemoteEndpoint:
-    return RemoteEndpoint.spawn("fault-echo", {"pio": hex(PIO), **params}, owner, f"f{owner}", registry,
+def spawn(registry, owner=2, kind=FAULT_ECHO, **params) -> RemoteEndpoint:
+    return RemoteEndpoint.spawn(kind, {"pio": hex(PIO), **params}, owner, f"f{owner}", registry,
                                 1, RemoteOptions(access_timeout=5.0))
 
 
-def test_test_kinds_exist_only_under_the_environment_switch(registry, monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
-    with pytest.raises(DeviceFailed, match="unknown device type 'fault-echo'"):
-        spawn(registry)
+def test_a_module_class_model_is_imported_where_the_vmm_imported_it(registry, monkeypatch, tmp_path):
+    # The device process does not run in the repository (nor has it on
+    # PYTHONPATH): the VMM passes the directory it imported tests/ from.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    ep = spawn(registry)
+    try:
+        with registry.get(Bus.PIO, PIO + ECHO_PID, 4) as ref:
+            assert ep.access(0, int(Bus.PIO), ref.cookie, ref.offset, 4, False, 0) == ep.pid
+    finally:
+        ep.close()
+
+
+def test_the_device_process_names_a_kind_it_does_not_know(registry):
+    with pytest.raises(DeviceFailed, match="unknown device type 'no-such-kind'"):
+        spawn(registry, kind="no-such-kind")
 
 
 @pytest.mark.parametrize("params, match", [
@@ -35,8 +48,7 @@ def test_test_kinds_exist_only_under_the_environment_switch(registry, monkeypatc
     ({"hog_delay_ms": "soon"}, "not an integer"),
     ({"colour": "red"}, "unknown parameter"),
 ])
-def test_fault_echo_parameters_are_validated(registry, monkeypatch, params, match):
-    monkeypatch.setenv(ENV, "1")
+def test_fault_echo_parameters_are_validated(registry, params, match):
     with pytest.raises(DeviceFailed, match=match):
         spawn(registry, **params)
 
@@ -47,7 +59,6 @@ def test_a_device_holding_the_lock_is_killed_and_the_registry_recovers(registry,
     lock watch kills the device (the lock word names its thread), the put
     goes through after owner-death recovery, the device's regions are
     reaped, and nothing ends the run."""
-    monkeypatch.setenv(ENV, "1")
     registry.lock_timeout = 0.2
     ep = spawn(registry)
     ended = []
@@ -76,7 +87,6 @@ def test_a_lock_word_naming_a_stranger_ends_the_run_and_kills_nobody(registry, m
     nothing is killed, and after three deadlines the run is ended."""
     from ipc.registry import lib
 
-    monkeypatch.setenv(ENV, "1")
     registry.lock_timeout = 0.1
     ep = spawn(registry)
     ended = []

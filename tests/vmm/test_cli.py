@@ -25,7 +25,7 @@ def one_line_status_2(capsys, argv: list[str]) -> str:
     (["run", "--guest", "g.elf", "--memory", "12Q"], "not a size"),
     (["run", "--guest", "g.elf", "--timeout", "-1"], "positive"),
     (["run", "--guest", "g.elf", "--bogus"], "unrecognized"),
-    (["run", "--guest", "g.elf", "--device", "nosuch"], "unknown type 'nosuch'"),
+    (["run", "--guest", "g.elf", "--device", "nosuch"], "unknown device type 'nosuch'"),
     (["run", "--guest", "g.elf", "--device", "echo"], "needs pio=PORT"),
     (["run", "--guest", "g.elf", "--device", "echo,pio=zz"], "not an integer"),
     (["run", "--guest", "g.elf", "--device", "echo,pio=0x1000,colour=red"], "unknown parameter"),

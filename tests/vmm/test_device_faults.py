@@ -3,8 +3,8 @@ tests/guests/faults.c): a device SIGKILLed while a vCPU waits on it,
 garbage on a device's control socket, a device holding the registry lock,
 and a lock word naming no device at all.
 
-The misbehaving device is ``fault-echo`` (:mod:`devserver.testkinds`, a
-TEST-ONLY kind that device processes serve under SPLITVMM_TEST_KINDS=1);
+The misbehaving device is ``fault-echo`` (:mod:`tests.testkinds`, a
+TEST-ONLY model named ``MODULE:CLASS`` like any model of a user's own);
 the guest makes it misbehave through its fault register and checks what
 it sees, then ends with test_exit(PASS) -- or with the number of the first
 check that failed.
@@ -23,6 +23,7 @@ import pytest
 
 from ipc import Bus
 from ipc.registry import ffi as reg_ffi, lib as reg_lib
+from tests.testkinds import FAULT_ECHO
 from tests.vmm.conftest import needs_kvm
 from vmm.config import DeviceSpec, parse_device_spec
 from vmm.endpoint import VMM_OWNER
@@ -42,12 +43,6 @@ FAULT_HOG, FAULT_HOG_LATER = 4, 5
 RUN_TIMEOUT = 30
 
 
-@pytest.fixture(autouse=True)
-def test_kinds(monkeypatch):
-    """Device processes started by these tests serve the test-only kinds."""
-    monkeypatch.setenv("SPLITVMM_TEST_KINDS", "1")
-
-
 def cmdline(mode: str, **args) -> str:
     args = {"mode": MODES[mode], "a": A_PIO, "b": B_PIO, "b_mmio": B_MMIO, "sync": SYNC,
             "free": FREE, "flag": FLAG, **args}
@@ -59,7 +54,7 @@ def fault_echo(name: str, pio: int, mmio: int | None = None, **params) -> Device
     if mmio is not None:
         p["mmio"] = hex(mmio)
     p.update({k: str(v) for k, v in params.items()})
-    return DeviceSpec("fault-echo", name, "isolated", tuple(p.items()))
+    return DeviceSpec(FAULT_ECHO, name, "isolated", tuple(p.items()))
 
 
 def echo(name: str, pio: int, mmio: int | None = None, placement: str = "isolated") -> DeviceSpec:

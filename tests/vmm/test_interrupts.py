@@ -1,6 +1,6 @@
 """Interrupts end to end on real KVM (guest: tests/guests/interrupts.c).
 
-An ``irq-echo`` device (devserver.testkinds) raises MSIs (routes it asks
+An ``irq-echo`` device (tests.testkinds, named ``MODULE:CLASS``) raises MSIs (routes it asks
 the VMM for from inside its own access handler, as an MSI-X table write
 does) and an ISA IRQ through the IOAPIC, placed in a device process and
 inline; the guest's ring-0 handler counts each vector per vCPU, with a
@@ -15,10 +15,9 @@ import logging
 
 import pytest
 
-from devserver.testkinds import IrqEcho
 from ipc import Bus
+from tests.testkinds import IRQ_ECHO
 from tests.vmm.conftest import needs_kvm
-from vmm import config
 from vmm.config import DeviceSpec
 from vmm.machine import Machine
 from vmm.outcome import Ending
@@ -29,18 +28,10 @@ DEV = 0x2800
 RUN_TIMEOUT = 30
 
 
-@pytest.fixture(autouse=True)
-def irq_echo_kind(monkeypatch):
-    """irq-echo is test-only: device processes serve it under
-    SPLITVMM_TEST_KINDS=1, and inline placement finds it in the table."""
-    monkeypatch.setenv("SPLITVMM_TEST_KINDS", "1")
-    monkeypatch.setitem(config.DEVICE_TYPES, IrqEcho.kind, IrqEcho)
-
-
 def run(guest, placement: str, vcpus: int):
     with Machine(memory=32 << 20, vcpus=vcpus) as m:
         m.load_pvh(guest("interrupts"), f"dev={DEV:#x} cpus={vcpus} pin=4")
-        ep = m.add_device(DeviceSpec("irq-echo", "irq0", placement, (("pio", hex(DEV)),)))
+        ep = m.add_device(DeviceSpec(IRQ_ECHO, "irq0", placement, (("pio", hex(DEV)),)))
         outcome = m.run(timeout=RUN_TIMEOUT)
         assert getattr(ep, "failed", None) is None
         routes = m.irq.msi_routes()
@@ -76,7 +67,7 @@ def test_line_asked_for_in_start_and_again_after_a_reset(guest, placement):
     with Machine(memory=32 << 20, vcpus=1) as m:
         m.load_pvh(guest("interrupts"), f"dev={DEV:#x} cpus=1 pin=4")
         params = (("pio", hex(DEV)), ("pin", "5"))
-        ep = m.add_device(DeviceSpec("irq-echo", "irq0", placement, params))
+        ep = m.add_device(DeviceSpec(IRQ_ECHO, "irq0", placement, params))
         assert list(ep.irqs.pins) == [5]
         if placement == "isolated":
             ep.reset()

@@ -7,7 +7,7 @@ verified against the image's pattern), timed with rdtsc in the guest.  It
 runs under
 
 (a) ``splitvmm``: ``vmm run`` with the ``virtio-blk`` device in its own
-    process -- only when ``vmm.config.DEVICE_TYPES`` has ``virtio-blk``
+    process -- only when ``devices.kinds.kinds()`` has ``virtio-blk``
     (else reported "not available");
 (b) ``qemu``: QEMU's in-process ``virtio-blk-pci`` (``-enable-kvm -M q35
     -kernel guest.elf``);
@@ -44,7 +44,7 @@ import threading
 import time
 
 from vmm import guests
-from vmm.config import DEVICE_TYPES
+from devices.kinds import kinds
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,14 @@ def run_qemu_vhost(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout
 
 
 def ours_available() -> bool:
-    return "virtio-blk" in DEVICE_TYPES
+    return "virtio-blk" in kinds()
 
 
 def run_ours(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout: float, device: str) -> dict:
     cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
            "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio",
            "--device", device.format(image=image)]
-    if "bench=0" in cmdline and "virtio-rng" in DEVICE_TYPES:
+    if "bench=0" in cmdline and "virtio-rng" in kinds():
         cmd += ["--device", "virtio-rng"]
     return run_guest(cmd, timeout + 30)
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         have_ours = ours_available()
         if "splitvmm" in runners and not have_ours:
-            report["splitvmm"] = "not available: no virtio-blk in vmm.config.DEVICE_TYPES"
+            report["splitvmm"] = "not available: no virtio-blk kind registered (devices.kinds)"
             runners.remove("splitvmm")
         raw: dict[str, list[dict]] = {r: [] for r in runners}
         errors: dict[str, str] = {}

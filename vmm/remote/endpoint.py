@@ -22,10 +22,16 @@ A monitor thread per device watches the control socket (messages go to a
 ``{message type: handler}`` table; requests to
 :class:`~vmm.remote.requests.RequestService`) and the peer's exit fd, so
 death is noticed when it happens, not at the next access timeout.
+Fault injection (:mod:`vmm.faults`) asks the device's engine with
+:meth:`RemoteEndpoint.fault_control` and gets its firing records through
+``on_fault_record``; what a device sent just before it died is read before
+its exit is handled, so the record of a ``crash`` firing is not lost.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import select
@@ -33,20 +39,23 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from ipc import Registry
-from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Message,
-                          RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
-from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
-                       SlotError, SlotPeerDead, SlotTimeout)
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
+                          MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
+from ipc.batch import BATCH_SPACE, BatchWriter
+from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm import sandbox_report
+from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds
 from vmm.irq import DeviceIrqs
 from vmm.remote.handshake import Offer, StartError, handshake, registry_fd
 from vmm.remote.options import RemoteOptions
 from vmm.remote.peer import Peer
-from vmm.remote.process import DeviceProcess
+from vmm.remote.process import DeviceProcess, child_env
 from vmm.remote.requests import RequestService
 
 __all__ = ["RemoteEndpoint", "SHUTDOWN_GRACE", "MAX_VCPUS"]
@@ -70,7 +79,8 @@ class RemoteEndpoint:
 
     def __init__(self, *, kind: str, owner: int, name: str, registry: Registry, peer: Peer,
                  channel: Channel, slots: SlotCaller, access_timeout: float,
-                 irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None):
+                 irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None,
+                 zones: DeviceZones | None = None):
         self.kind = kind
         self.owner = owner
         self.name = name
@@ -80,7 +90,11 @@ class RemoteEndpoint:
         #: The pid the device reported in Ready (differs under a sandbox
         #: launcher with its own pid namespace).
         self.reported_pid = 0
+        #: The service socket it was reached at (``connect=PATH``), or None.
+        self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
+        #: The device's sandbox as it reported it (vmm.sandbox_report).
+        self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._channel = channel
         self._slots = slots
@@ -97,9 +111,16 @@ class RemoteEndpoint:
         self.irqs = irqs
         #: The device's doorbells (None: it may have none).
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: it may have none).
+        self.zones = zones
+        #: Where queued writes go in batches (ipc.batch), once the device
+        #: has a zone and speaks ``coalesced-batch``.
+        self._batch: BatchWriter | None = None
+        self._batch_lock = threading.Lock()       # one batch in the segment at a time
+        self._batch_make_lock = threading.Lock()  # not _batch_lock: a batch's handler may ask for zones
         self.requests = RequestService(name, irqs, ioevents, send=self._send,
                                        stopping=lambda: self._failure is not None or self._closing,
-                                       on_send_error=self._fail)
+                                       on_send_error=self._fail, zones=zones, batch_fd=self._batch_fd)
         #: What the monitor does with each message type after the start
         #: (False: the channel is done).  Anything else the protocol let
         #: through (late Ready/Welcome answers crossing a Shutdown) needs
@@ -108,8 +129,21 @@ class RemoteEndpoint:
             ConnectionClosed: self._on_closed,
             Error: self._on_error,
             ResetDone: self._on_reset_done,
+            FaultFired: self._on_fault_fired,
+            FaultReply: self._on_fault_reply,
             **{t: self._on_request for t in self.requests.handlers},
         }
+        #: Where the device's fault records go once checked (vmm.faults);
+        #: None: they are dropped.
+        self.on_fault_record: Callable[[dict], None] | None = None
+        self._fault_seq = itertools.count(1)
+        self._fault_waits: dict[int, list] = {}     # seq -> [event, reply]
+
+    @property
+    def sender_pid(self) -> int:
+        """The pid the kernel attached to the device's last control message
+        (SO_PASSCRED set on its socket, as vmm.remote.connect does; else 0)."""
+        return self._channel.sender_pid
 
     @property
     def pid(self) -> int:
@@ -131,11 +165,12 @@ class RemoteEndpoint:
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
         """
-        config = _config(kind, params, owner, name, nvcpus)
+        config = _config(kind, params, owner, name, nvcpus, options)
+        env = child_env(kind, name)
         deadline = time.monotonic() + options.start_timeout
         ours, theirs = socketpair()
         try:
-            process = DeviceProcess.start(options.command, theirs, name, options.cpus)
+            process = DeviceProcess.start(options.command, theirs, name, options.cpus, env)
         except BaseException:
             ours.close()
             raise
@@ -151,7 +186,7 @@ class RemoteEndpoint:
         here on (closed on every path); ``options.command``/``cpus`` are not
         used.  Raises :class:`DeviceFailed` like :meth:`spawn`."""
         try:
-            config = _config(kind, params, owner, name, nvcpus)
+            config = _config(kind, params, owner, name, nvcpus, options)
         except BaseException:
             sock.close()
             peer.close()
@@ -179,9 +214,12 @@ class RemoteEndpoint:
         if options.irq_router is not None:
             irqs = DeviceIrqs(options.irq_router, config.name)
             ioevents = DeviceIoeventfds(options.irq_router.vm, registry, config.owner, config.name)
+        zones = None
+        if options.coalesced is not None:
+            zones = DeviceZones(options.coalesced, registry, config.owner, config.name)
         ep = cls(kind=config.kind, owner=config.owner, name=config.name, registry=registry, peer=peer,
                  channel=channel, slots=slots, access_timeout=options.access_timeout,
-                 irqs=irqs, ioevents=ioevents)
+                 irqs=irqs, ioevents=ioevents, zones=zones)
         mem_regions = options.mem_regions
         try:
             if options.memfd is not None and mem_regions is None:
@@ -196,10 +234,12 @@ class RemoteEndpoint:
                           slots=SetSlots(fd=slots.fd, nslots=config.nvcpus, poll_ns=options.poll_us * 1000,
                                          adaptive=options.adaptive, move=options.move),
                           memfd=options.memfd, mem_regions=mem_regions or (), console=options.console)
-            agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text)
+            agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text,
+                               on_welcome=ep._agreed)
         except StartError as e:
             reason = str(e)
-            log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
+            # The caller reports the DeviceFailed (one line); this is detail.
+            log.info("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
             ep._failure = f"failed to start: {reason}"
             ep._teardown()
             raise DeviceFailed(f"device {ep.name}: {reason}") from None
@@ -211,6 +251,7 @@ class RemoteEndpoint:
             os.close(reg_fd)
         ep.features = agreed.features
         ep.reported_pid = agreed.pid
+        ep.sandbox, ep.peer = sandbox_report.at_ready(ep.name, ep.peer, agreed.sandbox, agreed.pid)
         if agreed.pid != ep.pid:
             log.debug("device %s reports pid %d; its process is %d", ep.name, agreed.pid, ep.pid)
         ep._monitor = threading.Thread(target=ep._watch, name=f"device-{ep.name}", daemon=True)
@@ -231,15 +272,52 @@ class RemoteEndpoint:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
         try:
             return self._call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout)
-        except SlotTimeout:
+        except SlotError as e:
+            self._call_failed(e)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        """Forward writes (space, cookie, offset, size, value) in order: a
+        request per batch (ipc.batch) once the device has a batch segment,
+        else one access each.  Raises :class:`DeviceFailed`."""
+        batch = self._batch
+        if batch is None:
+            for space, cookie, offset, size, value in writes:
+                self.access(vcpu, space, cookie, offset, size, True, value)
+            return
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        with self._batch_lock:
+            done = 0
+            while done < len(writes):
+                n = batch.write(writes[done:done + batch.capacity])
+                try:
+                    self._call(vcpu, BATCH_SPACE, 0, 0, 8, True, n, self.access_timeout)
+                except SlotError as e:
+                    self._call_failed(e)
+                done += n
+
+    def _call_failed(self, error: SlotError) -> NoReturn:
+        """Cut the device off for a failed slot call (a dead device is cut
+        off by its monitor already) and raise DeviceFailed."""
+        if isinstance(error, SlotTimeout):
             self._fail(f"no answer within {self.access_timeout:g} s")
-        except SlotPeerDead:
-            pass
-        except (SlotDeviceError, SlotBadResponse) as e:
-            self._fail(str(e))
-        except SlotError as e:  # closed under us
-            self._fail(str(e))
-        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}")
+        elif not isinstance(error, SlotPeerDead):    # it failed, answered garbage, or closed under us
+            self._fail(str(error))
+        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}") \
+            from None
+
+    def _agreed(self, features: frozenset[str]) -> None:
+        self.features = features
+
+    def _batch_fd(self) -> int | None:
+        """The batch segment's descriptor to hand the device with a zone
+        (made the first time), or None when it takes no batches."""
+        if "coalesced-batch" not in self.features:
+            return None
+        with self._batch_make_lock:
+            if self._batch is None:
+                self._batch = BatchWriter()
+            return self._batch.fd
 
     def reset(self, timeout: float = 5.0) -> None:
         """Put the model back in its power-on state.  Raises DeviceFailed."""
@@ -252,6 +330,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # power-on state: no routes; the new model asks again
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         try:
             self._send(Reset())
         except Exception as e:
@@ -357,6 +437,8 @@ class RemoteEndpoint:
                 return
             for fd, _ev in events:
                 if fd == exit_fd:
+                    if sock_open:       # what it sent before it died (a fault's record)
+                        self._on_readable()
                     self._on_exit()
                     return
                 if fd == sock_fd and sock_open:
@@ -393,11 +475,65 @@ class RemoteEndpoint:
 
     def _on_error(self, msg: Message) -> bool:
         assert isinstance(msg, Error)
-        self._fail(f"reported: {msg.message}")
+        self._fail(sandbox_report.error_text(self.name, self.sandbox, msg.message))
         return False
 
     def _on_reset_done(self, msg: Message) -> bool:
         self._reset_done.set()
+        return True
+
+    # -- faults (devices.faults; ipc.protocol "faults" block) -----------------
+
+    def fault_control(self, op: str, body: object, timeout: float = 5.0) -> object:
+        """Ask the device's fault engine (setup, arm, disarm, query); its
+        answer, decoded.  Raises :class:`DeviceFailed` (cut off, no
+        answer) or ValueError with the device's refusal."""
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        seq = next(self._fault_seq) & 0xFFFF_FFFF
+        wait: list = [threading.Event(), None]
+        self._fault_waits[seq] = wait
+        try:
+            self._send(FaultControl(seq, op, json.dumps(body, separators=(",", ":"))))
+            if not wait[0].wait(timeout):
+                raise DeviceFailed(f"device {self.name}: no answer to fault {op} within {timeout:g} s")
+        except OSError as e:
+            raise DeviceFailed(f"device {self.name}: cannot send fault {op}: {e}") from None
+        finally:
+            self._fault_waits.pop(seq, None)
+        reply = wait[1]
+        if reply is None:
+            raise DeviceFailed(f"device {self.name}: {self._failure or 'gone'}")
+        if not reply.ok:
+            raise ValueError(reply.body)
+        try:
+            return json.loads(reply.body)
+        except ValueError:
+            self._fail("sent a fault reply that is not JSON")
+            raise DeviceFailed(f"device {self.name}: {self._failure}") from None
+
+    def _on_fault_reply(self, msg: Message) -> bool:
+        assert isinstance(msg, FaultReply)
+        wait = self._fault_waits.get(msg.seq)
+        if wait is None:
+            log.debug("device %s: fault reply %d that nobody waits for", self.name, msg.seq)
+            return True
+        wait[1] = msg
+        wait[0].set()
+        return True
+
+    def _on_fault_fired(self, msg: Message) -> bool:
+        """A trace record from the device: untrusted; checked by the sink
+        (vmm.faults), which drops a bad one with a warning."""
+        assert isinstance(msg, FaultFired)
+        sink = self.on_fault_record
+        if sink is not None:
+            try:
+                record = json.loads(msg.record)
+            except ValueError:
+                log.warning("device %s: a fault record that is not JSON; dropped", self.name)
+                return True
+            sink(record)
         return True
 
     def _on_request(self, msg: Message) -> bool:
@@ -416,6 +552,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # its routes and irqfds go with it
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         self._exited.set()
 
     # -- failure and teardown ------------------------------------------------
@@ -433,6 +571,8 @@ class RemoteEndpoint:
         self._slots.mark_dead()
         self.peer.kill()
         self._reset_done.set()
+        for wait in list(self._fault_waits.values()):
+            wait[0].set()
 
     def _reap_regions(self) -> None:
         try:
@@ -468,18 +608,25 @@ class RemoteEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                   self._slots.device_stats())
         with self._chan_lock:
             self._channel.close()
         self.peer.close()
         self._slots.close()
+        with self._batch_make_lock, self._batch_lock:
+            if self._batch is not None:
+                self._batch.close()
         self._closed = True
 
 
-def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int) -> DeviceConfig:
+def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int,
+            options: RemoteOptions) -> DeviceConfig:
     if not isinstance(owner, int) or owner < FIRST_DEVICE_OWNER:
         raise ValueError(f"owner must be an integer >= {FIRST_DEVICE_OWNER}, not {owner!r}")
     if not isinstance(nvcpus, int) or not 1 <= nvcpus <= MAX_VCPUS:
         raise ValueError(f"nvcpus must be in [1, {MAX_VCPUS}], not {nvcpus!r}")
-    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus)
+    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus,
+                        sandbox=options.sandbox, seccomp=options.seccomp)

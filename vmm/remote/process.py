@@ -15,12 +15,14 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 
+from devices import kinds
 from vmm.console import StderrRelay
+from vmm.endpoint import DeviceFailed
 from vmm.remote.options import DEVSERVER_COMMAND
 
-__all__ = ["DeviceProcess"]
+__all__ = ["DeviceProcess", "child_env"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,10 @@ class DeviceProcess:
 
     @classmethod
     def start(cls, command: Sequence[str], channel: socket.socket, name: str,
-              cpus: Set[int] | None = None) -> DeviceProcess:
+              cpus: Set[int] | None = None, env: Mapping[str, str] | None = None) -> DeviceProcess:
         """Start ``command --fd N`` with ``channel`` as descriptor N; the
-        caller's copy of ``channel`` is closed on every path."""
+        caller's copy of ``channel`` is closed on every path.  ``env``:
+        the child's environment (None: the VMM's; :func:`child_env`)."""
         proc = pidfd = None
         # No descriptor of the VMM's terminal reaches the device (vmm.console).
         relay = StderrRelay.for_child()
@@ -45,7 +48,7 @@ class DeviceProcess:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(channel.fileno()), *_log_level_args(command)],
                                         pass_fds=[channel.fileno()], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, start_new_session=True, env=env,
                                         stderr=relay.child_fd if relay is not None else None)
             finally:
                 channel.close()      # the child has its copy
@@ -103,6 +106,24 @@ class DeviceProcess:
             except OSError:
                 pass
         self._pidfd = -1
+
+
+def child_env(kind: str, name: str) -> dict[str, str] | None:
+    """The device process's environment: the VMM's, plus, for a
+    ``MODULE:CLASS`` model, the directory the VMM imported that module
+    from in front of PYTHONPATH (importable here, importable there).
+    None for a registered kind (the VMM's environment as it is).  Raises
+    DeviceFailed for a type that names no model."""
+    if not kinds.is_qualified(kind):
+        return None
+    try:
+        root = kinds.import_root(kinds.resolve(kind))
+    except kinds.ModelNotFound as e:
+        raise DeviceFailed(f"device {name}: {e}") from None
+    if root is None:
+        return None
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
 
 
 def _log_level_args(command: Sequence[str]) -> list[str]:
