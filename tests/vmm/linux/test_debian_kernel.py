@@ -46,7 +46,7 @@ def test_cloud_kernel_prints_its_banner(debian_image, tmp_path):
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        seen = _wait_for(console, ["Linux version", "Command line:"], proc, started + BUDGET)
+        seen = _wait_for(console, ["Linux version", "Command line:", "ACPI: RSDP"], proc, started + BUDGET)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
