@@ -71,8 +71,8 @@ import struct
 import threading
 import time
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
-from devices.echo import ECHO_COUNT, Echo
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, Window, all_ones, parse_int
+from devices.echo import ECHO_COUNT, MOVE_AREA, Echo
 from devices.pci import PciDevice
 from devices.pci_config import Bar, BarKind
 
@@ -186,6 +186,10 @@ class IrqEcho(Device):
     """Interrupts on request (module docstring)."""
 
     kind = "irq-echo"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), IRQ_WINDOW)] if "pio" in params else []
 
     def __init__(self, host: DeviceHost, **params: str):
         pio = params.pop("pio", None)
@@ -319,6 +323,22 @@ class CoalesceSum(Device):
     """
 
     kind = "coalesce-sum"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """``mmio=`` moves itself (register 0x28) in echo's MMIO move area;
+        ``plain=`` is pinned."""
+        out = []
+        if "mmio" in params:
+            start, length = MOVE_AREA[Space.MMIO]
+            base = parse_int(cls.kind, "mmio", params["mmio"])
+            if start <= base < start + length:
+                out.append(Window(Space.MMIO, start, length, 0, region_max=SUM_WINDOW))
+            else:
+                out.append(Window(Space.MMIO, base, SUM_WINDOW, 0))
+        if "plain" in params:
+            out.append(Window(Space.MMIO, parse_int(cls.kind, "plain", params["plain"]), SUM_WINDOW, 1))
+        return out
 
     def __init__(self, host: DeviceHost, mmio: str | None = None, plain: str | None = None,
                  coalesce: str = "on", **params: str):
