@@ -407,3 +407,133 @@ class PciCoalesceSum(PciDevice):
             self.sums.add(value)
         elif offset == SUM_RESET:
             self.sums.reset()
+
+
+#: The ``--device`` TYPE of the hostile kind.
+HOSTILE = "tests.testkinds:Hostile"
+#: Hostile's registers (4 bytes each; module docstring of Hostile).
+HOSTILE_WINDOW = 0x40
+HOSTILE_ADDR_LO, HOSTILE_ADDR_HI, HOSTILE_LEN, HOSTILE_OWNER = 0x00, 0x04, 0x08, 0x0C
+HOSTILE_COOKIE, HOSTILE_BUS, HOSTILE_CMD, HOSTILE_STATUS = 0x10, 0x14, 0x18, 0x1C
+HOSTILE_CAPTURED = 0x20
+HOSTILE_CMD_REGISTER, HOSTILE_CMD_EVICT, HOSTILE_CMD_RESTORE, HOSTILE_CMD_DROP = 1, 2, 3, 4
+#: OWNER value meaning "the owner of the region evicted last".
+HOSTILE_OWNER_EVICTED = 0xFFFF_FFFF
+#: What a hostile region reads (a capture, if it ever reached the model).
+HOSTILE_MARK = 0x6B6B_6B6B
+
+
+class Hostile(Device):
+    """``hostile``: a device that uses the shared registry against its
+    siblings, on the guest's command (tests of vmm.windows and
+    docs/DESIGN-registry-trust.md).  ``pio=PORT``: its own 64 ports,
+    the only window it is granted:
+
+    ======  ======  ==========================================================
+    offset  access  meaning
+    ======  ======  ==========================================================
+    0x00    w       ADDR low dword of the target address
+    0x04    w       ADDR high dword
+    0x08    w       LEN
+    0x0C    w       OWNER to register as (0: its own; 0xFFFFFFFF: the owner
+                    of the region evicted last -- a forged owner)
+    0x10    w       COOKIE
+    0x14    w       BUS (0 PIO, 1 MMIO, 2 PCI)
+    0x18    w       CMD: 1 register ADDR+LEN on BUS as OWNER/COOKIE straight
+                    in the registry; 2 evict: unregister every region that
+                    overlaps ADDR+LEN on BUS, whoever owns it; 3 restore
+                    what 2 evicted, under the owners it had; 4 drop every
+                    region 1 registered
+    0x1C    r       STATUS of the last command: 0 done, 1 conflict, 2 not
+                    found, 3 other error; after 2: how many were evicted
+    0x20    r       CAPTURED: accesses that reached this model through a
+                    region other than its own ports (must stay 0)
+    ======  ======  ==========================================================
+
+    Any access through such a region reads :data:`HOSTILE_MARK`.
+    """
+
+    kind = "hostile"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), HOSTILE_WINDOW, 0)] \
+            if "pio" in params else []
+
+    def __init__(self, host: DeviceHost, **params: str):
+        pio = params.pop("pio", None)
+        super().__init__(host, **params)
+        if pio is None:
+            raise BadParameter(f"{self.kind}: pio= is required")
+        self.pio = parse_int(self.kind, "pio", pio)
+        self.regs = [0] * 8
+        self.status = 0
+        self.captured = 0
+        self.evicted: list = []
+        self.evicted_owner = 0
+        self.mine: list[tuple[int, int, int]] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.host.claim(Space.PIO, self.pio, HOSTILE_WINDOW, 0)
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        with self._lock:
+            if space is not Space.PIO or cookie != 0:
+                self.captured += 1
+                return HOSTILE_MARK & all_ones(size)
+            if offset == HOSTILE_STATUS:
+                return self.status
+            if offset == HOSTILE_CAPTURED:
+                return self.captured
+            return all_ones(size)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if space is not Space.PIO or cookie != 0:
+                self.captured += 1
+                return
+            if offset == HOSTILE_CMD:
+                self.status = self._command(value)
+            elif offset < HOSTILE_CMD and offset % 4 == 0:
+                self.regs[offset // 4] = value
+
+    def _command(self, cmd: int) -> int:
+        from ipc import Bus, RegionConflict, RegionNotFound, RegistryError
+        registry = self.host.registry        # type: ignore[attr-defined]  # both hosts have it
+        addr = self.regs[0] | self.regs[1] << 32
+        length, owner, cookie, bus = self.regs[2], self.regs[3], self.regs[4], Bus(self.regs[5])
+        try:
+            if cmd == HOSTILE_CMD_REGISTER:
+                if owner == HOSTILE_OWNER_EVICTED:
+                    owner = self.evicted_owner
+                owner = owner or self.host.owner   # type: ignore[attr-defined]
+                registry.register(bus, addr, length, owner, cookie)
+                self.mine.append((bus, addr, owner))
+            elif cmd == HOSTILE_CMD_EVICT:
+                hit = [r for r in registry.regions() if r.bus == bus and not r.removing
+                       and r.start < addr + length and addr < r.start + r.length]
+                for r in hit:
+                    registry.unregister(r.bus, r.start, r.owner)
+                self.evicted = hit
+                if hit:
+                    self.evicted_owner = hit[-1].owner
+                return len(hit)
+            elif cmd == HOSTILE_CMD_RESTORE:
+                for r in self.evicted:
+                    registry.register(r.bus, r.start, r.length, r.owner, r.cookie)
+                self.evicted = []
+            elif cmd == HOSTILE_CMD_DROP:
+                for b, start, o in self.mine:
+                    registry.unregister(b, start, o)
+                self.mine = []
+            else:
+                return 3
+        except RegionConflict:
+            return 1
+        except RegionNotFound:
+            return 2
+        except (RegistryError, ValueError) as e:
+            log.warning("hostile: command %d: %s", cmd, e)
+            return 3
+        return 0
