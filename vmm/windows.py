@@ -332,7 +332,7 @@ class OwnerWindows:
 
     def vmm_window(self, bus: int, addr: int, size: int) -> tuple[int, int] | None:
         """(cookie, offset) of the VMM's own window holding the access."""
-        for g in self._grants.get(self.vmm_owner, {}).values():
+        for g in list(self._grants.get(self.vmm_owner, {}).values()):
             if g.bus == bus and g.start <= addr and addr + size <= g.start + g.length:
                 return (0 if g.cookie is None else g.cookie), addr - g.start
         return None
