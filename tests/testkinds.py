@@ -409,22 +409,22 @@ class PciCoalesceSum(PciDevice):
             self.sums.reset()
 
 
-#: The ``--device`` TYPE of the hostile kind.
-HOSTILE = "tests.testkinds:Hostile"
-#: Hostile's registers (4 bytes each; module docstring of Hostile).
-HOSTILE_WINDOW = 0x40
-HOSTILE_ADDR_LO, HOSTILE_ADDR_HI, HOSTILE_LEN, HOSTILE_OWNER = 0x00, 0x04, 0x08, 0x0C
-HOSTILE_COOKIE, HOSTILE_BUS, HOSTILE_CMD, HOSTILE_STATUS = 0x10, 0x14, 0x18, 0x1C
-HOSTILE_CAPTURED = 0x20
-HOSTILE_CMD_REGISTER, HOSTILE_CMD_EVICT, HOSTILE_CMD_RESTORE, HOSTILE_CMD_DROP = 1, 2, 3, 4
+#: The ``--device`` TYPE of the squatter kind.
+SQUATTER = "tests.testkinds:Squatter"
+#: Squatter registers (4 bytes each; the class docstring).
+SQUATTER_WINDOW = 0x40
+SQUATTER_ADDR_LO, SQUATTER_ADDR_HI, SQUATTER_LEN, SQUATTER_OWNER = 0x00, 0x04, 0x08, 0x0C
+SQUATTER_COOKIE, SQUATTER_BUS, SQUATTER_CMD, SQUATTER_STATUS = 0x10, 0x14, 0x18, 0x1C
+SQUATTER_CAPTURED = 0x20
+SQUATTER_CMD_REGISTER, SQUATTER_CMD_EVICT, SQUATTER_CMD_RESTORE, SQUATTER_CMD_DROP = 1, 2, 3, 4
 #: OWNER value meaning "the owner of the region evicted last".
-HOSTILE_OWNER_EVICTED = 0xFFFF_FFFF
-#: What a hostile region reads (a capture, if it ever reached the model).
-HOSTILE_MARK = 0x6B6B_6B6B
+SQUATTER_OWNER_EVICTED = 0xFFFF_FFFF
+#: What a squatting region reads (a capture, if it ever reached the model).
+SQUATTER_MARK = 0x6B6B_6B6B
 
 
-class Hostile(Device):
-    """``hostile``: a device that uses the shared registry against its
+class Squatter(Device):
+    """``squatter``: a hostile device that uses the shared registry against its
     siblings, on the guest's command (tests of vmm.windows and
     docs/DESIGN-registry-trust.md).  ``pio=PORT``: its own 64 ports,
     the only window it is granted:
@@ -450,14 +450,14 @@ class Hostile(Device):
                     region other than its own ports (must stay 0)
     ======  ======  ==========================================================
 
-    Any access through such a region reads :data:`HOSTILE_MARK`.
+    Any access through such a region reads :data:`SQUATTER_MARK`.
     """
 
-    kind = "hostile"
+    kind = "squatter"
 
     @classmethod
     def windows(cls, params: dict[str, str]) -> list[Window]:
-        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), HOSTILE_WINDOW, 0)] \
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), SQUATTER_WINDOW, 0)] \
             if "pio" in params else []
 
     def __init__(self, host: DeviceHost, **params: str):
@@ -475,16 +475,16 @@ class Hostile(Device):
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.host.claim(Space.PIO, self.pio, HOSTILE_WINDOW, 0)
+        self.host.claim(Space.PIO, self.pio, SQUATTER_WINDOW, 0)
 
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         with self._lock:
             if space is not Space.PIO or cookie != 0:
                 self.captured += 1
-                return HOSTILE_MARK & all_ones(size)
-            if offset == HOSTILE_STATUS:
+                return SQUATTER_MARK & all_ones(size)
+            if offset == SQUATTER_STATUS:
                 return self.status
-            if offset == HOSTILE_CAPTURED:
+            if offset == SQUATTER_CAPTURED:
                 return self.captured
             return all_ones(size)
 
@@ -493,9 +493,9 @@ class Hostile(Device):
             if space is not Space.PIO or cookie != 0:
                 self.captured += 1
                 return
-            if offset == HOSTILE_CMD:
+            if offset == SQUATTER_CMD:
                 self.status = self._command(value)
-            elif offset < HOSTILE_CMD and offset % 4 == 0:
+            elif offset < SQUATTER_CMD and offset % 4 == 0:
                 self.regs[offset // 4] = value
 
     def _command(self, cmd: int) -> int:
@@ -504,13 +504,13 @@ class Hostile(Device):
         addr = self.regs[0] | self.regs[1] << 32
         length, owner, cookie, bus = self.regs[2], self.regs[3], self.regs[4], Bus(self.regs[5])
         try:
-            if cmd == HOSTILE_CMD_REGISTER:
-                if owner == HOSTILE_OWNER_EVICTED:
+            if cmd == SQUATTER_CMD_REGISTER:
+                if owner == SQUATTER_OWNER_EVICTED:
                     owner = self.evicted_owner
                 owner = owner or self.host.owner   # type: ignore[attr-defined]
                 registry.register(bus, addr, length, owner, cookie)
                 self.mine.append((bus, addr, owner))
-            elif cmd == HOSTILE_CMD_EVICT:
+            elif cmd == SQUATTER_CMD_EVICT:
                 hit = [r for r in registry.regions() if r.bus == bus and not r.removing
                        and r.start < addr + length and addr < r.start + r.length]
                 for r in hit:
@@ -519,11 +519,11 @@ class Hostile(Device):
                 if hit:
                     self.evicted_owner = hit[-1].owner
                 return len(hit)
-            elif cmd == HOSTILE_CMD_RESTORE:
+            elif cmd == SQUATTER_CMD_RESTORE:
                 for r in self.evicted:
                     registry.register(r.bus, r.start, r.length, r.owner, r.cookie)
                 self.evicted = []
-            elif cmd == HOSTILE_CMD_DROP:
+            elif cmd == SQUATTER_CMD_DROP:
                 for b, start, o in self.mine:
                     registry.unregister(b, start, o)
                 self.mine = []
@@ -534,6 +534,6 @@ class Hostile(Device):
         except RegionNotFound:
             return 2
         except (RegistryError, ValueError) as e:
-            log.warning("hostile: command %d: %s", cmd, e)
+            log.warning("squatter: command %d: %s", cmd, e)
             return 3
         return 0

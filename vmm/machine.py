@@ -43,6 +43,7 @@ from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 from vmm.windows import OwnerWindows, WindowError
 
@@ -194,6 +195,8 @@ class Machine:
             except (RegistryError, DeviceError) as e:
                 self.registry.unregister_owner(owner)
                 raise ConfigError(f"device {spec.name}: {e}") from None
+        elif spec.connect is not None:
+            endpoint = self._attach_service(spec, owner, console)
         else:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
@@ -222,13 +225,21 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
-        options = dataclasses.replace(
+        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                    len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        assert spec.connect is not None
+        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                              len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
+        return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq, coalesced=self.coalesced,
+            irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                    len(self._vcpu_fds), options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

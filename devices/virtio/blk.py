@@ -28,6 +28,8 @@ import struct
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.hostres import FILE, HostResource, open_file
+from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
 
@@ -74,6 +76,10 @@ def _split(buffers: list[Buffer], at: int) -> tuple[list[tuple[int, int]], list[
     return [r for r in head if r[1]], [r for r in tail if r[1]]
 
 
+def _open_flags(readonly: bool) -> int:
+    return (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+
+
 class VirtioBlk(VirtioPciDevice):
     kind = "virtio-blk"
     virtio_id = VIRTIO_ID_BLOCK
@@ -102,19 +108,45 @@ class VirtioBlk(VirtioPciDevice):
         self.capacity = 0
         super().__init__(host, **params)
 
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        if "path" not in params:
+            return ()
+        return (HostResource(FILE, params["path"], _open_flags(params.get("readonly") == "on")),)
+
     def start(self) -> None:
         try:
-            self.fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+            self.fd = open_file(self.path, _open_flags(self.readonly))
         except OSError as e:
             raise BadParameter(f"virtio-blk: {self.path}: {e.strerror}") from None
-        self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        restored_capacity, self.capacity = self.capacity, os.fstat(self.fd).st_size // SECTOR_SIZE
         super().start()
+        if self.restored and self.capacity != restored_capacity:
+            # The image changed size while the device was down: tell the
+            # driver, as a resize does (§5.2.4, §4.1.4.5).
+            log.info("%s: capacity %d -> %d sectors", self.kind, restored_capacity, self.capacity)
+            self.config_changed()
 
     def stop(self) -> None:
         super().stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    # -- snapshot: the configuration the driver read; the image is a parameter --
+
+    def device_state(self) -> dict:
+        return {"capacity": self.capacity, "ident": self.ident}
+
+    def check_device_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("capacity", "ident"))
+        require(f.blob("ident", VIRTIO_BLK_ID_BYTES) == self.ident, f.name("ident"),
+                "another serial id than this device's (serial= differs)")
+        return f.integer("capacity", 0, U64 // SECTOR_SIZE)
+
+    def load_device_state(self, checked: object) -> None:
+        assert isinstance(checked, int)
+        self.capacity = checked
 
     def device_config(self) -> bytes:
         return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)

@@ -8,12 +8,12 @@ import pytest
 
 from devices import pci
 from devices import pci_config as cfg
-from devices.base import BadParameter, Space
+from devices.base import BadParameter, DeviceHost, Space
 
 MMIO_WIN = 0xE010_0000
 
 
-class CoalescingHost:
+class CoalescingHost(DeviceHost):
     """Records every claim with its coalesce flag; refuses overlaps."""
 
     def __init__(self):

@@ -2,7 +2,7 @@
 registers regions over a sibling's BAR, over the VMM's ports, over
 another function's configuration space and inside the PCI aperture but
 outside its BARs captures no access; the guest's accesses go to the
-rightful owner or read all ones (guest: tests/guests/hostile.c)."""
+rightful owner or read all ones (guest: tests/guests/squatter.c)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from tests.testkinds import HOSTILE
+from tests.testkinds import SQUATTER
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm
 from vmm import guests
 from vmm.config import parse_device_spec
@@ -29,8 +29,8 @@ OK = 0x5A
 
 
 @pytest.fixture(scope="session")
-def hostile_guest(guest_cache):
-    return guests.build([GUEST_SOURCES / "hostile.c", guests.HERE / "pci.c"], guest_cache)
+def squatter_guest(guest_cache):
+    return guests.build([GUEST_SOURCES / "squatter.c", guests.HERE / "pci.c"], guest_cache)
 
 
 @pytest.mark.parametrize("placement, fast_path", [
@@ -38,13 +38,13 @@ def hostile_guest(guest_cache):
     ("isolated", False),
     ("inline", True),
 ], ids=["isolated-c-loop", "isolated-python-loop", "inline-c-loop"])
-def test_hostile_device_captures_nothing(hostile_guest, caplog, placement, fast_path):
+def test_hostile_device_captures_nothing(squatter_guest, caplog, placement, fast_path):
     caplog.set_level(logging.WARNING, logger="vmm.windows")
     with Machine(memory=32 << 20, vcpus=1, fast_path=fast_path) as m:
-        m.load_pvh(hostile_guest, f"hostile={HPORT:#x} slot={SLOT} empty={EMPTY} squat={SQUAT:#x} "
+        m.load_pvh(squatter_guest, f"hostile={HPORT:#x} slot={SLOT} empty={EMPTY} squat={SQUAT:#x} "
                                      f"moveto={MOVETO:#x}")
         sibling = m.add_device(parse_device_spec(f"pci-echo,slot={SLOT},process=isolated"))
-        hostile = m.add_device(parse_device_spec(f"{HOSTILE},pio={HPORT:#x},process={placement}"))
+        hostile = m.add_device(parse_device_spec(f"{SQUATTER},pio={HPORT:#x},process={placement}"))
         outcome = m.run(timeout=120)
         # The run ends through the test-exit port the hostile device squats
         # on: the VMM kept it.  Any other value is the failed step.
