@@ -30,6 +30,7 @@ from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout
 from vmm.boot import pvh
+from devices.base import Space, Window
 from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
@@ -179,7 +180,7 @@ class Machine:
         spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
         owner = self._new_owner()
         is_pci = issubclass(spec.model_class, PciDevice)
-        if not is_pci:
+        if not is_pci and spec.connect is None:
             # What the class declares from its parameters is all the
             # device may ever be reached at (vmm.windows).
             try:
@@ -205,6 +206,13 @@ class Machine:
             # Configuration space and BARs, sized once now, before the
             # guest runs; the guest's BAR writes move them later.
             self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
+        elif spec.connect is not None:
+            # A service completes its parameters itself, so the VMM cannot
+            # evaluate the class's windows: what it registered at attach,
+            # before the guest runs, is pinned as its windows.
+            self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
+                                             for r in self.registry.regions()
+                                             if r.owner == owner and not r.removing])
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
