@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
@@ -35,7 +36,8 @@ from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
@@ -114,6 +116,8 @@ class Machine:
         self._paused = False
         self._qmp_quit = False
         self._api: QmpServer | None = None
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -213,6 +217,14 @@ class Machine:
             self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
                                              for r in self.registry.regions()
                                              if r.owner == owner and not r.removing])
+        # (after the BAR probe, so that the probe's accesses count for no
+        # fault trigger)
+        try:
+            self.faults.attach(endpoint, spec)
+        except (FaultsError, DeviceFailed) as e:
+            raise ConfigError(f"device {spec.name}: {e}") from None
+        except FaultError as e:
+            raise ConfigError(str(e)) from None
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
@@ -449,6 +461,7 @@ class Machine:
                 endpoint.close()
             except Exception as e:
                 log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()
