@@ -32,10 +32,12 @@ from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import cpuid as cpuids
 from vmm import kvm, layout
 from vmm.boot import pvh
+from devices.base import Space, Window
+from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
@@ -47,6 +49,7 @@ from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
 from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
+from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
     from vmm.qmp.server import QmpServer
@@ -145,13 +148,15 @@ class Machine:
             self._vcpu_fds.append(fd)
             fd.set_cpuid(cpuids.build(cpuid, i, self.cpuid_hide))
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
-        self.vmm_handlers = VmmHandlers(self.registry)
+        #: What each owner may claim, in the VMM's memory (vmm.windows).
+        self.windows = OwnerWindows(VMM_OWNER)
+        self.vmm_handlers = VmmHandlers(self.registry, self.windows)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
         #: Coalesced-MMIO zones and the ring (vmm.coalesce).
         self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
         self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
                                      on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
-                                     coalesced=self.coalesced)
+                                     coalesced=self.coalesced, windows=self.windows)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -196,6 +201,14 @@ class Machine:
         device, :mod:`vmm.console`); the caller keeps them."""
         spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
         owner = self._new_owner()
+        is_pci = issubclass(spec.model_class, PciDevice)
+        if not is_pci and spec.connect is None:
+            # What the class declares from its parameters is all the
+            # device may ever be reached at (vmm.windows).
+            try:
+                self.windows.grant_model(owner, spec.model_class.windows(spec.param_dict()))
+            except (DeviceError, WindowError, ValueError) as e:
+                raise ConfigError(f"device {spec.name}: its windows: {e}") from None
         if spec.placement == "inline":
             try:
                 endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
@@ -211,6 +224,19 @@ class Machine:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
         self.device_specs[owner] = spec
+        if is_pci:
+            # Configuration space and BARs, sized once now, before the
+            # guest runs; the guest's BAR writes move them later.
+            self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
+        elif spec.connect is not None:
+            # A service completes its parameters itself, so the VMM cannot
+            # evaluate the class's windows: what it registered at attach,
+            # before the guest runs, is pinned as its windows.
+            self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
+                                             for r in self.registry.regions()
+                                             if r.owner == owner and not r.removing])
+        # (after the BAR probe, so that the probe's accesses count for no
+        # fault trigger)
         try:
             self.faults.attach(endpoint, spec)
         except (FaultsError, DeviceFailed) as e:
