@@ -6,8 +6,9 @@ received its descriptors and before the model is built, in this order
 2. :mod:`.userns` -- a user namespace whose root is a host uid of the
    device's own;
 3. :mod:`.namespaces` -- mount, pid, net, ipc, uts, cgroup namespaces and
-   an empty read-only root (the process forks here: pid 1 of the new pid
-   namespace goes on as the device, the parent reaps it);
+   an empty read-only root (the process forks twice here: pid 1 of the new
+   pid namespace is a reaper that forks the device at its own thread-id
+   range; the parent, outside, reaps pid 1);
 4. :mod:`.fds` -- descriptors not kept closed, rlimits, not dumpable;
 5. :mod:`.caps` -- no capabilities, ``no_new_privs``;
 6. :mod:`.landlock` -- no filesystem access, no TCP;
@@ -44,9 +45,9 @@ LAYERS = ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp
 
 
 def tid_base(owner: int) -> int:
-    """Where thread ids start in the pid namespace of device ``owner``
-    (threads after the first: the first is pid 1 in every namespace)."""
-    return (owner % 4000) * 1000
+    """Where thread ids start in the pid namespace of device ``owner``: its
+    main thread's id (:func:`.namespaces.tid_base`)."""
+    return namespaces.tid_base(owner)
 
 
 class SandboxError(Exception):
@@ -77,8 +78,8 @@ class Applied:
     #: The layers that are on, in order (``seccomp`` as ``seccomp=MODE``;
     #: ``uid`` instead of ``userns`` for the fallback).
     layers: list[str] = dataclasses.field(default_factory=list)
-    #: This process is pid 1 of a pid namespace of its own (its parent,
-    #: the process the VMM started, is the reaper).
+    #: This process runs in a pid namespace of its own, the child of its
+    #: pid 1 (a reaper, itself the child of the process the VMM started).
     pid_namespace: bool = False
     #: This process's pid as the host (the VMM) sees it.
     host_pid: int = dataclasses.field(default_factory=os.getpid)
@@ -142,20 +143,25 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
 def _namespaces(out: Applied, tid_base: int) -> None:
     namespaces.unshare()
 
-    def lock_down_reaper(pidfd: int, device: int) -> None:
-        fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
+    def lock_down(keep: set[int], rules: list[Rule]) -> None:
+        fds.apply(keep)
         for step in (caps.apply, landlock.apply):
             try:
                 step()
             except OSError:
                 pass    # best effort: it runs no device code
-        seccomp.load(common.rules(os.getpid()) + (
-            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))), "kill")
+        seccomp.load(common.rules(os.getpid()) + tuple(rules), "kill")
 
-    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper)
+    def lock_down_reaper(pidfd: int, status_fd: int) -> None:
+        # stderr, pid 1's pidfd and the pipe pid 1 passes the device's status on
+        lock_down({2, pidfd, status_fd}, [
+            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))])
+
+    def lock_down_inner_reaper(status_fd: int) -> None:
+        lock_down({2, status_fd}, [Rule("wait4"), Rule("waitid")])
+
+    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper, lock_down_inner_reaper, tid_base)
     out.pid_namespace = True
-    if tid_base:
-        namespaces.set_next_pid(tid_base)
     namespaces.empty_root()
 
 
