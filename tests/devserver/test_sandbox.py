@@ -246,7 +246,7 @@ def test_thread_ids_tell_sandboxed_devices_apart(registry):
         for ep in eps:       # the control thread starts just after Ready
             assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
         ids = [sandbox_report._ns_tids(ep.pid) for ep in eps]
-        for ep, mine in zip(eps, ids):
+        for ep, mine in zip(eps, ids, strict=True):
             status = read_status(ep.pid)
             main = int(status["NSpid"].split()[-1])
             assert main == namespaces.tid_base(ep.owner) == min(mine), (main, mine)
