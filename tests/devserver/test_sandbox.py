@@ -257,6 +257,12 @@ def test_thread_ids_tell_sandboxed_devices_apart(registry):
             inner = sandbox_report._parent_of(ep.pid)
             assert inner is not None and read_status(inner)["NSpid"].split()[-1] == "1"
             assert sandbox_report._parent_of(inner) == ep.sandbox.pids[0]
+            # pid 1 runs no device code and is locked down as the outer reaper is
+            st = read_status(inner)
+            assert st["Seccomp"] == "2" and int(st["CapEff"], 16) == 0, st
+            inner_fds = [n for n in os.listdir(f"/proc/{inner}/fd") if n != "2"]     # 2: stderr
+            assert len(inner_fds) == 1, inner_fds           # the pipe the device's status leaves on
+            assert os.readlink(f"/proc/{inner}/fd/{inner_fds[0]}").startswith("pipe:")
             for tid in mine:
                 assert sandbox_report.device_of_ns_tid(eps, tid) is ep
         assert len(set.union(*ids)) == sum(map(len, ids))      # disjoint
