@@ -583,8 +583,8 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
-    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
-    #: pid namespace); 0: the process's own.
+    #: The pid as the VMM sees it (a sandboxed device has another one in
+    #: its own pid namespace); 0: the process's own.
     pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:

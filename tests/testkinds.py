@@ -23,6 +23,10 @@ write 4                  a thread of the device takes the registry lock
                          it (:data:`FAULT_HOG`)
 write 5                  the same, ``hog_delay_ms`` after the write was
                          answered (:data:`FAULT_HOG_LATER`)
+write 6                  the thread serving the write -- the process's
+                         main thread -- takes the registry lock, answers
+                         the write and goes on serving, holding it
+                         (:data:`FAULT_HOG_MAIN`)
 read 4 bytes             answers only after ``stall_ms`` milliseconds (a
                          device hanging in its handler), then reads the
                          access count
@@ -90,6 +94,7 @@ FAULT_GARBAGE_MSGPACK = 2
 FAULT_GARBAGE_UNKNOWN = 3
 FAULT_HOG = 4
 FAULT_HOG_LATER = 5
+FAULT_HOG_MAIN = 6
 
 
 def _frame(body: bytes) -> bytes:
@@ -147,6 +152,13 @@ class FaultEcho(Echo):
                 server.channel.sock.send(GARBAGE[value])
         elif value in (FAULT_HOG, FAULT_HOG_LATER) and self._hog is None:
             self._start_hog(0.0 if value == FAULT_HOG else self.hog_delay_ms / 1000)
+        elif value == FAULT_HOG_MAIN and self._hog is None:
+            from ipc._registry_c import lib
+
+            self._hog = threading.current_thread()
+            rc = lib.svm_reg_lock_for_test(self._server.registry._h, 10_000_000_000)
+            log.warning("test hook: thread %d (%s) took the registry lock (code %d) and keeps it",
+                        threading.get_native_id(), threading.current_thread().name, rc)
         return None
 
     def _start_hog(self, delay: float) -> None:
