@@ -29,9 +29,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
 
-# Benchmarks (JSON on stdout; not part of the tests).
-bench: $(STAMP)
-	$(PY) -m ipc.bench
-	$(PY) -m devserver.bench
-	$(PY) -m vmm.bench
-	$(PY) -m vmm.bench.coalesce
+# Every benchmark into one folder (vmm.bench.report): each one's JSON, report.md
+# with the same-run ratios and targets, PNG plots.  BENCH_ARGS=--quick for a
+# short run, BENCH_ARGS="--out DIR --only startup" and so on.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m vmm.bench.report $(BENCH_ARGS)
