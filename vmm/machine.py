@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
@@ -42,6 +43,7 @@ from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.endpoint import Launched
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 if TYPE_CHECKING:
@@ -171,24 +173,58 @@ class Machine:
         """Start a device as its spec places it; returns its endpoint.
         ``console``: descriptors the device may use as its line (the serial
         device, :mod:`vmm.console`); the caller keeps them."""
-        spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
-        owner = self._new_owner()
-        if spec.placement == "inline":
+        return self.add_devices([(spec, console)])[0]
+
+    def add_devices(self, devices: Sequence[tuple[DeviceSpec, ConsoleFds | None]],
+                    on_error: Callable[[DeviceSpec, VmmError], None] | None = None) -> list[Endpoint]:
+        """Start several devices ((spec, console) pairs, as :meth:`add_device`
+        takes them); returns their endpoints in that order.
+
+        The processes of the isolated ones are all started first, so they
+        start up (interpreter, imports, model) in parallel; then each
+        device comes up in the order given -- an inline one is built, an
+        isolated one's handshake runs -- so regions are claimed in the
+        same order as by :meth:`add_device` one after another.  When one
+        fails, ``on_error(spec, error)`` is called with the spec as given (it may raise another
+        error instead), the processes not yet up are killed, and the error
+        is raised; the devices already up stay (closed with the machine)."""
+        placed: list[tuple[DeviceSpec, int, ConsoleFds | None]] = []
+        launched: dict[int, Launched] = {}
+        current: DeviceSpec | None = None
+        try:
             try:
-                endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
-                                                          spec.name, self.registry, console,
-                                                          irq_router=self.irq, memory=self._guest_ram(),
-                                                          coalesced=self.coalesced)
-            except (RegistryError, DeviceError) as e:
-                self.registry.unregister_owner(owner)
-                raise ConfigError(f"device {spec.name}: {e}") from None
-        else:
-            endpoint = self._spawn_isolated(spec, owner, console)
-        self.endpoints[owner] = endpoint
-        self.device_specs[owner] = spec
-        log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
-        self._warn_unreachable(spec.name, owner)
-        return endpoint
+                for i, (spec, console) in enumerate(devices):
+                    current = spec
+                    spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
+                    placed.append((spec, self._new_owner(), console))
+                    if spec.placement != "inline":
+                        launched[i] = self._launch_isolated(spec, placed[-1][1], console)
+                endpoints = []
+                for i, (spec, owner, console) in enumerate(placed):
+                    current = devices[i][0]         # the caller's spec, as given
+                    endpoint = launched.pop(i).finish() if i in launched else self._create_inline(spec, owner, console)
+                    self.endpoints[owner] = endpoint
+                    self.device_specs[owner] = spec
+                    log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
+                    self._warn_unreachable(spec.name, owner)
+                    endpoints.append(endpoint)
+                return endpoints
+            except VmmError as e:
+                if on_error is not None and current is not None:
+                    on_error(current, e)
+                raise
+        finally:
+            for pending in launched.values():
+                pending.abandon()
+
+    def _create_inline(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None) -> Endpoint:
+        try:
+            return LocalEndpoint.create(spec.model_class, spec.param_dict(), owner, spec.name, self.registry,
+                                        console, irq_router=self.irq, memory=self._guest_ram(),
+                                        coalesced=self.coalesced)
+        except (RegistryError, DeviceError) as e:
+            self.registry.unregister_owner(owner)
+            raise ConfigError(f"device {spec.name}: {e}") from None
 
     def _guest_ram(self):
         """Guest RAM for inline models (one shared bounds-checked view)."""
@@ -206,13 +242,16 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        return self._launch_isolated(spec, owner, console).finish()
+
+    def _launch_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Launched:
         options = dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq, coalesced=self.coalesced,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                    len(self._vcpu_fds), options)
+        return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                     len(self._vcpu_fds), options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

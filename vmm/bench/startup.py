@@ -322,6 +322,8 @@ def wrap(name, label):
 wrap("__init__", "Machine(): KVM, memory, registry, vCPUs")
 wrap("load_pvh", "load_pvh")
 wrap("add_device", lambda a: f"add_device {a[0].name}")
+if hasattr(Machine, "add_devices"):
+    wrap("add_devices", lambda a: f"add_devices {', '.join(spec.name for spec, _ in a[0])}")
 wrap("run", "run: guest start to ending")
 wrap("close", "close: teardown")
 status = vmm.cli.main(sys.argv[1:])
