@@ -448,11 +448,18 @@ class Machine:
             self._stop_vcpus()
         if self._api is not None:
             self._api.close()       # before the registry and devices it reads go
+        # Device processes are shut down all at once (each close waits for its
+        # process to exit); then the VMM's own endpoints, last added first.
+        remote = [(o, ep) for o, ep in self.endpoints.items() if isinstance(ep, RemoteEndpoint)]
+        closers = [threading.Thread(target=self._close_endpoint, args=item, name=f"close-{item[1].name}")
+                   for item in remote]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
-            try:
-                endpoint.close()
-            except Exception as e:
-                log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+            if not isinstance(endpoint, RemoteEndpoint):
+                self._close_endpoint(owner, endpoint)
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()
@@ -472,6 +479,13 @@ class Machine:
             self._ram_view = None
         if self.memory is not None:
             self.memory.close()
+
+    @staticmethod
+    def _close_endpoint(owner: int, endpoint: Endpoint) -> None:
+        try:
+            endpoint.close()
+        except Exception as e:
+            log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
 
     def __enter__(self) -> Machine:
         return self

@@ -93,7 +93,8 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("isolated coalesced write", "isolated.coalesced_us", "µs"))),
     Bench("state_segment", "state segment store per access", "ipc.statebench", rows=(
         R("snapshot store", "store_ns", "ns"), R("inflight record per request", "inflight_request_ns", "ns"),
-        R("store share of a request", "store_share", "fraction"))),
+        R("store: share of a 4 KiB QD1 request", "store_share", "fraction", 0.03),
+        R("inflight: share of a request", "inflight_share", "fraction", 0.03))),
     Bench("faults", "fault-point cost", "devices.faults.bench", quick=("--loops", "50000"), rows=(
         R("silent fault point", "results.silent_fault_point", "ns"),
         R("armed elsewhere", "results.armed_elsewhere", "ns"),

@@ -99,8 +99,9 @@ def qemu_command(machine: str, accel: str, elf: pathlib.Path) -> list[str]:
 def time_command(cmd: list[str], expect: int, timeout: float, env: dict | None = None) -> float:
     """Wall seconds of one run of ``cmd``; RuntimeError unless it exits ``expect``."""
     t0 = time.perf_counter()
+    # cwd: not a project tree ('' on sys.path of `python -c`/`-m` would pick the tree there).
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - t0
     if proc.returncode != expect:
         raise RuntimeError(f"{' '.join(cmd)}: status {proc.returncode}, expected {expect}: "
@@ -108,19 +109,23 @@ def time_command(cmd: list[str], expect: int, timeout: float, env: dict | None =
     return seconds
 
 
-def interleaved(runners: dict[str, tuple[list[str], int]], repeat: int, timeout: float,
+#: name -> (command, expected status[, environment])
+Runners = dict[str, tuple]
+
+
+def interleaved(runners: Runners, repeat: int, timeout: float,
                 only_first: dict[str, int] | None = None, progress=None) -> dict[str, dict]:
     """Every runner once per round, rounds ``repeat`` times; per runner the
     median, min, max and the samples, each with the load before it."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     errors: dict[str, str] = {}
     for i in range(repeat):
-        for name, (cmd, expect) in runners.items():
+        for name, (cmd, expect, *env) in runners.items():
             if name in errors or (only_first and i >= only_first.get(name, repeat)):
                 continue
             load = os.getloadavg()[0]
             try:
-                samples[name].append((time_command(cmd, expect, timeout), load))
+                samples[name].append((time_command(cmd, expect, timeout, env[0] if env else None), load))
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
                 errors[name] = str(e)[-1500:]
             if progress:
@@ -135,7 +140,23 @@ def interleaved(runners: dict[str, tuple[list[str], int]], repeat: int, timeout:
                      "max_s": round(max(secs), 4), "runs": len(secs),
                      "samples": [{"s": round(s, 4), "load_before": round(ld, 2)} for s, ld in samples[name]],
                      "command": " ".join(runners[name][0])}
+        if len(runners[name]) > 2 and runners[name][2] is not None:
+            out[name]["PYTHONPATH"] = runners[name][2].get("PYTHONPATH")
     return out
+
+
+def bytecode_cached(tree) -> bool:
+    """Whether the tree's modules have up-to-date .pyc files (with
+    PYTHONDONTWRITEBYTECODE set, as on this project's machines, Python
+    never writes them for an editable install: every process compiles
+    every module it imports)."""
+    import importlib.util
+    paths = [pathlib.Path(tree) / p for p in ("vmm/cli.py", "ipc/protocol.py", "devserver/runtime.py")]
+    for src in paths:
+        pyc = pathlib.Path(importlib.util.cache_from_source(str(src)))
+        if not pyc.exists() or pyc.stat().st_mtime < src.stat().st_mtime:
+            return False
+    return True
 
 
 # -- memory ------------------------------------------------------------------------
@@ -369,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", action="append", default=[],
                     choices=["demo", "qemu", "memory", "phases", "q35-kvm"])
     ap.add_argument("--timeout", type=float, default=120, help="per run, seconds (default 120)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
+                    help="also time the vmm runners with the project tree at DIR (PYTHONPATH), "
+                         "interleaved, as LABEL:vmm_... (e.g. before=/tmp/main-export)")
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                              .stdout.splitlines() or ["?"])[0] if have_qemu else None,
         }
         vmm = vmm_command()
-        runners: dict[str, tuple[list[str], int]] = {
+        runners: Runners = {
             "vmm_nodev": ([*vmm, "run", "--guest", str(elf), "--serial", "none"], 1),
             "vmm_com1": ([*vmm, "run", "--guest", str(elf)], 1),
         }
@@ -404,6 +428,16 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([*vmm, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=args.timeout)
             runners["vmm_demo"] = ([*vmm, "run"], 0)
+        # Other trees of the project, same commands, interleaved with this one
+        # (before/after figures of one run): PYTHONPATH=DIR reaches the device
+        # processes too.
+        for spec in args.baseline:
+            label, _, tree_dir = spec.partition("=")
+            env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tree_dir).resolve()))
+            for name in [n for n in runners if n.startswith("vmm_")]:
+                runners[f"{label}:{name}"] = (*runners[name][:2], env)
+            report.setdefault("trees", {})[label] = {"path": tree_dir, "bytecode_cached": bytecode_cached(tree_dir)}
+        report.setdefault("trees", {})["this"] = {"path": str(ROOT), "bytecode_cached": bytecode_cached(ROOT)}
         limit: dict[str, int] = {}
         if have_qemu:
             for machine in ("microvm", "q35"):
