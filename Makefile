@@ -7,14 +7,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench check-units
 
+# The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
+# header, which a fresh Debian machine lacks (the library itself is there).
 # compileall: an editable install writes no bytecode, and where
 # PYTHONDONTWRITEBYTECODE is set (this project's machines) Python never does,
 # so every VMM and device process would compile each module it imports
 # (~70 ms of a device process's start).  A stale .pyc is recompiled in memory
 # by Python itself; this only saves time.
 $(STAMP): $(SOURCES)
+	test -e /usr/include/seccomp.h || { apt-get update -qq && apt-get install -y -qq libseccomp-dev; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q ipc vmm devserver devices
@@ -33,7 +36,12 @@ test: $(STAMP)
 
 # The linter (CI runs it after the tests).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
+	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples systemd
+
+# The systemd units of systemd/: `systemd-analyze verify` must print nothing
+# and the device service's exposure must be at most 1.0 (systemd/check_units.py).
+check-units: $(STAMP)
+	$(PY) systemd/check_units.py
 
 # Every benchmark into one folder (vmm.bench.report): each one's JSON, report.md
 # with the same-run ratios and targets, PNG plots.  BENCH_ARGS=--quick for a

@@ -44,6 +44,7 @@ from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
 from vmm.remote.endpoint import Launched
+from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 if TYPE_CHECKING:
@@ -197,12 +198,17 @@ class Machine:
                     current = spec
                     spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
                     placed.append((spec, self._new_owner(), console))
-                    if spec.placement != "inline":
+                    if spec.placement != "inline" and spec.connect is None:
                         launched[i] = self._launch_isolated(spec, placed[-1][1], console)
                 endpoints = []
                 for i, (spec, owner, console) in enumerate(placed):
                     current = devices[i][0]         # the caller's spec, as given
-                    endpoint = launched.pop(i).finish() if i in launched else self._create_inline(spec, owner, console)
+                    if i in launched:
+                        endpoint = launched.pop(i).finish()
+                    elif spec.connect is not None:
+                        endpoint = self._attach_service(spec, owner, console)
+                    else:
+                        endpoint = self._create_inline(spec, owner, console)
                     self.endpoints[owner] = endpoint
                     self.device_specs[owner] = spec
                     log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
@@ -245,13 +251,21 @@ class Machine:
         return self._launch_isolated(spec, owner, console).finish()
 
     def _launch_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Launched:
-        options = dataclasses.replace(
+        return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                     len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        assert spec.connect is not None
+        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                              len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
+        return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq, coalesced=self.coalesced,
+            irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                     len(self._vcpu_fds), options)
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

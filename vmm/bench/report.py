@@ -106,6 +106,12 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("splitvmm / vhost-user-blk, 1 MiB seq", "ratios.splitvmm/qemu_vhost_user seq1m", "x", 1.0, lower=False),
         R("splitvmm / vhost-user-blk, 4 KiB QD1", "ratios.splitvmm/qemu_vhost_user rand4k", "x", 1.2, lower=False),
         R("splitvmm 4 KiB QD1", "splitvmm.rand4k.IOPS", "IOPS", lower=False))),
+    Bench("sandbox", "device-process sandbox: its cost and the attacks it stops", "devserver.sandbox.bench",
+          quick=("--quick",), rows=(
+        R("spawn to Ready, sandboxed", "setup.spawn_to_ready_ms_median.strict", "ms"),
+        R("sandbox cost per device", "setup.sandbox_cost_ms", "ms"),
+        R("demo sandboxed / not", "demo_boot.ratio", "x"),
+        R("4 KiB QD1 sandboxed / not", "virtio_blk_4k_qd1.ratio", "x", 0.95, lower=False))),
     Bench("startup", "start-up and memory vs QEMU on the same ELF", "vmm.bench.startup",
           quick=("--repeat", "3", "--skip", "q35-kvm"), rows=(
         R("no device / QEMU microvm (KVM)", "ratios.vmm_nodev/qemu_microvm_kvm", "x", 1.5),

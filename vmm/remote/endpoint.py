@@ -41,6 +41,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Mess
 from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm import sandbox_report
 from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds
@@ -83,7 +84,11 @@ class RemoteEndpoint:
         #: The pid the device reported in Ready (differs under a sandbox
         #: launcher with its own pid namespace).
         self.reported_pid = 0
+        #: The service socket it was reached at (``connect=PATH``), or None.
+        self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
+        #: The device's sandbox as it reported it (vmm.sandbox_report).
+        self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._channel = channel
         self._slots = slots
@@ -122,6 +127,12 @@ class RemoteEndpoint:
         }
 
     @property
+    def sender_pid(self) -> int:
+        """The pid the kernel attached to the device's last control message
+        (SO_PASSCRED set on its socket, as vmm.remote.connect does; else 0)."""
+        return self._channel.sender_pid
+
+    @property
     def pid(self) -> int:
         """Pid of the device process as this VMM knows it (0: unknown)."""
         return self.peer.pid
@@ -151,7 +162,7 @@ class RemoteEndpoint:
         :meth:`Launched.finish` runs the handshake.  Several devices
         launched before the first is finished start in parallel.  The
         start deadline counts from here."""
-        config = _config(kind, params, owner, name, nvcpus)
+        config = _config(kind, params, owner, name, nvcpus, options)
         env = child_env(kind, name)
         deadline = time.monotonic() + options.start_timeout
         ours, theirs = socketpair()
@@ -173,7 +184,7 @@ class RemoteEndpoint:
         here on (closed on every path); ``options.command``/``cpus`` are not
         used.  Raises :class:`DeviceFailed` like :meth:`spawn`."""
         try:
-            config = _config(kind, params, owner, name, nvcpus)
+            config = _config(kind, params, owner, name, nvcpus, options)
         except BaseException:
             sock.close()
             peer.close()
@@ -225,7 +236,8 @@ class RemoteEndpoint:
                                on_welcome=ep._agreed)
         except StartError as e:
             reason = str(e)
-            log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
+            # The caller reports the DeviceFailed (one line); this is detail.
+            log.info("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
             ep._failure = f"failed to start: {reason}"
             ep._teardown()
             raise DeviceFailed(f"device {ep.name}: {reason}") from None
@@ -237,6 +249,7 @@ class RemoteEndpoint:
             os.close(reg_fd)
         ep.features = agreed.features
         ep.reported_pid = agreed.pid
+        ep.sandbox, ep.peer = sandbox_report.at_ready(ep.name, ep.peer, agreed.sandbox, agreed.pid)
         if agreed.pid != ep.pid:
             log.debug("device %s reports pid %d; its process is %d", ep.name, agreed.pid, ep.pid)
         ep._monitor = threading.Thread(target=ep._watch, name=f"device-{ep.name}", daemon=True)
@@ -458,7 +471,7 @@ class RemoteEndpoint:
 
     def _on_error(self, msg: Message) -> bool:
         assert isinstance(msg, Error)
-        self._fail(f"reported: {msg.message}")
+        self._fail(sandbox_report.error_text(self.name, self.sandbox, msg.message))
         return False
 
     def _on_reset_done(self, msg: Message) -> bool:
@@ -578,9 +591,11 @@ class Launched:
         self._process.close()
 
 
-def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int) -> DeviceConfig:
+def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int,
+            options: RemoteOptions) -> DeviceConfig:
     if not isinstance(owner, int) or owner < FIRST_DEVICE_OWNER:
         raise ValueError(f"owner must be an integer >= {FIRST_DEVICE_OWNER}, not {owner!r}")
     if not isinstance(nvcpus, int) or not 1 <= nvcpus <= MAX_VCPUS:
         raise ValueError(f"nvcpus must be in [1, {MAX_VCPUS}], not {nvcpus!r}")
-    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus)
+    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus,
+                        sandbox=options.sandbox, seccomp=options.seccomp)

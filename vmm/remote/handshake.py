@@ -51,8 +51,10 @@ class Agreement:
     """What the device said about itself."""
 
     features: frozenset[str]
-    #: The pid the device reported in Ready (in its own pid namespace).
+    #: The pid the device reported in Ready (as the VMM sees it).
     pid: int
+    #: The sandbox layers that are on in the device (Ready.sandbox).
+    sandbox: tuple[str, ...] = ()
 
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
@@ -70,6 +72,11 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         try:
             send(msg)
         except OSError as e:
+            # A device that refuses (its Error) hangs up: the reason may be
+            # waiting behind the broken pipe.
+            refused = _pending_error(channel)
+            if refused is not None:
+                raise StartError(f"refused: {refused.message}") from None
             raise StartError(f"control socket: {e} ({exit_text(0.5)})") from None
 
     def get() -> Message:
@@ -107,7 +114,20 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         serve(ready)
         ready = get()
     assert isinstance(ready, Ready)
-    return Agreement(features=welcome.features, pid=ready.pid)
+    return Agreement(features=welcome.features, pid=ready.pid, sandbox=ready.sandbox)
+
+
+def _pending_error(channel: Channel) -> Error | None:
+    """An Error already received on ``channel`` (unread), if any."""
+    try:
+        while True:
+            msg = channel.receive(0)
+            if isinstance(msg, Error):
+                return msg
+            if isinstance(msg, ConnectionClosed):
+                return None
+    except Exception:   # nothing (more) there, or garbage: no reason to report
+        return None
 
 
 def registry_fd(registry: Registry) -> int:
