@@ -121,7 +121,7 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("demo (4 device processes)", "startup.vmm_demo.median_s", "s", 0.4),
         R("QEMU microvm (KVM)", "startup.qemu_microvm_kvm.median_s", "s"),
         R("demo devices: PSS / QEMU q35 RSS", "ratios.splitvmm pss/qemu_q35_kvm rss", "x", 1.0),
-        R("demo devices: PSS, VMM + 4 devices", "memory.splitvmm.pss_mib", "MiB"),
+        R("demo devices: PSS, VMM + device processes", "memory.splitvmm.pss_mib", "MiB"),
         R("QEMU q35, same devices: RSS", "memory.qemu_q35_kvm.rss_mib", "MiB"))),
 )
 
@@ -285,7 +285,7 @@ def plots(records: list[dict], out: pathlib.Path) -> list[str]:
             title = next(b.title for b in BENCHMARKS if b.name == rec["name"])
             chart(rec["name"], f"{rec['name']}: {title}", rec["headline"], ratio=False)
             all_ratios += [dict(h, label=f"{rec['name']}: {h['label']}") for h in rec["headline"] if h["unit"] == "x"]
-    chart("ratios", "every same-run ratio of this report (red: target; orange bar: target missed)",
+    chart("ratios", "every same-run ratio (red: target; orange: missed)",
           all_ratios, ratio=True)
     return written
 
