@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
@@ -34,7 +35,8 @@ from vmm.boot import pvh
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
@@ -113,6 +115,8 @@ class Machine:
         self._paused = False
         self._qmp_quit = False
         self._api: QmpServer | None = None
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -211,6 +215,12 @@ class Machine:
                         endpoint = self._create_inline(spec, owner, console)
                     self.endpoints[owner] = endpoint
                     self.device_specs[owner] = spec
+                    try:
+                        self.faults.attach(endpoint, spec)
+                    except (FaultsError, DeviceFailed) as e:
+                        raise ConfigError(f"device {spec.name}: {e}") from None
+                    except FaultError as e:
+                        raise ConfigError(str(e)) from None
                     log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
                     self._warn_unreachable(spec.name, owner)
                     endpoints.append(endpoint)
@@ -474,6 +484,7 @@ class Machine:
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
             if not isinstance(endpoint, RemoteEndpoint):
                 self._close_endpoint(owner, endpoint)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()
