@@ -35,7 +35,6 @@ import os
 import pathlib
 import signal
 import sys
-import tempfile
 import time
 from typing import NoReturn, Sequence
 
@@ -43,8 +42,8 @@ from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm.boot import BootError
 from devices.kinds import kinds
-from vmm.config import ConfigError, DeviceSpec, parse_device_spec
-from vmm.console import Console, ConsoleError, SerialMode, parse_serial
+from vmm.config import ConfigError, parse_device_spec
+from vmm.console import ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
@@ -169,8 +168,8 @@ def _raise_interrupted(signo: int, _frame) -> None:
     raise Interrupted(signo)
 
 
-# The demo: its devices (the disk's path=, a temporary image, is added by
-# run()) and the size of that image.
+# The demo: its devices (the disk's path=, a scratch image of the machine,
+# is filled in by run()) and the size of that image.
 DEMO_DEVICES = ("virtio-rng,id=rng", "virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
                 "virtio-console,id=console")
 DEMO_DISK_SIZE = 16 << 20
@@ -200,85 +199,31 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.guest is None:
-        if args.device or args.cmdline:
-            raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
-        fd, disk = tempfile.mkstemp(prefix="splitvmm-demo-", suffix=".img")
-        try:
-            try:
-                os.ftruncate(fd, DEMO_DISK_SIZE)
-            finally:
-                os.close(fd)
-            args.device = [spec.format(disk=disk) for spec in DEMO_DEVICES]
-            args.guest = _demo_guest()
-            return _run(args)
-        finally:
-            os.unlink(disk)
-    return _run(args)
-
-
-def _on_console(spec: DeviceSpec) -> bool:
-    """Whether a device shares the VMM's console with COM1: a
-    virtio-console with no socket of its own."""
-    return spec.kind == "virtio-console" and "socket" not in spec.param_dict()
-
-
-def _run(args: argparse.Namespace) -> int:
+    if args.guest is None and (args.device or args.cmdline):
+        raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
-    # The console goes to the first serial device, or to COM1 added here,
-    # and to every virtio-console without a socket (vmm.console).
-    on_console: list[DeviceSpec] = []
-    default_serial = None
-    if args.serial.kind != "none":
-        first_serial = next((s for s in specs if s.kind == "serial"), None)
-        if first_serial is None:
-            first_serial = default_serial = parse_device_spec("serial", taken)
-            specs.append(first_serial)
-        on_console = [first_serial] + [s for s in specs if _on_console(s)]
-    console = Console.open(args.serial) if on_console else None
-    try:
-        result = _run_machine(args, specs, on_console, default_serial, console)
-    finally:
-        if console is not None:
-            console.close()
-    if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT, outcomes.Ending.QUIT):
-        log.info("%s", result)
-    else:
-        log.error("%s", result)
-        if result.report:
-            log.error("vCPU state:\n%s", result.report)
-    return result.status
-
-
-def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
-                 default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
+    demo = args.guest is None
+    guest = _demo_guest() if demo else args.guest
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout)
+                      lock_timeout=args.lock_timeout, serial=args.serial)
     try:
-        machine.load_pvh(args.guest, args.cmdline)
-        lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
+        if demo:
+            disk = machine.scratch_image(DEMO_DISK_SIZE, prefix="splitvmm-demo-")
+            specs = [parse_device_spec(text.format(disk=disk), taken) for text in DEMO_DEVICES]
+        machine.load_pvh(guest, args.cmdline)
         for spec in specs:
-            try:
-                machine.add_device(spec, lines.get(spec.name))
-            except VmmError as e:
-                if spec is not default_serial:
-                    raise
-                raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
-                                  "--serial none leaves them free)") from None
+            machine.add_device(spec)
         if args.api is not None:
             machine.serve_api(args.api)
         started = time.monotonic()
-        if console is not None:
-            console.start(on_quit=lambda: machine.end(outcomes.Outcome(
-                outcomes.Ending.QUIT, "the user quit from the console (Ctrl-A x)")))
         result = machine.run(timeout=args.timeout)
-        if console is not None:
-            console.restore_terminal()
+        if machine.console is not None:
+            machine.console.restore_terminal()
         print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
     finally:
-        if console is not None:
-            console.restore_terminal()
+        if machine.console is not None:
+            machine.console.restore_terminal()
         # Teardown must finish: a second signal does not cut it short.
         saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
         try:
@@ -286,7 +231,13 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
         finally:
             for signo, handler in saved.items():
                 signal.signal(signo, handler)
-    return result
+    if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT, outcomes.Ending.QUIT):
+        log.info("%s", result)
+    else:
+        log.error("%s", result)
+        if result.report:
+            log.error("vCPU state:\n%s", result.report)
+    return result.status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
