@@ -145,9 +145,11 @@ class Machine:
         #: The ids taken so far (parse_device_spec's default names).
         self._taken: set[str] = set()
         self._serial_added = False
-        self._default_serial: DeviceSpec | None = None
+        #: The COM1 the machine added itself (None: none was added).
+        self.default_serial: DeviceSpec | None = None
         self._runner: threading.Thread | None = None
         self._runner_errors: list[BaseException] = []
+        self.run_timeout: float | None = None
         #: Owners unplugged with remove_device (their failures are not news).
         self._removed: set[int] = set()
         self._scratch: list[pathlib.Path] = []
@@ -264,7 +266,7 @@ class Machine:
         """COM1 on the console, unless a serial device is there already."""
         if self.console is None or self._serial_added:
             return
-        spec = self._default_serial = parse_device_spec("serial", set(self._taken))
+        spec = self.default_serial = parse_device_spec("serial", set(self._taken))
         try:
             self.add_device(spec)
         except VmmError as e:
@@ -432,6 +434,8 @@ class Machine:
             raise VmmError("a machine runs once")
         self._add_default_serial()
         self._started = True
+        #: The timeout the run was given (for a reproducing command line).
+        self.run_timeout = timeout
         if self.console is not None:
             self.console.start(on_quit=lambda: self.end(Outcome(
                 Ending.QUIT, "the user quit from the console (Ctrl-A x)")))
@@ -468,6 +472,8 @@ class Machine:
         if self._started or self._runner is not None:
             raise VmmError("a machine runs once")
         self._add_default_serial()
+        self.run_timeout = timeout
+
         def runner() -> None:
             try:
                 self.run(timeout)

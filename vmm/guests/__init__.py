@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).resolve().parent
 RUNTIME = (HERE / "start.S", HERE / "runtime.c", HERE / "irq.S", HERE / "irq.c")
+#: The drivers a guest may link with: serial (COM1), PCI, virtio.
+LIBRARY = (HERE / "serial.c", HERE / "pci.c", HERE / "virtio.c")
 LINKER_SCRIPT = HERE / "guest.ld"
 HEADER = HERE / "guest.h"
 #: Every header of the guest library (guest.h, irq.h, serial.h, pci.h...):

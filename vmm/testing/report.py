@@ -1,0 +1,162 @@
+"""What the pytest plugin knows of each machine a test made, and what it
+reports: the serial console, each device's log, the fault trace,
+``query-devices`` and ``query-regions``, and the ``vmm run`` command line
+that reproduces the run -- as report sections of a failed test, and as
+files (``--splitvmm-keep DIR``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import sys
+from typing import TYPE_CHECKING
+
+from vmm.config import DeviceSpec
+
+if TYPE_CHECKING:
+    from vmm.machine import Machine
+
+#: A section longer than this is cut to its end (the end is what failed).
+MAX_SECTION = 64 * 1024
+
+
+@dataclasses.dataclass
+class MachineRecord:
+    """One machine of a test and how it was made."""
+
+    machine: Machine
+    #: 1, 2, ... in the order the test made them.
+    index: int
+    #: Where its files go (device logs live there from the start).
+    directory: pathlib.Path
+    guest: pathlib.Path | None = None
+    cmdline: str = ""
+    memory: str = ""
+    vcpus: int = 1
+    serial: str = "capture"
+    plan: pathlib.Path | None = None
+    seed: int | None = None
+    trace: pathlib.Path | None = None
+
+    # -- what is reported -----------------------------------------------------
+
+    def command(self) -> str:
+        """One line of ``vmm run`` that runs the same guest with the same
+        devices, plan and seed."""
+        m = self.machine
+        args = [sys.executable, "-m", "vmm.cli", "run"] if _no_vmm_script() else ["vmm", "run"]
+        args += ["--guest", str(self.guest) if self.guest else "GUEST.elf"]
+        if self.memory:
+            args += ["--memory", self.memory]
+        if self.vcpus != 1:
+            args += ["--vcpus", str(self.vcpus)]
+        if self.cmdline:
+            args += ["--cmdline", self.cmdline]
+        for _owner, spec in sorted(m.device_specs.items()):
+            if spec is not m.default_serial:
+                args += ["--device", spec_text(spec)]
+        if self.serial == "none":
+            args += ["--serial", "none"]
+        if self.plan is not None:
+            args += ["--faults", str(self.plan)]
+            if self.seed is not None:
+                args += ["--fault-seed", str(self.seed)]
+        if m.run_timeout is not None:
+            args += ["--timeout", f"{m.run_timeout:g}"]
+        return shlex.join(args)
+
+    def console(self) -> str:
+        c = self.machine.console
+        if c is None:
+            return "(no console: serial=\"none\")"
+        if c.mode.kind != "capture":
+            return f"(console not captured: serial={c.mode})"
+        return c.text
+
+    def device_logs(self) -> list[tuple[str, str]]:
+        out = []
+        for _owner, spec in sorted(self.machine.device_specs.items()):
+            path = self.machine.device_logs.get(spec.name)
+            if path is None:
+                out.append((spec.name, f"({spec.placement}: its log is the VMM's, in the captured log)"))
+                continue
+            try:
+                text = path.read_text(errors="replace")
+            except OSError as e:
+                text = f"(cannot read {path}: {e.strerror})"
+            out.append((spec.name, text or "(empty)"))
+        return out
+
+    def fault_trace(self) -> str:
+        if self.plan is None:
+            return "(no fault plan)"
+        try:
+            text = self.trace.read_text() if self.trace is not None else ""
+        except OSError as e:
+            return f"(no trace: {e.strerror})"
+        summary = getattr(getattr(self.machine, "faults", None), "summary", None)
+        head = f"plan {self.plan}, seed {self.seed}\n"
+        if callable(summary):
+            head += f"{summary() or 'no firings'}\n"
+        return head + (text or "(empty trace)")
+
+    def query(self, command: str) -> tuple[str, object]:
+        """(table text, JSON value) of a query command, now."""
+        from vmm.qmp.commands import COMMANDS
+        from vmm.qmp.ctl import format_tables
+
+        try:
+            value = self.machine.qmp(command)
+        except Exception as e:  # the machine may be half torn down; say so in the report
+            return f"({command} failed: {type(e).__name__}: {e})", None
+        table = COMMANDS[command].table
+        return (format_tables(table(value)) if table is not None else json.dumps(value, indent=2)), value
+
+    def sections(self, many: bool) -> list[tuple[str, str]]:
+        """The report sections of this machine (titles say which machine
+        when the test made several)."""
+        tag = f" [machine {self.index}]" if many else ""
+        out = [(f"splitvmm serial console{tag}", self.console())]
+        out += [(f"splitvmm device log: {name}{tag}", text) for name, text in self.device_logs()]
+        out.append((f"splitvmm fault trace{tag}", self.fault_trace()))
+        out.append((f"splitvmm query-devices{tag}", self.query("query-devices")[0]))
+        out.append((f"splitvmm query-regions{tag}", self.query("query-regions")[0]))
+        out.append((f"splitvmm reproduce{tag}", self.command()))
+        return [(title, _cut(text)) for title, text in out]
+
+    def save(self) -> None:
+        """Everything of :meth:`sections` as files in :attr:`directory`
+        (device logs are there already, under devices/)."""
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        c = self.machine.console
+        if c is not None and c.mode.kind == "capture":
+            (d / "console.txt").write_bytes(c.data)
+        for command in ("query-devices", "query-regions"):
+            text, value = self.query(command)
+            (d / f"{command}.txt").write_text(text + "\n")
+            if value is not None:
+                (d / f"{command}.json").write_text(json.dumps(value, indent=2) + "\n")
+        (d / "faults.txt").write_text(self.fault_trace() + "\n")
+        (d / "reproduce.sh").write_text(f"#!/bin/sh\n{self.command()}\n")
+
+
+def spec_text(spec: DeviceSpec) -> str:
+    """A spec as ``--device`` text (with its id, placement and every
+    parameter, the PCI slot included)."""
+    return ",".join([spec.kind, f"id={spec.name}", f"process={spec.placement}",
+                     *(f"{k}={v}" for k, v in spec.params)])
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_SECTION:
+        return text
+    return f"[... {len(text) - MAX_SECTION} characters cut ...]\n" + text[-MAX_SECTION:]
+
+
+def _no_vmm_script() -> bool:
+    """Whether ``vmm`` is not on PATH (then the module form is given)."""
+    import shutil
+    return shutil.which("vmm") is None
