@@ -179,9 +179,7 @@ def _demo_guest() -> pathlib.Path:
     """Build (or find in the cache) the demo guest image."""
     from vmm import guests
 
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "splitvmm"
-    sources = [guests.HERE / name for name in ("demo.c", "virtio.c", "pci.c", "serial.c")]
-    return guests.build(sources, cache / "guests", name="demo")
+    return guests.demo()
 
 
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:

@@ -27,9 +27,11 @@ people's own guest-driver and device-model tests.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -76,21 +78,21 @@ def _seed(text: str) -> int:
     try:
         n = int(text, 0)
     except ValueError:
-        raise ValueError(f"{text!r} is not a seed (an integer)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (an integer)") from None
     if not 0 <= n < 2**64:
-        raise ValueError(f"seed {text} is not in 0..2**64-1")
+        raise argparse.ArgumentTypeError(f"seed {text} is not in 0..2**64-1")
     return n
 
 
 def _seed_range(text: str) -> range:
     a, sep, b = text.partition("-")
     if not sep:
-        raise ValueError(f"{text!r} is not a range A-B")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range A-B")
     lo, hi = _seed(a), _seed(b)
     if hi < lo:
-        raise ValueError(f"seed range {text}: {hi} < {lo}")
+        raise argparse.ArgumentTypeError(f"seed range {text}: {hi} < {lo}")
     if hi - lo >= 10_000:
-        raise ValueError(f"seed range {text}: more than 10000 seeds")
+        raise argparse.ArgumentTypeError(f"seed range {text}: more than 10000 seeds")
     return range(lo, hi + 1)
 
 
@@ -186,6 +188,9 @@ def splitvmm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         if isinstance(guest, bytes):
             record.guest = directory / "guest.elf"
             record.guest.write_bytes(guest)
+        elif guest is not None and keep is not None:    # kept with the rest: the command stays true
+            record.guest = directory / "guest.elf"
+            shutil.copyfile(guest, record.guest)
         elif guest is not None:
             record.guest = pathlib.Path(guest).resolve()
         if faults is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shlex
 import sys
@@ -46,7 +47,9 @@ class MachineRecord:
         """One line of ``vmm run`` that runs the same guest with the same
         devices, plan and seed."""
         m = self.machine
-        args = [sys.executable, "-m", "vmm.cli", "run"] if _no_vmm_script() else ["vmm", "run"]
+        roots = _import_roots(m.device_specs.values())
+        env = [f"PYTHONPATH={os.pathsep.join(roots)}"] if roots else []
+        args = env + ([sys.executable, "-m", "vmm.cli", "run"] if _no_vmm_script() else ["vmm", "run"])
         args += ["--guest", str(self.guest) if self.guest else "GUEST.elf"]
         if self.memory:
             args += ["--memory", self.memory]
@@ -148,6 +151,23 @@ def spec_text(spec: DeviceSpec) -> str:
     parameter, the PCI slot included)."""
     return ",".join([spec.kind, f"id={spec.name}", f"process={spec.placement}",
                      *(f"{k}={v}" for k, v in spec.params)])
+
+
+def _import_roots(specs) -> list[str]:
+    """Where the ``MODULE:CLASS`` models of these specs were imported from
+    (a ``vmm run`` elsewhere needs them on PYTHONPATH)."""
+    from devices import kinds
+
+    roots: list[str] = []
+    for spec in specs:
+        if kinds.is_qualified(spec.kind):
+            try:
+                root = kinds.import_root(kinds.resolve(spec.kind))
+            except kinds.ModelNotFound:
+                continue
+            if root is not None and root not in roots:
+                roots.append(root)
+    return roots
 
 
 def _cut(text: str) -> str:
