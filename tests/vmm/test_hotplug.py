@@ -40,6 +40,7 @@ def echoes(m: Machine) -> list[str]:
 def healthy(m: Machine, slots: str) -> None:
     """A report line after this point where exactly ``slots`` (e.g.
     "01 02") answer, each without a bad read."""
+    assert m.console is not None
     want = r"round \d+:" + "".join(rf" {s} ok=[1-9]\d* bad=0;" for s in slots.split()) + "\n"
     m.console.expect(want, timeout=60)
 
