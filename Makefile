@@ -29,8 +29,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
 
-# Benchmarks (JSON on stdout; not part of the tests).
+# Every benchmark, one report folder (bench-report/DATE/: report.md with
+# the same-run ratios, results.json, PNG plots); not part of the tests.
+# BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
-	$(PY) -m ipc.bench
-	$(PY) -m devserver.bench
-	$(PY) -m vmm.bench
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m vmm.bench.report $(BENCH_ARGS)
