@@ -17,8 +17,11 @@ import os
 from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
                           RegionTableFull, Space)
 from devices.guestmem import GuestRam
-from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
+from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
+
+
+_SPACE_OF = {Bus(int(s)): s for s in Space}
 
 
 def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
@@ -44,20 +47,71 @@ class RemoteHost(DeviceHost):
         self._console = console
         self._irq = irq
         #: (space, start) -> length of the regions claimed with
-        #: ``coalesce=True`` (the VMM is asked for the zone; issue 9 §2).
+        #: ``coalesce=True``; the VMM was asked for a zone over each when
+        #: the host has a control channel (else they are plain regions).
         self.coalesced: dict[tuple[Space, int], int] = {}
+        #: The regions claimed or adopted through this host, for
+        #: :meth:`release_unadopted` (devices.base, "Snapshots").
+        self.taken: set[tuple[Space, int]] = set()
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) then ask the
+        VMM for a coalesced zone over it (devserver.interrupts), or undo
+        the registration and raise the refusal (IrqUnavailable)."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
         try:
             self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
         except (RegistryError, ValueError) as e:
             raise registry_refusal(e) from None
+        self.taken.add((Space(space), start))
+        if not coalesce:
+            return
+        if self._irq is not None:
+            try:
+                request_zone(self._irq, start, length)
+            except HostRefused:
+                self.registry.unregister(Bus.MMIO, start, self.owner)
+                raise
+        self.coalesced[(Space.MMIO, start)] = length
+
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Claim, or find this owner's identical region already there
+        (left by the device's previous process; devices.base)."""
+        try:
+            self.claim(space, start, length, cookie, coalesce=coalesce)
+            return
+        except RegionBusy:
+            bus = Bus(int(space))
+            try:
+                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
+                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
+            except RegistryError as e:
+                raise registry_refusal(e) from None
+            if not held:
+                raise
         if coalesce:
             self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def release_unadopted(self) -> int:
+        """Unregister this owner's regions no claim/adopt here took."""
+        try:
+            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
+                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
+            for r in stale:
+                self.registry.unregister(r.bus, r.start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
-        self.coalesced.pop((Space(space), start), None)
+        """Unregister the region (and have the VMM drop its zone, if any)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self._irq is not None:
+            remove_zone(self._irq, start)
+        self.taken.discard((Space(space), start))
         try:
             self.registry.unregister(Bus(int(space)), start, self.owner)
         except (RegistryError, ValueError) as e:

@@ -38,6 +38,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
                           SetRegistry, SetSlots, Shutdown, Start, negotiate)
 from ipc.protocol import IRQ_ANSWERS
+from ipc.batch import BATCH_SPACE, BatchError
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
@@ -217,6 +218,9 @@ class DeviceServer:
             if req is None:
                 continue
             space, size = req.space, req.size
+            if space == BATCH_SPACE:
+                complete(req, 0, self._serve_batch(req.value))
+                continue
             if space >= len(_SPACES) or size not in _SIZES:
                 log.error("bad request from the VMM: space %d size %d", space, size)
                 complete(req, 0, STATUS_ERROR)
@@ -236,6 +240,29 @@ class DeviceServer:
                 complete(req, 0, STATUS_ERROR)
                 continue
             complete(req, value if type(value) is int else 0, STATUS_OK)
+
+    def _serve_batch(self, count: int) -> int:
+        """Apply a batch of writes (coalesced MMIO, ipc.batch) in order;
+        the status to answer."""
+        batch = self.irq.batch if self.irq is not None else None
+        try:
+            if batch is None:
+                raise BatchError("a write batch, but the VMM gave no batch segment")
+            writes = batch.read(count)
+        except BatchError as e:
+            log.error("bad request from the VMM: %s", e)
+            return STATUS_ERROR
+        try:
+            with self._model_lock:
+                model = self.model
+                assert model is not None
+                write = model.write
+                for space, cookie, offset, size, value in writes:
+                    write(_SPACES[space], cookie, offset, size, value)
+        except Exception:
+            log.exception("a batch of %d writes failed", count)
+            return STATUS_ERROR
+        return STATUS_OK
 
     # -- control socket ------------------------------------------------------
 

@@ -149,6 +149,7 @@ class Channel:
                 if self.conn.buffered:
                     self.conn.peer_error(f"a packet holds a partial frame ({self.conn.buffered} bytes)")
                 break
+            assert isinstance(event, (Message, ConnectionClosed))
             self._ready.append(event)
             if isinstance(event, ConnectionClosed):
                 break

@@ -40,6 +40,7 @@ from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout
 from vmm.boot import pvh
+from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
@@ -195,8 +196,11 @@ class Machine:
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
+        #: Coalesced-MMIO zones and the ring (vmm.coalesce).
+        self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
         self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
-                                     on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)))
+                                     on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
+                                     coalesced=self.coalesced)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -295,7 +299,8 @@ class Machine:
                 try:
                     endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
                                                               spec.name, self.registry, console,
-                                                              irq_router=self.irq, memory=self._guest_ram())
+                                                              irq_router=self.irq, memory=self._guest_ram(),
+                                                              coalesced=self.coalesced)
                 except (RegistryError, DeviceError) as e:
                     self.registry.unregister_owner(owner)
                     raise ConfigError(f"device {spec.name}: {e}") from None
@@ -335,7 +340,7 @@ class Machine:
         options = dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq, stderr=stderr,
+            irq_router=self.irq, coalesced=self.coalesced, stderr=stderr,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
         try:
             return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,

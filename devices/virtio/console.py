@@ -17,7 +17,9 @@ Receive: a reader thread takes input as it comes and fills the buffers the
 driver made available on receiveq0; at most :data:`RX_PENDING` bytes wait
 for buffers, and the input is not read further until they are taken
 (back-pressure, nothing lost); input that arrived before the driver is
-ready -- or across a device reset -- waits for it.
+ready -- or across a device reset -- waits for it.  A restarted device
+(snapshot and restore, devices.base) keeps that input; a socket client
+connects again to the new process.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.snapshot import Fields
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Chain, Virtqueue
 
@@ -117,6 +120,19 @@ class VirtioConsole(VirtioPciDevice):
     def _kick_reader(self) -> None:
         if self._io_wake >= 0:
             os.eventfd_write(self._io_wake, 1)
+
+    # -- snapshot: input the guest has not taken yet ------------------------
+
+    def device_state(self) -> dict:
+        return {"pending": bytes(self._pending), "dropped": self.dropped}
+
+    def check_device_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("pending", "dropped"))
+        return f.blob("pending", max_length=RX_PENDING + READ_CHUNK), f.integer("dropped")
+
+    def load_device_state(self, checked: object) -> None:
+        pending, self.dropped = checked  # type: ignore[misc]  # what check_device_state returned
+        self._pending[:] = pending
 
     # -- transmit ----------------------------------------------------------
 

@@ -133,7 +133,12 @@ def test_qemu_qmp_client_drives_every_command(vm):
         assert {"query-status", "query-devices", "query-regions", "query-stats", "stop", "cont", "quit",
                 "qmp_capabilities"} <= names
 
-        status = await c.execute("query-status")
+        # The vCPU threads are started in the background: wait until both run.
+        deadline = time.monotonic() + 30
+        while not all((status := await c.execute("query-status"))["vcpus"][i].get("thread-id")
+                      == m.vcpus[i].thread.native_id is not None for i in (0, 1)):
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.01)
         assert status["status"] == "running" and status["running"] is True
         assert [x["state"] for x in status["vcpus"]] == ["running", "running"]
         assert status["vcpus"][1]["thread-id"] == m.vcpus[1].thread.native_id

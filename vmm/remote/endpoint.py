@@ -33,13 +33,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from ipc import Registry
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Message,
                           RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
-from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
-                       SlotError, SlotPeerDead, SlotTimeout)
+from ipc.batch import BATCH_SPACE, BatchWriter
+from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds
 from vmm.irq import DeviceIrqs
@@ -70,7 +72,8 @@ class RemoteEndpoint:
 
     def __init__(self, *, kind: str, owner: int, name: str, registry: Registry, peer: Peer,
                  channel: Channel, slots: SlotCaller, access_timeout: float,
-                 irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None):
+                 irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None,
+                 zones: DeviceZones | None = None):
         self.kind = kind
         self.owner = owner
         self.name = name
@@ -97,9 +100,16 @@ class RemoteEndpoint:
         self.irqs = irqs
         #: The device's doorbells (None: it may have none).
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: it may have none).
+        self.zones = zones
+        #: Where queued writes go in batches (ipc.batch), once the device
+        #: has a zone and speaks ``coalesced-batch``.
+        self._batch: BatchWriter | None = None
+        self._batch_lock = threading.Lock()       # one batch in the segment at a time
+        self._batch_make_lock = threading.Lock()  # not _batch_lock: a batch's handler may ask for zones
         self.requests = RequestService(name, irqs, ioevents, send=self._send,
                                        stopping=lambda: self._failure is not None or self._closing,
-                                       on_send_error=self._fail)
+                                       on_send_error=self._fail, zones=zones, batch_fd=self._batch_fd)
         #: What the monitor does with each message type after the start
         #: (False: the channel is done).  Anything else the protocol let
         #: through (late Ready/Welcome answers crossing a Shutdown) needs
@@ -180,9 +190,12 @@ class RemoteEndpoint:
         if options.irq_router is not None:
             irqs = DeviceIrqs(options.irq_router, config.name)
             ioevents = DeviceIoeventfds(options.irq_router.vm, registry, config.owner, config.name)
+        zones = None
+        if options.coalesced is not None:
+            zones = DeviceZones(options.coalesced, registry, config.owner, config.name)
         ep = cls(kind=config.kind, owner=config.owner, name=config.name, registry=registry, peer=peer,
                  channel=channel, slots=slots, access_timeout=options.access_timeout,
-                 irqs=irqs, ioevents=ioevents)
+                 irqs=irqs, ioevents=ioevents, zones=zones)
         mem_regions = options.mem_regions
         try:
             if options.memfd is not None and mem_regions is None:
@@ -197,7 +210,8 @@ class RemoteEndpoint:
                           slots=SetSlots(fd=slots.fd, nslots=config.nvcpus, poll_ns=options.poll_us * 1000,
                                          adaptive=options.adaptive, move=options.move),
                           memfd=options.memfd, mem_regions=mem_regions or (), console=options.console)
-            agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text)
+            agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text,
+                               on_welcome=ep._agreed)
         except StartError as e:
             reason = str(e)
             log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
@@ -232,15 +246,52 @@ class RemoteEndpoint:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
         try:
             return self._call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout)
-        except SlotTimeout:
+        except SlotError as e:
+            self._call_failed(e)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        """Forward writes (space, cookie, offset, size, value) in order: a
+        request per batch (ipc.batch) once the device has a batch segment,
+        else one access each.  Raises :class:`DeviceFailed`."""
+        batch = self._batch
+        if batch is None:
+            for space, cookie, offset, size, value in writes:
+                self.access(vcpu, space, cookie, offset, size, True, value)
+            return
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        with self._batch_lock:
+            done = 0
+            while done < len(writes):
+                n = batch.write(writes[done:done + batch.capacity])
+                try:
+                    self._call(vcpu, BATCH_SPACE, 0, 0, 8, True, n, self.access_timeout)
+                except SlotError as e:
+                    self._call_failed(e)
+                done += n
+
+    def _call_failed(self, error: SlotError) -> NoReturn:
+        """Cut the device off for a failed slot call (a dead device is cut
+        off by its monitor already) and raise DeviceFailed."""
+        if isinstance(error, SlotTimeout):
             self._fail(f"no answer within {self.access_timeout:g} s")
-        except SlotPeerDead:
-            pass
-        except (SlotDeviceError, SlotBadResponse) as e:
-            self._fail(str(e))
-        except SlotError as e:  # closed under us
-            self._fail(str(e))
-        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}")
+        elif not isinstance(error, SlotPeerDead):    # it failed, answered garbage, or closed under us
+            self._fail(str(error))
+        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}") \
+            from None
+
+    def _agreed(self, features: frozenset[str]) -> None:
+        self.features = features
+
+    def _batch_fd(self) -> int | None:
+        """The batch segment's descriptor to hand the device with a zone
+        (made the first time), or None when it takes no batches."""
+        if "coalesced-batch" not in self.features:
+            return None
+        with self._batch_make_lock:
+            if self._batch is None:
+                self._batch = BatchWriter()
+            return self._batch.fd
 
     def reset(self, timeout: float = 5.0) -> None:
         """Put the model back in its power-on state.  Raises DeviceFailed."""
@@ -253,6 +304,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # power-on state: no routes; the new model asks again
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         try:
             self._send(Reset())
         except Exception as e:
@@ -417,6 +470,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # its routes and irqfds go with it
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         self._exited.set()
 
     # -- failure and teardown ------------------------------------------------
@@ -469,12 +524,17 @@ class RemoteEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                   self._slots.device_stats())
         with self._chan_lock:
             self._channel.close()
         self.peer.close()
         self._slots.close()
+        with self._batch_make_lock, self._batch_lock:
+            if self._batch is not None:
+                self._batch.close()
         self._closed = True
 
 

@@ -56,12 +56,15 @@ class Agreement:
 
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
-              serve: Callable[[Message], None], exit_text: Callable[[float], str]) -> Agreement:
+              serve: Callable[[Message], None], exit_text: Callable[[float], str],
+              on_welcome: Callable[[frozenset[str]], None] | None = None) -> Agreement:
     """Run the VMM side of the handshake up to Ready.
 
     ``send``: sends one message (under the caller's channel lock);
     ``serve``: answers one interrupt request; ``exit_text``: how the device
-    ended, for the error when it hangs up.  Raises :class:`StartError`."""
+    ended, for the error when it hangs up; ``on_welcome``: told the agreed
+    features as soon as they are known (before the model's requests are
+    served).  Raises :class:`StartError`."""
 
     def put(msg: Message) -> None:
         try:
@@ -87,6 +90,8 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
     put(Hello())
     welcome = get()
     assert isinstance(welcome, Welcome)  # the protocol table allows nothing else
+    if on_welcome is not None:
+        on_welcome(welcome.features)
     put(offer.config)
     put(SetRegistry(fd=offer.registry_fd))
     put(offer.slots)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 
 from ipc.protocol import MemRegion, SetConsole
+from vmm.coalesce import CoalescedMmio
 from vmm.irq import IrqRouter
 
 __all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
@@ -63,6 +64,9 @@ class RemoteOptions:
     #: The VM's interrupt routing, from which the device may ask for
     #: irqfds and ioeventfds (None: it gets none, its requests are refused).
     irq_router: IrqRouter | None = None
+    #: The VM's coalesced-MMIO zones, of which the device may ask for some
+    #: inside its own regions (None: it gets none, its requests are refused).
+    coalesced: CoalescedMmio | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.poll_us, int) or self.poll_us < 0:
