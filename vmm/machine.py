@@ -277,9 +277,10 @@ class Machine:
             raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; --serial none, "
                               "or serial=\"none\" in Python, leaves them free)") from None
 
-    def scratch_image(self, size: int | str = 16 * layout.MiB, prefix: str = "splitvmm-") -> pathlib.Path:
-        """A new sparse raw disk image of ``size`` bytes (or ``"16M"``),
-        removed at :meth:`close`."""
+    def scratch_image(self, size: int | str = 16 * layout.MiB, prefix: str = "svm-") -> pathlib.Path:
+        """A new sparse raw disk image of ``size`` bytes (or ``"16M"``) in
+        the temporary directory, removed at :meth:`close`.  (The default
+        prefix keeps the file name within virtio-blk's 20-byte id.)"""
         if isinstance(size, str):
             size = parse_size(size)
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".img")

@@ -120,3 +120,33 @@ def test_device_del_errors(hotplug_guest):
         assert echoes(m) == ["a", "b"]
         slots = sorted(r["start"] >> 15 & 0x1F for r in m.query_regions(bus="pci") if r["device"] != "vmm")
         assert slots == [1, 2]
+
+
+def test_through_the_control_socket_with_vmm_ctl(hotplug_guest, tmp_path):
+    import subprocess
+    import sys
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vmm.cli", "ctl", str(sock), *args], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    sock = tmp_path / "vm.sock"
+    with Machine(memory="64M", serial="capture") as m:
+        m.load(hotplug_guest)
+        m.add_device("pci-echo", id="a")
+        m.serve_api(sock)
+        m.start(timeout=240)
+        m.console.expect(r"add 01 00025356")
+        r = ctl("device_add", "driver=pci-echo", "id=b", "process=inline")
+        assert r.returncode == 0, r.stderr
+        m.console.expect(r"add 02 00025356")
+        healthy(m, "01 02")
+        r = ctl("device_del", "id=a")
+        assert r.returncode == 0, r.stderr
+        m.console.expect(r"del 01 cfg=ffffffff bar0=ffffffff\n")
+        healthy(m, "02")
+        r = ctl("device_del", "id=a")
+        assert r.returncode == 1 and "DeviceNotFound: Device 'a' not found" in r.stderr
+    help_text = subprocess.run([sys.executable, "-m", "vmm.cli", "ctl", "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    assert "device_add" in help_text and "device_del" in help_text
