@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench check-units
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ test: $(STAMP)
 
 # The linter (CI runs it after the tests).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
+	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples systemd
+
+# The systemd units of systemd/: `systemd-analyze verify` must print nothing
+# and the device service's exposure must be at most 1.0 (systemd/check_units.py).
+check-units: $(STAMP)
+	$(PY) systemd/check_units.py
 
 # Every benchmark, one report folder (bench-report/DATE/: report.md with
 # the same-run ratios, results.json, PNG plots); not part of the tests.

@@ -1,12 +1,14 @@
 """The ``devserver`` command: run one device process.
 
     devserver --fd N [--log-level LEVEL] [--handshake-timeout SECONDS]
+    devserver serve KIND[,key=value...] [--listen PATH] ...   (devserver.service)
 
 ``N`` is an inherited, connected ``AF_UNIX SOCK_SEQPACKET`` socket to the
 VMM (the VMM passes it when it spawns the process).  Everything else (the
 device type, its parameters, the registry, the slots, guest memory)
-arrives over that socket.  Later: ``--socket PATH`` for systemd socket
-activation.
+arrives over that socket.  ``devserver serve`` instead runs the device as
+a service that listens for VMMs (``--listen PATH`` or systemd socket
+activation) and takes its own parameters from its command line.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ log = logging.getLogger("devserver")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["serve"]:
+        from devserver.service import main as serve_main
+        return serve_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="devserver", description="Run one splitvmm device process.")
     ap.add_argument("--fd", type=int, required=True, metavar="N",
                     help="inherited control socket (AF_UNIX SOCK_SEQPACKET) connected to the VMM")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
     configure_logging(getattr(logging, args.log_level))
     # The VMM decides when a device stops (Shutdown, or its socket going
     # away): a Ctrl-C on the terminal is for the VMM, not for us.

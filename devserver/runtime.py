@@ -16,6 +16,14 @@
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
 could not start (the VMM got an Error message), 2 when the VMM broke the
 protocol or the handshake did not finish in time.
+
+The same runtime serves one VM session of a device service
+(:mod:`devserver.service`), through a few hooks: ``config_filter`` merges
+the service's own kind and parameters into the VMM's DeviceConfig (or
+refuses it), ``tick`` is called from the handshake waits and the serving
+loop (the watchdog's keep-alives), ``stuck_status`` is the exit status when
+a handler is stuck; and :meth:`DeviceServer.request_stop` ends a session
+from a signal handler.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from devices.base import Device, Space
 from devices.guestmem import GuestRam
@@ -60,9 +69,24 @@ class DeviceServer:
     """One device process's runtime (see the module docstring)."""
 
     def __init__(self, channel: Channel, handshake_timeout: float = 10.0,
-                 check_parent: bool = True):
+                 check_parent: bool = True, *,
+                 config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
+                 tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
+                 stuck_status: int = EXIT_OK):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
+        #: Service mode (devserver.service): turns the VMM's DeviceConfig
+        #: into the one to run (the service's own kind and parameters
+        #: merged in), or raises StartFailed to refuse it.
+        self.config_filter = config_filter
+        #: Called from the handshake waits and from the serving loop at
+        #: least every ``wait_slice`` seconds while they are healthy (the
+        #: service's watchdog keep-alives, devserver.notify).
+        self.tick = tick
+        self.wait_slice = wait_slice
+        #: Exit status when a handler is stuck after the VMM went away (a
+        #: service exits non-zero, so its manager restarts it).
+        self.stuck_status = stuck_status
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -76,6 +100,8 @@ class DeviceServer:
         self.irq: IrqClient | None = None
         #: The console (SetConsole), kept open for the model until teardown.
         self.console: ConsoleFds | None = None
+        #: Accesses served (known once the server has run).
+        self.served = 0
         self._model_lock = threading.Lock()
         self._stopping = threading.Event()
         self._served_out = threading.Event()
@@ -91,6 +117,7 @@ class DeviceServer:
             except StartFailed as e:
                 log.error("cannot start: %s", e)
                 self._send(Error(str(e)[:1000] or "device failed to start"))
+                self._drain()
                 return EXIT_START_FAILED
             except (RemoteProtocolError, ChannelTimeout, EOFError) as e:
                 log.error("handshake with the VMM failed: %s", e)
@@ -111,10 +138,36 @@ class DeviceServer:
             except OSError as e:
                 log.info("cannot send %s to the VMM: %s", msg.TYPE, e)
 
+    def _drain(self, timeout: float = 2.0) -> None:
+        """After an Error: take what the VMM still sends until it hangs up
+        (or ``timeout``), so it reads the Error before it sees the end of
+        the stream (closing with its messages unread would reset the
+        connection, which the VMM may see first)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(left)
+            except (ChannelTimeout, RemoteProtocolError, OSError):
+                return
+            if isinstance(msg, ConnectionClosed):
+                return
+            close_fds(msg.fds())
+
     # -- handshake -----------------------------------------------------------
 
     def _receive(self, deadline: float) -> Message:
-        msg = self.channel.receive(max(0.0, deadline - time.monotonic()))
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if self.tick is None:
+                msg = self.channel.receive(left)
+                break
+            try:
+                msg = self.channel.receive(min(left, self.wait_slice))
+                break
+            except ChannelTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                self.tick()
         if isinstance(msg, ConnectionClosed):
             raise EOFError("the VMM closed the control socket during the handshake")
         return msg
@@ -145,6 +198,8 @@ class DeviceServer:
         """Apply one configuration message; close its descriptor either way."""
         try:
             if isinstance(msg, DeviceConfig):
+                if self.config_filter is not None:
+                    msg = self.config_filter(msg)
                 self.config = msg
                 set_log_name(msg.name)
             elif isinstance(msg, SetRegistry):
@@ -210,11 +265,14 @@ class DeviceServer:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
         complete = slots.complete
+        tick, wait = self.tick, self.wait_slice
         while True:
             try:
-                req = slots.next(1.0)
+                req = slots.next(wait)
             except SlotsStopped:
                 return
+            if tick is not None:
+                tick()
             if req is None:
                 continue
             space, size = req.space, req.size
@@ -325,6 +383,18 @@ class DeviceServer:
                 return
         self._send(ResetDone())
 
+    def request_stop(self) -> None:
+        """Ask the server to end without waiting for it (safe in a signal
+        handler that runs on the serving thread): the serving loop
+        returns, the control thread sees the socket shut."""
+        self._stopping.set()
+        if self.slots is not None:
+            self.slots.stop()
+        try:
+            self.channel.shutdown()
+        except OSError:
+            pass
+
     def _stop(self) -> None:
         """Make the serving thread return; exit hard if it is stuck."""
         self._stopping.set()
@@ -333,7 +403,7 @@ class DeviceServer:
         if not self._served_out.wait(STUCK_GRACE):
             log.error("a handler is stuck; exiting without cleaning up")
             logging.shutdown()
-            os._exit(EXIT_OK)
+            os._exit(self.stuck_status)
 
     # -- teardown ------------------------------------------------------------
 
@@ -349,6 +419,7 @@ class DeviceServer:
             self.irq.close()
         if self.slots is not None:
             st = self.slots.device_stats()
+            self.served = st.served
             log.info("served %d access(es): %d found while polling, %d sleep(s), %.1f ms polling "
                      "(%.1f ms of it in vain), %d poll(s) cut short, %d move(s) off a vCPU's CPU",
                      st.served, st.polled_hits, st.sleeps, st.poll_ns / 1e6, st.poll_wasted_ns / 1e6,

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
     run.add_argument("--device", action="append", default=[], metavar="SPEC",
-                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type; "
+                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
+                          "or connect=PATH for a device service (devserver serve --listen PATH); "
                           f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
@@ -190,6 +191,9 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
             continue
         pid = getattr(endpoint, "pid", None)
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
+        service = getattr(endpoint, "service_path", None)
+        if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
+            where = f"pid {pid or endpoint.reported_pid} (service at {service})"
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"

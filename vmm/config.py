@@ -5,7 +5,10 @@ kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
 (default ``TYPE`` plus a number) and ``process=isolated|inline`` (default
 ``isolated``) are understood for every type, every other key goes to the
 model, which validates it: the model is built once on a host that refuses
-everything, before the guest starts.
+everything, before the guest starts.  ``connect=PATH`` attaches to a device
+that runs as a service listening on ``PATH`` (``devserver serve``): the
+service holds the model's own parameters and validates the whole set; the
+VMM adds placement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from vmm.endpoint import VmmError
 
 PLACEMENTS = ("isolated", "inline")
 DEFAULT_PLACEMENT = "isolated"
+#: The placement of a ``connect=PATH`` device: its own process, not ours.
+SERVICE_PLACEMENT = "service"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -33,6 +38,8 @@ class DeviceSpec:
     name: str
     placement: str
     params: tuple[tuple[str, str], ...]
+    #: The socket of the device service to attach to (placement "service").
+    connect: str | None = None
 
     @property
     def model_class(self) -> type[Device]:
@@ -83,8 +90,16 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
             if key in params:
                 raise ConfigError(f"device spec {text!r}: {key} given twice")
             params[key] = value.strip()
+    connect = params.pop("connect", None)
+    if connect is not None and "process" in params:
+        raise ConfigError(f"device spec {text!r}: connect= and process= exclude each other "
+                          "(a connected device runs in its service's process)")
+    if connect is not None and not connect:
+        raise ConfigError(f"device spec {text!r}: connect= needs the PATH of the service's socket")
     placement = params.pop("process", DEFAULT_PLACEMENT)
-    if placement not in PLACEMENTS:
+    if connect is not None:
+        placement = SERVICE_PLACEMENT
+    elif placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
     name = params.pop("id", None)
     if name is None:
@@ -97,14 +112,15 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
         raise ConfigError(f"device spec {text!r}: id={name!r} (letters, digits, '_', '.', '-'; at most 64)")
     if name in taken:
         raise ConfigError(f"device spec {text!r}: id {name!r} is already used")
-    try:
-        model_class(_NullHost(), **params)
-    except DeviceError as e:
-        raise ConfigError(f"device {name}: {e}") from None
-    except Exception as e:      # a model of the user's may fail in any way
-        raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
+    if connect is None:     # a service validates the parameters it completes
+        try:
+            model_class(_NullHost(), **params)
+        except DeviceError as e:
+            raise ConfigError(f"device {name}: {e}") from None
+        except Exception as e:      # a model of the user's may fail in any way
+            raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()))
+    return DeviceSpec(kind, name, placement, tuple(params.items()), connect)
 
 
 def _default_name(kind: str, model_class: type[Device]) -> str:

@@ -53,6 +53,7 @@ from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 if TYPE_CHECKING:
@@ -305,6 +306,8 @@ class Machine:
                 except (RegistryError, DeviceError) as e:
                     self.registry.unregister_owner(owner)
                     raise ConfigError(f"device {spec.name}: {e}") from None
+            elif spec.connect is not None:
+                endpoint = self._attach_service(spec, owner, console)
             else:
                 endpoint = self._spawn_isolated(spec, owner, console)
         except BaseException:
@@ -338,17 +341,26 @@ class Machine:
             self._log_dir.mkdir(parents=True, exist_ok=True)
             stderr = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             self.device_logs[spec.name] = path
-        options = dataclasses.replace(
+        try:
+            return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                        len(self._vcpu_fds), self._device_options(console, stderr))
+        finally:
+            if stderr is not None:
+                os.close(stderr)        # the process has its own copy
+
+    def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        assert spec.connect is not None
+        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                              len(self._vcpu_fds), self._device_options(console))
+
+    def _device_options(self, console: ConsoleFds | None, stderr: int | None = None) -> RemoteOptions:
+        """``stderr``: where a spawned device process's log goes (log_dir)."""
+        return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq, coalesced=self.coalesced, stderr=stderr,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        try:
-            return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                        len(self._vcpu_fds), options)
-        finally:
-            if stderr is not None:
-                os.close(stderr)        # the process has its own copy
 
     # -- hot unplug (QMP device_del; device_add is add_device) ---------------
 

@@ -135,8 +135,11 @@ def test_qemu_qmp_client_drives_every_command(vm):
 
         # The vCPU threads are started in the background: wait until both run.
         deadline = time.monotonic() + 30
-        while not all((status := await c.execute("query-status"))["vcpus"][i].get("thread-id")
-                      == m.vcpus[i].thread.native_id is not None for i in (0, 1)):
+        while True:
+            status = await c.execute("query-status")
+            ids = [x.get("thread-id") for x in status["vcpus"]]
+            if None not in ids and ids == [v.thread.native_id for v in m.vcpus]:
+                break
             assert time.monotonic() < deadline, status
             await asyncio.sleep(0.01)
         assert status["status"] == "running" and status["running"] is True
@@ -282,7 +285,7 @@ def test_paused_before_the_run_starts_paused(guest):
         result = []
         t = threading.Thread(target=lambda: result.append(m.run(timeout=120)), daemon=True)
         t.start()
-        wait_for(lambda: m.vcpus[0].alive and _syscall(m.vcpus[0].thread.native_id) == SYS_FUTEX,
+        wait_for(lambda: m.vcpus[0].thread.native_id is not None and _syscall(m.vcpus[0].thread.native_id) == SYS_FUTEX,
                  what="vCPU 0 parked before its first KVM_RUN")
         time.sleep(0.2)      # an observation window: the guest must not start in it
         assert m.memory.read_u64(COUNTER) == 0

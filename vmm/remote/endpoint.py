@@ -83,6 +83,8 @@ class RemoteEndpoint:
         #: The pid the device reported in Ready (differs under a sandbox
         #: launcher with its own pid namespace).
         self.reported_pid = 0
+        #: The service socket it was reached at (``connect=PATH``), or None.
+        self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
         self.access_timeout = access_timeout
         self._channel = channel
@@ -120,6 +122,12 @@ class RemoteEndpoint:
             ResetDone: self._on_reset_done,
             **{t: self._on_request for t in self.requests.handlers},
         }
+
+    @property
+    def sender_pid(self) -> int:
+        """The pid the kernel attached to the device's last control message
+        (SO_PASSCRED set on its socket, as vmm.remote.connect does; else 0)."""
+        return self._channel.sender_pid
 
     @property
     def pid(self) -> int:
@@ -214,7 +222,8 @@ class RemoteEndpoint:
                                on_welcome=ep._agreed)
         except StartError as e:
             reason = str(e)
-            log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
+            # The caller reports the DeviceFailed (one line); this is detail.
+            log.info("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
             ep._failure = f"failed to start: {reason}"
             ep._teardown()
             raise DeviceFailed(f"device {ep.name}: {reason}") from None

@@ -70,6 +70,11 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         try:
             send(msg)
         except OSError as e:
+            # A device that refuses (its Error) hangs up: the reason may be
+            # waiting behind the broken pipe.
+            refused = _pending_error(channel)
+            if refused is not None:
+                raise StartError(f"refused: {refused.message}") from None
             raise StartError(f"control socket: {e} ({exit_text(0.5)})") from None
 
     def get() -> Message:
@@ -108,6 +113,19 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         ready = get()
     assert isinstance(ready, Ready)
     return Agreement(features=welcome.features, pid=ready.pid)
+
+
+def _pending_error(channel: Channel) -> Error | None:
+    """An Error already received on ``channel`` (unread), if any."""
+    try:
+        while True:
+            msg = channel.receive(0)
+            if isinstance(msg, Error):
+                return msg
+            if isinstance(msg, ConnectionClosed):
+                return None
+    except Exception:   # nothing (more) there, or garbage: no reason to report
+        return None
 
 
 def registry_fd(registry: Registry) -> int:
