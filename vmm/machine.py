@@ -383,17 +383,19 @@ class Machine:
         if owner is None:
             raise DeviceNotFound(f"no device {name!r}")
         endpoint = self.endpoints[owner]
+        registry = self.registry
+        assert registry is not None
         self._removed.add(owner)
-        self.registry.unregister_owner(owner)
+        registry.unregister_owner(owner)
         deadline = time.monotonic() + self.access_timeout + STOP_GRACE
-        while any(r.owner == owner for r in self.registry.regions()) and time.monotonic() < deadline:
+        while any(r.owner == owner for r in registry.regions()) and time.monotonic() < deadline:
             time.sleep(0.001)   # an access in flight holds a reference: it ends by its deadline
         del self.endpoints[owner]
         spec = self.device_specs.pop(owner, None)
         try:
             endpoint.close()
         finally:
-            self.registry.unregister_owner(owner)     # anything it claimed on the way out
+            registry.unregister_owner(owner)     # anything it claimed on the way out
             if spec is not None:
                 self.pci.release(spec)
             if spec is not None and spec.kind == "serial":
