@@ -93,17 +93,18 @@ class MachineRecord:
         return out
 
     def fault_trace(self) -> str:
+        """The plan, the seed, the firings per fault and every trace record
+        so far (from the machine: the trace file is complete only once the
+        machine is closed)."""
         if self.plan is None:
             return "(no fault plan)"
-        try:
-            text = self.trace.read_text() if self.trace is not None else ""
-        except OSError as e:
-            return f"(no trace: {e.strerror})"
-        summary = getattr(getattr(self.machine, "faults", None), "summary", None)
+        faults = getattr(self.machine, "faults", None)
         head = f"plan {self.plan}, seed {self.seed}\n"
-        if callable(summary):
-            head += f"{summary() or 'no firings'}\n"
-        return head + (text or "(empty trace)")
+        if faults is None:
+            return head + "(this machine has no fault wiring)"
+        head += f"{faults.summary() or 'no firings'}\n"
+        records = faults.trace()
+        return head + ("\n".join(json.dumps(r, sort_keys=True) for r in records) if records else "(no records)")
 
     def query(self, command: str) -> tuple[str, object]:
         """(table text, JSON value) of a query command, now."""
