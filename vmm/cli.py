@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             disk = machine.scratch_image(DEMO_DISK_SIZE, prefix="splitvmm-demo-")
             specs = [parse_device_spec(text.format(disk=disk), taken) for text in DEMO_DEVICES]
         machine.load_pvh(guest, args.cmdline)
-        for spec in specs:
+        for spec in machine.with_default_serial(specs):    # COM1 last, as run() would add it
             machine.add_device(spec)
         if args.api is not None:
             machine.serve_api(args.api)

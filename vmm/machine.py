@@ -241,20 +241,24 @@ class Machine:
         device may use as its line (the caller keeps them); without them
         the first serial device and every virtio-console without
         ``socket=`` get the machine's :attr:`console`, if it has one."""
+        fresh = True
         if isinstance(spec, str):
             spec = parse_device_spec(_spec_text(spec, params), self._taken)
         elif params:
             raise TypeError("keyword parameters go with a device type, not a DeviceSpec")
-        else:
-            if spec.name in self._taken:
-                raise ConfigError(f"device {spec.name}: id {spec.name!r} is already used")
+        else:       # taken as it is (specs parsed one by one may share a default id)
+            fresh = spec.name not in self._taken
             self._taken.add(spec.name)
         if console is None and self.console is not None and self._on_console(spec):
             console = self.console.attach(spec.name, first=spec.kind == "serial")
         try:
             endpoint = self._start_device(spec, console)
-        except BaseException:
-            self._taken.discard(spec.name)    # the id is free again (device_add may retry)
+        except BaseException as e:
+            if fresh:
+                self._taken.discard(spec.name)    # the id is free again (device_add may retry)
+            if spec is self.default_serial and isinstance(e, VmmError):
+                raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; --serial none, "
+                                  "or serial=\"none\" in Python, leaves them free)") from None
             raise
         if spec.kind == "serial":
             self._serial_added = True
@@ -267,16 +271,22 @@ class Machine:
             return not self._serial_added
         return spec.kind == "virtio-console" and "socket" not in spec.param_dict()
 
+    def with_default_serial(self, specs: list[DeviceSpec]) -> list[DeviceSpec]:
+        """``specs``, plus the COM1 that :meth:`run` would add (the machine
+        has a console and none of them is a serial device), so that all
+        of a run's devices are known before any starts (a fault plan may
+        name COM1).  Add every one with :meth:`add_device`."""
+        if self.console is None or self._serial_added or any(s.kind == "serial" for s in specs):
+            return list(specs)
+        self.default_serial = parse_device_spec("serial", self._taken | {s.name for s in specs})
+        return [*specs, self.default_serial]
+
     def _add_default_serial(self) -> None:
         """COM1 on the console, unless a serial device is there already."""
         if self.console is None or self._serial_added:
             return
-        spec = self.default_serial = parse_device_spec("serial", set(self._taken))
-        try:
-            self.add_device(spec)
-        except VmmError as e:
-            raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; --serial none, "
-                              "or serial=\"none\" in Python, leaves them free)") from None
+        [*_, spec] = self.with_default_serial([])
+        self.add_device(spec)
 
     def scratch_image(self, size: int | str = 16 * layout.MiB, prefix: str = "svm-") -> pathlib.Path:
         """A new sparse raw disk image of ``size`` bytes (or ``"16M"``) in

@@ -193,6 +193,7 @@ def splitvmm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             shutil.copyfile(guest, record.guest)
         elif guest is not None:
             record.guest = pathlib.Path(guest).resolve()
+        specs = machine.with_default_serial(specs)      # COM1 too, so that a plan may name it
         if faults is not None:
             record.plan = plans.plan_file(faults, directory)
             record.trace = directory / "faults.jsonl"
