@@ -9,7 +9,10 @@ SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
 .PHONY: run test lint install bench check-units
 
+# The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
+# header, which a fresh Debian machine lacks (the library itself is there).
 $(STAMP): $(SOURCES)
+	test -e /usr/include/seccomp.h || { apt-get update -qq && apt-get install -y -qq libseccomp-dev; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from devices.guestmem import GuestRam
+    from devices.hostres import HostResource
 
 
 class Space(enum.IntEnum):
@@ -316,6 +317,19 @@ class Device(abc.ABC):
     """
 
     kind = ""
+    #: System calls the model makes beyond the common allowlist of a
+    #: sandboxed device process (devserver/sandbox/policy/common.py), by
+    #: name, e.g. ``("getrandom",)``: the seccomp filter of a model that is
+    #: not built in allows exactly the common part plus these.
+    syscalls: tuple[str, ...] = ()
+
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        """Host files and listening sockets the model will take with
+        :func:`devices.hostres.open_file` / :func:`~devices.hostres.listen_unix`
+        given these parameters; a device process opens them before its
+        sandbox.  Must not touch anything itself."""
+        return ()
 
     def __init__(self, host: DeviceHost, **params: str):
         self.host = host

@@ -39,11 +39,14 @@ class RemoteHost(DeviceHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
-                 irq: IrqClient | None = None, memory: GuestRam | None = None):
+                 irq: IrqClient | None = None, memory: GuestRam | None = None,
+                 pid: int | None = None):
         self._memory = memory
         self.registry = registry
         self.owner = owner
-        self._pid = os.getpid()
+        #: The pid as the VMM sees it (a sandboxed device in a pid
+        #: namespace of its own is pid 1 there).
+        self._pid = os.getpid() if pid is None else pid
         self._console = console
         self._irq = irq
         #: (space, start) -> length of the regions claimed with

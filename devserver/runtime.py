@@ -6,7 +6,9 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. build the model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
+2. apply the sandbox (:mod:`devserver.sandbox`; the model's module is
+   imported and its host files are opened just before), then build the
+   model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
 3. serve accesses from the slots on the main thread, while a control
    thread reads the socket (Reset, Shutdown) and watches for the VMM going
@@ -35,7 +37,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from devices import hostres
 from devices.base import Device, Space
+from devserver import sandbox
 from devices.guestmem import GuestRam
 from devserver.errors import StartFailed
 from devserver.host import RemoteHost
@@ -107,6 +111,8 @@ class DeviceServer:
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: What the sandbox applied (devserver.sandbox).
+        self.sandbox = sandbox.Applied()
 
     # -- the whole life ------------------------------------------------------
 
@@ -187,9 +193,10 @@ class DeviceServer:
             if isinstance(msg, Start):
                 break
             self._configure(msg)
+        self._enter_sandbox()
         self._start_model()
         assert self.slots is not None and self.config is not None
-        self._send(Ready(os.getpid()))
+        self._send(Ready(self.sandbox.host_pid, sandbox=tuple(self.sandbox.layers)))
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
@@ -230,6 +237,36 @@ class DeviceServer:
         self.mem_table = msg
         self.guest_ram = GuestRam(self.memory, msg.regions)
 
+    def _enter_sandbox(self) -> None:
+        """The sandbox (devserver.sandbox), once every descriptor is here
+        and before the model is built: its host files are opened first."""
+        cfg = self.config
+        if cfg is None:
+            raise StartFailed("start before device-config")
+        try:
+            cls = resolve(cfg.kind)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        keep = {self.channel.fileno()}
+        if self.console is not None:
+            keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
+        try:
+            keep |= hostres.preopen(cls.host_resources(dict(cfg.params)))
+        except OSError as e:
+            raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
+        try:
+            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
+                                         report_sock=self.channel.fileno(),
+                                         tid_base=sandbox.tid_base(cfg.owner))
+        except sandbox.SandboxError as e:
+            raise StartFailed(str(e)) from None
+        if self.sandbox.pid_namespace:
+            _name_filter.pid = self.sandbox.host_pid
+            self._parent = 0    # our parent is the reaper, outside; we die with it (devserver.sandbox.namespaces)
+        if self.sandbox.layers:
+            log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
+                     self.sandbox.seconds * 1e3, self.sandbox.rules)
+
     def _start_model(self) -> None:
         cfg = self.config
         assert cfg is not None and self.registry is not None and self.slots is not None
@@ -237,7 +274,7 @@ class DeviceServer:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
         self.irq = IrqClient(self._send, self.channel.receive)
         self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq,
-                               memory=self.guest_ram)
+                               memory=self.guest_ram, pid=self.sandbox.host_pid)
         self.model = self._build_model()
 
     def _build_model(self) -> Device:
@@ -446,9 +483,14 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
+    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
+    #: pid namespace); 0: the process's own.
+    pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.device = self.name_
+        if self.pid:
+            record.process = self.pid
         return True
 
 

@@ -258,7 +258,13 @@ class DeviceService:
             keys = ", ".join(f"{k}=" for k in both)
             raise StartFailed(f"{keys} given both by the VMM and on the service's command line "
                               "(give each parameter on one side)")
-        return dataclasses.replace(cfg, kind=self.spec.kind, params={**self.spec.params, **cfg.params})
+        # Sessions run in this long-lived, threaded process, which must
+        # listen again afterwards: devserver.sandbox (a user namespace needs
+        # a single thread, and its layers are for good) cannot be applied
+        # here; the service's confinement is its unit's.  Ready reports no
+        # layers, which the VMM shows.  (A process per session would lift this.)
+        return dataclasses.replace(cfg, kind=self.spec.kind, params={**self.spec.params, **cfg.params},
+                                   sandbox="off")
 
     # -- a second VMM while one is served -----------------------------------
 

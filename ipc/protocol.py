@@ -18,12 +18,13 @@ The conversation (VMM = front end, device = back end)::
     VMM                                   device
     Hello(version, features)      ─►
                                   ◄─      Welcome(version, features)
-    DeviceConfig(kind, params, owner, name, nvcpus)
+    DeviceConfig(kind, params, owner, name, nvcpus, sandbox, seccomp)
     SetRegistry  [fd]                     (each once, in any order;
     SetSlots     [fd]                      SetMemTable is optional)
     SetMemTable  [fd]
     Start                         ─►
-                                  ◄─      Ready(pid)   (initial regions claimed)
+                                  ◄─      Ready(pid, sandbox)   (initial regions claimed;
+                                                                 the sandbox layers that are on)
     Reset                         ─►
                                   ◄─      ResetDone
     Shutdown (at any time)        ─►      (the device exits)
@@ -92,6 +93,9 @@ MAX_VCPUS = 256
 MAX_MEM_REGIONS = 64
 MAX_POLL_NS = 10_000_000
 U64_MAX = (1 << 64) - 1
+#: DeviceConfig.sandbox and .seccomp values (devserver.sandbox).
+SANDBOX_MODES = ("strict", "auto", "off")
+SECCOMP_MODES = ("kill", "trap", "log")
 
 _LENGTH = struct.Struct("<I")
 
@@ -244,8 +248,14 @@ class DeviceConfig(Message):
     owner: int
     name: str
     nvcpus: int
+    #: The device's sandbox (devserver.sandbox): strict, auto or off.
+    sandbox: str = "strict"
+    #: What seccomp does with a call outside the allowlist: kill, trap or log.
+    seccomp: str = "kill"
 
     def __post_init__(self) -> None:
+        _need(self.sandbox in SANDBOX_MODES, f"sandbox must be one of {', '.join(SANDBOX_MODES)}, not {self.sandbox!r}")
+        _need(self.seccomp in SECCOMP_MODES, f"seccomp must be one of {', '.join(SECCOMP_MODES)}, not {self.seccomp!r}")
         _text("kind", self.kind, MAX_KIND)
         _need(isinstance(self.params, dict) and len(self.params) <= MAX_PARAMS,
               f"params must be a map of at most {MAX_PARAMS} entries")
@@ -359,9 +369,17 @@ class Ready(Message):
     TYPE: ClassVar[str] = "ready"
     SENDER: ClassVar[Role] = Role.DEVICE
     pid: int
+    #: The sandbox layers that are on in the device (devserver.sandbox).
+    sandbox: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _need(type(self.pid) is int and 0 < self.pid < 1 << 31, f"bad pid {self.pid!r}")
+        _need(isinstance(self.sandbox, (list, tuple)) and len(self.sandbox) <= 16,
+              "sandbox must be a list of at most 16 layer names")
+        for layer in self.sandbox:
+            _text("sandbox layer", layer, MAX_NAME)
+            _need(layer.isprintable(), "sandbox layer names must be printable")
+        object.__setattr__(self, "sandbox", tuple(self.sandbox))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,6 +183,12 @@ def _demo_guest() -> pathlib.Path:
     return guests.demo()
 
 
+def sandbox_summary(endpoint) -> str:
+    """``, sandbox LAYERS`` for a device in its own process, else nothing."""
+    sandbox = getattr(endpoint, "sandbox", None)
+    return f", {sandbox.describe()}" if sandbox is not None else ""
+
+
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
     """One line: how the run ended and which process served which device."""
     parts = []
@@ -194,6 +200,7 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         service = getattr(endpoint, "service_path", None)
         if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
             where = f"pid {pid or endpoint.reported_pid} (service at {service})"
+        where += sandbox_summary(endpoint)
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"

@@ -3,12 +3,15 @@
 ``--device TYPE[,key=value...]``: ``TYPE`` names a model, a registered
 kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
 (default ``TYPE`` plus a number) and ``process=isolated|inline`` (default
-``isolated``) are understood for every type, every other key goes to the
+``isolated``) are understood for every type, and so are
+``sandbox=strict|auto|off`` (default ``strict``) and
+``seccomp=kill|trap|log`` (default ``kill``), the sandbox of a device in
+its own process (:mod:`devserver.sandbox`); every other key goes to the
 model, which validates it: the model is built once on a host that refuses
 everything, before the guest starts.  ``connect=PATH`` attaches to a device
 that runs as a service listening on ``PATH`` (``devserver serve``): the
 service holds the model's own parameters and validates the whole set; the
-VMM adds placement.
+VMM adds placement (and the sandbox it asks the service's device for).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ipc.protocol import MAX_KIND
 from vmm.endpoint import VmmError
 
 PLACEMENTS = ("isolated", "inline")
+SANDBOX_MODES = ("strict", "auto", "off")
+SECCOMP_MODES = ("kill", "trap", "log")
 DEFAULT_PLACEMENT = "isolated"
 #: The placement of a ``connect=PATH`` device: its own process, not ours.
 SERVICE_PLACEMENT = "service"
@@ -40,6 +45,9 @@ class DeviceSpec:
     params: tuple[tuple[str, str], ...]
     #: The socket of the device service to attach to (placement "service").
     connect: str | None = None
+    #: The sandbox of a device in its own process (devserver.sandbox).
+    sandbox: str = "strict"
+    seccomp: str = "kill"
 
     @property
     def model_class(self) -> type[Device]:
@@ -101,6 +109,15 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
         placement = SERVICE_PLACEMENT
     elif placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    if placement == "inline" and ("sandbox" in params or "seccomp" in params):
+        raise ConfigError(f"device spec {text!r}: sandbox= and seccomp= are for process=isolated "
+                          "(an inline model runs in the VMM)")
+    sandbox = params.pop("sandbox", "strict")
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(f"device spec {text!r}: sandbox={sandbox!r} (expected strict, auto or off)")
+    seccomp = params.pop("seccomp", "kill")
+    if seccomp not in SECCOMP_MODES:
+        raise ConfigError(f"device spec {text!r}: seccomp={seccomp!r} (expected kill, trap or log)")
     name = params.pop("id", None)
     if name is None:
         n = 0
@@ -120,7 +137,7 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
         except Exception as e:      # a model of the user's may fail in any way
             raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()), connect)
+    return DeviceSpec(kind, name, placement, tuple(params.items()), connect, sandbox=sandbox, seccomp=seccomp)
 
 
 def _default_name(kind: str, model_class: type[Device]) -> str:

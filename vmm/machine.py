@@ -353,7 +353,7 @@ class Machine:
             self.device_logs[spec.name] = path
         try:
             return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                        len(self._vcpu_fds), self._device_options(console, stderr))
+                                        len(self._vcpu_fds), self._device_options(spec, console, stderr))
         finally:
             if stderr is not None:
                 os.close(stderr)        # the process has its own copy
@@ -362,14 +362,16 @@ class Machine:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
         assert spec.connect is not None
         return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                              len(self._vcpu_fds), self._device_options(console))
+                              len(self._vcpu_fds), self._device_options(spec, console))
 
-    def _device_options(self, console: ConsoleFds | None, stderr: int | None = None) -> RemoteOptions:
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
+                        stderr: int | None = None) -> RemoteOptions:
         """``stderr``: where a spawned device process's log goes (log_dir)."""
         return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq, coalesced=self.coalesced, stderr=stderr,
+            irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
+            stderr=stderr,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
 
     # -- hot unplug (QMP device_del; device_add is add_device) ---------------

@@ -70,8 +70,10 @@ def kill_and_keep(registry, ep):
 
 
 def spawn(registry, params, **options):
+    # sandbox="off": FileKept keeps its state in a file, which a sandboxed
+    # device can neither open nor create (the state segment will not need it).
     return RemoteEndpoint.spawn(KIND, params, OWNER, "kept0", registry, 2,
-                                RemoteOptions(access_timeout=10.0, start_timeout=30.0, **options))
+                                RemoteOptions(access_timeout=10.0, start_timeout=30.0, sandbox="off", **options))
 
 
 def test_echo_process_killed_and_restored(registry, tmp_path):

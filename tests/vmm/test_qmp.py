@@ -164,7 +164,8 @@ def test_qemu_qmp_client_drives_every_command(vm):
         endpoint = m.endpoints[dev["owner"]]
         assert dev == {"id": "echo0", "kind": "echo", "placement": "isolated", "owner": endpoint.owner,
                        "pid": endpoint.pid, "state": "running", "reason": None,
-                       "accesses": 2 * ACCESSES, "failures": 0}
+                       "accesses": 2 * ACCESSES, "failures": 0,
+                       "sandbox": ["preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp=kill"]}
         assert dev["pid"] != os.getpid()
 
         regions = await c.execute("query-regions")

@@ -41,6 +41,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Mess
 from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm import sandbox_report
 from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds
@@ -86,6 +87,8 @@ class RemoteEndpoint:
         #: The service socket it was reached at (``connect=PATH``), or None.
         self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
+        #: The device's sandbox as it reported it (vmm.sandbox_report).
+        self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._channel = channel
         self._slots = slots
@@ -149,7 +152,7 @@ class RemoteEndpoint:
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
         """
-        config = _config(kind, params, owner, name, nvcpus)
+        config = _config(kind, params, owner, name, nvcpus, options)
         env = child_env(kind, name)
         deadline = time.monotonic() + options.start_timeout
         ours, theirs = socketpair()
@@ -170,7 +173,7 @@ class RemoteEndpoint:
         here on (closed on every path); ``options.command``/``cpus`` are not
         used.  Raises :class:`DeviceFailed` like :meth:`spawn`."""
         try:
-            config = _config(kind, params, owner, name, nvcpus)
+            config = _config(kind, params, owner, name, nvcpus, options)
         except BaseException:
             sock.close()
             peer.close()
@@ -235,6 +238,7 @@ class RemoteEndpoint:
             os.close(reg_fd)
         ep.features = agreed.features
         ep.reported_pid = agreed.pid
+        ep.sandbox, ep.peer = sandbox_report.at_ready(ep.name, ep.peer, agreed.sandbox, agreed.pid)
         if agreed.pid != ep.pid:
             log.debug("device %s reports pid %d; its process is %d", ep.name, agreed.pid, ep.pid)
         ep._monitor = threading.Thread(target=ep._watch, name=f"device-{ep.name}", daemon=True)
@@ -456,7 +460,7 @@ class RemoteEndpoint:
 
     def _on_error(self, msg: Message) -> bool:
         assert isinstance(msg, Error)
-        self._fail(f"reported: {msg.message}")
+        self._fail(sandbox_report.error_text(self.name, self.sandbox, msg.message))
         return False
 
     def _on_reset_done(self, msg: Message) -> bool:
@@ -547,9 +551,11 @@ class RemoteEndpoint:
         self._closed = True
 
 
-def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int) -> DeviceConfig:
+def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int,
+            options: RemoteOptions) -> DeviceConfig:
     if not isinstance(owner, int) or owner < FIRST_DEVICE_OWNER:
         raise ValueError(f"owner must be an integer >= {FIRST_DEVICE_OWNER}, not {owner!r}")
     if not isinstance(nvcpus, int) or not 1 <= nvcpus <= MAX_VCPUS:
         raise ValueError(f"nvcpus must be in [1, {MAX_VCPUS}], not {nvcpus!r}")
-    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus)
+    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus,
+                        sandbox=options.sandbox, seccomp=options.seccomp)

@@ -51,8 +51,10 @@ class Agreement:
     """What the device said about itself."""
 
     features: frozenset[str]
-    #: The pid the device reported in Ready (in its own pid namespace).
+    #: The pid the device reported in Ready (as the VMM sees it).
     pid: int
+    #: The sandbox layers that are on in the device (Ready.sandbox).
+    sandbox: tuple[str, ...] = ()
 
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
@@ -112,7 +114,7 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         serve(ready)
         ready = get()
     assert isinstance(ready, Ready)
-    return Agreement(features=welcome.features, pid=ready.pid)
+    return Agreement(features=welcome.features, pid=ready.pid, sandbox=ready.sandbox)
 
 
 def _pending_error(channel: Channel) -> Error | None:

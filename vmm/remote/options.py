@@ -64,6 +64,10 @@ class RemoteOptions:
     #: The VM's interrupt routing, from which the device may ask for
     #: irqfds and ioeventfds (None: it gets none, its requests are refused).
     irq_router: IrqRouter | None = None
+    #: The device's sandbox (devserver.sandbox): strict, auto or off.
+    sandbox: str = "strict"
+    #: What its seccomp filter does with a call outside the allowlist.
+    seccomp: str = "kill"
     #: The VM's coalesced-MMIO zones, of which the device may ask for some
     #: inside its own regions (None: it gets none, its requests are refused).
     coalesced: CoalescedMmio | None = None
