@@ -150,8 +150,11 @@ class MachineRecord:
 def spec_text(spec: DeviceSpec) -> str:
     """A spec as ``--device`` text (with its id, placement or service
     socket, and every parameter, the PCI slot included)."""
-    where = f"connect={spec.connect}" if spec.connect is not None else f"process={spec.placement}"
-    return ",".join([spec.kind, f"id={spec.name}", where, *(f"{k}={v}" for k, v in spec.params)])
+    where = [f"connect={spec.connect}" if spec.connect is not None else f"process={spec.placement}"]
+    if spec.placement != "inline":
+        where += [f"{k}={v}" for k, v, default in (("sandbox", spec.sandbox, "strict"),
+                                                    ("seccomp", spec.seccomp, "kill")) if v != default]
+    return ",".join([spec.kind, f"id={spec.name}", *where, *(f"{k}={v}" for k, v in spec.params)])
 
 
 def _import_roots(specs) -> list[str]:
