@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
@@ -44,7 +45,8 @@ from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory, parse_size
@@ -164,6 +166,8 @@ class Machine:
             raise ConfigError(f"serial: {e}") from None
         #: How the console was asked for (SerialMode).
         self.serial = mode
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -325,6 +329,12 @@ class Machine:
             raise
         self.endpoints[owner] = endpoint
         self.device_specs[owner] = spec
+        try:
+            self.faults.attach(endpoint, spec)
+        except (FaultsError, DeviceFailed) as e:
+            raise ConfigError(f"device {spec.name}: {e}") from None
+        except FaultError as e:
+            raise ConfigError(str(e)) from None
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
@@ -673,6 +683,7 @@ class Machine:
             self.console.close()        # after the devices that wrote to it
         for path in self._scratch:
             path.unlink(missing_ok=True)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()

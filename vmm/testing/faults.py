@@ -48,10 +48,10 @@ def configure(machine: Machine, specs: Sequence[DeviceSpec], plan: pathlib.Path,
     if faults is None:
         raise FaultsUnavailable("this splitvmm has no fault injection on its machines (Machine.faults)")
     from devices.faults.plan import load_plan
-    from vmm.faults import check_plan, device_points  # type: ignore[import-not-found, unused-ignore]
+    from vmm.faults import check_plan, device_points
 
     by_name = {spec.name: spec for spec in specs}
     loaded = load_plan(plan, devices=device_points(by_name), seed=seed)
-    check_plan(loaded, by_name)
+    check_plan(loaded, by_name, source=str(plan))
     faults.configure(loaded, trace=str(trace), devices=list(by_name))
     return int(loaded.seed)
