@@ -39,6 +39,7 @@ from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
+from vmm import cpuid as cpuids
 from vmm import kvm, layout
 from vmm.boot import pvh
 from vmm.coalesce import CoalescedMmio
@@ -100,12 +101,15 @@ class Machine:
                  registry_capacity: int = DEFAULT_CAPACITY,
                  access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, devices: Iterable[str | DeviceSpec] = (),
-                 serial: str | SerialMode = "none", log_dir: str | os.PathLike[str] | None = None):
+                 serial: str | SerialMode = "none", log_dir: str | os.PathLike[str] | None = None,
+                 cpuid_hide: tuple[str, ...] = ()):
         if isinstance(memory, str):
             try:
                 memory = parse_size(memory)
             except ValueError as e:
                 raise ConfigError(f"memory: {e}") from None
+        #: CPUID features hidden from every vCPU (vmm.cpuid names).
+        self.cpuid_hide = tuple(cpuid_hide)
         if not 0 < lock_timeout < 1e6:
             raise ConfigError(f"lock timeout {lock_timeout!r}: must be a positive number of seconds")
         self.access_timeout = access_timeout
@@ -197,7 +201,7 @@ class Machine:
         for i in range(nvcpus):
             fd = self.vm.create_vcpu(i)
             self._vcpu_fds.append(fd)
-            fd.set_cpuid(_cpuid_for(cpuid, i))
+            fd.set_cpuid(cpuids.build(cpuid, i, self.cpuid_hide))
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
@@ -227,6 +231,21 @@ class Machine:
             pvh.enter(fd, boot)
         self._booted = True
         return boot
+
+    def load_linux(self, kernel, initrd=None, cmdline: str = "", boot: str = "auto"):
+        """Load a Linux kernel (bzImage or PVH vmlinux, :mod:`vmm.boot.linux`)
+        with the VMM's ACPI tables; vCPU 0 starts at the kernel's entry,
+        the others wait for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED) as on
+        real hardware.  Returns the :class:`vmm.boot.linux.LoadedKernel`."""
+        from vmm.boot import acpi, linux
+        rsdp = acpi.write(self.memory, len(self._vcpu_fds))
+        loaded = linux.load(self.memory, kernel, initrd, cmdline, boot=boot, rsdp=rsdp)
+        loaded.enter(self._vcpu_fds[0])
+        for fd in self._vcpu_fds[1:]:
+            fd.set_mp_state(kvm.MP_STATE_UNINITIALIZED)
+        self._booted = True
+        log.info("kernel %s: %s", kernel, loaded.description)
+        return loaded
 
     def _new_owner(self) -> int:
         owner = self._next_owner
@@ -725,11 +744,6 @@ def _spec_text(kind: str, params: dict[str, Any]) -> str:
 
 def _cpuid_for(table: kvm.Cpuid, apic_id: int) -> kvm.Cpuid:
     """The supported CPUID with this vCPU's APIC id filled in (leaf 1
-    EBX[31:24]; leaves 0xB and 0x1F EDX, the x2APIC id)."""
-    out = table.copy()
-    for entry in out:
-        if entry.function == 1:
-            entry.ebx = (entry.ebx & 0x00FF_FFFF) | (apic_id & 0xFF) << 24
-        elif entry.function in (0xB, 0x1F):
-            entry.edx = apic_id
-    return out
+    EBX[31:24]; leaves 0xB and 0x1F EDX, the x2APIC id) and the KVM
+    signature leaves (vmm.cpuid)."""
+    return cpuids.build(table, apic_id)
