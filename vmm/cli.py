@@ -39,7 +39,6 @@ import os
 import pathlib
 import signal
 import sys
-import tempfile
 import time
 from typing import NoReturn, Sequence
 
@@ -50,7 +49,7 @@ from vmm.boot import BootError
 from devices.kinds import kinds
 from vmm.boot.linux import KERNEL_BOOTS
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
-from vmm.console import Console, ConsoleError, SerialMode, parse_serial
+from vmm.console import ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
@@ -234,8 +233,8 @@ def _raise_interrupted(signo: int, _frame) -> None:
     raise Interrupted(signo)
 
 
-# The demo: its devices (the disk's path=, a temporary image, is added by
-# run()) and the size of that image.
+# The demo: its devices (the disk's path=, a scratch image of the machine,
+# is filled in by run()) and the size of that image.
 DEMO_DEVICES = ("virtio-rng,id=rng", "virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
                 "virtio-console,id=console")
 DEMO_DISK_SIZE = 16 << 20
@@ -245,9 +244,7 @@ def _demo_guest() -> pathlib.Path:
     """Build (or find in the cache) the demo guest image."""
     from vmm import guests
 
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "splitvmm"
-    sources = [guests.HERE / name for name in ("demo.c", "virtio.c", "pci.c", "serial.c")]
-    return guests.build(sources, cache / "guests", name="demo")
+    return guests.demo()
 
 
 def sandbox_summary(endpoint) -> str:
@@ -283,52 +280,52 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--kernel and --guest exclude each other")
         if args.cmdline:
             raise ConfigError("--cmdline is for --guest; the kernel's command line is --append")
-        return _run(args)
-    if args.initrd is not None or args.append is not None:
+    elif args.initrd is not None or args.append is not None:
         raise ConfigError("--initrd and --append need --kernel")
-    if args.guest is None:
-        if args.device or args.cmdline:
-            raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
-        fd, disk = tempfile.mkstemp(prefix="splitvmm-demo-", suffix=".img")
-        try:
-            try:
-                os.ftruncate(fd, DEMO_DISK_SIZE)
-            finally:
-                os.close(fd)
-            args.device = [spec.format(disk=disk) for spec in DEMO_DEVICES]
-            args.guest = _demo_guest()
-            return _run(args)
-        finally:
-            os.unlink(disk)
-    return _run(args)
-
-
-def _on_console(spec: DeviceSpec) -> bool:
-    """Whether a device shares the VMM's console with COM1: a
-    virtio-console with no socket of its own."""
-    return spec.kind == "virtio-console" and "socket" not in spec.param_dict()
-
-
-def _run(args: argparse.Namespace) -> int:
+    elif args.guest is None and (args.device or args.cmdline):
+        raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
     taken: set[str] = set()
     specs = [parse_device_spec(text, taken) for text in args.device]
-    # The console goes to the first serial device, or to COM1 added here,
-    # and to every virtio-console without a socket (vmm.console).
-    on_console: list[DeviceSpec] = []
-    default_serial = None
-    if args.serial.kind != "none":
-        first_serial = next((s for s in specs if s.kind == "serial"), None)
-        if first_serial is None:
-            first_serial = default_serial = parse_device_spec("serial", taken)
-            specs.append(first_serial)
-        on_console = [first_serial] + [s for s in specs if _on_console(s)]
-    faults = _fault_setup(args, specs)
-    console = Console.open(args.serial) if on_console else None
+    demo = args.guest is None and args.kernel is None
+    guest = _demo_guest() if demo else args.guest
+    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
+                      lock_timeout=args.lock_timeout, serial=args.serial, cpuid_hide=args.cpuid_hide)
     try:
-        result = _run_machine(args, specs, on_console, default_serial, console, faults)
+        if demo:
+            disk = machine.scratch_image(DEMO_DISK_SIZE, prefix="splitvmm-demo-")
+            specs = [parse_device_spec(text.format(disk=disk), taken) for text in DEMO_DEVICES]
+        specs = machine.with_default_serial(specs)      # COM1 last, as run() would add it
+        # The plan (or trace) is checked against every device before any starts.
+        faults = _fault_setup(args, specs)
+        machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
+                                 devices=faults["devices"])
+        if args.kernel is not None:
+            append = DEFAULT_APPEND if args.append is None else args.append
+            machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
+        else:
+            machine.load_pvh(guest, args.cmdline)
+        # Their processes start up in parallel; they come up in this order.
+        machine.add_devices([(spec, None) for spec in specs])
+        if args.api is not None:
+            machine.serve_api(args.api)
+        started = time.monotonic()
+        result = machine.run(timeout=args.timeout)
+        if machine.console is not None:
+            machine.console.restore_terminal()
+        print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
+        fault_summary = machine.faults.summary()
+        if fault_summary:
+            print(f"vmm: {fault_summary}", file=sys.stderr)
     finally:
-        if console is not None:
-            console.close()
+        if machine.console is not None:
+            machine.console.restore_terminal()
+        # Teardown must finish: a second signal does not cut it short.
+        saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
+        try:
+            machine.close()
+        finally:
+            for signo, handler in saved.items():
+                signal.signal(signo, handler)
     if result.ending in (outcomes.Ending.POWER_OFF, outcomes.Ending.TEST_EXIT, outcomes.Ending.QUIT):
         log.info("%s", result)
     else:
@@ -369,55 +366,6 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
     except FaultError as e:
         raise ConfigError(f"--faults {e}") from None
     return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
-
-
-def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
-                 default_serial: DeviceSpec | None, console: Console | None,
-                 faults: dict | None = None) -> outcomes.Outcome:
-    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout, cpuid_hide=getattr(args, "cpuid_hide", ()))
-    try:
-        if faults is not None:
-            machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
-                                     devices=faults["devices"])
-        if getattr(args, "kernel", None) is not None:
-            append = DEFAULT_APPEND if args.append is None else args.append
-            machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
-        else:
-            machine.load_pvh(args.guest, args.cmdline)
-        lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
-
-        def explain(spec: DeviceSpec, e: VmmError) -> None:
-            if spec is default_serial:
-                raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
-                                  "--serial none leaves them free)") from None
-
-        # Their processes start up in parallel; they come up in this order.
-        machine.add_devices([(spec, lines.get(spec.name)) for spec in specs], on_error=explain)
-        if args.api is not None:
-            machine.serve_api(args.api)
-        started = time.monotonic()
-        if console is not None:
-            console.start(on_quit=lambda: machine.end(outcomes.Outcome(
-                outcomes.Ending.QUIT, "the user quit from the console (Ctrl-A x)")))
-        result = machine.run(timeout=args.timeout)
-        if console is not None:
-            console.restore_terminal()
-        print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
-        fault_summary = machine.faults.summary()
-        if fault_summary:
-            print(f"vmm: {fault_summary}", file=sys.stderr)
-    finally:
-        if console is not None:
-            console.restore_terminal()
-        # Teardown must finish: a second signal does not cut it short.
-        saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
-        try:
-            machine.close()
-        finally:
-            for signo, handler in saved.items():
-                signal.signal(signo, handler)
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

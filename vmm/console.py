@@ -26,6 +26,9 @@ a file) its bytes go to the first device as they are, with no escape key,
 until its end.
 
 ``file:PATH``: output to PATH (created or truncated), no input.
+``capture`` (the Python API's, :class:`vmm.machine.Machine`): output into
+a pipe that a thread reads into memory (:attr:`Console.data`,
+:meth:`Console.expect`), input from :meth:`Console.send`.
 ``none``: no console, and no serial device unless ``--device serial`` asks
 for one (whose output is then dropped, as a virtio-console's without
 ``socket=``).
@@ -34,12 +37,15 @@ for one (whose output is then dropped, as a virtio-console's without
 from __future__ import annotations
 
 import atexit
+import codecs
 import dataclasses
 import logging
 import os
+import re
 import select
 import termios
 import threading
+import time
 from collections.abc import Callable
 
 from devices.base import ConsoleFds
@@ -61,27 +67,33 @@ class ConsoleError(VmmError):
     """The console cannot be set up (e.g. the output file cannot be opened)."""
 
 
+class ExpectTimeout(ConsoleError):
+    """:meth:`Console.expect` did not see its pattern in time (or the run
+    ended without it); the message quotes the end of the output."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SerialMode:
     """A parsed ``--serial`` value."""
 
-    kind: str            # "stdio", "file" or "none"
+    kind: str            # "stdio", "file", "capture" or "none"
     path: str = ""
 
     def __str__(self) -> str:
         return f"file:{self.path}" if self.kind == "file" else self.kind
 
 
-def parse_serial(text: str) -> SerialMode:
-    """``stdio``, ``none`` or ``file:PATH``; ValueError names what is wrong."""
-    if text in ("stdio", "none"):
+def parse_serial(text: str, capture: bool = False) -> SerialMode:
+    """``stdio``, ``none`` or ``file:PATH`` (and ``capture`` if asked:
+    the Python API's); ValueError names what is wrong."""
+    if text in ("stdio", "none") or (capture and text == "capture"):
         return SerialMode(text)
     if text.startswith("file:"):
         path = text[len("file:"):]
         if not path:
             raise ValueError("file: needs a path (file:PATH)")
         return SerialMode("file", path)
-    raise ValueError(f"{text!r} (expected stdio, none or file:PATH)")
+    raise ValueError(f"{text!r} (expected stdio, none{', capture' if capture else ''} or file:PATH)")
 
 
 def _raw_keep_output(attrs: list) -> list:
@@ -134,13 +146,17 @@ class Console:
         self._saved_attrs: list | None = None
         self._thread: threading.Thread | None = None
         self._on_quit: Callable[[], None] | None = None
+        self._capture: _Capture | None = None
         self._closed = False
 
     @classmethod
     def open(cls, mode: SerialMode, stdin: int = 0, stdout: int = 1) -> Console:
         """Open the output (raises ConsoleError)."""
         self = cls(mode, stdin, stdout)
-        if mode.kind == "file":
+        if mode.kind == "capture":
+            r, self.output = os.pipe2(os.O_CLOEXEC)
+            self._capture = _Capture(r)
+        elif mode.kind == "file":
             try:
                 self.output = os.open(mode.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             except OSError as e:
@@ -152,16 +168,21 @@ class Console:
                 raise ConsoleError(f"--serial stdio: stdout: {e.strerror} (try --serial none)") from None
         return self
 
-    def attach(self, name: str) -> ConsoleFds:
+    def attach(self, name: str, first: bool = False) -> ConsoleFds:
         """Put device ``name`` on the console: the descriptors it uses (the
-        VMM keeps them).  The first device attached has the input first."""
+        VMM keeps them).  The first device attached has the input first,
+        unless a later one is attached ``first`` (COM1 is)."""
         if self._thread is not None or self._closed:
             raise VmmError("console: devices are attached before it starts")
         r, w = os.pipe2(os.O_CLOEXEC)
         if self.mode.kind == "file":
             os.close(w)          # no input: the device sees its end at once
             w = -1
-        self._frontends.append(_Frontend(name, r, w))
+        frontend = _Frontend(name, r, w)
+        if first:
+            self._frontends.insert(0, frontend)
+        else:
+            self._frontends.append(frontend)
         return ConsoleFds(self.output, r)
 
     @property
@@ -180,8 +201,9 @@ class Console:
         return self._saved_attrs is not None
 
     def start(self, on_quit: Callable[[], None]) -> None:
-        """Begin forwarding input (raw mode if stdin is a terminal)."""
-        if not any(f.feed >= 0 for f in self._frontends):
+        """Begin forwarding input (raw mode if stdin is a terminal; with
+        ``capture`` the input comes from :meth:`send`)."""
+        if self._capture is not None or not any(f.feed >= 0 for f in self._frontends):
             return
         self._on_quit = on_quit
         tty = self._is_foreground_tty()
@@ -311,6 +333,47 @@ class Console:
         way out)."""
         self._restore()
 
+    # -- capture (the Python API) -------------------------------------------
+
+    def _captured(self) -> _Capture:
+        if self._capture is None:
+            raise ConsoleError(f"the console is {self.mode}, not captured (serial=\"capture\")")
+        return self._capture
+
+    @property
+    def data(self) -> bytes:
+        """Every byte the devices on the console wrote so far (capture)."""
+        return self._captured().data()
+
+    @property
+    def text(self) -> str:
+        """:attr:`data` as text (UTF-8, undecodable bytes replaced)."""
+        return self._captured().text()
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        """Wait until ``pattern`` (a regular expression) matches the output
+        after the previous match; returns the match.  Raises
+        :class:`ExpectTimeout` after ``timeout`` seconds, or as soon as the
+        run has ended and its output is read without a match."""
+        return self._captured().expect(pattern, timeout)
+
+    def send(self, data: bytes | str) -> None:
+        """Type ``data`` into the device that has the input (capture)."""
+        self._captured()
+        if isinstance(data, str):
+            data = data.encode()
+        target = self._frontends[self._focus] if self._frontends else None
+        if target is None or target.feed < 0:
+            raise ConsoleError("no device on the console takes input")
+        while data:
+            data = data[os.write(target.feed, data):]
+
+    def run_ended(self) -> None:
+        """The run is over: :meth:`expect` stops waiting once the output
+        is read (called by the machine)."""
+        if self._capture is not None:
+            self._capture.end()
+
     def close(self) -> None:
         """Restore the terminal, stop the input thread, close every
         descriptor (idempotent)."""
@@ -318,6 +381,10 @@ class Console:
         if self._closed:
             return
         self._closed = True
+        if self._capture is not None:
+            os.close(self.output)       # the devices are gone: the reader sees the end
+            self.output = -1
+            self._capture.close()
         if self._thread is not None:
             try:
                 os.write(self._wake_w, b"x")
@@ -335,6 +402,103 @@ class Console:
                     pass
         self._close_feeds()
         self.output = self._wake_r = self._wake_w = -1
+
+
+class _Capture:
+    """The reader of a captured console: a thread that moves the pipe's
+    bytes into memory and wakes whoever waits in :meth:`expect`."""
+
+    #: How much of the output an ExpectTimeout quotes.
+    QUOTE = 2000
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._buf = bytearray()
+        self._text: list[str] = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._cursor = 0              # where the next expect starts (text index)
+        self._cond = threading.Condition()
+        self._ended = False
+        self._eof = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._read, name="console-capture", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            with self._cond:
+                if self._fd in events:
+                    data = os.read(self._fd, 65536)
+                    if data:
+                        self._buf += data
+                        self._text.append(self._decoder.decode(data))
+                    else:
+                        self._eof = True
+                    self._cond.notify_all()
+                    if data:
+                        continue
+                if self._wake_r in events or self._eof:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+
+    def _drained(self) -> bool:
+        """No byte left in the pipe (called with the lock held: the reader
+        reads under it, so a byte is in the pipe or in the buffer)."""
+        return self._eof or not select.select([self._fd], [], [], 0)[0]
+
+    def data(self) -> bytes:
+        with self._cond:
+            return bytes(self._buf)
+
+    def text(self) -> str:
+        with self._cond:
+            joined = "".join(self._text)
+            self._text = [joined]
+            return joined
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                text = "".join(self._text)
+                self._text = [text]
+                m = regex.search(text, self._cursor)
+                if m is not None:
+                    self._cursor = m.end()
+                    return m
+                left = deadline - time.monotonic()
+                finished = (self._ended and self._drained()) or self._eof
+                if left <= 0 or finished:
+                    why = "the run ended" if finished else f"{timeout:g} s passed"
+                    tail = text[-self.QUOTE:]
+                    raise ExpectTimeout(f"console: no match for {regex.pattern!r}; {why}; output "
+                                        f"({len(text)} characters, last {len(tail)}):\n{tail}")
+                self._cond.wait(left)
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(5.0)
+        if self._thread.is_alive():
+            log.debug("console: capture thread still busy; left behind")
+            return
+        with self._cond:
+            self._eof = True
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            os.close(fd)
 
 
 class StderrRelay:

@@ -12,6 +12,13 @@ vCPU and waits for the first ending (:mod:`vmm.outcome`); :meth:`close`
 stops and joins the vCPUs, closes every device (killing device
 processes), and closes the registry -- on every path, Ctrl-C and guest
 crashes included.
+
+The same class is the Python API (README, "Python API"): devices by their
+``--device`` text or as keywords (:meth:`Machine.add_device`), the console
+of ``vmm run --serial`` (``serial="capture"`` keeps the output in memory,
+:attr:`Machine.console`), the default COM1, scratch disk images, a run in
+the background (:meth:`Machine.start`, :meth:`Machine.wait`); ``vmm run``
+(:mod:`vmm.cli`) sets a machine up through the same calls.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from devices.base import ConsoleFds, DeviceError
 from devices.faults.table import FaultError
@@ -36,13 +45,14 @@ from vmm.boot import pvh
 from devices.base import Space, Window
 from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
-from vmm.config import ConfigError, DeviceSpec
+from vmm.config import ConfigError, DeviceSpec, parse_device_spec
+from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, parse_size
 from vmm.outcome import Ending, Outcome
 from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
@@ -67,6 +77,10 @@ STOP_GRACE = 2.0
 HALT_CHECK = 0.5
 
 
+class DeviceNotFound(VmmError):
+    """No device has that id."""
+
+
 class Interrupted(BaseException):
     """Raised in the main thread by a SIGTERM/SIGHUP handler (see vmm.cli)."""
 
@@ -76,12 +90,28 @@ class Interrupted(BaseException):
 
 
 class Machine:
-    """One VM.  Use as a context manager, or call :meth:`close`."""
+    """One VM.  Use as a context manager, or call :meth:`close`.
 
-    def __init__(self, memory: int = DEFAULT_MEMORY, vcpus: int = 1, *,
+    ``memory``: bytes or a size text (``"64M"``); ``devices``: device
+    specs added at once (:meth:`add_device`); ``serial``: the console of
+    COM1 and of virtio-consoles without ``socket=`` -- ``"none"`` (the
+    default here: no console, no COM1), ``"capture"`` (output kept in
+    :attr:`console`), ``"stdio"`` or ``"file:PATH"`` as ``vmm run
+    --serial``; with a console a COM1 is added when the run starts unless a
+    serial device was added.  ``log_dir``: each device process's stderr
+    goes to ``log_dir/ID.log`` (:attr:`device_logs`)."""
+
+    def __init__(self, memory: int | str = DEFAULT_MEMORY, vcpus: int = 1, *,
                  registry_capacity: int = DEFAULT_CAPACITY,
                  access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, cpuid_hide: tuple[str, ...] = ()):
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, devices: Iterable[str | DeviceSpec] = (),
+                 serial: str | SerialMode = "none", log_dir: str | os.PathLike[str] | None = None,
+                 cpuid_hide: tuple[str, ...] = ()):
+        if isinstance(memory, str):
+            try:
+                memory = parse_size(memory)
+            except ValueError as e:
+                raise ConfigError(f"memory: {e}") from None
         #: CPUID features hidden from every vCPU (vmm.cpuid names).
         self.cpuid_hide = tuple(cpuid_hide)
         if not 0 < lock_timeout < 1e6:
@@ -121,12 +151,39 @@ class Machine:
         self._paused = False
         self._qmp_quit = False
         self._api: QmpServer | None = None
+        #: The console (vmm.console): ``console.expect(regex)``,
+        #: ``console.text`` with serial="capture"; None with serial="none".
+        self.console: Console | None = None
+        #: The ids taken so far (parse_device_spec's default names).
+        self._taken: set[str] = set()
+        self._serial_added = False
+        #: The COM1 the machine added itself (None: none was added).
+        self.default_serial: DeviceSpec | None = None
+        self._runner: threading.Thread | None = None
+        self._runner_errors: list[BaseException] = []
+        self.run_timeout: float | None = None
+        #: Owners unplugged with remove_device (their failures are not news).
+        self._removed: set[int] = set()
+        self._scratch: list[pathlib.Path] = []
+        self._log_dir = None if log_dir is None else pathlib.Path(log_dir)
+        #: device id -> the file its process's stderr went to (log_dir).
+        self.device_logs: dict[str, pathlib.Path] = {}
+        try:
+            mode = parse_serial(serial, capture=True) if isinstance(serial, str) else serial
+        except ValueError as e:
+            raise ConfigError(f"serial: {e}") from None
+        #: How the console was asked for (SerialMode).
+        self.serial = mode
         #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
         self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
             self._setup(memory, vcpus, registry_capacity, fast_path)
+            if mode.kind != "none":
+                self.console = Console.open(mode)
+            for spec in devices:
+                self.add_device(spec)
         except BaseException:
             self.close()
             raise
@@ -169,6 +226,10 @@ class Machine:
 
     # -- guest and devices ---------------------------------------------
 
+    def load(self, image: str | os.PathLike[str] | bytes, cmdline: str = "") -> pvh.PvhBoot:
+        """Load a guest: a PVH ELF image, as a path or its bytes."""
+        return self.load_pvh(image, cmdline)
+
     def load_pvh(self, image, cmdline: str = "") -> pvh.PvhBoot:
         """Load a PVH ELF (path or bytes) and put every vCPU at its entry."""
         boot = pvh.load(self.memory, image, cmdline)
@@ -197,10 +258,22 @@ class Machine:
         self._next_owner += 1
         return owner
 
-    def add_device(self, spec: DeviceSpec, console: ConsoleFds | None = None) -> Endpoint:
+    def add_device(self, spec: str | DeviceSpec, console: ConsoleFds | None = None,
+                   **params: Any) -> Endpoint:
         """Start a device as its spec places it; returns its endpoint.
-        ``console``: descriptors the device may use as its line (the serial
-        device, :mod:`vmm.console`); the caller keeps them."""
+
+        ``spec``: the text of ``vmm run --device``
+        (``"virtio-blk,path=disk.img,id=blk"``), a type with its parameters
+        as keywords (``add_device("virtio-blk", path="disk.img", id="blk")``;
+        ``True``/``False`` become ``on``/``off``), or a parsed
+        :class:`~vmm.config.DeviceSpec`.  ``console``: descriptors the
+        device may use as its line (the caller keeps them); without them
+        the first serial device and every virtio-console without
+        ``socket=`` get the machine's :attr:`console`, if it has one."""
+        if isinstance(spec, str):
+            spec = parse_device_spec(_spec_text(spec, params), self._taken | set())
+        elif params:
+            raise TypeError("keyword parameters go with a device type, not a DeviceSpec")
         return self.add_devices([(spec, console)])[0]
 
     def add_devices(self, devices: Sequence[tuple[DeviceSpec, ConsoleFds | None]],
@@ -216,29 +289,48 @@ class Machine:
         fails, ``on_error(spec, error)`` is called with the spec as given (it may raise another
         error instead), the processes not yet up are killed, and the error
         is raised; the devices already up stay (closed with the machine)."""
+        items: list[tuple[DeviceSpec, ConsoleFds | None]] = []
+        fresh: list[str] = []           # ids taken here: free again if their device fails
+        serial_given = self._serial_added
+        for spec, console in devices:
+            if spec.name not in self._taken:    # specs parsed one by one may share a default id
+                fresh.append(spec.name)
+                self._taken.add(spec.name)
+            if console is None and self.console is not None and (
+                    spec.kind == "serial" and not serial_given
+                    or spec.kind == "virtio-console" and "socket" not in spec.param_dict()):
+                console = self.console.attach(spec.name, first=spec.kind == "serial")
+            serial_given = serial_given or spec.kind == "serial"
+            items.append((spec, console))
         placed: list[tuple[DeviceSpec, int, ConsoleFds | None]] = []
         launched: dict[int, Launched] = {}
         current: DeviceSpec | None = None
+        endpoints: list[Endpoint] = []
         try:
             try:
-                for i, (spec, console) in enumerate(devices):
+                for i, (spec, console) in enumerate(items):
                     current = spec
                     spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
                     placed.append((spec, self._new_owner(), console))
                     self._grant_windows(spec, placed[-1][1])
                     if spec.placement != "inline" and spec.connect is None:
                         launched[i] = self._launch_isolated(spec, placed[-1][1], console)
-                endpoints = []
                 for i, (spec, owner, console) in enumerate(placed):
-                    current = devices[i][0]         # the caller's spec, as given
-                    if i in launched:
-                        endpoint = launched.pop(i).finish()
-                    elif spec.connect is not None:
-                        endpoint = self._attach_service(spec, owner, console)
-                    else:
-                        endpoint = self._create_inline(spec, owner, console)
+                    current = items[i][0]           # the caller's spec, as given
+                    try:
+                        if i in launched:
+                            endpoint = launched.pop(i).finish()
+                        elif spec.connect is not None:
+                            endpoint = self._attach_service(spec, owner, console)
+                        else:
+                            endpoint = self._create_inline(spec, owner, console)
+                    except BaseException:
+                        self.pci.release(spec)      # its slot is free again
+                        raise
                     self.endpoints[owner] = endpoint
                     self.device_specs[owner] = spec
+                    if spec.kind == "serial":
+                        self._serial_added = True
                     self._settle_windows(spec, owner)
                     # (after the BAR probe, so that the probe's accesses
                     # count for no fault trigger)
@@ -253,12 +345,56 @@ class Machine:
                     endpoints.append(endpoint)
                 return endpoints
             except VmmError as e:
+                up = {ep.name for ep in endpoints}
+                self._taken.difference_update(n for n in fresh if n not in up)   # device_add may retry
+                if current is not None and current is self.default_serial:
+                    raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; --serial none, "
+                                      "or serial=\"none\" in Python, leaves them free)") from None
                 if on_error is not None and current is not None:
                     on_error(current, e)
                 raise
         finally:
             for pending in launched.values():
                 pending.abandon()
+
+    def _on_console(self, spec: DeviceSpec) -> bool:
+        """Whether a device gets the console: the first serial device, and
+        every virtio-console without a socket of its own."""
+        if spec.kind == "serial":
+            return not self._serial_added
+        return spec.kind == "virtio-console" and "socket" not in spec.param_dict()
+
+    def with_default_serial(self, specs: list[DeviceSpec]) -> list[DeviceSpec]:
+        """``specs``, plus the COM1 that :meth:`run` would add (the machine
+        has a console and none of them is a serial device), so that all
+        of a run's devices are known before any starts (a fault plan may
+        name COM1).  Add every one with :meth:`add_device`."""
+        if self.console is None or self._serial_added or any(s.kind == "serial" for s in specs):
+            return list(specs)
+        self.default_serial = parse_device_spec("serial", self._taken | {s.name for s in specs})
+        return [*specs, self.default_serial]
+
+    def _add_default_serial(self) -> None:
+        """COM1 on the console, unless a serial device is there already."""
+        if self.console is None or self._serial_added:
+            return
+        [*_, spec] = self.with_default_serial([])
+        self.add_device(spec)
+
+    def scratch_image(self, size: int | str = 16 * layout.MiB, prefix: str = "svm-") -> pathlib.Path:
+        """A new sparse raw disk image of ``size`` bytes (or ``"16M"``) in
+        the temporary directory, removed at :meth:`close`.  (The default
+        prefix keeps the file name within virtio-blk's 20-byte id.)"""
+        if isinstance(size, str):
+            size = parse_size(size)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".img")
+        path = pathlib.Path(name)
+        self._scratch.append(path)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return path
 
     def _grant_windows(self, spec: DeviceSpec, owner: int) -> None:
         """Before the device starts: what a non-PCI class declares from its
@@ -311,8 +447,18 @@ class Machine:
         return self._launch_isolated(spec, owner, console).finish()
 
     def _launch_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Launched:
-        return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                     len(self._vcpu_fds), self._device_options(spec, console))
+        stderr = None
+        if self._log_dir is not None:
+            path = self._log_dir / f"{spec.name}.log"
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            self.device_logs[spec.name] = path
+        try:
+            return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                         len(self._vcpu_fds), self._device_options(spec, console, stderr))
+        finally:
+            if stderr is not None:
+                os.close(stderr)        # the process has its own copy
 
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
@@ -320,12 +466,57 @@ class Machine:
         return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
                               len(self._vcpu_fds), self._device_options(spec, console))
 
-    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
+                        stderr: int | None = None) -> RemoteOptions:
+        """``stderr``: where a spawned device process's log goes (log_dir)."""
         return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
+            stderr=stderr,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
+
+    # -- hot unplug (QMP device_del; device_add is add_device) ---------------
+
+    def owner_of(self, name: str) -> int | None:
+        """The registry owner of device ``name`` (its ``id=``), or None."""
+        for owner, endpoint in self.endpoints.items():
+            if owner != self.vmm_handlers.owner and endpoint.name == name:
+                return owner
+        return None
+
+    def remove_device(self, name: str) -> None:
+        """Unplug device ``name`` while the guest runs, as a surprise
+        removal: its regions leave the registry at once (from then on its
+        configuration space and BARs read all ones, as an empty slot's),
+        accesses already inside it finish (bounded by the access
+        deadline), then its process is stopped and its interrupts,
+        doorbells and PCI slot are freed.  A device that fails on the way
+        out is not reported as failed."""
+        owner = self.owner_of(name)
+        if owner is None:
+            raise DeviceNotFound(f"no device {name!r}")
+        endpoint = self.endpoints[owner]
+        registry = self.registry
+        assert registry is not None
+        self._removed.add(owner)
+        registry.unregister_owner(owner)
+        deadline = time.monotonic() + self.access_timeout + STOP_GRACE
+        while any(r.owner == owner for r in registry.regions()) and time.monotonic() < deadline:
+            time.sleep(0.001)   # an access in flight holds a reference: it ends by its deadline
+        del self.endpoints[owner]
+        spec = self.device_specs.pop(owner, None)
+        try:
+            endpoint.close()
+        finally:
+            registry.unregister_owner(owner)     # anything it claimed on the way out
+            if spec is not None:
+                self.pci.release(spec)
+            if spec is not None and spec.kind == "serial":
+                self._serial_added = any(s.kind == "serial" for s in self.device_specs.values())
+            self._taken.discard(name)
+        log.info("device %s (owner %d) removed", name, owner)
+        self.events.emit(qmp_events.DEVICE_DELETED, {"device": name, "path": f"/machine/peripheral/{name}"})
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""
@@ -362,6 +553,8 @@ class Machine:
         self.ended_at = time.monotonic()
         log.debug("%s", outcome)
         self._ended.set()
+        if self.console is not None:
+            self.console.run_ended()
         for v in self.vcpus:
             v.request_stop()
         self.events.emit(qmp_events.SHUTDOWN, qmp_events.shutdown_data(outcome, self._qmp_quit))
@@ -373,7 +566,13 @@ class Machine:
             raise VmmError("no guest loaded")
         if self._started:
             raise VmmError("a machine runs once")
+        self._add_default_serial()
         self._started = True
+        #: The timeout the run was given (for a reproducing command line).
+        self.run_timeout = timeout
+        if self.console is not None:
+            self.console.start(on_quit=lambda: self.end(Outcome(
+                Ending.QUIT, "the user quit from the console (Ctrl-A x)")))
         self.started_at = time.monotonic()
         deadline = None if timeout is None else self.started_at + timeout
         try:
@@ -397,6 +596,46 @@ class Machine:
             self._stop_vcpus()
         assert self.outcome is not None
         return self.outcome
+
+    def start(self, timeout: float | None = None) -> None:
+        """Run the guest in the background (a thread doing :meth:`run`);
+        :meth:`wait` for its outcome.  Errors of the set-up (no guest, the
+        default COM1 refused) are raised here."""
+        if not self._booted:
+            raise VmmError("no guest loaded")
+        if self._started or self._runner is not None:
+            raise VmmError("a machine runs once")
+        self._add_default_serial()
+        self.run_timeout = timeout
+
+        def runner() -> None:
+            try:
+                self.run(timeout)
+            except BaseException as e:      # kept for wait()
+                self._runner_errors.append(e)
+                self.end(Outcome(Ending.VMM_ERROR, f"the run failed: {type(e).__name__}: {e}"))
+
+        self._runner = threading.Thread(target=runner, name="machine-run", daemon=True)
+        self._runner.start()
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Wait for the end of a run begun with :meth:`start`; returns its
+        outcome.  Raises :class:`TimeoutError` if it goes on past
+        ``timeout`` seconds (the run goes on)."""
+        if self._runner is None:
+            raise VmmError("the machine was not started (start())")
+        self._runner.join(timeout)
+        if self._runner.is_alive():
+            raise TimeoutError(f"the guest still runs after {timeout:g} s")
+        if self._runner_errors:
+            raise self._runner_errors[0]
+        assert self.outcome is not None
+        return self.outcome
+
+    @property
+    def running(self) -> bool:
+        """Whether the guest runs now (started, not ended)."""
+        return self._started and self.outcome is None
 
     def _stop_vcpus(self) -> None:
         for v in self.vcpus:
@@ -474,6 +713,8 @@ class Machine:
                     self._note_failure(owner, "failed")
 
     def _note_failure(self, owner: int, reason: str) -> None:
+        if owner in self._removed:
+            return
         with self._failure_lock:
             if owner in self._failures:
                 return
@@ -518,6 +759,9 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        if self._runner is not None:
+            self.end(Outcome(Ending.QUIT, "the machine was closed while the guest ran"))
+            self._runner.join(self.access_timeout + 3 * self.lock_timeout + 2 * STOP_GRACE + HALT_CHECK)
         if self._started:
             self._stop_vcpus()
         if self._api is not None:
@@ -534,6 +778,10 @@ class Machine:
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
             if not isinstance(endpoint, RemoteEndpoint):
                 self._close_endpoint(owner, endpoint)
+        if self.console is not None:
+            self.console.close()        # after the devices that wrote to it
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
         self.faults.close()
         if self.registry is not None:
             if not self._stuck:
@@ -567,6 +815,18 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _spec_text(kind: str, params: dict[str, Any]) -> str:
+    """``kind,key=value,...`` from keyword parameters (the ``--device`` text)."""
+    items = []
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        items.append(f"{key}={value}")
+    return ",".join([kind, *items])
 
 
 def _cpuid_for(table: kvm.Cpuid, apic_id: int) -> kvm.Cpuid:

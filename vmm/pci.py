@@ -173,3 +173,10 @@ class PciHost:
         params.setdefault("io_window", hex(layout.PCI_IO_WINDOW + slot * layout.PCI_IO_PER_SLOT))
         params.setdefault("intx_gsi", str(layout.pci_intx_gsi(slot)))
         return dataclasses.replace(spec, params=tuple(params.items()))
+
+    def release(self, spec: DeviceSpec) -> None:
+        """Free the slot of a placed spec (its device was unplugged), so a
+        device added later may take it; other specs: nothing."""
+        slot = spec.param_dict().get("slot")
+        if slot is not None and issubclass(spec.model_class, PciDevice):
+            self._slots.discard(int(slot, 0))

@@ -4,8 +4,11 @@ test, not a measurement)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.vmm.conftest import needs_kvm
 
@@ -35,3 +38,15 @@ def test_coalesce_bench_prints_json(tmp_path):
     for runner in ("inline", "isolated"):
         assert report[runner]["exits_per_coalesced_write"] < 0.1
         assert report[runner]["exits_per_plain_write"] >= 1
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
+def test_footprint_prints_json():
+    r = subprocess.run([sys.executable, "-m", "vmm.bench.footprint", "--loops", "1000000", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    for config in ("no_devices", "three_devices"):
+        assert report[config]["splitvmm"]["seconds"] > 0 and report[config]["qemu"]["peak_pss_mib"] > 0
+        assert report[config]["time_ratio"] > 0 and report[config]["memory_ratio"] > 0
+    assert report["three_devices"]["splitvmm"]["processes"] == 4       # the VMM and a process per device

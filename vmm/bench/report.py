@@ -112,6 +112,11 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("sandbox cost per device", "setup.sandbox_cost_ms", "ms"),
         R("demo sandboxed / not", "demo_boot.ratio", "x"),
         R("4 KiB QD1 sandboxed / not", "virtio_blk_4k_qd1.ratio", "x", 0.95, lower=False))),
+    Bench("footprint", "one ELF under vmm run and QEMU: wall time, peak PSS (needs QEMU)", "vmm.bench.footprint",
+          quick=("--repeat", "1"), rows=(
+        R("time / QEMU, no devices", "no_devices.time_ratio", "x"),
+        R("time / QEMU, three devices", "three_devices.time_ratio", "x"),
+        R("peak PSS / QEMU, three devices", "three_devices.memory_ratio", "x", 1.0))),
     Bench("startup", "start-up and memory vs QEMU on the same ELF", "vmm.bench.startup",
           quick=("--repeat", "3", "--skip", "q35-kvm"), rows=(
         R("no device / QEMU microvm (KVM)", "ratios.vmm_nodev/qemu_microvm_kvm", "x", 1.5),

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).resolve().parent
 RUNTIME = (HERE / "start.S", HERE / "runtime.c", HERE / "irq.S", HERE / "irq.c")
+#: The drivers a guest may link with: serial (COM1), PCI, virtio.
+LIBRARY = (HERE / "serial.c", HERE / "pci.c", HERE / "virtio.c")
 LINKER_SCRIPT = HERE / "guest.ld"
 HEADER = HERE / "guest.h"
 #: Every header of the guest library (guest.h, irq.h, serial.h, pci.h...):
@@ -82,3 +84,20 @@ def build(sources: Iterable[os.PathLike | str], out_dir: os.PathLike | str, name
         raise GuestBuildError(f"building guest {name} failed:\n{proc.stderr.strip()}")
     os.replace(tmp, target)
     return target
+
+
+#: The demo guest's sources (the default guest of ``vmm run``).
+DEMO_SOURCES = (HERE / "demo.c", *LIBRARY)
+
+
+def default_cache() -> pathlib.Path:
+    """Where built guests are kept between runs: $XDG_CACHE_HOME/splitvmm/guests
+    (~/.cache/splitvmm/guests)."""
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "splitvmm" / "guests"
+
+
+def demo(out_dir: os.PathLike | str | None = None) -> pathlib.Path:
+    """The demo guest (``vmm/guests/demo.c``: PCI, virtio-rng, virtio-blk,
+    virtio-console, serial), built into ``out_dir`` or the default cache."""
+    return build(DEMO_SOURCES, out_dir if out_dir is not None else default_cache(), name="demo")

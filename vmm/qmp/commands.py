@@ -67,6 +67,10 @@ class Command:
     args: tuple[Arg, ...] = ()
     #: The ``return`` value as tables, for ``vmm ctl --table``.
     table: Callable[[Any], list[Table]] | None = None
+    #: Set: the command also takes arguments it does not declare (strings,
+    #: integers, booleans; what they are, for ``--help``), handed to it
+    #: as one dict ``properties`` (device_add's device properties).
+    properties: str | None = None
     #: Arguments not declared: run(machine, arguments) gets them all as one
     #: mapping and validates them itself (``fault-arm``: a fault's keys).
     free: bool = False
@@ -86,17 +90,26 @@ def execute(machine: Machine, name: str, arguments: dict[str, Any] | None = None
         except (VmmError, RegistryError) as e:
             raise QmpError(GENERIC_ERROR, str(e)) from None
     declared = {a.name: a for a in command.args}
+    properties: dict[str, Any] = {}
     for key, value in arguments.items():
         arg = declared.get(key)
-        if arg is None:
+        if arg is None and command.properties is not None:
+            if not isinstance(value, (str, int)):      # bool is an int
+                raise QmpError(GENERIC_ERROR, f"Invalid parameter type for '{key}', expected: "
+                                              "string, integer or boolean")
+            properties[key] = value
+        elif arg is None:
             raise QmpError(GENERIC_ERROR, f"Parameter '{key}' is unexpected")
-        if not arg.accepts(value):
+        elif not arg.accepts(value):
             raise QmpError(GENERIC_ERROR, f"Invalid parameter type for '{key}', expected: {arg.type}")
     for arg in command.args:
         if arg.required and arg.name not in arguments:
             raise QmpError(GENERIC_ERROR, f"Parameter '{arg.name}' is missing")
+    kwargs = {k.replace("-", "_"): v for k, v in arguments.items() if k not in properties}
+    if command.properties is not None:
+        kwargs["properties"] = properties
     try:
-        return command.run(machine, **{k.replace("-", "_"): v for k, v in arguments.items()})
+        return command.run(machine, **kwargs)
     except (VmmError, RegistryError) as e:
         raise QmpError(GENERIC_ERROR, str(e)) from None
 
@@ -227,6 +240,30 @@ def cont(machine: Machine) -> dict[str, Any]:
     return {}
 
 
+def device_add(machine: Machine, driver: str, id: str | None = None,
+               properties: dict[str, Any] | None = None) -> dict[str, Any]:
+    from vmm.config import ConfigError
+
+    props = dict(properties or {})
+    if id is not None:
+        props["id"] = id
+    for key, value in props.items():
+        if isinstance(value, str) and ("," in value or "," in key):
+            raise QmpError(GENERIC_ERROR, f"Parameter '{key}': a ',' cannot be part of a device property")
+    try:
+        machine.add_device(driver, **props)
+    except ConfigError as e:
+        raise QmpError(GENERIC_ERROR, str(e)) from None
+    return {}
+
+
+def device_del(machine: Machine, id: str) -> dict[str, Any]:
+    if machine.owner_of(id) is None:
+        raise QmpError(DEVICE_NOT_FOUND, f"Device '{id}' not found")
+    machine.remove_device(id)
+    return {}
+
+
 def quit_(machine: Machine) -> dict[str, Any]:
     machine.quit()
     return {}
@@ -320,6 +357,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("stop", "pause every vCPU (out of KVM_RUN, waiting); event STOP", stop),
     Command("cont", "resume every vCPU; event RESUME", cont),
     Command("quit", "end the run (status 12); event SHUTDOWN", quit_),
+    Command("device_add", "plug a device in while the guest runs (a PCI device takes the lowest free slot; "
+            "the guest finds it by rescanning)", device_add,
+            (Arg("driver", "string", "the device type, as --device TYPE", required=True),
+             Arg("id", "string", "its id (default: TYPE plus a number)")),
+            properties="the device's parameters, as --device TYPE,key=value"),
+    Command("device_del", "unplug a device (surprise removal: its regions go at once, then its process); "
+            "event DEVICE_DELETED", device_del, (Arg("id", "string", "the device's id", required=True),)),
     Command("fault-arm", "arm one fault: its plan keys as arguments (device, point, one of nth/every/after/"
             "probability, action, parameters, match keys; name optional); event FAULT_FIRED when it fires",
             fault_arm, free=True),

@@ -23,6 +23,7 @@ STOP = "STOP"
 RESUME = "RESUME"
 SHUTDOWN = "SHUTDOWN"
 DEVICE_FAILED = "DEVICE_FAILED"
+DEVICE_DELETED = "DEVICE_DELETED"
 #: A fault fired (vmm.faults): device, fault, point, event, action, params, detail.
 FAULT_FIRED = "FAULT_FIRED"
 

@@ -180,7 +180,7 @@ class RemoteEndpoint:
         deadline = time.monotonic() + options.start_timeout
         ours, theirs = socketpair()
         try:
-            process = DeviceProcess.start(options.command, theirs, name, options.cpus, env)
+            process = DeviceProcess.start(options.command, theirs, name, options.cpus, env, stderr=options.stderr)
         except BaseException:
             ours.close()
             raise

@@ -52,6 +52,9 @@ class RemoteOptions:
     command: Sequence[str] = DEVSERVER_COMMAND
     #: *spawn*: CPUs the device process may run on (None: any).
     cpus: AbstractSet[int] | None = None
+    #: *spawn*: a descriptor the device process's stderr (its log) goes to,
+    #: e.g. a file per device (None: the VMM's stderr, vmm.console.StderrRelay).
+    stderr: int | None = None
     #: Guest RAM to share (None: the device gets no guest memory).
     memfd: int | None = None
     #: Where ``memfd`` sits in the guest (None: the whole fd at address 0).

@@ -37,19 +37,21 @@ class DeviceProcess:
 
     @classmethod
     def start(cls, command: Sequence[str], channel: socket.socket, name: str,
-              cpus: Set[int] | None = None, env: Mapping[str, str] | None = None) -> DeviceProcess:
+              cpus: Set[int] | None = None, env: Mapping[str, str] | None = None,
+              stderr: int | None = None) -> DeviceProcess:
         """Start ``command --fd N`` with ``channel`` as descriptor N; the
         caller's copy of ``channel`` is closed on every path.  ``env``:
-        the child's environment (None: the VMM's; :func:`child_env`)."""
+        the child's environment (None: the VMM's; :func:`child_env`);
+        ``stderr``: where its log goes (None: the VMM's stderr)."""
         proc = pidfd = None
         # No descriptor of the VMM's terminal reaches the device (vmm.console).
-        relay = StderrRelay.for_child()
+        relay = StderrRelay.for_child() if stderr is None else None
         try:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(channel.fileno()), *_log_level_args(command)],
                                         pass_fds=[channel.fileno()], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, start_new_session=True, env=env,
-                                        stderr=relay.child_fd if relay is not None else None)
+                                        stderr=relay.child_fd if relay is not None else stderr)
             finally:
                 channel.close()      # the child has its copy
                 if relay is not None and proc is not None:
