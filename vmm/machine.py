@@ -510,6 +510,7 @@ class Machine:
             endpoint.close()
         finally:
             registry.unregister_owner(owner)     # anything it claimed on the way out
+            self.windows.revoke(owner)          # its slot's windows go with it
             if spec is not None:
                 self.pci.release(spec)
             if spec is not None and spec.kind == "serial":

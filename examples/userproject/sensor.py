@@ -10,7 +10,7 @@ Two 32-bit registers at PORT (default 0x540):
 
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, Window, all_ones, parse_int
 
 SAMPLE, COUNT = 0x0, 0x4
 
@@ -25,6 +25,11 @@ class Sensor(Device):
             raise BadParameter(f"sensor: pio={self.port:#x} does not fit the port space")
         self.index = self.reads = 0
         self.lock = threading.Lock()
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """The 8 ports the VMM lets this model be reached at."""
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params.get("pio", "0x540")), 8)]
 
     def start(self) -> None:
         self.host.claim(Space.PIO, self.port, 8)

@@ -83,4 +83,4 @@ def test_the_default_serial_losing_its_ports_is_explained(capsys, guest):
     status = cli.main(["run", "--guest", str(guest("hello")), "--device", "echo,pio=0x3f8"])
     err = capsys.readouterr().err
     assert status == 2, err
-    assert err.count("\n") == 1 and "--serial none leaves them free" in err, err
+    assert err.count("\n") == 1 and "--serial none, or serial=\"none\" in Python, leaves them free" in err, err
