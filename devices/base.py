@@ -39,6 +39,8 @@ _ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 #
 #   DeviceError
 #   ├── BadParameter        a model rejects its parameters
+#   ├── BadState            restore: a snapshot the model refuses
+#   ├── NoSnapshot          the model keeps no snapshot (cannot be restored)
 #   ├── GuestMemoryFault    a guest-physical range that is not guest RAM
 #   └── HostRefused         the host will not grant a request
 #       ├── RegionBusy      claim: the range overlaps a registered region
@@ -57,6 +59,19 @@ class DeviceError(Exception):
 
 class BadParameter(DeviceError):
     """A device parameter (from the command line or a config) is invalid."""
+
+
+class BadState(DeviceError):
+    """:meth:`Device.restore`: the snapshot is not one this model (with
+    these parameters) could have taken -- a wrong type, a value out of
+    range, a key missing or unknown, a list too long, registers that
+    contradict each other.  The model is left exactly as it was."""
+
+
+class NoSnapshot(DeviceError):
+    """The model does not implement :meth:`Device.snapshot` /
+    :meth:`Device.restore`: it can be started again, but not with its
+    state."""
 
 
 class GuestMemoryFault(DeviceError):
@@ -162,6 +177,35 @@ class DeviceHost(abc.ABC):
         :class:`RegionTableFull`, :class:`HostRefused` (an empty or
         wrapping range)."""
 
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Take over a region a previous process of this device left
+        registered, or claim it if the range is free: what a restored
+        model calls in :meth:`Device.start` instead of :meth:`claim`
+        (see "Snapshots" in :class:`Device`).
+
+        The VMM keeps a device's regions registered under its owner id
+        while the device is restarted, so the new process finds them
+        there: a region of this owner with exactly this start, length
+        and cookie is adopted as it is (no gap in which the guest's
+        accesses would miss).  Anything else overlapping the range
+        raises :class:`RegionBusy`, as :meth:`claim` does.  The default
+        (a host whose regions do not outlive a process) is
+        :meth:`claim`."""
+        if coalesce:
+            self.claim(space, start, length, cookie, coalesce=True)
+        else:
+            self.claim(space, start, length, cookie)
+
+    def release_unadopted(self) -> int:
+        """Release every region of this owner that neither :meth:`claim`
+        nor :meth:`adopt` took through this host: what a dead process
+        held and the restored model does not (a window it was moving
+        when it died).  Called once, after :meth:`Device.start` of a
+        restored model (:func:`resume`); returns how many were
+        released.  The default host keeps none."""
+        return 0
+
     @abc.abstractmethod
     def release(self, space: Space, start: int) -> None:
         """Unregister this device's region starting at ``start`` (raises
@@ -220,6 +264,50 @@ class Device(abc.ABC):
     from several threads at once (one per vCPU): a model keeps its own
     lock.  An exception out of ``read``/``write`` fails the device (its
     regions are removed, the VM goes on).
+
+    **Snapshots** (what lets the VMM restart a device process with the
+    guest noticing nothing but a pause):
+
+    * :meth:`snapshot` returns *all guest-visible state* -- every
+      register value a read could return, every pending interrupt,
+      queued byte, counter, moved window -- as plain data only: ``dict``
+      (``str`` keys), ``list``, ``str``, ``int``, ``bytes``, ``bool``,
+      ``float``, ``None``.  Parameters (``key=value`` of ``--device``,
+      e.g. an image path) are not state: the new model is built with the
+      same ones.  Host resources (descriptors, routes) are not state
+      either.  It is called between accesses; it takes the model's own
+      lock.
+    * :meth:`restore` loads such a dict into a **freshly constructed**
+      model (same class, same parameters), *before* :meth:`start`.  The
+      dict is **untrusted input**: it comes from the state segment of a
+      process that died and may have been compromised.  Check every key,
+      type (``type(v) is int``: a ``bool`` is not an ``int`` here),
+      range and length, and that the registers agree with each other,
+      *before* changing anything; on anything wrong raise
+      :class:`BadState` and leave the model as it was, so the caller can
+      still :meth:`start` it fresh.  Restore uses no host resource (it
+      may look at :meth:`DeviceHost.guest_memory` to check addresses).
+    * :meth:`start` then runs as usual, on the restored state: it
+      re-takes what the state says the model holds.  The VMM keeps a
+      device's regions registered under its owner id, its irqfds,
+      MSI routes and ioeventfds bound while it restarts, and hands the
+      same ones to the new process when asked again.  So a restored
+      model calls :meth:`DeviceHost.adopt` for each region it holds
+      (not :meth:`DeviceHost.claim`; adopt claims a free range too, so a
+      ``start`` may simply always adopt); asks for its interrupt lines,
+      MSI vectors (re-programming the routes of unmasked entries) and
+      doorbells again with the same arguments; sends **no** interrupt
+      that the state says was sent already (an edge that was delivered
+      is not repeated; a pending one stays pending); and looks once at
+      the work a doorbell may have announced while it was down (a
+      virtio queue).  After ``start``, :func:`resume` releases what the
+      dead process held and the state does not
+      (:meth:`DeviceHost.release_unadopted`).
+
+    A model that does not implement the pair raises :class:`NoSnapshot`
+    (the default): it can only be started again from power-on.
+    :mod:`devices.snapshot` has the checking helpers the built-in models
+    use.
     """
 
     kind = ""
@@ -242,6 +330,27 @@ class Device(abc.ABC):
 
     def stop(self) -> None:
         """Release what the device holds; called once, at teardown."""
+
+    def snapshot(self) -> dict:
+        """All guest-visible state as plain data (class docstring)."""
+        raise NoSnapshot(f"{self.kind or type(self).__name__}: this model keeps no snapshot")
+
+    def restore(self, state: dict) -> None:
+        """Load :meth:`snapshot`'s dict into this fresh model, before
+        :meth:`start`; :class:`BadState` and no change on anything wrong
+        (class docstring)."""
+        raise NoSnapshot(f"{self.kind or type(self).__name__}: this model keeps no snapshot")
+
+
+def resume(model: Device, state: dict) -> int:
+    """Restore a freshly built ``model`` from ``state`` and start it on
+    what the VMM kept for it (the "Snapshots" contract of
+    :class:`Device`); returns the number of stale regions released.
+    :class:`BadState` (or :class:`NoSnapshot`) leaves the model as built:
+    the caller may :meth:`Device.start` it fresh instead."""
+    model.restore(state)
+    model.start()
+    return model.host.release_unadopted()
 
 
 def parse_int(kind: str, key: str, text: str) -> int:

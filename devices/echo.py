@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.base import BadParameter, BadState, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.snapshot import U32, Fields
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,18 @@ class RegisterFile:
     def __init__(self) -> None:
         self.scratch = bytearray(ECHO_SCRATCH_END)
         self.count = 0
+
+    def snapshot(self) -> dict:
+        return {"scratch": bytes(self.scratch), "count": self.count}
+
+    @staticmethod
+    def check(state: object, where: str) -> tuple[bytes, int]:
+        """A snapshot's (scratch, count), checked (BadState)."""
+        f = Fields(state, where, ("scratch", "count"))
+        return f.blob("scratch", ECHO_SCRATCH_END), f.integer("count", 0, U32)
+
+    def load(self, checked: tuple[bytes, int]) -> None:
+        self.scratch[:], self.count = checked
 
     def read(self, offset: int, size: int, sizes: tuple[int, ...], pid: int) -> int:
         self.count = (self.count + 1) & 0xFFFFFFFF
@@ -109,8 +122,35 @@ class Echo(Device):
         return base
 
     def start(self) -> None:
+        # adopt: a restored model finds its windows still registered
+        # (devices.base.Device, "Snapshots"); on a fresh start it claims.
         for space, base in self.base.items():
-            self.host.claim(space, base, _WINDOW[space], self._cookie(space))
+            self.host.adopt(space, base, _WINDOW[space], self._cookie(space))
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"regs": self.regs.snapshot(),
+                    "pio": self.base.get(Space.PIO), "mmio": self.base.get(Space.MMIO)}
+
+    def restore(self, state: dict) -> None:
+        f = Fields(state, self.kind, ("regs", "pio", "mmio"))
+        regs = RegisterFile.check(f.state["regs"], f.name("regs"))
+        base: dict[Space, int] = {}
+        for space, key in ((Space.PIO, "pio"), (Space.MMIO, "mmio")):
+            at = f.optional(key, f.integer)
+            if (at is None) != (space not in self.base):
+                raise BadState(f"{f.name(key)}: the snapshot {'has' if at is not None else 'lacks'} "
+                               f"a {space.name} window, the parameters do not")
+            if at is not None:
+                try:
+                    base[space] = self._check_base(space, at)
+                except BadParameter as e:
+                    raise BadState(f"{f.name(key)}: {e}") from None
+        with self._lock:
+            self.regs.load(regs)
+            self.base = base
 
     def stop(self) -> None:
         for space, base in list(self.base.items()):

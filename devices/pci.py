@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Interrupt, Space, all_ones, parse_int
+from devices.base import BadParameter, BadState, Device, DeviceHost, HostRefused, Interrupt, Space, all_ones, parse_int
 from devices.pci_config import (
     COMMAND_WRITABLE,
     MAX_SLOT,
@@ -100,6 +100,7 @@ from devices.pci_config import (
     config_address,
 )
 from devices.pci_msix import MsiX
+from devices.snapshot import Fields, require
 
 __all__ = ["CONFLICT_RETRY", "COOKIE_CONFIG", "Bar", "BarKind", "MsiX", "PciDevice"]
 
@@ -167,6 +168,8 @@ class PciDevice(Device):
         #: INTx edges sent, and those with no line to go to.
         self.intx_sent = 0
         self.intx_lost = 0
+        #: Set by :meth:`restore`: :meth:`start` re-takes, not assigns.
+        self.restored = False
         c = self.config
         c.set(PCI_VENDOR_ID, 2, self.vendor_id)
         c.set(PCI_DEVICE_ID, 2, self.device_id)
@@ -275,14 +278,142 @@ class PciDevice(Device):
     def start(self) -> None:
         if self.slot == 0:
             raise BadParameter(f"{self.kind}: no slot= given (the VMM assigns one)")
-        self._preassign()
+        if not self.restored:
+            self._preassign()
         self._connect_intx()
-        self.host.claim(Space.PCI, self.config_base, PCI_CFG_SPACE_EXP_SIZE, COOKIE_CONFIG)
+        self.host.adopt(Space.PCI, self.config_base, PCI_CFG_SPACE_EXP_SIZE, COOKIE_CONFIG)
         self._claimed_config = self.config_base
-        # Firmware-like start: decode on, so pre-assigned BARs work at once.
         with self._lock:
-            self.config.set(PCI_COMMAND, 2, PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
-            self._sync_all()
+            if self.restored:
+                self._readopt()
+            else:
+                # Firmware-like start: decode on, so pre-assigned BARs work at once.
+                self.config.set(PCI_COMMAND, 2, PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
+                self._sync_all()
+
+    def _readopt(self) -> None:
+        """Start after :meth:`restore` (lock held): adopt the BAR regions
+        the snapshot says are registered (one another device took
+        meanwhile becomes a conflict, retried as usual), let the model
+        move what it keeps at BAR addresses (:meth:`bar_moved`), ask for
+        the MSI routes again.  INTx# stays as it was driven: no edge."""
+        for i, bar in enumerate(self.bars):
+            if bar is None or bar.index != i:
+                continue
+            if bar.mapped is not None:
+                try:
+                    self.host.adopt(bar.space, bar.mapped, bar.size, bar.index)
+                except HostRefused as e:
+                    log.warning("%s: BAR %d %s %#x+%#x cannot be taken over (%s); retried",
+                                self.kind, i, bar.space.name, bar.mapped, bar.size, e)
+                    bar.mapped, bar.conflict = None, bar.mapped
+            self.bar_moved(bar)
+        if self.msix is not None:
+            self.msix.resume()
+        if self.conflicted():
+            self._start_retry()
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    #: Read-only configuration bits the device itself changes, by offset
+    #: (STATUS.Interrupt_Status); every other read-only bit of a snapshot
+    #: must be what this model (with these parameters) was built with.
+    VOLATILE_CONFIG = {PCI_STATUS: PCI_STATUS_INTERRUPT}
+
+    def snapshot(self) -> dict:
+        """Configuration space, the BAR regions, INTx and MSI-X state, and
+        the subclass's own (:meth:`model_state`)."""
+        with self._lock:
+            bars: list[dict | None] = [
+                {"mapped": b.mapped, "conflict": b.conflict} if b is not None and b.index == i else None
+                for i, b in enumerate(self.bars)]
+            return {"config": bytes(self.config.data), "bars": bars,
+                    "intx": {"pending": self._intx_pending, "sent": self.intx_sent, "lost": self.intx_lost},
+                    "msix": None if self.msix is None else self.msix.snapshot(),
+                    "model": self.model_state()}
+
+    def restore(self, state: dict) -> None:
+        if self.restored or self._claimed_config is not None:
+            raise BadState(f"{self.kind}: restore is for a freshly built model, before start()")
+        f = Fields(state, self.kind, ("config", "bars", "intx", "msix", "model"))
+        config = self._check_config(f)
+        bars = self._check_bars(f, config)
+        intx = f.sub("intx", ("pending", "sent", "lost"))
+        pending = intx.flag("pending")
+        sent, lost = intx.integer("sent"), intx.integer("lost")
+        status = int.from_bytes(config[PCI_STATUS:PCI_STATUS + 2], "little")
+        require(bool(status & PCI_STATUS_INTERRUPT) == (pending and bool(self.interrupt_pin)),
+                f.name("intx"), "STATUS.Interrupt_Status disagrees with the interrupt condition")
+        if self.msix is None:
+            require(f.state["msix"] is None, f.name("msix"), "this function has no MSI-X")
+            msix = None
+        else:
+            msix = self.msix.check(f.state["msix"], f.name("msix"))
+        model = self.check_model_state(f.state["model"], f.name("model"))
+        with self._lock:
+            self.config.data[:] = config
+            for bar, (mapped, conflict) in bars:
+                bar.mapped, bar.conflict = mapped, conflict
+            self._intx_pending, self.intx_sent, self.intx_lost = pending, sent, lost
+            if self.msix is not None and msix is not None:
+                self.msix.load(msix)
+            c = self.config
+            self._intx_out = (pending and bool(self.interrupt_pin)
+                              and not c.get(PCI_COMMAND, 2) & PCI_COMMAND_INTX_DISABLE
+                              and not (self.msix is not None and self.msix.enabled))
+            self.load_model_state(model)
+            self.restored = True
+
+    def _check_config(self, f: Fields) -> bytes:
+        config = f.blob("config", PCI_CFG_SPACE_SIZE)
+        fresh, wmask = self.config.data, self.config.wmask
+        for at in range(PCI_CFG_SPACE_SIZE):
+            fixed = ~(wmask[at] | self.VOLATILE_CONFIG.get(at & ~1, 0) >> (8 * (at & 1))) & 0xFF
+            if (config[at] ^ fresh[at]) & fixed:
+                raise BadState(f"{f.name('config')}: byte {at:#x} is {config[at]:#04x}, read-only bits "
+                               f"{fixed:#04x} of this function are {fresh[at]:#04x}")
+        return config
+
+    def _check_bars(self, f: Fields, config: bytes) -> list[tuple[Bar, tuple[int | None, int | None]]]:
+        entries = f.items("bars", PCI_NUM_BARS)
+        command = int.from_bytes(config[PCI_COMMAND:PCI_COMMAND + 2], "little")
+        out: list[tuple[Bar, tuple[int | None, int | None]]] = []
+        for i, (bar, entry) in enumerate(zip(self.bars, entries, strict=True)):
+            where = f"{f.name('bars')}[{i}]"
+            if bar is None or bar.index != i:
+                require(entry is None, where, "no BAR starts here")
+                continue
+            b = Fields(entry, where, ("mapped", "conflict"))
+            limit = 1 << 16 if bar.kind is BarKind.IO else 1 << (32 if bar.kind is BarKind.MEM32 else 64)
+            got = []
+            for key in ("mapped", "conflict"):
+                at = None if b.state[key] is None else b.integer(key, 1, limit - bar.size)
+                require(at is None or at % bar.size == 0, b.name(key), f"not aligned to {bar.size:#x}")
+                require(at is None or bool(command & bar.decode_bit), b.name(key), "decoding is off")
+                got.append(at)
+            mapped, conflict = got
+            require(mapped is None or conflict is None, where, "both registered and waiting")
+            out.append((bar, (mapped, conflict)))
+        spans = sorted((bar.space, m, m + bar.size) for bar, (m, _c) in out if m is not None)
+        for (s1, _a1, e1), (s2, a2, _e2) in zip(spans, spans[1:], strict=False):
+            require(s1 != s2 or e1 <= a2, f.name("bars"), f"two BAR regions overlap at {a2:#x}")
+        return out
+
+    # -- for subclasses: their own state (devices.base.Device, "Snapshots") --
+
+    def model_state(self) -> dict | None:
+        """The subclass's own guest-visible state (lock held)."""
+        return None
+
+    def check_model_state(self, state: object, where: str) -> object:
+        """Check :meth:`model_state`'s value (BadState); returns what
+        :meth:`load_model_state` takes.  Must change nothing."""
+        if state is not None:
+            raise BadState(f"{where}: this model keeps no state of its own")
+        return None
+
+    def load_model_state(self, checked: object) -> None:
+        """Apply what :meth:`check_model_state` returned (lock held)."""
 
     def _connect_intx(self) -> None:
         """Ask the host for the irqfd of the INTA# wire (at start, before

@@ -91,6 +91,17 @@ class PciEcho(PciDevice):
         self.add_msix(nvec, BAR_MSIX, MSIX_TABLE, MSIX_PBA)
         self.regs = RegisterFile()
 
+    # -- snapshot: the register file (the PCI state is devices.pci's) --------
+
+    def model_state(self) -> dict:
+        return self.regs.snapshot()
+
+    def check_model_state(self, state: object, where: str) -> object:
+        return RegisterFile.check(state, where)
+
+    def load_model_state(self, checked: object) -> None:
+        self.regs.load(checked)  # type: ignore[arg-type]  # what check_model_state returned
+
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         if bar.index == BAR_IO:
             if offset == IO_REG_CONFLICT and size == 4:

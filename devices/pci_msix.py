@@ -22,6 +22,7 @@ from devices.pci_config import (
     Bar,
     ConfigSpace,
 )
+from devices.snapshot import Fields, require
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,44 @@ class MsiX:
                 if not self.masked(n):
                     self._program(n)
             self._flush()
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    def snapshot(self) -> dict:
+        """Table, pending bits and counters (the capability's control
+        register is in configuration space, devices.pci)."""
+        return {"table": bytes(self.table), "pending": self.pending,
+                "delivered": self.delivered, "lost": self.lost}
+
+    def check(self, state: object, where: str) -> tuple[bytes, int, int, int]:
+        """A snapshot's fields, checked (BadState): entries as the guest
+        can write them (devices.pci_msix.MsiX.write), pending bits of
+        existing vectors only."""
+        f = Fields(state, where, ("table", "pending", "delivered", "lost"))
+        table = f.blob("table", self.table_size)
+        for n in range(self.nvectors):
+            e = table[n * PCI_MSIX_ENTRY_SIZE:(n + 1) * PCI_MSIX_ENTRY_SIZE]
+            require(not e[PCI_MSIX_ENTRY_LOWER_ADDR] & 0x3
+                    and not e[PCI_MSIX_ENTRY_VECTOR_CTRL] & ~PCI_MSIX_ENTRY_CTRL_MASKBIT
+                    and not any(e[PCI_MSIX_ENTRY_VECTOR_CTRL + 1:]),
+                    f.name("table"), f"entry {n}: reserved bits set")
+        pending = f.integer("pending", 0, (1 << self.nvectors) - 1)
+        return table, pending, f.integer("delivered"), f.integer("lost")
+
+    def load(self, checked: tuple[bytes, int, int, int]) -> None:
+        table, self.pending, self.delivered, self.lost = checked
+        self.table[:] = table
+        self._routes.clear()
+
+    def resume(self) -> None:
+        """After a restore: ask the host again for the routes of the
+        entries that may deliver (the VMM kept them; the same vector
+        objects come back).  Nothing is delivered: pending bits stay
+        until the guest's next unmask, as they would have."""
+        if self.enabled and not self.function_masked:
+            for n in range(self.nvectors):
+                if not self.masked(n):
+                    self._program(n)
 
     # -- the guest side: table and PBA in the BAR --------------------------
 

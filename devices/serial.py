@@ -65,6 +65,7 @@ from devices.base import (
     all_ones,
     parse_int,
 )
+from devices.snapshot import U8, U16, Fields, require
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,14 @@ class Serial(Device):
         self.thr_pending = False     # THRE interrupt source (cleared by IIR read / THR write)
         self.rx_idle = False         # no more input arrived: the character timeout has passed
         self._level = False          # the interrupt output, as last driven
+        #: Console input read but not yet taken by the receiver (it had no
+        #: room, or went into loopback, after the read): in the snapshot.
+        self.rx_held = b""
 
     # -- life ----------------------------------------------------------------
 
     def start(self) -> None:
-        self.host.claim(Space.PIO, self.pio, UART_REGS, 0)
+        self.host.adopt(Space.PIO, self.pio, UART_REGS, 0)   # devices.base, "Snapshots"
         try:
             self._interrupt = self.host.irq_line(self.irq)
         except HostRefused as e:
@@ -220,6 +224,49 @@ class Serial(Device):
             self.host.release(Space.PIO, self.pio)
         except HostRefused as e:  # the VMM may already have reaped it
             log.debug("serial: releasing ports at %#x: %s", self.pio, e)
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    _STATE = ("ier", "lcr", "mcr", "fcr", "scr", "divisor", "lsr", "msr", "rbr", "rx", "rx_held",
+              "thr_pending", "rx_idle", "level")
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "fcr": self.fcr, "scr": self.scr,
+                    "divisor": self.divisor, "lsr": self.lsr, "msr": self.msr, "rbr": self.rbr,
+                    "rx": bytes(self.rx), "rx_held": self.rx_held, "thr_pending": self.thr_pending,
+                    "rx_idle": self.rx_idle, "level": self._level}
+
+    def restore(self, state: dict) -> None:
+        f = Fields(state, self.kind, self._STATE)
+        ier = f.integer("ier", 0, UART_IER_MASK)
+        lcr, scr, rbr = f.integer("lcr", 0, U8), f.integer("scr", 0, U8), f.integer("rbr", 0, U8)
+        mcr = f.integer("mcr", 0, UART_MCR_MASK)
+        fcr = f.integer("fcr", 0, U8)
+        require(fcr & ~(UART_FCR_ENABLE_FIFO | UART_FCR_DMA_SELECT | UART_FCR_TRIGGER_MASK) == 0
+                and (fcr == 0 or fcr & UART_FCR_ENABLE_FIFO), f.name("fcr"), f"{fcr:#x} is not a FIFO state")
+        divisor = f.integer("divisor", 0, U16)
+        lsr, msr = f.integer("lsr", 0, U8), f.integer("msr", 0, U8)
+        rx = f.blob("rx", max_length=FIFO_SIZE if fcr & UART_FCR_ENABLE_FIFO else 1)
+        held = f.blob("rx_held", max_length=FIFO_SIZE)
+        require(lsr & (UART_LSR_THRE | UART_LSR_TEMT) == UART_LSR_THRE | UART_LSR_TEMT
+                and not lsr & (UART_LSR_PE | UART_LSR_FE | UART_LSR_BI | UART_LSR_FIFOE),
+                f.name("lsr"), f"{lsr:#x}: the transmitter is never busy, no parity/framing/break errors")
+        require(bool(lsr & UART_LSR_DR) == bool(rx), f.name("lsr"), "DR disagrees with the receive FIFO")
+        want_msr = self._modem_inputs(mcr)
+        require(msr & ~UART_MSR_ANY_DELTA == want_msr, f.name("msr"),
+                f"{msr:#x}: the modem inputs are {want_msr:#x} with MCR {mcr:#x}")
+        thr_pending, rx_idle, level = f.flag("thr_pending"), f.flag("rx_idle"), f.flag("level")
+        with self._cond:
+            self.ier, self.lcr, self.mcr, self.fcr, self.scr = ier, lcr, mcr, fcr, scr
+            self.divisor, self.lsr, self.msr, self.rbr = divisor, lsr, msr, rbr
+            self.rx = collections.deque(rx)
+            self.rx_held = held
+            self.thr_pending, self.rx_idle = thr_pending, rx_idle
+            # The interrupt output as the old process left it: an edge it
+            # sent is not sent again (the guest had it).
+            self._level = level
+            self._cond.notify_all()
 
     # -- accesses ------------------------------------------------------------
 
@@ -376,18 +423,18 @@ class Serial(Device):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        held = b""
         while True:
             with self._cond:
                 while not self._stopping and (self._room() <= 0 or self.mcr & UART_MCR_LOOP):
                     self._cond.wait()
                 if self._stopping:
                     return
+                held = self.rx_held
                 if held:
                     n = self._room()
                     for b in held[:n]:
                         self._receive(b)
-                    held = held[n:]
+                    self.rx_held = held = held[n:]
                     self.rx_idle = not held and not select.select([fd], [], [], 0)[0]
                     self._update_irq()
                     continue
@@ -398,15 +445,17 @@ class Serial(Device):
             if not events.get(fd):
                 continue
             try:
-                held = os.read(fd, room)
+                data = os.read(fd, room)
             except BlockingIOError:
                 continue
             except OSError as e:
                 log.info("serial: console input failed: %s", e)
                 return
-            if not held:
+            if not data:
                 log.debug("serial: end of console input")
                 return
+            with self._cond:
+                self.rx_held += data
 
     # -- interrupts ---------------------------------------------------------
 
@@ -440,14 +489,17 @@ class Serial(Device):
         if rising and self._interrupt is not None:
             self._interrupt.trigger()
 
+    @staticmethod
+    def _modem_inputs(m: int) -> int:
+        """MSR bits 7:4 with MCR ``m``: looped back, or a terminal."""
+        if m & UART_MCR_LOOP:
+            return ((UART_MSR_CTS if m & UART_MCR_RTS else 0) | (UART_MSR_DSR if m & UART_MCR_DTR else 0)
+                    | (UART_MSR_RI if m & UART_MCR_OUT1 else 0) | (UART_MSR_DCD if m & UART_MCR_OUT2 else 0))
+        return _EXTERNAL_MSR
+
     def _set_modem_inputs(self) -> None:
         """MSR bits 7:4 from the modem inputs, and their delta bits."""
-        if self.mcr & UART_MCR_LOOP:
-            m = self.mcr
-            new = ((UART_MSR_CTS if m & UART_MCR_RTS else 0) | (UART_MSR_DSR if m & UART_MCR_DTR else 0)
-                   | (UART_MSR_RI if m & UART_MCR_OUT1 else 0) | (UART_MSR_DCD if m & UART_MCR_OUT2 else 0))
-        else:
-            new = _EXTERNAL_MSR
+        new = self._modem_inputs(self.mcr)
         old = self.msr
         changed = old ^ new
         delta = old & UART_MSR_ANY_DELTA

@@ -21,6 +21,9 @@ from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMs
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 
 
+_SPACE_OF = {Bus(int(s)): s for s in Space}
+
+
 def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
     """The model's view of a registry error."""
     if isinstance(e, RegionConflict):
@@ -46,6 +49,9 @@ class RemoteHost(DeviceHost):
         #: (space, start) -> length of the regions claimed with
         #: ``coalesce=True`` (the VMM is asked for the zone; issue 9 §2).
         self.coalesced: dict[tuple[Space, int], int] = {}
+        #: The regions claimed or adopted through this host, for
+        #: :meth:`release_unadopted` (devices.base, "Snapshots").
+        self.taken: set[tuple[Space, int]] = set()
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
@@ -55,9 +61,42 @@ class RemoteHost(DeviceHost):
             raise registry_refusal(e) from None
         if coalesce:
             self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Claim, or find this owner's identical region already there
+        (left by the device's previous process; devices.base)."""
+        try:
+            self.claim(space, start, length, cookie, coalesce=coalesce)
+            return
+        except RegionBusy:
+            bus = Bus(int(space))
+            try:
+                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
+                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
+            except RegistryError as e:
+                raise registry_refusal(e) from None
+            if not held:
+                raise
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def release_unadopted(self) -> int:
+        """Unregister this owner's regions no claim/adopt here took."""
+        try:
+            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
+                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
+            for r in stale:
+                self.registry.unregister(r.bus, r.start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
         self.coalesced.pop((Space(space), start), None)
+        self.taken.discard((Space(space), start))
         try:
             self.registry.unregister(Bus(int(space)), start, self.owner)
         except (RegistryError, ValueError) as e:

@@ -35,6 +35,9 @@ _SPACES = {int(s): s for s in Space}
 _BUSES = {s: Bus(int(s)) for s in Space}
 
 
+_SPACE_OF = {Bus(int(s)): s for s in Space}
+
+
 def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
     """The model's view of a registry error (as devserver.host's)."""
     if isinstance(e, RegionConflict):
@@ -61,6 +64,9 @@ class LocalHost(DeviceHost):
         #: (space, start) -> length of the regions claimed with
         #: ``coalesce=True`` (for the VMM's coalesced-MMIO zones, issue 9 §2).
         self.coalesced: dict[tuple[Space, int], int] = {}
+        #: The regions claimed or adopted through this host, for
+        #: :meth:`release_unadopted` (devices.base, "Snapshots").
+        self.taken: set[tuple[Space, int]] = set()
 
     def guest_memory(self) -> GuestRam:
         """The VMM's own mapping of guest RAM, bounds-checked."""
@@ -86,9 +92,42 @@ class LocalHost(DeviceHost):
             raise registry_refusal(e) from None
         if coalesce:
             self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
+              coalesce: bool = False) -> None:
+        """Claim, or find this owner's identical region already there
+        (left by the device's previous process; devices.base)."""
+        try:
+            self.claim(space, start, length, cookie, coalesce=coalesce)
+            return
+        except RegionBusy:
+            bus = _BUSES[Space(space)]
+            try:
+                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
+                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
+            except RegistryError as e:
+                raise registry_refusal(e) from None
+            if not held:
+                raise
+        if coalesce:
+            self.coalesced[(Space(space), start)] = length
+        self.taken.add((Space(space), start))
+
+    def release_unadopted(self) -> int:
+        """Unregister this owner's regions no claim/adopt here took."""
+        try:
+            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
+                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
+            for r in stale:
+                self.registry.unregister(r.bus, r.start, self.owner)
+        except (RegistryError, ValueError) as e:
+            raise registry_refusal(e) from None
+        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
         self.coalesced.pop((Space(space), start), None)
+        self.taken.discard((Space(space), start))
         try:
             self.registry.unregister(_BUSES[Space(space)], start, self.owner)
         except (RegistryError, ValueError) as e:

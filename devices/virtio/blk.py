@@ -28,6 +28,7 @@ import struct
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
 
@@ -107,14 +108,34 @@ class VirtioBlk(VirtioPciDevice):
             self.fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
             raise BadParameter(f"virtio-blk: {self.path}: {e.strerror}") from None
-        self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        restored_capacity, self.capacity = self.capacity, os.fstat(self.fd).st_size // SECTOR_SIZE
         super().start()
+        if self.restored and self.capacity != restored_capacity:
+            # The image changed size while the device was down: tell the
+            # driver, as a resize does (§5.2.4, §4.1.4.5).
+            log.info("%s: capacity %d -> %d sectors", self.kind, restored_capacity, self.capacity)
+            self.config_changed()
 
     def stop(self) -> None:
         super().stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    # -- snapshot: the configuration the driver read; the image is a parameter --
+
+    def device_state(self) -> dict:
+        return {"capacity": self.capacity, "ident": self.ident}
+
+    def check_device_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("capacity", "ident"))
+        require(f.blob("ident", VIRTIO_BLK_ID_BYTES) == self.ident, f.name("ident"),
+                "another serial id than this device's (serial= differs)")
+        return f.integer("capacity", 0, U64 // SECTOR_SIZE)
+
+    def load_device_state(self, checked: object) -> None:
+        assert isinstance(checked, int)
+        self.capacity = checked
 
     def device_config(self) -> bytes:
         return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)

@@ -31,6 +31,7 @@ import threading
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.snapshot import Fields
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Chain, Virtqueue
 
@@ -117,6 +118,19 @@ class VirtioConsole(VirtioPciDevice):
     def _kick_reader(self) -> None:
         if self._io_wake >= 0:
             os.eventfd_write(self._io_wake, 1)
+
+    # -- snapshot: input the guest has not taken yet ------------------------
+
+    def device_state(self) -> dict:
+        return {"pending": bytes(self._pending), "dropped": self.dropped}
+
+    def check_device_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("pending", "dropped"))
+        return f.blob("pending", max_length=RX_PENDING + READ_CHUNK), f.integer("dropped")
+
+    def load_device_state(self, checked: object) -> None:
+        pending, self.dropped = checked  # type: ignore[misc]  # what check_device_state returned
+        self._pending[:] = pending
 
     # -- transmit ----------------------------------------------------------
 

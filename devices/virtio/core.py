@@ -31,6 +31,7 @@ import logging
 import threading
 
 from devices.guestmem import GuestMemoryFault, GuestRam
+from devices.snapshot import U8, Fields, require
 from devices.virtio.spec import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
@@ -71,6 +72,59 @@ class VirtioCore(abc.ABC):
         for q in self.queues:
             q.reset()
         self.device_reset()
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    def core_state(self) -> dict:
+        """Status, features and queues (lock held)."""
+        return {"status": self.status, "features": self.features, "driver_features": self.driver_features,
+                "config_generation": self.config_generation, "broken": self.broken,
+                "queues": [q.snapshot() for q in self.queues]}
+
+    def check_core_state(self, state: object, where: str, mem: GuestRam | None, nvectors: int) -> dict:
+        """:meth:`core_state`'s dict, checked (BadState): the same
+        features offered, a status the driver could have reached
+        (DRIVER_OK needs FEATURES_OK, FEATURES_OK an accepted feature
+        set; DEVICE_NEEDS_RESET exactly while broken), usable queues."""
+        f = Fields(state, where, ("status", "features", "driver_features", "config_generation", "broken",
+                                  "queues"))
+        require(f.integer("features") == self.features, f.name("features"),
+                f"the snapshot offered {f.state['features']:#x}, this device offers {self.features:#x}")
+        status = f.integer("status", 0, U8)
+        driver = f.integer("driver_features")
+        require(not status & VIRTIO_CONFIG_S_DRIVER_OK or bool(status & VIRTIO_CONFIG_S_FEATURES_OK),
+                f.name("status"), "DRIVER_OK without FEATURES_OK")
+        require(not status & VIRTIO_CONFIG_S_FEATURES_OK
+                or (not driver & ~self.features and bool(driver >> VIRTIO_F_VERSION_1 & 1)),
+                f.name("driver_features"), f"{driver:#x} accepted (offered {self.features:#x})")
+        broken = f.optional("broken", f.text)
+        require((broken is not None) == bool(status & VIRTIO_CONFIG_S_NEEDS_RESET), f.name("broken"),
+                "DEVICE_NEEDS_RESET disagrees with the reason")
+        entries = f.items("queues", len(self.queues))
+        queues = [q.check(e, f"{f.name('queues')}[{q.index}]", mem, nvectors)
+                  for q, e in zip(self.queues, entries, strict=True)]
+        return {"status": status, "driver_features": driver, "broken": broken, "queues": queues,
+                "config_generation": f.integer("config_generation", 0, U8)}
+
+    def load_core_state(self, checked: dict) -> None:
+        self.status, self.driver_features = checked["status"], checked["driver_features"]
+        self.config_generation, self.broken = checked["config_generation"], checked["broken"]
+        for q, v in zip(self.queues, checked["queues"], strict=True):
+            q.load(v)
+
+    def device_state(self) -> object:
+        """The device model's own guest-visible state, plain data (lock
+        held); None: nothing beyond the transport's."""
+        return None
+
+    def check_device_state(self, state: object, where: str) -> object:
+        """Check :meth:`device_state`'s value (BadState, no change);
+        returns what :meth:`load_device_state` takes."""
+        require(state is None, where, "this device keeps no state of its own")
+        return None
+
+    def load_device_state(self, checked: object) -> None:
+        """Apply what :meth:`check_device_state` returned (lock held)."""
 
     # -- for device models ---------------------------------------------------
 

@@ -47,6 +47,8 @@ import struct
 from devices.base import DeviceHost, HostRefused, Space, all_ones
 from devices.pci import Bar, BarKind, PciDevice
 from devices.pci_config import PCI_CFG_SPACE_EXP_SIZE
+from devices.guestmem import GuestRam
+from devices.snapshot import U16, U32, Fields, require
 from devices.virtio.core import VirtioCore
 from devices.virtio.doorbells import Doorbells
 from devices.virtio.spec import (
@@ -189,10 +191,59 @@ class VirtioPciDevice(VirtioCore, PciDevice):
             log.warning("%s: no guest memory (%s); queues cannot be used", self.kind, e)
         self.doorbells.start()
         super().start()
+        if self.restored:
+            with self._lock:
+                self.resume_queues()
 
     def stop(self) -> None:
         self.doorbells.stop()
         super().stop()
+
+    # -- snapshot: transport, core, device (devices.base.Device, "Snapshots") --
+
+    def model_state(self) -> dict:
+        return {"transport": {"device_feature_select": self.device_feature_select,
+                              "driver_feature_select": self.driver_feature_select,
+                              "config_msix_vector": self.config_msix_vector,
+                              "queue_select": self.queue_select, "isr": self.isr,
+                              "notifies_eventfd": self.notifies_eventfd, "notifies_mmio": self.notifies_mmio},
+                "core": self.core_state(), "device": self.device_state()}
+
+    def check_model_state(self, state: object, where: str) -> object:
+        f = Fields(state, where, ("transport", "core", "device"))
+        t = f.sub("transport", ("device_feature_select", "driver_feature_select", "config_msix_vector",
+                                "queue_select", "isr", "notifies_eventfd", "notifies_mmio"))
+        assert self.msix is not None
+        nvectors = self.msix.nvectors
+        transport = {k: t.integer(k, 0, U32) for k in ("device_feature_select", "driver_feature_select")}
+        transport.update({k: t.integer(k) for k in ("notifies_eventfd", "notifies_mmio")})
+        transport["queue_select"] = t.integer("queue_select", 0, U16)
+        transport["isr"] = t.integer("isr", 0, VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG)
+        vector = t.integer("config_msix_vector", 0, U16)
+        require(vector < nvectors or vector == VIRTIO_MSI_NO_VECTOR, t.name("config_msix_vector"),
+                f"{vector} (the function has {nvectors} vectors)")
+        transport["config_msix_vector"] = vector
+        try:
+            mem: GuestRam | None = self.host.guest_memory()
+        except HostRefused:
+            mem = None
+        core = self.check_core_state(f.state["core"], f.name("core"), mem, nvectors)
+        device = self.check_device_state(f.state["device"], f.name("device"))
+        return transport, core, device
+
+    def load_model_state(self, checked: object) -> None:
+        transport, core, device = checked  # type: ignore[misc]  # what check_model_state returned
+        for k, v in transport.items():
+            setattr(self, k, v)
+        self.load_core_state(core)
+        self.load_device_state(device)
+
+    def resume_queues(self) -> None:
+        """After a restore (lock held): serve what the driver made
+        available while the device was down -- a doorbell the dead
+        process had drained but not served is not lost."""
+        for q in self.queues:
+            self.process_queue(q)
 
     # -- doorbells -------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import logging
 import struct
 
 from devices.guestmem import GuestMemoryFault, GuestRam
+from devices.snapshot import U16, Fields, require
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,31 @@ def used_size(n: int) -> int:
     return 6 + 8 * n
 
 
+class InflightHook(typing.Protocol):
+    """Where a record of in-flight requests plugs in (issue 10 §2, after
+    vhost-user's inflight I/O tracking): told of every chain the device
+    takes off the avail ring and every one it returns, so a restarted
+    device can finish exactly the requests that were taken and not
+    returned.  Set :attr:`Virtqueue.inflight`; the calls are made with
+    the device's lock held, in ring order."""
+
+    def popped(self, queue: int, head: int, last_avail: int) -> None:
+        """Chain ``head`` was taken; ``last_avail`` is the device's avail
+        index after it."""
+
+    def pushed(self, queue: int, head: int, used_idx: int) -> None:
+        """Chain ``head`` was returned; ``used_idx`` is the used index
+        just published to the driver."""
+
+    def reset(self, queue: int) -> None:
+        """The queue was reset: nothing is in flight on it any more."""
+
+
+#: The keys of :meth:`Virtqueue.snapshot`.
+QUEUE_STATE = ("size", "msix_vector", "enabled", "desc", "driver", "device", "last_avail", "used_idx",
+               "served", "failed")
+
+
 class Virtqueue:
     """One split virtqueue's driver-set configuration and device state."""
 
@@ -101,6 +127,8 @@ class Virtqueue:
             raise ValueError(f"queue size {max_size} (a power of two up to {MAX_QUEUE_SIZE})")
         self.index = index
         self.max_size = max_size
+        #: The in-flight record's hook (:class:`InflightHook`), or None.
+        self.inflight: InflightHook | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -116,22 +144,53 @@ class Virtqueue:
         #: Requests served, requests failed (bad chain).
         self.served = 0
         self.failed = 0
+        if self.inflight is not None:
+            self.inflight.reset(self.index)
+
+    # -- snapshot (devices.base.Device, "Snapshots") ------------------------
+
+    def snapshot(self) -> dict:
+        """The driver's configuration of the queue and the device's ring
+        indices (the chains in flight are the inflight record's)."""
+        return {"size": self.size, "msix_vector": self.msix_vector, "enabled": self.enabled,
+                "desc": self.desc, "driver": self.driver, "device": self.device,
+                "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "served": self.served, "failed": self.failed}
+
+    def check(self, state: object, where: str, mem: GuestRam | None, nvectors: int) -> dict:
+        """A snapshot of this queue, checked (BadState); what
+        :meth:`load` takes.  An enabled queue's layout must be usable in
+        ``mem``, as at enable."""
+        f = Fields(state, where, QUEUE_STATE)
+        v = {k: f.integer(k, 0, U16) for k in ("size", "last_avail", "used_idx")}
+        v.update({k: f.integer(k) for k in ("desc", "driver", "device", "served", "failed")})
+        vector = f.integer("msix_vector", 0, U16)
+        require(vector < nvectors or vector == 0xFFFF, f.name("msix_vector"), f"{vector} (the function has "
+                f"{nvectors} vectors)")
+        v["msix_vector"] = vector
+        v["enabled"] = enabled = f.flag("enabled")
+        if enabled:
+            require(mem is not None, where, "enabled, but this host gives the device no guest memory")
+            assert mem is not None
+            why = layout_problem(self.index, self.max_size, v["size"], v["desc"], v["driver"], v["device"], mem)
+            require(why is None, where, str(why))
+            require((v["last_avail"] - v["used_idx"]) & U16 <= v["size"], where,
+                    f"{(v['last_avail'] - v['used_idx']) & U16} requests in flight (size {v['size']})")
+        else:
+            require(v["last_avail"] == v["used_idx"] == 0, where, "ring indices of a disabled queue")
+        return v
+
+    def load(self, checked: dict) -> None:
+        for k in QUEUE_STATE:
+            setattr(self, k, checked[k])
+        self._rings_key = self._rings = None
 
     # -- configuration ---------------------------------------------------
 
     def check_layout(self, mem: GuestRam) -> str | None:
         """Why the driver's size/addresses cannot be used, or None."""
-        n = self.size
-        if not 1 <= n <= self.max_size or n & (n - 1):
-            return f"queue {self.index}: size {n} (a power of two up to {self.max_size})"
-        for name, addr, length, align in (("descriptor table", self.desc, DESC_SIZE * n, DESC_ALIGN),
-                                          ("driver area", self.driver, avail_size(n), AVAIL_ALIGN),
-                                          ("device area", self.device, used_size(n), USED_ALIGN)):
-            if addr % align:
-                return f"queue {self.index}: {name} at {addr:#x} is not {align}-byte aligned"
-            if not mem.contains(addr, length):
-                return f"queue {self.index}: {name} {addr:#x}+{length:#x} is not in guest RAM"
-        return None
+        return layout_problem(self.index, self.max_size, self.size, self.desc, self.driver, self.device, mem)
+
 
     # -- the device's side of the rings ----------------------------------
 
@@ -170,6 +229,8 @@ class Virtqueue:
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head {head} in avail slot {slot} >= size {self.size}")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.inflight is not None:
+            self.inflight.popped(self.index, head, self.last_avail)
         return self._walk(mem, view, table, head)
 
     def _walk(self, mem: GuestRam, view: memoryview, table: int, head: int) -> Chain:
@@ -210,10 +271,28 @@ class Virtqueue:
         _USED_ELEM.pack_into(view, used + 4 + 8 * (self.used_idx % self.size), head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(view, used + 2, self.used_idx)
+        if self.inflight is not None:
+            self.inflight.pushed(self.index, head, self.used_idx)
 
     def wants_interrupt(self, mem: GuestRam) -> bool:
         """False when the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7)."""
         return not mem.read_int(self.driver, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+
+def layout_problem(index: int, max_size: int, n: int, desc: int, driver: int, device: int,
+                   mem: GuestRam) -> str | None:
+    """Why a queue of size ``n`` with these ring addresses cannot be used
+    in ``mem`` (§2.7: size, alignment, inside RAM), or None."""
+    if not 1 <= n <= max_size or n & (n - 1):
+        return f"queue {index}: size {n} (a power of two up to {max_size})"
+    for name, addr, length, align in (("descriptor table", desc, DESC_SIZE * n, DESC_ALIGN),
+                                      ("driver area", driver, avail_size(n), AVAIL_ALIGN),
+                                      ("device area", device, used_size(n), USED_ALIGN)):
+        if addr % align:
+            return f"queue {index}: {name} at {addr:#x} is not {align}-byte aligned"
+        if not mem.contains(addr, length):
+            return f"queue {index}: {name} {addr:#x}+{length:#x} is not in guest RAM"
+    return None
 
 
 def fault_text(e: GuestMemoryFault) -> str:

@@ -89,3 +89,32 @@ def test_what_a_bare_host_does_not_offer(make_host):
                 lambda: host.ioeventfd(Space.MMIO, 0xD000_0000, 4)):
         with pytest.raises(NotOffered):
             ask()
+
+
+def test_adopt_takes_over_what_a_previous_process_left(make_host):
+    old, reg = make_host()
+    old.claim(Space.MMIO, 0xD000_0000, 0x1000, cookie=1)
+    old.claim(Space.PIO, 0x500, 0x100, cookie=0)
+    old.claim(Space.PCI, 0x18000, 0x1000, cookie=0x100)
+    before = {(r.start, r.slot, r.generation) for r in reg.regions()}
+    new = type(old)(reg, 2)                      # the restarted process, same owner
+    new.adopt(Space.MMIO, 0xD000_0000, 0x1000, 1)
+    new.adopt(Space.PCI, 0x18000, 0x1000, 0x100)
+    new.adopt(Space.MMIO, 0xD000_4000, 0x1000, 2)   # a free range: claimed
+    assert {(r.start, r.slot, r.generation) for r in reg.regions()} >= before   # never left the registry
+    assert new.release_unadopted() == 1          # the PIO window the new model does not hold
+    assert sorted((r.bus.name, r.start) for r in reg.regions()) == [("MMIO", 0xD000_0000), ("MMIO", 0xD000_4000),
+                                                                    ("PCI", 0x18000)]
+    assert new.release_unadopted() == 0
+    new.release(Space.MMIO, 0xD000_4000)
+    assert new.release_unadopted() == 0          # released by the model: not taken, not stale
+
+
+@pytest.mark.parametrize("owner, length, cookie", [(3, 0x1000, 1), (2, 0x800, 1), (2, 0x1000, 4)])
+def test_adopt_refuses_anything_but_the_same_region(make_host, owner, length, cookie):
+    host, reg = make_host()
+    type(host)(reg, owner).claim(Space.MMIO, 0xD000_0000, 0x1000, 1)
+    with pytest.raises(RegionBusy):
+        host.adopt(Space.MMIO, 0xD000_0000, length, cookie)
+    assert host.release_unadopted() == (1 if owner == 2 else 0)
+    assert len(reg.regions()) == (0 if owner == 2 else 1)
