@@ -34,9 +34,11 @@ from devserver.interrupts import IrqClient
 from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
 from devices.base import ConsoleFds
+from devserver.persist import StateKeeper
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
-                          SetRegistry, SetSlots, Shutdown, Start, negotiate)
+                          SetRegistry, SetSlots, SetState, Shutdown, Start, negotiate)
+from ipc.state import StateError, StateSegment
 from ipc.protocol import IRQ_ANSWERS
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
@@ -75,6 +77,9 @@ class DeviceServer:
         self.irq: IrqClient | None = None
         #: The console (SetConsole), kept open for the model until teardown.
         self.console: ConsoleFds | None = None
+        #: The state segment (SetState): snapshots stored before answers,
+        #: restored from at start (devserver.persist); None without one.
+        self.state: StateKeeper | None = None
         self._model_lock = threading.Lock()
         self._stopping = threading.Event()
         self._served_out = threading.Event()
@@ -158,6 +163,11 @@ class DeviceServer:
             elif isinstance(msg, SetConsole):
                 out_fd = os.dup(msg.out_fd)
                 self.console = ConsoleFds(out_fd, os.dup(msg.in_fd))
+            elif isinstance(msg, SetState):
+                try:
+                    self.state = StateKeeper(StateSegment.attach(msg.fd))
+                except StateError as e:
+                    raise StartFailed(f"state segment: {e}") from None
         except StartFailed:
             raise
         except Exception as e:
@@ -184,7 +194,7 @@ class DeviceServer:
                                memory=self.guest_ram)
         self.model = self._build_model()
 
-    def _build_model(self) -> Device:
+    def _build_model(self, fresh: bool = False) -> Device:
         cfg, host = self.config, self.host
         assert cfg is not None and host is not None
         try:
@@ -194,12 +204,17 @@ class DeviceServer:
         except Exception as e:      # the model's constructor, whatever it raises
             raise StartFailed(f"{cfg.kind}: {e}") from None
         try:
-            model.start()
+            if self.state is not None:
+                self.state.bring_up(model, fresh=fresh)
+            else:
+                model.start()
         except Exception as e:
             try:
                 model.stop()
             except Exception:
                 pass
+            if isinstance(e, StartFailed):
+                raise
             raise StartFailed(f"{cfg.kind} cannot claim its regions: {e}") from None
         return model
 
@@ -209,6 +224,8 @@ class DeviceServer:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
         complete = slots.complete
+        keeper = self.state
+        answered = keeper.answered if keeper is not None else None
         while True:
             try:
                 req = slots.next(1.0)
@@ -231,11 +248,17 @@ class DeviceServer:
                         value = 0
                     else:
                         value = model.read(_SPACES[space], req.cookie, req.offset, size)
+                    if type(value) is not int:
+                        value = 0
+                    if answered is not None:
+                        # Before the answer: a death after this store is
+                        # answered from the record (ipc.accessseq).
+                        answered(model, req.aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
             except Exception:
                 log.exception("%s access at offset %#x failed", _SPACES[space].name, req.offset)
                 complete(req, 0, STATUS_ERROR)
                 continue
-            complete(req, value if type(value) is int else 0, STATUS_OK)
+            complete(req, value, STATUS_OK)
 
     # -- control socket ------------------------------------------------------
 
@@ -289,7 +312,7 @@ class DeviceServer:
             if self.irq is not None:
                 self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
-                self.model = self._build_model()
+                self.model = self._build_model(fresh=True)
             except StartFailed as e:
                 self.model = None
                 log.error("reset failed: %s", e)
@@ -329,6 +352,8 @@ class DeviceServer:
             self.slots.close()
         if self.registry is not None:
             self.registry.close()
+        if self.state is not None:
+            self.state.close()
         if self.guest_ram is not None:
             try:
                 self.guest_ram.release()

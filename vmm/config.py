@@ -3,7 +3,10 @@
 ``--device TYPE[,key=value...]``: ``TYPE`` names a model, a registered
 kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
 (default ``TYPE`` plus a number) and ``process=isolated|inline`` (default
-``isolated``) are understood for every type, every other key goes to the
+``isolated``) are understood for every type, and for ``process=isolated``
+the restart policy (``restart=no|on-failure|always``, default
+``on-failure``; ``restart_delay``, ``restart_timeout``, ``restart_burst``,
+``restart_interval``: :mod:`vmm.remote.restart`); every other key goes to the
 model, which validates it: the model is built once on a host that refuses
 everything, before the guest starts.
 """
@@ -17,6 +20,7 @@ from devices import kinds
 from devices.base import Device, DeviceError, DeviceHost, NotOffered, Space
 from ipc.protocol import MAX_KIND
 from vmm.endpoint import VmmError
+from vmm.remote.restart import POLICY_KEYS, RestartPolicy, parse_policy
 
 PLACEMENTS = ("isolated", "inline")
 DEFAULT_PLACEMENT = "isolated"
@@ -33,6 +37,8 @@ class DeviceSpec:
     name: str
     placement: str
     params: tuple[tuple[str, str], ...]
+    #: What happens when its process ends (isolated devices only).
+    restart: RestartPolicy = RestartPolicy()
 
     @property
     def model_class(self) -> type[Device]:
@@ -86,6 +92,14 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     placement = params.pop("process", DEFAULT_PLACEMENT)
     if placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    policy_items = {k: params.pop(k) for k in POLICY_KEYS if k in params}
+    if policy_items and placement != "isolated":
+        raise ConfigError(f"device spec {text!r}: {', '.join(policy_items)} only apply to process=isolated "
+                          "(an inline device lives and dies with the VMM)")
+    try:
+        policy = parse_policy(policy_items)
+    except ValueError as e:
+        raise ConfigError(f"device spec {text!r}: {e}") from None
     name = params.pop("id", None)
     if name is None:
         n = 0
@@ -104,7 +118,7 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     except Exception as e:      # a model of the user's may fail in any way
         raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()))
+    return DeviceSpec(kind, name, placement, tuple(params.items()), policy)
 
 
 def _default_name(kind: str, model_class: type[Device]) -> str:

@@ -206,8 +206,11 @@ class Machine:
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                    len(self._vcpu_fds), options)
+        options = dataclasses.replace(options, restart=spec.restart)
+        endpoint = RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                        len(self._vcpu_fds), options)
+        endpoint.on_event = self.events.emit
+        return endpoint
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

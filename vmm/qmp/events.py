@@ -23,6 +23,10 @@ STOP = "STOP"
 RESUME = "RESUME"
 SHUTDOWN = "SHUTDOWN"
 DEVICE_FAILED = "DEVICE_FAILED"
+#: A device process ended and is being started again (issue 10 §3).
+DEVICE_RESTARTING = "DEVICE_RESTARTING"
+#: The new process serves the device (data: pid, restarts, pause_ms).
+DEVICE_RESTARTED = "DEVICE_RESTARTED"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,12 +56,15 @@ class Agreement:
 
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
-              serve: Callable[[Message], None], exit_text: Callable[[float], str]) -> Agreement:
+              serve: Callable[[Message], None], exit_text: Callable[[float], str],
+              extra: Callable[[frozenset[str]], Sequence[Message]] | None = None) -> Agreement:
     """Run the VMM side of the handshake up to Ready.
 
     ``send``: sends one message (under the caller's channel lock);
     ``serve``: answers one interrupt request; ``exit_text``: how the device
-    ended, for the error when it hangs up.  Raises :class:`StartError`."""
+    ended, for the error when it hangs up; ``extra``: more configuration
+    messages, given the agreed features (the state segment).  Raises
+    :class:`StartError`."""
 
     def put(msg: Message) -> None:
         try:
@@ -96,6 +99,8 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         put(SetMemTable(fd=offer.memfd, regions=tuple(offer.mem_regions)))
     if offer.console is not None:
         put(offer.console)
+    for msg in extra(welcome.features) if extra is not None else ():
+        put(msg)
     put(Start())
     ready = get()
     while isinstance(ready, IRQ_REQUESTS):      # the model's start() asks
