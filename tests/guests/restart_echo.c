@@ -5,7 +5,10 @@
  * Command line: pio=PORT mmio=ADDR (the echo windows), stop=PORT (a
  * VMM-local port that reads non-zero once the host wants the run to
  * end), stats=ADDR (guest RAM where the guest keeps, as u64s: accesses
- * made, rounds done, then the last counter read).
+ * made, rounds done, then the last counter read), hog=R (at round R,
+ * write 4 to the fault register 0xFC of tests.testkinds:FaultEcho: a
+ * thread of the device takes the registry lock inside the handler and
+ * keeps it; that write does not count as an access of the echo).
  *
  * Each round writes a scratch register through one window and reads it
  * back through the other, then reads the access counter, which must be
@@ -26,6 +29,7 @@ int guest_main(void)
     uint64_t mmio = guest_arg("mmio", 0xd0000000);
     uint16_t stop = (uint16_t)guest_arg("stop", 0x3f0);
     volatile uint64_t *stats = (volatile uint64_t *)(uintptr_t)guest_arg("stats", 0x200000);
+    uint64_t hog = guest_arg("hog", 0);
     uint32_t made = 0;
 
     for (uint64_t round = 1;; round++) {
@@ -52,6 +56,8 @@ int guest_main(void)
         stats[1] = round;
         stats[2] = count;
         CHECK(2, count == made);
+        if (round == hog)
+            mmio_write32(mmio + 0xfc, 4);
         if ((round & 63) == 0 && inb(stop))
             return 0;
     }

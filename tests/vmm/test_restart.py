@@ -89,3 +89,87 @@ def test_echo_killed_20_times_every_access_exactly_once(guest):
         print(f"echo: {KILLS} kills, {rounds} rounds, {made} accesses; restart ms "
               f"median {sorted(killer.pauses)[len(killer.pauses) // 2] * 1000:.1f} "
               f"max {max(killer.pauses) * 1000:.1f}")
+
+
+def run_echo_guest(guest, spec: str, *, kills: int, extra: str = "", machine_kw=None, before_kill=None,
+                   on_run=None, stop_when=lambda m, ep: True):
+    """The restart_echo guest against ``spec`` while a Killer kills the
+    device ``kills`` times; returns (machine figures, endpoint, killer)."""
+    with Machine(memory=32 << 20, vcpus=1, **(machine_kw or {})) as m:
+        m.load_pvh(guest("restart_echo"), f"pio={PIO:#x} mmio={MMIO:#x} stop={STOP:#x} stats={STATS:#x} {extra}")
+        ep = m.add_device(parse_device_spec(spec))
+        killer = Killer(m, ep, kills, lambda: m.memory.read_u64(STATS + 8), before_kill=before_kill)
+        m.add_handler(Bus.PIO, STOP, 1,
+                      read=lambda vcpu, off, size: 1 if killer.done.is_set() and stop_when(m, ep) else 0)
+        killer.start()
+        if on_run is not None:
+            on_run(m, ep)
+        outcome = m.run(timeout=240)
+        killer.join(10)
+        made, rounds, count = (m.memory.read_u64(STATS + 8 * i) for i in range(3))
+        assert killer.error is None, repr(killer.error)
+        assert outcome.ending is Ending.POWER_OFF, f"{outcome} after {rounds} rounds, {made} accesses, count {count}"
+        assert count == made
+        assert ep.failed is None
+        assert m.registry.check() == []
+        return m, ep, killer
+
+
+def test_echo_killed_during_its_handshake(guest):
+    # Each kill is followed by a second one of the new process as soon as it
+    # exists -- inside its handshake -- so one restart takes two starts.
+    def kill_the_next_one(i: int, ep_box: list) -> None:
+        ep = ep_box[0]
+        old = ep.pid
+        wait_for(lambda: ep.pid != old or ep.failed, 30, "a new process")
+        try:
+            os.kill(ep.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    box: list = []
+    threads: list[threading.Thread] = []
+
+    def before_kill(i: int) -> None:
+        t = threading.Thread(target=kill_the_next_one, args=(i, box), daemon=True)
+        threads.append(t)
+        t.start()
+
+    m, ep, killer = run_echo_guest(
+        guest, f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},restart_burst=100", kills=5,
+        before_kill=before_kill, on_run=lambda m, ep: box.append(ep))
+    for t in threads:
+        t.join(5)
+    assert ep.restarts == 5
+
+
+def test_echo_killed_while_holding_the_registry_lock_restarts(guest):
+    # At round 300 the device takes the registry lock inside the handler of
+    # the guest's write and keeps it; the put of that access misses the
+    # deadline, the lock watch kills the holder, the robust futex's
+    # owner-died recovery repairs the registry, and the device is started
+    # again like after any other death: the guest sees nothing.
+    from tests.testkinds import FAULT_ECHO
+
+    def check(m, ep):
+        recoveries = m.registry.recoveries
+
+        def watch():
+            wait_for(lambda: ep.restarts >= 1, 60, "the restart after the lock hog")
+            assert m.registry.recoveries > recoveries
+            assert m.dispatcher.lock_watch.kills == 1
+            wait_for(lambda: m.registry.holder()[1] == 0, 10, "the lock free again")
+            watched.append(True)
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        checks.append(t)
+
+    checks: list[threading.Thread] = []
+    watched: list[bool] = []
+    m, ep, killer = run_echo_guest(
+        guest, f"{FAULT_ECHO},id=e0,pio={PIO:#x},mmio={MMIO:#x}", kills=0, extra="hog=300",
+        machine_kw={"lock_timeout": 0.3}, on_run=check,
+        stop_when=lambda m, ep: ep.restarts >= 1 and m.memory.read_u64(STATS + 8) > 600)
+    checks[0].join(5)
+    assert watched == [True]
+    assert ep.restarts == 1
