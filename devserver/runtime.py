@@ -61,9 +61,11 @@ class DeviceServer:
     """One device process's runtime (see the module docstring)."""
 
     def __init__(self, channel: Channel, handshake_timeout: float = 10.0,
-                 check_parent: bool = True):
+                 check_parent: bool = True, spare: bool = False):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
+        #: A warm spare: the Hello may take any time (devserver.cli --spare).
+        self.spare = spare
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -124,6 +126,8 @@ class DeviceServer:
         return msg
 
     def _handshake(self) -> None:
+        if self.spare:
+            self._await_hello()
         deadline = time.monotonic() + self.handshake_timeout
         hello = self._receive(deadline)
         assert isinstance(hello, Hello)  # the protocol allows nothing else first
@@ -144,6 +148,13 @@ class DeviceServer:
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
+
+    def _await_hello(self) -> None:
+        """A spare: wait until the VMM speaks (or goes away), no deadline."""
+        import select
+        while not select.select([self.channel.fileno()], [], [], PARENT_CHECK)[0]:
+            if self._parent and os.getppid() != self._parent:
+                raise EOFError("the VMM went away before it needed this spare")
 
     def _configure(self, msg: Message) -> None:
         """Apply one configuration message; close its descriptor either way."""

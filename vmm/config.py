@@ -6,7 +6,8 @@ kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
 ``isolated``) are understood for every type, and for ``process=isolated``
 the restart policy (``restart=no|on-failure|always``, default
 ``on-failure``; ``restart_delay``, ``restart_timeout``, ``restart_burst``,
-``restart_interval``: :mod:`vmm.remote.restart`); every other key goes to the
+``restart_interval``: :mod:`vmm.remote.restart`) and ``state=on|off`` (the
+state segment a restart resumes from; default on); every other key goes to the
 model, which validates it: the model is built once on a host that refuses
 everything, before the guest starts.
 """
@@ -39,6 +40,8 @@ class DeviceSpec:
     params: tuple[tuple[str, str], ...]
     #: What happens when its process ends (isolated devices only).
     restart: RestartPolicy = RestartPolicy()
+    #: Whether it gets a state segment (isolated devices only).
+    state: bool = True
 
     @property
     def model_class(self) -> type[Device]:
@@ -92,9 +95,14 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     placement = params.pop("process", DEFAULT_PLACEMENT)
     if placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
-    policy_items = {k: params.pop(k) for k in POLICY_KEYS if k in params}
+    policy_items = {k: params.pop(k) for k in (*POLICY_KEYS, "state") if k in params}
+    state = policy_items.pop("state", "on")
+    if state not in ("on", "off"):
+        raise ConfigError(f"device spec {text!r}: state={state!r} (expected on or off)")
+    if state == "off" and placement != "isolated":
+        policy_items["state"] = state
     if policy_items and placement != "isolated":
-        raise ConfigError(f"device spec {text!r}: {', '.join(policy_items)} only apply to process=isolated "
+        raise ConfigError(f"device spec {text!r}: {', '.join(policy_items)} apply only to process=isolated "
                           "(an inline device lives and dies with the VMM)")
     try:
         policy = parse_policy(policy_items)
@@ -118,7 +126,7 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     except Exception as e:      # a model of the user's may fail in any way
         raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()), policy)
+    return DeviceSpec(kind, name, placement, tuple(params.items()), policy, state == "on")
 
 
 def _default_name(kind: str, model_class: type[Device]) -> str:

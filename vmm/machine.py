@@ -206,7 +206,7 @@ class Machine:
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        options = dataclasses.replace(options, restart=spec.restart)
+        options = dataclasses.replace(options, restart=spec.restart, state=spec.state)
         endpoint = RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
                                         len(self._vcpu_fds), options)
         endpoint.on_event = self.events.emit

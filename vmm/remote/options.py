@@ -69,6 +69,9 @@ class RemoteOptions:
     #: snapshot there before each answer, a restarted process resumes
     #: from it.  Needed for a restart that keeps the device's state.
     state: bool = True
+    #: *spawn*: keep a warm spare process for restarts (``--spare`` is
+    #: added to ``command``; only with a restart policy).
+    spare: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.poll_us, int) or self.poll_us < 0:
