@@ -71,8 +71,13 @@ class QueueRecord:
         self._flush_at = max(1, record.max_size // 2)
 
     def flush(self) -> None:
-        if self._done:
-            done, self._done = self._done, []
+        done = self._done
+        if not done:
+            return
+        self._done = []
+        if len(done) == 1:
+            self.record.complete(done[0], self._used)
+        else:
             self.record.complete_batch(done, self._used)
 
     def popped(self, queue: int, head: int, last_avail: int) -> None:

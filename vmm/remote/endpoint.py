@@ -149,6 +149,9 @@ class RemoteEndpoint:
         #: Longest restart so far (death seen to serving again), seconds.
         self.longest_restart = 0.0
         self.last_restart = 0.0
+        #: Longest time one access waited for the device to come back
+        #: (the pause a guest saw), seconds; a benchmark may reset it.
+        self.longest_wait = 0.0
         #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED.
         self.on_event: Callable[[str, dict], None] | None = None
         self._aseq = itertools.count(1)
@@ -383,6 +386,16 @@ class RemoteEndpoint:
 
     def _access_later(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
                       value: int, aseq: int, slots: SlotCaller | None, gen: int) -> int:
+        t0 = time.monotonic()
+        try:
+            return self._complete_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
+        finally:
+            waited = time.monotonic() - t0
+            if waited > self.longest_wait:
+                self.longest_wait = waited
+
+    def _complete_later(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
+                        value: int, aseq: int, slots: SlotCaller | None, gen: int) -> int:
         """Complete an access the device could not answer (it died, or is
         down or paused): exactly once with respect to its state, or raise
         DeviceFailed when it does not come back in time."""
