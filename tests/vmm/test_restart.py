@@ -333,3 +333,76 @@ def test_device_restart_through_qmp_and_vmm_ctl(guest, tmp_path):
     assert "DEVICE_FAILED" not in events
     pauses.sort()
     print(f"device-restart pause ms: median {pauses[len(pauses) // 2]:.1f} max {pauses[-1]:.1f}")
+
+
+def test_start_limit_fails_the_device_as_without_restart(guest):
+    # restart_burst=3 within 60 s: the first start and two restarts are
+    # allowed; the third kill finds the limit reached, so the device is
+    # failed as today: DEVICE_FAILED, its regions reaped, the guest's next
+    # read is all ones (its check 3).
+    with Machine(memory=32 << 20, vcpus=1) as m:
+        m.load_pvh(guest("restart_echo"), f"pio={PIO:#x} mmio={MMIO:#x} stop={STOP:#x} stats={STATS:#x}")
+        ep = m.add_device(parse_device_spec(f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},"
+                                            "restart_burst=3,restart_interval=60"))
+        events: list = []
+        m.events.subscribe(lambda e: events.append(e.name))
+        m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 0)
+
+        def kill_three() -> None:
+            for i in range(3):
+                seen = m.memory.read_u64(STATS + 8)
+                wait_for(lambda s=seen: m.memory.read_u64(STATS + 8) > s + 20 or ep.failed, 60, "progress")
+                r = ep.restarts
+                os.kill(ep.pid, signal.SIGKILL)
+                wait_for(lambda r=r: ep.restarts > r or ep.failed, 30, "restart or failure")
+
+        t = threading.Thread(target=kill_three, daemon=True)
+        t.start()
+        outcome = m.run(timeout=120)
+        t.join(10)
+        assert outcome.ending is Ending.TEST_EXIT and outcome.value == 3, str(outcome)
+        assert ep.restarts == 2
+        assert ep.failed is not None and "start limit" in ep.failed, ep.failed
+        assert events.count("DEVICE_RESTARTED") == 2
+        wait_for(lambda: "DEVICE_FAILED" in events, 10, "DEVICE_FAILED")
+        assert not any(r.owner == ep.owner for r in m.registry.regions())
+        (dev,) = m.query_devices()
+        assert dev["state"] == "failed" and dev["restarts"] == 2
+
+
+def test_restart_timeout_fails_a_device_that_cannot_come_back(guest, tmp_path):
+    # The device program is replaced after the first start by one that
+    # exits at once: restarts keep failing, and after restart_timeout the
+    # device is failed; the guest's waiting access completes as all ones.
+    import dataclasses
+
+    with Machine(memory=32 << 20, vcpus=1) as m:
+        m.load_pvh(guest("restart_echo"), f"pio={PIO:#x} mmio={MMIO:#x} stop={STOP:#x} stats={STATS:#x}")
+        m.remote_options = dataclasses.replace(m.remote_options, spare=False)
+        ep = m.add_device(parse_device_spec(f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},"
+                                            "restart_timeout=1.5,restart_burst=1000"))
+        m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 0)
+        broken = dataclasses.replace(m.remote_options, command=("/bin/false",))
+        from vmm.remote.process import DeviceProcess
+        from ipc.transport import socketpair
+
+        def launch():
+            ours, theirs = socketpair()
+            return ours, DeviceProcess.start(broken.command, theirs, "e0")
+
+        def kill() -> None:
+            wait_for(lambda: m.memory.read_u64(STATS + 8) > 50, 60, "progress")
+            ep.relaunch = launch
+            t0 = time.monotonic()
+            os.kill(ep.pid, signal.SIGKILL)
+            wait_for(lambda: ep.failed, 30, "the failure")
+            took.append(time.monotonic() - t0)
+
+        took: list[float] = []
+        t = threading.Thread(target=kill, daemon=True)
+        t.start()
+        outcome = m.run(timeout=120)
+        t.join(10)
+        assert outcome.ending is Ending.TEST_EXIT and outcome.value == 3, str(outcome)
+        assert ep.failed is not None and ep.restarts == 0
+        assert 1.4 <= took[0] < 10, took
