@@ -349,7 +349,7 @@ def test_start_limit_fails_the_device_as_without_restart(guest):
         m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 0)
 
         def kill_three() -> None:
-            for i in range(3):
+            for _ in range(3):
                 seen = m.memory.read_u64(STATS + 8)
                 wait_for(lambda s=seen: m.memory.read_u64(STATS + 8) > s + 20 or ep.failed, 60, "progress")
                 r = ep.restarts
