@@ -7,9 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench check-units
 
+# The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
+# header, which a fresh Debian machine lacks (the library itself is there).
 $(STAMP): $(SOURCES)
+	test -e /usr/include/seccomp.h || { apt-get update -qq && apt-get install -y -qq libseccomp-dev; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
@@ -27,10 +30,16 @@ test: $(STAMP)
 
 # The linter (CI runs it after the tests).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples
+	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples systemd
+
+# The systemd units of systemd/: `systemd-analyze verify` must print nothing
+# and the device service's exposure must be at most 1.0 (systemd/check_units.py).
+check-units: $(STAMP)
+	$(PY) systemd/check_units.py
 
 # Benchmarks (JSON on stdout; not part of the tests).
 bench: $(STAMP)
 	$(PY) -m ipc.bench
 	$(PY) -m devserver.bench
 	$(PY) -m vmm.bench
+	$(PY) -m vmm.bench.coalesce

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from devices.guestmem import GuestRam
+    from devices.hostres import HostResource
 
 
 class Space(enum.IntEnum):
@@ -175,7 +176,9 @@ class DeviceHost(abc.ABC):
         the next access that reaches this device (KVM coalesced MMIO);
         reads are never coalesced.  Raises :class:`RegionBusy` (overlap),
         :class:`RegionTableFull`, :class:`HostRefused` (an empty or
-        wrapping range)."""
+        wrapping range, or a coalesced zone the host does not grant: not
+        MMIO, no coalesced MMIO in KVM, too many zones; the region is not
+        claimed then).  :meth:`release` drops the zone with the region."""
 
     def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
@@ -302,7 +305,10 @@ class Device(abc.ABC):
       the work a doorbell may have announced while it was down (a
       virtio queue).  After ``start``, :func:`resume` releases what the
       dead process held and the state does not
-      (:meth:`DeviceHost.release_unadopted`).
+      (:meth:`DeviceHost.release_unadopted`).  Anything a runtime adds
+      from its own records goes between ``restore`` and ``start`` (the
+      virtqueues' in-flight requests:
+      :meth:`devices.virtio.core.VirtioCore.resume_inflight`).
 
     A model that does not implement the pair raises :class:`NoSnapshot`
     (the default): it can only be started again from power-on.
@@ -311,6 +317,19 @@ class Device(abc.ABC):
     """
 
     kind = ""
+    #: System calls the model makes beyond the common allowlist of a
+    #: sandboxed device process (devserver/sandbox/policy/common.py), by
+    #: name, e.g. ``("getrandom",)``: the seccomp filter of a model that is
+    #: not built in allows exactly the common part plus these.
+    syscalls: tuple[str, ...] = ()
+
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        """Host files and listening sockets the model will take with
+        :func:`devices.hostres.open_file` / :func:`~devices.hostres.listen_unix`
+        given these parameters; a device process opens them before its
+        sandbox.  Must not touch anything itself."""
+        return ()
 
     def __init__(self, host: DeviceHost, **params: str):
         self.host = host

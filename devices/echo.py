@@ -26,7 +26,7 @@ import logging
 import threading
 
 from devices.base import BadParameter, BadState, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
-from devices.snapshot import U32, Fields
+from devices.snapshot import U32, Fields, require
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Echo(Device):
         # request slots in a device process): keep the register file and
         # the window bases consistent.
         self._lock = threading.Lock()
+        self._started = False
 
     def _check_base(self, space: Space, base: int) -> int:
         if base < 0 or base + _WINDOW[space] > _LIMIT[space]:
@@ -124,6 +125,7 @@ class Echo(Device):
     def start(self) -> None:
         # adopt: a restored model finds its windows still registered
         # (devices.base.Device, "Snapshots"); on a fresh start it claims.
+        self._started = True
         for space, base in self.base.items():
             self.host.adopt(space, base, _WINDOW[space], self._cookie(space))
 
@@ -135,6 +137,7 @@ class Echo(Device):
                     "pio": self.base.get(Space.PIO), "mmio": self.base.get(Space.MMIO)}
 
     def restore(self, state: dict) -> None:
+        require(not self._started, self.kind, "restore is for a freshly built model, before start()")
         f = Fields(state, self.kind, ("regs", "pio", "mmio"))
         regs = RegisterFile.check(f.state["regs"], f.name("regs"))
         base: dict[Space, int] = {}

@@ -190,14 +190,19 @@ class PciDevice(Device):
 
     # -- declaring the function (from a subclass's __init__) --------------
 
-    def add_bar(self, index: int, kind: BarKind, size: int, prefetchable: bool = False) -> Bar:
-        """Declare BAR ``index`` (a 64-bit one takes ``index + 1`` too)."""
+    def add_bar(self, index: int, kind: BarKind, size: int, prefetchable: bool = False,
+                coalesce: bool = False) -> Bar:
+        """Declare BAR ``index`` (a 64-bit one takes ``index + 1`` too);
+        ``coalesce``: a memory BAR whose guest writes the host may queue
+        (coalesced MMIO, :meth:`DeviceHost.claim`), wherever it moves."""
+        if coalesce and kind is BarKind.IO:
+            raise BadParameter(f"{self.kind}: BAR {index}: only memory BARs can be coalesced")
         min_size = 4 if kind is BarKind.IO else 16
         max_size = 256 if kind is BarKind.IO else (1 << 31 if kind is BarKind.MEM32 else 1 << 63)
         if size < min_size or size > max_size or size & (size - 1):
             raise BadParameter(f"{self.kind}: BAR {index} size {size:#x} (a power of two, "
                                f"{min_size:#x} to {max_size:#x})")
-        bar = Bar(index, kind, size, prefetchable and kind is not BarKind.IO)
+        bar = Bar(index, kind, size, prefetchable and kind is not BarKind.IO, coalesce=coalesce)
         last = index + (1 if kind is BarKind.MEM64 else 0)
         if not 0 <= index or last >= PCI_NUM_BARS or any(self.bars[i] for i in range(index, last + 1)):
             raise BadParameter(f"{self.kind}: BAR {index} is taken or out of range")
@@ -598,7 +603,7 @@ class PciDevice(Device):
         bar.conflict = None
         if want is not None:
             try:
-                self.host.claim(bar.space, want, bar.size, bar.index)
+                self._claim_bar(bar, want)
                 bar.mapped = want
             except HostRefused as e:  # RegionBusy, RegionTableFull
                 bar.conflict = want
@@ -607,6 +612,12 @@ class PciDevice(Device):
                             self.kind, bar.index, bar.space.name, want, bar.size, e)
                 self._start_retry()
         self.bar_moved(bar)
+
+    def _claim_bar(self, bar: Bar, base: int) -> None:
+        if bar.coalesce:
+            self.host.claim(bar.space, base, bar.size, bar.index, coalesce=True)
+        else:
+            self.host.claim(bar.space, base, bar.size, bar.index)
 
     def _unmap(self, bar: Bar) -> None:
         if bar.mapped is not None:
@@ -628,7 +639,7 @@ class PciDevice(Device):
         for i, bar in enumerate(self.bars):
             if bar is not None and bar.index == i and bar.conflict is not None:
                 try:
-                    self.host.claim(bar.space, bar.conflict, bar.size, bar.index)
+                    self._claim_bar(bar, bar.conflict)
                 except HostRefused as e:  # still taken (RegionBusy)
                     log.debug("%s: BAR %d at %#x: still %s", self.kind, i, bar.conflict, e)
                     continue

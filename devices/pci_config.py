@@ -126,6 +126,10 @@ class Bar:
     mapped: int | None = None
     #: Base the BAR asks for but another region holds (module docstring).
     conflict: int | None = None
+    #: Memory BAR whose region is claimed with ``coalesce=True``
+    #: (DeviceHost.claim: guest writes may be queued; the zone moves with
+    #: the BAR).
+    coalesce: bool = False
 
     @property
     def space(self) -> Space:

@@ -169,6 +169,7 @@ class Serial(Device):
         self._wake_r = self._wake_w = -1
         self._stopping = False
         self._out_broken = False
+        self._started = False
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -193,6 +194,7 @@ class Serial(Device):
     # -- life ----------------------------------------------------------------
 
     def start(self) -> None:
+        self._started = True
         self.host.adopt(Space.PIO, self.pio, UART_REGS, 0)   # devices.base, "Snapshots"
         try:
             self._interrupt = self.host.irq_line(self.irq)
@@ -238,6 +240,7 @@ class Serial(Device):
                     "rx_idle": self.rx_idle, "level": self._level}
 
     def restore(self, state: dict) -> None:
+        require(not self._started, self.kind, "restore is for a freshly built model, before start()")
         f = Fields(state, self.kind, self._STATE)
         ier = f.integer("ier", 0, UART_IER_MASK)
         lcr, scr, rbr = f.integer("lcr", 0, U8), f.integer("scr", 0, U8), f.integer("rbr", 0, U8)

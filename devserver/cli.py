@@ -1,15 +1,18 @@
 """The ``devserver`` command: run one device process.
 
     devserver --fd N [--log-level LEVEL] [--handshake-timeout SECONDS] [--spare [--preload KIND]]
+    devserver serve KIND[,key=value...] [--listen PATH] ...   (devserver.service)
 
 ``N`` is an inherited, connected ``AF_UNIX SOCK_SEQPACKET`` socket to the
 VMM (the VMM passes it when it spawns the process).  Everything else (the
 device type, its parameters, the registry, the slots, guest memory)
-arrives over that socket.  ``--spare``: a warm spare the VMM starts ahead of
-a restart (issue 10 §3): the process imports everything (and with
-``--preload KIND`` that kind's model), then waits for the VMM's Hello with
-no deadline, exiting when the VMM goes away.  Later: ``--socket PATH`` for systemd socket
-activation.
+arrives over that socket.  ``devserver serve`` instead runs the device as
+a service that listens for VMMs (``--listen PATH`` or systemd socket
+activation) and takes its own parameters from its command line.
+``--spare``: a warm spare the VMM starts ahead of a restart (issue 10 §3):
+the process imports everything (and with ``--preload KIND`` that kind's
+model), then waits for the VMM's Hello with no deadline, exiting when the
+VMM goes away.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ log = logging.getLogger("devserver")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["serve"]:
+        from devserver.service import main as serve_main
+        return serve_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="devserver", description="Run one splitvmm device process.")
     ap.add_argument("--fd", type=int, required=True, metavar="N",
                     help="inherited control socket (AF_UNIX SOCK_SEQPACKET) connected to the VMM")
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spare", action="store_true",
                     help="a warm spare: wait for the VMM's hello without a deadline")
     ap.add_argument("--preload", metavar="KIND", help="with --spare: import this kind's model ahead")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
     configure_logging(getattr(logging, args.log_level))
     # The VMM decides when a device stops (Shutdown, or its socket going
     # away): a Ctrl-C on the terminal is for the VMM, not for us.

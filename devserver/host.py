@@ -17,7 +17,7 @@ import os
 from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
                           RegionTableFull, Space)
 from devices.guestmem import GuestRam
-from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi
+from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 
 
@@ -39,15 +39,19 @@ class RemoteHost(DeviceHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
-                 irq: IrqClient | None = None, memory: GuestRam | None = None):
+                 irq: IrqClient | None = None, memory: GuestRam | None = None,
+                 pid: int | None = None):
         self._memory = memory
         self.registry = registry
         self.owner = owner
-        self._pid = os.getpid()
+        #: The pid as the VMM sees it (a sandboxed device in a pid
+        #: namespace of its own is pid 1 there).
+        self._pid = os.getpid() if pid is None else pid
         self._console = console
         self._irq = irq
         #: (space, start) -> length of the regions claimed with
-        #: ``coalesce=True`` (the VMM is asked for the zone; issue 9 §2).
+        #: ``coalesce=True``; the VMM was asked for a zone over each when
+        #: the host has a control channel (else they are plain regions).
         self.coalesced: dict[tuple[Space, int], int] = {}
         #: The regions claimed or adopted through this host, for
         #: :meth:`release_unadopted` (devices.base, "Snapshots").
@@ -55,13 +59,25 @@ class RemoteHost(DeviceHost):
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) then ask the
+        VMM for a coalesced zone over it (devserver.interrupts), or undo
+        the registration and raise the refusal (IrqUnavailable)."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
         try:
             self.registry.register(Bus(int(space)), start, length, self.owner, cookie)
         except (RegistryError, ValueError) as e:
             raise registry_refusal(e) from None
-        if coalesce:
-            self.coalesced[(Space(space), start)] = length
         self.taken.add((Space(space), start))
+        if not coalesce:
+            return
+        if self._irq is not None:
+            try:
+                request_zone(self._irq, start, length)
+            except HostRefused:
+                self.registry.unregister(Bus.MMIO, start, self.owner)
+                raise
+        self.coalesced[(Space.MMIO, start)] = length
 
     def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
@@ -95,7 +111,9 @@ class RemoteHost(DeviceHost):
         return len(stale)
 
     def release(self, space: Space, start: int) -> None:
-        self.coalesced.pop((Space(space), start), None)
+        """Unregister the region (and have the VMM drop its zone, if any)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self._irq is not None:
+            remove_zone(self._irq, start)
         self.taken.discard((Space(space), start))
         try:
             self.registry.unregister(Bus(int(space)), start, self.owner)

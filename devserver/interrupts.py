@@ -33,6 +33,8 @@ from typing import Any
 from devices.base import HostRefused
 from ipc.protocol import (
     IRQ_ANSWERS,
+    CoalescedMmioRemoveRequest,
+    CoalescedMmioRequest,
     IoeventfdRemoveRequest,
     IoeventfdRequest,
     ConnectionClosed,
@@ -43,6 +45,7 @@ from ipc.protocol import (
     MsiRouteRequest,
     MsiUnrouteRequest,
 )
+from ipc.batch import BatchError, BatchReader
 from ipc.transport import ChannelTimeout
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,9 @@ class IrqClient:
         #: the runtime); None while the handshake still reads it in line.
         self.reader: threading.Thread | None = None
         self._fds: set[int] = set()
+        #: The batch segment the VMM delivers coalesced writes through
+        #: (ipc.batch), once it gave one.
+        self.batch: BatchReader | None = None
 
     def request(self, make: Callable[[int], Message]) -> Message:
         """Send ``make(seq)`` and return the VMM's answer to it (IrqGranted
@@ -234,3 +240,30 @@ class RemoteDoorbell:
             log.warning("removing ioeventfd %#x: %s", self._fields["address"], e)
         finally:
             self._client.forget(fd)
+
+
+def request_zone(client: IrqClient, address: int, length: int) -> None:
+    """Ask the VMM to coalesce guest writes to ``[address, address +
+    length)`` (a region this device has registered); raises
+    IrqUnavailable when refused.  An answer that carries the batch
+    segment (feature ``coalesced-batch``) maps it as :attr:`IrqClient.batch`
+    the first time; later copies are closed."""
+    answer = client.request(lambda seq: CoalescedMmioRequest(seq, address, length))
+    if isinstance(answer, IrqGranted):
+        if client.batch is None:
+            try:
+                client.batch = BatchReader(answer.fd)
+            except (BatchError, OSError, ValueError) as e:
+                client.forget(answer.fd)
+                remove_zone(client, address)
+                raise IrqUnavailable(f"the VMM's batch segment: {e}") from None
+        client.forget(answer.fd)     # mapped (or a copy): the descriptor is not needed
+
+
+def remove_zone(client: IrqClient, address: int) -> None:
+    """Ask the VMM to drop the coalesced zone at ``address`` (a refusal or
+    no answer is logged: the VMM drops every zone of the device at its end)."""
+    try:
+        client.request(lambda seq: CoalescedMmioRemoveRequest(seq, address))
+    except IrqUnavailable as e:
+        log.warning("removing coalesced zone %#x: %s", address, e)

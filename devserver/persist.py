@@ -8,11 +8,11 @@ when the VMM handed it a state segment (:class:`ipc.protocol.SetState`):
 * :meth:`StateKeeper.bring_up` builds the running model: a fresh one's
   ``start()`` (and empty inflight records), or -- when the segment holds a
   snapshot -- the restored one (:func:`devices.base.resume`), with each
-  enabled virtqueue put back where the inflight record says: the used
-  index is the guest's (the commit point, in guest RAM), and the avail
-  index goes back to it, so the requests that were popped and not
-  completed are popped again, in order, and none that the guest saw
-  completed is run twice.  The snapshot is untrusted input: ``restore``
+  enabled virtqueue put back where the inflight record says
+  (:meth:`devices.virtio.core.VirtioCore.resume_inflight`): the used
+  index is the guest's (the commit point, in guest RAM), the requests
+  that were popped and not completed are served again first, in pop
+  order, and none that the guest saw completed is run twice.  The snapshot is untrusted input: ``restore``
   checks it (:class:`devices.base.BadState`), the inflight record is
   checked by :meth:`ipc.inflight.InflightQueue.recover`; either refusal
   fails the start.
@@ -21,11 +21,6 @@ when the VMM handed it a state segment (:class:`ipc.protocol.SetState`):
   writes the answer into the slot; a snapshot equal to the last one
   stored is not written again (that access changed nothing, running it
   again is harmless; :mod:`ipc.accessseq`).
-
-The virtqueue model processes requests in order, one at a time per queue
-(``VirtioCore.process_queue``), which is what makes "rewind the avail
-index to the used index" the same set as the record's ``resubmit``; the
-keeper checks that it is and refuses the start otherwise.
 
 Completions are recorded lazily (:class:`QueueRecord`): the flags of the
 returned heads are cleared just before the next pop, or when half a queue
@@ -90,7 +85,12 @@ class QueueRecord:
         if len(self._done) >= self._flush_at:
             self.flush()
 
-    def reset(self, queue: int) -> None:
+    def enabled(self, queue: int, size: int) -> None:
+        self._done.clear()
+        self.record.reset(size)
+
+    def clear(self) -> None:
+        """A model from power-on: nothing is in flight."""
         self._done.clear()
         self.record.reset(self.record.max_size)
 
@@ -118,7 +118,7 @@ class StateKeeper:
         self._hook_queues(model)
         if snap is None:
             for rec in self._records.values():
-                rec.reset(0)
+                rec.clear()
             model.start()
             self.restored = False
         else:
@@ -166,14 +166,14 @@ class StateKeeper:
             if rec is None or not q.enabled:
                 continue
             try:
-                got = self._recover(q, rec.record, mem)
-            except (InflightError, ValueError) as e:
+                got = self._recover(model, q, rec.record, mem)
+            except (InflightError, ValueError, BadState) as e:
                 raise StartFailed(f"queue {q.index}: inflight record: {e}") from None
             if got:
                 self._recovered.append(q)
 
     @staticmethod
-    def _recover(q: Virtqueue, record: InflightQueue, mem: GuestRam) -> bool:
+    def _recover(model: VirtioCore, q: Virtqueue, record: InflightQueue, mem: GuestRam) -> bool:
         n = q.size
         used = q.device
         guest_used = mem.read_int(used + 2, 2)
@@ -182,11 +182,7 @@ class StateKeeper:
             return mem.read_int(used + 4 + 8 * (i % n), 4)
 
         r = record.recover(n, guest_used, used_head)
-        avail = [mem.read_int(q.driver + 4 + 2 * ((guest_used + k) % n), 2) for k in range(len(r.resubmit))]
-        if list(r.resubmit) != avail:
-            raise InflightError(f"heads in flight {list(r.resubmit)} are not the next available ones {avail}")
-        q.used_idx = guest_used
-        q.last_avail = guest_used     # popped again, in order, by start()'s resume_queues
+        model.resume_inflight(q.index, r.resubmit, r.last_avail_idx, r.used_idx)
         if r.resubmit or r.dropped:
             log.info("queue %d: %d request(s) run again, %d completed before the death", q.index,
                      len(r.resubmit), len(r.dropped))

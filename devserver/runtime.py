@@ -6,7 +6,9 @@
 1. handshake: Hello → Welcome, then the configuration messages (device
    config, registry, slots, optional guest memory) until Start, all within
    a deadline; each received descriptor is mapped and closed at once;
-2. build the model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
+2. apply the sandbox (:mod:`devserver.sandbox`; the model's module is
+   imported and its host files are opened just before), then build the
+   model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
 3. serve accesses from the slots on the main thread, while a control
    thread reads the socket (Reset, Shutdown) and watches for the VMM going
@@ -16,6 +18,14 @@
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
 could not start (the VMM got an Error message), 2 when the VMM broke the
 protocol or the handshake did not finish in time.
+
+The same runtime serves one VM session of a device service
+(:mod:`devserver.service`), through a few hooks: ``config_filter`` merges
+the service's own kind and parameters into the VMM's DeviceConfig (or
+refuses it), ``tick`` is called from the handshake waits and the serving
+loop (the watchdog's keep-alives), ``stuck_status`` is the exit status when
+a handler is stuck; and :meth:`DeviceServer.request_stop` ends a session
+from a signal handler.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 
+from devices import hostres
 from devices.base import Device, Space
+from devserver import sandbox
 from devices.guestmem import GuestRam
 from devserver.errors import StartFailed
 from devserver.host import RemoteHost
@@ -40,6 +53,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message,
                           SetRegistry, SetSlots, SetState, Shutdown, Start, negotiate)
 from ipc.state import StateError, StateSegment
 from ipc.protocol import IRQ_ANSWERS
+from ipc.batch import BATCH_SPACE, BatchError
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
@@ -61,9 +75,24 @@ class DeviceServer:
     """One device process's runtime (see the module docstring)."""
 
     def __init__(self, channel: Channel, handshake_timeout: float = 10.0,
-                 check_parent: bool = True, spare: bool = False):
+                 check_parent: bool = True, *,
+                 config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
+                 tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
+                 stuck_status: int = EXIT_OK, spare: bool = False):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
+        #: Service mode (devserver.service): turns the VMM's DeviceConfig
+        #: into the one to run (the service's own kind and parameters
+        #: merged in), or raises StartFailed to refuse it.
+        self.config_filter = config_filter
+        #: Called from the handshake waits and from the serving loop at
+        #: least every ``wait_slice`` seconds while they are healthy (the
+        #: service's watchdog keep-alives, devserver.notify).
+        self.tick = tick
+        self.wait_slice = wait_slice
+        #: Exit status when a handler is stuck after the VMM went away (a
+        #: service exits non-zero, so its manager restarts it).
+        self.stuck_status = stuck_status
         #: A warm spare: the Hello may take any time (devserver.cli --spare).
         self.spare = spare
         self.config: DeviceConfig | None = None
@@ -82,11 +111,15 @@ class DeviceServer:
         #: The state segment (SetState): snapshots stored before answers,
         #: restored from at start (devserver.persist); None without one.
         self.state: StateKeeper | None = None
+        #: Accesses served (known once the server has run).
+        self.served = 0
         self._model_lock = threading.Lock()
         self._stopping = threading.Event()
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: What the sandbox applied (devserver.sandbox).
+        self.sandbox = sandbox.Applied()
 
     # -- the whole life ------------------------------------------------------
 
@@ -97,6 +130,7 @@ class DeviceServer:
             except StartFailed as e:
                 log.error("cannot start: %s", e)
                 self._send(Error(str(e)[:1000] or "device failed to start"))
+                self._drain()
                 return EXIT_START_FAILED
             except (RemoteProtocolError, ChannelTimeout, EOFError) as e:
                 log.error("handshake with the VMM failed: %s", e)
@@ -117,10 +151,36 @@ class DeviceServer:
             except OSError as e:
                 log.info("cannot send %s to the VMM: %s", msg.TYPE, e)
 
+    def _drain(self, timeout: float = 2.0) -> None:
+        """After an Error: take what the VMM still sends until it hangs up
+        (or ``timeout``), so it reads the Error before it sees the end of
+        the stream (closing with its messages unread would reset the
+        connection, which the VMM may see first)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(left)
+            except (ChannelTimeout, RemoteProtocolError, OSError):
+                return
+            if isinstance(msg, ConnectionClosed):
+                return
+            close_fds(msg.fds())
+
     # -- handshake -----------------------------------------------------------
 
     def _receive(self, deadline: float) -> Message:
-        msg = self.channel.receive(max(0.0, deadline - time.monotonic()))
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if self.tick is None:
+                msg = self.channel.receive(left)
+                break
+            try:
+                msg = self.channel.receive(min(left, self.wait_slice))
+                break
+            except ChannelTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                self.tick()
         if isinstance(msg, ConnectionClosed):
             raise EOFError("the VMM closed the control socket during the handshake")
         return msg
@@ -142,9 +202,10 @@ class DeviceServer:
             if isinstance(msg, Start):
                 break
             self._configure(msg)
+        self._enter_sandbox()
         self._start_model()
         assert self.slots is not None and self.config is not None
-        self._send(Ready(os.getpid()))
+        self._send(Ready(self.sandbox.host_pid, sandbox=tuple(self.sandbox.layers)))
         log.info("ready: %s, owner %d, %d slot(s), polling up to %d ns%s",
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
@@ -160,6 +221,8 @@ class DeviceServer:
         """Apply one configuration message; close its descriptor either way."""
         try:
             if isinstance(msg, DeviceConfig):
+                if self.config_filter is not None:
+                    msg = self.config_filter(msg)
                 self.config = msg
                 set_log_name(msg.name)
             elif isinstance(msg, SetRegistry):
@@ -195,6 +258,36 @@ class DeviceServer:
         self.mem_table = msg
         self.guest_ram = GuestRam(self.memory, msg.regions)
 
+    def _enter_sandbox(self) -> None:
+        """The sandbox (devserver.sandbox), once every descriptor is here
+        and before the model is built: its host files are opened first."""
+        cfg = self.config
+        if cfg is None:
+            raise StartFailed("start before device-config")
+        try:
+            cls = resolve(cfg.kind)
+        except ModelNotFound as e:
+            raise StartFailed(str(e)) from None
+        keep = {self.channel.fileno()}
+        if self.console is not None:
+            keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
+        try:
+            keep |= hostres.preopen(cls.host_resources(dict(cfg.params)))
+        except OSError as e:
+            raise StartFailed(f"{cfg.kind}: {e.filename or ''}: {e.strerror}") from None
+        try:
+            self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
+                                         report_sock=self.channel.fileno(),
+                                         tid_base=sandbox.tid_base(cfg.owner))
+        except sandbox.SandboxError as e:
+            raise StartFailed(str(e)) from None
+        if self.sandbox.pid_namespace:
+            _name_filter.pid = self.sandbox.host_pid
+            self._parent = 0    # our parent is the reaper, outside; we die with it (devserver.sandbox.namespaces)
+        if self.sandbox.layers:
+            log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
+                     self.sandbox.seconds * 1e3, self.sandbox.rules)
+
     def _start_model(self) -> None:
         cfg = self.config
         assert cfg is not None and self.registry is not None and self.slots is not None
@@ -202,7 +295,7 @@ class DeviceServer:
             raise StartFailed(f"{self.slots.nslots} slot(s) for {cfg.nvcpus} vCPU(s)")
         self.irq = IrqClient(self._send, self.channel.receive)
         self.host = RemoteHost(self.registry, cfg.owner, console=self.console, irq=self.irq,
-                               memory=self.guest_ram)
+                               memory=self.guest_ram, pid=self.sandbox.host_pid)
         self.model = self._build_model()
 
     def _build_model(self, fresh: bool = False) -> Device:
@@ -237,14 +330,20 @@ class DeviceServer:
         complete = slots.complete
         keeper = self.state
         answered = keeper.answered if keeper is not None else None
+        tick, wait = self.tick, self.wait_slice
         while True:
             try:
-                req = slots.next(1.0)
+                req = slots.next(wait)
             except SlotsStopped:
                 return
+            if tick is not None:
+                tick()
             if req is None:
                 continue
             space, size = req.space, req.size
+            if space == BATCH_SPACE:
+                complete(req, 0, self._serve_batch(req.value, req.aseq))
+                continue
             if space >= len(_SPACES) or size not in _SIZES:
                 log.error("bad request from the VMM: space %d size %d", space, size)
                 complete(req, 0, STATUS_ERROR)
@@ -270,6 +369,31 @@ class DeviceServer:
                 complete(req, 0, STATUS_ERROR)
                 continue
             complete(req, value, STATUS_OK)
+
+    def _serve_batch(self, count: int, aseq: int = 0) -> int:
+        """Apply a batch of writes (coalesced MMIO, ipc.batch) in order;
+        the status to answer."""
+        batch = self.irq.batch if self.irq is not None else None
+        try:
+            if batch is None:
+                raise BatchError("a write batch, but the VMM gave no batch segment")
+            writes = batch.read(count)
+        except BatchError as e:
+            log.error("bad request from the VMM: %s", e)
+            return STATUS_ERROR
+        try:
+            with self._model_lock:
+                model = self.model
+                assert model is not None
+                write = model.write
+                for space, cookie, offset, size, value in writes:
+                    write(_SPACES[space], cookie, offset, size, value)
+                if self.state is not None:      # the batch is one access (ipc.accessseq)
+                    self.state.answered(model, aseq, 0)
+        except Exception:
+            log.exception("a batch of %d writes failed", count)
+            return STATUS_ERROR
+        return STATUS_OK
 
     # -- control socket ------------------------------------------------------
 
@@ -332,6 +456,18 @@ class DeviceServer:
                 return
         self._send(ResetDone())
 
+    def request_stop(self) -> None:
+        """Ask the server to end without waiting for it (safe in a signal
+        handler that runs on the serving thread): the serving loop
+        returns, the control thread sees the socket shut."""
+        self._stopping.set()
+        if self.slots is not None:
+            self.slots.stop()
+        try:
+            self.channel.shutdown()
+        except OSError:
+            pass
+
     def _stop(self) -> None:
         """Make the serving thread return; exit hard if it is stuck."""
         self._stopping.set()
@@ -340,7 +476,7 @@ class DeviceServer:
         if not self._served_out.wait(STUCK_GRACE):
             log.error("a handler is stuck; exiting without cleaning up")
             logging.shutdown()
-            os._exit(EXIT_OK)
+            os._exit(self.stuck_status)
 
     # -- teardown ------------------------------------------------------------
 
@@ -356,6 +492,7 @@ class DeviceServer:
             self.irq.close()
         if self.slots is not None:
             st = self.slots.device_stats()
+            self.served = st.served
             log.info("served %d access(es): %d found while polling, %d sleep(s), %.1f ms polling "
                      "(%.1f ms of it in vain), %d poll(s) cut short, %d move(s) off a vCPU's CPU",
                      st.served, st.polled_hits, st.sleeps, st.poll_ns / 1e6, st.poll_wasted_ns / 1e6,
@@ -384,9 +521,14 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
+    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
+    #: pid namespace); 0: the process's own.
+    pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.device = self.name_
+        if self.pid:
+            record.process = self.pid
         return True
 
 

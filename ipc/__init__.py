@@ -6,6 +6,7 @@ its socket transport (:mod:`ipc.transport`).  Neither :mod:`vmm` nor :mod:`devse
 imported from this package.
 """
 
+from ipc.errors import IpcError
 from ipc.registry import (
     Bus,
     LayoutError,
@@ -34,6 +35,7 @@ from ipc.protocol import (
 from ipc.transport import Channel
 
 __all__ = [
+    "IpcError",
     "Bus",
     "LayoutError",
     "LockTimeout",

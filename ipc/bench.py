@@ -28,8 +28,9 @@ import statistics
 import sys
 import threading
 import time
+from typing import Callable, cast
 
-from ipc.registry import Bus, Registry
+from ipc.registry import Bus, Reference, Registry
 from ipc._registry_c import lib
 
 TARGETS = {"python_pair_ns": 1000.0, "c_pair_ns": 150.0, "lookup_ratio_4096_over_8": 1.5}
@@ -43,7 +44,9 @@ def _fill(reg: Registry, count: int) -> None:
 
 
 def _python_pairs(reg: Registry, count: int, n: int) -> float:
-    get, put, bus = reg.get, reg.put, Bus.MMIO
+    # every address is claimed: get never returns None here
+    get = cast(Callable[[Bus, int, int], Reference], reg.get)
+    put, bus = reg.put, Bus.MMIO
     addrs = [((k * 7919) % count) * STRIDE + 8 for k in range(1024)]
     rounds = n // len(addrs)
     t0 = time.perf_counter_ns()

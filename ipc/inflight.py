@@ -71,6 +71,8 @@ import dataclasses
 import struct
 from collections.abc import Callable
 
+from ipc.errors import IpcError
+
 __all__ = [
     "InflightError",
     "InflightCorrupt",
@@ -104,7 +106,7 @@ def region_size(max_size: int) -> int:
     return QUEUE_HEADER_SIZE + max_size * ENTRY_SIZE
 
 
-class InflightError(Exception):
+class InflightError(IpcError):
     """Base of the inflight record's errors."""
 
 

@@ -18,12 +18,13 @@ The conversation (VMM = front end, device = back end)::
     VMM                                   device
     Hello(version, features)      ─►
                                   ◄─      Welcome(version, features)
-    DeviceConfig(kind, params, owner, name, nvcpus)
+    DeviceConfig(kind, params, owner, name, nvcpus, sandbox, seccomp)
     SetRegistry  [fd]                     (each once, in any order;
     SetSlots     [fd]                      SetMemTable is optional)
     SetMemTable  [fd]
     Start                         ─►
-                                  ◄─      Ready(pid)   (initial regions claimed)
+                                  ◄─      Ready(pid, sandbox)   (initial regions claimed;
+                                                                 the sandbox layers that are on)
     Reset                         ─►
                                   ◄─      ResetDone
     Shutdown (at any time)        ─►      (the device exits)
@@ -38,9 +39,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import msgpack
+
+from ipc.errors import IpcError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -74,7 +77,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 #: Optional capabilities this code knows; a Welcome names the agreed subset.
-FEATURES = frozenset({"mem-table", "reset", "state"})
+#: ``coalesced-batch``: the device applies write batches (ipc.batch) and
+#: takes a batch segment in the answer to its first CoalescedMmioRequest.
+#: ``state``: the device takes a state segment (SetState, ipc.state).
+FEATURES = frozenset({"mem-table", "reset", "coalesced-batch", "state"})
 #: Largest frame body (msgpack bytes after the length prefix).
 MAX_FRAME = 64 * 1024
 #: Most descriptors one message may carry.
@@ -88,11 +94,14 @@ MAX_VCPUS = 256
 MAX_MEM_REGIONS = 64
 MAX_POLL_NS = 10_000_000
 U64_MAX = (1 << 64) - 1
+#: DeviceConfig.sandbox and .seccomp values (devserver.sandbox).
+SANDBOX_MODES = ("strict", "auto", "off")
+SECCOMP_MODES = ("kill", "trap", "log")
 
 _LENGTH = struct.Struct("<I")
 
 
-class ProtocolError(Exception):
+class ProtocolError(IpcError):
     """Base of the control protocol's errors."""
 
 
@@ -240,8 +249,14 @@ class DeviceConfig(Message):
     owner: int
     name: str
     nvcpus: int
+    #: The device's sandbox (devserver.sandbox): strict, auto or off.
+    sandbox: str = "strict"
+    #: What seccomp does with a call outside the allowlist: kill, trap or log.
+    seccomp: str = "kill"
 
     def __post_init__(self) -> None:
+        _need(self.sandbox in SANDBOX_MODES, f"sandbox must be one of {', '.join(SANDBOX_MODES)}, not {self.sandbox!r}")
+        _need(self.seccomp in SECCOMP_MODES, f"seccomp must be one of {', '.join(SECCOMP_MODES)}, not {self.seccomp!r}")
         _text("kind", self.kind, MAX_KIND)
         _need(isinstance(self.params, dict) and len(self.params) <= MAX_PARAMS,
               f"params must be a map of at most {MAX_PARAMS} entries")
@@ -355,9 +370,17 @@ class Ready(Message):
     TYPE: ClassVar[str] = "ready"
     SENDER: ClassVar[Role] = Role.DEVICE
     pid: int
+    #: The sandbox layers that are on in the device (devserver.sandbox).
+    sandbox: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _need(type(self.pid) is int and 0 < self.pid < 1 << 31, f"bad pid {self.pid!r}")
+        _need(isinstance(self.sandbox, (list, tuple)) and len(self.sandbox) <= 16,
+              "sandbox must be a list of at most 16 layer names")
+        for layer in self.sandbox:
+            _text("sandbox layer", layer, MAX_NAME)
+            _need(layer.isprintable(), "sandbox layer names must be printable")
+        object.__setattr__(self, "sandbox", tuple(self.sandbox))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,8 +434,8 @@ MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, DeviceConfig, SetRegistry, SetSlots, SetMemTable,
                         Start, Ready, Reset, ResetDone, Shutdown, Error)
 }
-_CONFIG = (DeviceConfig, SetRegistry, SetSlots, SetMemTable)
-_REQUIRED_CONFIG = frozenset({DeviceConfig, SetRegistry, SetSlots})
+_CONFIG: tuple[type[Message], ...] = (DeviceConfig, SetRegistry, SetSlots, SetMemTable)
+_REQUIRED_CONFIG: frozenset[type[Message]] = frozenset({DeviceConfig, SetRegistry, SetSlots})
 
 S = State
 #: (state, message type) -> next state.  The sender of each type is fixed
@@ -597,8 +620,9 @@ class IrqRefused(Message):
         _text("message", self.message, MAX_TEXT)
 
 
-IRQ_REQUESTS = (IrqLineRequest, MsiRouteRequest, MsiUnrouteRequest)
-IRQ_ANSWERS = (IrqGranted, IrqDone, IrqRefused)
+IRQ_REQUESTS: tuple[type[Message], ...] = (IrqLineRequest, MsiRouteRequest, MsiUnrouteRequest)
+IRQ_ANSWERS: tuple[type[Message], ...] = (IrqGranted, IrqDone, IrqRefused)
+_m: type[Message]
 __all__ += ["IrqLineRequest", "MsiRouteRequest", "MsiUnrouteRequest", "IrqGranted", "IrqDone",
             "IrqRefused", "IRQ_REQUESTS", "IRQ_ANSWERS"]
 for _m in IRQ_REQUESTS + IRQ_ANSWERS:
@@ -656,6 +680,65 @@ class IoeventfdRemoveRequest(IoeventfdRequest):
 IRQ_REQUESTS = (*IRQ_REQUESTS, IoeventfdRequest, IoeventfdRemoveRequest)
 __all__ += ["IoeventfdRequest", "IoeventfdRemoveRequest"]
 for _m in (IoeventfdRequest, IoeventfdRemoveRequest):
+    MESSAGES[_m.TYPE] = _m
+    for _s in (S.STARTING, S.RUNNING, S.RESETTING, S.CLOSING):
+        TRANSITIONS[(_s, _m)] = _s
+
+
+# ---- coalesced MMIO zones ---------------------------------------------------
+#
+#   device                                              VMM
+#   CoalescedMmioRequest(seq, address, length)     ─►   validates (inside an MMIO
+#                                                       region this device owns, no
+#                                                       overlap, a bounded count),
+#                                                       KVM_REGISTER_COALESCED_MMIO
+#   CoalescedMmioRemoveRequest(seq, address)       ─►   KVM_UNREGISTER_COALESCED_MMIO
+#                                                  ◄─   IrqDone(seq)
+#                                                  ◄─   IrqGranted(seq) [batch segment]
+#                                                  ◄─   IrqRefused(seq, message)
+#
+# The device registers the region in the registry itself, then asks for
+# the zone (only the VMM holds the VM fd); same rules and answers as the
+# ioeventfd requests.  Removing a zone the device does not hold is done.
+# With the feature ``coalesced-batch`` a granted zone is answered with
+# IrqGranted carrying the device's batch segment (ipc.batch, the same one
+# each time): the VMM then delivers the queued writes in batches.
+
+@dataclasses.dataclass(frozen=True)
+class CoalescedMmioRequest(Message):
+    """Device → VMM: queue guest writes to ``[address, address + length)``
+    in KVM's coalesced-MMIO ring instead of exiting on each."""
+
+    TYPE: ClassVar[str] = "coalesced-mmio"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    address: int
+    length: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _u64("address", self.address)
+        _need(type(self.length) is int and 0 < self.length <= 0xFFFF_FFFF,
+              f"length must be an integer in [1, 2**32), not {self.length!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoalescedMmioRemoveRequest(Message):
+    """Device → VMM: drop the coalesced zone that starts at ``address``."""
+
+    TYPE: ClassVar[str] = "coalesced-mmio-remove"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    address: int
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _u64("address", self.address)
+
+
+IRQ_REQUESTS = (*IRQ_REQUESTS, CoalescedMmioRequest, CoalescedMmioRemoveRequest)
+__all__ += ["CoalescedMmioRequest", "CoalescedMmioRemoveRequest"]
+for _m in (CoalescedMmioRequest, CoalescedMmioRemoveRequest):
     MESSAGES[_m.TYPE] = _m
     for _s in (S.STARTING, S.RUNNING, S.RESETTING, S.CLOSING):
         TRANSITIONS[(_s, _m)] = _s
@@ -788,7 +871,7 @@ class Connection:
             self._fds.clear()
             raise
 
-    def _fail(self, why: str):
+    def _fail(self, why: str) -> NoReturn:
         raise RemoteProtocolError(why)
 
     def _next(self) -> Message | ConnectionClosed | _NeedData:

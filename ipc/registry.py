@@ -29,6 +29,7 @@ import threading
 import posix_ipc
 
 from ipc._registry_c import ffi, lib
+from ipc.errors import IpcError
 
 __all__ = [
     "Bus",
@@ -46,6 +47,7 @@ __all__ = [
     "pci_address",
     "DEFAULT_CAPACITY",
     "DEFAULT_LOCK_TIMEOUT",
+    "CApi",
 ]
 
 DEFAULT_CAPACITY = 4096
@@ -74,7 +76,7 @@ def pci_address(bus: int, device: int, function: int, offset: int = 0) -> int:
     return bus << 20 | device << 15 | function << 12 | offset
 
 
-class RegistryError(Exception):
+class RegistryError(IpcError):
     """Base of every error the registry raises."""
 
 
@@ -131,6 +133,19 @@ class RegionRecord:
     generation: int
 
 
+@dataclasses.dataclass(frozen=True)
+class CApi:
+    """The registry's C core for C code of another extension module (the
+    VMM's vCPU exit fast path), as addresses: ``handle`` is the
+    ``struct svm_reg *`` of one open registry, ``get`` and ``put`` are
+    ``svm_reg_get`` and ``svm_reg_put`` (signatures in ``_registry.h``).
+    Valid while the registry stays open."""
+
+    handle: int
+    get: int
+    put: int
+
+
 class Reference:
     """A counted reference to a region, from :meth:`Registry.get`.
 
@@ -149,6 +164,8 @@ class Reference:
     offset: int
     generation: int
     slot: int
+    #: The handle it is to be put to; None once put.
+    _registry: Registry | None
 
     def __enter__(self) -> Reference:
         return self
@@ -177,9 +194,12 @@ _tls = threading.local()
 _get = lib.svm_reg_get
 _put = lib.svm_reg_put
 _ENOTFOUND = lib.SVM_ENOTFOUND
-# struct svm_ref: start, length, owner, cookie, generation, offset, slot
-_unpack_ref = struct.Struct("=7Q").unpack_from
-assert _unpack_ref.__self__.size == ffi.sizeof("struct svm_ref")
+# struct svm_ref, read as seven u64 in this order (checked field by field).
+_REF_FIELDS = ("start", "length", "owner", "cookie", "generation", "offset", "slot")
+_REF = struct.Struct("=7Q")
+_unpack_ref = _REF.unpack_from
+assert _REF.size == ffi.sizeof("struct svm_ref")
+assert all(ffi.offsetof("struct svm_ref", f) == 8 * i for i, f in enumerate(_REF_FIELDS))
 
 
 def _holder_pid(tid: int) -> int | None:
@@ -345,26 +365,41 @@ class Registry:
     def _ns(self, timeout: float | None) -> int:
         return int((self.lock_timeout if timeout is None else timeout) * 1e9)
 
-    def _raise(self, rc: int, timeout: float | None, what: str = "") -> None:
+    def error(self, rc: int, timeout: float | None = None, what: str = "") -> Exception:
+        """The exception of the C core's return code ``rc`` (not raised):
+        what this class raises for it, so that a caller of the C core
+        (:meth:`c_api`) handles failures exactly as a Python caller does.
+        ``timeout``: the deadline that was missed (default: this handle's)."""
         if rc == lib.SVM_ETIMEDOUT:
             holder = ffi.new("struct svm_holder *")
             lib.svm_reg_holder(self._handle(), holder)
             pid = _holder_pid(holder.tid) if holder.tid > 0 else None
-            raise LockTimeout(pid or holder.pid or None, holder.tid,
-                              self.lock_timeout if timeout is None else timeout)
+            return LockTimeout(pid or holder.pid or None, holder.tid,
+                               self.lock_timeout if timeout is None else timeout)
         if rc == lib.SVM_ECONFLICT:
-            raise RegionConflict(what or "range overlaps a registered region")
+            return RegionConflict(what or "range overlaps a registered region")
         if rc == lib.SVM_EFULL:
-            raise RegistryFull(f"all {self.capacity} registry slots are in use")
+            return RegistryFull(f"all {self.capacity} registry slots are in use")
         if rc == lib.SVM_ENOTFOUND:
-            raise RegionNotFound(what or "no such region")
+            return RegionNotFound(what or "no such region")
         if rc == lib.SVM_ESTALE:
-            raise StaleReference(what or "reference was already put or is stale")
+            return StaleReference(what or "reference was already put or is stale")
         if rc == lib.SVM_EINVAL:
-            raise ValueError(what or "invalid argument")
+            return ValueError(what or "invalid argument")
         if rc == lib.SVM_ELOCK:
-            raise LockUnusable("registry lock unusable from this thread (no robust list, or locks nested too deeply)")
-        raise RegistryError(f"registry call failed (code {rc})")
+            return LockUnusable("registry lock unusable from this thread (no robust list, or locks nested too deeply)")
+        return RegistryError(f"registry call failed (code {rc})")
+
+    def _raise(self, rc: int, timeout: float | None, what: str = "") -> None:
+        raise self.error(rc, timeout, what)
+
+    def c_api(self) -> CApi:
+        """This registry's C core as addresses, for C code in another
+        extension module (see :class:`CApi`).  Raises RegistryError when
+        the registry is closed."""
+        return CApi(handle=int(ffi.cast("uintptr_t", self._handle())),
+                    get=int(ffi.cast("uintptr_t", ffi.addressof(lib, "svm_reg_get"))),
+                    put=int(ffi.cast("uintptr_t", ffi.addressof(lib, "svm_reg_put"))))
 
     # -- operations ----------------------------------------------------
 
@@ -386,7 +421,7 @@ class Registry:
         if rc:
             self._raise(rc, timeout, f"{bus.name} {start:#x}+{length:#x} overlaps a registered region")
 
-    def get(self, bus: Bus, addr: int, size: int = 1, timeout: float | None = None) -> Reference | None:
+    def get(self, bus: Bus | int, addr: int, size: int = 1, timeout: float | None = None) -> Reference | None:
         """Look up the region containing ``[addr, addr + size)`` and count a
         reference to it; None when no single region contains the access."""
         # The hot path of every guest access: kept free of anything that

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from ipc.slots import (DEFAULT_POLL_NS, SlotCaller, SlotServer, SlotsStopped, STATUS_OK)
 
@@ -48,6 +49,8 @@ def serve(fd: int, poll_ns: int, adaptive: bool, move: bool = False) -> None:
 def spawn_server(caller: SlotCaller, poll_ns: int, adaptive: bool = True,
                  move: bool = False) -> subprocess.Popen:
     """Start ``serve`` in a child process on ``caller``'s segment."""
+    if caller.fd is None:
+        raise ValueError("the slot segment is closed")
     return subprocess.Popen(
         [sys.executable, "-m", "ipc.slotbench", "--serve", str(caller.fd),
          "--poll-ns", str(poll_ns)] + ([] if adaptive else ["--fixed"]) + (["--move"] if move else []),
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.poll_ns, not args.fixed, args.move)
         return 0
     n, rounds = (500, 3) if args.quick else (5000, 5)
-    result = {
+    result: dict[str, Any] = {
         "what": "Python SlotCaller.call <-> Python SlotServer in another process, 4-byte read",
         "polling": measure(args.poll_ns, n, rounds, not args.fixed, move=args.move),
         "no_polling": measure(0, n // 5, rounds),

@@ -38,6 +38,7 @@ import time
 from typing import NamedTuple
 
 from ipc._slots_c import ffi, lib
+from ipc.errors import IpcError
 
 __all__ = [
     "SlotError",
@@ -74,12 +75,16 @@ DEFAULT_SLICE_NS = 5_000_000
 log = logging.getLogger(__name__)
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-# struct svs_request: slot, seq, space, size, is_write, reserved, cookie, offset, value, aseq
-_unpack_request = struct.Struct("=6I4Q").unpack_from
-assert _unpack_request.__self__.size == ffi.sizeof("struct svs_request")
+# struct svs_request, read in this order (checked field by field).
+_REQUEST_FIELDS = ("slot", "seq", "space", "size", "is_write", "reserved", "cookie", "offset", "value", "aseq")
+_REQUEST = struct.Struct("=6I4Q")
+_unpack_request = _REQUEST.unpack_from
+assert _REQUEST.size == ffi.sizeof("struct svs_request")
+assert all(ffi.offsetof("struct svs_request", f) == o
+           for f, o in zip(_REQUEST_FIELDS, (0, 4, 8, 12, 16, 20, 24, 32, 40, 48), strict=True))
 
 
-class SlotError(Exception):
+class SlotError(IpcError):
     """Base of the errors of the access slots."""
 
 

@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from ipc.errors import IpcError
 from ipc.inflight import InflightQueue, region_size
 
 __all__ = [
@@ -102,7 +103,7 @@ _ZERO8 = bytes(8)
 log = logging.getLogger(__name__)
 
 
-class StateError(Exception):
+class StateError(IpcError):
     """Base of the state segment's errors."""
 
 

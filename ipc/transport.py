@@ -13,23 +13,28 @@ still pending when the channel breaks or closes.  Nothing is leaked.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 
 from ipc.protocol import (MAX_FDS, MAX_FRAME, NEED_DATA, Connection, ConnectionClosed, Message,
                           ProtocolError, RemoteProtocolError, Role)
 
-__all__ = ["Channel", "ChannelTimeout", "ChannelClosed", "socketpair"]
+__all__ = ["Channel", "ChannelTimeout", "ChannelClosed", "socketpair", "peer_credentials"]
 
 log = logging.getLogger(__name__)
 
 _PACKET = MAX_FRAME + 4
+_INT = array.array("i")
+#: struct ucred (pid, uid, gid), as SO_PEERCRED and SCM_CREDENTIALS give it.
+_UCRED = struct.Struct("3i")
 
 
 class ChannelTimeout(ProtocolError):
@@ -44,6 +49,18 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair for one control connection (both close-on-exec;
     pass one end to the child with ``pass_fds``)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` the kernel recorded for the other end of a
+    connected ``AF_UNIX`` socket (SO_PEERCRED, ``man 7 unix``): on an
+    accepted socket, the process that connected; on a connecting one, the
+    process that called listen() -- under socket activation, the service
+    manager.  ``(0, -1, -1)`` when unknown."""
+    try:
+        return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return (0, -1, -1)
 
 
 def close_fds(fds) -> None:
@@ -62,6 +79,12 @@ class Channel:
             raise ValueError("the control socket must be AF_UNIX SOCK_SEQPACKET")
         self.sock = sock
         self.conn = Connection(role)
+        #: With SO_PASSCRED set on the socket before the peer sends: the pid
+        #: the kernel attached to the last packet received -- the process
+        #: that sent it, in this side's pid namespace (it cannot be forged
+        #: without CAP_SYS_ADMIN); 0 until one arrives, or without SO_PASSCRED.
+        self.sender_pid = 0
+        self._passcred = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED))
         self._ready: list[Message | ConnectionClosed] = []   # parsed, not yet returned
         self._closed = False
         # One thread may send (a device's serving thread asking for an
@@ -120,14 +143,37 @@ class Channel:
         if self._closed:
             raise ChannelClosed("channel is closed")
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, _PACKET, MAX_FDS,
-                                                  socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            if self._passcred:
+                data, fds, flags = self._recv_with_credentials()
+            else:
+                data, fds, flags, _ = socket.recv_fds(self.sock, _PACKET, MAX_FDS,
+                                                      socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except ConnectionResetError:
-            data, fds, flags = b"", [], 0
+            # The peer closed with packets of ours unread (man 7 unix): the
+            # kernel reports that once, ahead of what the peer sent before
+            # closing -- a refusal's Error, say.  That is still queued, and
+            # end of stream follows it.
+            return
         with self._conn_lock:
             self._parse(data, fds, flags)
+
+    def _recv_with_credentials(self) -> tuple[bytes, list[int], int]:
+        """recv_fds, plus the SCM_CREDENTIALS the kernel adds under SO_PASSCRED."""
+        data, ancdata, flags, _ = self.sock.recvmsg(
+            _PACKET, socket.CMSG_SPACE(MAX_FDS * _INT.itemsize) + socket.CMSG_SPACE(_UCRED.size),
+            socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
+                whole = len(payload) - len(payload) % _INT.itemsize
+                fds.extend(array.array("i", payload[:whole]))
+            elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+                self.sender_pid = _UCRED.unpack_from(payload)[0]
+        return data, fds, flags
 
     def _parse(self, data: bytes, fds: list[int], flags: int) -> None:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -149,6 +195,7 @@ class Channel:
                 if self.conn.buffered:
                     self.conn.peer_error(f"a packet holds a partial frame ({self.conn.buffered} bytes)")
                 break
+            assert isinstance(event, (Message, ConnectionClosed))
             self._ready.append(event)
             if isinstance(event, ConnectionClosed):
                 break

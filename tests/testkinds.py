@@ -55,6 +55,12 @@ offset  access  meaning
 
 Requests are made inside the handler of the write, as an MSI-X table
 write would make them.
+
+``coalesce-sum`` and ``pci-coalesce-sum`` (:data:`COALESCE_SUM`,
+:data:`PCI_COALESCE_SUM`): add up what the guest writes to a coalesced
+MMIO window (a plain window, or a PCI BAR the guest moves), with an
+order-sensitive hash, for the coalesced-MMIO tests and benchmark (their
+class docstrings list the registers).
 """
 
 from __future__ import annotations
@@ -67,12 +73,16 @@ import time
 
 from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
 from devices.echo import ECHO_COUNT, Echo
+from devices.pci import PciDevice
+from devices.pci_config import Bar, BarKind
 
 log = logging.getLogger(__name__)
 
 #: The ``--device`` TYPE of each kind.
 FAULT_ECHO = "tests.testkinds:FaultEcho"
 IRQ_ECHO = "tests.testkinds:IrqEcho"
+COALESCE_SUM = "tests.testkinds:CoalesceSum"
+PCI_COALESCE_SUM = "tests.testkinds:PciCoalesceSum"
 
 FAULT_REG = 0xFC
 FAULT_GARBAGE_FRAMING = 1
@@ -247,3 +257,133 @@ def _device_server():
     from devserver.runtime import DeviceServer
 
     return next((o for o in gc.get_objects() if isinstance(o, DeviceServer)), None)
+
+
+SUM_WINDOW = 0x1000
+SUM_ADD = 0x00
+SUM_COUNT = 0x08
+SUM_TOTAL = 0x10
+SUM_HASH = 0x18
+SUM_RESET = 0x20
+SUM_MOVE = 0x28
+SUM_PID = 0x30
+#: FNV-1a, 64 bits: the hash of the written values is order-sensitive.
+FNV_OFFSET = 0xCBF2_9CE4_8422_2325
+FNV_PRIME = 0x100_0000_01B3
+U64 = (1 << 64) - 1
+
+
+class _Sums:
+    """What the coalesce-sum kinds add up (count, sum, FNV-1a hash)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = self.total = 0
+        self.hash = FNV_OFFSET
+
+    def add(self, value: int) -> None:
+        self.count += 1
+        self.total = (self.total + value) & U64
+        self.hash = ((self.hash ^ value) * FNV_PRIME) & U64
+
+    def read(self, offset: int, size: int, pid: int) -> int:
+        value = {SUM_COUNT: self.count, SUM_TOTAL: self.total, SUM_HASH: self.hash,
+                 SUM_PID: pid}.get(offset, 0)
+        return value & all_ones(size)
+
+
+class CoalesceSum(Device):
+    """``coalesce-sum``: adds up what the guest writes, for the coalesced
+    MMIO tests and benchmark (vmm.coalesce).
+
+    ``mmio=ADDR``: a 4 KiB window, claimed with ``coalesce=True`` unless
+    ``coalesce=off``; ``plain=ADDR`` (optional): a second 4 KiB window,
+    never coalesced, feeding the same sums.  Registers of either window:
+
+    ======  ======  ==========================================================
+    offset  access  meaning
+    ======  ======  ==========================================================
+    0x00    w       add the value (any size): count += 1, sum += value,
+                    hash = (hash ^ value) * FNV prime (FNV-1a over values)
+    0x08    r       count
+    0x10    r       sum (mod 2**64)
+    0x18    r       hash (starts at the FNV offset basis)
+    0x20    w       reset count, sum and hash
+    0x28    w       move the ``mmio=`` window to ``value`` (release, claim)
+    0x30    r       pid of the serving process
+    ======  ======  ==========================================================
+
+    Reads of fewer than 8 bytes return the low bytes; other offsets read 0.
+    """
+
+    kind = "coalesce-sum"
+
+    def __init__(self, host: DeviceHost, mmio: str | None = None, plain: str | None = None,
+                 coalesce: str = "on", **params: str):
+        super().__init__(host, **params)
+        if mmio is None:
+            raise BadParameter(f"{self.kind}: mmio= is required")
+        if coalesce not in ("on", "off"):
+            raise BadParameter(f"{self.kind}: coalesce={coalesce!r} (on or off)")
+        self.base = parse_int(self.kind, "mmio", mmio)
+        self.plain = None if plain is None else parse_int(self.kind, "plain", plain)
+        self.coalesce = coalesce == "on"
+        self.sums = _Sums()
+
+    def start(self) -> None:
+        self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
+        if self.plain is not None:
+            self.host.claim(Space.MMIO, self.plain, SUM_WINDOW, 1)
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        return self.sums.read(offset, size, self.host.process_id())
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        if offset == SUM_ADD:
+            self.sums.add(value)
+        elif offset == SUM_RESET:
+            self.sums.reset()
+        elif offset == SUM_MOVE and cookie == 0 and size == 8 and value != self.base:
+            self.host.release(Space.MMIO, self.base)
+            try:
+                self.host.claim(Space.MMIO, value, SUM_WINDOW, 0, coalesce=self.coalesce)
+            except HostRefused as e:
+                log.warning("coalesce-sum: cannot move to %#x: %s; staying at %#x", value, e, self.base)
+                self.host.claim(Space.MMIO, self.base, SUM_WINDOW, 0, coalesce=self.coalesce)
+                return
+            self.base = value
+
+    def stop(self) -> None:
+        for start in (self.base, self.plain):
+            if start is not None:
+                try:
+                    self.host.release(Space.MMIO, start)
+                except HostRefused:    # reaped already (the VMM cut us off)
+                    pass
+
+
+class PciCoalesceSum(PciDevice):
+    """``pci-coalesce-sum``: the registers of ``coalesce-sum`` (0x00-0x30,
+    without the move register) behind BAR 0, a 4 KiB 32-bit memory BAR
+    declared with ``coalesce=True``: the guest moves it by reprogramming
+    the BAR, and the coalesced zone moves with it.  IDs 0x1234:0x5c01."""
+
+    kind = "pci-coalesce-sum"
+    vendor_id = 0x1234
+    device_id = 0x5C01
+
+    def __init__(self, host: DeviceHost, **params: str):
+        super().__init__(host, **params)
+        self.add_bar(0, BarKind.MEM32, SUM_WINDOW, coalesce=True)
+        self.sums = _Sums()
+
+    def bar_read(self, bar: Bar, offset: int, size: int) -> int:
+        return self.sums.read(offset, size, self.host.process_id())
+
+    def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
+        if offset == SUM_ADD:
+            self.sums.add(value)
+        elif offset == SUM_RESET:
+            self.sums.reset()

@@ -100,3 +100,45 @@ int svmm_irq_line(int vm_fd, uint32_t gsi, uint32_t level)
     irq.level = level;
     return ioctl(vm_fd, KVM_IRQ_LINE, &irq) < 0 ? -errno : 0;
 }
+
+/* Coalesced MMIO ring (see _kvm.h).  The kernel fills the entry at "last"
+ * and then advances "last" (with a write barrier); user space reads from
+ * "first" and advances it when done with an entry. */
+#define SVMM_COALESCED_PAGE 4096
+#define SVMM_COALESCED_MAX \
+    ((SVMM_COALESCED_PAGE - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio))
+
+int svmm_coalesced_pending(void *ring)
+{
+    struct kvm_coalesced_mmio_ring *r = ring;
+    return __atomic_load_n(&r->first, __ATOMIC_RELAXED) != __atomic_load_n(&r->last, __ATOMIC_ACQUIRE);
+}
+
+int svmm_coalesced_take(void *ring, uint64_t *out, unsigned n)
+{
+    struct kvm_coalesced_mmio_ring *r = ring;
+    uint32_t first = __atomic_load_n(&r->first, __ATOMIC_RELAXED);
+    uint32_t last = __atomic_load_n(&r->last, __ATOMIC_ACQUIRE);   /* pairs with KVM's smp_wmb */
+    unsigned got = 0;
+
+    if (first >= SVMM_COALESCED_MAX || last >= SVMM_COALESCED_MAX) {
+        __atomic_store_n(&r->first, last < SVMM_COALESCED_MAX ? last : 0, __ATOMIC_RELEASE);
+        return -1;
+    }
+    while (first != last && got < n) {
+        const struct kvm_coalesced_mmio *e = &r->coalesced_mmio[first];
+        uint32_t len = e->len;
+        if (len == 1 || len == 2 || len == 4 || len == 8) {
+            uint64_t value = 0;
+            memcpy(&value, e->data, len);              /* x86: little-endian */
+            out[3 * got] = e->phys_addr;
+            out[3 * got + 1] = len;
+            out[3 * got + 2] = value;
+            got++;
+        }
+        first = (first + 1) % SVMM_COALESCED_MAX;
+    }
+    /* The entries are copied before KVM may reuse them. */
+    __atomic_store_n(&r->first, first, __ATOMIC_RELEASE);
+    return (int)got;
+}

@@ -316,3 +316,33 @@ struct kvm_ioeventfd {
     uint32_t flags;
     ...;
 };
+
+/* Coalesced MMIO (api.rst 4.116 KVM_(UN)REGISTER_COALESCED_MMIO): guest
+ * writes inside a zone are queued in a ring page instead of exiting.
+ * KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO) returns the page offset of
+ * that ring in every vCPU's mapping (0: not supported); the ring is one
+ * per VM, seen through each vCPU mapping. */
+#define KVM_REGISTER_COALESCED_MMIO ...
+#define KVM_UNREGISTER_COALESCED_MMIO ...
+#define KVM_CAP_COALESCED_MMIO ...
+
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    ...;
+};
+
+/* Entries of one ring page (KVM_COALESCED_MMIO_MAX for 4 KiB pages). */
+#define SVMM_COALESCED_MAX ...
+/* The page size the ring's capacity assumes. */
+#define SVMM_COALESCED_PAGE ...
+
+/* Copy up to n queued writes out of the ring (oldest first) and hand
+ * their entries back to KVM; returns how many were copied.  Each write
+ * becomes three u64 in out: guest-physical address, length, value (the
+ * length's bytes of data, little-endian, zero-extended); entries of a
+ * length other than 1, 2, 4 or 8 are skipped.  A ring whose indices are
+ * out of range is reset (first = last) and -1 returned. */
+int svmm_coalesced_take(void *ring, uint64_t *out, unsigned n);
+/* 1 when the ring holds at least one write. */
+int svmm_coalesced_pending(void *ring);

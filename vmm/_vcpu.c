@@ -13,6 +13,9 @@
  * (SVMM_STEP_REGISTRY_ERROR for a get: the access completes as unclaimed;
  * SVMM_STEP_PUT_ERROR for a put: retried at the next step), so that Python
  * can deal with the lock's holder (vmm/lockwatch.py).  Same protocol as vmm/dispatch.py: get, handler, put.
+ * With a coalesced-MMIO ring (ring != NULL), an exit that finds queued
+ * writes in it returns SVMM_STEP_DRAIN first: Python delivers them, and
+ * the next step decodes the exit itself.
  *
  * The registry functions come from ipc's C core (ipc/_registry.c) as
  * function pointers, so that the two extension modules stay separate. */
@@ -104,11 +107,21 @@ int svmm_step(struct svmm_vcpu *v)
     }
     for (;;) {
         struct kvm_run *run = v->run;
-        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
-            v->err = errno;
-            return SVMM_STEP_ERRNO;
+        if (v->exit_pending) {
+            v->exit_pending = 0;
+        } else {
+            if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+                v->err = errno;
+                return SVMM_STEP_ERRNO;
+            }
+            v->exits++;
+            /* Writes queued in the ring come before this exit's access
+             * (any exit: a full ring makes the next zone write exit). */
+            if (v->ring && svmm_coalesced_pending(v->ring)) {
+                v->exit_pending = 1;
+                return SVMM_STEP_DRAIN;
+            }
         }
-        v->exits++;
         if (run->exit_reason == KVM_EXIT_IO) {
             v->bus = SVMM_BUS_PIO;
             v->addr = run->io.port;

@@ -11,6 +11,9 @@
                                       * out ("reg_error"); the reference is kept
                                       * and the next step retries the put
                                       * (clear has_ref to abandon it) */
+#define SVMM_STEP_DRAIN 6            /* the coalesced-MMIO ring holds writes:
+                                      * deliver them; the next step handles
+                                      * the exit that came with them */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
 
@@ -23,6 +26,7 @@ struct svmm_vcpu {
     uintptr_t get_fn;          /* svm_reg_get */
     uintptr_t put_fn;          /* svm_reg_put */
     int64_t lock_timeout_ns;
+    void *ring;                /* the coalesced-MMIO ring page, or NULL */
     /* the access handed out */
     uint32_t bus;
     uint32_t size;
@@ -40,6 +44,7 @@ struct svmm_vcpu {
     uint64_t put_errors;
     /* internal */
     uint32_t pending;
+    uint32_t exit_pending;     /* an exit not decoded yet (after a DRAIN) */
     uint32_t has_ref;
     uint32_t elem;
     uint32_t count;

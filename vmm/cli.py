@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
     run.add_argument("--device", action="append", default=[], metavar="SPEC",
-                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type; "
+                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
+                          "or connect=PATH for a device service (devserver serve --listen PATH); "
                           f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
@@ -185,6 +186,12 @@ def _demo_guest() -> pathlib.Path:
     return guests.build(sources, cache / "guests", name="demo")
 
 
+def sandbox_summary(endpoint) -> str:
+    """``, sandbox LAYERS`` for a device in its own process, else nothing."""
+    sandbox = getattr(endpoint, "sandbox", None)
+    return f", {sandbox.describe()}" if sandbox is not None else ""
+
+
 def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
     """One line: how the run ended and which process served which device."""
     parts = []
@@ -193,6 +200,10 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
             continue
         pid = getattr(endpoint, "pid", None)
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
+        service = getattr(endpoint, "service_path", None)
+        if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
+            where = f"pid {pid or endpoint.reported_pid} (service at {service})"
+        where += sandbox_summary(endpoint)
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"

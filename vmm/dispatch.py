@@ -17,6 +17,16 @@ follows DESIGN.md "Failure semantics":
   deals with the holder -- kills it when it is one of our device
   processes, ends the VM when the lock stays unusable.  A ``put`` that
   misses the deadline is retried once the holder is dealt with.
+
+One path, two speeds: the C exit loop (``vmm/_vcpu.c``) does the lookup
+itself and calls :meth:`Dispatcher.forward` for an access it found an
+owner for, :meth:`Dispatcher.lookup_failed` and
+:meth:`Dispatcher.put_timed_out` when its registry call fails; the Python
+loop calls :meth:`Dispatcher.access`, which does the lookup in Python and
+then the same three.  Coalesced MMIO (:mod:`vmm.coalesce`): before any
+access is forwarded, :meth:`Dispatcher.drain` delivers the writes queued
+in the ring, as writes through :meth:`access` (in ring order, one vCPU at
+a time).
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import threading
 from typing import Callable, Mapping
 
 from devices.base import all_ones
-from ipc import Bus, LockTimeout, Registry, RegistryError
-from ipc.registry import lib as _reg_lib
+from ipc import Bus, LockTimeout, Reference, Registry, RegistryError
+from ipc.registry import CApi
+from vmm.coalesce import CoalescedMmio
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
 from vmm.outcome import Outcome
@@ -38,23 +49,13 @@ log = logging.getLogger(__name__)
 PIO = int(Bus.PIO)
 MMIO = int(Bus.MMIO)
 
-#: svm_reg_* code of a missed lock deadline (what the C fast path reports).
-SVM_ETIMEDOUT = _reg_lib.SVM_ETIMEDOUT
 
-
-def registry_c_api(registry: Registry) -> tuple[int, int, int] | None:
-    """(handle, svm_reg_get, svm_reg_put) of the registry's C core as
-    addresses, for the C exit fast path; None when they cannot be had."""
+def registry_c_api(registry: Registry) -> CApi | None:
+    """The registry's C core for the C exit fast path; None when it cannot
+    be had (then the vCPU runs the Python loop)."""
     try:
-        from ipc.registry import ffi as reg_ffi, lib as reg_lib
-
-        handle = registry._h
-        if handle is None:
-            return None
-        return (int(reg_ffi.cast("uintptr_t", handle)),
-                int(reg_ffi.cast("uintptr_t", reg_ffi.addressof(reg_lib, "svm_reg_get"))),
-                int(reg_ffi.cast("uintptr_t", reg_ffi.addressof(reg_lib, "svm_reg_put"))))
-    except (ImportError, AttributeError, TypeError) as e:
+        return registry.c_api()
+    except RegistryError as e:
         log.warning("no C fast path (registry C core not reachable: %s)", e)
         return None
 
@@ -64,7 +65,8 @@ class Dispatcher:
 
     def __init__(self, registry: Registry, endpoints: Mapping[int, Endpoint],
                  on_failure: Callable[[Endpoint, Exception], None] | None = None,
-                 on_fatal: Callable[[Outcome], None] | None = None):
+                 on_fatal: Callable[[Outcome], None] | None = None,
+                 coalesced: CoalescedMmio | None = None):
         self.registry = registry
         #: owner id -> endpoint; read on every access, changed rarely.
         self.endpoints = endpoints
@@ -78,20 +80,34 @@ class Dispatcher:
         #: Deals with whoever holds the registry lock past a deadline.
         self.lock_watch = LockWatch(registry, endpoints, self.fail, on_fatal)
         #: Per-device counts and forwarding latency (vmm.stats); both exit
-        #: loops hand every access to its owner through ``stats.access``.
+        #: loops hand every access to its owner through ``stats.access``
+        #: (in :meth:`forward`), drained coalesced writes through
+        #: ``stats.access_batch``.
         self.stats = AccessStats()
+        #: The VM's coalesced-MMIO zones and ring (None: no coalescing).
+        self.coalesced = coalesced
+        #: The ring, when coalescing is possible at all, and its page in
+        #: each vCPU mapping (0: none).
+        self.ring = coalesced.ring if coalesced is not None else None
+        self.coalesced_page = coalesced.page if coalesced is not None else 0
+        self._drain_lock = threading.RLock()
+        self._draining = threading.local()
+        #: queued writes delivered, and drains that found any.
+        self.coalesced_writes = 0
+        self.drains = 0
+
+    # -- the path of every access -------------------------------------------
 
     def access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int) -> int:
         """Serve one access; returns the value read (0 for a write)."""
+        return self._access(vcpu, bus, addr, size, is_write, value, True)
+
+    def _access(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool, value: int,
+                drain: bool) -> int:
         try:
             ref = self._get(bus, addr, size)
-        except LockTimeout:
-            self.lock_watch.stalled(vcpu, f"lookup of {Bus(bus).name} {addr:#x}")
-            return 0 if is_write else all_ones(size)
         except RegistryError as e:
-            log.error("vCPU %d: %s %s %#x: registry lookup failed: %s", vcpu,
-                      Bus(bus).name, "write" if is_write else "read", addr, e)
-            return 0 if is_write else all_ones(size)
+            return self.lookup_failed(vcpu, bus, addr, size, is_write, e)
         except ValueError:
             # A wrapping or empty access (e.g. a rep string at the top of
             # the address space): nothing can claim it.
@@ -103,49 +119,169 @@ class Dispatcher:
                           "write" if is_write else "read", addr, size)
             return 0 if is_write else all_ones(size)
         try:
-            owner = ref.owner
+            return self.forward(vcpu, bus, ref.owner, ref.cookie, ref.offset, size, is_write, value, drain)
+        finally:
+            self._put_ref(vcpu, ref)
+
+    def forward(self, vcpu: int, bus: int, owner: int, cookie: int, offset: int, size: int,
+                is_write: bool, value: int, drain: bool = True) -> int:
+        """Hand an access that the lookup found in ``owner``'s region to its
+        endpoint (the caller holds the registry reference); the value read,
+        all ones / dropped when the owner has no endpoint or fails.  Queued
+        coalesced writes are delivered first (``drain``)."""
+        if drain and self.coalesced is not None and self.coalesced.used:
+            self.drain(vcpu)
+        endpoint = self.endpoints.get(owner)
+        if endpoint is None or owner in self.failed:
+            if endpoint is None:
+                log.warning("%s access: region owner %d has no endpoint", Bus(bus).name, owner)
+            return 0 if is_write else all_ones(size)
+        try:
+            return self.stats.access(endpoint, vcpu, bus, cookie, offset, size, is_write, value)
+        except DeviceFailed as e:
+            self.fail(endpoint, e)
+            return 0 if is_write else all_ones(size)
+
+    def lookup_failed(self, vcpu: int, bus: int, addr: int, size: int, is_write: bool,
+                      error: Exception) -> int:
+        """A lookup failed (a missed lock deadline: the holder is dealt
+        with); the access completes as unclaimed: returns its value."""
+        what = f"lookup of {Bus(bus).name} {addr:#x}"
+        if isinstance(error, LockTimeout):
+            self.lock_watch.stalled(vcpu, what)
+        else:
+            log.error("vCPU %d: registry %s failed: %s; the access completes as unclaimed",
+                      vcpu, what, error)
+        return 0 if is_write else all_ones(size)
+
+    def put_timed_out(self, vcpu: int, slot: int, error: Exception, attempt: int) -> bool:
+        """Attempt ``attempt`` (from 1) to put a reference to ``slot``
+        failed with ``error``: deal with the lock holder; True when the put
+        should be tried again, False when the reference is given up (its
+        slot stays referenced, which is logged)."""
+        if isinstance(error, LockTimeout):
+            self.lock_watch.stalled(vcpu, f"put of slot {slot}", put=True)
+            if self.lock_watch.unusable is None and attempt <= MAX_PUT_RETRIES:
+                return True
+            log.error("vCPU %d: the put of slot %d kept missing the lock deadline; abandoned, the "
+                      "slot stays referenced", vcpu, slot)
+        else:
+            log.error("vCPU %d: registry put of slot %d failed: %s", vcpu, slot, error)
+        return False
+
+    def _put_ref(self, vcpu: int, ref: Reference) -> None:
+        try:
+            self._put(ref)
+        except RegistryError as e:
+            self._put_failed(vcpu, ref, e)
+
+    def _put_failed(self, vcpu: int, ref: Reference, error: RegistryError) -> None:
+        """Deal with a put that failed and put again while that is worth it."""
+        attempt = 1
+        while self.put_timed_out(vcpu, ref.slot, error, attempt):
+            try:
+                self._put(ref)
+                return
+            except RegistryError as e:
+                error = e
+                attempt += 1
+
+    # -- coalesced MMIO -------------------------------------------------------
+
+    def drain(self, vcpu: int) -> int:
+        """Deliver every write queued in the coalesced-MMIO ring, oldest
+        first, through the registry (as vCPU ``vcpu``); returns how many.
+        One vCPU at a time: a second one waits, so that what it forwards
+        next comes after every queued write.  Re-entered from a handler
+        the delivery itself runs, it does nothing."""
+        ring = self.ring
+        if ring is None or getattr(self._draining, "on", False):
+            return 0
+        n = 0
+        with self._drain_lock:
+            self._draining.on = True
+            try:
+                while True:
+                    batch = ring.take()
+                    if not batch:
+                        break
+                    n += len(batch)
+                    self._deliver(vcpu, batch)
+            finally:
+                self._draining.on = False
+            if n:
+                self.coalesced_writes += n
+                self.drains += 1
+        return n
+
+    def _deliver(self, vcpu: int, writes: list[tuple[int, int, int]]) -> None:
+        """Deliver drained (address, size, value) writes in order: each is
+        looked up in the registry, and a run of consecutive writes to one
+        owner goes to its endpoint as one batch (one request to a device
+        process), the references held until the batch is served.  So a
+        write in a batch that moves its own region takes effect for the
+        lookups of the next batch: the rest of its batch was in flight."""
+        get = self._get
+        run: list[tuple[int, int, int, int, int]] = []
+        refs: list[Reference] = []
+        owner = -1
+        try:
+            for addr, size, value in writes:
+                try:
+                    ref = get(MMIO, addr, size)
+                except RegistryError as e:
+                    self.lookup_failed(vcpu, MMIO, addr, size, True, e)
+                    continue
+                except ValueError:
+                    ref = None
+                if ref is None:
+                    self.unclaimed += 1
+                    continue
+                if ref.owner != owner and run:
+                    self._forward_batch(vcpu, owner, run, refs)
+                    run, refs = [], []
+                owner = ref.owner
+                refs.append(ref)
+                run.append((MMIO, ref.cookie, ref.offset, size, value))
+            if run:
+                self._forward_batch(vcpu, owner, run, refs)
+                refs = []
+        finally:
+            self._put_refs(vcpu, refs)
+
+    def _forward_batch(self, vcpu: int, owner: int, writes: list[tuple[int, int, int, int, int]],
+                       refs: list[Reference]) -> None:
+        """:meth:`forward` for a run of writes to one owner; puts ``refs``."""
+        try:
             endpoint = self.endpoints.get(owner)
             if endpoint is None or owner in self.failed:
-                if endpoint is None:
-                    log.warning("%s %#x: region owner %d has no endpoint", Bus(bus).name, addr, owner)
-                return 0 if is_write else all_ones(size)
+                return
             try:
-                return self.stats.access(endpoint, vcpu, bus, ref.cookie, ref.offset, size, is_write, value)
+                self.stats.access_batch(endpoint, vcpu, writes)
             except DeviceFailed as e:
                 self.fail(endpoint, e)
-                return 0 if is_write else all_ones(size)
         finally:
-            try:
-                self._put(ref)
-            except LockTimeout:
-                self.put_stalled(vcpu, ref)
-            except RegistryError as e:
-                log.error("vCPU %d: registry put of %r failed: %s", vcpu, ref, e)
+            self._put_refs(vcpu, refs)
 
-    def put_stalled(self, vcpu: int, ref) -> None:
-        """A put missed the lock deadline: deal with the holder, put again."""
-        for _ in range(MAX_PUT_RETRIES):
-            self.lock_watch.stalled(vcpu, f"put of slot {ref.slot}", put=True)
-            if self.lock_watch.unusable is not None:
-                break
+    def _put_refs(self, vcpu: int, refs: list[Reference]) -> None:
+        put = self._put
+        for ref in refs:
             try:
-                self._put(ref)
-                return
-            except LockTimeout:
-                continue
+                put(ref)
             except RegistryError as e:
-                log.error("vCPU %d: registry put of %r failed: %s", vcpu, ref, e)
-                return
-        log.error("vCPU %d: %r abandoned: its put kept missing the lock deadline; the slot stays "
-                  "referenced", vcpu, ref)
+                self._put_failed(vcpu, ref, e)
+
+    # -- failures -------------------------------------------------------------
 
     def fail(self, endpoint: Endpoint, error: Exception) -> None:
-        """Mark ``endpoint`` failed and reap its regions (once)."""
+        """Mark ``endpoint`` failed and reap its regions and zones (once)."""
         with self._fail_lock:
             if endpoint.owner in self.failed:
                 return
             self.failed.add(endpoint.owner)
         log.error("device %s failed: %s; its regions are reaped, the VM goes on", endpoint.name, error)
+        if self.coalesced is not None:
+            self.coalesced.remove_owner(endpoint.owner)
         try:
             n = self.registry.unregister_owner(endpoint.owner)
             log.info("device %s: %d region(s) reaped", endpoint.name, n)

@@ -39,5 +39,10 @@ class Endpoint(Protocol):
         """Serve one access from vCPU ``vcpu``; returns the value read (0
         for a write).  Raises :class:`DeviceFailed`."""
 
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        """Serve writes ``(space, cookie, offset, size, value)`` in order
+        (coalesced MMIO, drained from KVM's ring), as one request where the
+        placement allows it.  Raises :class:`DeviceFailed`."""
+
     def close(self) -> None:
         """Stop the device and release what it holds."""

@@ -20,7 +20,8 @@ import os
 from vmm._kvm_c import ffi, lib
 from vmm.endpoint import VmmError
 
-__all__ = ["ffi", "Kvm", "Vm", "Vcpu", "KvmError", "FastPath", "install_kick_handler", "exit_reason_name"]
+__all__ = ["ffi", "Kvm", "Vm", "Vcpu", "KvmError", "FastPath", "CoalescedRing", "install_kick_handler",
+           "exit_reason_name"]
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -143,6 +144,18 @@ class Kvm(_Fd):
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 when absent, else a cap-specific value."""
         return max(0, _ioctl(self.fd, lib.KVM_CHECK_EXTENSION, _arg(cap)))
+
+    @property
+    def coalesced_mmio_page(self) -> int:
+        """KVM_CAP_COALESCED_MMIO: the page of every vCPU mapping that holds
+        the VM's coalesced-MMIO ring (0: KVM has no coalesced MMIO, or a
+        ring this code cannot read -- pages other than 4 KiB)."""
+        page = self.check_extension(lib.KVM_CAP_COALESCED_MMIO)
+        if page <= 0 or os.sysconf("SC_PAGE_SIZE") != lib.SVMM_COALESCED_PAGE:
+            return 0
+        if (page + 1) * lib.SVMM_COALESCED_PAGE > self.vcpu_mmap_size:
+            return 0
+        return page
 
     @property
     def max_vcpus(self) -> int:
@@ -272,6 +285,16 @@ class Vm(_Fd):
                         f"KVM_IOEVENTFD{' deassign' if deassign else ''} {'PIO' if pio else 'MMIO'} "
                         f"{address:#x}+{length}")
 
+    def coalesced_mmio(self, address: int, size: int, unregister: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO (``unregister``: KVM_UNREGISTER_...)
+        of the zone ``[address, address + size)``: guest writes there are
+        queued in the ring instead of exiting; reads still exit."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *")
+        zone.addr, zone.size = address, size
+        name = "KVM_UNREGISTER_COALESCED_MMIO" if unregister else "KVM_REGISTER_COALESCED_MMIO"
+        request = lib.KVM_UNREGISTER_COALESCED_MMIO if unregister else lib.KVM_REGISTER_COALESCED_MMIO
+        self._ioctl_ptr(request, zone, f"{name} {address:#x}+{size:#x}")
+
     def signal_msi(self, address: int, data: int) -> int:
         """KVM_SIGNAL_MSI: inject one MSI; >0 delivered, 0 blocked by the guest."""
         msi = ffi.new("struct kvm_msi *")
@@ -330,6 +353,14 @@ class Vcpu(_Fd):
         if err in (errno.EINTR, errno.EAGAIN):
             return err
         raise KvmError(f"KVM_RUN on vCPU {self.index}", err)
+
+    def coalesced_ring(self, page: int) -> CoalescedRing:
+        """The VM's coalesced-MMIO ring as seen through this vCPU's mapping
+        (``page``: :attr:`Kvm.coalesced_mmio_page`); valid while this vCPU
+        is open."""
+        if not (0 < page and (page + 1) * lib.SVMM_COALESCED_PAGE <= self._size):
+            raise ValueError(f"coalesced-MMIO page {page} is outside the vCPU mapping")
+        return CoalescedRing(ffi.cast("char *", self._addr) + page * lib.SVMM_COALESCED_PAGE)
 
     def emulation_insn_bytes(self) -> bytes | None:
         """The instruction bytes KVM put in an emulation-failure exit, if any."""
@@ -398,6 +429,39 @@ STEP_EXIT = lib.SVMM_STEP_EXIT
 STEP_ERRNO = lib.SVMM_STEP_ERRNO
 STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
 STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
+STEP_DRAIN = lib.SVMM_STEP_DRAIN
+
+#: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
+COALESCED_MAX = lib.SVMM_COALESCED_MAX
+
+
+class CoalescedRing:
+    """The coalesced-MMIO ring page (``struct kvm_coalesced_mmio_ring``).
+
+    :meth:`take` copies the queued writes out, oldest first, and gives
+    their entries back to KVM.  The caller serialises takers (one ring per
+    VM, many vCPUs)."""
+
+    def __init__(self, address):
+        self.address = address
+        self._buf = ffi.new("uint64_t[]", 3 * COALESCED_MAX)
+        self._view = memoryview(ffi.buffer(self._buf)).cast("Q")
+        self._take = lib.svmm_coalesced_take
+        self._pending = lib.svmm_coalesced_pending
+
+    def pending(self) -> bool:
+        return bool(self._pending(self.address))
+
+    def take(self) -> list[tuple[int, int, int]]:
+        """(guest-physical address, length, value) of each queued write.
+        Entries of a length other than 1, 2, 4 or 8 are dropped (KVM
+        never queues them); a ring with indices out of range is reset and
+        raises :class:`KvmError`."""
+        n = self._take(self.address, self._buf, COALESCED_MAX)
+        if n < 0:
+            raise KvmError("coalesced-MMIO ring indices out of range; ring reset", errno.EIO)
+        flat = self._view[:3 * n].tolist()
+        return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
 
 
 class FastPath:
@@ -411,11 +475,14 @@ class FastPath:
     the lookup failed (``reg_error``; the caller stores the value to read,
     all ones).  STEP_PUT_ERROR: that put missed the lock deadline; the
     reference is kept and the next ``step()`` puts again (set
-    ``ctx.has_ref = 0`` to give it up).  ``finish()`` completes a pending
-    access without running the vCPU.
+    ``ctx.has_ref = 0`` to give it up).  STEP_DRAIN: the coalesced-MMIO
+    ring (``ring``, when given) holds writes; the caller delivers them and
+    the next ``step()`` handles the exit that found them.  ``finish()``
+    completes a pending access without running the vCPU.
     """
 
-    def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int):
+    def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int,
+                 ring: CoalescedRing | None = None):
         ctx = ffi.new("struct svmm_vcpu *")
         ctx.fd = vcpu.fd
         ctx.run = vcpu.run
@@ -424,6 +491,8 @@ class FastPath:
         ctx.get_fn = get_fn
         ctx.put_fn = put_fn
         ctx.lock_timeout_ns = lock_timeout_ns
+        ctx.ring = ffi.NULL if ring is None else ring.address
+        self._ring = ring
         self.ctx = ctx
         self._step = lib.svmm_step
         self._finish = lib.svmm_finish

@@ -25,6 +25,7 @@ from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffere
                           RegionTableFull, Space, all_ones)
 from devices.guestmem import GuestRam
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
+from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
@@ -54,15 +55,17 @@ class LocalHost(DeviceHost):
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
                  irqs: DeviceIrqs | None = None, memory: GuestRam | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.registry = registry
         self.owner = owner
         self._console = console
         self.irqs = irqs
         self._memory = memory
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: this host has none).
+        self.zones = zones
         #: (space, start) -> length of the regions claimed with
-        #: ``coalesce=True`` (for the VMM's coalesced-MMIO zones, issue 9 §2).
+        #: ``coalesce=True`` (a zone each, when the host has zones).
         self.coalesced: dict[tuple[Space, int], int] = {}
         #: The regions claimed or adopted through this host, for
         #: :meth:`release_unadopted` (devices.base, "Snapshots").
@@ -86,13 +89,25 @@ class LocalHost(DeviceHost):
 
     def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
+        """Register the region; with ``coalesce`` (MMIO only) also as a KVM
+        coalesced zone (vmm.coalesce) -- a plain region on a host without
+        zones -- or neither when the zone is refused."""
+        if coalesce and Space(space) != Space.MMIO:
+            raise HostRefused(f"only MMIO regions can be coalesced, not {Space(space).name}")
         try:
             self.registry.register(_BUSES[Space(space)], start, length, self.owner, cookie)
         except (RegistryError, ValueError) as e:
             raise registry_refusal(e) from None
-        if coalesce:
-            self.coalesced[(Space(space), start)] = length
         self.taken.add((Space(space), start))
+        if not coalesce:
+            return
+        if self.zones is not None:
+            try:
+                self.zones.add(start, length)
+            except CoalesceRefused as e:
+                self.registry.unregister(_BUSES[Space.MMIO], start, self.owner)
+                raise HostRefused(str(e)) from None
+        self.coalesced[(Space.MMIO, start)] = length
 
     def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
@@ -126,7 +141,9 @@ class LocalHost(DeviceHost):
         return len(stale)
 
     def release(self, space: Space, start: int) -> None:
-        self.coalesced.pop((Space(space), start), None)
+        """Unregister the region (and its coalesced zone, if it has one)."""
+        if self.coalesced.pop((Space(space), start), None) is not None and self.zones is not None:
+            self.zones.remove(start)
         self.taken.discard((Space(space), start))
         try:
             self.registry.unregister(_BUSES[Space(space)], start, self.owner)
@@ -212,36 +229,42 @@ class LocalEndpoint:
     """A model running inside the VMM, behind the Endpoint interface."""
 
     def __init__(self, model: Device, owner: int, name: str, irqs: DeviceIrqs | None = None,
-                 ioevents: DeviceIoeventfds | None = None):
+                 ioevents: DeviceIoeventfds | None = None, zones: DeviceZones | None = None):
         self.model = model
         self.owner = owner
         self.name = name
         self.irqs = irqs
         self.ioevents = ioevents
+        self.zones = zones
         self._read = model.read
         self._write = model.write
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
                registry: Registry, console: ConsoleFds | None = None,
-               irq_router: IrqRouter | None = None, memory: GuestRam | None = None) -> LocalEndpoint:
+               irq_router: IrqRouter | None = None, memory: GuestRam | None = None,
+               coalesced: CoalescedMmio | None = None) -> LocalEndpoint:
         """Build the model on a :class:`LocalHost` and let it claim its
         regions (raises the model's BadParameter, the host's HostRefused
         family -- devices.base.DeviceError both).
         ``irq_router``: where its interrupts go, and the VM its doorbells
-        are bound in (None: it has neither); ``memory``: guest RAM."""
+        are bound in (None: it has neither); ``memory``: guest RAM;
+        ``coalesced``: the VM's coalesced-MMIO zones (None: none)."""
         irqs = DeviceIrqs(irq_router, name) if irq_router is not None else None
         ioevents = DeviceIoeventfds(irq_router.vm, registry, owner, name) if irq_router is not None else None
+        zones = DeviceZones(coalesced, registry, owner, name) if coalesced is not None else None
         try:
-            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents), **params)
+            model = model_class(LocalHost(registry, owner, console, irqs, memory, ioevents, zones), **params)
             model.start()
         except BaseException:
             if irqs is not None:
                 irqs.release_all()
             if ioevents is not None:
                 ioevents.release_all()
+            if zones is not None:
+                zones.release_all()
             raise
-        return cls(model, owner, name, irqs, ioevents)
+        return cls(model, owner, name, irqs, ioevents, zones)
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
@@ -250,6 +273,14 @@ class LocalEndpoint:
                 self._write(_SPACES[space], cookie, offset, size, value)
                 return 0
             return self._read(_SPACES[space], cookie, offset, size)
+        except Exception as e:
+            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        write = self._write
+        try:
+            for space, cookie, offset, size, value in writes:
+                write(_SPACES[space], cookie, offset, size, value)
         except Exception as e:
             raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
 
@@ -262,6 +293,8 @@ class LocalEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
 
 
 ReadHandler = Callable[[int, int, int], int]           # (vcpu, offset, size) -> value
@@ -301,6 +334,10 @@ class VmmHandlers:
         if read is None:
             return all_ones(size)
         return read(vcpu, offset, size)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        for space, cookie, offset, size, value in writes:
+            self.access(vcpu, space, cookie, offset, size, True, value)
 
     def close(self) -> None:
         for bus, start in self._regions:

@@ -54,6 +54,7 @@ import time
 from typing import Callable, Mapping
 
 from ipc import Registry, RegistryError
+from vmm import sandbox_report
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.outcome import Ending, Outcome
 
@@ -128,8 +129,10 @@ class LockWatch:
                             "again", vcpu, what, self.lock_timeout)
                 self._foreign = None
                 return
-            pid = thread_group(tid)
-            endpoint = self._device_of(pid) if pid is not None else None
+            endpoint = sandbox_report.device_of_ns_tid(list(self.endpoints.values()), tid)
+            pid = endpoint.pid if endpoint is not None else thread_group(tid)
+            if endpoint is None:
+                endpoint = self._device_of(pid) if pid is not None else None
             if endpoint is None:
                 self._not_ours(vcpu, what, put, self._describe(tid, pid), tid)
             elif endpoint.failed is not None and endpoint.wait_exited(0):

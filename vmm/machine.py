@@ -30,6 +30,7 @@ from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import kvm, layout
 from vmm.boot import pvh
+from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
@@ -41,6 +42,7 @@ from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 
 if TYPE_CHECKING:
@@ -138,8 +140,11 @@ class Machine:
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
+        #: Coalesced-MMIO zones and the ring (vmm.coalesce).
+        self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
         self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
-                                     on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)))
+                                     on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
+                                     coalesced=self.coalesced)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -173,10 +178,13 @@ class Machine:
             try:
                 endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
                                                           spec.name, self.registry, console,
-                                                          irq_router=self.irq, memory=self._guest_ram())
+                                                          irq_router=self.irq, memory=self._guest_ram(),
+                                                          coalesced=self.coalesced)
             except (RegistryError, DeviceError) as e:
                 self.registry.unregister_owner(owner)
                 raise ConfigError(f"device {spec.name}: {e}") from None
+        elif spec.connect is not None:
+            endpoint = self._attach_service(spec, owner, console)
         else:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
@@ -201,16 +209,24 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
-        options = dataclasses.replace(
-            self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
-            mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
-            irq_router=self.irq,
-            console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
-        options = dataclasses.replace(options, restart=spec.restart, state=spec.state)
         endpoint = RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                        len(self._vcpu_fds), options)
+                                        len(self._vcpu_fds), self._device_options(spec, console))
         endpoint.on_event = self.events.emit
         return endpoint
+
+    def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
+        """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        assert spec.connect is not None
+        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                              len(self._vcpu_fds), self._device_options(spec, console))
+
+    def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
+        return dataclasses.replace(
+            self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
+            mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
+            irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
+            restart=spec.restart, state=spec.state,
+            console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
 
     def add_handler(self, bus: Bus, start: int, length: int, read=None, write=None) -> None:
         """Serve ``[start, start + length)`` with VMM functions (owner VMM)."""

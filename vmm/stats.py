@@ -109,6 +109,27 @@ class AccessStats:
             cell[_HIST + ns.bit_length()] += 1
         return value
 
+    def access_batch(self, endpoint: Endpoint, vcpu: int,
+                     writes: list[tuple[int, int, int, int, int]]) -> None:
+        """``endpoint.access_batch(vcpu, writes)`` (drained coalesced MMIO
+        writes), counted as that many writes, each taking its share of the
+        batch's time.  Called only from vCPU ``vcpu``'s own thread."""
+        t0 = _now()
+        n = len(writes)
+        index = int(Bus.MMIO) * 2 + 1
+        try:
+            endpoint.access_batch(vcpu, writes)
+        except DeviceFailed:
+            self._count(vcpu, endpoint.owner, index, _now() - t0)[_FAILURES] += 1
+            raise
+        ns = _now() - t0
+        if not n:
+            return
+        cell = self._cell(vcpu, endpoint.owner)
+        cell[index] += n
+        cell[_TOTAL_NS] += ns
+        cell[_HIST + min((ns // n).bit_length(), HISTOGRAM_BUCKETS - 1)] += n
+
     def _count(self, vcpu: int, owner: int, index: int, ns: int) -> list[int]:
         cell = self._cell(vcpu, owner)
         cell[index] += 1

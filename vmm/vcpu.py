@@ -13,14 +13,17 @@ Exits handled (Documentation/virt/kvm/api.rst, "kvm_run"):
 
 **Fast path.**  By default the loop runs in C (``_vcpu.c`` through
 :class:`vmm.kvm.FastPath`): KVM_RUN, decoding and the registry lookup
-happen there, unclaimed accesses never reach Python, and Python only calls
-the owner's endpoint -- the same get/handler/put protocol and failure
-semantics as :mod:`vmm.dispatch`, which serves the all-Python loop
-(``fast=False``, or ``SPLITVMM_SLOW_PATH=1``).  A registry call that
-misses the lock deadline comes back to Python in both loops, which hands
-the holder to :class:`vmm.lockwatch.LockWatch` (a device process holding
-the lock is killed; the stalled lookup completes as unclaimed, a stalled
-put is retried).
+happen there, unclaimed accesses never reach Python, and Python hands the
+access to :meth:`vmm.dispatch.Dispatcher.forward` -- the endpoint lookup
+and failure handling the all-Python loop (``fast=False``, or
+``SPLITVMM_SLOW_PATH=1``) reaches through ``Dispatcher.access``.  A
+registry call that fails (a missed lock deadline) comes back to Python in
+both loops and goes to the same ``Dispatcher.lookup_failed`` /
+``put_timed_out``, which hand the holder to
+:class:`vmm.lockwatch.LockWatch` (a device process holding the lock is
+killed; the stalled lookup completes as unclaimed, a stalled put is
+retried).  Coalesced MMIO: both loops have the dispatcher drain the ring
+on every exit that finds writes queued in it (:mod:`vmm.coalesce`).
 
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
@@ -40,9 +43,7 @@ import threading
 from typing import Callable
 
 from vmm import kvm, report
-from vmm.dispatch import MMIO, PIO, SVM_ETIMEDOUT, Dispatcher, all_ones, registry_c_api
-from vmm.endpoint import DeviceFailed
-from vmm.lockwatch import MAX_PUT_RETRIES
+from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
 
@@ -62,9 +63,12 @@ class VcpuThread:
                  on_end: Callable[[Outcome | None], None], fast: bool = True):
         self.fd = fd
         api = registry_c_api(dispatcher.registry) if fast else None
+        page = dispatcher.coalesced_page
+        #: This vCPU's view of the VM's coalesced-MMIO ring (None: none).
+        self.ring = fd.coalesced_ring(page) if page else None
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
-            fd, *api, int(dispatcher.registry.lock_timeout * 1e9))
+            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -85,7 +89,16 @@ class VcpuThread:
     # -- control, from other threads ---------------------------------
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the thread; :attr:`alive` is True from here on until the
+        thread ends (not only once the thread got to run)."""
+        with self._cond:
+            self._alive = True
+        try:
+            self.thread.start()
+        except BaseException:
+            with self._cond:
+                self._alive = False
+            raise
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon (no-op once the thread ended)."""
@@ -132,6 +145,13 @@ class VcpuThread:
             self._cond.notify_all()
 
     @property
+    def exit_count(self) -> int:
+        """Exits to user space so far: live with the C fast path (also
+        from another thread, or a handler of this vCPU's access); with the
+        Python loop, counted when the loop ends (:attr:`exits`)."""
+        return self.fast.ctx.exits if self.fast is not None else self.exits
+
+    @property
     def alive(self) -> bool:
         return self._alive
 
@@ -141,7 +161,6 @@ class VcpuThread:
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_VCPU)
         with self._cond:
             self._ident = threading.get_ident()
-            self._alive = True
         try:
             if self.fast is not None:
                 self._loop_fast()
@@ -170,6 +189,8 @@ class VcpuThread:
         page = fd.page
         run_once = fd.run_once
         access = self.dispatcher.access
+        drain = self.dispatcher.drain
+        ring = self.ring
         index = self.index
         mmio_data = fd.mmio_data_offset
         EXIT_IO, EXIT_MMIO, OUT = kvm.EXIT_IO, kvm.EXIT_MMIO, kvm.EXIT_IO_OUT
@@ -187,6 +208,8 @@ class VcpuThread:
                         return
                     continue
                 exits += 1
+                if ring is not None and ring.pending():
+                    drain(index)
                 reason = run.exit_reason
                 if reason == EXIT_IO:
                     size = io.size
@@ -222,19 +245,20 @@ class VcpuThread:
             self.exits = exits
 
     def _loop_fast(self) -> None:
-        """The loop over the C fast path: Python runs only handlers."""
+        """The loop over the C fast path: Python runs only handlers, through
+        the dispatcher's own forward/failure methods (one path, two speeds)."""
         fast = self.fast
+        assert fast is not None
         ctx = fast.ctx
         step = fast.step
         run = self.fd.run
         dispatcher = self.dispatcher
-        endpoints = dispatcher.endpoints
-        failed = dispatcher.failed
-        counted_access = dispatcher.stats.access
+        forward = dispatcher.forward
+        error = dispatcher.registry.error
         index = self.index
-        watch = dispatcher.lock_watch
-        ACCESS, EXIT, ERRNO, PUT_ERROR = kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR
-        put_retries = 0
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
+                                                 kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN)
+        put_attempts = 0
         try:
             while True:
                 if self._stop:
@@ -244,36 +268,24 @@ class VcpuThread:
                     continue
                 rc = step()
                 if rc == PUT_ERROR:
-                    # The access was served; its put missed the lock
-                    # deadline.  Deal with the holder; the next step puts
-                    # again (unless the reference is given up here).
-                    if ctx.reg_error == SVM_ETIMEDOUT:
-                        watch.stalled(index, f"put of slot {ctx.slot}", put=True)
-                    put_retries += 1
-                    if (ctx.reg_error != SVM_ETIMEDOUT or watch.unusable is not None
-                            or put_retries > MAX_PUT_RETRIES or self._stop):
-                        log.error("vCPU %d: registry put of slot %d abandoned (code %d); the slot "
-                                  "stays referenced", index, ctx.slot, ctx.reg_error)
+                    # The access was served; its put failed.  The next step
+                    # puts again, unless the reference is given up here.
+                    put_attempts += 1
+                    if not dispatcher.put_timed_out(index, ctx.slot, error(ctx.reg_error), put_attempts) \
+                            or self._stop:
                         ctx.has_ref = 0
                         ctx.put_errors += 1
                     continue
-                put_retries = 0
+                put_attempts = 0
                 if rc == ACCESS:
-                    owner = ctx.owner
-                    endpoint = endpoints.get(owner)
-                    is_write = ctx.is_write
                     size = ctx.size
-                    if endpoint is None or owner in failed:
-                        value = 0 if is_write else all_ones(size)
-                    else:
-                        try:
-                            value = counted_access(endpoint, index, ctx.bus, ctx.cookie, ctx.offset, size,
-                                                   is_write, ctx.value)
-                        except DeviceFailed as e:
-                            dispatcher.fail(endpoint, e)
-                            value = 0 if is_write else all_ones(size)
-                    if not is_write:
+                    value = forward(index, ctx.bus, ctx.owner, ctx.cookie, ctx.offset, size,
+                                    bool(ctx.is_write), ctx.value)
+                    if not ctx.is_write:
                         ctx.value = value & _MASK[size]
+                elif rc == DRAIN:
+                    dispatcher.drain(index)
+                    continue
                 elif rc == ERRNO:
                     err = ctx.err
                     if err not in (errno.EINTR, errno.EAGAIN):
@@ -286,13 +298,8 @@ class VcpuThread:
                     if self._other_exit(run.exit_reason):
                         return
                 else:
-                    what = f"lookup of {'PIO' if ctx.bus == PIO else 'MMIO'} {ctx.addr:#x}"
-                    ctx.value = all_ones(ctx.size)
-                    if ctx.reg_error == SVM_ETIMEDOUT:
-                        watch.stalled(index, what)   # logs; completes as unclaimed
-                    else:
-                        log.error("vCPU %d: registry %s failed (code %d); the access completes as "
-                                  "unclaimed", index, what, ctx.reg_error)
+                    ctx.value = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size,
+                                                         bool(ctx.is_write), error(ctx.reg_error))
                 if self._park_requested:
                     self.parked = True
                     self.on_end(None)

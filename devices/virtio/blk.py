@@ -28,6 +28,7 @@ import struct
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.hostres import FILE, HostResource, open_file
 from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
@@ -75,6 +76,10 @@ def _split(buffers: list[Buffer], at: int) -> tuple[list[tuple[int, int]], list[
     return [r for r in head if r[1]], [r for r in tail if r[1]]
 
 
+def _open_flags(readonly: bool) -> int:
+    return (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+
+
 class VirtioBlk(VirtioPciDevice):
     kind = "virtio-blk"
     virtio_id = VIRTIO_ID_BLOCK
@@ -103,9 +108,15 @@ class VirtioBlk(VirtioPciDevice):
         self.capacity = 0
         super().__init__(host, **params)
 
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        if "path" not in params:
+            return ()
+        return (HostResource(FILE, params["path"], _open_flags(params.get("readonly") == "on")),)
+
     def start(self) -> None:
         try:
-            self.fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+            self.fd = open_file(self.path, _open_flags(self.readonly))
         except OSError as e:
             raise BadParameter(f"virtio-blk: {self.path}: {e.strerror}") from None
         restored_capacity, self.capacity = self.capacity, os.fstat(self.fd).st_size // SECTOR_SIZE

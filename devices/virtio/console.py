@@ -17,7 +17,9 @@ Receive: a reader thread takes input as it comes and fills the buffers the
 driver made available on receiveq0; at most :data:`RX_PENDING` bytes wait
 for buffers, and the input is not read further until they are taken
 (back-pressure, nothing lost); input that arrived before the driver is
-ready -- or across a device reset -- waits for it.
+ready -- or across a device reset -- waits for it.  A restarted device
+(snapshot and restore, devices.base) keeps that input; a socket client
+connects again to the new process.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 
 from devices.base import BadParameter, DeviceHost
 from devices.guestmem import GuestRam
+from devices.hostres import LISTEN_UNIX, HostResource, listen_unix
 from devices.snapshot import Fields
 from devices.virtio.pci import VirtioPciDevice
 from devices.virtio.virtqueue import Chain, Virtqueue
@@ -77,20 +79,14 @@ class VirtioConsole(VirtioPciDevice):
         self._reader = threading.Thread(target=self._read_loop, name=f"{self.kind}-input", daemon=True)
         self._reader.start()
 
+    @classmethod
+    def host_resources(cls, params: dict[str, str]) -> tuple[HostResource, ...]:
+        return (HostResource(LISTEN_UNIX, params["socket"]),) if params.get("socket") else ()
+
     def _listen(self, path: str) -> None:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)         # a stale socket of an earlier run
-        except FileNotFoundError:
-            pass
+            s = listen_unix(path)
         except OSError as e:
-            raise BadParameter(f"virtio-console: socket={path}: {e.strerror}") from None
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(path)
-            s.listen(1)
-        except OSError as e:
-            s.close()
             raise BadParameter(f"virtio-console: socket={path}: {e.strerror}") from None
         self._listener = s
 

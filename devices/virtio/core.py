@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+from collections.abc import Sequence
 
 from devices.guestmem import GuestMemoryFault, GuestRam
 from devices.snapshot import U8, Fields, require
@@ -111,6 +112,16 @@ class VirtioCore(abc.ABC):
         self.config_generation, self.broken = checked["config_generation"], checked["broken"]
         for q, v in zip(self.queues, checked["queues"], strict=True):
             q.load(v)
+
+    def resume_inflight(self, queue: int, heads: Sequence[int], last_avail: int, used_idx: int) -> None:
+        """What the in-flight record recovered for queue ``queue``, given
+        after :meth:`restore` and before ``start()``, which serves
+        ``heads`` again before anything new
+        (:meth:`devices.virtio.virtqueue.Virtqueue.resume_inflight`;
+        BadState when it does not fit the restored queue)."""
+        require(type(queue) is int and 0 <= queue < len(self.queues), "inflight", f"no queue {queue!r}")
+        with self._lock:
+            self.queues[queue].resume_inflight(heads, last_avail, used_idx)
 
     def device_state(self) -> object:
         """The device model's own guest-visible state, plain data (lock
@@ -207,8 +218,7 @@ class VirtioCore(abc.ABC):
         if why is not None:
             self.needs_reset(why)
             return
-        q.enabled = True
-        q.last_avail = q.used_idx = 0
+        q.enable()
 
     # -- the data path ----------------------------------------------------------
 

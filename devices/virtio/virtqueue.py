@@ -34,7 +34,7 @@ import logging
 import struct
 
 from devices.guestmem import GuestMemoryFault, GuestRam
-from devices.snapshot import U16, Fields, require
+from devices.snapshot import U16, Fields, check_int, require
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,19 @@ def used_size(n: int) -> int:
 
 class InflightHook(typing.Protocol):
     """Where a record of in-flight requests plugs in (issue 10 §2, after
-    vhost-user's inflight I/O tracking): told of every chain the device
-    takes off the avail ring and every one it returns, so a restarted
-    device can finish exactly the requests that were taken and not
-    returned.  Set :attr:`Virtqueue.inflight`; the calls are made with
-    the device's lock held, in ring order."""
+    vhost-user's inflight I/O tracking; ``ipc.inflight.InflightQueue``
+    is one): told when the driver enables the queue, of every chain the
+    device takes off the avail ring (before it acts on it) and of every
+    one it returns (after the used element and ``used->idx`` are
+    stored), so a restarted device can finish exactly the requests that
+    were taken and not returned (:meth:`Virtqueue.resume_inflight`).  Set
+    :attr:`Virtqueue.inflight`; the calls are made with the device's lock
+    held, in ring order.  A resubmitted chain is not reported as popped
+    again."""
+
+    def enabled(self, queue: int, size: int) -> None:
+        """The driver enabled the queue with ``size`` entries: nothing is
+        in flight, both indices are 0."""
 
     def popped(self, queue: int, head: int, last_avail: int) -> None:
         """Chain ``head`` was taken; ``last_avail`` is the device's avail
@@ -109,9 +117,6 @@ class InflightHook(typing.Protocol):
     def pushed(self, queue: int, head: int, used_idx: int) -> None:
         """Chain ``head`` was returned; ``used_idx`` is the used index
         just published to the driver."""
-
-    def reset(self, queue: int) -> None:
-        """The queue was reset: nothing is in flight on it any more."""
 
 
 #: The keys of :meth:`Virtqueue.snapshot`.
@@ -144,8 +149,8 @@ class Virtqueue:
         #: Requests served, requests failed (bad chain).
         self.served = 0
         self.failed = 0
-        if self.inflight is not None:
-            self.inflight.reset(self.index)
+        #: Heads to serve again before the avail ring (resume_inflight).
+        self.resubmit: list[int] = []
 
     # -- snapshot (devices.base.Device, "Snapshots") ------------------------
 
@@ -185,6 +190,34 @@ class Virtqueue:
             setattr(self, k, checked[k])
         self._rings_key = self._rings = None
 
+    def resume_inflight(self, heads: typing.Sequence[int], last_avail: int, used_idx: int) -> None:
+        """After a restore, before the model starts: the in-flight record
+        says ``heads`` (in pop order) were taken and not returned, the
+        avail ring is to be read on from ``last_avail`` and the driver has
+        seen ``used_idx``.  The heads are served first, then the ring.
+        BadState (nothing changed) unless the queue is enabled and the
+        numbers agree: every head below the size, none twice,
+        ``last_avail - used_idx`` equal to their number."""
+        where = f"queue {self.index}: inflight"
+        require(self.enabled, where, "the queue is not enabled")
+        heads = list(heads)
+        require(len(heads) <= self.size and len(set(heads)) == len(heads)
+                and all(type(h) is int and 0 <= h < self.size for h in heads), where,
+                f"heads {heads[:8]} (size {self.size})")
+        for n in (last_avail, used_idx):
+            check_int(n, where, 0, U16)
+        require((last_avail - used_idx) & U16 == len(heads), where,
+                f"avail {last_avail} - used {used_idx} is not the {len(heads)} heads in flight")
+        self.resubmit, self.last_avail, self.used_idx = heads, last_avail, used_idx
+
+    def enable(self) -> None:
+        """The driver enabled the queue (its layout checked)."""
+        self.enabled = True
+        self.last_avail = self.used_idx = 0
+        self.resubmit = []
+        if self.inflight is not None:
+            self.inflight.enabled(self.index, self.size)
+
     # -- configuration ---------------------------------------------------
 
     def check_layout(self, mem: GuestRam) -> str | None:
@@ -219,7 +252,12 @@ class Virtqueue:
         return n
 
     def pop(self, mem: GuestRam) -> Chain | None:
-        """The next available chain, or None when there is none."""
+        """The next available chain (a resubmitted one first), or None
+        when there is none."""
+        if self.resubmit:
+            head = self.resubmit.pop(0)
+            view, table, _avail, _used = self._where(mem)
+            return self._walk(mem, view, table, head)
         if not self.pending(mem):
             return None
         assert self._rings is not None     # pending() just set them

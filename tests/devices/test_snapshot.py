@@ -409,3 +409,12 @@ def test_restore_is_for_a_fresh_model(registry):
     with pytest.raises(BadState):
         old.restore(old.snapshot())
     old.stop()
+
+
+@pytest.mark.parametrize("cls, params", [(Echo, ECHO), (Serial, {})])
+def test_restore_after_start_is_refused(registry, cls, params):
+    dev = cls(KeptHost(registry), **params)
+    dev.start()
+    with pytest.raises(BadState, match="freshly built"):
+        dev.restore(dev.snapshot())
+    dev.stop()

@@ -8,11 +8,14 @@ is kept.  Hostile snapshots are refused with BadState."""
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devices import pci_config as cfg
 from devices.base import BadState, ConsoleFds, Space, resume
@@ -135,18 +138,51 @@ def test_restored_queue_reports_to_the_inflight_hook(registry, guarded):
         def pushed(self, queue, head, used_idx):
             seen.append(("pushed", queue, head, used_idx))
 
-        def reset(self, queue):
-            seen.append(("reset", queue))
+        def enabled(self, queue, size):
+            seen.append(("enabled", queue, size))
 
     new = VirtioRng(KeptHost(registry, memory=ram), **RNG)
     new.queues[0].inflight = Record()
     resume(new, state)
     rng_request(ram, 5)
     notify(new)
-    assert seen == [("popped", 0, 5, 4), ("pushed", 0, 5, 4)]
-    common_w(new, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)
-    assert seen[-1] == ("reset", 0)
+    assert seen == [("popped", 0, 5, 4), ("pushed", 0, 5, 4)]     # the record follows the ring
+    common_w(new, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)          # reset, then a driver sets it up again
+    ready(new)
+    assert seen[2] == ("enabled", 0, 8)
     new.stop()
+
+
+def test_requests_in_flight_are_served_again_first(registry, guarded):
+    ram = guarded.ram
+    _, old = rng_in_use(registry, guarded)
+    state = old.snapshot()
+    old.doorbells.stop()
+    # The dead process had taken head 3 and not returned it (the record
+    # says so); the driver then made head 4 available.
+    rng_request(ram, 3)
+    rng_request(ram, 4)
+    new = VirtioRng(KeptHost(registry, memory=ram), **RNG)
+    new.restore(state)
+    new.resume_inflight(0, [3], last_avail=4, used_idx=3)
+    new.start()
+    assert used(ram)[0] == 5 and used(ram)[1][3:] == [(3, 32), (4, 32)]
+    new.stop()
+
+
+@pytest.mark.parametrize("heads, last_avail, used_idx", [
+    ([8], 4, 3), ([1, 1], 5, 3), ([1], 5, 3), ([True], 4, 3), ([1], 1 << 16, 3), (list(range(9)), 12, 3)])
+def test_inflight_that_does_not_fit_is_refused(registry, guarded, heads, last_avail, used_idx):
+    _, old = rng_in_use(registry, guarded)
+    state = old.snapshot()
+    old.stop()
+    new = VirtioRng(KeptHost(registry, owner=9, memory=guarded.ram), **RNG)
+    new.restore(state)
+    with pytest.raises(BadState):
+        new.resume_inflight(0, heads, last_avail, used_idx)
+    assert new.queues[0].resubmit == [] and new.queues[0].last_avail == 3
+    with pytest.raises(BadState):
+        new.resume_inflight(1, [], 3, 3)                    # no such queue
 
 
 def test_rng_hostile_snapshots(registry, guarded):
@@ -404,3 +440,62 @@ def test_console_hostile_device_state(registry, guarded):
         s = {**state, "model": {**state["model"], "device": bad}}
         with pytest.raises(BadState):
             VirtioConsole(KeptHost(registry, owner=9, memory=guarded.ram), slot="5").restore(s)
+
+
+# -- anything restore accepts is safe to run ------------------------------------
+
+def _leaves(value, path=()):
+    if type(value) is dict:
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif type(value) is list:
+        for i, v in enumerate(value):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_values_are_refused_or_safe(registry, guarded, data):
+    """Random values of the right types in random fields of a real
+    snapshot: restore refuses them (BadState) or the model starts, serves
+    every register and a request, and stops -- never another error."""
+    global _RNG_STATE
+    if _RNG_STATE is None:
+        _, old = rng_in_use(registry, guarded)
+        _RNG_STATE = old.snapshot()
+        old.stop()
+    state = copy.deepcopy(_RNG_STATE)
+    leaves = list(_leaves(state))
+    for path, value in data.draw(st.lists(st.sampled_from(leaves), min_size=1, max_size=6)):
+        if type(value) is bool:
+            new = data.draw(st.booleans())
+        elif type(value) is int:
+            new = data.draw(st.one_of(st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.integers(0, (1 << 64) - 1)))
+        elif type(value) is bytes:
+            new = data.draw(st.binary(min_size=len(value), max_size=len(value)))
+        else:
+            continue
+        parent = state
+        for p in path[:-1]:
+            parent = parent[p]
+        parent[path[-1]] = new
+    dev = VirtioRng(KeptHost(registry, owner=11, memory=guarded.ram), **RNG)
+    try:
+        dev.restore(state)
+    except BadState:
+        return
+    try:
+        dev.start()
+        common_view(dev)
+        rng_request(guarded.ram, 6)
+        notify(dev)
+    finally:
+        dev.stop()
+        for r in registry.regions():
+            if r.owner == 11:
+                registry.unregister(r.bus, r.start, r.owner)
+
+
+_RNG_STATE: dict | None = None

@@ -3,7 +3,9 @@
 Modes: ``junk-instead`` (bytes instead of a welcome), ``junk-after`` (a
 correct handshake, then bytes that are not a frame), ``bad-msgpack``,
 ``unknown-type``, ``extra-fds`` (a ready message carrying descriptors),
-``silent`` (never answers), ``error`` (refuses with an Error message).
+``silent`` (never answers), ``error`` (refuses with an Error message),
+``zone-thief`` (asks for coalesced-MMIO zones over addresses it does not
+own, then says Ready only if every request was refused, else Error).
 After misbehaving it waits for the VMM to hang up.
 """
 
@@ -14,8 +16,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from ipc.protocol import Error, Ready, Role, Start, negotiate  # noqa: E402
+from ipc.protocol import CoalescedMmioRequest, Error, IrqRefused, Ready, Role, Start, negotiate  # noqa: E402
 from ipc.transport import Channel  # noqa: E402
+
+
+#: zone-thief: (address, length) of the zones it asks for.
+ZONE_THEFTS = ((0xD000_0000, 0x1000), (0xD000_0800, 0x10), (0xD0F0_0000, 0x1000))
 
 
 def raw_frame(body: bytes) -> bytes:
@@ -40,6 +46,15 @@ def main() -> None:
             pass
         for fd in chan.conn.take_unclaimed_fds():
             os.close(fd)
+        if mode == "zone-thief":
+            granted = []
+            for seq, (address, length) in enumerate(ZONE_THEFTS, 1):
+                chan.send(CoalescedMmioRequest(seq, address, length))
+                answer = chan.receive(10)
+                if not isinstance(answer, IrqRefused):
+                    granted.append(f"{address:#x}: {answer}")
+            if granted:
+                chan.send(Error(f"granted: {granted}"))
         chan.send(Ready(os.getpid()))
         if mode == "junk-after":
             sock.send(b"\x05\x00\x00\x00junk!")

@@ -135,7 +135,15 @@ def test_qemu_qmp_client_drives_every_command(vm):
         assert {"query-status", "query-devices", "query-regions", "query-stats", "stop", "cont", "quit",
                 "qmp_capabilities"} <= names
 
-        status = await c.execute("query-status")
+        # The vCPU threads are started in the background: wait until both run.
+        deadline = time.monotonic() + 30
+        while True:
+            status = await c.execute("query-status")
+            ids = [x.get("thread-id") for x in status["vcpus"]]
+            if None not in ids and ids == [v.thread.native_id for v in m.vcpus]:
+                break
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.01)
         assert status["status"] == "running" and status["running"] is True
         assert [x["state"] for x in status["vcpus"]] == ["running", "running"]
         assert status["vcpus"][1]["thread-id"] == m.vcpus[1].thread.native_id
@@ -158,7 +166,8 @@ def test_qemu_qmp_client_drives_every_command(vm):
         endpoint = m.endpoints[dev["owner"]]
         assert dev == {"id": "echo0", "kind": "echo", "placement": "isolated", "owner": endpoint.owner,
                        "pid": endpoint.pid, "state": "running", "reason": None,
-                       "accesses": 2 * ACCESSES, "failures": 0, "restarts": 0, "last-cause": None}
+                       "accesses": 2 * ACCESSES, "failures": 0, "restarts": 0, "last-cause": None,
+                       "sandbox": ["preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp=kill"]}
         assert dev["pid"] != os.getpid()
 
         regions = await c.execute("query-regions")
@@ -279,7 +288,7 @@ def test_paused_before_the_run_starts_paused(guest):
         result = []
         t = threading.Thread(target=lambda: result.append(m.run(timeout=120)), daemon=True)
         t.start()
-        wait_for(lambda: m.vcpus[0].alive and _syscall(m.vcpus[0].thread.native_id) == SYS_FUTEX,
+        wait_for(lambda: m.vcpus[0].thread.native_id is not None and _syscall(m.vcpus[0].thread.native_id) == SYS_FUTEX,
                  what="vCPU 0 parked before its first KVM_RUN")
         time.sleep(0.2)      # an observation window: the guest must not start in it
         assert m.memory.read_u64(COUNTER) == 0

@@ -138,12 +138,22 @@ def test_typed_input_reaches_the_guest_in_raw_mode(serial_guest, pty_vmm, placem
 
 
 def device_processes(vmm_pid: int) -> list[int]:
+    """The processes serving the VMM's devices: its children, or, for a
+    sandboxed device in a pid namespace of its own, the child of that
+    child (the one the VMM started only reaps it)."""
+    out = []
+    for pid in _children(vmm_pid):
+        out.extend(_children(pid) or [pid])
+    return out
+
+
+def _children(parent: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == vmm_pid:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
                         out.append(int(entry))
             except OSError:
                 pass

@@ -165,6 +165,8 @@ def query_devices(machine: Machine) -> list[dict[str, Any]]:
             "failures": counted.failures,
             "restarts": restarts,
             "last-cause": cause,
+            # the sandbox layers the device reported (devserver.sandbox); None inline
+            "sandbox": list(endpoint.sandbox.layers) if isinstance(endpoint, RemoteEndpoint) else None,
         })
     return out
 
@@ -297,8 +299,8 @@ _DEVICE_ARG = Arg("device", "string", "only this device (its id=)")
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("query-status", "run state (prelaunch, running, paused, shutdown), uptime, vCPUs",
             query_status, table=_status_table),
-    Command("query-devices", "every device: id, kind, placement, pid, state, accesses, failures, restarts, "
-            "last cause",
+    Command("query-devices", "every device: id, kind, placement, pid, state, accesses, failures, sandbox, "
+            "restarts, last cause",
             query_devices, table=_devices_table),
     Command("query-regions", "the registry's regions, live: bus, start, length, owner, device, refcount, removing",
             query_regions, (Arg("bus", "string", "pio, mmio or pci"), _DEVICE_ARG), table=_regions_table),

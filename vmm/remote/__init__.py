@@ -15,7 +15,9 @@ One module per job:
 - :mod:`vmm.remote.endpoint` -- :class:`RemoteEndpoint`, the access proxy
   (the :class:`vmm.endpoint.Endpoint` the dispatcher calls), with
   :meth:`~RemoteEndpoint.spawn` (start a child) and
-  :meth:`~RemoteEndpoint.attach` (take a connected socket).
+  :meth:`~RemoteEndpoint.attach` (take a connected socket);
+- :mod:`vmm.remote.connect` -- ``--device KIND,connect=PATH``: reaching a
+  device that runs as a service (``devserver serve``) and attaching to it.
 """
 
 from vmm.remote.endpoint import RemoteEndpoint

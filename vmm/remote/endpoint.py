@@ -60,10 +60,13 @@ from ipc import Registry
 from ipc.accessseq import BadRecord, Outcome, Pending, decide
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Message,
                           RemoteProtocolError, Reset, ResetDone, Role, SetSlots, SetState, Shutdown)
+from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.state import AccessRecord, StateSegment
 from ipc.transport import Channel, ChannelTimeout, socketpair
+from vmm import sandbox_report
+from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds
 from vmm.irq import DeviceIrqs
@@ -88,6 +91,9 @@ _DEFAULT = RemoteOptions()
 STATE_CAPACITY = 64 * 1024
 #: The cause of a restart asked for (QMP device-restart).
 RESTART_REQUESTED = "restart requested (device-restart)"
+#: First wait after a start that failed; it doubles up to the maximum.
+RETRY_BACKOFF = 0.02
+MAX_RETRY_BACKOFF = 0.5
 #: Old slot segments kept after restarts (a vCPU may still look at one).
 KEEP_OLD_SLOTS = 8
 
@@ -103,6 +109,7 @@ class RemoteEndpoint:
     def __init__(self, *, kind: str, owner: int, name: str, registry: Registry, peer: Peer,
                  channel: Channel, slots: SlotCaller | None, access_timeout: float,
                  irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None,
+                 zones: DeviceZones | None = None,
                  state: StateSegment | None = None, policy: RestartPolicy | None = None):
         self.kind = kind
         self.owner = owner
@@ -113,7 +120,11 @@ class RemoteEndpoint:
         #: The pid the device reported in Ready (differs under a sandbox
         #: launcher with its own pid namespace).
         self.reported_pid = 0
+        #: The service socket it was reached at (``connect=PATH``), or None.
+        self.service_path: str | None = None
         self.features: frozenset[str] = frozenset()
+        #: The device's sandbox as it reported it (vmm.sandbox_report).
+        self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._channel = channel
         #: (slot segment, generation) of the process serving now; one
@@ -131,6 +142,13 @@ class RemoteEndpoint:
         self.irqs = irqs
         #: The device's doorbells (None: it may have none).
         self.ioevents = ioevents
+        #: The device's coalesced-MMIO zones (None: it may have none).
+        self.zones = zones
+        #: Where queued writes go in batches (ipc.batch), once the device
+        #: has a zone and speaks ``coalesced-batch``.
+        self._batch: BatchWriter | None = None
+        self._batch_lock = threading.Lock()       # one batch in the segment at a time
+        self._batch_make_lock = threading.Lock()  # not _batch_lock: a batch's handler may ask for zones
         #: The state segment the VMM keeps for the device (None: none).
         self.state = state
         #: What happens when the process ends (None or mode "no": failed).
@@ -167,7 +185,7 @@ class RemoteEndpoint:
         self._stop_restart = threading.Event()
         self.requests = RequestService(name, irqs, ioevents, send=self._send,
                                        stopping=lambda: self._failure is not None or self._closing,
-                                       on_send_error=self._fail)
+                                       on_send_error=self._fail, zones=zones, batch_fd=self._batch_fd)
         #: What the monitor does with each message type after the start
         #: (False: the channel is done).  Anything else the protocol let
         #: through (late Ready/Welcome answers crossing a Shutdown) needs
@@ -178,6 +196,12 @@ class RemoteEndpoint:
             ResetDone: self._on_reset_done,
             **{t: self._on_request for t in self.requests.handlers},
         }
+
+    @property
+    def sender_pid(self) -> int:
+        """The pid the kernel attached to the device's last control message
+        (SO_PASSCRED set on its socket, as vmm.remote.connect does; else 0)."""
+        return self._channel.sender_pid
 
     @property
     def pid(self) -> int:
@@ -209,7 +233,7 @@ class RemoteEndpoint:
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
         """
-        config = _config(kind, params, owner, name, nvcpus)
+        config = _config(kind, params, owner, name, nvcpus, options)
         env = child_env(kind, name)
 
         def launch(spare: bool = False) -> tuple[socket.socket, Peer]:
@@ -239,7 +263,7 @@ class RemoteEndpoint:
         here on (closed on every path); ``options.command``/``cpus`` are not
         used.  Raises :class:`DeviceFailed` like :meth:`spawn`."""
         try:
-            config = _config(kind, params, owner, name, nvcpus)
+            config = _config(kind, params, owner, name, nvcpus, options)
         except BaseException:
             sock.close()
             peer.close()
@@ -268,9 +292,12 @@ class RemoteEndpoint:
         if options.irq_router is not None:
             irqs = DeviceIrqs(options.irq_router, config.name)
             ioevents = DeviceIoeventfds(options.irq_router.vm, registry, config.owner, config.name)
+        zones = None
+        if options.coalesced is not None:
+            zones = DeviceZones(options.coalesced, registry, config.owner, config.name)
         ep = cls(kind=config.kind, owner=config.owner, name=config.name, registry=registry, peer=peer,
                  channel=channel, slots=None, access_timeout=options.access_timeout,
-                 irqs=irqs, ioevents=ioevents, state=state, policy=options.restart)
+                 irqs=irqs, ioevents=ioevents, zones=zones, state=state, policy=options.restart)
         ep.relaunch = relaunch
         ep._options = options
         mem_regions = options.mem_regions
@@ -286,7 +313,8 @@ class RemoteEndpoint:
             ep._live = (slots, 0)
         except StartError as e:
             reason = str(e)
-            log.error("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
+            # The caller reports the DeviceFailed (one line); this is detail.
+            log.info("device %s (%s, pid %d) failed to start: %s", ep.name, ep.kind, ep.pid, reason)
             ep._failure = f"failed to start: {reason}"
             ep._teardown()
             raise DeviceFailed(f"device {ep.name}: {reason}") from None
@@ -316,7 +344,7 @@ class RemoteEndpoint:
             offer = dataclasses.replace(self._offer, registry_fd=reg_fd,
                                         slots=dataclasses.replace(self._offer.slots, fd=slots.fd))
             agreed = handshake(self._channel, self._send, offer, deadline, self.requests.serve,
-                               self.peer.exit_text,
+                               self.peer.exit_text, on_welcome=self._agreed,
                                extra=self._state_offer)
         except BaseException:
             slots.close()
@@ -344,6 +372,7 @@ class RemoteEndpoint:
     def _started(self, agreed: Agreement) -> None:
         self.features = agreed.features
         self.reported_pid = agreed.pid
+        self.sandbox, self.peer = sandbox_report.at_ready(self.name, self.peer, agreed.sandbox, agreed.pid)
         if agreed.pid != self.pid:
             log.debug("device %s reports pid %d; its process is %d", self.name, agreed.pid, self.pid)
         self._exited.clear()
@@ -383,6 +412,40 @@ class RemoteEndpoint:
         finally:
             busy[vcpu] = False
         return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
+
+    def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
+        """Forward writes (space, cookie, offset, size, value) in order: a
+        request per batch (ipc.batch) once the device has a batch segment,
+        else one access each.  A batch is one access for the restart
+        rules: it is answered, from the record, or sent again whole (the
+        segment still holds it: one batch at a time).  Raises
+        :class:`DeviceFailed`."""
+        batch = self._batch
+        if batch is None:
+            for space, cookie, offset, size, value in writes:
+                self.access(vcpu, space, cookie, offset, size, True, value)
+            return
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        with self._batch_lock:
+            done = 0
+            while done < len(writes):
+                n = batch.write(writes[done:done + batch.capacity])
+                self.access(vcpu, BATCH_SPACE, 0, 0, 8, True, n)
+                done += n
+
+    def _agreed(self, features: frozenset[str]) -> None:
+        self.features = features
+
+    def _batch_fd(self) -> int | None:
+        """The batch segment's descriptor to hand the device with a zone
+        (made the first time), or None when it takes no batches."""
+        if "coalesced-batch" not in self.features:
+            return None
+        with self._batch_make_lock:
+            if self._batch is None:
+                self._batch = BatchWriter()
+            return self._batch.fd
 
     def _access_later(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
                       value: int, aseq: int, slots: SlotCaller | None, gen: int) -> int:
@@ -472,6 +535,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # power-on state: no routes; the new model asks again
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         try:
             self._send(Reset())
         except Exception as e:
@@ -657,7 +722,7 @@ class RemoteEndpoint:
 
     def _on_error(self, msg: Message) -> bool:
         assert isinstance(msg, Error)
-        self._fail(f"reported: {msg.message}")
+        self._fail(sandbox_report.error_text(self.name, self.sandbox, msg.message))
         return False
 
     def _on_reset_done(self, msg: Message) -> bool:
@@ -686,6 +751,8 @@ class RemoteEndpoint:
             self.irqs.release_all()     # its routes and irqfds go with it
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         self._exited.set()
 
     # -- restart -------------------------------------------------------------
@@ -715,14 +782,39 @@ class RemoteEndpoint:
         log.warning("device %s (%s, pid %d) ended: %s; restarting", self.name, self.kind, self.pid, cause)
         self._emit("DEVICE_RESTARTING", {"cause": cause})
         deadline = t_dead + self.policy.timeout
+        started = self._start_again(cause, deadline)
+        if started is None:
+            return
+        agreed, slots = started
+        took = time.monotonic() - t_dead
+        self.restarts += 1
+        self.last_restart = took
+        self.longest_restart = max(self.longest_restart, took)
+        with self._cond:
+            self._live = (slots, gen + 1)
+            self._down = False
+            self._cause = None
+            self._cond.notify_all()
+        self._started(agreed)
+        if self._spares is not None:
+            self._spares.refill()
+        log.info("device %s restarted (pid %d) in %.1f ms", self.name, self.pid, took * 1000)
+        self._emit("DEVICE_RESTARTED", {"pid": self.pid, "restarts": self.restarts,
+                                        "pause_ms": round(took * 1000, 3)})
+
+    def _start_again(self, cause: str, deadline: float) -> tuple[Agreement, SlotCaller] | None:
+        """Start new processes until one is Ready (returned), or give up --
+        start limit, restart timeout, the endpoint closing -- and fail the
+        device (None)."""
         why = "restart timeout"
         requested = cause == RESTART_REQUESTED
         first = True
-        while not self._closing:
+        backoff = RETRY_BACKOFF
+        while not self._closing and self._failure is None:
             # A restart asked for (device-restart) is not a failure: its
             # first start does not count against the start limit.
             if not (requested and first) and not self._limiter.allow():
-                why = (f"start limit: {self.policy.burst} start(s) within {self.policy.interval:g} s")
+                why = f"start limit: {self.policy.burst} start(s) within {self.policy.interval:g} s"
                 break
             if self.policy.delay and not (requested and first) and self._stop_restart.wait(self.policy.delay):
                 break
@@ -730,42 +822,29 @@ class RemoteEndpoint:
             if time.monotonic() >= deadline:
                 break
             try:
-                agreed, slots = self._replace_process(deadline)
+                return self._replace_process(deadline)
             except StartError as e:
-                log.warning("device %s: restart failed: %s", self.name, e)
                 why = f"restart failed: {e}"
-                continue
             except (OSError, DeviceFailed) as e:
                 why = f"cannot start a new process: {e}"
-                log.warning("device %s: %s", self.name, why)
-                continue
-            took = time.monotonic() - t_dead
-            self.restarts += 1
-            self.last_restart = took
-            self.longest_restart = max(self.longest_restart, took)
-            with self._cond:
-                self._live = (slots, gen + 1)
-                self._down = False
-                self._cause = None
-                self._cond.notify_all()
-            self._started(agreed)
-            if self._spares is not None:
-                self._spares.refill()
-            log.info("device %s restarted (pid %d) in %.1f ms", self.name, self.pid, took * 1000)
-            self._emit("DEVICE_RESTARTED", {"pid": self.pid, "restarts": self.restarts,
-                                            "pause_ms": round(took * 1000, 3)})
-            return
+            log.warning("device %s: %s", self.name, why)
+            # A start that failed at once would fail the same way at once
+            # again: back off (doubling) within the restart timeout.
+            if self._stop_restart.wait(min(backoff, max(0.0, deadline - time.monotonic()))):
+                break
+            backoff = min(backoff * 2, MAX_RETRY_BACKOFF)
         if self._closing:
             with self._cond:
                 self._down = False
                 self._cond.notify_all()
             self._exited.set()
-            return
+            return None
         self._fail(f"{cause}; {why}", final=True)
         with self._cond:
             self._down = False
             self._cond.notify_all()
         self._on_exit()
+        return None
 
     def _replace_process(self, deadline: float) -> tuple[Agreement, SlotCaller]:
         """Start one new process and run its handshake (raises StartError)."""
@@ -878,6 +957,8 @@ class RemoteEndpoint:
             self.irqs.release_all()
         if self.ioevents is not None:
             self.ioevents.release_all()
+        if self.zones is not None:
+            self.zones.release_all()
         if self._slots is not None:
             log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
                       self._slots.device_stats())
@@ -893,6 +974,9 @@ class RemoteEndpoint:
             self.state.close()
         if self._spares is not None:
             self._spares.close()
+        with self._batch_make_lock, self._batch_lock:
+            if self._batch is not None:
+                self._batch.close()
         self._closed = True
 
 
@@ -979,9 +1063,11 @@ def _queue_sizes(kind: str) -> tuple[int, ...]:
     return ()
 
 
-def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int) -> DeviceConfig:
+def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int,
+            options: RemoteOptions) -> DeviceConfig:
     if not isinstance(owner, int) or owner < FIRST_DEVICE_OWNER:
         raise ValueError(f"owner must be an integer >= {FIRST_DEVICE_OWNER}, not {owner!r}")
     if not isinstance(nvcpus, int) or not 1 <= nvcpus <= MAX_VCPUS:
         raise ValueError(f"nvcpus must be in [1, {MAX_VCPUS}], not {nvcpus!r}")
-    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus)
+    return DeviceConfig(kind=kind, params=dict(params), owner=owner, name=name, nvcpus=nvcpus,
+                        sandbox=options.sandbox, seccomp=options.seccomp)

@@ -51,25 +51,34 @@ class Agreement:
     """What the device said about itself."""
 
     features: frozenset[str]
-    #: The pid the device reported in Ready (in its own pid namespace).
+    #: The pid the device reported in Ready (as the VMM sees it).
     pid: int
+    #: The sandbox layers that are on in the device (Ready.sandbox).
+    sandbox: tuple[str, ...] = ()
 
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
               serve: Callable[[Message], None], exit_text: Callable[[float], str],
+              on_welcome: Callable[[frozenset[str]], None] | None = None,
               extra: Callable[[frozenset[str]], Sequence[Message]] | None = None) -> Agreement:
     """Run the VMM side of the handshake up to Ready.
 
     ``send``: sends one message (under the caller's channel lock);
     ``serve``: answers one interrupt request; ``exit_text``: how the device
-    ended, for the error when it hangs up; ``extra``: more configuration
-    messages, given the agreed features (the state segment).  Raises
-    :class:`StartError`."""
+    ended, for the error when it hangs up; ``on_welcome``: told the agreed
+    features as soon as they are known (before the model's requests are
+    served); ``extra``: more configuration messages, given the agreed
+    features (the state segment).  Raises :class:`StartError`."""
 
     def put(msg: Message) -> None:
         try:
             send(msg)
         except OSError as e:
+            # A device that refuses (its Error) hangs up: the reason may be
+            # waiting behind the broken pipe.
+            refused = _pending_error(channel)
+            if refused is not None:
+                raise StartError(f"refused: {refused.message}") from None
             raise StartError(f"control socket: {e} ({exit_text(0.5)})") from None
 
     def get() -> Message:
@@ -90,6 +99,8 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
     put(Hello())
     welcome = get()
     assert isinstance(welcome, Welcome)  # the protocol table allows nothing else
+    if on_welcome is not None:
+        on_welcome(welcome.features)
     put(offer.config)
     put(SetRegistry(fd=offer.registry_fd))
     put(offer.slots)
@@ -107,7 +118,20 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         serve(ready)
         ready = get()
     assert isinstance(ready, Ready)
-    return Agreement(features=welcome.features, pid=ready.pid)
+    return Agreement(features=welcome.features, pid=ready.pid, sandbox=ready.sandbox)
+
+
+def _pending_error(channel: Channel) -> Error | None:
+    """An Error already received on ``channel`` (unread), if any."""
+    try:
+        while True:
+            msg = channel.receive(0)
+            if isinstance(msg, Error):
+                return msg
+            if isinstance(msg, ConnectionClosed):
+                return None
+    except Exception:   # nothing (more) there, or garbage: no reason to report
+        return None
 
 
 def registry_fd(registry: Registry) -> int:

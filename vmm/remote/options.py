@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 
 from ipc.protocol import MemRegion, SetConsole
+from vmm.coalesce import CoalescedMmio
 from vmm.irq import IrqRouter
 from vmm.remote.restart import RestartPolicy
 
@@ -61,6 +62,13 @@ class RemoteOptions:
     #: The VM's interrupt routing, from which the device may ask for
     #: irqfds and ioeventfds (None: it gets none, its requests are refused).
     irq_router: IrqRouter | None = None
+    #: The device's sandbox (devserver.sandbox): strict, auto or off.
+    sandbox: str = "strict"
+    #: What its seccomp filter does with a call outside the allowlist.
+    seccomp: str = "kill"
+    #: The VM's coalesced-MMIO zones, of which the device may ask for some
+    #: inside its own regions (None: it gets none, its requests are refused).
+    coalesced: CoalescedMmio | None = None
     #: What happens when the device process ends (vmm.remote.restart).
     #: The library default is ``no``; a ``--device`` spec's default is
     #: ``on-failure`` (vmm.machine).

@@ -1,5 +1,6 @@
 """The VMM's service of what a device asks for on its control channel:
-interrupt pins, MSI routes and ioeventfds (see ipc.protocol).
+interrupt pins, MSI routes, ioeventfds and coalesced-MMIO zones (see
+ipc.protocol).
 
 One handler per request type, in a table (:attr:`RequestService.handlers`);
 each validates the request, acts on the VM and returns the answer.  A
@@ -13,8 +14,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ipc.protocol import CoalescedMmioRemoveRequest, CoalescedMmioRequest
 from ipc.protocol import (IRQ_REQUESTS, IoeventfdRemoveRequest, IoeventfdRequest, IrqDone, IrqGranted,
                           IrqLineRequest, IrqRefused, Message, MsiRouteRequest, MsiUnrouteRequest)
+from vmm.coalesce import CoalesceRefused, DeviceZones
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError
 
@@ -32,15 +35,21 @@ class RequestService:
     request is refused); ``send``: sends the answer; ``stopping``: True once
     the device is cut off or closing (requests are refused then, except
     removals, which teardown does anyway); ``on_send_error``: called with
-    the reason when an answer cannot be sent while not stopping.
+    the reason when an answer cannot be sent while not stopping;
+    ``zones``: the device's coalesced-MMIO zones (None: refused), and
+    ``batch_fd``: the descriptor of its batch segment to answer a granted
+    zone with, or None to answer IrqDone (no batches).
     """
 
     def __init__(self, name: str, irqs: DeviceIrqs | None, ioevents: DeviceIoeventfds | None, *,
                  send: Callable[[Message], None], stopping: Callable[[], bool],
-                 on_send_error: Callable[[str], None]):
+                 on_send_error: Callable[[str], None], zones: DeviceZones | None = None,
+                 batch_fd: Callable[[], int | None] = lambda: None):
         self.name = name
         self.irqs = irqs
         self.ioevents = ioevents
+        self.zones = zones
+        self._batch_fd = batch_fd
         self._send = send
         self._stopping = stopping
         self._on_send_error = on_send_error
@@ -51,6 +60,8 @@ class RequestService:
             MsiUnrouteRequest: self._unroute,
             IoeventfdRequest: self._add_ioeventfd,
             IoeventfdRemoveRequest: self._remove_ioeventfd,
+            CoalescedMmioRequest: self._add_zone,
+            CoalescedMmioRemoveRequest: self._remove_zone,
         }
         assert set(self.handlers) == set(IRQ_REQUESTS), "a request type without a handler"
 
@@ -62,7 +73,7 @@ class RequestService:
             if self.irqs is None:
                 raise IrqError("this VMM gives the device no interrupts")
             answer = self.handlers[type(msg)](msg)
-        except (IrqError, IoeventfdRefused, OSError) as e:
+        except (IrqError, IoeventfdRefused, CoalesceRefused, OSError) as e:
             log.warning("device %s: %s refused: %s", self.name, msg.TYPE, e)
             answer = IrqRefused(seq, str(e)[:1000] or type(e).__name__)
         try:
@@ -110,4 +121,19 @@ class RequestService:
             return IrqDone(msg.seq)     # released with the rest at teardown
         self._live_ioevents().remove(msg.space, msg.address, msg.length,
                                      msg.datamatch if msg.match else None)
+        return IrqDone(msg.seq)
+
+    def _add_zone(self, msg: Message) -> Message:
+        assert isinstance(msg, CoalescedMmioRequest)
+        self._live_irqs()
+        if self.zones is None:
+            raise IrqError("this VMM gives the device no coalesced MMIO")
+        self.zones.add(msg.address, msg.length)
+        fd = self._batch_fd()
+        return IrqDone(msg.seq) if fd is None else IrqGranted(msg.seq, fd)
+
+    def _remove_zone(self, msg: Message) -> Message:
+        assert isinstance(msg, CoalescedMmioRemoveRequest)
+        if not self._stopping() and self.zones is not None:    # else released at teardown
+            self.zones.remove(msg.address)
         return IrqDone(msg.seq)

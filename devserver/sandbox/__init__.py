@@ -1,0 +1,163 @@
+"""The sandbox of a device process: layers applied after the process has
+received its descriptors and before the model is built, in this order
+(one module each):
+
+1. :mod:`.preload` -- import now what is needed later;
+2. :mod:`.userns` -- a user namespace whose root is a host uid of the
+   device's own;
+3. :mod:`.namespaces` -- mount, pid, net, ipc, uts, cgroup namespaces and
+   an empty read-only root (the process forks here: pid 1 of the new pid
+   namespace goes on as the device, the parent reaps it);
+4. :mod:`.fds` -- descriptors not kept closed, rlimits, not dumpable;
+5. :mod:`.caps` -- no capabilities, ``no_new_privs``;
+6. :mod:`.landlock` -- no filesystem access, no TCP;
+7. :mod:`.seccomp` -- the allowlist of the kind (:mod:`.policy`), last.
+
+``sandbox=strict`` (the default of isolated devices) refuses to start when
+a layer cannot be applied (:class:`SandboxError`, one line naming the layer
+and the reason); ``auto`` applies what the host allows (without a user
+namespace: a plain switch to the dedicated uid) and reports the layers it
+applied; ``off`` applies none (debugging).  :func:`apply` returns the
+layers that are on; the device reports them to the VMM in Ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+from devices.base import Device
+
+log = logging.getLogger(__name__)
+
+MODES = ("strict", "auto", "off")
+DEFAULT_MODE = "strict"
+SECCOMP_MODES = ("kill", "trap", "log")
+DEFAULT_SECCOMP = "kill"
+#: For measurements only (the attack x layer figures): a comma-separated
+#: subset of LAYERS; the others are skipped, whatever the mode.
+ONLY_ENV = "SPLITVMM_SANDBOX_LAYERS"
+#: Every layer, in the order applied (the names :func:`apply` reports).
+LAYERS = ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp")
+
+
+def tid_base(owner: int) -> int:
+    """Where thread ids start in the pid namespace of device ``owner``
+    (threads after the first: the first is pid 1 in every namespace)."""
+    return (owner % 4000) * 1000
+
+
+class SandboxError(Exception):
+    """A layer could not be applied under ``sandbox=strict``."""
+
+    def __init__(self, layer: str, reason: str):
+        super().__init__(f"sandbox layer {layer} cannot be applied: {reason}")
+        self.layer = layer
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    mode: str = DEFAULT_MODE
+    seccomp: str = DEFAULT_SECCOMP
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sandbox={self.mode!r} (expected strict, auto or off)")
+        if self.seccomp not in SECCOMP_MODES:
+            raise ValueError(f"seccomp={self.seccomp!r} (expected kill, trap or log)")
+
+
+@dataclasses.dataclass
+class Applied:
+    """What :func:`apply` did."""
+
+    #: The layers that are on, in order (``seccomp`` as ``seccomp=MODE``;
+    #: ``uid`` instead of ``userns`` for the fallback).
+    layers: list[str] = dataclasses.field(default_factory=list)
+    #: This process is pid 1 of a pid namespace of its own (its parent,
+    #: the process the VMM started, is the reaper).
+    pid_namespace: bool = False
+    #: This process's pid as the host (the VMM) sees it.
+    host_pid: int = dataclasses.field(default_factory=os.getpid)
+    #: Host uid of the device (0: unchanged).
+    uid: int = 0
+    #: Seconds the layers took.
+    seconds: float = 0.0
+    #: Allowlist rules loaded.
+    rules: int = 0
+
+
+def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
+          keep: set[int], report_sock: int = -1, tid_base: int = 0) -> Applied:
+    """Apply the layers (module docstring); ``keep``: the descriptors the
+    runtime holds; ``report_sock``: the control socket, where a seccomp
+    death is reported; ``tid_base``: where thread ids start in the
+    device's pid namespace (the VMM tells registry-lock holders of
+    different devices apart by them).  Must be called while the process
+    has one thread."""
+    out = Applied()
+    if config.mode == "off":
+        return out
+    t0 = time.monotonic()
+    strict = config.mode == "strict"
+    only = os.environ.get(ONLY_ENV)
+    chosen = set(only.split(",")) if only else None
+
+    def layer(name: str, fn, *args):
+        if chosen is not None and name.split("=")[0] not in chosen:
+            return None
+        try:
+            result = fn(*args)
+        except (OSError, ValueError) as e:
+            if strict:
+                raise SandboxError(name, str(e)) from None
+            log.warning("sandbox=auto: layer %s is off: %s", name, e)
+            return None
+        out.layers.append(name)
+        return True if result is None else result
+
+    extra = kind_rules(kind, model_class)     # imports the kind's policy module while it can
+    layer("preload", preload.apply)
+    was_root = os.geteuid() == 0
+    uid = layer("userns", userns.apply)
+    if uid is not None:
+        out.uid = uid
+    keep = set(keep) | {2} | fds.mapping_fds()
+    ns = layer("namespaces", _namespaces, out, tid_base)
+    layer("fds", fds.apply, keep)
+    if uid is None and was_root and ns:
+        out.uid = layer("uid", userns.switch_uid) or 0
+    layer("caps", caps.apply)
+    layer("landlock", landlock.apply)
+    rules = common.rules(os.getpid()) + extra
+    n = layer(f"seccomp={config.seccomp}", seccomp.load, rules, config.seccomp, report_sock)
+    out.rules = n or 0
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def _namespaces(out: Applied, tid_base: int) -> None:
+    namespaces.unshare()
+
+    def lock_down_reaper(pidfd: int, device: int) -> None:
+        fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
+        for step in (caps.apply, landlock.apply):
+            try:
+                step()
+            except OSError:
+                pass    # best effort: it runs no device code
+        seccomp.load(common.rules(os.getpid()) + (
+            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))), "kill")
+
+    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper)
+    out.pid_namespace = True
+    if tid_base:
+        namespaces.set_next_pid(tid_base)
+    namespaces.empty_root()
+
+
+from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns  # noqa: E402
+from devserver.sandbox.policy import EQ, Arg, Rule, common, kind_rules  # noqa: E402

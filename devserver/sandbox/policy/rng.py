@@ -1,0 +1,3 @@
+"""virtio-rng: entropy for the guest."""
+
+SYSCALLS = ("getrandom",)

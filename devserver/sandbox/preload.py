@@ -1,0 +1,40 @@
+"""Layer 1: import now everything the device process will need later.
+
+Inside the sandbox ``open`` answers EACCES, so a lazy import, an encoding
+looked up for the first time or a ``linecache`` read for a traceback fails
+there.  This layer imports the modules the runtime, the models and the
+logging/traceback paths use, the model class's own module (already
+imported by the kind lookup) and the codecs in use, and formats one
+traceback so that everything on that path is loaded."""
+
+from __future__ import annotations
+
+import codecs
+import importlib
+import logging
+import sys
+import traceback
+
+#: Modules imported lazily somewhere on the device's paths.
+MODULES = (
+    "encodings", "encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.idna",
+    "json", "struct", "select", "selectors", "socket", "threading", "queue", "mmap", "errno",
+    "logging", "logging.handlers", "traceback", "linecache", "tokenize", "faulthandler", "signal",
+    "weakref", "msgpack", "msgpack.fallback", "random", "dataclasses", "enum", "stat", "resource",
+    "devices.guestmem", "devices.virtio.virtqueue",
+)
+
+
+def apply() -> None:
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass        # optional (msgpack.fallback when the C extension is there)
+    for enc in (sys.getfilesystemencoding(), sys.getdefaultencoding(), "utf-8", "ascii", "latin-1"):
+        codecs.lookup(enc)
+    try:
+        raise RuntimeError("preload")
+    except RuntimeError:
+        traceback.format_exc()  # loads the traceback machinery (not the source lines)
+    logging.getLogger(__name__).debug("preloaded %d modules", len(sys.modules))
