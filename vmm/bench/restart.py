@@ -145,7 +145,7 @@ def state_cost(iterations: int = 50_000) -> dict:
 
     with StateSegment.create(64 * 1024, (128,)) as seg:
         rec = QueueRecord(seg.queue(0))
-        rec.reset(0)
+        rec.clear()
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter_ns()
