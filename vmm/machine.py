@@ -217,8 +217,10 @@ class Machine:
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
         assert spec.connect is not None
-        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                              len(self._vcpu_fds), self._device_options(spec, console))
+        endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                  len(self._vcpu_fds), self._device_options(spec, console))
+        endpoint.on_event = self.events.emit
+        return endpoint
 
     def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None) -> RemoteOptions:
         return dataclasses.replace(

@@ -406,3 +406,49 @@ def test_restart_timeout_fails_a_device_that_cannot_come_back(guest, tmp_path):
         assert outcome.ending is Ending.TEST_EXIT and outcome.value == 3, str(outcome)
         assert ep.failed is not None and ep.restarts == 0
         assert 1.4 <= took[0] < 10, took
+
+
+def test_service_device_killed_reconnects_and_loses_nothing(guest, tmp_path):
+    # The device runs as a service under the test supervisor (the socket
+    # held, the device re-executed with LISTEN_FDS when it dies, as a
+    # socket unit with Restart=on-failure); the VMM attached with
+    # connect=PATH reconnects with backoff within restart_timeout and the
+    # new instance restores the state segment: the guest's counter stays
+    # exact across every kill.
+    from tests.devserver.servicekit import service_env, started_pids, supervised
+
+    path = tmp_path / "echo.sock"
+    svc = supervised(f"echo,pio={PIO:#x},mmio={MMIO:#x}", path, env=service_env())
+    try:
+        with Machine(memory=32 << 20, vcpus=1) as m:
+            m.load_pvh(guest("restart_echo"), f"pio={PIO:#x} mmio={MMIO:#x} stop={STOP:#x} stats={STATS:#x}")
+            ep = m.add_device(parse_device_spec(f"echo,id=e0,connect={path},restart_burst=100,restart_timeout=20"))
+            done = threading.Event()
+            errors: list = []
+            m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 1 if done.is_set() else 0)
+
+            def killer() -> None:
+                try:
+                    for _ in range(5):
+                        seen = m.memory.read_u64(STATS + 8)
+                        wait_for(lambda s=seen: m.memory.read_u64(STATS + 8) > s + 50, 60, "guest progress")
+                        r, pid = ep.restarts, started_pids(svc)[-1]
+                        os.kill(pid, signal.SIGKILL)
+                        wait_for(lambda r=r: ep.restarts > r or ep.failed, 60, "the reconnect")
+                        assert ep.failed is None, ep.failed
+                except BaseException as e:
+                    errors.append(e)
+                finally:
+                    done.set()
+
+            t = threading.Thread(target=killer, daemon=True)
+            t.start()
+            outcome = m.run(timeout=240)
+            t.join(10)
+            made, count = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 16)
+            assert not errors, errors
+            assert outcome.ending is Ending.POWER_OFF, str(outcome)
+            assert count == made and ep.restarts == 5 and ep.failed is None
+            assert len(set(started_pids(svc))) == 6
+    finally:
+        svc.stop()

@@ -67,7 +67,7 @@ from ipc.state import AccessRecord, StateSegment
 from ipc.transport import Channel, ChannelTimeout, socketpair
 from vmm import sandbox_report
 from vmm.coalesce import DeviceZones
-from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, VmmError
 from vmm.ioevent import DeviceIoeventfds
 from vmm.irq import DeviceIrqs
 from vmm.remote.handshake import Agreement, Offer, StartError, handshake, registry_fd
@@ -156,6 +156,9 @@ class RemoteEndpoint:
         #: Starts a new process for a restart: (socket, peer), or None when
         #: this endpoint cannot (set by spawn()).
         self.relaunch: Callable[[], tuple[socket.socket, Peer]] | None = None
+        #: Called with the endpoint once a new process is Ready (a service
+        #: peer learns its pid), or None.
+        self.after_ready: Callable[[RemoteEndpoint], None] | None = None
         #: Warm spare processes for restarts (spawn() with options.spare).
         self._spares: _Spares | None = None
         self._offer: Offer | None = None
@@ -796,6 +799,8 @@ class RemoteEndpoint:
             self._cause = None
             self._cond.notify_all()
         self._started(agreed)
+        if self.after_ready is not None:
+            self.after_ready(self)
         if self._spares is not None:
             self._spares.refill()
         log.info("device %s restarted (pid %d) in %.1f ms", self.name, self.pid, took * 1000)
@@ -825,7 +830,7 @@ class RemoteEndpoint:
                 return self._replace_process(deadline)
             except StartError as e:
                 why = f"restart failed: {e}"
-            except (OSError, DeviceFailed) as e:
+            except (OSError, VmmError) as e:     # also a service not listening (yet): ConfigError
                 why = f"cannot start a new process: {e}"
             log.warning("device %s: %s", self.name, why)
             # A start that failed at once would fail the same way at once
