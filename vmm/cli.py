@@ -22,6 +22,10 @@ serial console, each in its own process.  Every run ends with a one-line
 summary on stderr: how the guest ended and which process served which
 device.
 
+``--faults PLAN.toml [--fault-seed N] [--fault-trace FILE]`` or
+``--fault-replay TRACE`` inject faults (:mod:`vmm.faults`, README "Fault
+injection"); the closing summary then lists the firings per fault.
+
 ``--api PATH`` serves the control socket (QMP's wire protocol,
 :mod:`vmm.qmp`) for the run; ``vmm ctl PATH COMMAND [key=value...]``
 runs one command on it and prints the answer (:mod:`vmm.qmp.ctl`).
@@ -98,6 +102,16 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} must be in 0..2**64-1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmm", description="splitvmm: a KVM VMM whose devices run as separate processes")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -126,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
                           "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
                           "none (no console, no COM1)")
+    run.add_argument("--faults", metavar="PLAN.toml",
+                     help="a fault plan (README \"Fault injection\"; TOML, or JSON when it ends in .json), "
+                          "validated against the devices before the guest starts")
+    run.add_argument("--fault-seed", type=_seed, metavar="N", help="the plan's seed instead of its own")
+    run.add_argument("--fault-trace", metavar="FILE",
+                     help="write every firing of every device to FILE (JSON Lines, header with plan digest "
+                          "and seed)")
+    run.add_argument("--fault-replay", metavar="TRACE",
+                     help="re-apply exactly the firings of TRACE (a --fault-trace file) by device, point "
+                          "and event number, instead of a plan")
     run.add_argument("--api", metavar="PATH",
                      help="serve the control socket (QMP's wire protocol, mode 0600) at PATH; "
                           "see `vmm ctl`")
@@ -247,9 +271,10 @@ def _run(args: argparse.Namespace) -> int:
             first_serial = default_serial = parse_device_spec("serial", taken)
             specs.append(first_serial)
         on_console = [first_serial] + [s for s in specs if _on_console(s)]
+    faults = _fault_setup(args, specs)
     console = Console.open(args.serial) if on_console else None
     try:
-        result = _run_machine(args, specs, on_console, default_serial, console)
+        result = _run_machine(args, specs, on_console, default_serial, console, faults)
     finally:
         if console is not None:
             console.close()
@@ -262,11 +287,48 @@ def _run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
+    """The plan (or trace to replay) checked against the VM's devices
+    before anything starts: one line naming fault and key, status 2."""
+    from devices.faults.plan import load_plan
+    from devices.faults.table import FaultError
+    from devices.faults.trace import read_trace
+    from vmm.faults import check_plan, device_points
+
+    by_name = {spec.name: spec for spec in specs}
+    if args.fault_replay is not None:
+        if args.faults is not None or args.fault_seed is not None:
+            raise ConfigError("--fault-replay replays a trace: it takes no --faults or --fault-seed")
+        try:
+            trace = read_trace(args.fault_replay)
+        except FaultError as e:
+            raise ConfigError(f"--fault-replay: {e}") from None
+        unknown = sorted({f["device"] for f in trace.firings} - set(by_name))
+        if unknown:
+            raise ConfigError(f"--fault-replay {args.fault_replay}: firings of device(s) this VM does not "
+                              f"have: {', '.join(unknown)}")
+        return {"replay": trace, "trace": args.fault_trace, "devices": list(by_name)}
+    if args.faults is None:
+        if args.fault_seed is not None:
+            raise ConfigError("--fault-seed needs --faults PLAN")
+        return {"plan": None, "trace": args.fault_trace, "devices": list(by_name)}
+    try:
+        plan = load_plan(args.faults, devices=device_points(by_name), seed=args.fault_seed)
+        check_plan(plan, by_name, source=args.faults)
+    except FaultError as e:
+        raise ConfigError(f"--faults {e}") from None
+    return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
+
+
 def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
-                 default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
+                 default_serial: DeviceSpec | None, console: Console | None,
+                 faults: dict | None = None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
                       lock_timeout=args.lock_timeout)
     try:
+        if faults is not None:
+            machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
+                                     devices=faults["devices"])
         machine.load_pvh(args.guest, args.cmdline)
         lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
         for spec in specs:
@@ -287,6 +349,9 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
         if console is not None:
             console.restore_terminal()
         print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
+        fault_summary = machine.faults.summary()
+        if fault_summary:
+            print(f"vmm: {fault_summary}", file=sys.stderr)
     finally:
         if console is not None:
             console.restore_terminal()

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
@@ -33,7 +34,8 @@ from vmm.boot import pvh
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
@@ -111,6 +113,8 @@ class Machine:
         self._paused = False
         self._qmp_quit = False
         self._api: QmpServer | None = None
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -189,6 +193,12 @@ class Machine:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
         self.device_specs[owner] = spec
+        try:
+            self.faults.attach(endpoint, spec)
+        except (FaultsError, DeviceFailed) as e:
+            raise ConfigError(f"device {spec.name}: {e}") from None
+        except FaultError as e:
+            raise ConfigError(str(e)) from None
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
@@ -430,6 +440,7 @@ class Machine:
                 endpoint.close()
             except Exception as e:
                 log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()

@@ -1,5 +1,5 @@
 """Asynchronous events of a VM (``STOP``, ``RESUME``, ``SHUTDOWN``,
-``DEVICE_FAILED``), and the hub that hands them to whoever listens.
+``DEVICE_FAILED``, ``FAULT_FIRED``), and the hub that hands them to whoever listens.
 
 Events are emitted from any thread (a vCPU ending the run, the thread
 that ran ``stop``); a listener must return at once and must not block --
@@ -27,6 +27,8 @@ DEVICE_FAILED = "DEVICE_FAILED"
 DEVICE_RESTARTING = "DEVICE_RESTARTING"
 #: The new process serves the device (data: pid, restarts, pause_ms).
 DEVICE_RESTARTED = "DEVICE_RESTARTED"
+#: A fault fired (vmm.faults): device, fault, point, event, action, params, detail.
+FAULT_FIRED = "FAULT_FIRED"
 
 
 @dataclasses.dataclass(frozen=True)
