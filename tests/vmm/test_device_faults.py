@@ -56,7 +56,7 @@ def fault_echo(name: str, pio: int, mmio: int | None = None, **params) -> Device
         p["mmio"] = hex(mmio)
     p.update({k: str(v) for k, v in params.items()})
     # restart=no: these tests are about a device that is cut off for good
-    return DeviceSpec(FAULT_ECHO, name, "isolated", tuple(p.items()), RestartPolicy(mode="no"))
+    return DeviceSpec(FAULT_ECHO, name, "isolated", tuple(p.items()), restart=RestartPolicy(mode="no"))
 
 
 def echo(name: str, pio: int, mmio: int | None = None, placement: str = "isolated") -> DeviceSpec:
