@@ -40,6 +40,7 @@ WINDOW = 0x1000
 N = 10_000
 RUN_TIMEOUT = 120
 
+
 def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 1,
         second: bool = False, fast_path: bool = True) -> dict:
     with Machine(memory=32 << 20, vcpus=vcpus, fast_path=fast_path) as m:
@@ -60,6 +61,7 @@ def run(guest, placement: str, cmdline: str, coalesce: str = "on", vcpus: int = 
                 "delivered": m.dispatcher.coalesced_writes, "drains": m.dispatcher.drains,
                 "zones": m.coalesced.zones(), "owners": [ep.owner for ep in eps]}
 
+
 @pytest.mark.parametrize("placement,fast_path", [("inline", True), ("isolated", True), ("inline", False)],
                          ids=["inline", "isolated", "inline-python-loop"])
 def test_ten_thousand_writes_arrive_in_order_with_few_exits(guest, placement, fast_path):
@@ -72,6 +74,7 @@ def test_ten_thousand_writes_arrive_in_order_with_few_exits(guest, placement, fa
     assert r["zones"] == [(MOVETO, WINDOW, r["owners"][0])]
     if placement == "isolated":     # delivered in batches: a request per drain, not per write
         assert r["calls"][0] < 2 * N / 20, r
+
 
 @pytest.mark.parametrize("placement", ["inline", "isolated"])
 def test_the_zone_moves_with_a_reprogrammed_pci_bar(guest_cache, placement):
@@ -87,6 +90,7 @@ def test_the_zone_moves_with_a_reprogrammed_pci_bar(guest_cache, placement):
         assert m.vcpus[0].exits < 2 * N / 20
         assert m.coalesced.zones() == [(PCI_MOVETO, WINDOW, ep.owner)]
 
+
 @pytest.mark.parametrize("placement", ["inline", "isolated"])
 def test_without_coalescing_every_write_exits(guest, placement):
     r = run(guest, placement, f"win={WIN:#x} n={N}", coalesce="off")
@@ -94,11 +98,13 @@ def test_without_coalescing_every_write_exits(guest, placement):
     assert r["exits"][0] >= N
     assert r["delivered"] == 0 and r["zones"] == []
 
+
 @pytest.mark.parametrize("placement", ["inline", "isolated"])
 def test_two_vcpus_share_the_ring(guest, placement):
     r = run(guest, placement, f"win={WIN:#x} win2={WIN2:#x} n={N}", vcpus=2, second=True)
     assert r["outcome"].ending is Ending.POWER_OFF, str(r["outcome"])
     assert sum(r["exits"]) < 2 * N / 10, r
+
 
 @pytest.mark.parametrize("placement", ["inline", "isolated"])
 def test_two_vcpus_write_one_window_at_once(guest, placement):
@@ -106,6 +112,7 @@ def test_two_vcpus_write_one_window_at_once(guest, placement):
     assert r["outcome"].ending is Ending.POWER_OFF, str(r["outcome"])
     assert sum(r["exits"]) < 2 * N / 10, r
     assert r["delivered"] >= 2 * N - sum(r["exits"]), r
+
 
 def test_zone_requests_are_validated():
     with Machine(memory=16 << 20) as m:
@@ -147,6 +154,7 @@ def test_zone_requests_are_validated():
         zones.add(reg, 9, "dev9", WIN, WINDOW)
         assert zones.zones() == [(WIN, WINDOW, 9)]
 
+
 def test_zones_of_a_device_process_go_when_it_dies(guest):
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
@@ -161,6 +169,7 @@ def test_zones_of_a_device_process_go_when_it_dies(guest):
             time.sleep(0.01)
         assert m.coalesced.zones() == []
         assert not [r for r in m.registry.regions() if r.owner == ep.owner]
+
 
 def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
     """A hostile device asks for zones over another device's window, part
@@ -181,6 +190,7 @@ def test_a_device_process_gets_no_zone_outside_its_regions(caplog):
             assert m.coalesced.zones() == [(WIN, WINDOW, victim.owner)]
         refused = [r.getMessage() for r in caplog.records if "coalesced-mmio refused" in r.getMessage()]
         assert len(refused) == len(ZONE_THEFTS), refused
+
 
 def test_a_reset_device_process_asks_for_its_zone_again():
     with Machine(memory=16 << 20) as m:
