@@ -45,8 +45,10 @@ from typing import NoReturn, Sequence
 
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
+from vmm import cpuid as cpuids
 from vmm.boot import BootError
 from devices.kinds import kinds
+from vmm.boot.linux import KERNEL_BOOTS
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
@@ -102,6 +104,17 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _cpuid_hide(text: str) -> tuple[str, ...]:
+    try:
+        return cpuids.parse_hide(text)
+    except cpuids.CpuidError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: Kernel command line of --kernel without --append: the console on COM1.
+DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial"
+
+
 def _seed(text: str) -> int:
     try:
         n = int(text, 0)
@@ -131,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="a Linux kernel to boot: a bzImage or an ELF vmlinux with a PVH note (vmm.boot.linux)")
+    run.add_argument("--initrd", metavar="FILE", help="initial RAM disk of --kernel")
+    run.add_argument("--append", default=None, metavar="TEXT",
+                     help=f"kernel command line of --kernel (default {DEFAULT_APPEND!r})")
+    run.add_argument("--kernel-boot", choices=KERNEL_BOOTS, default="auto",
+                     help="how a bzImage boots: pvh (payload decompressed on the host, PVH entry), "
+                          "bzimage (64-bit boot protocol), auto (pvh on a PVM host, else bzimage)")
+    run.add_argument("--cpuid-hide", type=_cpuid_hide, default=(), metavar="FEATURE,...",
+                     help="CPUID features to hide from the guest, e.g. cx16,xsave,popcnt (vmm.cpuid)")
     run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
                      help=f"deadline of one access to a device process (default {DEFAULT_ACCESS_TIMEOUT:g})")
     run.add_argument("--lock-timeout", type=_seconds, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
@@ -163,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("path", metavar="PATH", help="the control socket (--api PATH of vmm run)")
     ctl.add_argument("qmp_command", metavar="COMMAND", help="a command, e.g. query-status")
     ctl.add_argument("arguments", nargs="*", metavar="key=value", help="the command's arguments")
+    image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
+    image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
     return p
 
 
@@ -185,6 +210,21 @@ def ctl(args: argparse.Namespace) -> int:
     if err:
         print(err, file=sys.stderr)
     return status
+
+
+def image_command(args: argparse.Namespace) -> int:
+    """``vmm image``: print the kernel and initramfs paths (built when needed)."""
+    from vmm import image
+    try:
+        built = image.build(pathlib.Path(args.cache) if args.cache else None)
+    except image.ImageError as e:
+        print(f"vmm: image: {e}", file=sys.stderr)
+        return outcomes.STATUS_VMM_ERROR
+    print(f"kernel  {built.kernel}  (Linux {built.version})")
+    print(f"initrd  {built.initrd}  (busybox, modules {' '.join(built.modules)})")
+    print(f"run:    vmm run --kernel {built.kernel} --initrd {built.initrd} --memory 512M "
+          "--device virtio-blk,path=DISK.img")
+    return 0
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -231,10 +271,21 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
-    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}"
+    from vmm import emulate
+    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n)
+    extra = f"; emulated by the VMM: {emulated}" if emulated else ""
+    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernel is not None:
+        if args.guest is not None:
+            raise ConfigError("--kernel and --guest exclude each other")
+        if args.cmdline:
+            raise ConfigError("--cmdline is for --guest; the kernel's command line is --append")
+        return _run(args)
+    if args.initrd is not None or args.append is not None:
+        raise ConfigError("--initrd and --append need --kernel")
     if args.guest is None:
         if args.device or args.cmdline:
             raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
@@ -324,21 +375,25 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
                  default_serial: DeviceSpec | None, console: Console | None,
                  faults: dict | None = None) -> outcomes.Outcome:
     machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout)
+                      lock_timeout=args.lock_timeout, cpuid_hide=getattr(args, "cpuid_hide", ()))
     try:
         if faults is not None:
             machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
                                      devices=faults["devices"])
-        machine.load_pvh(args.guest, args.cmdline)
+        if getattr(args, "kernel", None) is not None:
+            append = DEFAULT_APPEND if args.append is None else args.append
+            machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
+        else:
+            machine.load_pvh(args.guest, args.cmdline)
         lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
-        for spec in specs:
-            try:
-                machine.add_device(spec, lines.get(spec.name))
-            except VmmError as e:
-                if spec is not default_serial:
-                    raise
+
+        def explain(spec: DeviceSpec, e: VmmError) -> None:
+            if spec is default_serial:
                 raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
                                   "--serial none leaves them free)") from None
+
+        # Their processes start up in parallel; they come up in this order.
+        machine.add_devices([(spec, lines.get(spec.name)) for spec in specs], on_error=explain)
         if args.api is not None:
             machine.serve_api(args.api)
         started = time.monotonic()
@@ -378,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ctl(args)
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if args.command == "image":
+            return image_command(args)
         return run(args)
     except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
         print(f"vmm: {e}", file=sys.stderr)

@@ -49,6 +49,10 @@ class FaultsError(VmmError):
     that did not answer)."""
 
 
+#: How long :meth:`MachineFaults.sync` waits for each device process's answer.
+SYNC_TIMEOUT = 1.0
+
+
 def device_points(specs: Mapping[str, DeviceSpec]) -> dict[str, Mapping[str, PointSpec]]:
     """Each device id with the fault points its model has."""
     return {name: spec.model_class.all_fault_points() for name, spec in specs.items()}
@@ -170,8 +174,25 @@ class MachineFaults:
             self._machine.events.emit(FAULT_FIRED, {k: rec[k] for k in (
                 "device", "fault", "point", "event", "action", "params", "detail")})
 
+    def sync(self) -> None:
+        """Wait until every record the live device processes have sent is
+        in: a device sends a firing's record before it answers the access,
+        and its answer to a query comes after every record sent before it
+        on the same socket, so one query round trip per device is enough."""
+        from vmm.endpoint import DeviceFailed
+
+        for device in self._owners:
+            if device in self._engines:
+                continue        # inline: recorded synchronously
+            try:
+                self._endpoint(device).fault_control("query", {}, timeout=SYNC_TIMEOUT)
+            except (DeviceFailed, ValueError, KeyError) as e:
+                log.debug("fault records of %s: %s", device, e)
+
     def trace(self) -> list[dict[str, Any]]:
-        """The records so far (firings, arms, disarms), in arrival order."""
+        """The records so far (firings, arms, disarms), in arrival order,
+        including those still on their way from device processes."""
+        self.sync()
         with self._lock:
             return list(self._records)
 
@@ -187,6 +208,7 @@ class MachineFaults:
 
     def firings(self) -> dict[str, int]:
         """Firings per ``device/fault``."""
+        self.sync()
         with self._lock:
             return dict(self._firings)
 

@@ -47,6 +47,7 @@ SYSTEM_EVENT_RESET = lib.KVM_SYSTEM_EVENT_RESET
 SYSTEM_EVENT_CRASH = lib.KVM_SYSTEM_EVENT_CRASH
 MP_STATE_RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
 MP_STATE_HALTED = lib.KVM_MP_STATE_HALTED
+MP_STATE_UNINITIALIZED = lib.KVM_MP_STATE_UNINITIALIZED
 PIT_SPEAKER_DUMMY = lib.KVM_PIT_SPEAKER_DUMMY
 
 _EXIT_NAMES = {
@@ -400,6 +401,28 @@ class Vcpu(_Fd):
         """KVM_SET_SREGS."""
         self._ioctl_ptr(lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
+    def get_vcpu_events(self):
+        """KVM_GET_VCPU_EVENTS -> ``struct kvm_vcpu_events``."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        self._ioctl_ptr(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._ioctl_ptr(lib.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self) -> bytearray:
+        """KVM_GET_XSAVE -> the 4 KiB XSAVE area (standard format)."""
+        area = ffi.new("struct kvm_xsave *")
+        self._ioctl_ptr(lib.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytearray(ffi.buffer(area, 4096))
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE of a 4 KiB XSAVE area."""
+        area = ffi.new("struct kvm_xsave *")
+        ffi.memmove(area, bytes(data[:4096]), min(len(data), 4096))
+        self._ioctl_ptr(lib.KVM_SET_XSAVE, area, "KVM_SET_XSAVE")
+
     def set_cpuid(self, cpuid: Cpuid) -> None:
         """KVM_SET_CPUID2."""
         self._ioctl_ptr(lib.KVM_SET_CPUID2, cpuid.ptr, "KVM_SET_CPUID2")
@@ -430,6 +453,7 @@ STEP_ERRNO = lib.SVMM_STEP_ERRNO
 STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
 STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
 STEP_DRAIN = lib.SVMM_STEP_DRAIN
+STEP_REFUSED = lib.SVMM_STEP_REFUSED
 
 #: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
 COALESCED_MAX = lib.SVMM_COALESCED_MAX
@@ -477,12 +501,16 @@ class FastPath:
     reference is kept and the next ``step()`` puts again (set
     ``ctx.has_ref = 0`` to give it up).  STEP_DRAIN: the coalesced-MMIO
     ring (``ring``, when given) holds writes; the caller delivers them and
-    the next ``step()`` handles the exit that found them.  ``finish()``
+    the next ``step()`` handles the exit that found them.  STEP_REFUSED:
+    the lookup found a region outside its owner's windows (``windows``,
+    :mod:`vmm.windows`) and completed the access as unclaimed; the region
+    is in ``owner``, ``cookie``, ``region_start``, ``region_length``,
+    ``slot``, ``generation``.  ``finish()``
     completes a pending access without running the vCPU.
     """
 
     def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int,
-                 ring: CoalescedRing | None = None):
+                 ring: CoalescedRing | None = None, windows=None):
         ctx = ffi.new("struct svmm_vcpu *")
         ctx.fd = vcpu.fd
         ctx.run = vcpu.run
@@ -492,7 +520,10 @@ class FastPath:
         ctx.put_fn = put_fn
         ctx.lock_timeout_ns = lock_timeout_ns
         ctx.ring = ffi.NULL if ring is None else ring.address
+        #: ``struct svmm_windows *`` (vmm.windows), kept alive here.
+        ctx.windows = ffi.NULL if windows is None else windows
         self._ring = ring
+        self._windows = windows
         self.ctx = ctx
         self._step = lib.svmm_step
         self._finish = lib.svmm_finish

@@ -42,7 +42,7 @@ import signal
 import threading
 from typing import Callable
 
-from vmm import kvm, report
+from vmm import emulate, kvm, report
 from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
@@ -68,7 +68,8 @@ class VcpuThread:
         self.ring = fd.coalesced_ring(page) if page else None
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
-            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring)
+            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring,
+            None if dispatcher.windows is None else dispatcher.windows.table)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -256,8 +257,8 @@ class VcpuThread:
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
-                                                 kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN)
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
+                                                          kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED)
         put_attempts = 0
         try:
             while True:
@@ -285,6 +286,12 @@ class VcpuThread:
                         ctx.value = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)
+                    continue
+                elif rc == REFUSED:
+                    windows = dispatcher.windows
+                    if windows is not None:
+                        windows.note_refused(ctx.bus, ctx.region_start, ctx.region_length, ctx.owner,
+                                             ctx.cookie, ctx.slot, ctx.generation)
                     continue
                 elif rc == ERRNO:
                     err = ctx.err
@@ -355,6 +362,11 @@ class VcpuThread:
             data = [internal.data[i] for i in range(min(internal.ndata, 16))]
             insn = fd.emulation_insn_bytes() if sub == kvm.INTERNAL_ERROR_EMULATION else None
             detail = f"KVM internal error, {kvm.internal_error_name(sub)} (suberror {sub})"
+            if sub == kvm.INTERNAL_ERROR_EMULATION:
+                done, what = emulate.fallback(fd, self.memory, insn)   # vmm.emulate
+                if done:
+                    return False
+                detail += f" on {what}"
             if data and insn is None:
                 detail += f", data {' '.join(hex(d) for d in data)}"
             self._end(Ending.KVM_FAILURE, detail, report.describe(fd, self.memory, insn))
