@@ -55,6 +55,7 @@ int guest_main(void)
         stats[0] = made;
         stats[1] = round;
         stats[2] = count;
+        CHECK(3, count != 0xffffffffu);
         CHECK(2, count == made);
         if (round == hog)
             mmio_write32(mmio + 0xfc, 4);
