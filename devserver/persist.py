@@ -197,7 +197,7 @@ class StateKeeper:
         mem = model.host.guest_memory()
         # The model's own lock (the doorbell thread may be serving a queue
         # already); VirtioCore offers no public way to notify.
-        with model._lock:   # type: ignore[attr-defined]
+        with model._lock:
             for q in recovered:
                 model.used_notify(q, mem)
 

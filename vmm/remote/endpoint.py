@@ -181,7 +181,7 @@ class RemoteEndpoint:
         #: (the pause a guest saw), seconds; a benchmark may reset it.
         self.longest_wait = 0.0
         #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED.
-        self.on_event: Callable[[str, dict], None] | None = None
+        self.on_event: Callable[[str, dict], object] | None = None
         self._aseq = itertools.count(1)
         self._down = False
         self._cause: str | None = None       # why the current process is being ended
@@ -372,6 +372,7 @@ class RemoteEndpoint:
             slots.close()
             raise
         try:
+            assert slots.fd is not None         # created here: it owns its memfd
             offer = dataclasses.replace(self._offer, registry_fd=reg_fd,
                                         slots=dataclasses.replace(self._offer.slots, fd=slots.fd))
             agreed = handshake(self._channel, self._send, offer, deadline, self.requests.serve,
@@ -1161,7 +1162,7 @@ class Launched:
         self._sock = sock
         self._process = process
         #: Given to the endpoint as its ``on_event`` (restart events).
-        self.on_event: Callable[[str, dict], None] | None = None
+        self.on_event: Callable[[str, dict], object] | None = None
 
     def finish(self) -> RemoteEndpoint:
         """Handshake up to Ready (raises like :meth:`RemoteEndpoint.spawn`;
