@@ -1,6 +1,6 @@
 """The ``devserver`` command: run one device process.
 
-    devserver --fd N [--log-level LEVEL] [--handshake-timeout SECONDS]
+    devserver --fd N [--log-level LEVEL] [--handshake-timeout SECONDS] [--spare [--preload KIND]]
     devserver serve KIND[,key=value...] [--listen PATH] ...   (devserver.service)
 
 ``N`` is an inherited, connected ``AF_UNIX SOCK_SEQPACKET`` socket to the
@@ -9,6 +9,10 @@ device type, its parameters, the registry, the slots, guest memory)
 arrives over that socket.  ``devserver serve`` instead runs the device as
 a service that listens for VMMs (``--listen PATH`` or systemd socket
 activation) and takes its own parameters from its command line.
+``--spare``: a warm spare the VMM starts ahead of a restart (issue 10 §3):
+the process imports everything (and with ``--preload KIND`` that kind's
+model), then waits for the VMM's Hello with no deadline, exiting when the
+VMM goes away.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="inherited control socket (AF_UNIX SOCK_SEQPACKET) connected to the VMM")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
+    ap.add_argument("--spare", action="store_true",
+                    help="a warm spare: wait for the VMM's hello without a deadline")
+    ap.add_argument("--preload", metavar="KIND", help="with --spare: import this kind's model ahead")
     args = ap.parse_args(args_in)
     configure_logging(getattr(logging, args.log_level))
     # The VMM decides when a device stops (Shutdown, or its socket going
@@ -45,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         log.error("--fd %d: %s", args.fd, e)
         return EXIT_PROTOCOL
-    return DeviceServer(channel, handshake_timeout=args.handshake_timeout).run()
+    if args.preload:
+        from devices.kinds import ModelNotFound, resolve
+        try:
+            resolve(args.preload)
+        except ModelNotFound as e:
+            log.warning("--preload %s: %s", args.preload, e)
+    return DeviceServer(channel, handshake_timeout=args.handshake_timeout, spare=args.spare).run()
 
 
 if __name__ == "__main__":

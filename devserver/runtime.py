@@ -58,10 +58,12 @@ from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
 from ipc.registry import take_lock_for_fault
 from devices.base import ConsoleFds
+from devserver.persist import StateKeeper
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
                           Hello, Message, Ready,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
-                          SetRegistry, SetSlots, Shutdown, Start, negotiate)
+                          SetRegistry, SetSlots, SetState, Shutdown, Start, negotiate)
+from ipc.state import StateError, StateSegment
 from ipc.protocol import IRQ_ANSWERS
 from ipc.batch import BATCH_SPACE, BatchError
 from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
@@ -88,7 +90,7 @@ class DeviceServer:
                  check_parent: bool = True, *,
                  config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
                  tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
-                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None):
+                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None, spare: bool = False):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
         #: Service mode (devserver.service): turns the VMM's DeviceConfig
@@ -106,6 +108,8 @@ class DeviceServer:
         #: Descriptors of the caller's that the sandbox keeps open (a
         #: service session's health pipe).
         self.keep_fds = set(keep_fds or ())
+        #: A warm spare: the Hello may take any time (devserver.cli --spare).
+        self.spare = spare
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -119,6 +123,9 @@ class DeviceServer:
         self.irq: IrqClient | None = None
         #: The console (SetConsole), kept open for the model until teardown.
         self.console: ConsoleFds | None = None
+        #: The state segment (SetState): snapshots stored before answers,
+        #: restored from at start (devserver.persist); None without one.
+        self.state: StateKeeper | None = None
         #: Accesses served (known once the server has run).
         self.served = 0
         self._model_lock = threading.Lock()
@@ -197,6 +204,8 @@ class DeviceServer:
         return msg
 
     def _handshake(self) -> None:
+        if self.spare:
+            self._await_hello()
         deadline = time.monotonic() + self.handshake_timeout
         hello = self._receive(deadline)
         assert isinstance(hello, Hello)  # the protocol allows nothing else first
@@ -219,6 +228,13 @@ class DeviceServer:
                  self.config.kind, self.config.owner, self.slots.nslots, self.slots.poll_ns,
                  " (adaptive)" if self.slots.adaptive else "")
 
+    def _await_hello(self) -> None:
+        """A spare: wait until the VMM speaks (or goes away), no deadline."""
+        import select
+        while not select.select([self.channel.fileno()], [], [], PARENT_CHECK)[0]:
+            if self._parent and os.getppid() != self._parent:
+                raise EOFError("the VMM went away before it needed this spare")
+
     def _configure(self, msg: Message) -> None:
         """Apply one configuration message; close its descriptor either way."""
         try:
@@ -239,6 +255,11 @@ class DeviceServer:
             elif isinstance(msg, SetConsole):
                 out_fd = os.dup(msg.out_fd)
                 self.console = ConsoleFds(out_fd, os.dup(msg.in_fd))
+            elif isinstance(msg, SetState):
+                try:
+                    self.state = StateKeeper(StateSegment.attach(msg.fd))
+                except StateError as e:
+                    raise StartFailed(f"state segment: {e}") from None
         except StartFailed:
             raise
         except Exception as e:
@@ -295,7 +316,7 @@ class DeviceServer:
                                memory=self.guest_ram, pid=self.sandbox.host_pid)
         self.model = self._build_model()
 
-    def _build_model(self) -> Device:
+    def _build_model(self, fresh: bool = False) -> Device:
         cfg, host = self.config, self.host
         assert cfg is not None and host is not None
         try:
@@ -305,12 +326,17 @@ class DeviceServer:
         except Exception as e:      # the model's constructor, whatever it raises
             raise StartFailed(f"{cfg.kind}: {e}") from None
         try:
-            model.start()
+            if self.state is not None:
+                self.state.bring_up(model, fresh=fresh)
+            else:
+                model.start()
         except Exception as e:
             try:
                 model.stop()
             except Exception:
                 pass
+            if isinstance(e, StartFailed):
+                raise
             raise StartFailed(f"{cfg.kind} cannot claim its regions: {e}") from None
         return model
 
@@ -320,6 +346,8 @@ class DeviceServer:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
         complete = slots.complete
+        keeper = self.state
+        answered = keeper.answered if keeper is not None else None
         tick, wait = self.tick, self.wait_slice
         while True:
             try:
@@ -332,7 +360,7 @@ class DeviceServer:
                 continue
             space, size = req.space, req.size
             if space == BATCH_SPACE:
-                complete(req, 0, self._serve_batch(req.value))
+                complete(req, 0, self._serve_batch(req.value, req.aseq))
                 continue
             if space >= len(_SPACES) or size not in _SIZES:
                 log.error("bad request from the VMM: space %d size %d", space, size)
@@ -352,13 +380,19 @@ class DeviceServer:
                         value = 0
                     else:
                         value = model.read(_SPACES[space], req.cookie, req.offset, size)
+                    if type(value) is not int:
+                        value = 0
+                    if answered is not None:
+                        # Before the answer: a death after this store is
+                        # answered from the record (ipc.accessseq).
+                        answered(model, req.aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
             except Exception:
                 log.exception("%s access at offset %#x failed", _SPACES[space].name, req.offset)
                 complete(req, 0, STATUS_ERROR)
                 continue
-            complete(req, value if type(value) is int else 0, STATUS_OK)
+            complete(req, value, STATUS_OK)
 
-    def _serve_batch(self, count: int) -> int:
+    def _serve_batch(self, count: int, aseq: int = 0) -> int:
         """Apply a batch of writes (coalesced MMIO, ipc.batch) in order;
         the status to answer."""
         batch = self.irq.batch if self.irq is not None else None
@@ -382,6 +416,8 @@ class DeviceServer:
                     write = model.write
                     for space, cookie, offset, size, value in writes:
                         write(_SPACES[space], cookie, offset, size, value)
+                if self.state is not None:      # the batch is one access (ipc.accessseq)
+                    self.state.answered(model, aseq, 0)
         except Exception:
             log.exception("a batch of %d writes failed", count)
             return STATUS_ERROR
@@ -441,7 +477,7 @@ class DeviceServer:
             if self.irq is not None:
                 self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
-                self.model = self._build_model()
+                self.model = self._build_model(fresh=True)
                 self.model.attach_faults(self.fault_engine)
             except StartFailed as e:
                 self.model = None
@@ -564,6 +600,8 @@ class DeviceServer:
             self.slots.close()
         if self.registry is not None:
             self.registry.close()
+        if self.state is not None:
+            self.state.close()
         if self.guest_ram is not None:
             try:
                 self.guest_ram.release()

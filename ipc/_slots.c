@@ -46,6 +46,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <linux/futex.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,12 +69,14 @@ struct slot {
     uint64_t value;
     uint32_t vmm_waiting;       /* 1 while the VMM sleeps on rsp_seq */
     int32_t vmm_cpu;            /* CPU the caller ran on when it asked */
-    uint32_t pad0[4];
+    uint64_t aseq;              /* the device's access sequence number */
+    uint32_t pad0[2];
     /* response line: written by the device */
     uint32_t rsp_seq;           /* written last */
     uint32_t status;
     uint64_t rsp_value;
-    uint8_t pad1[48];
+    uint64_t rsp_aseq;          /* must echo aseq */
+    uint8_t pad1[40];
 };
 
 struct header {
@@ -93,6 +96,7 @@ struct header {
 };
 
 _Static_assert(sizeof(struct slot) == 128, "slot is two cache lines");
+_Static_assert(offsetof(struct slot, rsp_seq) == 64, "the response starts the second line");
 _Static_assert(sizeof(struct svs_stats) <= 128, "stats fit two cache lines");
 _Static_assert(sizeof(struct header) == 256, "header is four cache lines");
 
@@ -104,6 +108,10 @@ struct svs {
     struct header *hdr;
     struct slot *slots;
     uint32_t seq[SVS_MAX_SLOTS];    /* VMM: last sent; device: last taken */
+    /* VMM: the last request sent on each slot, for svs_answer */
+    uint64_t sent_aseq[SVS_MAX_SLOTS];
+    uint32_t sent_size[SVS_MAX_SLOTS];
+    uint8_t sent_write[SVS_MAX_SLOTS];
     int dead;                       /* VMM: the device was declared dead */
     int32_t caller_cpu;             /* device: CPU of the last request's caller */
     int stop;                       /* device: svs_stop was called */
@@ -254,9 +262,25 @@ uint64_t svs_base(struct svs *h)
 
 /* ---- VMM side ---------------------------------------------------------- */
 
+/* The answer to the last request on slot, whose rsp_seq matched: checked
+ * against what was sent (access sequence number, status), masked. */
+static int take_answer(struct svs *h, uint32_t slot, uint64_t *out_value)
+{
+    struct slot *s = &h->slots[slot];
+    uint32_t status = LOAD(s->status);
+    uint64_t v = LOAD(s->rsp_value);
+    uint64_t aseq = LOAD(s->rsp_aseq);
+    if (LOAD(s->rsp_seq) != h->seq[slot] || aseq != h->sent_aseq[slot])
+        return SVS_EBADRESP;
+    if (status != SVS_STATUS_OK)
+        return status == SVS_STATUS_ERROR ? SVS_EDEVICE : SVS_EBADRESP;
+    *out_value = h->sent_write[slot] ? 0 : mask(v, h->sent_size[slot]);
+    return SVS_OK;
+}
+
 int svs_call(struct svs *h, uint32_t slot, uint32_t space, uint64_t cookie,
              uint64_t offset, uint32_t size, uint32_t is_write,
-             uint64_t value, int64_t spin_ns, int64_t slice_ns,
+             uint64_t value, uint64_t aseq, int64_t spin_ns, int64_t slice_ns,
              int64_t timeout_ns, uint64_t *out_value)
 {
     if (slot >= h->nslots || (size != 1 && size != 2 && size != 4 && size != 8))
@@ -270,6 +294,9 @@ int svs_call(struct svs *h, uint32_t slot, uint32_t space, uint64_t cookie,
     if (seq == 0)
         seq = 1;                /* 0 is the initial value of rsp_seq */
     h->seq[slot] = seq;
+    h->sent_aseq[slot] = aseq;
+    h->sent_size[slot] = size;
+    h->sent_write[slot] = is_write ? 1 : 0;
     COUNT(h, calls, 1);
 
     RELAXED_STORE(s->space, space);
@@ -278,6 +305,7 @@ int svs_call(struct svs *h, uint32_t slot, uint32_t space, uint64_t cookie,
     RELAXED_STORE(s->size, size);
     RELAXED_STORE(s->is_write, is_write ? 1u : 0u);
     RELAXED_STORE(s->value, is_write ? mask(value, size) : 0);
+    RELAXED_STORE(s->aseq, aseq);
     int32_t cpu = sched_getcpu();
     RELAXED_STORE(s->vmm_cpu, cpu);
     STORE(s->req_seq, seq);
@@ -348,12 +376,16 @@ int svs_call(struct svs *h, uint32_t slot, uint32_t space, uint64_t cookie,
     }
     if (rc != SVS_OK)
         return rc;
-    uint32_t status = LOAD(s->status);
-    uint64_t v = LOAD(s->rsp_value);
-    if (status != SVS_STATUS_OK)
-        return status == SVS_STATUS_ERROR ? SVS_EDEVICE : SVS_EBADRESP;
-    *out_value = is_write ? 0 : mask(v, size);
-    return SVS_OK;
+    return take_answer(h, slot, out_value);
+}
+
+int svs_answer(struct svs *h, uint32_t slot, uint64_t aseq, uint64_t *out_value)
+{
+    if (slot >= h->nslots || h->seq[slot] == 0 || h->sent_aseq[slot] != aseq)
+        return SVS_EINVAL;
+    if (LOAD(h->slots[slot].rsp_seq) != h->seq[slot])
+        return SVS_ETIMEDOUT;
+    return take_answer(h, slot, out_value);
 }
 
 void svs_mark_dead(struct svs *h)
@@ -437,6 +469,7 @@ static int scan(struct svs *h, struct svs_request *out)
         out->cookie = RELAXED_LOAD(s->cookie);
         out->offset = RELAXED_LOAD(s->offset);
         out->value = RELAXED_LOAD(s->value);
+        out->aseq = RELAXED_LOAD(s->aseq);
         h->caller_cpu = RELAXED_LOAD(s->vmm_cpu);
         return 1;
     }
@@ -565,12 +598,13 @@ int svs_next(struct svs *h, int64_t sleep_slice_ns, struct svs_request *out)
     return RELAXED_LOAD(h->stop) ? SVS_ESTOPPED : SVS_ETIMEDOUT;
 }
 
-int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t value,
+int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint64_t value,
                  uint32_t status)
 {
     if (slot >= h->nslots)
         return SVS_EINVAL;
     struct slot *s = &h->slots[slot];
+    RELAXED_STORE(s->rsp_aseq, aseq);
     RELAXED_STORE(s->rsp_value, value);
     RELAXED_STORE(s->status, status);
     STORE(s->rsp_seq, seq);
@@ -592,6 +626,7 @@ int svs_scribble_response(struct svs *h, uint32_t slot, uint32_t seq,
     if (slot >= h->nslots)
         return SVS_EINVAL;
     struct slot *s = &h->slots[slot];
+    STORE(s->rsp_aseq, LOAD(s->aseq));
     STORE(s->status, status);
     STORE(s->rsp_value, value);
     STORE(s->rsp_seq, seq);

@@ -22,7 +22,7 @@
 
 /* Layout identification. */
 #define SVS_MAGIC 0x53544f4c534d5653
-#define SVS_VERSION 1
+#define SVS_VERSION 2
 #define SVS_MAX_SLOTS 256
 
 struct svs;   /* a process-private handle on one mapped slot segment */
@@ -39,6 +39,7 @@ struct svs_request {
     uint64_t cookie;
     uint64_t offset;
     uint64_t value;
+    uint64_t aseq;      /* the access sequence number (issue 10 §2) */
 };
 
 /* The device's serve-loop counters.  The device keeps them privately and
@@ -85,11 +86,19 @@ int svs_errno(void);
  * device says it sleeps), then waits for the answer: spin for spin_ns,
  * then futex waits in slices of at most slice_ns until timeout_ns.  Every
  * slice checks the private "dead" flag.  The answer counts only when its
- * sequence number is the request's; a read's value is masked to size. */
+ * slot sequence number is the request's and it echoes the access sequence
+ * number aseq (the device's per-access number, kept across restarts); a
+ * read's value is masked to size. */
 int svs_call(struct svs *h, uint32_t slot, uint32_t space, uint64_t cookie,
              uint64_t offset, uint32_t size, uint32_t is_write,
-             uint64_t value, int64_t spin_ns, int64_t slice_ns,
+             uint64_t value, uint64_t aseq, int64_t spin_ns, int64_t slice_ns,
              int64_t timeout_ns, uint64_t *out_value);
+
+/* After the device died: the answer to access aseq, the last request sent
+ * on slot, if it is in the slot (SVS_OK, checked as svs_call checks it);
+ * SVS_ETIMEDOUT if it is not; SVS_EINVAL if aseq is not the last request
+ * sent on slot (it was never sent: the slot was dead already). */
+int svs_answer(struct svs *h, uint32_t slot, uint64_t aseq, uint64_t *out_value);
 
 /* Declare the device dead (private flag) and wake every waiting caller. */
 void svs_mark_dead(struct svs *h);
@@ -108,8 +117,9 @@ void svs_device_stats(struct svs *h, struct svs_stats *out);
  * thread first tries to move to another CPU of its affinity mask. */
 void svs_set_polling(struct svs *h, int64_t poll_max_ns, int adaptive, int move);
 int svs_next(struct svs *h, int64_t sleep_slice_ns, struct svs_request *out);
-/* Answer request (slot, seq): value, status, then the sequence number. */
-int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t value,
+/* Answer request (slot, seq) with access number aseq: value, status,
+ * then the sequence number. */
+int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint64_t value,
                  uint32_t status);
 /* From any thread: make svs_next return SVS_ESTOPPED. */
 void svs_stop(struct svs *h);

@@ -79,7 +79,8 @@ PROTOCOL_VERSION = 1
 #: Optional capabilities this code knows; a Welcome names the agreed subset.
 #: ``coalesced-batch``: the device applies write batches (ipc.batch) and
 #: takes a batch segment in the answer to its first CoalescedMmioRequest.
-FEATURES = frozenset({"mem-table", "reset", "coalesced-batch"})
+#: ``state``: the device takes a state segment (SetState, ipc.state).
+FEATURES = frozenset({"mem-table", "reset", "coalesced-batch", "state"})
 #: Largest frame body (msgpack bytes after the length prefix).
 MAX_FRAME = 64 * 1024
 #: Most descriptors one message may carry.
@@ -485,6 +486,32 @@ _CONFIG = (*_CONFIG, SetConsole)
 TRANSITIONS[(S.CONFIGURING, SetConsole)] = S.CONFIGURING
 
 
+# ---- state segment (issue 10 §2) --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SetState(Message):
+    """VMM → device (optional, configuring; needs the ``state`` feature):
+    the device's state segment (:mod:`ipc.state`), the sealed memfd the
+    VMM keeps across restarts of the device.  The device stores its
+    model's snapshot there before it answers the access that changed it,
+    and a device that finds a snapshot in it restores from it instead of
+    starting from power-on."""
+
+    TYPE: ClassVar[str] = "set-state"
+    SENDER: ClassVar[Role] = Role.VMM
+    FD_FIELDS: ClassVar[tuple[str, ...]] = ("fd",)
+    fd: int
+
+    def __post_init__(self) -> None:
+        _fd("fd", self.fd)
+
+
+__all__.append("SetState")
+MESSAGES[SetState.TYPE] = SetState
+_CONFIG = (*_CONFIG, SetState)
+TRANSITIONS[(S.CONFIGURING, SetState)] = S.CONFIGURING
+
+
 # ---- interrupts (irqfds and MSI routes) ------------------------------------
 #
 #   device                                         VMM
@@ -840,6 +867,8 @@ class Connection:
                 raise error(f"{kind.TYPE} sent twice")
             if kind is SetMemTable and self.welcome and "mem-table" not in self.welcome.features:
                 raise error("set-mem-table without the mem-table feature")
+            if kind is SetState and self.welcome and "state" not in self.welcome.features:
+                raise error("set-state without the state feature")
         if kind is Start and not _REQUIRED_CONFIG <= self._configured:
             missing = sorted(m.TYPE for m in _REQUIRED_CONFIG - self._configured)
             raise error(f"start before {', '.join(missing)}")

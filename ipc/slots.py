@@ -76,12 +76,12 @@ log = logging.getLogger(__name__)
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # struct svs_request, read in this order (checked field by field).
-_REQUEST_FIELDS = ("slot", "seq", "space", "size", "is_write", "reserved", "cookie", "offset", "value")
-_REQUEST = struct.Struct("=6I3Q")
+_REQUEST_FIELDS = ("slot", "seq", "space", "size", "is_write", "reserved", "cookie", "offset", "value", "aseq")
+_REQUEST = struct.Struct("=6I4Q")
 _unpack_request = _REQUEST.unpack_from
 assert _REQUEST.size == ffi.sizeof("struct svs_request")
 assert all(ffi.offsetof("struct svs_request", f) == o
-           for f, o in zip(_REQUEST_FIELDS, (0, 4, 8, 12, 16, 20, 24, 32, 40), strict=True))
+           for f, o in zip(_REQUEST_FIELDS, (0, 4, 8, 12, 16, 20, 24, 32, 40, 48), strict=True))
 
 
 class SlotError(IpcError):
@@ -124,6 +124,8 @@ class SlotRequest(NamedTuple):
     cookie: int
     offset: int
     value: int
+    #: The access sequence number the VMM gave this access (0: none).
+    aseq: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +266,11 @@ class SlotCaller(_Segment):
         return cls(handle, fd, **kw)
 
     def call(self, slot: int, space: int, cookie: int, offset: int, size: int,
-             is_write: bool, value: int, timeout: float) -> int:
+             is_write: bool, value: int, timeout: float, aseq: int = 0) -> int:
         """Forward one access through ``slot`` and wait at most ``timeout``
-        seconds; returns the value read (0 for a write).
+        seconds; returns the value read (0 for a write).  ``aseq`` is the
+        access sequence number (:mod:`ipc.accessseq`): the device must echo
+        it in its answer.
 
         Raises :class:`SlotTimeout`, :class:`SlotPeerDead`,
         :class:`SlotDeviceError`, :class:`SlotBadResponse`, ValueError.
@@ -280,7 +284,7 @@ class SlotCaller(_Segment):
                 raise SlotError("slot segment is closed")
             try:
                 rc = lib.svs_call(h, slot, space, cookie, offset, size, 1 if is_write else 0,
-                                  value, self.spin_ns, self.slice_ns, int(timeout * 1e9), out)
+                                  value, aseq, self.spin_ns, self.slice_ns, int(timeout * 1e9), out)
             except (OverflowError, TypeError) as e:
                 raise ValueError(f"bad access: {e}") from None
             if rc == 0:
@@ -296,6 +300,28 @@ class SlotCaller(_Segment):
         if rc == lib.SVS_EINVAL:
             raise ValueError(f"bad access: size {size} (must be 1, 2, 4 or 8)")
         raise SlotError(f"slot call failed (code {rc})")
+
+    def answer(self, slot: int, aseq: int) -> int | None:
+        """After the device died: the answer to access ``aseq`` on
+        ``slot`` if the device wrote it before dying (checked like a
+        :meth:`call`'s: its access number, status and size), else None
+        (also when ``aseq`` never went out on ``slot``).
+        Raises :class:`SlotDeviceError`, :class:`SlotBadResponse`."""
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"slot {slot} out of range [0, {self.nslots})")
+        out = self._outs[slot]
+        with self._locks[slot]:
+            h = self._h
+            if h is None:
+                raise SlotError("slot segment is closed")
+            rc = lib.svs_answer(h, slot, aseq, out)
+            if rc == 0:
+                return out[0]
+        if rc in (lib.SVS_ETIMEDOUT, lib.SVS_EINVAL):
+            return None
+        if rc == lib.SVS_EDEVICE:
+            raise SlotDeviceError(f"the device failed to serve the access on slot {slot}")
+        raise SlotBadResponse(f"the device left a bad answer on slot {slot}")
 
     def close(self, timeout: float = 5.0) -> None:
         """Mark the device dead (waiting callers return), wait for calls in
@@ -383,7 +409,7 @@ class SlotServer(_Segment):
 
     def complete(self, req: SlotRequest, value: int, status: int = STATUS_OK) -> None:
         """Answer ``req``: ``value`` (ignored by the VMM for a write)."""
-        lib.svs_complete(self._handle(), req.slot, req.seq, value & 0xFFFFFFFFFFFFFFFF, status)
+        lib.svs_complete(self._handle(), req.slot, req.seq, req.aseq, value & 0xFFFFFFFFFFFFFFFF, status)
 
     def stop(self) -> None:
         """Make :meth:`next` raise :class:`SlotsStopped`; from any thread."""

@@ -6,7 +6,11 @@ kind or ``MODULE:CLASS`` (:mod:`devices.kinds`, the one table); ``id=NAME``
 ``isolated``) are understood for every type, and so are
 ``sandbox=strict|auto|off`` (default ``strict``) and
 ``seccomp=kill|trap|log`` (default ``kill``), the sandbox of a device in
-its own process (:mod:`devserver.sandbox`); every other key goes to the
+its own process (:mod:`devserver.sandbox`); for ``process=isolated`` also
+the restart policy (``restart=no|on-failure|always``, default
+``on-failure``; ``restart_delay``, ``restart_timeout``, ``restart_burst``,
+``restart_interval``: :mod:`vmm.remote.restart`) and ``state=on|off`` (the
+state segment a restart resumes from; default on); every other key goes to the
 model, which validates it: the model is built once on a host that refuses
 everything, before the guest starts.  ``connect=PATH`` attaches to a device
 that runs as a service listening on ``PATH`` (``devserver serve``): the
@@ -23,6 +27,7 @@ from devices import kinds
 from devices.base import Device, DeviceError, DeviceHost, NotOffered, Space
 from ipc.protocol import MAX_KIND
 from vmm.endpoint import VmmError
+from vmm.remote.restart import POLICY_KEYS, RestartPolicy, parse_policy
 
 PLACEMENTS = ("isolated", "inline")
 SANDBOX_MODES = ("strict", "auto", "off")
@@ -48,6 +53,10 @@ class DeviceSpec:
     #: The sandbox of a device in its own process (devserver.sandbox).
     sandbox: str = "strict"
     seccomp: str = "kill"
+    #: What happens when its process ends (isolated devices only).
+    restart: RestartPolicy = RestartPolicy()
+    #: Whether it gets a state segment (isolated devices only).
+    state: bool = True
 
     @property
     def model_class(self) -> type[Device]:
@@ -121,6 +130,19 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     seccomp = params.pop("seccomp", "kill")
     if seccomp not in SECCOMP_MODES:
         raise ConfigError(f"device spec {text!r}: seccomp={seccomp!r} (expected kill, trap or log)")
+    policy_items = {k: params.pop(k) for k in (*POLICY_KEYS, "state") if k in params}
+    state = policy_items.pop("state", "on")
+    if state not in ("on", "off"):
+        raise ConfigError(f"device spec {text!r}: state={state!r} (expected on or off)")
+    if state == "off" and placement == "inline":
+        policy_items["state"] = state
+    if policy_items and placement == "inline":
+        raise ConfigError(f"device spec {text!r}: {', '.join(policy_items)} apply only to process=isolated "
+                          "(an inline device lives and dies with the VMM)")
+    try:
+        policy = parse_policy(policy_items)
+    except ValueError as e:
+        raise ConfigError(f"device spec {text!r}: {e}") from None
     name = params.pop("id", None)
     if name is None:
         n = 0
@@ -140,7 +162,8 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
         except Exception as e:      # a model of the user's may fail in any way
             raise ConfigError(f"device {name}: {kind} rejects its parameters: {type(e).__name__}: {e}") from None
     taken.add(name)
-    return DeviceSpec(kind, name, placement, tuple(params.items()), connect, sandbox=sandbox, seccomp=seccomp)
+    return DeviceSpec(kind, name, placement, tuple(params.items()), connect, sandbox=sandbox, seccomp=seccomp,
+                      restart=policy, state=state == "on")
 
 
 def _default_name(kind: str, model_class: type[Device]) -> str:

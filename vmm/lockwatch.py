@@ -165,6 +165,8 @@ class LockWatch:
         if not endpoint.wait_exited(EXIT_WAIT):
             log.error("device %s (pid %d) still runs %g s after SIGKILL", endpoint.name,
                       endpoint.pid, EXIT_WAIT)
+        if endpoint.failed is None:
+            return      # it is being restarted (vmm.remote): its regions stay
         # The kernel has marked the lock OWNER_DIED by now: reaping the
         # regions is the first locker, and rebuilds the registry.
         self._fail(endpoint, DeviceFailed(f"device {endpoint.name}: {reason}"))

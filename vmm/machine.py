@@ -166,6 +166,8 @@ class Machine:
         self._removed: set[int] = set()
         self._scratch: list[pathlib.Path] = []
         self._log_dir = None if log_dir is None else pathlib.Path(log_dir)
+        #: The open log files of spawned devices (log_dir), closed at close().
+        self._log_fds: list[int] = []
         #: device id -> the file its process's stderr went to (log_dir).
         self.device_logs: dict[str, pathlib.Path] = {}
         try:
@@ -449,22 +451,25 @@ class Machine:
     def _launch_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Launched:
         stderr = None
         if self._log_dir is not None:
+            # Kept open until close(): a restarted process of the device
+            # logs to the same file.
             path = self._log_dir / f"{spec.name}.log"
             self._log_dir.mkdir(parents=True, exist_ok=True)
             stderr = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            self._log_fds.append(stderr)
             self.device_logs[spec.name] = path
-        try:
-            return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+        launched = RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
                                          len(self._vcpu_fds), self._device_options(spec, console, stderr))
-        finally:
-            if stderr is not None:
-                os.close(stderr)        # the process has its own copy
+        launched.on_event = self.events.emit
+        return launched
 
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
         assert spec.connect is not None
-        return attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                              len(self._vcpu_fds), self._device_options(spec, console))
+        endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                  len(self._vcpu_fds), self._device_options(spec, console))
+        endpoint.on_event = self.events.emit
+        return endpoint
 
     def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
                         stderr: int | None = None) -> RemoteOptions:
@@ -473,7 +478,7 @@ class Machine:
             self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
             irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
-            stderr=stderr,
+            stderr=stderr, restart=spec.restart, state=spec.state,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
 
     # -- hot unplug (QMP device_del; device_add is add_device) ---------------
@@ -783,6 +788,9 @@ class Machine:
             self.console.close()        # after the devices that wrote to it
         for path in self._scratch:
             path.unlink(missing_ok=True)
+        for fd in self._log_fds:
+            os.close(fd)
+        self._log_fds.clear()
         self.faults.close()
         if self.registry is not None:
             if not self._stuck:

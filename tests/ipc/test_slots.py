@@ -232,3 +232,42 @@ def test_idle_server_sleeps(pair):
 def test_quick_benchmark_function():
     r = slotbench.measure(poll_ns=200_000, n=200, rounds=1)
     assert r["round_trip_us"] > 0 and 0 <= r["device_poll_hit_ratio"] <= 1
+
+
+def test_answer_must_echo_the_access_number_and_survives_the_death():
+    # The VMM checks the access sequence number the device echoes; after
+    # a death, answer() finds an answer the device wrote before dying, and
+    # only for the access that was actually sent on that slot.
+    from ipc.slots import SlotBadResponse
+
+    caller = SlotCaller.create(2)
+    server = SlotServer.from_fd(caller.fd, poll_ns=0)
+    try:
+        def serve_once(aseq_delta: int):
+            req = server.next(2.0)
+            assert req is not None
+            server.complete(req._replace(aseq=req.aseq + aseq_delta), 0x1234)
+
+        t = threading.Thread(target=serve_once, args=(0,))
+        t.start()
+        assert caller.call(0, 0, 0, 0, 2, False, 0, timeout=2.0, aseq=41) == 0x1234
+        t.join()
+        t = threading.Thread(target=serve_once, args=(1,))
+        t.start()
+        with pytest.raises(SlotBadResponse):
+            caller.call(0, 0, 0, 0, 2, False, 0, timeout=2.0, aseq=42)
+        t.join()
+        # an answer written, then the device declared dead: answer() has it
+        t = threading.Thread(target=serve_once, args=(0,))
+        t.start()
+        assert caller.call(1, 0, 0, 0, 4, False, 0, timeout=2.0, aseq=43) == 0x1234
+        t.join()
+        caller.mark_dead()
+        assert caller.answer(1, 43) == 0x1234
+        assert caller.answer(1, 44) is None          # never sent on slot 1
+        with pytest.raises(SlotPeerDead):
+            caller.call(1, 0, 0, 0, 4, False, 0, timeout=0.5, aseq=44)
+        assert caller.answer(1, 44) is None          # refused before it was sent
+    finally:
+        server.close()
+        caller.close()

@@ -28,6 +28,7 @@ from vmm.config import DeviceSpec
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
 from vmm.outcome import Ending
+from vmm.remote.restart import RestartPolicy
 
 pytestmark = needs_kvm
 
@@ -158,7 +159,8 @@ def test_zones_of_a_device_process_go_when_it_dies(guest):
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
-        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),)))
+        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),),
+                                     restart=RestartPolicy(mode="no")))   # it dies for good here
         assert m.coalesced.zones() == [(WIN, WINDOW, ep.owner)]
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(30)
@@ -194,7 +196,8 @@ def test_a_reset_device_process_asks_for_its_zone_again():
     with Machine(memory=16 << 20) as m:
         if not m.coalesced.page:
             pytest.skip("KVM on this host has no coalesced MMIO")
-        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),)))
+        ep = m.add_device(DeviceSpec(COALESCE_SUM, "sum0", "isolated", (("mmio", hex(WIN)),),
+                                     restart=RestartPolicy(mode="no")))   # it dies for good here
         assert "coalesced-batch" in ep.features
         ep.reset()
         assert ep.failed is None

@@ -26,6 +26,7 @@ from ipc.registry import ffi as reg_ffi, lib as reg_lib
 from tests.testkinds import FAULT_ECHO
 from tests.vmm.conftest import needs_kvm
 from vmm.config import DeviceSpec, parse_device_spec
+from vmm.remote.restart import RestartPolicy
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
 from vmm.outcome import Ending
@@ -55,11 +56,14 @@ def fault_echo(name: str, pio: int, mmio: int | None = None, **params) -> Device
     if mmio is not None:
         p["mmio"] = hex(mmio)
     p.update({k: str(v) for k, v in params.items()})
-    return DeviceSpec(FAULT_ECHO, name, "isolated", tuple(p.items()))
+    # restart=no: these tests are about a device that is cut off for good
+    return DeviceSpec(FAULT_ECHO, name, "isolated", tuple(p.items()), restart=RestartPolicy(mode="no"))
 
 
 def echo(name: str, pio: int, mmio: int | None = None, placement: str = "isolated") -> DeviceSpec:
     text = f"echo,id={name},pio={pio:#x},process={placement}"
+    if placement == "isolated":
+        text += ",restart=no"
     if mmio is not None:
         text += f",mmio={mmio:#x}"
     return parse_device_spec(text)

@@ -169,7 +169,7 @@ def test_dead_device_function_reads_all_ones(pci_guest):
     # reaped, so enumeration finds only the bridge (check 7 of mode 1).
     with Machine(memory=32 << 20) as m:
         m.load_pvh(pci_guest, cmdline(1))
-        ep = m.add_device(parse_device_spec(f"pci-echo,slot={SLOT}"))
+        ep = m.add_device(parse_device_spec(f"pci-echo,slot={SLOT},restart=no"))
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(5)
         deadline = time.monotonic() + 5

@@ -165,8 +165,12 @@ def query_devices(machine: Machine) -> list[dict[str, Any]]:
         reason = machine.device_failure(owner)
         # A device process has a pid of its own; an inline model is the VMM's.
         # (A device the VMM connected to, rather than started, may have none.)
+        restarts, cause, state = 0, None, "failed" if reason is not None else "running"
         if isinstance(endpoint, RemoteEndpoint):
             pid = endpoint.pid if endpoint.pid > 0 else None
+            restarts, cause = endpoint.restarts, endpoint.last_cause
+            if reason is None and endpoint.restarting:
+                state = "restarting"
         else:
             pid = os.getpid()
         counted = stats.device(owner)
@@ -176,14 +180,30 @@ def query_devices(machine: Machine) -> list[dict[str, Any]]:
             "placement": spec.placement if spec is not None else None,
             "owner": owner,
             "pid": pid,
-            "state": "failed" if reason is not None else "running",
+            "state": state,
             "reason": reason,
             "accesses": counted.accesses,
             "failures": counted.failures,
+            "restarts": restarts,
+            "last-cause": cause,
             # the sandbox layers the device reported (devserver.sandbox); None inline
             "sandbox": list(endpoint.sandbox.layers) if isinstance(endpoint, RemoteEndpoint) else None,
         })
     return out
+
+
+def device_restart(machine: Machine, id: str) -> dict[str, Any]:
+    """Live restart of device ``id``: drain, stop, start a new process that
+    restores the state segment's snapshot; the guest sees a pause."""
+    owner = _owner_of(machine, id)
+    endpoint = machine.endpoints[owner]
+    if not isinstance(endpoint, RemoteEndpoint):
+        raise QmpError(GENERIC_ERROR, f"Device '{id}' runs inside the VMM (process=inline): nothing to restart")
+    try:
+        pause = endpoint.restart()
+    except VmmError as e:
+        raise QmpError(GENERIC_ERROR, str(e)) from None
+    return {"id": id, "pid": endpoint.pid, "restarts": endpoint.restarts, "pause-ms": round(pause * 1000, 3)}
 
 
 _BUSES = {bus.name.lower(): bus for bus in Bus}
@@ -347,13 +367,17 @@ _DEVICE_ARG = Arg("device", "string", "only this device (its id=)")
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("query-status", "run state (prelaunch, running, paused, shutdown), uptime, vCPUs",
             query_status, table=_status_table),
-    Command("query-devices", "every device: id, kind, placement, pid, state, accesses, failures, sandbox",
+    Command("query-devices", "every device: id, kind, placement, pid, state, accesses, failures, sandbox, "
+            "restarts, last cause",
             query_devices, table=_devices_table),
     Command("query-regions", "the registry's regions, live: bus, start, length, owner, device, refcount, removing, refused",
             query_regions, (Arg("bus", "string", "pio, mmio or pci"), _DEVICE_ARG), table=_regions_table),
     Command("query-stats", "per device: accesses by space and direction, failures, forwarding latency "
             "(log2 histogram, p50, p99)", query_stats, (_DEVICE_ARG,), table=_stats_table),
     Command("query-commands", "the commands this socket knows", query_commands, table=_commands_table),
+    Command("device-restart", "restart a device process (drain, stop, start a new one that restores its "
+            "state); events DEVICE_RESTARTING, DEVICE_RESTARTED", device_restart,
+            (Arg("id", "string", "the device (its id=)", required=True),)),
     Command("stop", "pause every vCPU (out of KVM_RUN, waiting); event STOP", stop),
     Command("cont", "resume every vCPU; event RESUME", cont),
     Command("quit", "end the run (status 12); event SHUTDOWN", quit_),

@@ -24,6 +24,10 @@ RESUME = "RESUME"
 SHUTDOWN = "SHUTDOWN"
 DEVICE_FAILED = "DEVICE_FAILED"
 DEVICE_DELETED = "DEVICE_DELETED"
+#: A device process ended and is being started again (issue 10 §3).
+DEVICE_RESTARTING = "DEVICE_RESTARTING"
+#: The new process serves the device (data: pid, restarts, pause_ms).
+DEVICE_RESTARTED = "DEVICE_RESTARTED"
 #: A fault fired (vmm.faults): device, fault, point, event, action, params, detail.
 FAULT_FIRED = "FAULT_FIRED"
 

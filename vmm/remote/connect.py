@@ -44,7 +44,7 @@ from vmm.config import ConfigError
 from vmm.endpoint import DeviceFailed
 from vmm.remote.endpoint import RemoteEndpoint
 from vmm.remote.options import RemoteOptions
-from vmm.remote.peer import SocketPeer
+from vmm.remote.peer import Peer, SocketPeer
 
 __all__ = ["connect", "attach_service", "ServicePeer", "CONNECT_TIMEOUT"]
 
@@ -170,6 +170,16 @@ def attach_service(path: str, kind: str, params: dict[str, str], owner: int, nam
     endpoint.sandbox = sandbox_report.for_service(endpoint.sandbox.layers, peer.pid)
     peer.sandbox = endpoint.sandbox
     peer.name = name
+
+    def reconnect() -> tuple[socket.socket, Peer]:
+        # The connection broke: the service (or, under systemd, the socket
+        # unit's next instance) is reached again at the same path; the
+        # endpoint retries with backoff within restart_timeout.
+        s = connect(path, name, min(CONNECT_TIMEOUT, options.start_timeout))
+        return s, ServicePeer(s)
+
+    endpoint.relaunch = reconnect
+    endpoint.after_ready = lambda ep: ep.peer.adopt(ep.sender_pid)  # type: ignore[attr-defined]
     log.info("device %s: attached to the service at %s, pid %d (it reports %d)", name, path, peer.pid,
              endpoint.reported_pid)
     return endpoint

@@ -22,6 +22,25 @@ A monitor thread per device watches the control socket (messages go to a
 ``{message type: handler}`` table; requests to
 :class:`~vmm.remote.requests.RequestService`) and the peer's exit fd, so
 death is noticed when it happens, not at the next access timeout.
+
+Restart (issue 10 §2-§3).  The VMM creates a state segment
+(:mod:`ipc.state`) per device and keeps it, with the device's regions,
+irqfds, MSI routes and ioeventfds, across the device's processes.  Each
+access gets a per-device sequence number (``aseq``) that travels in the
+slot and must come back with the answer.  When a device with a restart
+policy (:mod:`vmm.remote.restart`) dies -- or is cut off: killed for a
+missed deadline, the registry lock, a protocol error -- the monitor
+thread of the dead process becomes its supervisor: it reads the access
+record of the last snapshot the dead process stored, then starts a new
+process (same slots count, a fresh slot segment, the same state segment)
+which restores from the snapshot.  A vCPU whose access was cut short
+waits (at most ``restart_timeout``) and then completes it with
+:func:`ipc.accessseq.decide`: an answer already in the old slot is taken
+as it is; the access the snapshot records is answered from the record;
+any other is sent again, with its number, to the new process.  Accesses
+made while the device is down wait the same way.  Past the timeout or the
+start limit the device is failed as a device without restart is.
+
 Fault injection (:mod:`vmm.faults`) asks the device's engine with
 :meth:`RemoteEndpoint.fault_control` and gets its firing records through
 ``on_fault_record``; what a device sent just before it died is read before
@@ -30,6 +49,7 @@ its exit is handled, so the record of a ``crash`` firing is not lost.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -39,26 +59,32 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import NoReturn
 
+from devices import kinds
+from devices.virtio.core import VirtioCore
 from ipc import Registry
+from ipc.accessseq import BadRecord, Outcome, Pending, decide
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
-                          MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
+                          MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, SetState,
+                          Shutdown)
 from ipc.batch import BATCH_SPACE, BatchWriter
-from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
+from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
+                       SlotError, SlotPeerDead, SlotTimeout)
+from ipc.state import AccessRecord, StateSegment
 from ipc.transport import Channel, ChannelTimeout, socketpair
 from vmm import sandbox_report
 from vmm.coalesce import DeviceZones
-from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, VmmError
 from vmm.ioevent import DeviceIoeventfds
 from vmm.irq import DeviceIrqs
-from vmm.remote.handshake import Offer, StartError, handshake, registry_fd
+from vmm.remote.handshake import Agreement, Offer, StartError, handshake, registry_fd
 from vmm.remote.options import RemoteOptions
 from vmm.remote.peer import Peer
 from vmm.remote.process import DeviceProcess, child_env
 from vmm.remote.requests import RequestService
+from vmm.remote.restart import RestartPolicy, StartLimiter
 
-__all__ = ["RemoteEndpoint", "Launched", "SHUTDOWN_GRACE", "MAX_VCPUS"]
+__all__ = ["RemoteEndpoint", "Launched", "SHUTDOWN_GRACE", "MAX_VCPUS", "STATE_CAPACITY"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +93,16 @@ SHUTDOWN_GRACE = 2.0
 MAX_VCPUS = 256
 
 _DEFAULT = RemoteOptions()
+#: Room for one snapshot in a device's state segment (a virtio-blk
+#: model's is about 2 KiB).
+STATE_CAPACITY = 64 * 1024
+#: The cause of a restart asked for (QMP device-restart).
+RESTART_REQUESTED = "restart requested (device-restart)"
+#: First wait after a start that failed; it doubles up to the maximum.
+RETRY_BACKOFF = 0.02
+MAX_RETRY_BACKOFF = 0.5
+#: Old slot segments kept after restarts (a vCPU may still look at one).
+KEEP_OLD_SLOTS = 8
 
 
 class RemoteEndpoint:
@@ -78,9 +114,10 @@ class RemoteEndpoint:
     name: str
 
     def __init__(self, *, kind: str, owner: int, name: str, registry: Registry, peer: Peer,
-                 channel: Channel, slots: SlotCaller, access_timeout: float,
+                 channel: Channel, slots: SlotCaller | None, access_timeout: float,
                  irqs: DeviceIrqs | None = None, ioevents: DeviceIoeventfds | None = None,
-                 zones: DeviceZones | None = None):
+                 zones: DeviceZones | None = None,
+                 state: StateSegment | None = None, policy: RestartPolicy | None = None):
         self.kind = kind
         self.owner = owner
         self.name = name
@@ -97,8 +134,9 @@ class RemoteEndpoint:
         self.sandbox = sandbox_report.DeviceSandbox()
         self.access_timeout = access_timeout
         self._channel = channel
-        self._slots = slots
-        self._call = slots.call
+        #: (slot segment, generation) of the process serving now; one
+        #: value, so a vCPU never pairs one process's slots with another's.
+        self._live: tuple[SlotCaller | None, int] = (slots, 0)
         self._failure: str | None = None
         self._closing = False
         self._closed = False
@@ -118,6 +156,43 @@ class RemoteEndpoint:
         self._batch: BatchWriter | None = None
         self._batch_lock = threading.Lock()       # one batch in the segment at a time
         self._batch_make_lock = threading.Lock()  # not _batch_lock: a batch's handler may ask for zones
+        #: The state segment the VMM keeps for the device (None: none).
+        self.state = state
+        #: What happens when the process ends (None or mode "no": failed).
+        self.policy = policy if policy is not None else RestartPolicy(mode="no")
+        #: Starts a new process for a restart: (socket, peer), or None when
+        #: this endpoint cannot (set by spawn()).
+        self.relaunch: Callable[[], tuple[socket.socket, Peer]] | None = None
+        #: Called with the endpoint once a new process is Ready (a service
+        #: peer learns its pid), or None.
+        self.after_ready: Callable[[RemoteEndpoint], None] | None = None
+        #: Warm spare processes for restarts (spawn() with options.spare).
+        self._spares: _Spares | None = None
+        self._offer: Offer | None = None
+        self._options: RemoteOptions = _DEFAULT
+        self._limiter = StartLimiter(self.policy.burst, self.policy.interval)
+        #: Processes started after the first one, and why the last one went.
+        self.restarts = 0
+        self.last_cause: str | None = None
+        #: Longest restart so far (death seen to serving again), seconds.
+        self.longest_restart = 0.0
+        self.last_restart = 0.0
+        #: Longest time one access waited for the device to come back
+        #: (the pause a guest saw), seconds; a benchmark may reset it.
+        self.longest_wait = 0.0
+        #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED.
+        self.on_event: Callable[[str, dict], object] | None = None
+        self._aseq = itertools.count(1)
+        self._down = False
+        self._cause: str | None = None       # why the current process is being ended
+        self._dead_at = 0.0
+        self._death_records: dict[int, AccessRecord | None] = {}
+        self._old_slots: list[SlotCaller] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._paused = 0                     # device-restart: new accesses wait
+        #: Per vCPU: inside a slot call now (device-restart drains them).
+        self._busy = [False] * 256
+        self._stop_restart = threading.Event()
         self.requests = RequestService(name, irqs, ioevents, send=self._send,
                                        stopping=lambda: self._failure is not None or self._closing,
                                        on_send_error=self._fail, zones=zones, batch_fd=self._batch_fd)
@@ -150,6 +225,14 @@ class RemoteEndpoint:
         """Pid of the device process as this VMM knows it (0: unknown)."""
         return self.peer.pid
 
+    @property
+    def _slots(self) -> SlotCaller | None:
+        return self._live[0]
+
+    @property
+    def _gen(self) -> int:
+        return self._live[1]
+
     # -- start ---------------------------------------------------------------
 
     @classmethod
@@ -160,7 +243,9 @@ class RemoteEndpoint:
 
         ``kind``/``params``: the model and its ``key=value`` parameters;
         ``owner``: its registry owner id (>= FIRST_DEVICE_OWNER); ``nvcpus``:
-        one slot per vCPU; ``options``: the rest (:class:`RemoteOptions`).
+        one slot per vCPU; ``options``: the rest (:class:`RemoteOptions`;
+        ``options.restart`` says whether a process that ends is started
+        again).
 
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
@@ -177,15 +262,27 @@ class RemoteEndpoint:
         start deadline counts from here."""
         config = _config(kind, params, owner, name, nvcpus, options)
         env = child_env(kind, name)
+
+        def launch(spare: bool = False) -> tuple[socket.socket, Peer]:
+            ours, theirs = socketpair()
+            command = (*options.command, "--spare", "--preload", kind) if spare else options.command
+            try:
+                return ours, DeviceProcess.start(command, theirs, name, options.cpus, env, stderr=options.stderr)
+            except BaseException:
+                ours.close()
+                raise
+
         deadline = time.monotonic() + options.start_timeout
-        ours, theirs = socketpair()
-        try:
-            process = DeviceProcess.start(options.command, theirs, name, options.cpus, env, stderr=options.stderr)
-        except BaseException:
-            ours.close()
-            raise
-        return Launched(lambda: cls._attach(config, ours, process, registry, options, deadline),
-                        ours, process)
+        ours, process = launch()
+
+        def finish() -> RemoteEndpoint:
+            ep = cls._attach(config, ours, process, registry, options, deadline, relaunch=launch)
+            if options.spare and ep.policy.mode != "no":
+                ep._spares = _Spares(lambda: launch(spare=True), name)
+                ep._spares.refill()
+            return ep
+
+        return Launched(finish, ours, process)  # type: ignore[arg-type]
 
     @classmethod
     def attach(cls, sock: socket.socket, peer: Peer, kind: str, params: dict[str, str], owner: int,
@@ -207,15 +304,16 @@ class RemoteEndpoint:
 
     @classmethod
     def _attach(cls, config: DeviceConfig, sock: socket.socket, peer: Peer, registry: Registry,
-                options: RemoteOptions, deadline: float) -> RemoteEndpoint:
+                options: RemoteOptions, deadline: float,
+                relaunch: Callable[[], tuple[socket.socket, Peer]] | None = None) -> RemoteEndpoint:
+        state = None
         try:
-            slots = SlotCaller.create(config.nvcpus, spin_ns=options.spin_us * 1000)
-            try:
-                channel = Channel(sock, Role.VMM)
-            except BaseException:
-                slots.close()
-                raise
+            channel = Channel(sock, Role.VMM)
+            if options.state:
+                state = StateSegment.create(STATE_CAPACITY, _queue_sizes(config.kind))
         except BaseException:
+            if state is not None:
+                state.close()
             sock.close()
             peer.kill()
             peer.wait(5.0)
@@ -229,24 +327,21 @@ class RemoteEndpoint:
         if options.coalesced is not None:
             zones = DeviceZones(options.coalesced, registry, config.owner, config.name)
         ep = cls(kind=config.kind, owner=config.owner, name=config.name, registry=registry, peer=peer,
-                 channel=channel, slots=slots, access_timeout=options.access_timeout,
-                 irqs=irqs, ioevents=ioevents, zones=zones)
+                 channel=channel, slots=None, access_timeout=options.access_timeout,
+                 irqs=irqs, ioevents=ioevents, zones=zones, state=state, policy=options.restart)
+        ep.relaunch = relaunch
+        ep._options = options
         mem_regions = options.mem_regions
         try:
             if options.memfd is not None and mem_regions is None:
                 mem_regions = (MemRegion(0, os.fstat(options.memfd).st_size, 0),)
-            reg_fd = registry_fd(registry)
-        except BaseException:
-            ep._failure = "start interrupted"
-            ep._teardown()
-            raise
-        try:
-            offer = Offer(config=config, registry_fd=reg_fd,
-                          slots=SetSlots(fd=slots.fd, nslots=config.nvcpus, poll_ns=options.poll_us * 1000,
-                                         adaptive=options.adaptive, move=options.move),
-                          memfd=options.memfd, mem_regions=mem_regions or (), console=options.console)
-            agreed = handshake(channel, ep._send, offer, deadline, ep.requests.serve, peer.exit_text,
-                               on_welcome=ep._agreed)
+            ep._offer = Offer(config=config, registry_fd=-1,
+                              slots=SetSlots(fd=0, nslots=config.nvcpus, poll_ns=options.poll_us * 1000,
+                                             adaptive=options.adaptive, move=options.move),
+                              memfd=options.memfd, mem_regions=mem_regions or (), console=options.console)
+            ep._limiter.allow()
+            agreed, slots = ep._handshake(deadline)
+            ep._live = (slots, 0)
         except StartError as e:
             reason = str(e)
             # The caller reports the DeviceFailed (one line); this is detail.
@@ -258,16 +353,63 @@ class RemoteEndpoint:
             ep._failure = "start interrupted"
             ep._teardown()
             raise
+        ep._started(agreed)
+        return ep
+
+    def _handshake(self, deadline: float) -> tuple[Agreement, SlotCaller]:
+        """Run the handshake with the current peer on a new slot segment
+        (returned with the agreement; the old one is kept for a while, a
+        vCPU may still read an answer from it).  Raises StartError."""
+        assert self._offer is not None
+        opts = self._options
+        try:
+            slots = SlotCaller.create(self._offer.config.nvcpus, spin_ns=opts.spin_us * 1000)
+        except (OSError, ValueError) as e:
+            raise StartError(f"cannot create the slot segment: {e}") from None
+        try:
+            reg_fd = registry_fd(self.registry)
+        except BaseException:
+            slots.close()
+            raise
+        try:
+            assert slots.fd is not None         # created here: it owns its memfd
+            offer = dataclasses.replace(self._offer, registry_fd=reg_fd,
+                                        slots=dataclasses.replace(self._offer.slots, fd=slots.fd))
+            agreed = handshake(self._channel, self._send, offer, deadline, self.requests.serve,
+                               self.peer.exit_text, on_welcome=self._agreed,
+                               extra=self._state_offer)
+        except BaseException:
+            slots.close()
+            raise
         finally:
             os.close(reg_fd)
-        ep.features = agreed.features
-        ep.reported_pid = agreed.pid
-        ep.sandbox, ep.peer = sandbox_report.at_ready(ep.name, ep.peer, agreed.sandbox, agreed.pid)
-        if agreed.pid != ep.pid:
-            log.debug("device %s reports pid %d; its process is %d", ep.name, agreed.pid, ep.pid)
-        ep._monitor = threading.Thread(target=ep._watch, name=f"device-{ep.name}", daemon=True)
-        ep._monitor.start()
-        return ep
+        old = self._slots
+        if old is not None:
+            self._old_slots.append(old)
+            while len(self._old_slots) > KEEP_OLD_SLOTS:
+                self._old_slots.pop(0).close()
+        return agreed, slots
+
+    def _state_offer(self, features: frozenset[str]) -> list[Message]:
+        """The state segment for the handshake, if the device takes one."""
+        if self.state is None or self.state.fd is None:
+            return []
+        if "state" not in features:
+            if self.policy.mode != "no":
+                log.warning("device %s does not take a state segment: a restart starts it from power-on",
+                            self.name)
+            return []
+        return [SetState(fd=self.state.fd)]
+
+    def _started(self, agreed: Agreement) -> None:
+        self.features = agreed.features
+        self.reported_pid = agreed.pid
+        self.sandbox, self.peer = sandbox_report.at_ready(self.name, self.peer, agreed.sandbox, agreed.pid)
+        if agreed.pid != self.pid:
+            log.debug("device %s reports pid %d; its process is %d", self.name, agreed.pid, self.pid)
+        self._exited.clear()
+        self._monitor = threading.Thread(target=self._watch, name=f"device-{self.name}", daemon=True)
+        self._monitor.start()
 
     def _send(self, msg: Message) -> None:
         with self._chan_lock:
@@ -281,15 +423,35 @@ class RemoteEndpoint:
         (0 for a write).  Raises :class:`DeviceFailed`."""
         if self._failure is not None:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
+        aseq = next(self._aseq)
+        busy = self._busy
+        busy[vcpu] = True
         try:
-            return self._call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout)
-        except SlotError as e:
-            self._call_failed(e)
+            slots, gen = self._live
+            if self._down or self._paused or slots is None:
+                busy[vcpu] = False
+                return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, None, gen)
+            try:
+                return slots.call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout, aseq)
+            except SlotTimeout:
+                self._fail(f"no answer within {self.access_timeout:g} s")
+            except SlotPeerDead:
+                pass
+            except (SlotDeviceError, SlotBadResponse) as e:
+                self._fail(str(e), final=True)
+            except SlotError as e:  # closed under us
+                self._fail(str(e))
+        finally:
+            busy[vcpu] = False
+        return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
 
     def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
         """Forward writes (space, cookie, offset, size, value) in order: a
         request per batch (ipc.batch) once the device has a batch segment,
-        else one access each.  Raises :class:`DeviceFailed`."""
+        else one access each.  A batch is one access for the restart
+        rules: it is answered, from the record, or sent again whole (the
+        segment still holds it: one batch at a time).  Raises
+        :class:`DeviceFailed`."""
         batch = self._batch
         if batch is None:
             for space, cookie, offset, size, value in writes:
@@ -301,21 +463,8 @@ class RemoteEndpoint:
             done = 0
             while done < len(writes):
                 n = batch.write(writes[done:done + batch.capacity])
-                try:
-                    self._call(vcpu, BATCH_SPACE, 0, 0, 8, True, n, self.access_timeout)
-                except SlotError as e:
-                    self._call_failed(e)
+                self.access(vcpu, BATCH_SPACE, 0, 0, 8, True, n)
                 done += n
-
-    def _call_failed(self, error: SlotError) -> NoReturn:
-        """Cut the device off for a failed slot call (a dead device is cut
-        off by its monitor already) and raise DeviceFailed."""
-        if isinstance(error, SlotTimeout):
-            self._fail(f"no answer within {self.access_timeout:g} s")
-        elif not isinstance(error, SlotPeerDead):    # it failed, answered garbage, or closed under us
-            self._fail(str(error))
-        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}") \
-            from None
 
     def _agreed(self, features: frozenset[str]) -> None:
         self.features = features
@@ -329,6 +478,83 @@ class RemoteEndpoint:
             if self._batch is None:
                 self._batch = BatchWriter()
             return self._batch.fd
+
+    def _access_later(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
+                      value: int, aseq: int, slots: SlotCaller | None, gen: int) -> int:
+        t0 = time.monotonic()
+        try:
+            return self._complete_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
+        finally:
+            waited = time.monotonic() - t0
+            if waited > self.longest_wait:
+                self.longest_wait = waited
+
+    def _complete_later(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
+                        value: int, aseq: int, slots: SlotCaller | None, gen: int) -> int:
+        """Complete an access the device could not answer (it died, or is
+        down or paused): exactly once with respect to its state, or raise
+        DeviceFailed when it does not come back in time."""
+        deadline = time.monotonic() + max(self.policy.timeout, 0.1)
+        while True:
+            if slots is not None:
+                # The process behind ``slots`` is gone: wait until its
+                # death is settled (the record read), then decide.
+                if not self._wait(lambda g=gen: g in self._death_records, deadline):
+                    break
+                try:
+                    got = slots.answer(vcpu, aseq)
+                except (SlotDeviceError, SlotBadResponse) as e:
+                    self._fail(str(e), final=True)
+                    break
+                except SlotError:
+                    got = None
+                if got is not None:
+                    return got                                   # ANSWERED
+                try:
+                    d = decide(Pending(aseq, size), self._death_records[gen], self._issued())
+                except BadRecord as e:
+                    self._fail(f"bad state segment: {e}", final=True)
+                    break
+                if d.outcome is Outcome.FROM_RECORD:
+                    return 0 if is_write else d.value
+            # RERUN (or never sent): on the next process.
+            after = gen if slots is not None else gen - 1     # a generation past the one that died
+            if not self._wait(lambda a=after: not self._down and not self._paused and self._gen > a, deadline):
+                break
+            slots, gen = self._live
+            if slots is None:
+                break
+            try:
+                return slots.call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout, aseq)
+            except SlotTimeout:
+                self._fail(f"no answer within {self.access_timeout:g} s")
+            except SlotPeerDead:
+                pass
+            except (SlotDeviceError, SlotBadResponse) as e:
+                self._fail(str(e), final=True)
+            except SlotError as e:
+                self._fail(str(e))
+        if self._failure is None and not self._closing:
+            self._fail(f"not serving again within {self.policy.timeout:g} s", final=True)
+        raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}")
+
+    def _issued(self) -> int:
+        """The highest access number handed out so far (takes one: gaps
+        are harmless)."""
+        return next(self._aseq)
+
+    def _wait(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Wait for ``ready()`` (under the condition) until ``deadline``;
+        False when the device failed for good, is closing, or time ran out."""
+        with self._cond:
+            while not ready():
+                if self._failure is not None or self._closing:
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return self._failure is None and not self._closing
 
     def reset(self, timeout: float = 5.0) -> None:
         """Put the model back in its power-on state.  Raises DeviceFailed."""
@@ -346,25 +572,63 @@ class RemoteEndpoint:
         try:
             self._send(Reset())
         except Exception as e:
-            self._fail(f"cannot send reset: {e}")
+            self._fail(f"cannot send reset: {e}", final=True)
             raise DeviceFailed(f"device {self.name}: {self._failure}") from None
         if not self._reset_done.wait(timeout):
-            self._fail(f"no reset-done within {timeout:g} s")
+            self._fail(f"no reset-done within {timeout:g} s", final=True)
         if self._failure is not None:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
 
     @property
     def failed(self) -> str | None:
-        """Why the device was cut off, or None while it works."""
+        """Why the device was cut off for good, or None while it works (or
+        is being restarted)."""
         return self._failure
+
+    @property
+    def restarting(self) -> bool:
+        """True while the device is down and being started again."""
+        return self._down
 
     def cut_off(self, reason: str) -> None:
         """Cut the device off from outside (once): one error line, its
         slots dead, the peer killed (SIGKILL through the pidfd for a child,
-        so only this child can be hit); its regions are reaped when it has
-        ended.  The VMM's lock watch (vmm.lockwatch) calls this for a device
-        that holds the registry lock past the deadline."""
+        so only this child can be hit).  With a restart policy a new
+        process takes over; else its regions are reaped when it has ended.
+        The VMM's lock watch (vmm.lockwatch) calls this for a device that
+        holds the registry lock past the deadline."""
         self._fail(reason)
+
+    def restart(self, timeout: float | None = None) -> float:
+        """Live restart (QMP ``device-restart``): stop new accesses, let
+        those in flight finish (their snapshot is stored before each
+        answer), end the process, start a new one that restores from the
+        state segment, go on.  Returns the pause in seconds (accesses held
+        back).  Raises DeviceFailed when the device cannot be restarted."""
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        if self.relaunch is None:
+            raise DeviceFailed(f"device {self.name}: this VMM did not start it, so cannot restart it")
+        if self.state is None:
+            raise DeviceFailed(f"device {self.name} has no state segment: a restart would lose its state")
+        limit = self.policy.timeout if timeout is None else timeout
+        t0 = time.monotonic()
+        with self._cond:
+            self._paused += 1
+        try:
+            deadline = t0 + limit
+            while any(self._busy) and time.monotonic() < deadline:
+                time.sleep(0.0002)          # drain: accesses in flight are microseconds long
+            gen = self._gen
+            self._cause = RESTART_REQUESTED
+            self._end_process(self._cause)
+            if not self._wait(lambda: self._gen > gen and not self._down, deadline):
+                raise DeviceFailed(f"device {self.name}: {self._failure or 'did not come back in time'}")
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
+        return time.monotonic() - t0
 
     def wait_exited(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the device process to end;
@@ -391,7 +655,10 @@ class RemoteEndpoint:
             if self._closed:
                 return
             self._closed = self._closing = True
-        if self._failure is None and not self.peer.wait(0):
+        self._stop_restart.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._failure is None and not self._down and not self.peer.wait(0):
             try:
                 self._send(Shutdown())
             except Exception as e:
@@ -405,17 +672,20 @@ class RemoteEndpoint:
         self.close()
 
     def __repr__(self) -> str:
-        state = f"failed: {self._failure}" if self._failure else "closed" if self._closed else "running"
+        state = (f"failed: {self._failure}" if self._failure else "closed" if self._closed
+                 else "restarting" if self._down else "running")
         return f"<RemoteEndpoint {self.name} {self.kind} pid {self.pid} owner {self.owner} {state}>"
 
     # -- figures -------------------------------------------------------------
 
     def device_stats(self) -> ServeStats:
         """The device's serve-loop counters (as it published them)."""
+        assert self._slots is not None
         return self._slots.device_stats()
 
     def call_stats(self) -> CallStats:
         """What this side counted."""
+        assert self._slots is not None
         return self._slots.stats()
 
     def cpu_seconds(self) -> float:
@@ -480,7 +750,7 @@ class RemoteEndpoint:
                 return False
 
     def _on_closed(self, msg: Message) -> bool:
-        if not self._closing:
+        if not self._closing and self._cause is None:
             self._fail(f"closed its control socket ({self.peer.exit_text(0.2)})")
         return False
 
@@ -552,11 +822,17 @@ class RemoteEndpoint:
         return True
 
     def _on_exit(self) -> None:
-        """The peer is gone: fail it if that was not asked for, reap it and
-        its regions."""
-        if not self._closing:
-            self._fail(self.peer.exit_text(1.0))
-        self._slots.mark_dead()
+        """The peer is gone: start a new one (restart policy), or fail it
+        if that was not asked for and reap it and its regions."""
+        if not self._closing and self._failure is None:
+            cause = self._cause or self.peer.exit_text(1.0)
+            clean = self._cause is None and self.peer.wait(1.0) and _clean_exit(self.peer)
+            if (self._cause == RESTART_REQUESTED or self.policy.restarts(clean)) \
+                    and self.relaunch is not None:
+                self._supervise(cause)
+                return
+            self._fail(cause, final=True)
+        self._slots_dead()
         self.peer.wait(1.0)
         self._reap_regions()
         if self.irqs is not None:
@@ -567,21 +843,172 @@ class RemoteEndpoint:
             self.zones.release_all()
         self._exited.set()
 
+    # -- restart -------------------------------------------------------------
+
+    def _supervise(self, cause: str) -> None:
+        """On the dead process's monitor thread: settle its death, then
+        start new processes until one is Ready, the start limit or the
+        restart timeout is reached, or the endpoint closes."""
+        t_dead = time.monotonic()
+        gen = self._gen
+        with self._cond:
+            self._down = True
+        self._slots_dead()
+        self.peer.wait(1.0)
+        record = None
+        if self.state is not None:
+            got = self.state.inspect()
+            record = got.snapshot.access if got.snapshot is not None else None
+            for why in got.problems:
+                log.warning("device %s: state segment: %s", self.name, why)
+        with self._cond:
+            self._death_records[gen] = record
+            for g in [g for g in self._death_records if g < gen - KEEP_OLD_SLOTS]:
+                del self._death_records[g]
+            self._cond.notify_all()
+        self.last_cause = cause
+        log.warning("device %s (%s, pid %d) ended: %s; restarting", self.name, self.kind, self.pid, cause)
+        self._emit("DEVICE_RESTARTING", {"cause": cause})
+        deadline = t_dead + self.policy.timeout
+        started = self._start_again(cause, deadline)
+        if started is None:
+            return
+        agreed, slots = started
+        took = time.monotonic() - t_dead
+        self.restarts += 1
+        self.last_restart = took
+        self.longest_restart = max(self.longest_restart, took)
+        with self._cond:
+            self._live = (slots, gen + 1)
+            self._down = False
+            self._cause = None
+            self._cond.notify_all()
+        self._started(agreed)
+        if self.after_ready is not None:
+            self.after_ready(self)
+        if self._spares is not None:
+            self._spares.refill()
+        log.info("device %s restarted (pid %d) in %.1f ms", self.name, self.pid, took * 1000)
+        self._emit("DEVICE_RESTARTED", {"pid": self.pid, "restarts": self.restarts,
+                                        "pause_ms": round(took * 1000, 3)})
+
+    def _start_again(self, cause: str, deadline: float) -> tuple[Agreement, SlotCaller] | None:
+        """Start new processes until one is Ready (returned), or give up --
+        start limit, restart timeout, the endpoint closing -- and fail the
+        device (None)."""
+        why = "restart timeout"
+        requested = cause == RESTART_REQUESTED
+        first = True
+        backoff = RETRY_BACKOFF
+        while not self._closing and self._failure is None:
+            # A restart asked for (device-restart) is not a failure: its
+            # first start does not count against the start limit.
+            if not (requested and first) and not self._limiter.allow():
+                why = f"start limit: {self.policy.burst} start(s) within {self.policy.interval:g} s"
+                break
+            if self.policy.delay and not (requested and first) and self._stop_restart.wait(self.policy.delay):
+                break
+            first = False
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return self._replace_process(deadline)
+            except StartError as e:
+                why = f"restart failed: {e}"
+            except (OSError, VmmError) as e:     # also a service not listening (yet): ConfigError
+                why = f"cannot start a new process: {e}"
+            log.warning("device %s: %s", self.name, why)
+            # A start that failed at once would fail the same way at once
+            # again: back off (doubling) within the restart timeout.
+            if self._stop_restart.wait(min(backoff, max(0.0, deadline - time.monotonic()))):
+                break
+            backoff = min(backoff * 2, MAX_RETRY_BACKOFF)
+        if self._closing:
+            with self._cond:
+                self._down = False
+                self._cond.notify_all()
+            self._exited.set()
+            return None
+        self._fail(f"{cause}; {why}", final=True)
+        with self._cond:
+            self._down = False
+            self._cond.notify_all()
+        self._on_exit()
+        return None
+
+    def _replace_process(self, deadline: float) -> tuple[Agreement, SlotCaller]:
+        """Start one new process and run its handshake (raises StartError)."""
+        assert self.relaunch is not None
+        taken = self._spares.take() if self._spares is not None else None
+        sock, peer = taken if taken is not None else self.relaunch()
+        try:
+            channel = Channel(sock, Role.VMM)
+        except BaseException:
+            sock.close()
+            peer.kill()
+            peer.wait(5.0)
+            peer.close()
+            raise
+        old_peer, old_channel = self.peer, self._channel
+        with self._chan_lock:
+            self._channel = channel
+        self.peer = peer
+        old_channel.close()
+        old_peer.close()
+        try:
+            agreed, slots = self._handshake(deadline)
+        except BaseException:
+            peer.kill()
+            peer.wait(5.0)
+            raise
+        return agreed, slots
+
+    def _end_process(self, cause: str) -> None:
+        """Kill the current process (its monitor restarts or fails it)."""
+        log.info("device %s (pid %d): %s", self.name, self.pid, cause)
+        self.peer.kill()
+
+    def _slots_dead(self) -> None:
+        if self._slots is not None:
+            self._slots.mark_dead()
+
+    def _emit(self, event: str, data: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, {"device": self.name, "kind": self.kind, **data})
+            except Exception:
+                log.exception("device %s: %s event handler failed", self.name, event)
+
     # -- failure and teardown ------------------------------------------------
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, final: bool = False) -> None:
         """Cut the device off (once): one error line, slots dead, peer
-        killed; the monitor reaps its regions when it has ended."""
+        killed.  Unless ``final`` and with a restart policy, a new process
+        takes over (the monitor sees the death); otherwise the monitor
+        reaps its regions when it has ended."""
         with self._lock:
             if self._failure is not None or self._closing:
                 if self._failure is None:
                     self._failure = reason
                 return
-            self._failure = reason
+            if not final and self.policy.mode != "no" and self.relaunch is not None:
+                if self._cause is None:
+                    self._cause = reason
+                    log.error("device %s (%s, pid %d) cut off: %s", self.name, self.kind, self.pid, reason)
+                restart = True
+            else:
+                self._failure = reason
+                restart = False
+        if restart:
+            self._slots_dead()
+            self.peer.kill()
+            return
         log.error("device %s (%s, pid %d) cut off: %s", self.name, self.kind, self.pid, reason)
-        self._slots.mark_dead()
+        self._slots_dead()
         self.peer.kill()
         self._reset_done.set()
+        with self._cond:
+            self._cond.notify_all()
         for wait in list(self._fault_waits.values()):
             wait[0].set()
 
@@ -598,6 +1025,9 @@ class RemoteEndpoint:
         """Wait for the peer (kill it after the grace period), stop the
         monitor, then release every resource."""
         self._closing = True
+        self._stop_restart.set()
+        with self._cond:
+            self._cond.notify_all()
         if self._failure is not None:
             self.peer.kill()            # cut off: no grace
         if not self.peer.wait(SHUTDOWN_GRACE):
@@ -607,7 +1037,7 @@ class RemoteEndpoint:
             self.peer.kill()
             if not self.peer.wait(5.0):
                 log.error("device process %d does not die", self.pid)
-        self._slots.mark_dead()
+        self._slots_dead()
         self._channel.shutdown()
         monitor = self._monitor
         if monitor is not None and monitor is not threading.current_thread():
@@ -621,18 +1051,108 @@ class RemoteEndpoint:
             self.ioevents.release_all()
         if self.zones is not None:
             self.zones.release_all()
-        log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
-                  self._slots.device_stats())
+        if self._slots is not None:
+            log.debug("device %s: %s; device counters %s", self.name, self._slots.stats(),
+                      self._slots.device_stats())
         with self._chan_lock:
             self._channel.close()
         self.peer.close()
-        self._slots.close()
+        for old in self._old_slots:
+            old.close()
+        self._old_slots.clear()
+        if self._slots is not None:
+            self._slots.close()
+        if self.state is not None:
+            self.state.close()
+        if self._spares is not None:
+            self._spares.close()
         with self._batch_make_lock, self._batch_lock:
             if self._batch is not None:
                 self._batch.close()
         self._closed = True
 
 
+class _Spares:
+    """One warm spare device process, started in the background after each
+    start: it has imported everything and waits for a Hello, so a restart
+    skips the interpreter's start and the imports (~170 ms here)."""
+
+    def __init__(self, launch: Callable[[], tuple[socket.socket, Peer]], name: str):
+        self._launch = launch
+        self._name = name
+        self._lock = threading.Lock()
+        self._spare: tuple[socket.socket, Peer] | None = None
+        self._closed = False
+        self._filling: threading.Thread | None = None
+
+    def refill(self) -> None:
+        """Start a spare in the background unless one is there."""
+        with self._lock:
+            if self._closed or self._spare is not None or (self._filling and self._filling.is_alive()):
+                return
+            self._filling = threading.Thread(target=self._fill, name=f"spare-{self._name}", daemon=True)
+            self._filling.start()
+
+    def _fill(self) -> None:
+        try:
+            spare = self._launch()
+        except Exception as e:
+            log.warning("device %s: cannot start a spare process: %s", self._name, e)
+            return
+        with self._lock:
+            if not self._closed and self._spare is None:
+                self._spare, spare = spare, None
+        if spare is not None:
+            _drop(spare)
+
+    def take(self) -> tuple[socket.socket, Peer] | None:
+        """The spare if it is alive (None: start one the slow way)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare[1].wait(0):
+            _drop(spare)
+            return None
+        return spare
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+            filling = self._filling
+        if spare is not None:
+            _drop(spare)
+        if filling is not None:
+            filling.join(10)
+            with self._lock:
+                spare, self._spare = self._spare, None
+            if spare is not None:
+                _drop(spare)
+
+
+def _drop(spare: tuple[socket.socket, Peer]) -> None:
+    sock, peer = spare
+    peer.kill()
+    peer.wait(5.0)
+    peer.close()
+    sock.close()
+
+
+def _clean_exit(peer: Peer) -> bool:
+    """Whether the peer ended with status 0 (a DeviceProcess says)."""
+    code = getattr(peer, "returncode", None)
+    return code == 0
+
+
+def _queue_sizes(kind: str) -> tuple[int, ...]:
+    """The virtqueue sizes of ``kind`` (one inflight record each), () when
+    it is no virtio model or cannot be resolved here."""
+    try:
+        cls = kinds.resolve(kind)
+    except Exception:       # a kind only the device side knows
+        return ()
+    if isinstance(cls, type) and issubclass(cls, VirtioCore):
+        return tuple(cls.queue_sizes)
+    return ()
 class Launched:
     """A device process started by :meth:`RemoteEndpoint.launch`, not yet
     handshaken: :meth:`finish` exactly once, or :meth:`abandon`."""
@@ -641,6 +1161,8 @@ class Launched:
         self._attach: Callable[[], RemoteEndpoint] | None = attach
         self._sock = sock
         self._process = process
+        #: Given to the endpoint as its ``on_event`` (restart events).
+        self.on_event: Callable[[str, dict], object] | None = None
 
     def finish(self) -> RemoteEndpoint:
         """Handshake up to Ready (raises like :meth:`RemoteEndpoint.spawn`;
@@ -648,7 +1170,9 @@ class Launched:
         attach, self._attach = self._attach, None
         if attach is None:
             raise RuntimeError("Launched.finish: already finished or abandoned")
-        return attach()
+        ep = attach()
+        ep.on_event = self.on_event
+        return ep
 
     def abandon(self) -> None:
         """Kill and reap the process and close the socket (a device started

@@ -59,14 +59,16 @@ class Agreement:
 
 def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, deadline: float,
               serve: Callable[[Message], None], exit_text: Callable[[float], str],
-              on_welcome: Callable[[frozenset[str]], None] | None = None) -> Agreement:
+              on_welcome: Callable[[frozenset[str]], None] | None = None,
+              extra: Callable[[frozenset[str]], Sequence[Message]] | None = None) -> Agreement:
     """Run the VMM side of the handshake up to Ready.
 
     ``send``: sends one message (under the caller's channel lock);
     ``serve``: answers one interrupt request; ``exit_text``: how the device
     ended, for the error when it hangs up; ``on_welcome``: told the agreed
     features as soon as they are known (before the model's requests are
-    served).  Raises :class:`StartError`."""
+    served); ``extra``: more configuration messages, given the agreed
+    features (the state segment).  Raises :class:`StartError`."""
 
     def put(msg: Message) -> None:
         try:
@@ -108,6 +110,8 @@ def handshake(channel: Channel, send: Callable[[Message], None], offer: Offer, d
         put(SetMemTable(fd=offer.memfd, regions=tuple(offer.mem_regions)))
     if offer.console is not None:
         put(offer.console)
+    for msg in extra(welcome.features) if extra is not None else ():
+        put(msg)
     put(Start())
     ready = get()
     while isinstance(ready, IRQ_REQUESTS):      # the model's start() asks

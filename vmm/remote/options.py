@@ -17,6 +17,7 @@ from collections.abc import Set as AbstractSet
 from ipc.protocol import MemRegion, SetConsole
 from vmm.coalesce import CoalescedMmio
 from vmm.irq import IrqRouter
+from vmm.remote.restart import RestartPolicy
 
 __all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
 
@@ -71,6 +72,17 @@ class RemoteOptions:
     #: The VM's coalesced-MMIO zones, of which the device may ask for some
     #: inside its own regions (None: it gets none, its requests are refused).
     coalesced: CoalescedMmio | None = None
+    #: What happens when the device process ends (vmm.remote.restart).
+    #: The library default is ``no``; a ``--device`` spec's default is
+    #: ``on-failure`` (vmm.machine).
+    restart: RestartPolicy = RestartPolicy(mode="no")
+    #: Give the device a state segment (ipc.state): the device stores its
+    #: snapshot there before each answer, a restarted process resumes
+    #: from it.  Needed for a restart that keeps the device's state.
+    state: bool = True
+    #: *spawn*: keep a warm spare process for restarts (``--spare`` is
+    #: added to ``command``; only with a restart policy).
+    spare: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.poll_us, int) or self.poll_us < 0:
