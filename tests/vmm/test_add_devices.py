@@ -3,8 +3,6 @@ the order given, and a failure kills the ones not yet up."""
 
 from __future__ import annotations
 
-import os
-import pathlib
 
 import pytest
 
@@ -15,16 +13,7 @@ from vmm.config import parse_device_spec
 from vmm.endpoint import DeviceFailed, VMM_OWNER
 from vmm.machine import Machine
 from vmm.remote import endpoint as remote_endpoint
-
-
-def child_pids() -> set[int]:
-    out: set[int] = set()
-    for task in pathlib.Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            out |= {int(p) for p in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return out
+from .procs import children
 
 
 @needs_kvm
@@ -43,7 +32,7 @@ def test_every_process_starts_before_the_first_handshake(monkeypatch):
 
     monkeypatch.setattr(remote_endpoint.RemoteEndpoint, "launch", classmethod(logged_launch))
     monkeypatch.setattr(remote_endpoint.Launched, "finish", logged_finish)
-    before = child_pids()
+    before = children()
     with Machine(memory=16 << 20) as m:
         specs = [parse_device_spec(f"echo,id=e{i},pio={0x1000 + 0x100 * i:#x}") for i in range(3)]
         specs.insert(1, parse_device_spec("echo,id=inl,pio=0x2000,process=inline"))
@@ -52,14 +41,14 @@ def test_every_process_starts_before_the_first_handshake(monkeypatch):
         assert events == ["launch e0", "launch e1", "launch e2", "ready e0", "ready e1", "ready e2"]
         # One child per device process (under a sandbox, its launcher; the
         # device itself may be the launcher's child in a pid namespace).
-        assert len(child_pids() - before) == 3
+        assert len(children() - before) == 3
         owners = {r.owner for r in m.registry.regions() if r.bus == Bus.PIO and 0x1000 <= r.start <= 0x2000}
         assert owners == {ep.owner for ep in eps}
 
 
 @needs_kvm
 def test_a_failure_kills_the_processes_not_yet_up():
-    before = child_pids()
+    before = children()
     seen: list[tuple[str, str]] = []
     with Machine(memory=16 << 20) as m:
         specs = [parse_device_spec("echo,id=a,pio=0x1000"),
@@ -72,8 +61,8 @@ def test_a_failure_kills_the_processes_not_yet_up():
         assert [ep.name for ep in up] == ["a"]
         # c was killed and reaped by add_devices itself (no wait needed), b by
         # its failed handshake: only a's process (or its sandbox launcher) is left.
-        assert len(child_pids() - before) == 1
-    assert child_pids() == before
+        assert len(children() - before) == 1
+    assert children(spares=True) == before
 
 
 @needs_kvm

@@ -49,4 +49,5 @@ def test_footprint_prints_json():
     for config in ("no_devices", "three_devices"):
         assert report[config]["splitvmm"]["seconds"] > 0 and report[config]["qemu"]["peak_pss_mib"] > 0
         assert report[config]["time_ratio"] > 0 and report[config]["memory_ratio"] > 0
-    assert report["three_devices"]["splitvmm"]["processes"] == 4       # the VMM and a process per device
+    # the VMM and each device's processes (reapers, the device, its warm spare)
+    assert report["three_devices"]["splitvmm"]["processes"] >= 4

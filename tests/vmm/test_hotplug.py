@@ -14,6 +14,7 @@ from vmm.machine import Machine
 from vmm.qmp import QmpError
 
 from .conftest import GUEST_SOURCES, needs_kvm
+from .procs import children
 
 pytestmark = needs_kvm
 
@@ -26,11 +27,6 @@ def hotplug_guest(tmp_path_factory):
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def children() -> set[int]:
-    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-        return {int(p) for p in f.read().split()}
 
 
 def echoes(m: Machine) -> list[str]:

@@ -117,6 +117,16 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("time / QEMU, no devices", "no_devices.time_ratio", "x"),
         R("time / QEMU, three devices", "three_devices.time_ratio", "x"),
         R("peak PSS / QEMU, three devices", "three_devices.memory_ratio", "x", 1.0))),
+    Bench("restart", "device restart: SIGKILL to serving again, device-restart pause", "vmm.bench.restart",
+          quick=("--kills", "3", "--live", "3"), rows=(
+        R("SIGKILL to serving, warm spare", "with_spare.kill_to_serving_ms.median", "ms", 100),
+        R("longest guest pause per restart", "with_spare.guest_pause_ms.median", "ms"),
+        R("device-restart pause", "with_spare.device_restart_pause_ms.median", "ms", 50),
+        R("SIGKILL to serving, no spare", "without_spare.kill_to_serving_ms.median", "ms"))),
+    Bench("fault_blk", "virtio-blk 4 KiB QD1 with fault plans (none, silent, 1% firing)", "vmm.bench.faults",
+          quick=("--n4k", "500", "--repeat", "1"), rows=(
+        R("armed, never matching / no plan", "ratios_to_no_plan.silent", "x", 0.97, lower=False),
+        R("1% firing / no plan", "ratios_to_no_plan.one_percent", "x", lower=False))),
     Bench("startup", "start-up and memory vs QEMU on the same ELF", "vmm.bench.startup",
           quick=("--repeat", "3", "--skip", "q35-kvm"), rows=(
         R("no device / QEMU microvm (KVM)", "ratios.vmm_nodev/qemu_microvm_kvm", "x", 1.5),
