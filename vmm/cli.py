@@ -54,6 +54,7 @@ from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
 from vmm.qmp.server import ApiError
+from vmm.remote import RemoteEndpoint
 
 log = logging.getLogger("vmm")
 
@@ -263,6 +264,7 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
         service = getattr(endpoint, "service_path", None)
         if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
+            assert isinstance(endpoint, RemoteEndpoint)     # only a service's endpoint has a service_path
             where = f"pid {pid or endpoint.reported_pid} (service at {service})"
         where += sandbox_summary(endpoint)
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")

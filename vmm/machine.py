@@ -135,7 +135,10 @@ class Machine:
         self._started = False
         self._closed = False
         self._stuck = False
-        self.kvm = self.vm = self.memory = self.registry = None
+        self.kvm: kvm.Kvm | None = None
+        self.vm: kvm.Vm | None = None
+        self.memory: GuestMemory | None = None
+        self.registry: Registry | None = None
         self.irq: IrqRouter | None = None
         #: STOP, RESUME, SHUTDOWN and DEVICE_FAILED, to whoever subscribes
         #: (the control socket, vmm.qmp).
@@ -192,30 +195,30 @@ class Machine:
 
     def _setup(self, memory: int, nvcpus: int, registry_capacity: int, fast_path: bool) -> None:
         kvm.install_kick_handler(KICK_SIGNAL)
-        self.kvm = kvm.Kvm()
-        if not 1 <= nvcpus <= min(self.kvm.max_vcpus, 255):
-            raise ConfigError(f"--vcpus {nvcpus}: this host allows 1 to {min(self.kvm.max_vcpus, 255)}")
-        self.vm = self.kvm.create_vm()
-        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        self.vm.create_irqchip()
-        self.vm.create_pit2(kvm.PIT_SPEAKER_DUMMY)
+        self.kvm = kvm_ = kvm.Kvm()
+        if not 1 <= nvcpus <= min(kvm_.max_vcpus, 255):
+            raise ConfigError(f"--vcpus {nvcpus}: this host allows 1 to {min(kvm_.max_vcpus, 255)}")
+        self.vm = vm = kvm_.create_vm()
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2(kvm.PIT_SPEAKER_DUMMY)
         #: GSI routing and irqfds of every device (vmm.irq).
-        self.irq = IrqRouter(self.vm)
-        self.memory = GuestMemory(memory)
-        self.memory.register(self.vm)
-        cpuid = self.kvm.supported_cpuid()
+        self.irq = IrqRouter(vm)
+        self.memory = memory_ = GuestMemory(memory)
+        memory_.register(vm)
+        cpuid = kvm_.supported_cpuid()
         for i in range(nvcpus):
-            fd = self.vm.create_vcpu(i)
+            fd = vm.create_vcpu(i)
             self._vcpu_fds.append(fd)
             fd.set_cpuid(cpuids.build(cpuid, i, self.cpuid_hide))
-        self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
+        self.registry = registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         #: What each owner may claim, in the VMM's memory (vmm.windows).
         self.windows = OwnerWindows(VMM_OWNER)
-        self.vmm_handlers = VmmHandlers(self.registry, self.windows)
+        self.vmm_handlers = VmmHandlers(registry, self.windows)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
         #: Coalesced-MMIO zones and the ring (vmm.coalesce).
-        self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
-        self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
+        self.coalesced = CoalescedMmio.for_vm(kvm_, vm, self._vcpu_fds[0])
+        self.dispatcher = Dispatcher(registry, self.endpoints, on_fatal=self.end,
                                      on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
                                      coalesced=self.coalesced, windows=self.windows)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
@@ -223,8 +226,20 @@ class Machine:
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
         #: PCI configuration mechanism #1 and the host bridge (vmm.pci).
         self.pci = PciHost(self.dispatcher, self.vmm_handlers)
-        self.vcpus = [VcpuThread(fd, self.dispatcher, self.memory, self.end, fast=fast_path)
+        self.vcpus = [VcpuThread(fd, self.dispatcher, memory_, self.end, fast=fast_path)
                       for fd in self._vcpu_fds]
+
+    @property
+    def _live_registry(self) -> Registry:
+        """The registry, which _setup made before anything uses it."""
+        assert self.registry is not None
+        return self.registry
+
+    @property
+    def _live_memory(self) -> GuestMemory:
+        """Guest RAM, which _setup made before anything uses it."""
+        assert self.memory is not None
+        return self.memory
 
     # -- guest and devices ---------------------------------------------
 
@@ -234,7 +249,7 @@ class Machine:
 
     def load_pvh(self, image, cmdline: str = "") -> pvh.PvhBoot:
         """Load a PVH ELF (path or bytes) and put every vCPU at its entry."""
-        boot = pvh.load(self.memory, image, cmdline)
+        boot = pvh.load(self._live_memory, image, cmdline)
         for fd in self._vcpu_fds:
             pvh.enter(fd, boot)
         self._booted = True
@@ -246,8 +261,8 @@ class Machine:
         the others wait for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED) as on
         real hardware.  Returns the :class:`vmm.boot.linux.LoadedKernel`."""
         from vmm.boot import acpi, linux
-        rsdp = acpi.write(self.memory, len(self._vcpu_fds))
-        loaded = linux.load(self.memory, kernel, initrd, cmdline, boot=boot, rsdp=rsdp)
+        rsdp = acpi.write(self._live_memory, len(self._vcpu_fds))
+        loaded = linux.load(self._live_memory, kernel, initrd, cmdline, boot=boot, rsdp=rsdp)
         loaded.enter(self._vcpu_fds[0])
         for fd in self._vcpu_fds[1:]:
             fd.set_mp_state(kvm.MP_STATE_UNINITIALIZED)
@@ -319,6 +334,7 @@ class Machine:
                         launched[i] = self._launch_isolated(spec, placed[-1][1], console)
                 for i, (spec, owner, console) in enumerate(placed):
                     current = items[i][0]           # the caller's spec, as given
+                    endpoint: Endpoint
                     try:
                         if i in launched:
                             endpoint = launched.pop(i).finish()
@@ -418,30 +434,30 @@ class Machine:
             self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
         elif spec.connect is not None:
             self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
-                                             for r in self.registry.regions()
+                                             for r in self._live_registry.regions()
                                              if r.owner == owner and not r.removing])
 
     def _create_inline(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None) -> Endpoint:
         try:
-            return LocalEndpoint.create(spec.model_class, spec.param_dict(), owner, spec.name, self.registry,
+            return LocalEndpoint.create(spec.model_class, spec.param_dict(), owner, spec.name, self._live_registry,
                                         console, irq_router=self.irq, memory=self._guest_ram(),
                                         coalesced=self.coalesced)
         except (RegistryError, DeviceError) as e:
-            self.registry.unregister_owner(owner)
+            self._live_registry.unregister_owner(owner)
             raise ConfigError(f"device {spec.name}: {e}") from None
 
     def _guest_ram(self):
         """Guest RAM for inline models (one shared bounds-checked view)."""
         if getattr(self, "_ram_view", None) is None:
             from devices.guestmem import GuestRam
-            self._ram_view = GuestRam(self.memory.view, self.memory.regions)
+            self._ram_view = GuestRam(self._live_memory.view, self._live_memory.regions)
         return self._ram_view
 
     def _warn_unreachable(self, name: str, owner: int) -> None:
         """MMIO regions on top of RAM never see an access: say so."""
-        for r in self.registry.regions():
+        for r in self._live_registry.regions():
             if r.owner == owner and r.bus == Bus.MMIO and any(
-                    r.start < ram.end and ram.guest_addr < r.start + r.length for ram in self.memory.regions):
+                    r.start < ram.end and ram.guest_addr < r.start + r.length for ram in self._live_memory.regions):
                 log.warning("device %s: MMIO region %#x+%#x overlaps guest RAM; the guest cannot reach it",
                             name, r.start, r.length)
 
@@ -458,7 +474,7 @@ class Machine:
             stderr = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             self._log_fds.append(stderr)
             self.device_logs[spec.name] = path
-        launched = RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+        launched = RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                          len(self._vcpu_fds), self._device_options(spec, console, stderr))
         launched.on_event = self.events.emit
         return launched
@@ -466,7 +482,7 @@ class Machine:
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
         assert spec.connect is not None
-        endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+        endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                   len(self._vcpu_fds), self._device_options(spec, console))
         endpoint.on_event = self.events.emit
         return endpoint
@@ -475,8 +491,8 @@ class Machine:
                         stderr: int | None = None) -> RemoteOptions:
         """``stderr``: where a spawned device process's log goes (log_dir)."""
         return dataclasses.replace(
-            self.remote_options, access_timeout=self.access_timeout, memfd=self.memory.fd,
-            mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self.memory.regions),
+            self.remote_options, access_timeout=self.access_timeout, memfd=self._live_memory.fd,
+            mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self._live_memory.regions),
             irq_router=self.irq, coalesced=self.coalesced, sandbox=spec.sandbox, seccomp=spec.seccomp,
             stderr=stderr, restart=spec.restart, state=spec.state,
             console=None if console is None else SetConsole(out_fd=console.output, in_fd=console.input))
@@ -797,8 +813,8 @@ class Machine:
                 self.registry.close()
         if self._stuck:
             return  # a vCPU thread may still touch its fd and guest RAM
-        for fd in self._vcpu_fds:
-            fd.close()
+        for vcpu_fd in self._vcpu_fds:
+            vcpu_fd.close()
         if self.vm is not None:
             self.vm.close()
         if self.kvm is not None:

@@ -38,12 +38,14 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 from ipc import Bus
 from vmm import guests
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
+from vmm.remote import RemoteEndpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GUEST = REPO / "tests" / "guests" / "restart_echo.c"
@@ -75,6 +77,9 @@ def restarts(elf: pathlib.Path, kills: int, live: int, spare: bool, gap: float) 
         m.remote_options = dataclasses.replace(m.remote_options, spare=spare)
         m.load_pvh(elf, f"pio={PIO:#x} mmio={MMIO:#x} stop={STOP:#x} stats={STATS:#x}")
         ep = m.add_device(parse_device_spec(f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},restart_burst=1000"))
+        assert isinstance(ep, RemoteEndpoint)   # echo with the default placement: its own process
+        memory = m.memory
+        assert memory is not None
         restarted = threading.Event()
         m.events.subscribe(lambda e: restarted.set() if e.name == "DEVICE_RESTARTED" else None)
         done = threading.Event()
@@ -91,8 +96,8 @@ def restarts(elf: pathlib.Path, kills: int, live: int, spare: bool, gap: float) 
                     if not restarted.wait(30):
                         raise TimeoutError("no restart")
                     kill_ms.append((time.monotonic() - t0) * 1000)
-                    seen = m.memory.read_u64(STATS)
-                    _wait(lambda s=seen: m.memory.read_u64(STATS) > s + 10, 30)
+                    seen = memory.read_u64(STATS)
+                    _wait(lambda s=seen: memory.read_u64(STATS) > s + 10, 30)
                     pause_ms.append(ep.longest_wait * 1000)
                 for _ in range(live):
                     time.sleep(gap)
@@ -106,7 +111,7 @@ def restarts(elf: pathlib.Path, kills: int, live: int, spare: bool, gap: float) 
         t.start()
         outcome = m.run(timeout=60 + (kills + live) * (gap + 10))
         t.join(10)
-        made, count = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 16)
+        made, count = memory.read_u64(STATS), memory.read_u64(STATS + 16)
     ok = outcome.ending is Ending.POWER_OFF and not errors and made == count
     return {"spare": spare, "ok": ok, "outcome": str(outcome), "errors": errors, "accesses": made,
             "kill_to_serving_ms": _summary(kill_ms), "guest_pause_ms": _summary(pause_ms),
@@ -155,7 +160,7 @@ def state_cost(iterations: int = 50_000) -> dict:
                 used = (used + 1) & 0xFFFF
                 rec.pushed(0, i % 128, used)
             best = min(best, (time.perf_counter_ns() - t0) / iterations)
-        state = {"transport": {"isr": 0, "queue_select": 0}, "core": {"queues": [
+        state: dict[str, Any] = {"transport": {"isr": 0, "queue_select": 0}, "core": {"queues": [
             {"size": 128, "desc": 0x10000, "driver": 0x20000, "device": 0x30000, "last_avail": 0, "used_idx": 0}]},
             "config": bytes(256), "msix": [[0xFEE00000, 0x4021, 0] for _ in range(8)]}
         store = unchanged = float("inf")
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = pathlib.Path(args.cache or tempfile.mkdtemp(prefix="splitvmm-bench-"))
     elf = guests.build([GUEST], cache)
     load0 = os.getloadavg()
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "restart", "guest_ring": 3, "host_cpus": os.cpu_count(),
         "with_spare": restarts(elf, args.kills, args.live, True, args.gap),
         "without_spare": restarts(elf, args.kills, 0, False, args.gap),
