@@ -37,6 +37,7 @@ test: $(STAMP)
 # The linter (CI runs it after the tests).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ipc vmm devserver devices tests examples systemd
+	$(VENV)/bin/mypy
 
 # The systemd units of systemd/: `systemd-analyze verify` must print nothing
 # and the device service's exposure must be at most 1.0 (systemd/check_units.py).

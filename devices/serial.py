@@ -257,7 +257,7 @@ class Serial(Device):
         mcr = f.integer("mcr", 0, UART_MCR_MASK)
         fcr = f.integer("fcr", 0, U8)
         require(fcr & ~(UART_FCR_ENABLE_FIFO | UART_FCR_DMA_SELECT | UART_FCR_TRIGGER_MASK) == 0
-                and (fcr == 0 or fcr & UART_FCR_ENABLE_FIFO), f.name("fcr"), f"{fcr:#x} is not a FIFO state")
+                and (fcr == 0 or bool(fcr & UART_FCR_ENABLE_FIFO)), f.name("fcr"), f"{fcr:#x} is not a FIFO state")
         divisor = f.integer("divisor", 0, U16)
         lsr, msr = f.integer("lsr", 0, U8), f.integer("msr", 0, U8)
         rx = f.blob("rx", max_length=FIFO_SIZE if fcr & UART_FCR_ENABLE_FIFO else 1)

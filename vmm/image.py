@@ -128,6 +128,14 @@ def deb_files(deb_path: pathlib.Path) -> tarfile.TarFile:
     return tarfile.open(fileobj=io.BytesIO(data))   # xz, gz, zst-less: tarfile guesses
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The contents of a regular-file member (ImageError for anything else)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise ImageError(f"{member.name}: not a regular file")
+    return f.read()
+
+
 def _apt(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run(["apt-get", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
@@ -256,17 +264,17 @@ def build(cache: pathlib.Path | None = None) -> Image:
         for m in tar.getmembers():
             base = m.name.rsplit("/", 1)[-1]
             if "/kernel/drivers/" in m.name and base.startswith("virtio") and m.isfile():
-                raw = tar.extractfile(m).read()
+                raw = _member_bytes(tar, m)
                 if base.endswith(".ko.xz"):
                     raw, base = lzma.decompress(raw), base[:-3]
                 if base.endswith(".ko"):
                     modules[base[:-3]] = raw
-        kernel_bytes = tar.extractfile(vmlinuz).read()
+        kernel_bytes = _member_bytes(tar, vmlinuz)
     with deb_files(busybox_deb) as tar:
         member = next((m for m in tar.getmembers() if m.name.endswith("bin/busybox") and m.isfile()), None)
         if member is None:
             raise ImageError(f"{busybox_deb.name}: no bin/busybox")
-        busybox = tar.extractfile(member).read()
+        busybox = _member_bytes(tar, member)
     order = select_modules(modules)
     initramfs = build_initramfs(busybox, [(n, modules[n]) for n in order])
     _write_atomic(out_kernel, kernel_bytes)

@@ -115,7 +115,7 @@ class GuestMemory:
         """Unmap and close the memfd (KVM must not run any more)."""
         if getattr(self, "view", None) is not None:
             self.view.release()
-            self.view = None
+            del self.view
         if self._cdata is not None:
             ffi.release(self._cdata)
             self._cdata = None

@@ -138,7 +138,7 @@ class PciFunction:
     def config_key(self) -> int:
         return pci_address(0, self.slot, 0)
 
-    def probe(self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+    def probe(self, read: Callable[[int, int], int], write: Callable[[int, int, int], object]) -> None:
         """Size the BARs as firmware does (PCI 3.0 6.2.5.1): read, write all
         ones, read the mask, restore.  Called once, before the guest runs;
         what the device answers is checked (power-of-two sizes, no larger
@@ -306,7 +306,7 @@ class OwnerWindows:
     def _store(self) -> None:
         first = ffi.new("uint32_t[]", MAX_OWNERS)
         count = ffi.new("uint32_t[]", MAX_OWNERS)
-        entries = []
+        entries: list[Grant] = []
         for owner, grants in sorted(self._grants.items()):
             first[owner] = len(entries)
             count[owner] = len(grants)

@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import threading
+from typing import cast
 
 from devices.base import BadParameter, DeviceHost
 from devices.faults.apply import fault_bytes
@@ -129,7 +130,7 @@ class VirtioConsole(VirtioPciDevice):
         return f.blob("pending", max_length=RX_PENDING + READ_CHUNK), f.integer("dropped")
 
     def load_device_state(self, checked: object) -> None:
-        pending, self.dropped = checked  # type: ignore[misc]  # what check_device_state returned
+        pending, self.dropped = cast("tuple[bytes, int]", checked)  # what check_device_state returned
         self._pending[:] = pending
 
     # -- transmit ----------------------------------------------------------

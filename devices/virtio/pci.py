@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import cast
 
 from devices.base import DeviceHost, HostRefused, Space, all_ones
 from devices.faults.table import POINTS
@@ -235,7 +236,7 @@ class VirtioPciDevice(VirtioCore, PciDevice):
         return transport, core, device
 
     def load_model_state(self, checked: object) -> None:
-        transport, core, device = checked  # type: ignore[misc]  # what check_model_state returned
+        transport, core, device = cast("tuple[dict[str, object], dict, object]", checked)  # check_model_state's
         for k, v in transport.items():
             setattr(self, k, v)
         self.load_core_state(core)

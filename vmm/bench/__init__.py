@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
     args = ap.parse_args(argv)
     cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
-    cache = pathlib.Path(args.cache or cache_ctx.name)
+    cache = pathlib.Path(args.cache) if cache_ctx is None else pathlib.Path(cache_ctx.name)
     try:
         image = guests.build([HERE / "guest.c"], cache, name="bench")
         cmdline = (f"iters={args.iters} rounds={args.rounds} pio={ECHO_PIO:#x} mmio={ECHO_MMIO:#x} "
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for r in runners:
                 if r == "bare":
+                    assert bare is not None     # built above when "bare" is a runner
                     res = run_bare(bare, image, cmdline, args.iters)
                 else:
                     if r == "inline_python":

@@ -191,7 +191,8 @@ def run_one(bench: Bench, out: pathlib.Path, quick: bool, extra: list[str]) -> d
             assert proc.stderr is not None and proc.stdout is not None
             import threading
             chunks: list[bytes] = []
-            reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+            stdout = proc.stdout
+            reader = threading.Thread(target=lambda: chunks.append(stdout.read()), daemon=True)
             reader.start()
             for raw in proc.stderr:
                 line = raw.decode(errors="replace")

@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -251,7 +252,7 @@ def measure_memory(cmd: list[str], qmp_path: pathlib.Path, timeout: float, settl
                     raise RuntimeError("the VM never ran")
                 time.sleep(0.05)
             time.sleep(settle)
-            procs = []
+            procs: list[dict[str, Any]] = []
             for pid in tree(proc.pid):
                 try:
                     procs.append({"pid": pid, "what": _comm(pid), **smaps_rollup(pid)})

@@ -112,6 +112,7 @@ def run_guest(cmd: list[str], timeout: float, cleanup=None) -> dict:
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None     # both PIPE
     stamps: list[tuple[int, int]] = []
     lines: list[str] = []
     phases: dict[str, list[tuple[int, int, int]]] = {}
@@ -193,6 +194,7 @@ def run_qemu_vhost(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout
         time.sleep(0.05)
     if not sock.exists():
         stop()
+        assert qsd.stderr is not None
         raise BenchError(f"qemu-storage-daemon did not come up: {qsd.stderr.read().decode(errors='replace')}")
     cmd = qemu_common(elf, cmdline)
     cmd[cmd.index("-M") + 1] = "q35,memory-backend=mem0"

@@ -67,7 +67,7 @@ MPS_EDGE = 1 << 2
 IOAPIC_ID = 0xFE   # beyond any vCPU's APIC id (at most 254 vCPUs)
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` (with that byte 0) sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 

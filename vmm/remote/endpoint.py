@@ -59,6 +59,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from devices import kinds
 from devices.virtio.core import VirtioCore
@@ -200,7 +201,8 @@ class RemoteEndpoint:
         #: (False: the channel is done).  Anything else the protocol let
         #: through (late Ready/Welcome answers crossing a Shutdown) needs
         #: nothing.
-        self._on_message: dict[type, Callable[[Message], bool]] = {
+        #: (Keyed by type: each handler gets messages of its key's type.)
+        self._on_message: dict[type, Callable[[Any], bool]] = {
             ConnectionClosed: self._on_closed,
             Error: self._on_error,
             ResetDone: self._on_reset_done,
@@ -499,7 +501,9 @@ class RemoteEndpoint:
             if slots is not None:
                 # The process behind ``slots`` is gone: wait until its
                 # death is settled (the record read), then decide.
-                if not self._wait(lambda g=gen: g in self._death_records, deadline):
+                def settled(g: int = gen) -> bool:
+                    return g in self._death_records
+                if not self._wait(settled, deadline):
                     break
                 try:
                     got = slots.answer(vcpu, aseq)
@@ -519,7 +523,9 @@ class RemoteEndpoint:
                     return 0 if is_write else d.value
             # RERUN (or never sent): on the next process.
             after = gen if slots is not None else gen - 1     # a generation past the one that died
-            if not self._wait(lambda a=after: not self._down and not self._paused and self._gen > a, deadline):
+            def serving(a: int = after) -> bool:
+                return not self._down and not self._paused and self._gen > a
+            if not self._wait(serving, deadline):
                 break
             slots, gen = self._live
             if slots is None:
@@ -1094,6 +1100,7 @@ class _Spares:
             self._filling.start()
 
     def _fill(self) -> None:
+        spare: tuple[socket.socket, Peer] | None
         try:
             spare = self._launch()
         except Exception as e:
