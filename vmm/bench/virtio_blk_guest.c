@@ -182,7 +182,7 @@ static void at_depth(uint32_t type, uint64_t n, unsigned qd, uint64_t (*next)(ui
             while ((got = virtio_blk_complete(&blk, q, &tag, &st)) == 1) {
                 any = 1;
                 completed++;
-                CHECK(52, st == 0 && tag / qd == q, "queue %u tag %u: %s", q, tag, virtio_strerror(st));
+                CHECK(52, st == 0 && tag / qd == q, "queue %u tag %u: %s (completed %lu, sector %lu)", q, tag, virtio_strerror(st), completed, slot_sector[tag]);
                 done(buf + (uint64_t)tag * 4096, slot_sector[tag]);
                 if (issued < n) {
                     slot_sector[tag] = next(issued++);

@@ -348,7 +348,9 @@ int virtq_get(struct virtio_dev *d, unsigned q, uint32_t *id, uint32_t *len)
     struct virtq *vq = &d->vq[q];
     if (*(volatile uint16_t *)&vq->used->idx == vq->last_used)
         return 0;
-    barrier();                          /* x86: loads stay in order */
+    mb();                               /* the element after the index (virtio_rmb): with a compiler
+                                         * barrier alone, queue depth 32 read stale used elements
+                                         * here (PVM host), a completion whose status was still 0xff */
     struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
     vq->last_used++;
     *id = e.id;
