@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench check-units
+.PHONY: run test lint install bench check-units image linux-check
 
 # The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
 # header, which a fresh Debian machine lacks (the library itself is there).
@@ -43,3 +43,12 @@ bench: $(STAMP)
 	$(PY) -m devserver.bench
 	$(PY) -m vmm.bench
 	$(PY) -m vmm.bench.coalesce
+
+# A Linux kernel and initramfs from Debian packages (printed paths; cached).
+image: $(STAMP)
+	$(PY) -m vmm.cli image
+
+# Debian's cloud kernel booted as far as this host allows (minutes; not in
+# `make test`).  JSON report on stdout; LINUX_CHECK_ARGS=--qemu compares QEMU.
+linux-check: $(STAMP)
+	$(PY) -m tests.vmm.linux.long_boot $(LINUX_CHECK_ARGS)

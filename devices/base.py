@@ -14,6 +14,9 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING, Protocol
 
+from devices.faults.engine import FaultEngine
+from devices.faults.hook import SILENT, FaultPoints
+
 if TYPE_CHECKING:
     from devices.guestmem import GuestRam
     from devices.hostres import HostResource
@@ -164,6 +167,11 @@ class DeviceHost(abc.ABC):
     are a host that offers nothing beyond regions (:class:`NotOffered`).
     """
 
+    #: The device's fault engine (:mod:`devices.faults`), set by whoever
+    #: runs the device; the interrupts a host hands out look it up at each
+    #: trigger (the ``irq`` point, :class:`devices.faults.apply.FaultyInterrupt`).
+    fault_engine: FaultEngine = SILENT
+
     @abc.abstractmethod
     def claim(self, space: Space, start: int, length: int, cookie: int = 0, *,
               coalesce: bool = False) -> None:
@@ -254,7 +262,7 @@ class DeviceHost(abc.ABC):
         raise NotOffered("this host has no ioeventfds")
 
 
-class Device(abc.ABC):
+class Device(FaultPoints, abc.ABC):
     """Base class of device models.
 
     Subclasses set ``kind`` (a name for logs; the ``TYPE`` of ``--device
@@ -267,6 +275,11 @@ class Device(abc.ABC):
     from several threads at once (one per vCPU): a model keeps its own
     lock.  An exception out of ``read``/``write`` fails the device (its
     regions are removed, the VM goes on).
+
+    Fault points (:class:`devices.faults.hook.FaultPoints`): every model has
+    ``access`` and ``process``, served by its host; a model names its
+    other points in ``fault_points`` and hits them with
+    ``self.fault_point(name, **match)``.
 
     **Snapshots** (what lets the VMM restart a device process with the
     guest noticing nothing but a pause):

@@ -54,6 +54,8 @@ import os
 import select
 import threading
 
+from devices.faults.apply import fault_bytes
+from devices.faults.table import POINTS
 from devices.base import (
     BadParameter,
     ConsoleFds,
@@ -151,6 +153,7 @@ OUTPUT_DEADLINE = 1.0
 
 class Serial(Device):
     kind = "serial"
+    fault_points = {"serial.tx": POINTS["serial.tx"], "serial.rx": POINTS["serial.rx"], "irq": POINTS["irq"]}
 
     def __init__(self, host: DeviceHost, **params: str):
         pio = params.pop("pio", None)
@@ -395,6 +398,8 @@ class Serial(Device):
         if self.mcr & UART_MCR_LOOP:
             self._receive(byte)
             self.rx_idle = True            # nothing follows it on the line
+        elif "serial.tx" in self.fault_engine.armed:
+            self._output(fault_bytes(self.fault_engine, "serial.tx", bytes((byte,))))
         else:
             self._output(bytes((byte,)))
         self.thr_pending = True            # ... and comes back once the byte is out
@@ -457,6 +462,8 @@ class Serial(Device):
             if not data:
                 log.debug("serial: end of console input")
                 return
+            if "serial.rx" in self.fault_engine.armed:     # the line's faults (devices.faults)
+                data = fault_bytes(self.fault_engine, "serial.rx", data)
             with self._cond:
                 self.rx_held += data
 

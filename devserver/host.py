@@ -16,6 +16,7 @@ import os
 
 from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
                           RegionTableFull, Space)
+from devices.faults.apply import FaultyInterrupt
 from devices.guestmem import GuestRam
 from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
@@ -136,11 +137,11 @@ class RemoteHost(DeviceHost):
         """Asks the VMM for an irqfd on irqchip input ``gsi`` (raises
         :class:`devserver.interrupts.IrqUnavailable`, a HostRefused, when
         refused)."""
-        return RemoteLine(self._irq_client(), gsi)
+        return FaultyInterrupt(RemoteLine(self._irq_client(), gsi), self, 0)  # type: ignore[return-value]
 
     def msi_vector(self, index: int) -> RemoteMsi:
         """MSI vector ``index``; its route is asked for at program()."""
-        return RemoteMsi(self._irq_client(), index)
+        return FaultyInterrupt(RemoteMsi(self._irq_client(), index), self, index)  # type: ignore[return-value]
 
     def guest_memory(self) -> GuestRam:
         """Guest RAM as mapped from the VMM's memory table."""

@@ -10,9 +10,12 @@
    imported and its host files are opened just before), then build the
    model (:mod:`devices.kinds`) on a :class:`RemoteHost`, let it
    claim its initial regions, answer Ready(pid);
-3. serve accesses from the slots on the main thread, while a control
-   thread reads the socket (Reset, Shutdown) and watches for the VMM going
-   away (end of stream, or this process re-parented);
+3. serve accesses from the slots on the main thread (through the
+   ``access`` and ``process`` fault points once they are armed,
+   :mod:`devices.faults.apply`), while a control thread reads the socket
+   (Reset, Shutdown, FaultControl: the device's fault engine) and watches
+   for the VMM going away (end of stream, or this process re-parented);
+   each fault firing goes to the VMM as a FaultFired message;
 4. on the way out, release the model's regions and unmap everything.
 
 Exit status: 0 after Shutdown or when the VMM went away, 1 when the device
@@ -30,6 +33,7 @@ from a signal handler.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -39,6 +43,12 @@ from collections.abc import Callable
 
 from devices import hostres
 from devices.base import Device, Space
+from devices.faults.apply import ProcessHooks, attach_engine, serve_access
+from devices.faults.engine import FaultEngine, ReplayEngine
+from devices.faults.hook import SILENT
+from devices.faults.plan import parse_fault
+from devices.faults.table import FaultError
+from devices.faults.trace import check_record
 from devserver import sandbox
 from devices.guestmem import GuestRam
 from devserver.errors import StartFailed
@@ -46,8 +56,10 @@ from devserver.host import RemoteHost
 from devserver.interrupts import IrqClient
 from devices.kinds import ModelNotFound, resolve
 from ipc import Registry
+from ipc.registry import take_lock_for_fault
 from devices.base import ConsoleFds
-from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, Hello, Message, Ready,
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
+                          Hello, Message, Ready,
                           RemoteProtocolError, Reset, ResetDone, SetConsole, SetMemTable,
                           SetRegistry, SetSlots, Shutdown, Start, negotiate)
 from ipc.protocol import IRQ_ANSWERS
@@ -111,6 +123,9 @@ class DeviceServer:
         self._served_out = threading.Event()
         self._parent = os.getppid() if check_parent else 0
         self._send_lock = threading.Lock()
+        #: The device's fault engine (FaultControl setup; SILENT before).
+        self.fault_engine: FaultEngine = SILENT
+        self._process_faults = ProcessHooks(take_lock=self._take_registry_lock)
         #: What the sandbox applied (devserver.sandbox).
         self.sandbox = sandbox.Applied()
 
@@ -325,7 +340,11 @@ class DeviceServer:
                     model = self.model
                     if model is None:       # a reset that failed; the process is on its way out
                         raise StartFailed("no model")
-                    if req.is_write:
+                    armed = self.fault_engine.armed
+                    if "access" in armed or "process" in armed:
+                        value = serve_access(model, self.fault_engine, _SPACES, space, req.cookie, req.offset,
+                                             size, req.is_write, req.value, self._process_faults)
+                    elif req.is_write:
                         model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
                         value = 0
                     else:
@@ -351,9 +370,15 @@ class DeviceServer:
             with self._model_lock:
                 model = self.model
                 assert model is not None
-                write = model.write
-                for space, cookie, offset, size, value in writes:
-                    write(_SPACES[space], cookie, offset, size, value)
+                engine = self.fault_engine
+                if "access" in engine.armed or "process" in engine.armed:   # each write is an access event
+                    for space, cookie, offset, size, value in writes:
+                        serve_access(model, engine, _SPACES, space, cookie, offset, size, True, value,
+                                     self._process_faults)
+                else:
+                    write = model.write
+                    for space, cookie, offset, size, value in writes:
+                        write(_SPACES[space], cookie, offset, size, value)
         except Exception:
             log.exception("a batch of %d writes failed", count)
             return STATUS_ERROR
@@ -399,6 +424,8 @@ class DeviceServer:
                 continue
             if isinstance(msg, Reset):
                 self._reset()
+            elif isinstance(msg, FaultControl):
+                self._fault_control(msg)
             else:  # the protocol lets nothing else through in this state
                 log.error("unexpected %s from the VMM", msg.TYPE)
                 return
@@ -412,6 +439,7 @@ class DeviceServer:
                 self.irq.close()    # the old model's eventfds; the VMM dropped its routes
             try:
                 self.model = self._build_model()
+                self.model.attach_faults(self.fault_engine)
             except StartFailed as e:
                 self.model = None
                 log.error("reset failed: %s", e)
@@ -431,6 +459,75 @@ class DeviceServer:
             self.channel.shutdown()
         except OSError:
             pass
+
+    # -- faults (devices.faults; ipc.protocol "faults" block) -----------------
+
+    def _take_registry_lock(self) -> None:
+        assert self.registry is not None
+        take_lock_for_fault(self.registry)
+
+    def _fault_record(self, record: dict) -> None:
+        """The engine's sink: each record goes to the VMM, which writes the
+        trace (a sandboxed process has no filesystem)."""
+        self._send(FaultFired(json.dumps(record, separators=(",", ":"), allow_nan=False)))
+
+    def _fault_control(self, msg: FaultControl) -> None:
+        try:
+            result = self._fault_op(msg.op, json.loads(msg.body))
+            reply = FaultReply(msg.seq, True, json.dumps(result, separators=(",", ":")))
+        except (FaultError, ValueError, KeyError, TypeError) as e:
+            reply = FaultReply(msg.seq, False, (str(e) or type(e).__name__)[:1000])
+        if len(reply.body) > 50_000:
+            reply = FaultReply(msg.seq, False, "the answer is too large for one message")
+        self._send(reply)
+
+    def _fault_op(self, op: str, body: object) -> object:
+        cfg, model = self.config, self.model
+        assert cfg is not None
+        if model is None:
+            raise FaultError("no model")
+        if not isinstance(body, dict):
+            raise FaultError(f"{op}: the body is a JSON object")
+        points = type(model).all_fault_points()
+        devices = {cfg.name: points}
+        if op == "setup":
+            seed = body.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise FaultError("setup: seed must be an integer in 0..2**64-1")
+            replay = body.get("replay")
+            engine: FaultEngine
+            if replay is not None:
+                if not isinstance(replay, list):
+                    raise FaultError("setup: replay must be a list of firings")
+                firings = [check_record(r, f"replay #{i + 1}") for i, r in enumerate(replay)]
+                engine = ReplayEngine(cfg.name, firings, seed=seed, sink=self._fault_record)
+            else:
+                faults = body.get("faults", [])
+                if not isinstance(faults, list):
+                    raise FaultError("setup: faults must be a list")
+                parsed = [parse_fault(f, devices=devices, points=points) for f in faults]
+                engine = FaultEngine(cfg.name, parsed, seed=seed, points=points, sink=self._fault_record)
+            self.fault_engine = engine
+            if self.host is not None:
+                attach_engine(self.host, engine)
+            with self._model_lock:
+                if self.model is not None:
+                    self.model.attach_faults(engine)
+            return {"armed": len(engine.faults())}
+        engine = self.fault_engine
+        if engine is SILENT:
+            raise FaultError("the fault engine is not set up")
+        if op == "arm":
+            fault = parse_fault(body, devices=devices, points=points, taken=[f.name for f in engine.faults()])
+            engine.arm(fault)
+            return fault.to_dict()
+        if op == "disarm":
+            name = body.get("name")
+            if not isinstance(name, str):
+                raise FaultError("disarm: name must be a string")
+            return engine.disarm(name).to_dict()
+        return {"faults": [s.to_dict() for s in engine.query()],
+                "events": {p: engine.events(p) for p in engine.armed}}
 
     def _stop(self) -> None:
         """Make the serving thread return; exit hard if it is stuck."""

@@ -658,6 +658,76 @@ for _m in (IoeventfdRequest, IoeventfdRemoveRequest):
         TRANSITIONS[(_s, _m)] = _s
 
 
+# ---- faults (devices.faults) ------------------------------------------------
+#
+#   VMM                                            device
+#   FaultControl(seq, op, body)               ─►   setup / arm / disarm / query
+#                                             ◄─   FaultReply(seq, ok, body)
+#                                             ◄─   FaultFired(record)   (each firing, as it happens)
+#
+# From Ready on.  ``body`` and ``record`` are JSON texts: setup's body is
+# {"seed", "digest", "faults": [fault...], "replay": [firing...] | null},
+# arm's one fault (plan form), disarm's {"name"}, query's {}; a reply's
+# body is the result or, with ok false, the error line.  Both sides
+# validate what is inside (devices.faults.plan, devices.faults.trace):
+# here only the framing is checked.  A sandboxed device has no filesystem,
+# so its trace records travel this way, and the VMM writes the trace.
+
+MAX_FAULT_TEXT = 60_000
+FAULT_OPS = frozenset({"setup", "arm", "disarm", "query"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultControl(Message):
+    """VMM → device: a fault-engine request (see above)."""
+
+    TYPE: ClassVar[str] = "fault-control"
+    SENDER: ClassVar[Role] = Role.VMM
+    seq: int
+    op: str
+    body: str
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _need(self.op in FAULT_OPS, f"op must be one of {sorted(FAULT_OPS)}, not {self.op!r}")
+        _text("body", self.body, MAX_FAULT_TEXT)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultReply(Message):
+    """Device → VMM: the answer to FaultControl ``seq``."""
+
+    TYPE: ClassVar[str] = "fault-reply"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    seq: int
+    ok: bool
+    body: str
+
+    def __post_init__(self) -> None:
+        _u32("seq", self.seq)
+        _need(type(self.ok) is bool, "ok must be a boolean")
+        _text("body", self.body, MAX_FAULT_TEXT)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultFired(Message):
+    """Device → VMM: one trace record (a firing), JSON."""
+
+    TYPE: ClassVar[str] = "fault-fired"
+    SENDER: ClassVar[Role] = Role.DEVICE
+    record: str
+
+    def __post_init__(self) -> None:
+        _text("record", self.record, MAX_FAULT_TEXT)
+
+
+__all__ += ["FaultControl", "FaultReply", "FaultFired", "FAULT_OPS"]
+for _m in (FaultControl, FaultReply, FaultFired):
+    MESSAGES[_m.TYPE] = _m
+    for _s in (S.RUNNING, S.RESETTING, S.CLOSING):
+        TRANSITIONS[(_s, _m)] = _s
+
+
 # ---- coalesced MMIO zones ---------------------------------------------------
 #
 #   device                                              VMM

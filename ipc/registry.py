@@ -591,3 +591,14 @@ class Registry:
         out = ffi.new("struct svm_holder *")
         lib.svm_reg_holder(self._handle(), out)
         return (_holder_pid(out.tid) or out.pid if out.tid else 0), out.tid
+
+
+def take_lock_for_fault(registry: Registry, timeout: float = 30.0) -> None:
+    """Take ``registry``'s lock on the calling thread and return holding it
+    (fault injection, devices.faults ``process`` actions: a device that
+    keeps the lock, or dies holding it).  Never released here: the thread
+    keeps it until the process ends, when the kernel marks it owner-died.
+    Raises :class:`LockTimeout` when it is not free within ``timeout``."""
+    rc = lib.svm_reg_lock_for_test(registry._handle(), int(timeout * 1e9))
+    if rc:
+        registry._raise(rc, timeout)

@@ -33,6 +33,10 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_SET_CPUID2 ...
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_SET_VCPU_EVENTS ...
 
 /* Capabilities. */
 #define KVM_CAP_IRQCHIP ...
@@ -155,6 +159,26 @@ struct kvm_cpuid2 {
     ...;
 };
 #define SVMM_CPUID2_ENTRIES ...
+
+/* Pending/injected events (vmm.emulate injects #BP through it). */
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    uint32_t flags;
+    ...;
+};
+
+/* x87/SSE/AVX state in the standard XSAVE layout (vmm.emulate's
+ * ldmxcsr/stmxcsr: MXCSR is bytes 24-27, XSTATE_BV bytes 512-519). */
+struct kvm_xsave {
+    uint32_t region[1024];
+    ...;
+};
 
 struct kvm_mp_state {
     uint32_t mp_state;

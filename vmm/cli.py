@@ -22,6 +22,10 @@ serial console, each in its own process.  Every run ends with a one-line
 summary on stderr: how the guest ended and which process served which
 device.
 
+``--faults PLAN.toml [--fault-seed N] [--fault-trace FILE]`` or
+``--fault-replay TRACE`` inject faults (:mod:`vmm.faults`, README "Fault
+injection"); the closing summary then lists the firings per fault.
+
 ``--api PATH`` serves the control socket (QMP's wire protocol,
 :mod:`vmm.qmp`) for the run; ``vmm ctl PATH COMMAND [key=value...]``
 runs one command on it and prints the answer (:mod:`vmm.qmp.ctl`).
@@ -41,8 +45,10 @@ from typing import NoReturn, Sequence
 
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
+from vmm import cpuid as cpuids
 from vmm.boot import BootError
 from devices.kinds import kinds
+from vmm.boot.linux import KERNEL_BOOTS
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
@@ -98,6 +104,27 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _cpuid_hide(text: str) -> tuple[str, ...]:
+    try:
+        return cpuids.parse_hide(text)
+    except cpuids.CpuidError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: Kernel command line of --kernel without --append: the console on COM1.
+DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial"
+
+
+def _seed(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} must be in 0..2**64-1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmm", description="splitvmm: a KVM VMM whose devices run as separate processes")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -117,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="a Linux kernel to boot: a bzImage or an ELF vmlinux with a PVH note (vmm.boot.linux)")
+    run.add_argument("--initrd", metavar="FILE", help="initial RAM disk of --kernel")
+    run.add_argument("--append", default=None, metavar="TEXT",
+                     help=f"kernel command line of --kernel (default {DEFAULT_APPEND!r})")
+    run.add_argument("--kernel-boot", choices=KERNEL_BOOTS, default="auto",
+                     help="how a bzImage boots: pvh (payload decompressed on the host, PVH entry), "
+                          "bzimage (64-bit boot protocol), auto (pvh on a PVM host, else bzimage)")
+    run.add_argument("--cpuid-hide", type=_cpuid_hide, default=(), metavar="FEATURE,...",
+                     help="CPUID features to hide from the guest, e.g. cx16,xsave,popcnt (vmm.cpuid)")
     run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
                      help=f"deadline of one access to a device process (default {DEFAULT_ACCESS_TIMEOUT:g})")
     run.add_argument("--lock-timeout", type=_seconds, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
@@ -126,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the console of COM1 and of virtio-consoles without socket=: stdio (default; raw "
                           "terminal, Ctrl-A x quits, Ctrl-A c switches the input), file:PATH (output only), "
                           "none (no console, no COM1)")
+    run.add_argument("--faults", metavar="PLAN.toml",
+                     help="a fault plan (README \"Fault injection\"; TOML, or JSON when it ends in .json), "
+                          "validated against the devices before the guest starts")
+    run.add_argument("--fault-seed", type=_seed, metavar="N", help="the plan's seed instead of its own")
+    run.add_argument("--fault-trace", metavar="FILE",
+                     help="write every firing of every device to FILE (JSON Lines, header with plan digest "
+                          "and seed)")
+    run.add_argument("--fault-replay", metavar="TRACE",
+                     help="re-apply exactly the firings of TRACE (a --fault-trace file) by device, point "
+                          "and event number, instead of a plan")
     run.add_argument("--api", metavar="PATH",
                      help="serve the control socket (QMP's wire protocol, mode 0600) at PATH; "
                           "see `vmm ctl`")
@@ -139,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("path", metavar="PATH", help="the control socket (--api PATH of vmm run)")
     ctl.add_argument("qmp_command", metavar="COMMAND", help="a command, e.g. query-status")
     ctl.add_argument("arguments", nargs="*", metavar="key=value", help="the command's arguments")
+    image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
+    image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
     return p
 
 
@@ -161,6 +210,21 @@ def ctl(args: argparse.Namespace) -> int:
     if err:
         print(err, file=sys.stderr)
     return status
+
+
+def image_command(args: argparse.Namespace) -> int:
+    """``vmm image``: print the kernel and initramfs paths (built when needed)."""
+    from vmm import image
+    try:
+        built = image.build(pathlib.Path(args.cache) if args.cache else None)
+    except image.ImageError as e:
+        print(f"vmm: image: {e}", file=sys.stderr)
+        return outcomes.STATUS_VMM_ERROR
+    print(f"kernel  {built.kernel}  (Linux {built.version})")
+    print(f"initrd  {built.initrd}  (busybox, modules {' '.join(built.modules)})")
+    print(f"run:    vmm run --kernel {built.kernel} --initrd {built.initrd} --memory 512M "
+          "--device virtio-blk,path=DISK.img")
+    return 0
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -207,10 +271,21 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
-    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}"
+    from vmm import emulate
+    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n)
+    extra = f"; emulated by the VMM: {emulated}" if emulated else ""
+    return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernel is not None:
+        if args.guest is not None:
+            raise ConfigError("--kernel and --guest exclude each other")
+        if args.cmdline:
+            raise ConfigError("--cmdline is for --guest; the kernel's command line is --append")
+        return _run(args)
+    if args.initrd is not None or args.append is not None:
+        raise ConfigError("--initrd and --append need --kernel")
     if args.guest is None:
         if args.device or args.cmdline:
             raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
@@ -247,9 +322,10 @@ def _run(args: argparse.Namespace) -> int:
             first_serial = default_serial = parse_device_spec("serial", taken)
             specs.append(first_serial)
         on_console = [first_serial] + [s for s in specs if _on_console(s)]
+    faults = _fault_setup(args, specs)
     console = Console.open(args.serial) if on_console else None
     try:
-        result = _run_machine(args, specs, on_console, default_serial, console)
+        result = _run_machine(args, specs, on_console, default_serial, console, faults)
     finally:
         if console is not None:
             console.close()
@@ -262,12 +338,53 @@ def _run(args: argparse.Namespace) -> int:
     return result.status
 
 
-def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
-                 default_serial: DeviceSpec | None, console: Console | None) -> outcomes.Outcome:
-    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout)
+def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
+    """The plan (or trace to replay) checked against the VM's devices
+    before anything starts: one line naming fault and key, status 2."""
+    from devices.faults.plan import load_plan
+    from devices.faults.table import FaultError
+    from devices.faults.trace import read_trace
+    from vmm.faults import check_plan, device_points
+
+    by_name = {spec.name: spec for spec in specs}
+    if args.fault_replay is not None:
+        if args.faults is not None or args.fault_seed is not None:
+            raise ConfigError("--fault-replay replays a trace: it takes no --faults or --fault-seed")
+        try:
+            trace = read_trace(args.fault_replay)
+        except FaultError as e:
+            raise ConfigError(f"--fault-replay: {e}") from None
+        unknown = sorted({f["device"] for f in trace.firings} - set(by_name))
+        if unknown:
+            raise ConfigError(f"--fault-replay {args.fault_replay}: firings of device(s) this VM does not "
+                              f"have: {', '.join(unknown)}")
+        return {"replay": trace, "trace": args.fault_trace, "devices": list(by_name)}
+    if args.faults is None:
+        if args.fault_seed is not None:
+            raise ConfigError("--fault-seed needs --faults PLAN")
+        return {"plan": None, "trace": args.fault_trace, "devices": list(by_name)}
     try:
-        machine.load_pvh(args.guest, args.cmdline)
+        plan = load_plan(args.faults, devices=device_points(by_name), seed=args.fault_seed)
+        check_plan(plan, by_name, source=args.faults)
+    except FaultError as e:
+        raise ConfigError(f"--faults {e}") from None
+    return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
+
+
+def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: list[DeviceSpec],
+                 default_serial: DeviceSpec | None, console: Console | None,
+                 faults: dict | None = None) -> outcomes.Outcome:
+    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
+                      lock_timeout=args.lock_timeout, cpuid_hide=getattr(args, "cpuid_hide", ()))
+    try:
+        if faults is not None:
+            machine.faults.configure(faults.get("plan"), trace=faults["trace"], replay=faults.get("replay"),
+                                     devices=faults["devices"])
+        if getattr(args, "kernel", None) is not None:
+            append = DEFAULT_APPEND if args.append is None else args.append
+            machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
+        else:
+            machine.load_pvh(args.guest, args.cmdline)
         lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
         for spec in specs:
             try:
@@ -287,6 +404,9 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
         if console is not None:
             console.restore_terminal()
         print(f"vmm: {summary(machine, result, time.monotonic() - started)}", file=sys.stderr)
+        fault_summary = machine.faults.summary()
+        if fault_summary:
+            print(f"vmm: {fault_summary}", file=sys.stderr)
     finally:
         if console is not None:
             console.restore_terminal()
@@ -313,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ctl(args)
     saved = {signo: signal.signal(signo, _raise_interrupted) for signo in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if args.command == "image":
+            return image_command(args)
         return run(args)
     except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
         print(f"vmm: {e}", file=sys.stderr)

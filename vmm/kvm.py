@@ -47,6 +47,7 @@ SYSTEM_EVENT_RESET = lib.KVM_SYSTEM_EVENT_RESET
 SYSTEM_EVENT_CRASH = lib.KVM_SYSTEM_EVENT_CRASH
 MP_STATE_RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
 MP_STATE_HALTED = lib.KVM_MP_STATE_HALTED
+MP_STATE_UNINITIALIZED = lib.KVM_MP_STATE_UNINITIALIZED
 PIT_SPEAKER_DUMMY = lib.KVM_PIT_SPEAKER_DUMMY
 
 _EXIT_NAMES = {
@@ -399,6 +400,28 @@ class Vcpu(_Fd):
     def set_sregs(self, sregs) -> None:
         """KVM_SET_SREGS."""
         self._ioctl_ptr(lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_vcpu_events(self):
+        """KVM_GET_VCPU_EVENTS -> ``struct kvm_vcpu_events``."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        self._ioctl_ptr(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._ioctl_ptr(lib.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self) -> bytearray:
+        """KVM_GET_XSAVE -> the 4 KiB XSAVE area (standard format)."""
+        area = ffi.new("struct kvm_xsave *")
+        self._ioctl_ptr(lib.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytearray(ffi.buffer(area, 4096))
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE of a 4 KiB XSAVE area."""
+        area = ffi.new("struct kvm_xsave *")
+        ffi.memmove(area, bytes(data[:4096]), min(len(data), 4096))
+        self._ioctl_ptr(lib.KVM_SET_XSAVE, area, "KVM_SET_XSAVE")
 
     def set_cpuid(self, cpuid: Cpuid) -> None:
         """KVM_SET_CPUID2."""

@@ -28,11 +28,34 @@ BOOT_GDT = 0x0500
 PVH_START_INFO = 0x6000
 #: Its memory map: ``hvm_memmap_table_entry`` array, up to the command line.
 PVH_MEMMAP = 0x6040
+#: PVH module list (``hvm_modlist_entry``; the initrd), PVH_MODLIST_MAX entries.
+PVH_MODLIST = 0x6F00
+PVH_MODLIST_MAX = 8
 #: The NUL-terminated guest command line, at most CMDLINE_MAX bytes with it.
 PVH_CMDLINE = 0x7000
 CMDLINE_MAX = 4 * KiB
 #: Lowest address a guest image may occupy (above the boot structures).
 BOOT_AREA_END = PVH_CMDLINE + CMDLINE_MAX
+
+#: Linux 64-bit boot protocol (vmm.boot.bzimage): the zero page
+#: (``struct boot_params``), the identity-mapping page tables (PML4, PDPT
+#: and four page directories of 2 MiB pages: the low 4 GiB) and the
+#: command line (up to LINUX_CMDLINE_MAX bytes with its NUL).  The 64-bit
+#: GDT goes to BOOT_GDT.  All below EBDA_START, in RAM the e820 map reports.
+LINUX_ZERO_PAGE = 0x0000_8000
+LINUX_PML4 = 0x0000_9000
+LINUX_PDPT = 0x0000_A000
+LINUX_PD = 0x0000_B000
+LINUX_CMDLINE = 0x0002_0000
+LINUX_CMDLINE_MAX = 64 * KiB
+#: Where the protected-mode kernel of a bzImage is loaded when it does not
+#: ask for a higher (aligned) address: 16 MiB, Linux's own default.
+LINUX_KERNEL_ADDR = 16 * MiB
+#: ACPI tables written by the VMM (vmm.boot.acpi): the RSDP at the start of
+#: the BIOS area Linux scans (ACPI 6.4 §5.2.5.1), the other tables after it;
+#: inside the e820-reserved hole below 1 MiB.
+ACPI_START = 0x000E_0000
+ACPI_END = 0x0010_0000
 
 #: End of conventional memory reported as RAM (the EBDA would start here).
 EBDA_START = 0x9FC00

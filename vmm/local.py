@@ -23,6 +23,8 @@ from typing import Callable
 
 from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
                           RegionTableFull, Space, all_ones)
+from devices.faults.apply import FaultyInterrupt, attach_engine, serve_access
+from devices.faults.engine import FaultEngine
 from devices.guestmem import GuestRam
 from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
 from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
@@ -164,12 +166,13 @@ class LocalHost(DeviceHost):
 
     def irq_line(self, gsi: int) -> LocalLine:
         try:
-            return LocalLine(self._irqs().pin(gsi))
+            line = LocalLine(self._irqs().pin(gsi))
         except IrqError as e:
             raise HostRefused(str(e)) from None
+        return FaultyInterrupt(line, self, 0)  # type: ignore[return-value]  # the irq fault point
 
     def msi_vector(self, index: int) -> LocalMsi:
-        return LocalMsi(self._irqs(), index)
+        return FaultyInterrupt(LocalMsi(self._irqs(), index), self, index)  # type: ignore[return-value]
 
 
 class LocalDoorbell:
@@ -238,6 +241,9 @@ class LocalEndpoint:
         self.zones = zones
         self._read = model.read
         self._write = model.write
+        self._host = model.host
+        #: The device's fault engine (devices.faults; SILENT until attach_faults).
+        self.fault_engine: FaultEngine = model.fault_engine
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
@@ -266,9 +272,20 @@ class LocalEndpoint:
             raise
         return cls(model, owner, name, irqs, ioevents, zones)
 
+    def attach_faults(self, engine: FaultEngine) -> None:
+        """Give the model its fault engine (the ``access`` point is served
+        here, the model's own points and ``irq`` by the model and host)."""
+        self.fault_engine = engine
+        attach_engine(self._host, engine)
+        self.model.attach_faults(engine)
+
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
+        armed = self.fault_engine.armed
         try:
+            if "access" in armed or "process" in armed:
+                return serve_access(self.model, self.fault_engine, _SPACES, space, cookie, offset, size,
+                                    is_write, value)
             if is_write:
                 self._write(_SPACES[space], cookie, offset, size, value)
                 return 0
@@ -278,7 +295,12 @@ class LocalEndpoint:
 
     def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
         write = self._write
+        engine = self.fault_engine
         try:
+            if "access" in engine.armed or "process" in engine.armed:    # each write is an access event
+                for space, cookie, offset, size, value in writes:
+                    serve_access(self.model, engine, _SPACES, space, cookie, offset, size, True, value)
+                return
             for space, cookie, offset, size, value in writes:
                 write(_SPACES[space], cookie, offset, size, value)
         except Exception as e:

@@ -25,15 +25,18 @@ import time
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
+from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
 from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
+from vmm import cpuid as cpuids
 from vmm import kvm, layout
 from vmm.boot import pvh
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory
@@ -73,7 +76,9 @@ class Machine:
     def __init__(self, memory: int = DEFAULT_MEMORY, vcpus: int = 1, *,
                  registry_capacity: int = DEFAULT_CAPACITY,
                  access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, cpuid_hide: tuple[str, ...] = ()):
+        #: CPUID features hidden from every vCPU (vmm.cpuid names).
+        self.cpuid_hide = tuple(cpuid_hide)
         if not 0 < lock_timeout < 1e6:
             raise ConfigError(f"lock timeout {lock_timeout!r}: must be a positive number of seconds")
         self.access_timeout = access_timeout
@@ -111,6 +116,8 @@ class Machine:
         self._paused = False
         self._qmp_quit = False
         self._api: QmpServer | None = None
+        #: Fault injection (vmm.faults): plan, trace, arm/disarm/list/trace.
+        self.faults = MachineFaults(self)
         try:
             if fast_path is None:
                 fast_path = os.environ.get("SPLITVMM_SLOW_PATH", "") in ("", "0")
@@ -136,7 +143,7 @@ class Machine:
         for i in range(nvcpus):
             fd = self.vm.create_vcpu(i)
             self._vcpu_fds.append(fd)
-            fd.set_cpuid(_cpuid_for(cpuid, i))
+            fd.set_cpuid(cpuids.build(cpuid, i, self.cpuid_hide))
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
         self.vmm_handlers = VmmHandlers(self.registry)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
@@ -162,6 +169,21 @@ class Machine:
             pvh.enter(fd, boot)
         self._booted = True
         return boot
+
+    def load_linux(self, kernel, initrd=None, cmdline: str = "", boot: str = "auto"):
+        """Load a Linux kernel (bzImage or PVH vmlinux, :mod:`vmm.boot.linux`)
+        with the VMM's ACPI tables; vCPU 0 starts at the kernel's entry,
+        the others wait for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED) as on
+        real hardware.  Returns the :class:`vmm.boot.linux.LoadedKernel`."""
+        from vmm.boot import acpi, linux
+        rsdp = acpi.write(self.memory, len(self._vcpu_fds))
+        loaded = linux.load(self.memory, kernel, initrd, cmdline, boot=boot, rsdp=rsdp)
+        loaded.enter(self._vcpu_fds[0])
+        for fd in self._vcpu_fds[1:]:
+            fd.set_mp_state(kvm.MP_STATE_UNINITIALIZED)
+        self._booted = True
+        log.info("kernel %s: %s", kernel, loaded.description)
+        return loaded
 
     def _new_owner(self) -> int:
         owner = self._next_owner
@@ -189,6 +211,12 @@ class Machine:
             endpoint = self._spawn_isolated(spec, owner, console)
         self.endpoints[owner] = endpoint
         self.device_specs[owner] = spec
+        try:
+            self.faults.attach(endpoint, spec)
+        except (FaultsError, DeviceFailed) as e:
+            raise ConfigError(f"device {spec.name}: {e}") from None
+        except FaultError as e:
+            raise ConfigError(str(e)) from None
         log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
         self._warn_unreachable(spec.name, owner)
         return endpoint
@@ -425,6 +453,7 @@ class Machine:
                 endpoint.close()
             except Exception as e:
                 log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+        self.faults.close()
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()
@@ -454,11 +483,6 @@ class Machine:
 
 def _cpuid_for(table: kvm.Cpuid, apic_id: int) -> kvm.Cpuid:
     """The supported CPUID with this vCPU's APIC id filled in (leaf 1
-    EBX[31:24]; leaves 0xB and 0x1F EDX, the x2APIC id)."""
-    out = table.copy()
-    for entry in out:
-        if entry.function == 1:
-            entry.ebx = (entry.ebx & 0x00FF_FFFF) | (apic_id & 0xFF) << 24
-        elif entry.function in (0xB, 0x1F):
-            entry.edx = apic_id
-    return out
+    EBX[31:24]; leaves 0xB and 0x1F EDX, the x2APIC id) and the KVM
+    signature leaves (vmm.cpuid)."""
+    return cpuids.build(table, apic_id)

@@ -42,7 +42,7 @@ import signal
 import threading
 from typing import Callable
 
-from vmm import kvm, report
+from vmm import emulate, kvm, report
 from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
@@ -355,6 +355,11 @@ class VcpuThread:
             data = [internal.data[i] for i in range(min(internal.ndata, 16))]
             insn = fd.emulation_insn_bytes() if sub == kvm.INTERNAL_ERROR_EMULATION else None
             detail = f"KVM internal error, {kvm.internal_error_name(sub)} (suberror {sub})"
+            if sub == kvm.INTERNAL_ERROR_EMULATION:
+                done, what = emulate.fallback(fd, self.memory, insn)   # vmm.emulate
+                if done:
+                    return False
+                detail += f" on {what}"
             if data and insn is None:
                 detail += f", data {' '.join(hex(d) for d in data)}"
             self._end(Ending.KVM_FAILURE, detail, report.describe(fd, self.memory, insn))

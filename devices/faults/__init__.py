@@ -14,13 +14,18 @@ where its device runs, inline or in a device process):
   digest.
 - :mod:`~devices.faults.hook` -- :class:`FaultPoints`, the model side
   (``fault_point``) and how a model declares points of its own.
+- :mod:`~devices.faults.apply` -- what a firing does at the points a host
+  serves (``access``, ``process``, ``irq``, the byte streams), shared by
+  the inline endpoint and the device-process runtime.
 
 Wiring, in short: the VMM loads the plan once
 (``load_plan(path, devices={id: Model.all_fault_points()}, seed=override)``),
 hands each device ``plan.for_device(id)``, ``plan.seed`` and ``plan.digest``;
 the device's host builds ``FaultEngine(id, faults, seed=..., points=...,
 sink=TraceWriter(...))`` (or ``ReplayEngine(id, read_trace(t).for_device(id))``
-for ``--fault-replay``) and ``model.attach_faults(engine)``.
+for ``--fault-replay``) and ``model.attach_faults(engine)``.  In this tree
+:mod:`vmm.faults` does the VMM's part and sends an isolated device its
+share in a ``FaultControl`` message; records come back as ``FaultFired``.
 """
 
 from devices.faults.engine import FaultEngine, FaultStatus, Firing, ReplayEngine, Sink, uniform64

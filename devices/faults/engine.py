@@ -212,6 +212,9 @@ class FaultEngine:
         self._faults: dict[str, _Armed] = {}
         self._seq = 0
         self._pending: dict[int, Firing] = {}
+        #: Called (no arguments) after each arm and disarm, e.g. to re-route
+        #: interrupts (devices.faults.apply.attach_engine).
+        self.on_change: list[Callable[[], None]] = []
         for fault in faults:
             self._arm(fault)
 
@@ -281,6 +284,8 @@ class FaultEngine:
         while running; its point's numbering starts now if it was not
         counted yet."""
         self._arm(fault)
+        for hook in self.on_change:
+            hook()
         if self.sink is not None:
             self.sink({"type": "arm", "t": time.monotonic_ns(), "device": self.device, "fault": fault.name,
                        "point": fault.point, "event": self._events[fault.point], "plan": fault.to_dict()})
@@ -313,6 +318,8 @@ class FaultEngine:
             table[point] = tuple(a for a in table[point] if a is not armed)
             self.armed = table
             event = self._events[point]
+        for hook in self.on_change:
+            hook()
         if self.sink is not None:
             self.sink({"type": "disarm", "t": time.monotonic_ns(), "device": self.device, "fault": name,
                        "point": point, "event": event})

@@ -247,6 +247,19 @@ def _check_fire(record: dict[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
+def check_record(record: object, where: str = "record") -> dict[str, Any]:
+    """Check one trace record that came from a device process (a ``fire``,
+    ``arm`` or ``disarm`` line); the record, or :class:`TraceError`."""
+    if not isinstance(record, dict):
+        raise TraceError(f"{where}: a record is a JSON object")
+    kind = record.get("type")
+    if kind == "fire":
+        return _check_fire(record, where)
+    if kind in ("arm", "disarm"):
+        return _check_mark(record, where)
+    raise TraceError(f"{where}: unknown record type {kind!r}")
+
+
 def _check_mark(record: dict[str, Any], where: str) -> dict[str, Any]:
     _check_common(record, where, _MARK_KEYS)
     if not _is_int(record.get("event")) or record["event"] < 0:

@@ -36,9 +36,14 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 
 from devices.base import BadParameter, DeviceHost
+from devices.faults.apply import flip_bits
+from devices.faults.engine import Firing
+from devices.faults.table import POINTS
 from devices.guestmem import GuestRam
+from devices.virtio.core import NEVER
 from devices.hostres import FILE, HostResource, open_file
 from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
@@ -96,9 +101,14 @@ def _open_flags(readonly: bool) -> int:
     return (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
 
 
+#: The fault point of each request type (devices.faults).
+_FAULT_POINTS = {VIRTIO_BLK_T_IN: "blk.read", VIRTIO_BLK_T_OUT: "blk.write", VIRTIO_BLK_T_FLUSH: "blk.flush"}
+
+
 class VirtioBlk(VirtioPciDevice):
     kind = "virtio-blk"
     virtio_id = VIRTIO_ID_BLOCK
+    fault_points = {**VirtioPciDevice.fault_points, **{p: POINTS[p] for p in _FAULT_POINTS.values()}}
     class_code = 0x018000          # mass storage, other (as QEMU)
     queue_sizes = (QUEUE_SIZE,)
 
@@ -204,6 +214,11 @@ class VirtioBlk(VirtioPciDevice):
                 return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
             header, payload = _split(readable, _HEADER.size)
             rtype, _reserved, sector = _HEADER.unpack(b"".join(mem.read(a, n) for a, n in header))
+        point = _FAULT_POINTS.get(rtype)
+        if point is not None and point in self.fault_engine.armed:
+            firing = self.fault_engine.point(point, sector=sector)
+            if firing is not None:
+                return self._faulted(firing, mem, rtype, sector, payload, data_out, status_addr)
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 if payload:
@@ -229,6 +244,59 @@ class VirtioBlk(VirtioPciDevice):
             log.warning("%s: request type %d at sector %d: %s", self.kind, rtype, sector, e)
             return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
         return self._status(mem, status_addr, VIRTIO_BLK_S_UNSUPP, 0)
+
+    def _faulted(self, firing: Firing, mem: GuestRam, rtype: int, sector: int, payload: list[tuple[int, int]],
+                 data_out: list[tuple[int, int]], status_addr: int) -> int:
+        """Serve a request a fault fired on (devices.faults, ``blk.*``)."""
+        action, what = firing.action, f"{_FAULT_POINTS[rtype][4:]} at sector {sector}"
+        if action in ("ioerr", "unsupp"):
+            firing.done(f"{what} failed with {action.upper()}")
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR if action == "ioerr" else VIRTIO_BLK_S_UNSUPP, 0)
+        if action == "hang":
+            firing.done(f"{what} never completes")
+            return NEVER
+        if action == "lose":
+            total = self._range_ok(sector, payload)
+            firing.done(f"{what}: {total or 0} bytes acknowledged, not written")
+            return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
+        if action == "torn":
+            keep = firing.params["sectors"] * SECTOR_SIZE
+            if self._range_ok(sector, payload) is None:
+                firing.done(f"{what}: out of range, failed as without the fault")
+                return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+            head, _tail = _split([Buffer(a, n, False) for a, n in payload], keep)
+            try:
+                self._transfer(mem, sector, head, status_addr, write=True)
+            except OSError as e:
+                firing.done(f"{what}: torn write failed: {e}")
+                return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+            firing.done(f"{what}: {sum(n for _a, n in head) // SECTOR_SIZE} sector(s) written, acknowledged whole")
+            return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
+        if action == "delay" and firing.params["ms"]:
+            time.sleep(firing.params["ms"] / 1000)
+            firing.done(f"{what} served {firing.params['ms']:g} ms late")
+        try:
+            if rtype == VIRTIO_BLK_T_IN:
+                used = self._read(mem, sector, data_out, status_addr)
+                if action == "corrupt" and mem.buffer[mem.offset(status_addr, 1)] == VIRTIO_BLK_S_OK:
+                    data = bytearray(b"".join(mem.read(a, n) for a, n in data_out))
+                    flipped = flip_bits(firing, data, firing.params["bits"])
+                    pos = 0
+                    for a, n in data_out:
+                        mem.write(a, bytes(data[pos:pos + n]))
+                        pos += n
+                    firing.done(f"{what}: bit(s) {', '.join(f'{b // 8}.{b % 8}' for b in flipped)} "
+                                "(byte.bit of the data) flipped")
+                return used
+            if rtype == VIRTIO_BLK_T_OUT:
+                return self._write(mem, sector, payload, status_addr)
+            os.fdatasync(self.fd)
+            return self._status(mem, status_addr, VIRTIO_BLK_S_OK, 0)
+        except OSError as e:
+            firing.done(f"{what}: {e}")
+            return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
+        finally:
+            firing.done(f"{what}: not applied")
 
     @staticmethod
     def _status(mem: GuestRam, addr: int, status: int, data_written: int) -> int:

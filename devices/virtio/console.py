@@ -31,6 +31,8 @@ import socket
 import threading
 
 from devices.base import BadParameter, DeviceHost
+from devices.faults.apply import fault_bytes
+from devices.faults.table import POINTS
 from devices.guestmem import GuestRam
 from devices.hostres import LISTEN_UNIX, HostResource, listen_unix
 from devices.snapshot import Fields
@@ -52,6 +54,8 @@ class VirtioConsole(VirtioPciDevice):
     virtio_id = VIRTIO_ID_CONSOLE
     class_code = 0x078000           # simple communication controller, other (as QEMU)
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    fault_points = {**VirtioPciDevice.fault_points, "console.tx": POINTS["console.tx"],
+                    "console.rx": POINTS["console.rx"]}
 
     def __init__(self, host: DeviceHost, **params: str):
         self.socket_path = params.pop("socket", None)
@@ -141,6 +145,8 @@ class VirtioConsole(VirtioPciDevice):
         fd = self._output_fd()
         for buf in chain.readable:
             data = mem.read(buf.addr, buf.length)
+            if "console.tx" in self.fault_engine.armed:
+                data = fault_bytes(self.fault_engine, "console.tx", data)
             if fd < 0:
                 self.dropped += len(data)
                 continue
@@ -172,8 +178,14 @@ class VirtioConsole(VirtioPciDevice):
             n = min(buf.length, len(self._pending))
             if n == 0:
                 break
-            mem.write(buf.addr, self._pending[:n])
+            chunk = bytes(self._pending[:n])
             del self._pending[:n]
+            if "console.rx" in self.fault_engine.armed:
+                chunk = fault_bytes(self.fault_engine, "console.rx", chunk)
+                self._pending[:0] = chunk[n:]      # a duplicated byte that did not fit waits
+                chunk = chunk[:n]
+                n = len(chunk)
+            mem.write(buf.addr, chunk)
             written += n
         if written:
             self._kick_reader()                     # room again: read on

@@ -31,6 +31,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from devices.faults.engine import FaultEngine
+from devices.faults.hook import SILENT
 from devices.guestmem import GuestMemoryFault, GuestRam
 from devices.snapshot import U8, Fields, require
 from devices.virtio.spec import (
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Failed requests per queue (until reset) logged as warnings; then debug.
 LOGGED_FAILURES = 10
+#: What :meth:`VirtioCore.handle` returns for a request that must never
+#: complete (the ``hang`` action of a fault, devices.faults).
+NEVER = -1
 
 
 class VirtioCore(abc.ABC):
@@ -56,6 +61,7 @@ class VirtioCore(abc.ABC):
     #: The device's own feature bits (VIRTIO_F_VERSION_1 is added).
     device_features = 0
     _lock: threading.RLock
+    fault_engine: FaultEngine = SILENT
 
     def init_core(self) -> None:
         """Set up the queues and the negotiation state (the transport's
@@ -252,7 +258,12 @@ class VirtioCore(abc.ABC):
                 else:
                     written = self._guarded(self.handle, q, chain, mem)
                     q.served += 1
-                q.push(mem, chain.head, written)
+                if written == NEVER:        # a fault's hang: the request never completes
+                    continue
+                if "queue.complete" in self.fault_engine.armed:
+                    complete_faulted(self.fault_engine, q, mem, chain.head, written)
+                else:
+                    q.push(mem, chain.head, written)
                 done += 1
         except (QueueBroken, GuestMemoryFault) as e:
             self.needs_reset(str(e))
@@ -297,3 +308,28 @@ class VirtioCore(abc.ABC):
             log.exception("%s: queue %d: request %d", self.kind, q.index, chain.head)
             q.failed += 1
             return 0
+
+
+def complete_faulted(engine: FaultEngine, q: Virtqueue, mem: GuestRam, head: int, written: int) -> None:
+    """Push one completion through the ``queue.complete`` point
+    (devices.faults): ``bad_id`` names a descriptor that is not the
+    chain's head (the head + 1, modulo the size), ``bad_len`` reports 16
+    MiB more than was written, ``duplicate`` pushes the element twice."""
+    firing = engine.point("queue.complete", queue=q.index)
+    if firing is None:
+        q.push(mem, head, written)
+        return
+    if firing.action == "bad_id":
+        bad = (head + 1) % q.size
+        q.push(mem, bad, written)
+        firing.done(f"queue {q.index}: used element names {bad}, not head {head}")
+    elif firing.action == "bad_len":
+        q.push(mem, head, written + (16 << 20))
+        firing.done(f"queue {q.index}: head {head} reported {written + (16 << 20)} bytes, not {written}")
+    elif firing.action == "duplicate":
+        q.push(mem, head, written)
+        q.push(mem, head, written)
+        firing.done(f"queue {q.index}: head {head} completed twice")
+    else:
+        q.push(mem, head, written)
+        firing.done("not applied")

@@ -45,6 +45,7 @@ import logging
 import struct
 
 from devices.base import DeviceHost, HostRefused, Space, all_ones
+from devices.faults.table import POINTS
 from devices.pci import Bar, BarKind, PciDevice
 from devices.pci_config import PCI_CFG_SPACE_EXP_SIZE
 from devices.guestmem import GuestRam
@@ -122,6 +123,8 @@ class VirtioPciDevice(VirtioCore, PciDevice):
     """
 
     virtio_id = 0
+    #: Every virtio device's fault points (devices.faults); a device adds its own.
+    fault_points = {"irq": POINTS["irq"], "queue.complete": POINTS["queue.complete"]}
     vendor_id = VIRTIO_PCI_VENDOR_ID
     revision = 1
     subsystem_vendor_id = VIRTIO_PCI_VENDOR_ID

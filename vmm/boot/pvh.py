@@ -49,7 +49,10 @@ XEN_HVM_MEMMAP_TYPE_RESERVED = 2
 START_INFO = struct.Struct("<IIIIQQQQII")
 # struct hvm_memmap_table_entry: addr, size, type, reserved.
 MEMMAP_ENTRY = struct.Struct("<QQII")
-assert START_INFO.size == 56 and MEMMAP_ENTRY.size == 24
+# struct hvm_modlist_entry: paddr, size, cmdline_paddr, reserved.
+MODLIST_ENTRY = struct.Struct("<QQQQ")
+assert START_INFO.size == 56 and MEMMAP_ENTRY.size == 24 and MODLIST_ENTRY.size == 32
+assert layout.PVH_MODLIST + layout.PVH_MODLIST_MAX * MODLIST_ENTRY.size <= layout.PVH_CMDLINE
 assert layout.PVH_START_INFO + START_INFO.size <= layout.PVH_MEMMAP
 
 # The boot GDT (at layout.BOOT_GDT): selectors of the initial state.
@@ -72,6 +75,8 @@ class PvhBoot:
     start_info: int
     #: [start, end) of guest-physical memory the image occupies.
     image: tuple[int, int]
+    #: (address, size) of each module (the initrd), in start-info order.
+    modules: tuple[tuple[int, int], ...] = ()
 
 
 def find_entry(elf: ElfFile) -> int:
@@ -99,8 +104,14 @@ def memory_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
     return out
 
 
-def load(memory: GuestMemory, image: bytes | str | os.PathLike, cmdline: str = "") -> PvhBoot:
-    """Load a PVH ELF (bytes or a path) and write its start info."""
+def load(memory: GuestMemory, image: bytes | str | os.PathLike, cmdline: str = "",
+         initrd: bytes | None = None, rsdp: int = 0) -> PvhBoot:
+    """Load a PVH ELF (bytes or a path) and write its start info.
+
+    ``initrd`` becomes module 0 of the start info (``hvm_modlist_entry``),
+    placed page-aligned as high as it fits in RAM below the MMIO hole and
+    above the image (Linux takes its first module as the initrd);
+    ``rsdp`` is the ACPI RSDP's address (0: none)."""
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
         try:
@@ -131,23 +142,35 @@ def load(memory: GuestMemory, image: bytes | str | os.PathLike, cmdline: str = "
         memory.write(seg.paddr, data[seg.offset:seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:
             memory.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-    write_start_info(memory, cmdline)
+    modules = []
+    if initrd is not None:
+        from vmm.boot.bzimage import place_initrd
+        at = place_initrd(memory, len(initrd), (hi + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1),
+                          layout.MMIO_HOLE_START)
+        memory.write(at, initrd)
+        modules.append((at, len(initrd)))
+    write_start_info(memory, cmdline, modules, rsdp)
     write_boot_gdt(memory)
-    return PvhBoot(entry=entry, start_info=layout.PVH_START_INFO, image=(lo, hi))
+    return PvhBoot(entry=entry, start_info=layout.PVH_START_INFO, image=(lo, hi), modules=tuple(modules))
 
 
-def write_start_info(memory: GuestMemory, cmdline: str) -> None:
+def write_start_info(memory: GuestMemory, cmdline: str, modules: list[tuple[int, int]] | None = None,
+                     rsdp: int = 0) -> None:
     raw = cmdline.encode()
     if b"\0" in raw or len(raw) + 1 > layout.CMDLINE_MAX:
         raise BootError(f"command line must have no NUL and at most {layout.CMDLINE_MAX - 1} bytes")
     memory.write(layout.PVH_CMDLINE, raw + b"\0")
     entries = memory_map(memory)
-    assert layout.PVH_MEMMAP + len(entries) * MEMMAP_ENTRY.size <= layout.PVH_CMDLINE
+    assert layout.PVH_MEMMAP + len(entries) * MEMMAP_ENTRY.size <= layout.PVH_MODLIST
+    modules = modules or []
+    assert len(modules) <= layout.PVH_MODLIST_MAX
+    for i, (addr, size) in enumerate(modules):
+        memory.write(layout.PVH_MODLIST + i * MODLIST_ENTRY.size, MODLIST_ENTRY.pack(addr, size, 0, 0))
     for i, (addr, size, kind) in enumerate(entries):
         memory.write(layout.PVH_MEMMAP + i * MEMMAP_ENTRY.size, MEMMAP_ENTRY.pack(addr, size, kind, 0))
     memory.write(layout.PVH_START_INFO, START_INFO.pack(
-        HVM_START_MAGIC, HVM_START_VERSION, 0, 0, 0, layout.PVH_CMDLINE, 0,
-        layout.PVH_MEMMAP, len(entries), 0))
+        HVM_START_MAGIC, HVM_START_VERSION, 0, len(modules), layout.PVH_MODLIST if modules else 0,
+        layout.PVH_CMDLINE, rsdp, layout.PVH_MEMMAP, len(entries), 0))
 
 
 def write_boot_gdt(memory: GuestMemory) -> None:

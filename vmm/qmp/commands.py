@@ -67,6 +67,9 @@ class Command:
     args: tuple[Arg, ...] = ()
     #: The ``return`` value as tables, for ``vmm ctl --table``.
     table: Callable[[Any], list[Table]] | None = None
+    #: Arguments not declared: run(machine, arguments) gets them all as one
+    #: mapping and validates them itself (``fault-arm``: a fault's keys).
+    free: bool = False
 
 
 def execute(machine: Machine, name: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -77,6 +80,11 @@ def execute(machine: Machine, name: str, arguments: dict[str, Any] | None = None
     if command is None:
         raise QmpError(COMMAND_NOT_FOUND, f"The command {name} has not been found")
     arguments = dict(arguments or {})
+    if command.free:
+        try:
+            return command.run(machine, arguments)
+        except (VmmError, RegistryError) as e:
+            raise QmpError(GENERIC_ERROR, str(e)) from None
     declared = {a.name: a for a in command.args}
     for key, value in arguments.items():
         arg = declared.get(key)
@@ -220,6 +228,19 @@ def quit_(machine: Machine) -> dict[str, Any]:
     return {}
 
 
+def fault_arm(machine: Machine, arguments: dict[str, Any]) -> dict[str, Any]:
+    return machine.faults.arm(arguments)
+
+
+def fault_disarm(machine: Machine, name: str) -> dict[str, Any]:
+    return machine.faults.disarm(name)
+
+
+def query_faults(machine: Machine, device: str | None = None) -> list[dict[str, Any]]:
+    faults = machine.faults.list()
+    return [f for f in faults if device is None or f["device"] == device]
+
+
 # -- tables for people -------------------------------------------------------
 
 
@@ -267,6 +288,12 @@ def _stats_table(r: list[dict[str, Any]]) -> list[Table]:
              rows)]
 
 
+def _faults_table(r: list[dict[str, Any]]) -> list[Table]:
+    return [(("name", "device", "point", "action", "events", "firings", "shadowed"),
+             [(f["name"], f["device"], f["point"], f["action"], f["events"], f["firings"], f["shadowed"])
+              for f in r])]
+
+
 def _commands_table(r: list[dict[str, str]]) -> list[Table]:
     return [(("command", "what it does"),
              [(c["name"], COMMANDS[c["name"]].help if c["name"] in COMMANDS else "capabilities negotiation")
@@ -289,4 +316,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("stop", "pause every vCPU (out of KVM_RUN, waiting); event STOP", stop),
     Command("cont", "resume every vCPU; event RESUME", cont),
     Command("quit", "end the run (status 12); event SHUTDOWN", quit_),
+    Command("fault-arm", "arm one fault: its plan keys as arguments (device, point, one of nth/every/after/"
+            "probability, action, parameters, match keys; name optional); event FAULT_FIRED when it fires",
+            fault_arm, free=True),
+    Command("fault-disarm", "disarm the fault called name; its final counters", fault_disarm,
+            (Arg("name", "string", "the fault's name", required=True),)),
+    Command("query-faults", "every armed fault: device, point, action, events matched, firings, shadowed",
+            query_faults, (_DEVICE_ARG,), table=_faults_table),
 )}

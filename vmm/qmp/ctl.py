@@ -52,9 +52,15 @@ def parse_arguments(command: str, pairs: Sequence[str]) -> dict[str, Any]:
             raise CtlError(f"argument {pair!r}: expected key=value", STATUS_USAGE)
         arg = known.get(key)
         kind = arg.type if arg is not None else "string"
+        free = command in COMMANDS and COMMANDS[command].free
         try:
-            if kind == "integer":
-                value: Any = int(text, 0)
+            if free:        # fault-arm: JSON values (3, 0.5, [0, 7]), else the text
+                try:
+                    value: Any = json.loads(text)
+                except ValueError:
+                    value = text
+            elif kind == "integer":
+                value = int(text, 0)
             elif kind == "number":
                 value = float(text)
             elif kind == "boolean":

@@ -1,5 +1,5 @@
 """Asynchronous events of a VM (``STOP``, ``RESUME``, ``SHUTDOWN``,
-``DEVICE_FAILED``), and the hub that hands them to whoever listens.
+``DEVICE_FAILED``, ``FAULT_FIRED``), and the hub that hands them to whoever listens.
 
 Events are emitted from any thread (a vCPU ending the run, the thread
 that ran ``stop``); a listener must return at once and must not block --
@@ -23,6 +23,8 @@ STOP = "STOP"
 RESUME = "RESUME"
 SHUTDOWN = "SHUTDOWN"
 DEVICE_FAILED = "DEVICE_FAILED"
+#: A fault fired (vmm.faults): device, fault, point, event, action, params, detail.
+FAULT_FIRED = "FAULT_FIRED"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,16 @@ A monitor thread per device watches the control socket (messages go to a
 ``{message type: handler}`` table; requests to
 :class:`~vmm.remote.requests.RequestService`) and the peer's exit fd, so
 death is noticed when it happens, not at the next access timeout.
+Fault injection (:mod:`vmm.faults`) asks the device's engine with
+:meth:`RemoteEndpoint.fault_control` and gets its firing records through
+``on_fault_record``; what a device sent just before it died is read before
+its exit is handled, so the record of a ``crash`` firing is not lost.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import select
@@ -36,8 +42,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from ipc import Registry
-from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, MemRegion, Message,
-                          RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
+from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
+                          MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, Shutdown)
 from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import CallStats, ServeStats, SlotCaller, SlotError, SlotPeerDead, SlotTimeout
 from ipc.transport import Channel, ChannelTimeout, socketpair
@@ -123,8 +129,15 @@ class RemoteEndpoint:
             ConnectionClosed: self._on_closed,
             Error: self._on_error,
             ResetDone: self._on_reset_done,
+            FaultFired: self._on_fault_fired,
+            FaultReply: self._on_fault_reply,
             **{t: self._on_request for t in self.requests.handlers},
         }
+        #: Where the device's fault records go once checked (vmm.faults);
+        #: None: they are dropped.
+        self.on_fault_record: Callable[[dict], None] | None = None
+        self._fault_seq = itertools.count(1)
+        self._fault_waits: dict[int, list] = {}     # seq -> [event, reply]
 
     @property
     def sender_pid(self) -> int:
@@ -424,6 +437,8 @@ class RemoteEndpoint:
                 return
             for fd, _ev in events:
                 if fd == exit_fd:
+                    if sock_open:       # what it sent before it died (a fault's record)
+                        self._on_readable()
                     self._on_exit()
                     return
                 if fd == sock_fd and sock_open:
@@ -467,6 +482,60 @@ class RemoteEndpoint:
         self._reset_done.set()
         return True
 
+    # -- faults (devices.faults; ipc.protocol "faults" block) -----------------
+
+    def fault_control(self, op: str, body: object, timeout: float = 5.0) -> object:
+        """Ask the device's fault engine (setup, arm, disarm, query); its
+        answer, decoded.  Raises :class:`DeviceFailed` (cut off, no
+        answer) or ValueError with the device's refusal."""
+        if self._failure is not None:
+            raise DeviceFailed(f"device {self.name}: {self._failure}")
+        seq = next(self._fault_seq) & 0xFFFF_FFFF
+        wait: list = [threading.Event(), None]
+        self._fault_waits[seq] = wait
+        try:
+            self._send(FaultControl(seq, op, json.dumps(body, separators=(",", ":"))))
+            if not wait[0].wait(timeout):
+                raise DeviceFailed(f"device {self.name}: no answer to fault {op} within {timeout:g} s")
+        except OSError as e:
+            raise DeviceFailed(f"device {self.name}: cannot send fault {op}: {e}") from None
+        finally:
+            self._fault_waits.pop(seq, None)
+        reply = wait[1]
+        if reply is None:
+            raise DeviceFailed(f"device {self.name}: {self._failure or 'gone'}")
+        if not reply.ok:
+            raise ValueError(reply.body)
+        try:
+            return json.loads(reply.body)
+        except ValueError:
+            self._fail("sent a fault reply that is not JSON")
+            raise DeviceFailed(f"device {self.name}: {self._failure}") from None
+
+    def _on_fault_reply(self, msg: Message) -> bool:
+        assert isinstance(msg, FaultReply)
+        wait = self._fault_waits.get(msg.seq)
+        if wait is None:
+            log.debug("device %s: fault reply %d that nobody waits for", self.name, msg.seq)
+            return True
+        wait[1] = msg
+        wait[0].set()
+        return True
+
+    def _on_fault_fired(self, msg: Message) -> bool:
+        """A trace record from the device: untrusted; checked by the sink
+        (vmm.faults), which drops a bad one with a warning."""
+        assert isinstance(msg, FaultFired)
+        sink = self.on_fault_record
+        if sink is not None:
+            try:
+                record = json.loads(msg.record)
+            except ValueError:
+                log.warning("device %s: a fault record that is not JSON; dropped", self.name)
+                return True
+            sink(record)
+        return True
+
     def _on_request(self, msg: Message) -> bool:
         self.requests.serve(msg)
         return True
@@ -502,6 +571,8 @@ class RemoteEndpoint:
         self._slots.mark_dead()
         self.peer.kill()
         self._reset_done.set()
+        for wait in list(self._fault_waits.values()):
+            wait[0].set()
 
     def _reap_regions(self) -> None:
         try:
