@@ -327,25 +327,30 @@ def main(argv: list[str] | None = None) -> int:
             runners.remove("splitvmm")
         raw: dict[str, list[dict]] = {r: [] for r in runners}
         errors: dict[str, str] = {}
+        failed: dict[str, list] = {}
         for _ in range(1 if args.probe_only else args.repeat):
             for queues, cmdline in configs:
                 for r in runners:
                     if r in errors:
                         continue
-                    try:
-                        if r == "qemu":
-                            res = run_qemu(elf, image, cmdline, args.timeout, queues)
-                        elif r == "qemu_iothread":
-                            res = run_qemu(elf, image, cmdline, args.timeout, queues, iothread=True)
-                        elif r == "qemu_vhost_user":
-                            res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues)
-                        else:
-                            res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues)
-                    except BenchError as e:
-                        errors[r] = str(e)
-                        log.error("%s: %s", r, e)
-                        continue
-                    raw[r].append(res)
+                    for attempt in (1, 2):     # one retry: a failed run is counted, not hidden
+                        try:
+                            if r == "qemu":
+                                res = run_qemu(elf, image, cmdline, args.timeout, queues)
+                            elif r == "qemu_iothread":
+                                res = run_qemu(elf, image, cmdline, args.timeout, queues, iothread=True)
+                            elif r == "qemu_vhost_user":
+                                res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues)
+                            else:
+                                res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues)
+                        except BenchError as e:
+                            failed.setdefault(r, []).append(str(e).splitlines()[-3:])
+                            log.error("%s: %s", r, e)
+                            if attempt == 2:
+                                errors[r] = str(e)
+                            continue
+                        raw[r].append(res)
+                        break
         tsc_all = [res["tsc_hz"] for runs in raw.values() for res in runs if res["tsc_hz"]]
         tsc_hz = statistics.median(tsc_all) if tsc_all else 0.0
         if tsc_all:
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 report[r]["found"] = [ln for ln in raw[r][0]["lines"]
                                       if ln.startswith(("virtio-blk: blk", "virtio-blk: features",
                                                         "virtio-blk: capacity", "virtio-blk: notifies"))]
+        report["failed_runs"] = failed
         report["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.probe_only:
             report["ratios"] = ratios(report)
