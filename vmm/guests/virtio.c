@@ -324,6 +324,7 @@ int virtq_add(struct virtio_dev *d, unsigned q, const struct virtio_buf *bufs, u
     }
     vq->free_head = vq->desc[last].next;
     vq->num_free = (uint16_t)(vq->num_free - n);
+    vq->chains++;
     uint16_t idx = vq->avail->idx;
     vq->avail->ring[idx % vq->size] = head;
     barrier();                          /* x86: stores stay in order */
@@ -346,13 +347,25 @@ void virtq_kick(struct virtio_dev *d, unsigned q)
 int virtq_get(struct virtio_dev *d, unsigned q, uint32_t *id, uint32_t *len)
 {
     struct virtq *vq = &d->vq[q];
-    if (*(volatile uint16_t *)&vq->used->idx == vq->last_used)
+    uint16_t ahead = (uint16_t)(*(volatile uint16_t *)&vq->used->idx - vq->last_used);
+    if (ahead == 0)
         return 0;
+    /* An index that runs further ahead than the chains in flight is not a
+     * completion: on this host's nested KVM (PVM) the guest's view of the
+     * used ring page was seen to read all zeros for a while (flags, idx,
+     * elements) while the device's mapping of the same RAM held the right
+     * values, and "idx != last_used" then took stale elements.  Ignore it
+     * and read again (the device alone cannot be trusted either). */
+    if (ahead > vq->chains) {
+        vq->bad_used_idx++;
+        return 0;
+    }
     mb();                               /* the element after the index (virtio_rmb): with a compiler
                                          * barrier alone, queue depth 32 read stale used elements
                                          * here (PVM host), a completion whose status was still 0xff */
     struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
     vq->last_used++;
+    vq->chains--;
     *id = e.id;
     *len = e.len;
     if (e.id >= vq->size)

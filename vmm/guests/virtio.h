@@ -115,10 +115,14 @@ struct virtq {
     uint64_t notify;                    /* doorbell address */
     uint16_t free_head, num_free;
     uint16_t last_used;                 /* next used->ring entry to consume */
+    uint16_t chains;                    /* chains made available, not yet used */
     uint16_t vector;                    /* MSI-X table entry, or VIRTIO_MSI_NO_VECTOR */
     unsigned irq_vector;                /* LAPIC vector it is programmed with (0: none) */
     uint32_t irqs_seen;                 /* irq_count() consumed so far */
     uint64_t notifies, kicks_suppressed;
+    /* used->idx reads that claimed more completions than chains in
+     * flight (ignored, read again: see virtq_get) */
+    uint64_t bad_used_idx;
 };
 
 struct virtio_dev {
