@@ -262,6 +262,28 @@ class DeviceHost(abc.ABC):
         raise NotOffered("this host has no ioeventfds")
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A guest range a model may have regions in, as its class declares it
+    from its parameters (:meth:`Device.windows`).  The VMM grants what the
+    class declares when it starts the device (in the VMM, before any device
+    process exists) and treats a region outside its owner's windows as
+    unclaimed; a PCI model's windows (its configuration space and BARs)
+    are the VMM's own business and not declared here.
+
+    ``region_max`` None: the window is pinned -- a region starts at
+    ``start`` and is at most ``length`` bytes; otherwise it is an area a
+    self-relocating model moves its region in: the region lies inside
+    ``[start, start + length)`` and is at most ``region_max`` bytes.
+    ``cookie`` None: any cookie."""
+
+    space: Space
+    start: int
+    length: int
+    cookie: int | None = None
+    region_max: int | None = None
+
+
 class Device(FaultPoints, abc.ABC):
     """Base class of device models.
 
@@ -348,6 +370,16 @@ class Device(FaultPoints, abc.ABC):
         self.host = host
         if params:
             raise BadParameter(f"{self.kind}: unknown parameter(s): {', '.join(sorted(params))}")
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """The windows a device of this class with these ``--device``
+        parameters may claim regions in (:class:`Window`); called in the
+        VMM at spawn.  The default is none: a model that is not a PCI
+        function and does not declare its windows has every region refused.
+        Bad parameters: raise :class:`BadParameter` (or return []; the
+        model's constructor reports them)."""
+        return []
 
     def start(self) -> None:
         """Claim the device's initial regions."""

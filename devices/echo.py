@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from devices.base import BadParameter, BadState, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.base import (BadParameter, BadState, Device, DeviceHost, HostRefused, Space, Window, all_ones,
+                          parse_int)
 from devices.snapshot import U32, Fields, require
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ COOKIE_MMIO = 1
 _SIZES = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8)}
 _WINDOW = {Space.PIO: PIO_WINDOW, Space.MMIO: MMIO_WINDOW}
 _LIMIT = {Space.PIO: 1 << 16, Space.MMIO: 1 << 64}
+#: Where an echo window given inside them may move itself (register 0xF8):
+#: ports 0x1000-0xBFFF and MMIO 0xD000_0000-0xDFFF_FFFF, clear of the
+#: legacy ports, the VMM's ports and the PCI apertures (vmm.layout).  A
+#: window given elsewhere is pinned to its parameter (moves are refused).
+MOVE_AREA = {Space.PIO: (0x1000, 0xB000), Space.MMIO: (0xD000_0000, 0x1000_0000)}
 
 
 class RegisterFile:
@@ -114,6 +120,23 @@ class Echo(Device):
         # the window bases consistent.
         self._lock = threading.Lock()
         self._started = False
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """Each window the ``pio=``/``mmio=`` parameter names: its move
+        area (:data:`MOVE_AREA`) when it starts inside it, else pinned."""
+        out = []
+        for space, key in ((Space.PIO, "pio"), (Space.MMIO, "mmio")):
+            if key not in params:
+                continue
+            base = parse_int(cls.kind, key, params[key])
+            area_start, area_len = MOVE_AREA[space]
+            cookie = cls._cookie(space)
+            if area_start <= base and base + _WINDOW[space] <= area_start + area_len:
+                out.append(Window(space, area_start, area_len, cookie, region_max=_WINDOW[space]))
+            else:
+                out.append(Window(space, base, _WINDOW[space], cookie))
+        return out
 
     def _check_base(self, space: Space, base: int) -> int:
         if base < 0 or base + _WINDOW[space] > _LIMIT[space]:

@@ -64,6 +64,7 @@ from devices.base import (
     HostRefused,
     Interrupt,
     Space,
+    Window,
     all_ones,
     parse_int,
 )
@@ -154,6 +155,12 @@ OUTPUT_DEADLINE = 1.0
 class Serial(Device):
     kind = "serial"
     fault_points = {"serial.tx": POINTS["serial.tx"], "serial.rx": POINTS["serial.rx"], "irq": POINTS["irq"]}
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """Its 8 ports (COM1's unless ``pio=`` says otherwise)."""
+        pio = params.get("pio")
+        return [Window(Space.PIO, DEFAULT_PIO if pio is None else parse_int(cls.kind, "pio", pio), UART_REGS, 0)]
 
     def __init__(self, host: DeviceHost, **params: str):
         pio = params.pop("pio", None)

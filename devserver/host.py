@@ -46,7 +46,7 @@ class RemoteHost(DeviceHost):
         self.registry = registry
         self.owner = owner
         #: The pid as the VMM sees it (a sandboxed device in a pid
-        #: namespace of its own is pid 1 there).
+        #: namespace of its own has another one there).
         self._pid = os.getpid() if pid is None else pid
         self._console = console
         self._irq = irq

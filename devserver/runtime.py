@@ -88,7 +88,7 @@ class DeviceServer:
                  check_parent: bool = True, *,
                  config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
                  tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
-                 stuck_status: int = EXIT_OK):
+                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
         #: Service mode (devserver.service): turns the VMM's DeviceConfig
@@ -103,6 +103,9 @@ class DeviceServer:
         #: Exit status when a handler is stuck after the VMM went away (a
         #: service exits non-zero, so its manager restarts it).
         self.stuck_status = stuck_status
+        #: Descriptors of the caller's that the sandbox keeps open (a
+        #: service session's health pipe).
+        self.keep_fds = set(keep_fds or ())
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -262,7 +265,7 @@ class DeviceServer:
             cls = resolve(cfg.kind)
         except ModelNotFound as e:
             raise StartFailed(str(e)) from None
-        keep = {self.channel.fileno()}
+        keep = {self.channel.fileno()} | self.keep_fds
         if self.console is not None:
             keep |= {fd for fd in (self.console.output, self.console.input) if fd >= 0}
         try:
@@ -580,8 +583,8 @@ class _NameFilter(logging.Filter):
     """Puts the device's ``id=`` into every log record (``%(device)s``)."""
 
     name_ = "?"
-    #: The pid as the VMM sees it (a sandboxed device is pid 1 in its own
-    #: pid namespace); 0: the process's own.
+    #: The pid as the VMM sees it (a sandboxed device has another one in
+    #: its own pid namespace); 0: the process's own.
     pid = 0
 
     def filter(self, record: logging.LogRecord) -> bool:

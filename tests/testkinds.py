@@ -23,6 +23,10 @@ write 4                  a thread of the device takes the registry lock
                          it (:data:`FAULT_HOG`)
 write 5                  the same, ``hog_delay_ms`` after the write was
                          answered (:data:`FAULT_HOG_LATER`)
+write 6                  the thread serving the write -- the process's
+                         main thread -- takes the registry lock, answers
+                         the write and goes on serving, holding it
+                         (:data:`FAULT_HOG_MAIN`)
 read 4 bytes             answers only after ``stall_ms`` milliseconds (a
                          device hanging in its handler), then reads the
                          access count
@@ -71,8 +75,8 @@ import struct
 import threading
 import time
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
-from devices.echo import ECHO_COUNT, Echo
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, Window, all_ones, parse_int
+from devices.echo import ECHO_COUNT, MOVE_AREA, Echo
 from devices.pci import PciDevice
 from devices.pci_config import Bar, BarKind
 
@@ -90,6 +94,7 @@ FAULT_GARBAGE_MSGPACK = 2
 FAULT_GARBAGE_UNKNOWN = 3
 FAULT_HOG = 4
 FAULT_HOG_LATER = 5
+FAULT_HOG_MAIN = 6
 
 
 def _frame(body: bytes) -> bytes:
@@ -147,6 +152,13 @@ class FaultEcho(Echo):
                 server.channel.sock.send(GARBAGE[value])
         elif value in (FAULT_HOG, FAULT_HOG_LATER) and self._hog is None:
             self._start_hog(0.0 if value == FAULT_HOG else self.hog_delay_ms / 1000)
+        elif value == FAULT_HOG_MAIN and self._hog is None:
+            from ipc._registry_c import lib
+
+            self._hog = threading.current_thread()
+            rc = lib.svm_reg_lock_for_test(self._server.registry._h, 10_000_000_000)
+            log.warning("test hook: thread %d (%s) took the registry lock (code %d) and keeps it",
+                        threading.get_native_id(), threading.current_thread().name, rc)
         return None
 
     def _start_hog(self, delay: float) -> None:
@@ -186,6 +198,10 @@ class IrqEcho(Device):
     """Interrupts on request (module docstring)."""
 
     kind = "irq-echo"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), IRQ_WINDOW)] if "pio" in params else []
 
     def __init__(self, host: DeviceHost, **params: str):
         pio = params.pop("pio", None)
@@ -320,6 +336,22 @@ class CoalesceSum(Device):
 
     kind = "coalesce-sum"
 
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """``mmio=`` moves itself (register 0x28) in echo's MMIO move area;
+        ``plain=`` is pinned."""
+        out = []
+        if "mmio" in params:
+            start, length = MOVE_AREA[Space.MMIO]
+            base = parse_int(cls.kind, "mmio", params["mmio"])
+            if start <= base < start + length:
+                out.append(Window(Space.MMIO, start, length, 0, region_max=SUM_WINDOW))
+            else:
+                out.append(Window(Space.MMIO, base, SUM_WINDOW, 0))
+        if "plain" in params:
+            out.append(Window(Space.MMIO, parse_int(cls.kind, "plain", params["plain"]), SUM_WINDOW, 1))
+        return out
+
     def __init__(self, host: DeviceHost, mmio: str | None = None, plain: str | None = None,
                  coalesce: str = "on", **params: str):
         super().__init__(host, **params)
@@ -387,3 +419,133 @@ class PciCoalesceSum(PciDevice):
             self.sums.add(value)
         elif offset == SUM_RESET:
             self.sums.reset()
+
+
+#: The ``--device`` TYPE of the squatter kind.
+SQUATTER = "tests.testkinds:Squatter"
+#: Squatter registers (4 bytes each; the class docstring).
+SQUATTER_WINDOW = 0x40
+SQUATTER_ADDR_LO, SQUATTER_ADDR_HI, SQUATTER_LEN, SQUATTER_OWNER = 0x00, 0x04, 0x08, 0x0C
+SQUATTER_COOKIE, SQUATTER_BUS, SQUATTER_CMD, SQUATTER_STATUS = 0x10, 0x14, 0x18, 0x1C
+SQUATTER_CAPTURED = 0x20
+SQUATTER_CMD_REGISTER, SQUATTER_CMD_EVICT, SQUATTER_CMD_RESTORE, SQUATTER_CMD_DROP = 1, 2, 3, 4
+#: OWNER value meaning "the owner of the region evicted last".
+SQUATTER_OWNER_EVICTED = 0xFFFF_FFFF
+#: What a squatting region reads (a capture, if it ever reached the model).
+SQUATTER_MARK = 0x6B6B_6B6B
+
+
+class Squatter(Device):
+    """``squatter``: a hostile device that uses the shared registry against its
+    siblings, on the guest's command (tests of vmm.windows and
+    docs/DESIGN-registry-trust.md).  ``pio=PORT``: its own 64 ports,
+    the only window it is granted:
+
+    ======  ======  ==========================================================
+    offset  access  meaning
+    ======  ======  ==========================================================
+    0x00    w       ADDR low dword of the target address
+    0x04    w       ADDR high dword
+    0x08    w       LEN
+    0x0C    w       OWNER to register as (0: its own; 0xFFFFFFFF: the owner
+                    of the region evicted last -- a forged owner)
+    0x10    w       COOKIE
+    0x14    w       BUS (0 PIO, 1 MMIO, 2 PCI)
+    0x18    w       CMD: 1 register ADDR+LEN on BUS as OWNER/COOKIE straight
+                    in the registry; 2 evict: unregister every region that
+                    overlaps ADDR+LEN on BUS, whoever owns it; 3 restore
+                    what 2 evicted, under the owners it had; 4 drop every
+                    region 1 registered
+    0x1C    r       STATUS of the last command: 0 done, 1 conflict, 2 not
+                    found, 3 other error; after 2: how many were evicted
+    0x20    r       CAPTURED: accesses that reached this model through a
+                    region other than its own ports (must stay 0)
+    ======  ======  ==========================================================
+
+    Any access through such a region reads :data:`SQUATTER_MARK`.
+    """
+
+    kind = "squatter"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params["pio"]), SQUATTER_WINDOW, 0)] \
+            if "pio" in params else []
+
+    def __init__(self, host: DeviceHost, **params: str):
+        pio = params.pop("pio", None)
+        super().__init__(host, **params)
+        if pio is None:
+            raise BadParameter(f"{self.kind}: pio= is required")
+        self.pio = parse_int(self.kind, "pio", pio)
+        self.regs = [0] * 8
+        self.status = 0
+        self.captured = 0
+        self.evicted: list = []
+        self.evicted_owner = 0
+        self.mine: list[tuple[int, int, int]] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.host.claim(Space.PIO, self.pio, SQUATTER_WINDOW, 0)
+
+    def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
+        with self._lock:
+            if space is not Space.PIO or cookie != 0:
+                self.captured += 1
+                return SQUATTER_MARK & all_ones(size)
+            if offset == SQUATTER_STATUS:
+                return self.status
+            if offset == SQUATTER_CAPTURED:
+                return self.captured
+            return all_ones(size)
+
+    def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if space is not Space.PIO or cookie != 0:
+                self.captured += 1
+                return
+            if offset == SQUATTER_CMD:
+                self.status = self._command(value)
+            elif offset < SQUATTER_CMD and offset % 4 == 0:
+                self.regs[offset // 4] = value
+
+    def _command(self, cmd: int) -> int:
+        from ipc import Bus, RegionConflict, RegionNotFound, RegistryError
+        registry = self.host.registry        # type: ignore[attr-defined]  # both hosts have it
+        addr = self.regs[0] | self.regs[1] << 32
+        length, owner, cookie, bus = self.regs[2], self.regs[3], self.regs[4], Bus(self.regs[5])
+        try:
+            if cmd == SQUATTER_CMD_REGISTER:
+                if owner == SQUATTER_OWNER_EVICTED:
+                    owner = self.evicted_owner
+                owner = owner or self.host.owner   # type: ignore[attr-defined]
+                registry.register(bus, addr, length, owner, cookie)
+                self.mine.append((bus, addr, owner))
+            elif cmd == SQUATTER_CMD_EVICT:
+                hit = [r for r in registry.regions() if r.bus == bus and not r.removing
+                       and r.start < addr + length and addr < r.start + r.length]
+                for r in hit:
+                    registry.unregister(r.bus, r.start, r.owner)
+                self.evicted = hit
+                if hit:
+                    self.evicted_owner = hit[-1].owner
+                return len(hit)
+            elif cmd == SQUATTER_CMD_RESTORE:
+                for r in self.evicted:
+                    registry.register(r.bus, r.start, r.length, r.owner, r.cookie)
+                self.evicted = []
+            elif cmd == SQUATTER_CMD_DROP:
+                for b, start, o in self.mine:
+                    registry.unregister(b, start, o)
+                self.mine = []
+            else:
+                return 3
+        except RegionConflict:
+            return 1
+        except RegionNotFound:
+            return 2
+        except (RegistryError, ValueError) as e:
+            log.warning("squatter: command %d: %s", cmd, e)
+            return 3
+        return 0

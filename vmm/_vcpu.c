@@ -28,9 +28,98 @@ typedef int (*svmm_put_fn)(struct svm_reg *, uint32_t, uint64_t, int64_t);
 _Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_get), svmm_get_fn), "svm_reg_get changed");
 _Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_put), svmm_put_fn), "svm_reg_put changed");
 
+/* -- owner windows --------------------------------------------------------- */
+
+static int svmm_window_fits(const struct svmm_window *w, uint32_t bus, uint64_t start,
+                            uint64_t length, uint64_t cookie)
+{
+    if (w->bus != bus || length == 0)
+        return 0;
+    if (!(w->flags & SVMM_WIN_ANY_COOKIE) && w->cookie != cookie)
+        return 0;
+    if (w->flags & SVMM_WIN_PINNED)
+        return start == w->start && length <= w->length;
+    /* [start, start + length) inside [w->start, w->start + w->length),
+     * written so that nothing overflows. */
+    return start >= w->start && start - w->start <= w->length
+        && length <= w->length - (start - w->start) && length <= w->max_len;
+}
+
+/* One consistent read of the table (seqlock): does a window of "owner"
+ * hold the region?  With find != NULL instead: the pinned window of owner
+ * that holds the access [start, start + length), copied to *find. */
+static int svmm_windows_lookup(struct svmm_windows *t, uint32_t bus, uint64_t start, uint64_t length,
+                               uint64_t owner, uint64_t cookie, struct svmm_window *find)
+{
+    for (;;) {
+        uint64_t seq = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE);
+        int found = 0;
+        if (seq & 1) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        if (owner < SVMM_MAX_OWNERS) {
+            uint32_t first = t->first[owner], n = t->count[owner];
+            if (first <= SVMM_MAX_WINDOWS && n <= SVMM_MAX_WINDOWS - first) {
+                for (uint32_t i = first; i < first + n && !found; i++) {
+                    struct svmm_window w = t->w[i];
+                    if (find == NULL) {
+                        found = svmm_window_fits(&w, bus, start, length, cookie);
+                    } else if (w.bus == bus && (w.flags & SVMM_WIN_PINNED) && start >= w.start
+                               && start - w.start < w.length && length <= w.length - (start - w.start)) {
+                        *find = w;
+                        found = 1;
+                    }
+                }
+            }
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&t->seq, __ATOMIC_RELAXED) == seq)
+            return found;
+    }
+}
+
+int svmm_windows_check(struct svmm_windows *t, uint32_t bus, uint64_t start, uint64_t length,
+                       uint64_t owner, uint64_t cookie)
+{
+    return svmm_windows_lookup(t, bus, start, length, owner, cookie, NULL);
+}
+
+int svmm_windows_store(struct svmm_windows *t, const uint32_t *first, const uint32_t *count,
+                       const struct svmm_window *w, uint32_t n)
+{
+    if (n > SVMM_MAX_WINDOWS)
+        return -1;
+    __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(t->first, first, sizeof t->first);
+    memcpy(t->count, count, sizeof t->count);
+    memcpy(t->w, w, (size_t)n * sizeof *w);
+    __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* A miss, or a refused region: an access inside one of the VMM's own
+ * windows goes to the VMM all the same (its handlers are found in its
+ * private memory, whatever a device did to the registry). */
+static int svmm_vmm_fallback(struct svmm_vcpu *v)
+{
+    struct svmm_window w;
+    struct svmm_windows *t = v->windows;
+    if (t == NULL || !svmm_windows_lookup(t, v->bus, v->addr, v->size, t->vmm_owner, 0, &w))
+        return 0;
+    v->owner = t->vmm_owner;
+    v->cookie = w.cookie;
+    v->offset = v->addr - w.start;
+    v->has_ref = 0;
+    v->pending = 1;
+    return SVMM_STEP_ACCESS;
+}
+
 static int svmm_lookup(struct svmm_vcpu *v)
 {
     svmm_get_fn get = (svmm_get_fn)v->get_fn;
+    int refused;
     while (v->elem < v->count) {
         uint8_t *data = (uint8_t *)v->run + v->data_offset + (uint64_t)v->elem * v->size;
         struct svm_ref ref;
@@ -39,7 +128,9 @@ static int svmm_lookup(struct svmm_vcpu *v)
         if (v->is_write)
             memcpy(&v->value, data, v->size);           /* x86: little-endian */
         rc = get((struct svm_reg *)v->registry, v->bus, v->addr, v->size, &ref, v->lock_timeout_ns);
-        if (rc == SVM_OK) {
+        if (rc == SVM_OK && (v->windows == NULL
+                             || svmm_windows_lookup(v->windows, v->bus, ref.start, ref.length,
+                                                    ref.owner, ref.cookie, NULL))) {
             v->owner = ref.owner;
             v->cookie = ref.cookie;
             v->offset = ref.offset;
@@ -49,16 +140,40 @@ static int svmm_lookup(struct svmm_vcpu *v)
             v->pending = 1;
             return SVMM_STEP_ACCESS;
         }
-        if (rc != SVM_ENOTFOUND && rc != SVM_EINVAL) {
+        if (rc != SVM_OK && rc != SVM_ENOTFOUND && rc != SVM_EINVAL) {
             v->reg_error = rc;
             v->has_ref = 0;
             v->pending = 1;
             return SVMM_STEP_REGISTRY_ERROR;
         }
+        refused = 0;
+        if (rc == SVM_OK) {
+            /* Outside its owner's windows: as if unclaimed.  The
+             * reference goes back at once (a put that fails is counted). */
+            if (((svmm_put_fn)v->put_fn)((struct svm_reg *)v->registry, (uint32_t)ref.slot,
+                                         ref.generation, v->lock_timeout_ns) != SVM_OK)
+                v->put_errors++;
+            v->refused++;
+            refused = 1;
+        }
+        if (svmm_vmm_fallback(v))
+            return SVMM_STEP_ACCESS;
         v->unclaimed++;
         if (!v->is_write)
             memset(data, 0xff, v->size);
         v->elem++;
+        if (refused) {
+            /* Tell Python (it logs each region once); the next step goes
+             * on with the remaining elements of a string access. */
+            v->owner = ref.owner;
+            v->cookie = ref.cookie;
+            v->slot = ref.slot;
+            v->generation = ref.generation;
+            v->region_start = ref.start;
+            v->region_length = ref.length;
+            v->relookup = 1;
+            return SVMM_STEP_REFUSED;
+        }
     }
     return 0;
 }
@@ -102,6 +217,10 @@ int svmm_step(struct svmm_vcpu *v)
     if (v->pending) {
         if (svmm_complete(v, 1) != 0)
             return SVMM_STEP_PUT_ERROR;
+        if ((rc = svmm_lookup(v)) != 0)
+            return rc;
+    } else if (v->relookup) {
+        v->relookup = 0;
         if ((rc = svmm_lookup(v)) != 0)
             return rc;
     }

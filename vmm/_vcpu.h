@@ -14,8 +14,42 @@
 #define SVMM_STEP_DRAIN 6            /* the coalesced-MMIO ring holds writes:
                                       * deliver them; the next step handles
                                       * the exit that came with them */
+#define SVMM_STEP_REFUSED 7          /* the lookup found a region outside its
+                                      * owner's windows: completed as
+                                      * unclaimed (reads all ones); the region
+                                      * is in owner/cookie/addr/offset/slot/
+                                      * generation, for Python to log */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
+
+/* Owner windows (vmm/windows.py): the guest ranges the VMM granted each
+ * owner, in the VMM's private memory.  A region the registry returns must
+ * lie in one of its owner's windows of the same bus and cookie; a window
+ * is either pinned (the region starts at "start", at most "length" long)
+ * or an area (the region lies inside [start, start + length) and is at
+ * most "max_len" long).  Written by svmm_windows_store under a seqlock
+ * ("seq" odd while it writes), read by every vCPU without a lock. */
+#define SVMM_MAX_OWNERS 256
+#define SVMM_MAX_WINDOWS 1024
+#define SVMM_WIN_PINNED 1
+#define SVMM_WIN_ANY_COOKIE 2
+
+struct svmm_window {
+    uint32_t bus;
+    uint32_t flags;
+    uint64_t start;
+    uint64_t length;
+    uint64_t max_len;
+    uint64_t cookie;
+};
+
+struct svmm_windows {
+    uint64_t seq;
+    uint64_t vmm_owner;        /* whose windows serve a miss (the VMM's) */
+    uint32_t first[256];       /* SVMM_MAX_OWNERS: owner -> first entry */
+    uint32_t count[256];
+    struct svmm_window w[1024];   /* SVMM_MAX_WINDOWS */
+};
 
 struct svmm_vcpu {
     /* set up by Python */
@@ -27,6 +61,7 @@ struct svmm_vcpu {
     uintptr_t put_fn;          /* svm_reg_put */
     int64_t lock_timeout_ns;
     void *ring;                /* the coalesced-MMIO ring page, or NULL */
+    struct svmm_windows *windows;  /* owner windows, or NULL: no check */
     /* the access handed out */
     uint32_t bus;
     uint32_t size;
@@ -42,10 +77,14 @@ struct svmm_vcpu {
     uint64_t exits;
     uint64_t unclaimed;
     uint64_t put_errors;
+    uint64_t refused;          /* lookups that found a region outside its windows */
+    uint64_t region_start;     /* the refused region (SVMM_STEP_REFUSED) */
+    uint64_t region_length;
     /* internal */
     uint32_t pending;
     uint32_t exit_pending;     /* an exit not decoded yet (after a DRAIN) */
     uint32_t has_ref;
+    uint32_t relookup;         /* go on with the elements after a REFUSED */
     uint32_t elem;
     uint32_t count;
     uint64_t data_offset;
@@ -54,4 +93,11 @@ struct svmm_vcpu {
 };
 
 int svmm_step(struct svmm_vcpu *v);
+/* Replace every window: entries w[0..n), owner o's are w[first[o]..+count[o]). */
+int svmm_windows_store(struct svmm_windows *t, const uint32_t *first, const uint32_t *count,
+                       const struct svmm_window *w, uint32_t n);
+/* 1 when a region (bus, start, length, owner, cookie) is inside a window
+ * of its owner (the check of the exit path, for Python and tests). */
+int svmm_windows_check(struct svmm_windows *t, uint32_t bus, uint64_t start, uint64_t length,
+                       uint64_t owner, uint64_t cookie);
 int svmm_finish(struct svmm_vcpu *v);

@@ -386,14 +386,14 @@ def _run_machine(args: argparse.Namespace, specs: list[DeviceSpec], on_console: 
         else:
             machine.load_pvh(args.guest, args.cmdline)
         lines = {spec.name: console.attach(spec.name) for spec in on_console} if console is not None else {}
-        for spec in specs:
-            try:
-                machine.add_device(spec, lines.get(spec.name))
-            except VmmError as e:
-                if spec is not default_serial:
-                    raise
+
+        def explain(spec: DeviceSpec, e: VmmError) -> None:
+            if spec is default_serial:
                 raise ConfigError(f"{e} (the default serial device takes ports 0x3f8-0x3ff; "
                                   "--serial none leaves them free)") from None
+
+        # Their processes start up in parallel; they come up in this order.
+        machine.add_devices([(spec, lines.get(spec.name)) for spec in specs], on_error=explain)
         if args.api is not None:
             machine.serve_api(args.api)
         started = time.monotonic()

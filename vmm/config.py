@@ -109,6 +109,9 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
         placement = SERVICE_PLACEMENT
     elif placement not in PLACEMENTS:
         raise ConfigError(f"device spec {text!r}: process={placement!r} (expected isolated or inline)")
+    if connect is not None and ("sandbox" in params or "seccomp" in params):
+        raise ConfigError(f"device spec {text!r}: sandbox= and seccomp= of a connect= device are the service's "
+                          "(devserver serve --sandbox MODE --seccomp MODE)")
     if placement == "inline" and ("sandbox" in params or "seccomp" in params):
         raise ConfigError(f"device spec {text!r}: sandbox= and seccomp= are for process=isolated "
                           "(an inline model runs in the VMM)")

@@ -20,7 +20,8 @@ follows DESIGN.md "Failure semantics":
 
 One path, two speeds: the C exit loop (``vmm/_vcpu.c``) does the lookup
 itself and calls :meth:`Dispatcher.forward` for an access it found an
-owner for, :meth:`Dispatcher.lookup_failed` and
+owner for (its owner's windows checked in C, :mod:`vmm.windows`),
+:meth:`Dispatcher.lookup_failed` and
 :meth:`Dispatcher.put_timed_out` when its registry call fails; the Python
 loop calls :meth:`Dispatcher.access`, which does the lookup in Python and
 then the same three.  Coalesced MMIO (:mod:`vmm.coalesce`): before any
@@ -43,6 +44,7 @@ from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.lockwatch import MAX_PUT_RETRIES, LockWatch
 from vmm.outcome import Outcome
 from vmm.stats import AccessStats
+from vmm.windows import OwnerWindows
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ class Dispatcher:
     def __init__(self, registry: Registry, endpoints: Mapping[int, Endpoint],
                  on_failure: Callable[[Endpoint, Exception], None] | None = None,
                  on_fatal: Callable[[Outcome], None] | None = None,
-                 coalesced: CoalescedMmio | None = None):
+                 coalesced: CoalescedMmio | None = None, windows: OwnerWindows | None = None):
         self.registry = registry
+        #: The windows granted to each owner (vmm.windows); None: no check.
+        self.windows = windows
         #: owner id -> endpoint; read on every access, changed rarely.
         self.endpoints = endpoints
         self.on_failure = on_failure
@@ -112,6 +116,19 @@ class Dispatcher:
             # A wrapping or empty access (e.g. a rep string at the top of
             # the address space): nothing can claim it.
             ref = None
+        windows = self.windows
+        if windows is not None:
+            if ref is not None and not windows.allows(bus, ref.start, ref.length, ref.owner, ref.cookie):
+                windows.note_refused(bus, ref.start, ref.length, ref.owner, ref.cookie, ref.slot,
+                                     ref.generation)
+                self._put_ref(vcpu, ref)
+                ref = None
+            if ref is None:
+                # The VMM's own ports answer whatever the registry says.
+                mine = windows.vmm_window(bus, addr, size)
+                if mine is not None:
+                    return self.forward(vcpu, bus, windows.vmm_owner, mine[0], mine[1], size, is_write,
+                                        value, drain)
         if ref is None:
             self.unclaimed += 1
             if log.isEnabledFor(logging.DEBUG):
@@ -233,6 +250,12 @@ class Dispatcher:
                     self.lookup_failed(vcpu, MMIO, addr, size, True, e)
                     continue
                 except ValueError:
+                    ref = None
+                if ref is not None and self.windows is not None and not self.windows.allows(
+                        MMIO, ref.start, ref.length, ref.owner, ref.cookie):
+                    self.windows.note_refused(MMIO, ref.start, ref.length, ref.owner, ref.cookie,
+                                              ref.slot, ref.generation)
+                    self._put_refs(vcpu, [ref])
                     ref = None
                 if ref is None:
                     self.unclaimed += 1

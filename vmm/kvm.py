@@ -453,6 +453,7 @@ STEP_ERRNO = lib.SVMM_STEP_ERRNO
 STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
 STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
 STEP_DRAIN = lib.SVMM_STEP_DRAIN
+STEP_REFUSED = lib.SVMM_STEP_REFUSED
 
 #: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
 COALESCED_MAX = lib.SVMM_COALESCED_MAX
@@ -500,12 +501,16 @@ class FastPath:
     reference is kept and the next ``step()`` puts again (set
     ``ctx.has_ref = 0`` to give it up).  STEP_DRAIN: the coalesced-MMIO
     ring (``ring``, when given) holds writes; the caller delivers them and
-    the next ``step()`` handles the exit that found them.  ``finish()``
+    the next ``step()`` handles the exit that found them.  STEP_REFUSED:
+    the lookup found a region outside its owner's windows (``windows``,
+    :mod:`vmm.windows`) and completed the access as unclaimed; the region
+    is in ``owner``, ``cookie``, ``region_start``, ``region_length``,
+    ``slot``, ``generation``.  ``finish()``
     completes a pending access without running the vCPU.
     """
 
     def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int,
-                 ring: CoalescedRing | None = None):
+                 ring: CoalescedRing | None = None, windows=None):
         ctx = ffi.new("struct svmm_vcpu *")
         ctx.fd = vcpu.fd
         ctx.run = vcpu.run
@@ -515,7 +520,10 @@ class FastPath:
         ctx.put_fn = put_fn
         ctx.lock_timeout_ns = lock_timeout_ns
         ctx.ring = ffi.NULL if ring is None else ring.address
+        #: ``struct svmm_windows *`` (vmm.windows), kept alive here.
+        ctx.windows = ffi.NULL if windows is None else windows
         self._ring = ring
+        self._windows = windows
         self.ctx = ctx
         self._step = lib.svmm_step
         self._finish = lib.svmm_finish

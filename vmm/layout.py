@@ -78,6 +78,13 @@ LAPIC_BASE = 0xFEE0_0000
 PCI_MMIO_WINDOW = 0xE000_0000
 PCI_MMIO_PER_SLOT = 1 * MiB
 PCI_MMIO_WINDOW_END = PCI_MMIO_WINDOW + 32 * PCI_MMIO_PER_SLOT
+#: The PCI apertures: where the guest may place memory BARs (32-bit: the
+#: MMIO hole below the IOAPIC; 64-bit: above 4 GiB, below 2**48).  A BAR
+#: region outside them is refused (vmm.windows).
+PCI_MMIO32_APERTURE = MMIO_HOLE_START
+PCI_MMIO32_APERTURE_END = IOAPIC_BASE
+PCI_MMIO64_APERTURE = 4 * GiB
+PCI_MMIO64_APERTURE_END = 1 << 48
 #: Three pages KVM_SET_TSS_ADDR reserves (used by VMX for real mode).
 KVM_TSS_ADDR = 0xFFFB_D000
 
@@ -110,6 +117,9 @@ PCI_CONFIG_DATA = 0xCFC
 PCI_IO_WINDOW = 0xC000
 PCI_IO_PER_SLOT = 0x200
 PCI_IO_WINDOW_END = PCI_IO_WINDOW + 32 * PCI_IO_PER_SLOT
+#: Where the guest may place I/O BARs: above the legacy and VMM ports.
+PCI_IO_APERTURE = 0x1000
+PCI_IO_APERTURE_END = 0x10000
 
 # -- PCI INTx (PCI Local Bus 3.0, 2.2.6 and 6.2.4) ----------------------------
 

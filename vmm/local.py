@@ -31,6 +31,7 @@ from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
 from vmm.irq import DeviceIrqs, IrqError, IrqRouter, signal
+from vmm.windows import Grant, OwnerWindows
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,10 @@ class VmmHandlers:
     owner = VMM_OWNER
     name = "vmm"
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, windows: OwnerWindows | None = None):
         self.registry = registry
+        #: Where each handler's range is granted to the VMM (vmm.windows).
+        self.windows = windows
         self._handlers: list[tuple[ReadHandler | None, WriteHandler | None]] = []
         self._regions: list[tuple[Bus, int]] = []
 
@@ -343,6 +346,8 @@ class VmmHandlers:
             write: WriteHandler | None = None) -> None:
         cookie = len(self._handlers)
         self._handlers.append((read, write))
+        if self.windows is not None:
+            self.windows.grant(VMM_OWNER, ("vmm", cookie), Grant(Bus(bus), start, length, cookie))
         self.registry.register(bus, start, length, VMM_OWNER, cookie)
         self._regions.append((bus, start))
 

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from devices.base import ConsoleFds, DeviceError
@@ -32,10 +33,12 @@ from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import cpuid as cpuids
 from vmm import kvm, layout
 from vmm.boot import pvh
+from devices.base import Space, Window
+from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
 from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
@@ -45,8 +48,10 @@ from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from vmm.remote.endpoint import Launched
 from vmm.remote.connect import attach_service
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
+from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
     from vmm.qmp.server import QmpServer
@@ -145,13 +150,15 @@ class Machine:
             self._vcpu_fds.append(fd)
             fd.set_cpuid(cpuids.build(cpuid, i, self.cpuid_hide))
         self.registry = Registry.create_sealed(capacity=registry_capacity, lock_timeout=self.lock_timeout)
-        self.vmm_handlers = VmmHandlers(self.registry)
+        #: What each owner may claim, in the VMM's memory (vmm.windows).
+        self.windows = OwnerWindows(VMM_OWNER)
+        self.vmm_handlers = VmmHandlers(self.registry, self.windows)
         self.endpoints[self.vmm_handlers.owner] = self.vmm_handlers
         #: Coalesced-MMIO zones and the ring (vmm.coalesce).
         self.coalesced = CoalescedMmio.for_vm(self.kvm, self.vm, self._vcpu_fds[0])
         self.dispatcher = Dispatcher(self.registry, self.endpoints, on_fatal=self.end,
                                      on_failure=lambda ep, e: self._note_failure(ep.owner, str(e)),
-                                     coalesced=self.coalesced)
+                                     coalesced=self.coalesced, windows=self.windows)
         self.vmm_handlers.add(Bus.PIO, layout.TEST_EXIT_PORT, layout.TEST_EXIT_LENGTH, write=self._test_exit)
         self.vmm_handlers.add(Bus.PIO, layout.POWER_OFF_PORT, layout.POWER_OFF_LENGTH, write=self._power_off)
         self.vmm_handlers.add(Bus.PIO, layout.VCPU_PARK_PORT, layout.VCPU_PARK_LENGTH, write=self._park)
@@ -194,32 +201,96 @@ class Machine:
         """Start a device as its spec places it; returns its endpoint.
         ``console``: descriptors the device may use as its line (the serial
         device, :mod:`vmm.console`); the caller keeps them."""
-        spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
-        owner = self._new_owner()
-        if spec.placement == "inline":
-            try:
-                endpoint: Endpoint = LocalEndpoint.create(spec.model_class, spec.param_dict(), owner,
-                                                          spec.name, self.registry, console,
-                                                          irq_router=self.irq, memory=self._guest_ram(),
-                                                          coalesced=self.coalesced)
-            except (RegistryError, DeviceError) as e:
-                self.registry.unregister_owner(owner)
-                raise ConfigError(f"device {spec.name}: {e}") from None
-        elif spec.connect is not None:
-            endpoint = self._attach_service(spec, owner, console)
-        else:
-            endpoint = self._spawn_isolated(spec, owner, console)
-        self.endpoints[owner] = endpoint
-        self.device_specs[owner] = spec
+        return self.add_devices([(spec, console)])[0]
+
+    def add_devices(self, devices: Sequence[tuple[DeviceSpec, ConsoleFds | None]],
+                    on_error: Callable[[DeviceSpec, VmmError], None] | None = None) -> list[Endpoint]:
+        """Start several devices ((spec, console) pairs, as :meth:`add_device`
+        takes them); returns their endpoints in that order.
+
+        The processes of the isolated ones are all started first, so they
+        start up (interpreter, imports, model) in parallel; then each
+        device comes up in the order given -- an inline one is built, an
+        isolated one's handshake runs -- so regions are claimed in the
+        same order as by :meth:`add_device` one after another.  When one
+        fails, ``on_error(spec, error)`` is called with the spec as given (it may raise another
+        error instead), the processes not yet up are killed, and the error
+        is raised; the devices already up stay (closed with the machine)."""
+        placed: list[tuple[DeviceSpec, int, ConsoleFds | None]] = []
+        launched: dict[int, Launched] = {}
+        current: DeviceSpec | None = None
         try:
-            self.faults.attach(endpoint, spec)
-        except (FaultsError, DeviceFailed) as e:
+            try:
+                for i, (spec, console) in enumerate(devices):
+                    current = spec
+                    spec = self.pci.place(spec)     # a PCI device gets its slot and BAR windows
+                    placed.append((spec, self._new_owner(), console))
+                    self._grant_windows(spec, placed[-1][1])
+                    if spec.placement != "inline" and spec.connect is None:
+                        launched[i] = self._launch_isolated(spec, placed[-1][1], console)
+                endpoints = []
+                for i, (spec, owner, console) in enumerate(placed):
+                    current = devices[i][0]         # the caller's spec, as given
+                    if i in launched:
+                        endpoint = launched.pop(i).finish()
+                    elif spec.connect is not None:
+                        endpoint = self._attach_service(spec, owner, console)
+                    else:
+                        endpoint = self._create_inline(spec, owner, console)
+                    self.endpoints[owner] = endpoint
+                    self.device_specs[owner] = spec
+                    self._settle_windows(spec, owner)
+                    # (after the BAR probe, so that the probe's accesses
+                    # count for no fault trigger)
+                    try:
+                        self.faults.attach(endpoint, spec)
+                    except (FaultsError, DeviceFailed) as e:
+                        raise ConfigError(f"device {spec.name}: {e}") from None
+                    except FaultError as e:
+                        raise ConfigError(str(e)) from None
+                    log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
+                    self._warn_unreachable(spec.name, owner)
+                    endpoints.append(endpoint)
+                return endpoints
+            except VmmError as e:
+                if on_error is not None and current is not None:
+                    on_error(current, e)
+                raise
+        finally:
+            for pending in launched.values():
+                pending.abandon()
+
+    def _grant_windows(self, spec: DeviceSpec, owner: int) -> None:
+        """Before the device starts: what a non-PCI class declares from its
+        parameters is all it may ever be reached at (vmm.windows)."""
+        if issubclass(spec.model_class, PciDevice) or spec.connect is not None:
+            return
+        try:
+            self.windows.grant_model(owner, spec.model_class.windows(spec.param_dict()))
+        except (DeviceError, WindowError, ValueError) as e:
+            raise ConfigError(f"device {spec.name}: its windows: {e}") from None
+
+    def _settle_windows(self, spec: DeviceSpec, owner: int) -> None:
+        """Once the device is up, before the guest runs: a PCI function's
+        configuration space and BARs are sized (the guest's BAR writes
+        move them later); a service completes its parameters itself, so
+        the VMM cannot evaluate its class's windows: what it registered at
+        attach is pinned as its windows."""
+        if issubclass(spec.model_class, PciDevice):
+            self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
+        elif spec.connect is not None:
+            self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
+                                             for r in self.registry.regions()
+                                             if r.owner == owner and not r.removing])
+
+    def _create_inline(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None) -> Endpoint:
+        try:
+            return LocalEndpoint.create(spec.model_class, spec.param_dict(), owner, spec.name, self.registry,
+                                        console, irq_router=self.irq, memory=self._guest_ram(),
+                                        coalesced=self.coalesced)
+        except (RegistryError, DeviceError) as e:
+            self.registry.unregister_owner(owner)
             raise ConfigError(f"device {spec.name}: {e}") from None
-        except FaultError as e:
-            raise ConfigError(str(e)) from None
-        log.info("device %s (%s, %s) is owner %d", spec.name, spec.kind, spec.placement, owner)
-        self._warn_unreachable(spec.name, owner)
-        return endpoint
 
     def _guest_ram(self):
         """Guest RAM for inline models (one shared bounds-checked view)."""
@@ -237,8 +308,11 @@ class Machine:
                             name, r.start, r.length)
 
     def _spawn_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
-        return RemoteEndpoint.spawn(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
-                                    len(self._vcpu_fds), self._device_options(spec, console))
+        return self._launch_isolated(spec, owner, console).finish()
+
+    def _launch_isolated(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Launched:
+        return RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self.registry,
+                                     len(self._vcpu_fds), self._device_options(spec, console))
 
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
@@ -448,11 +522,18 @@ class Machine:
             self._stop_vcpus()
         if self._api is not None:
             self._api.close()       # before the registry and devices it reads go
+        # Device processes are shut down all at once (each close waits for its
+        # process to exit); then the VMM's own endpoints, last added first.
+        remote = [(o, ep) for o, ep in self.endpoints.items() if isinstance(ep, RemoteEndpoint)]
+        closers = [threading.Thread(target=self._close_endpoint, args=item, name=f"close-{item[1].name}")
+                   for item in remote]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
-            try:
-                endpoint.close()
-            except Exception as e:
-                log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
+            if not isinstance(endpoint, RemoteEndpoint):
+                self._close_endpoint(owner, endpoint)
         self.faults.close()
         if self.registry is not None:
             if not self._stuck:
@@ -473,6 +554,13 @@ class Machine:
             self._ram_view = None
         if self.memory is not None:
             self.memory.close()
+
+    @staticmethod
+    def _close_endpoint(owner: int, endpoint: Endpoint) -> None:
+        try:
+            endpoint.close()
+        except Exception as e:
+            log.error("closing device %s: %s", getattr(endpoint, "name", owner), e)
 
     def __enter__(self) -> Machine:
         return self

@@ -111,8 +111,29 @@ class PciHost:
 
     def _data_write(self, vcpu: int, offset: int, size: int, value: int) -> None:
         key = self._target(offset)
-        if key is not None:
+        if key is None:
+            return
+        windows = self.dispatcher.windows
+        if windows is None:
             self.dispatcher.access(vcpu, Bus.PCI, key, size, True, value)
+            return
+        # The VMM sees where the guest puts each BAR on the way to the
+        # device, and moves the BAR's window with it (vmm.windows).
+        with windows.config_write(key, size, value):
+            self.dispatcher.access(vcpu, Bus.PCI, key, size, True, value)
+
+    def probe_bars(self, owner: int, slot: int) -> None:
+        """Size the BARs of the function in ``slot`` (started, the guest not
+        yet running) and grant their windows (vmm.windows)."""
+        windows = self.dispatcher.windows
+        if windows is None:
+            return
+        fn = windows.grant_pci(owner, slot)
+        base = fn.config_key
+        access = self.dispatcher.access
+        fn.probe(lambda off, size: access(0, Bus.PCI, base + off, size, False, 0),
+                 lambda off, size, value: access(0, Bus.PCI, base + off, size, True, value))
+        windows.grant_bars(fn)
 
     # -- the bridge's own function -------------------------------------------
 

@@ -37,11 +37,13 @@ class DeviceSandbox:
 
     #: The layers that are on (devserver.sandbox.LAYERS names; empty: none).
     layers: tuple[str, ...] = ()
-    #: Host pids of the device's processes: the one the VMM started, and
-    #: the device itself when it runs in a pid namespace of its own.
+    #: Host pids of the device's processes: the one the VMM started, and,
+    #: when the device runs in a pid namespace of its own, that
+    #: namespace's pid 1 and the device itself.
     pids: tuple[int, ...] = ()
-    #: The device, when it runs in a pid namespace of its own as the child
-    #: of the process the VMM started (which only reaps it); else None.
+    #: The device, when it runs in a pid namespace of its own as the
+    #: grandchild of the process the VMM started (that process and pid 1
+    #: of the namespace, its child, only reap it); else None.
     device_pid: int | None = None
     #: The system call the device reported dying of (its SIGSYS handler's
     #: Error message), if it did.
@@ -50,13 +52,42 @@ class DeviceSandbox:
     @classmethod
     def from_ready(cls, pid: int, layers: tuple[str, ...], reported_pid: int) -> DeviceSandbox:
         """From Ready: the device's claim of its pid is believed only when
-        that process is the child of the one the VMM started."""
+        that process is a grandchild of the one the VMM started."""
         kids = children(pid)
-        device = reported_pid if reported_pid != pid and reported_pid in kids else None
-        return cls(tuple(layers), (pid, *kids), device)
+        grandkids = tuple(g for k in kids for g in children(k))
+        device = reported_pid if reported_pid != pid and reported_pid in grandkids else None
+        return cls(tuple(layers), (pid, *kids, *grandkids), device)
 
     def describe(self) -> str:
         return "sandbox " + " ".join(self.layers) if self.layers else "no sandbox"
+
+
+def for_service(layers: tuple[str, ...], pid: int) -> DeviceSandbox:
+    """The sandbox of a service's session device whose process (the
+    kernel's word, SO_PASSCRED) is ``pid``: with the namespaces layer it is
+    pid 1 of its own pid namespace, whose thread ids the lock word holds."""
+    if pid <= 0:
+        return DeviceSandbox(tuple(layers))
+    in_ns = "namespaces" in layers
+    return DeviceSandbox(tuple(layers), (pid,), pid if in_ns else None)
+
+
+def seccomp_death(name: str, sandbox: DeviceSandbox) -> str | None:
+    """The system call a device that died was killed for, when the
+    kernel logged a seccomp kill of its process (a service's device is not
+    this VMM's child: no exit status tells); logged once.  Call it only
+    once the process is known to be dead."""
+    if sandbox.killed_by is not None:
+        return sandbox.killed_by
+    if not sandbox.pids or "seccomp=kill" not in sandbox.layers:
+        return None
+    nr = seccomp_syscall(sandbox.pids)
+    if nr is None:
+        return None
+    call = syscall_name(nr)
+    sandbox.killed_by = call
+    _log_once(name, sandbox, call)
+    return call
 
 
 def at_ready(name: str, peer, layers: tuple[str, ...], reported_pid: int):
@@ -109,11 +140,12 @@ class SandboxedChild:
 
 
 def kill_device(sandbox: DeviceSandbox, pid: int) -> bool:
-    """SIGKILL a device in its own pid namespace, the child of ``pid`` (the
-    process the VMM started), through a pidfd once it is seen to be still
-    that child; True if sent.  The parent reaps it and dies the same way;
-    killing the parent first would leave the device to an init that may
-    never reap it (this machine's does not)."""
+    """SIGKILL a device in its own pid namespace, the grandchild of ``pid``
+    (the process the VMM started), through a pidfd once it is seen to be
+    still that grandchild; True if sent.  Its reapers (pid 1 of the
+    namespace, then ``pid``) reap it and die the same way; killing a reaper
+    first would lose the device's own status, or (``pid`` first) leave pid
+    1 to an init that may never reap it (this machine's does not)."""
     if sandbox.device_pid is not None:
         try:
             fd = os.pidfd_open(sandbox.device_pid)
@@ -121,7 +153,8 @@ def kill_device(sandbox: DeviceSandbox, pid: int) -> bool:
             fd = -1         # gone already: the reaper is leaving too
         if fd >= 0:
             try:
-                if _parent_of(sandbox.device_pid) == pid:
+                inner = _parent_of(sandbox.device_pid)
+                if inner is not None and _parent_of(inner) == pid:
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
                     return True
             except OSError:

@@ -68,7 +68,8 @@ class VcpuThread:
         self.ring = fd.coalesced_ring(page) if page else None
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
-            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring)
+            fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring,
+            None if dispatcher.windows is None else dispatcher.windows.table)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -256,8 +257,8 @@ class VcpuThread:
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
-                                                 kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN)
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
+                                                          kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED)
         put_attempts = 0
         try:
             while True:
@@ -285,6 +286,12 @@ class VcpuThread:
                         ctx.value = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)
+                    continue
+                elif rc == REFUSED:
+                    windows = dispatcher.windows
+                    if windows is not None:
+                        windows.note_refused(ctx.bus, ctx.region_start, ctx.region_length, ctx.owner,
+                                             ctx.cookie, ctx.slot, ctx.generation)
                     continue
                 elif rc == ERRNO:
                     err = ctx.err

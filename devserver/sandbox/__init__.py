@@ -6,8 +6,9 @@ received its descriptors and before the model is built, in this order
 2. :mod:`.userns` -- a user namespace whose root is a host uid of the
    device's own;
 3. :mod:`.namespaces` -- mount, pid, net, ipc, uts, cgroup namespaces and
-   an empty read-only root (the process forks here: pid 1 of the new pid
-   namespace goes on as the device, the parent reaps it);
+   an empty read-only root (the process forks twice here: pid 1 of the new
+   pid namespace is a reaper that forks the device at its own thread-id
+   range; the parent, outside, reaps pid 1);
 4. :mod:`.fds` -- descriptors not kept closed, rlimits, not dumpable;
 5. :mod:`.caps` -- no capabilities, ``no_new_privs``;
 6. :mod:`.landlock` -- no filesystem access, no TCP;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 
 from devices.base import Device
@@ -44,9 +46,9 @@ LAYERS = ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp
 
 
 def tid_base(owner: int) -> int:
-    """Where thread ids start in the pid namespace of device ``owner``
-    (threads after the first: the first is pid 1 in every namespace)."""
-    return (owner % 4000) * 1000
+    """Where thread ids start in the pid namespace of device ``owner``: its
+    main thread's id (:func:`.namespaces.tid_base`)."""
+    return namespaces.tid_base(owner)
 
 
 class SandboxError(Exception):
@@ -77,8 +79,8 @@ class Applied:
     #: The layers that are on, in order (``seccomp`` as ``seccomp=MODE``;
     #: ``uid`` instead of ``userns`` for the fallback).
     layers: list[str] = dataclasses.field(default_factory=list)
-    #: This process is pid 1 of a pid namespace of its own (its parent,
-    #: the process the VMM started, is the reaper).
+    #: This process runs in a pid namespace of its own, the child of its
+    #: pid 1 (a reaper, itself the child of the process the VMM started).
     pid_namespace: bool = False
     #: This process's pid as the host (the VMM) sees it.
     host_pid: int = dataclasses.field(default_factory=os.getpid)
@@ -142,21 +144,52 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
 def _namespaces(out: Applied, tid_base: int) -> None:
     namespaces.unshare()
 
-    def lock_down_reaper(pidfd: int, device: int) -> None:
-        fds.apply({2, pidfd})   # the reaper keeps stderr and the device's pidfd
-        for step in (caps.apply, landlock.apply):
-            try:
-                step()
-            except OSError:
-                pass    # best effort: it runs no device code
-        seccomp.load(common.rules(os.getpid()) + (
-            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))), "kill")
+    # Neither reaper applies Landlock: on ABI >= 6 it scopes signals to the
+    # process's own domain, which the process it must kill or pass a
+    # SIGTERM to (forked before, or with a domain made after) is not in
+    # (pidfd_send_signal, kill: EPERM).  Their seccomp lists are a few
+    # calls, and open answers EACCES.
+    forward = callable(signal.getsignal(signal.SIGTERM))   # a service's session passes SIGTERM on
 
-    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper)
+    def lock_down(keep: set[int], rules: list[Rule]) -> None:
+        fds.apply(keep)
+        try:
+            caps.apply()
+        except OSError:
+            pass    # best effort: it runs no device code
+        seccomp.load(common.rules(os.getpid()) + tuple(rules), "kill")
+
+    def lock_down_reaper(pidfd: int, status_fd: int) -> None:
+        # stderr, pid 1's pidfd and the pipe pid 1 passes the device's status on
+        if forward:
+            signal.signal(signal.SIGTERM, lambda _s, _f: _forward(pidfd, signal.SIGTERM))
+        lock_down({2, pidfd, status_fd}, [
+            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))])
+
+    def lock_down_inner_reaper(status_fd: int, device: int) -> None:
+        rules = [Rule("wait4"), Rule("waitid")]
+        if forward:
+            signal.signal(signal.SIGTERM, lambda _s, _f: _kill(device, signal.SIGTERM))
+            rules.append(Rule("kill", (Arg(0, EQ, device), Arg(1, EQ, int(signal.SIGTERM)))))
+        lock_down({2, status_fd}, rules)
+
+    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper, lock_down_inner_reaper, tid_base)
     out.pid_namespace = True
-    if tid_base:
-        namespaces.set_next_pid(tid_base)
     namespaces.empty_root()
+
+
+def _kill(pid: int, signo: int) -> None:
+    try:
+        os.kill(pid, signo)
+    except OSError:
+        pass    # the device has exited: pid 1 is about to pass its status on
+
+
+def _forward(pidfd: int, signo: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signo)
+    except OSError:
+        pass    # the device has exited: the reaper is about to mirror it
 
 
 from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns  # noqa: E402

@@ -30,7 +30,7 @@ import resource
 import socket
 import sys
 
-from devices.base import Device, DeviceHost, Space, parse_int
+from devices.base import Device, DeviceHost, Space, Window, parse_int
 
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_ptrace, SYS_unshare, SYS_mount = 101, 272, 165
@@ -49,6 +49,11 @@ class Hostile(Device):
     kind = "hostile"
     #: As a user model: what it declares on top of the common allowlist.
     syscalls = ("getrandom",)
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """Its 16 ports (the VMM grants them at spawn, vmm.windows)."""
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params.get("pio", "0x6000")), 16)]
 
     def __init__(self, host: DeviceHost, **params: str):
         self.pio = parse_int(self.kind, "pio", params.pop("pio", "0x6000"))

@@ -4,22 +4,34 @@ read-only root.
 The new network namespace has only a loopback that is down; the root
 becomes a small tmpfs (``pivot_root``, the old root detached, the tmpfs
 then remounted read-only, nosuid, nodev, noexec).  A new pid namespace
-takes effect for children only, so the process forks: the child is pid 1
-of the namespace and goes on as the device; the parent, the process the
-VMM started, becomes a tiny reaper (:func:`reap`) that mirrors the
-device's exit -- the same status, or death by the same signal -- so the
-VMM's view of its child is the device's.  The device dies with the reaper
-(``PR_SET_PDEATHSIG``), and the reaper leaves when the VMM is gone.
-Thread ids in the namespace start at a base the runtime chooses per
-device (``ns_last_pid``), so two devices' threads do not share ids: the
-registry lock word holds the holder's id in its own namespace."""
+takes effect for children only, so the process forks twice: its child is
+pid 1 of the namespace, a tiny reaper (:func:`reap_inside`) that moves the
+namespace's next pid to the device's own range (``ns_last_pid``) and forks
+the device proper; the parent, the process the VMM started, is the outer
+reaper (:func:`reap`).  Each mirrors the device's exit -- the same status,
+or death by the same signal (pid 1 passes the device's wait status out on
+a pipe, since it cannot die of its own signal) -- so the VMM's view of its
+child is the device's.  The device dies with pid 1 (the kernel kills a
+namespace whose init is gone), pid 1 with the outer reaper
+(``PR_SET_PDEATHSIG``), and the outer reaper leaves when the VMM is gone.
+
+Why not run the device as pid 1: the registry lock word holds the holder's
+thread id in the holder's own namespace, and pid 1 is the first thread of
+every namespace, so a lock held by two devices' main threads would read
+the same.  With the device forked into its range, every thread of every
+device -- the first one too -- has an id of its own device's range
+(:func:`tid_base`), which the VMM maps back through ``/proc/*/status``
+``NSpid`` (vmm.sandbox_report); the only pid 1 is a reaper that never
+takes the lock."""
 
 from __future__ import annotations
 
 import os
 import select
 import signal
+import struct
 import sys
+from typing import Callable
 
 from devserver.sandbox import _sys
 
@@ -48,49 +60,109 @@ def empty_root() -> None:
                | _sys.MS_NODEV | _sys.MS_NOEXEC)
 
 
+#: Thread ids each device's namespace gives out before running into the
+#: next device's range (a device with more threads than this, or one that
+#: keeps starting and ending threads, eventually shares ids with another
+#: device: the VMM then cannot tell them apart, and says so).
+TID_RANGE = 1000
+
+
+def tid_base(owner: int, pid_max: int | None = None) -> int:
+    """The first thread id in the pid namespace of device ``owner``: its
+    main thread's; its other threads follow.  Ranges of :data:`TID_RANGE`
+    ids from TID_RANGE up (ids below it, pid 1 among them, are the
+    reaper's), as many as the namespace's ``pid_max`` allows; owners
+    beyond that share ranges."""
+    if pid_max is None:
+        pid_max = read_pid_max()
+    ranges = max(1, pid_max // TID_RANGE - 1)
+    return TID_RANGE * (1 + (owner - 1) % ranges)
+
+
+def read_pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 32768
+
+
 def set_next_pid(base: int) -> None:
-    """Make thread ids in this (new) pid namespace continue from ``base``
-    (``ns_last_pid``; needs CAP_SYS_ADMIN over the namespace and /proc
-    still there)."""
+    """Make the next pid (or thread id) this (new) pid namespace gives out
+    ``base`` (``ns_last_pid`` = base - 1; needs CAP_SYS_ADMIN over the
+    namespace and /proc still there)."""
     fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, str(base).encode())
+        os.write(fd, str(base - 1).encode())
     finally:
         os.close(fd)
 
 
-def fork_into_pid_namespace(on_reaper) -> int:
-    """Fork; return in the child (pid 1 of the new namespace) with its pid
-    as the host sees it.  The parent calls ``on_reaper(pidfd, pid)`` (its
-    own lock-down), then :func:`reap`, and never returns."""
+def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
+                            on_inner_reaper: Callable[[int, int], None], tid_base: int = 0) -> int:
+    """Fork twice (module docstring); return in the device (the child of
+    pid 1 of the new namespace, at ``tid_base`` when not 0) with its pid
+    as the host sees it.  The outer parent calls ``on_reaper(pidfd,
+    status_fd)`` (its own lock-down: pid 1's pidfd, the pipe's end), then :func:`reap`; pid 1 calls
+    ``on_inner_reaper(status_fd, device)``, then :func:`reap_inside`; neither
+    returns."""
     sys.stdout.flush()
     sys.stderr.flush()
-    r, w = os.pipe2(os.O_CLOEXEC)
+    r, w = os.pipe2(os.O_CLOEXEC)       # the device's wait status, from pid 1 to the outer reaper
     pid = os.fork()
     if pid == 0:
-        _sys.set_parent_death_signal(signal.SIGKILL)
-        os.close(w)
         try:
-            data = os.read(r, 32)
-        finally:
             os.close(r)
-        if not data:
-            os._exit(1)     # the reaper died before telling
-        return int(data)
+            _sys.set_parent_death_signal(signal.SIGKILL)
+            if tid_base:
+                set_next_pid(tid_base)
+            device = os.fork()
+            if device == 0:
+                os.close(w)
+                _sys.set_parent_death_signal(signal.SIGKILL)
+                return int(os.readlink("/proc/self"))   # the host's /proc: the host's pid
+            on_inner_reaper(w, device)
+            reap_inside(device, w)
+        except BaseException as e:      # pid 1 must never return into the device's code
+            try:
+                os.write(2, f"device sandbox: pid 1 of the namespace failed: {e}\n".encode())
+            except OSError:
+                pass
+        os._exit(1)
     try:
-        os.close(r)
-        os.write(w, str(pid).encode())
         os.close(w)
         pidfd = os.pidfd_open(pid)
-        on_reaper(pidfd, pid)
-        reap(pid, pidfd)
+        on_reaper(pidfd, r)
+        reap(pid, pidfd, r)
     finally:
         os._exit(1)
 
 
-def reap(pid: int, pidfd: int) -> None:
-    """Wait for the device, then leave the way it left.  When the VMM goes
-    away first, kill the device and leave (nothing else would reap it)."""
+def reap_inside(device: int, status_fd: int) -> None:
+    """pid 1 of the namespace: wait for the device (reaping any other
+    process that ends here meanwhile), hand its wait status to the outer
+    reaper, leave."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(1)
+        if pid == device:
+            break
+    try:
+        os.write(status_fd, struct.pack("<i", status))
+    except OSError:
+        pass
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if not os.WIFSIGNALED(status) else 1)
+
+
+def reap(pid: int, pidfd: int, status_fd: int = -1) -> None:
+    """Wait for pid 1 of the namespace, then leave the way the device left
+    (the wait status pid 1 passed on ``status_fd``; pid 1's own when it
+    passed none: it was killed).  When the VMM goes away first, kill pid 1
+    -- and so the namespace -- and leave (nothing else would reap it)."""
     parent = os.getppid()
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -100,10 +172,17 @@ def reap(pid: int, pidfd: int) -> None:
             os.waitpid(pid, 0)
             os._exit(0)
     _, status = os.waitpid(pid, 0)
+    if status_fd >= 0:
+        try:
+            data = os.read(status_fd, 4)
+        except OSError:
+            data = b""
+        if len(data) == 4:
+            status = struct.unpack("<i", data)[0]
     if os.WIFSIGNALED(status):
         mirror_signal(os.WTERMSIG(status))
     code = os.waitstatus_to_exitcode(status)
-    if code == 128 + signal.SIGSYS:     # seccomp=trap in pid 1, which cannot die of its own signal
+    if code == 128 + signal.SIGSYS:     # seccomp=trap's handler, when it cannot die of its own signal
         mirror_signal(signal.SIGSYS)
     os._exit(code)
 

@@ -11,7 +11,7 @@ Four 32-bit registers at PORT (default 0x520):
 
 import threading
 
-from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, all_ones, parse_int
+from devices.base import BadParameter, Device, DeviceHost, HostRefused, Space, Window, all_ones, parse_int
 
 SUM, COUNT, CLEAR, PID = 0x0, 0x4, 0x8, 0xC
 
@@ -26,6 +26,12 @@ class Counter(Device):
             raise BadParameter(f"counter: pio={self.port:#x} does not fit the port space")
         self.total = self.count = 0
         self.lock = threading.Lock()              # two vCPUs may access at once
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """The 16 ports this model may claim: the VMM grants them at spawn
+        and refuses accesses to any region of it outside them."""
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params.get("pio", "0x520")), 16)]
 
     def start(self) -> None:
         self.host.claim(Space.PIO, self.port, 16)  # RegionBusy if someone has it

@@ -16,12 +16,19 @@ import os
 
 import msgpack
 
-from devices.base import BadParameter, Device, DeviceHost, Space, resume
+from devices.base import BadParameter, Device, DeviceHost, Space, Window, resume
 from devices.kinds import resolve
 
 
 class FileKept(Device):
     kind = "file-kept"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """The inner model's (vmm.windows)."""
+        if "inner" not in params:
+            return []
+        return resolve(params["inner"]).windows({k: v for k, v in params.items() if k not in ("inner", "state")})
 
     def __init__(self, host: DeviceHost, **params: str):
         inner = params.pop("inner", None)

@@ -56,11 +56,17 @@ def service():
 
 
 def device_pid(proc) -> int:
-    """The serving process: under the sandbox, the child of the one started
-    here (pid 1 of its own pid namespace; the parent only reaps it)."""
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        kids = [int(x) for x in f.read().split()]
-    return kids[0] if kids else proc.pid
+    """The serving process: under the sandbox, the grandchild of the one
+    started here (the child of pid 1 of its own pid namespace; both only
+    reap it)."""
+    pid = proc.pid
+    for _ in range(2):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+        if not kids:
+            break
+        pid = kids[0]
+    return pid
 
 
 def attach(registry, sock, pid, owner=2):

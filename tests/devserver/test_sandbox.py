@@ -183,7 +183,9 @@ def test_proc_shows_the_sandbox(registry):
         if os.geteuid() == 0:       # started by a root VMM: root only inside its own user namespace
             assert uid >= DEVICE_UID_BASE
         assert st["Uid"].split() == [str(uid)] * 4
-        assert st["NSpid"].split()[-1] == "1"       # pid 1 of its own pid namespace
+        # its own pid namespace, where it is not pid 1 (a reaper is) but the first of its range
+        from devserver.sandbox import namespaces
+        assert st["NSpid"].split()[-1] == str(namespaces.tid_base(ep.owner))
         for ns in ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         fds = {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
@@ -229,24 +231,42 @@ def test_strict_refuses_with_one_line_naming_the_layer(registry):
         ep.close()
 
 
-def test_thread_ids_tell_two_sandboxed_devices_apart(registry):
+def test_thread_ids_tell_sandboxed_devices_apart(registry):
     """The registry lock word holds the holder's thread id in its own pid
-    namespace; thread ids start at a per-device base, so the VMM's lock
-    watch can name the device (only the first thread is 1 everywhere)."""
+    namespace; each device runs as the child of its namespace's pid 1 (a
+    reaper), from its own range of ids, so the VMM's lock watch can name
+    the device of any thread, the main one too, and no thread is 1."""
+    from devserver.sandbox import namespaces
     from vmm import sandbox_report
 
-    a = spawn_device(registry, "echo", {"pio": "0x5000"})
-    b = spawn_device(registry, "echo", {"pio": "0x5100"}, 3, "echo1")
+    eps = [spawn_device(registry, "echo", {"pio": "0x5000"}),
+           spawn_device(registry, "echo", {"pio": "0x5100"}, 3, "echo1"),
+           spawn_device(registry, "echo", {"pio": "0x5200"}, 4, "echo2")]
     try:
-        for ep in (a, b):       # the control thread starts just after Ready
+        for ep in eps:       # the control thread starts just after Ready
             assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
-        ids_a, ids_b = sandbox_report._ns_tids(a.pid), sandbox_report._ns_tids(b.pid)
-        assert ids_a & ids_b == {1}
-        for tid in ids_a - {1}:
-            assert sandbox_report.device_of_ns_tid([a, b], tid) is a
-        for tid in ids_b - {1}:
-            assert sandbox_report.device_of_ns_tid([a, b], tid) is b
-        assert sandbox_report.device_of_ns_tid([a, b], 1) is None     # ambiguous: neither
+        ids = [sandbox_report._ns_tids(ep.pid) for ep in eps]
+        for ep, mine in zip(eps, ids, strict=True):
+            status = read_status(ep.pid)
+            main = int(status["NSpid"].split()[-1])
+            assert main == namespaces.tid_base(ep.owner) == min(mine), (main, mine)
+            assert 1 not in mine
+            assert all(namespaces.tid_base(ep.owner) <= t < namespaces.tid_base(ep.owner) + namespaces.TID_RANGE
+                       for t in mine)
+            # the device's parent is pid 1 of its namespace, whose parent the VMM started
+            inner = sandbox_report._parent_of(ep.pid)
+            assert inner is not None and read_status(inner)["NSpid"].split()[-1] == "1"
+            assert sandbox_report._parent_of(inner) == ep.sandbox.pids[0]
+            # pid 1 runs no device code and is locked down as the outer reaper is
+            st = read_status(inner)
+            assert st["Seccomp"] == "2" and int(st["CapEff"], 16) == 0, st
+            inner_fds = [n for n in os.listdir(f"/proc/{inner}/fd") if n != "2"]     # 2: stderr
+            assert len(inner_fds) == 1, inner_fds           # the pipe the device's status leaves on
+            assert os.readlink(f"/proc/{inner}/fd/{inner_fds[0]}").startswith("pipe:")
+            for tid in mine:
+                assert sandbox_report.device_of_ns_tid(eps, tid) is ep
+        assert len(set.union(*ids)) == sum(map(len, ids))      # disjoint
+        assert sandbox_report.device_of_ns_tid(eps, 1) is None     # only reapers are 1
     finally:
-        a.close()
-        b.close()
+        for ep in eps:
+            ep.close()

@@ -54,6 +54,9 @@ def test_socket_activated_service_notifies_and_survives_garbage_clients(tmp_path
         svc.err.wait(lambda line: "handshake with the VMM failed" in line)
         assert first.recv(100) == b""       # hung up on
         first.close()
+        # The session's own keep-alives (relayed while it waited for a
+        # hello) may be queued before the status of its end.
+        notify.wait(lambda m: "1 VM(s) served" in m.get("STATUS", ""), what="listening again")
         pings = [notify.wait(lambda m: m.get("WATCHDOG") == "1", what="WATCHDOG=1") for _ in range(3)]
         assert all("listening on fd 3" in p["STATUS"] for p in pings)
         # A well-framed message that is not a Hello, an unknown type, a

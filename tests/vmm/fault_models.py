@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import threading
 
-from devices.base import Device, DeviceHost, Space, all_ones, parse_int
+from devices.base import Device, DeviceHost, Space, Window, all_ones, parse_int
 from devices.faults import ActionSpec, Int, PointSpec
 
 
 class Latch(Device):
     kind = "latch"
+
+    @classmethod
+    def windows(cls, params: dict[str, str]) -> list[Window]:
+        """Its 4 ports (vmm.windows: a user model declares what it claims)."""
+        return [Window(Space.PIO, parse_int(cls.kind, "pio", params.get("pio", "0x2000")), 4)]
     fault_points = {
         "latch.store": PointSpec(events="each value written to the latch", match={"value": Int(0, 2**32 - 1)},
                                  actions={"invert": ActionSpec("the latch stores the value's complement")}),

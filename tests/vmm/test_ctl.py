@@ -63,7 +63,7 @@ def test_ctl_runs_commands_and_quits(running, guest):
     r = ctl("--table", path, "query-regions", "bus=pio", "device=echo0")
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()
-    assert header.split() == ["bus", "start", "length", "owner", "device", "refcount", "removing"]
+    assert header.split() == ["bus", "start", "length", "owner", "device", "refcount", "removing", "refused"]
     assert row.split()[:3] == ["pio", "0x1000", "0x100"] and "echo0" in row
 
     deadline = time.monotonic() + 60

@@ -39,7 +39,8 @@ SYNC, FREE = 0x500, 0x3000
 FLAG = 0x80_0000                 # guest RAM the test sets once A is cut off
 MODES = {"kill": 1, "garbage": 2, "hog": 3, "scribble": 4}
 FAULT_GARBAGE = {"framing": 1, "msgpack": 2, "unknown-message": 3}
-FAULT_HOG, FAULT_HOG_LATER = 4, 5
+FAULT_HOG, FAULT_HOG_LATER, FAULT_HOG_MAIN = 4, 5, 6
+C_PIO = 0x2800
 RUN_TIMEOUT = 30
 
 
@@ -253,6 +254,112 @@ def test_device_holding_the_registry_lock_is_killed(guest, caplog, when, fast_pa
     watched = errors(caplog, "vmm.lockwatch")
     assert watched and f"of device a0 (pid {a.pid})" in watched[0], watched
     assert ("put of slot" if when == "in-put" else f"lookup of PIO {FREE:#x}") in watched[0], watched
+
+
+# ---- the holder among several sandboxed devices ----------------------------------------
+
+def ns_tid(pid: int, tid: int | None = None) -> int:
+    """The id of thread ``tid`` (default: the main one) of process ``pid``
+    in its own pid namespace (what the lock word holds)."""
+    with open(f"/proc/{pid}/task/{tid or pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise AssertionError("no NSpid line")
+
+
+def run_with_flag(m: Machine, a) -> tuple:
+    """Run the guest, raising its flag once ``a`` is cut off."""
+    flag_stop = threading.Event()
+
+    def raise_flag() -> None:
+        if wait_for(lambda: a.failed is not None or flag_stop.is_set(), RUN_TIMEOUT):
+            m.memory.write(FLAG, b"\x01")
+
+    flagger = threading.Thread(target=raise_flag, daemon=True)
+    flagger.start()
+    try:
+        t0 = time.monotonic()
+        outcome = m.run(timeout=RUN_TIMEOUT)
+        return outcome, time.monotonic() - t0
+    finally:
+        flag_stop.set()
+        flagger.join(5)
+
+
+@pytest.mark.parametrize("thread", ["main", "secondary"])
+def test_lock_hog_among_three_sandboxed_devices_is_killed(guest, caplog, thread):
+    """Three sandboxed devices, each in a pid namespace of its own; A takes
+    the registry lock from its main thread (the one serving the guest's
+    write, which then goes on serving) or from a thread of its own, and
+    keeps it.  The lock word holds the holder's id in A's namespace; every
+    device's threads, the main ones too, have ids of their own there, so
+    the VMM names A, kills A only, the registry recovers, and the guest
+    keeps using B and passes."""
+    from devserver.sandbox import namespaces
+
+    with Machine(memory=32 << 20, lock_timeout=LOCK_TIMEOUT) as m:
+        fault = FAULT_HOG_MAIN if thread == "main" else FAULT_HOG
+        m.load_pvh(guest("faults"), cmdline("hog", a_mmio=A_MMIO, fault=fault))
+        a = m.add_device(fault_echo("a0", A_PIO, A_MMIO))
+        b = m.add_device(echo("b0", B_PIO, B_MMIO))
+        c = m.add_device(echo("c0", C_PIO))
+        for ep in (a, b, c):
+            assert ep.sandbox.device_pid == ep.pid and "namespaces" in ep.sandbox.layers
+            assert ns_tid(ep.pid) == namespaces.tid_base(ep.owner)      # the main thread: not 1
+        assert len({ns_tid(ep.pid) for ep in (a, b, c)}) == 3
+        a_main = ns_tid(a.pid)
+        recoveries = m.registry.recoveries
+        outcome, elapsed = run_with_flag(m, a)
+        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
+        assert a.failed is not None and "registry lock" in a.failed, a.failed
+        assert m.dispatcher.lock_watch.kills == 1
+        assert m.dispatcher.lock_watch.unusable is None
+        assert wait_for(lambda: gone(a.pid)), "the hogging device still runs"
+        assert m.registry.recoveries > recoveries, "no owner-death recovery"
+        assert m.registry.holder()[1] == 0
+        assert not owned(m, a.owner)
+        healthy(m, b, c)
+        assert not gone(b.pid) and not gone(c.pid)
+        assert elapsed < 10, elapsed
+    watched = errors(caplog, "vmm.lockwatch")
+    assert watched and f"of device a0 (pid {a.pid})" in watched[0], watched
+    held_by = int(watched[0].split("held by thread ")[1].split()[0])
+    if thread == "main":
+        assert held_by == a_main, watched[0]
+    else:
+        assert namespaces.tid_base(a.owner) < held_by < namespaces.tid_base(a.owner) + namespaces.TID_RANGE
+
+
+def test_holder_sigkilled_mid_lock_among_three_sandboxed_devices(guest, caplog):
+    """A's main thread takes the registry lock and keeps it; before the
+    (long) deadline, A is SIGKILLed from outside.  The kernel marks the
+    lock owner-died, the stalled put gets it and the registry recovers; the
+    VMM kills nothing itself, and the guest passes."""
+    with Machine(memory=32 << 20, lock_timeout=60.0) as m:
+        m.load_pvh(guest("faults"), cmdline("hog", a_mmio=A_MMIO, fault=FAULT_HOG_MAIN))
+        a = m.add_device(fault_echo("a0", A_PIO, A_MMIO))
+        b = m.add_device(echo("b0", B_PIO, B_MMIO))
+        c = m.add_device(echo("c0", C_PIO))
+        recoveries = m.registry.recoveries
+        a_main = ns_tid(a.pid)
+
+        def kill_holder() -> None:
+            if wait_for(lambda: m.registry.holder()[1] == a_main, RUN_TIMEOUT):
+                os.kill(a.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_holder, daemon=True)
+        killer.start()
+        outcome, elapsed = run_with_flag(m, a)
+        killer.join(5)
+        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
+        assert a.failed is not None
+        assert m.dispatcher.lock_watch.kills == 0 and m.dispatcher.lock_watch.stalls == 0
+        assert m.registry.recoveries > recoveries, "no owner-death recovery"
+        assert m.registry.holder()[1] == 0
+        assert not owned(m, a.owner)
+        healthy(m, b, c)
+        assert elapsed < 20, elapsed
 
 
 # ---- a lock word that names no device ------------------------------------------------

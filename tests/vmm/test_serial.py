@@ -139,11 +139,12 @@ def test_typed_input_reaches_the_guest_in_raw_mode(serial_guest, pty_vmm, placem
 
 def device_processes(vmm_pid: int) -> list[int]:
     """The processes serving the VMM's devices: its children, or, for a
-    sandboxed device in a pid namespace of its own, the child of that
-    child (the one the VMM started only reaps it)."""
+    sandboxed device in a pid namespace of its own, the grandchild of that
+    child (the one the VMM started and pid 1 of the namespace only reap it)."""
     out = []
     for pid in _children(vmm_pid):
-        out.extend(_children(pid) or [pid])
+        inner = _children(pid)
+        out.extend([g for k in inner for g in (_children(k) or [k])] or [pid])
     return out
 
 

@@ -74,6 +74,22 @@ def served_by(stderr: str) -> int:
     return int(m.group(1))
 
 
+def device_pids(svc) -> list[int]:
+    """Pids of the session processes that served a device (each VM gets
+    one, forked by the service and sandboxed; its ready line names it)."""
+    return [int(m.group(1)) for line in svc.err.lines
+            if (m := re.match(r"devserver\[\S+ pid (\d+)\] INFO: ready: ", line))]
+
+
+def a_session_of(svc, pid: int, listener: int) -> bool:
+    """``pid`` served a VM for the service whose listener is ``listener``
+    (a process of its own, never the listener itself).  Its ready line is
+    written just after Ready is sent: waited for."""
+    svc.err.wait(lambda line: re.match(rf"devserver\[\S+ pid {pid}\] INFO: ready: ", line) is not None,
+                 what=f"the ready line of pid {pid}")
+    return pid != listener and listener not in device_pids(svc)
+
+
 def errors(svc) -> list[str]:
     return [line for line in svc.err.lines if " ERROR: " in line]
 
@@ -92,7 +108,10 @@ def test_socket_activated_device_serves_vms_and_notifies(tmp_path, loop_guest):
     try:
         r = run_vm(loop_guest, path, rounds=3000)
         assert r.returncode == PASS_STATUS, r.stderr
-        assert served_by(r.stderr) == svc.proc.pid      # the activator exec'd the service in place
+        # The activator exec'd the service in place; each VM is served by a
+        # sandboxed process of its own, whose pid the kernel gave the VMM.
+        assert a_session_of(svc, served_by(r.stderr), svc.proc.pid)
+        assert "sandbox preload userns namespaces fds caps landlock seccomp=kill" in r.stderr
         ready = notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
         assert "listening on fd 3" in ready["STATUS"]
         m = re.search(r"VMM pid (\d+)", r.stderr)
@@ -108,7 +127,8 @@ def test_socket_activated_device_serves_vms_and_notifies(tmp_path, loop_guest):
         # checks the scratch starts at 0 and the counter counts it alone).
         r = run_vm(loop_guest, path, rounds=200)
         assert r.returncode == PASS_STATUS, r.stderr
-        assert served_by(r.stderr) == svc.proc.pid
+        assert a_session_of(svc, served_by(r.stderr), svc.proc.pid)
+        assert len(set(device_pids(svc))) == 2
         assert errors(svc) == [], svc.err.text()
         svc.proc.terminate()
         notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
@@ -133,7 +153,8 @@ def test_socket_activated_virtio_blk_with_placement_from_the_vmm(tmp_path, blk_g
             ep = m.add_device(parse_device_spec(f"virtio-blk,connect={path},id=blk,slot=5"))
             outcome = m.run(timeout=RUN_TIMEOUT)
             ident = m.memory.read(0x800000 + 40, 20)
-            assert ep.reported_pid == svc.proc.pid and ep.failed is None
+            assert ep.reported_pid == ep.pid and ep.pid != svc.proc.pid and ep.failed is None
+            assert ep.sandbox.device_pid == ep.pid and "seccomp=kill" in ep.sandbox.layers
             assert any(r.owner == ep.owner for r in m.registry.regions())
         assert outcome.ending is Ending.POWER_OFF, str(outcome)
         assert ident == b"svc-disk".ljust(20, b"\0")
@@ -157,14 +178,14 @@ def test_supervisor_reexecutes_a_killed_device_and_it_serves_the_next_vm(tmp_pat
         assert r.returncode == PASS_STATUS, r.stderr
         # The socket's listener (SO_PEERCRED) is the supervisor; the VMM
         # takes the pid the kernel attached to the device's messages.
-        assert served_by(r.stderr) == first
+        assert a_session_of(svc, served_by(r.stderr), first)
         os.kill(first, signal.SIGKILL)                    # between VMs
         svc.out.wait(lambda line: line == f"exited {first} signal SIGKILL")
         second = int(svc.out.wait(lambda line: line.startswith("started ") and line != f"started {first}")
                      .split()[1])
         r = run_vm(loop_guest, path)                       # may connect before it listens: the backlog holds it
         assert r.returncode == PASS_STATUS, r.stderr
-        assert served_by(r.stderr) == second
+        assert a_session_of(svc, served_by(r.stderr), second)
         # Killed in the middle of a VM: today that VM loses the device (the
         # guest reads all ones: check 2 fails, status 5); the device comes
         # back and the VMM started afresh is served.
@@ -178,8 +199,8 @@ def test_supervisor_reexecutes_a_killed_device_and_it_serves_the_next_vm(tmp_pat
         svc.out.wait(lambda line: line == f"exited {second} signal SIGKILL")
         r = run_vm(loop_guest, path)
         assert r.returncode == PASS_STATUS, r.stderr + svc.out.text() + svc.err.text()
-        third = served_by(r.stderr)
-        assert third not in (first, second) and third in started_pids(svc)
+        third = started_pids(svc)[-1]
+        assert third not in (first, second) and a_session_of(svc, served_by(r.stderr), third)
     finally:
         svc.stop()
         notify.close()
@@ -201,7 +222,7 @@ def test_vmm_killed_and_started_again_is_served_by_the_same_service(tmp_path, lo
             # end is noticed (it waits in the busy grace, then is served).
             r = run_vm(loop_guest, path, rounds=300)
             assert r.returncode == PASS_STATUS, r.stderr
-            assert served_by(r.stderr) == svc.proc.pid
+            assert a_session_of(svc, served_by(r.stderr), svc.proc.pid)
         assert errors(svc) == [], svc.err.text()
         assert svc.proc.poll() is None
     finally:
@@ -325,7 +346,7 @@ def test_a_hung_model_is_killed_by_the_watchdog_and_the_service_comes_back(tmp_p
                 ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 2, "f0", registry, 1,
                                     RemoteOptions(access_timeout=30.0))
                 try:
-                    assert ep.reported_pid == first
+                    assert ep.reported_pid == ep.pid and a_session_of(svc, ep.pid, first)
                     svc.out.wait(lambda line: line.startswith(f"notify {first} ") and "WATCHDOG=1" in line
                                  and "serving" in line, what="pings while serving")
                     with pytest.raises(DeviceFailed):
@@ -339,7 +360,7 @@ def test_a_hung_model_is_killed_by_the_watchdog_and_the_service_comes_back(tmp_p
                 ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 3, "f1", registry, 1,
                                     RemoteOptions(access_timeout=30.0))
                 try:
-                    assert ep.reported_pid == second
+                    assert ep.reported_pid == ep.pid and a_session_of(svc, ep.pid, second)
                     assert read(registry, ep, 0xF4) == 1     # a fresh device: its first access
                 finally:
                     ep.close()
@@ -366,8 +387,10 @@ def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_
     guest's write and keeps it.  The lock watch finds the holder -- the
     kernel-verified pid of A's service process, though the socket's
     listener is the supervisor -- kills it, the registry is recovered, the
-    guest goes on with device B and ends with PASS; the supervisor starts
-    the service again and it serves the next VMM."""
+    guest goes on with device B and ends with PASS.  What was killed is the
+    session's sandboxed process, pid 1 of its own pid namespace (the lock
+    word holds its thread id there): the service itself lives on, listens
+    again and serves the next VMM."""
     from tests.vmm.test_device_faults import (A_MMIO, A_PIO, B_MMIO, B_PIO, FAULT_HOG, FLAG, PASS, cmdline,
                                               echo, healthy)
 
@@ -381,7 +404,7 @@ def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_
             a = m.add_device(parse_device_spec(f"{FAULT_ECHO},connect={path},id=a0,pio={A_PIO:#x},"
                                                f"mmio={A_MMIO:#x},hog_delay_ms=50"))
             b = m.add_device(echo("b0", B_PIO, B_MMIO))
-            assert a.pid == first
+            assert a_session_of(svc, a.pid, first) and a.sandbox.device_pid == a.pid
             recoveries = m.registry.recoveries
 
             def raise_flag() -> None:          # tells the guest A is cut off
@@ -405,14 +428,15 @@ def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_
             assert m.registry.holder()[1] == 0
             assert not [r for r in m.registry.regions() if r.owner == a.owner]
             healthy(m, b)
-        svc.out.wait(lambda line: line == f"exited {first} signal SIGKILL")
-        second = int(svc.out.wait(lambda line: line.startswith("started ") and line != f"started {first}")
-                     .split()[1])
+        svc.err.wait(lambda line: "session 1 " in line and "killed by SIGKILL; listening again" in line,
+                     what="the session's end")
         with Registry.create(segment_name("svc")) as registry:
             try:
                 ep = attach_service(str(path), FAULT_ECHO, {"pio": hex(PIO)}, 2, "a1", registry, 1, RemoteOptions())
                 try:
-                    assert ep.pid == second and read(registry, ep, 0xF4) == 1
+                    assert ep.pid != a.pid and a_session_of(svc, ep.pid, first)
+                    assert read(registry, ep, 0xF4) == 1
+                    assert started_pids(svc) == [first]         # the same service
                 finally:
                     ep.close()
             finally:

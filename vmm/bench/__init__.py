@@ -11,7 +11,11 @@ port; the host timestamps the marks.  It runs under:
     process); ``inline_python`` is the same with the all-Python vCPU loop;
 (c) ``isolated``: ``vmm`` with ``echo,process=isolated`` (the model in a
     device process, through :class:`vmm.remote.RemoteEndpoint`), when
-    that module exists.
+    that module exists;
+(d) with ``--compare-windows``, ``inline_unchecked`` and
+    ``isolated_unchecked``: (b) and (c) with the owner-window check
+    (:mod:`vmm.windows`) taken out, interleaved with the others: what the
+    check costs.
 
 Absolute times on the project's nested PVM host are not those of a real
 host; the ratios to (a), measured in the same run, are what count
@@ -88,8 +92,18 @@ def run_bare(bare: pathlib.Path, image: pathlib.Path, cmdline: str, iters: int) 
     return {"pio": pio, "mmio": mmio, "exits": result["exits"]}
 
 
+def _without_windows(m: Machine) -> None:
+    """Take the owner-window check (vmm.windows) out of both exit loops:
+    only to measure what it costs (``--compare-windows``)."""
+    from vmm._kvm_c import ffi
+    m.dispatcher.windows = None
+    for v in m.vcpus:
+        if v.fast is not None:
+            v.fast.ctx.windows = ffi.NULL
+
+
 def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: float,
-            fast_path: bool = True) -> dict:
+            fast_path: bool = True, windows: bool = True) -> dict:
     marks: list[tuple[int, int]] = []
     clock = time.perf_counter_ns
 
@@ -100,6 +114,8 @@ def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeo
         m.add_handler(Bus.PIO, layout.BENCH_MARK_PORT, 1, write=mark)
         m.load_pvh(image, cmdline)
         ep = m.add_device(parse_device_spec(f"echo,pio={ECHO_PIO:#x},mmio={ECHO_MMIO:#x},process={placement}"))
+        if not windows:
+            _without_windows(m)
         cpu0 = time.process_time()
         outcome = m.run(timeout=timeout)
         vmm_cpu = time.process_time() - cpu0
@@ -123,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each runner, interleaved (default 3)")
     ap.add_argument("--skip", action="append", default=[],
                     choices=["bare", "inline", "inline_python", "isolated"])
+    ap.add_argument("--compare-windows", action="store_true",
+                    help="also run inline and isolated without the owner-window check "
+                         "(inline_unchecked, isolated_unchecked): its cost, same run")
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
     args = ap.parse_args(argv)
     cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                         "unit": "microseconds per access; median and best of all rounds, "
                                 "runners interleaved"}
         runners = [r for r in ("bare", "inline", "inline_python", "isolated") if r not in args.skip]
+        if args.compare_windows:
+            runners += [f"{r}_unchecked" for r in ("inline", "isolated") if r in runners]
         bare = build_bare(cache) if "bare" in runners else None
         raw: dict[str, dict] = {r: {"pio": [], "mmio": [], "cpu": 0.0, "device_cpu": 0.0} for r in runners}
         for _ in range(args.repeat):
@@ -147,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     if r == "inline_python":
                         res = run_vmm(image, cmdline, args.iters, "inline", timeout, fast_path=False)
+                    elif r.endswith("_unchecked"):
+                        res = run_vmm(image, cmdline, args.iters, r.removesuffix("_unchecked"), timeout,
+                                      windows=False)
                     else:
                         res = run_vmm(image, cmdline, args.iters, r, timeout)
                     raw[r]["cpu"] += res["vmm_cpu_s"]

@@ -184,6 +184,7 @@ def query_regions(machine: Machine, bus: str | None = None, device: str | None =
     registry = machine.registry
     if registry is None:
         raise QmpError(GENERIC_ERROR, "the machine has no registry (closed?)")
+    windows = machine.dispatcher.windows
     for r in sorted(registry.regions(), key=lambda r: (int(r.bus), r.start, r.slot)):
         if bus is not None and r.bus != _BUSES[bus]:
             continue
@@ -195,6 +196,9 @@ def query_regions(machine: Machine, bus: str | None = None, device: str | None =
             "device": device_name(machine, r.owner),
             "refcount": r.refcount, "removing": r.removing,
             "slot": r.slot, "generation": r.generation,
+            # Outside the windows the VMM granted its owner: accesses to it
+            # complete as unclaimed (vmm.windows).
+            "refused": windows is not None and windows.is_refused(r),
         })
     return out
 
@@ -270,9 +274,9 @@ def _devices_table(r: list[dict[str, Any]]) -> list[Table]:
 
 
 def _regions_table(r: list[dict[str, Any]]) -> list[Table]:
-    return [(("bus", "start", "length", "owner", "device", "refcount", "removing"),
+    return [(("bus", "start", "length", "owner", "device", "refcount", "removing", "refused"),
              [(x["bus"], _hex(x["start"]), _hex(x["length"]), x["owner"], x["device"], x["refcount"],
-               "yes" if x["removing"] else "") for x in r])]
+               "yes" if x["removing"] else "", "REFUSED" if x.get("refused") else "") for x in r])]
 
 
 def _stats_table(r: list[dict[str, Any]]) -> list[Table]:
@@ -308,7 +312,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             query_status, table=_status_table),
     Command("query-devices", "every device: id, kind, placement, pid, state, accesses, failures, sandbox",
             query_devices, table=_devices_table),
-    Command("query-regions", "the registry's regions, live: bus, start, length, owner, device, refcount, removing",
+    Command("query-regions", "the registry's regions, live: bus, start, length, owner, device, refcount, removing, refused",
             query_regions, (Arg("bus", "string", "pio, mmio or pci"), _DEVICE_ARG), table=_regions_table),
     Command("query-stats", "per device: accesses by space and direction, failures, forwarding latency "
             "(log2 histogram, p50, p99)", query_stats, (_DEVICE_ARG,), table=_stats_table),

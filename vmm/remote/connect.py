@@ -39,6 +39,7 @@ import signal
 import socket
 
 from ipc.registry import Registry
+from vmm import sandbox_report
 from vmm.config import ConfigError
 from vmm.endpoint import DeviceFailed
 from vmm.remote.endpoint import RemoteEndpoint
@@ -62,6 +63,9 @@ class ServicePeer(SocketPeer):
         super().__init__(sock, 0)
         self._pidfd = -1
         self._killed = False
+        #: Set once Ready (attach_service): the device's sandbox and name.
+        self.sandbox: sandbox_report.DeviceSandbox | None = None
+        self.name = "?"
 
     def adopt(self, pid: int) -> None:
         """Watch process ``pid`` (the kernel's word for who sent Ready)."""
@@ -98,7 +102,21 @@ class ServicePeer(SocketPeer):
     def exit_text(self, wait: float) -> str:
         if self._killed:
             return "killed" if self.wait(wait) else "still running after SIGKILL"
-        return super().exit_text(wait)
+        text = super().exit_text(wait)
+        if text == "hung up" and self.sandbox is not None and self._dead(wait):
+            # Not our child (no exit status): a seccomp kill is in the kernel log.
+            call = sandbox_report.seccomp_death(self.name, self.sandbox)
+            if call is not None:
+                return f"hung up: killed by seccomp: {call}"
+        return text
+
+    def _dead(self, wait: float) -> bool:
+        if self._pidfd < 0:
+            return False
+        try:
+            return bool(select.select([self._pidfd], [], [], max(0.0, wait))[0])
+        except (OSError, ValueError):
+            return False
 
     def close(self) -> None:
         if self._pidfd >= 0:
@@ -146,6 +164,12 @@ def attach_service(path: str, kind: str, params: dict[str, str], owner: int, nam
         raise ConfigError(f"device {name}: the service at {path}: {reason}") from None
     endpoint.service_path = path
     peer.adopt(endpoint.sender_pid)
+    # The kernel's pid is the session's device process (the service forks
+    # one per VM and sandboxes it): the lock watch finds the thread ids of
+    # its pid namespace there, and a seccomp death is looked up by it.
+    endpoint.sandbox = sandbox_report.for_service(endpoint.sandbox.layers, peer.pid)
+    peer.sandbox = endpoint.sandbox
+    peer.name = name
     log.info("device %s: attached to the service at %s, pid %d (it reports %d)", name, path, peer.pid,
              endpoint.reported_pid)
     return endpoint

@@ -58,7 +58,7 @@ from vmm.remote.peer import Peer
 from vmm.remote.process import DeviceProcess, child_env
 from vmm.remote.requests import RequestService
 
-__all__ = ["RemoteEndpoint", "SHUTDOWN_GRACE", "MAX_VCPUS"]
+__all__ = ["RemoteEndpoint", "Launched", "SHUTDOWN_GRACE", "MAX_VCPUS"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,16 @@ class RemoteEndpoint:
         Raises :class:`DeviceFailed` when the device does not come up
         (bad parameters, protocol error, death, deadline).
         """
+        return cls.launch(kind, params, owner, name, registry, nvcpus, options).finish()
+
+    @classmethod
+    def launch(cls, kind: str, params: dict[str, str], owner: int, name: str, registry: Registry,
+               nvcpus: int, options: RemoteOptions = _DEFAULT) -> Launched:
+        """The first half of :meth:`spawn`: start the device process and
+        return at once, while it starts up (imports, builds its model);
+        :meth:`Launched.finish` runs the handshake.  Several devices
+        launched before the first is finished start in parallel.  The
+        start deadline counts from here."""
         config = _config(kind, params, owner, name, nvcpus, options)
         env = child_env(kind, name)
         deadline = time.monotonic() + options.start_timeout
@@ -174,7 +184,8 @@ class RemoteEndpoint:
         except BaseException:
             ours.close()
             raise
-        return cls._attach(config, ours, process, registry, options, deadline)
+        return Launched(lambda: cls._attach(config, ours, process, registry, options, deadline),
+                        ours, process)
 
     @classmethod
     def attach(cls, sock: socket.socket, peer: Peer, kind: str, params: dict[str, str], owner: int,
@@ -620,6 +631,35 @@ class RemoteEndpoint:
             if self._batch is not None:
                 self._batch.close()
         self._closed = True
+
+
+class Launched:
+    """A device process started by :meth:`RemoteEndpoint.launch`, not yet
+    handshaken: :meth:`finish` exactly once, or :meth:`abandon`."""
+
+    def __init__(self, attach: Callable[[], RemoteEndpoint], sock: socket.socket, process: DeviceProcess):
+        self._attach: Callable[[], RemoteEndpoint] | None = attach
+        self._sock = sock
+        self._process = process
+
+    def finish(self) -> RemoteEndpoint:
+        """Handshake up to Ready (raises like :meth:`RemoteEndpoint.spawn`;
+        on every failure the process is killed and reaped)."""
+        attach, self._attach = self._attach, None
+        if attach is None:
+            raise RuntimeError("Launched.finish: already finished or abandoned")
+        return attach()
+
+    def abandon(self) -> None:
+        """Kill and reap the process and close the socket (a device started
+        with others, one of which failed first)."""
+        if self._attach is None:
+            return
+        self._attach = None
+        self._sock.close()
+        self._process.kill()
+        self._process.wait(5.0)
+        self._process.close()
 
 
 def _config(kind: str, params: dict[str, str], owner: int, name: str, nvcpus: int,
