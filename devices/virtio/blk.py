@@ -1,10 +1,21 @@
 """virtio-blk (virtio 1.2 §5.2) on a raw image file.
 
-``--device virtio-blk,path=FILE[,readonly=on][,serial=ID]``.  One request
-queue.  Features offered: VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
-VIRTIO_BLK_F_FLUSH, and VIRTIO_BLK_F_RO with ``readonly=on`` (the image is
-then opened read-only).  Configuration: capacity (the image size in
-512-byte sectors, rounded down), seg_max, blk_size (512).
+``--device virtio-blk,path=FILE[,readonly=on][,serial=ID][,num_queues=N]
+[,notify_threads=per-queue|one]``.  ``num_queues`` request queues (1 to
+:data:`MAX_QUEUES`, default 1).  Features offered: VIRTIO_BLK_F_SEG_MAX,
+VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO with
+``readonly=on`` (the image is then opened read-only), and VIRTIO_BLK_F_MQ
+with more than one queue (§5.2.3; a driver that does not accept it uses
+queue 0 alone).  Configuration: capacity (the image size in 512-byte
+sectors, rounded down), seg_max, blk_size (512), num_queues.
+
+Each queue has its own doorbell thread (``notify_threads=per-queue``, the
+default with more than one queue; ``one``: a single thread polls them all,
+:class:`devices.virtio.doorbells.Doorbells`).  The requests of a queue are
+served under the device's lock, so the threads of several queues overlap
+only where it is not held (waiting on the doorbells, interrupts); one
+interrupt (and one poll of the ring) covers every request served in a
+round.
 
 Requests (§5.2.6): a 16-byte header (type, reserved, sector) in the
 device-readable part, data, and a status byte, the last device-writable
@@ -51,6 +62,9 @@ VIRTIO_BLK_F_GEOMETRY = 4
 VIRTIO_BLK_F_RO = 5
 VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_MQ = 12
+#: Most request queues a device offers (num_queues=).
+MAX_QUEUES = 16
 # §5.2.6 request types and status values
 VIRTIO_BLK_T_IN = 0
 VIRTIO_BLK_T_OUT = 1
@@ -62,9 +76,11 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_ID_BYTES = 20
 
 _HEADER = struct.Struct("<IIQ")
-#: struct virtio_blk_config up to blk_size (§5.2.4): capacity, size_max,
-#: seg_max, geometry (cylinders, heads, sectors), blk_size.
-_CONFIG = struct.Struct("<QIIHBBI")
+#: struct virtio_blk_config up to num_queues (§5.2.4): capacity, size_max,
+#: seg_max, geometry (cylinders, heads, sectors), blk_size, topology
+#: (physical_block_exp, alignment_offset, min_io_size, opt_io_size),
+#: writeback, unused0, num_queues.
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBH")
 
 
 def _split(buffers: list[Buffer], at: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -100,6 +116,15 @@ class VirtioBlk(VirtioPciDevice):
         path = params.pop("path", None)
         readonly = params.pop("readonly", "off")
         serial = params.pop("serial", None)
+        nq = params.pop("num_queues", "1")
+        threads = params.pop("notify_threads", None)
+        if not nq.isdigit() or not 1 <= int(nq) <= MAX_QUEUES:
+            raise BadParameter(f"virtio-blk: num_queues={nq!r} (1 to {MAX_QUEUES})")
+        if threads not in (None, "per-queue", "one"):
+            raise BadParameter(f"virtio-blk: notify_threads={threads!r} (per-queue or one)")
+        self.num_queues = int(nq)
+        self.queue_sizes = (QUEUE_SIZE,) * self.num_queues
+        self.notify_threads = self.num_queues if threads != "one" else 1
         if path is None:
             raise BadParameter("virtio-blk: path=FILE (a raw image) is required")
         if readonly not in ("on", "off"):
@@ -108,6 +133,8 @@ class VirtioBlk(VirtioPciDevice):
         features = (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
         if self.readonly:
             features |= 1 << VIRTIO_BLK_F_RO
+        if self.num_queues > 1:
+            features |= 1 << VIRTIO_BLK_F_MQ
         self.device_features = features
         self.path = path
         ident = (serial if serial is not None else os.path.basename(path)).encode()
@@ -159,7 +186,8 @@ class VirtioBlk(VirtioPciDevice):
         self.capacity = checked
 
     def device_config(self) -> bytes:
-        return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
+        return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE, 0, 0, 0, 0, 0, 0,
+                            self.num_queues)
 
     # -- requests ------------------------------------------------------------
 

@@ -130,6 +130,8 @@ class VirtioPciDevice(VirtioCore, PciDevice):
     revision = 1
     subsystem_vendor_id = VIRTIO_PCI_VENDOR_ID
     interrupt_pin = 1
+    #: Doorbell threads (queue q is polled by thread q % notify_threads).
+    notify_threads = 1
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -158,7 +160,8 @@ class VirtioPciDevice(VirtioCore, PciDevice):
         #: Notifications seen through the ioeventfds / as MMIO writes.
         self.notifies_eventfd = 0
         self.notifies_mmio = 0
-        self.doorbells = Doorbells(host, self._lock, self.kind, NOTIFY_LENGTH, self._rung)
+        self.doorbells = Doorbells(host, self._lock, self.kind, NOTIFY_LENGTH, self._rung,
+                                   threads=self.notify_threads)
         self._reset_transport()
         self.reset_core()
 

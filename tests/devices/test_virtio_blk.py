@@ -15,7 +15,7 @@ from devices.virtio import blk as vb
 from devices.virtio.blk import VirtioBlk
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from tests.devices.test_virtio import (BUF, HIGH, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
-                                       notify, offer, put_desc, setup_queue, used)
+                                       notify, offer, put_desc, setup_queue, status, used)
 from devices.base import Space
 from devices.virtio import pci as vp
 from devices.virtio import spec as vs
@@ -144,3 +144,88 @@ def test_parameters(tmp_path):
     dev = VirtioBlk(FakeHost(None), slot="4", path=str(tmp_path / "missing"))
     with pytest.raises(BadParameter, match="missing"):
         dev.start()
+
+
+# -- multi-queue (VIRTIO_BLK_F_MQ, §5.2.3) ------------------------------------
+
+def _queue_at(q):
+    """Ring addresses of queue q in the low RAM of GuardedRam."""
+    base = 0x20000 + q * 0x4000
+    return base, base + 0x1000, base + 0x2000, base + 0x3000     # desc, avail, used, header/status
+
+
+def _setup(dev, q):
+    desc, avail, usedr, _ = _queue_at(q)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, q)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SIZE, 2, 8)
+    for off, v in ((vs.VIRTIO_PCI_COMMON_Q_DESCLO, desc), (vs.VIRTIO_PCI_COMMON_Q_AVAILLO, avail),
+                   (vs.VIRTIO_PCI_COMMON_Q_USEDLO, usedr)):
+        common_w(dev, off, 4, v)
+        common_w(dev, off + 4, 4, 0)
+    common_w(dev, vs.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
+
+
+def _read_on(dev, ram, q, sector):
+    desc, avail, usedr, hdr = _queue_at(q)
+    ram.write(hdr, struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, sector))
+    ram.write(hdr + 0x100, b"\xee")
+    chain = ((hdr, 16, VIRTQ_DESC_F_NEXT), (hdr + 0x200, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+             (hdr + 0x100, 1, VIRTQ_DESC_F_WRITE))
+    for i, (a, n, f) in enumerate(chain):
+        ram.write(desc + 16 * i, struct.pack("<QIHH", a, n, f, i + 1))
+    idx = ram.read_int(avail + 2, 2)
+    ram.write_int(avail + 4 + 2 * (idx % 8), 2, 0)
+    ram.write_int(avail + 2, 2, idx + 1)
+    notify(dev, q)
+    return ram.read_int(usedr + 2, 2), ram.read(hdr + 0x100, 1)[0], ram.read(hdr + 0x200, 512)
+
+
+def test_mq_negotiation_config_and_per_queue_requests(image):
+    g = GuardedRam()
+    dev = VirtioBlk(FakeHost(g.ram), slot="4", path=str(image), num_queues="4")
+    dev.start()
+    try:
+        assert dev.doorbells._nthreads == 4
+        common_w(dev, vs.VIRTIO_PCI_COMMON_DFSELECT, 4, 0)
+        assert common_r(dev, vs.VIRTIO_PCI_COMMON_DF, 4) & (1 << vb.VIRTIO_BLK_F_MQ)
+        assert common_r(dev, vs.VIRTIO_PCI_COMMON_NUMQ, 2) == 4
+        raw = bytes(dev.read(Space.MMIO, 0, vp.DEVICE_OFFSET + i, 1) for i in range(36))
+        assert struct.unpack_from("<H", raw, 34)[0] == 4          # num_queues (§5.2.4)
+        assert dev.msix.nvectors == 5
+        common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0)
+        common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 3)
+        for sel, v in ((0, 1 << vb.VIRTIO_BLK_F_MQ), (1, 1)):
+            common_w(dev, vs.VIRTIO_PCI_COMMON_GFSELECT, 4, sel)
+            common_w(dev, vs.VIRTIO_PCI_COMMON_GF, 4, v)
+        common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xB)
+        assert status(dev) == 0xB and dev.driver_features & (1 << vb.VIRTIO_BLK_F_MQ)
+        for q in range(4):
+            _setup(dev, q)
+        common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+        assert status(dev) == 0xF
+        for q in (3, 0, 2, 1):
+            used_idx, st, data = _read_on(dev, g.ram, q, q + 5)
+            assert (used_idx, st) == (1, vb.VIRTIO_BLK_S_OK)
+            assert data == image.read_bytes()[(q + 5) * 512:(q + 6) * 512]
+        assert [dev.queues[q].served for q in range(4)] == [1, 1, 1, 1]
+        # a hostile ring on queue 2 alone: avail idx far ahead -> NEEDS_RESET, nothing served
+        _desc, avail, _u, _h = _queue_at(2)
+        g.ram.write_int(avail + 2, 2, 200)
+        notify(dev, 2)
+        assert status(dev) & vs.VIRTIO_CONFIG_S_NEEDS_RESET and dev.queues[2].served == 1
+        _read_on(dev, g.ram, 1, 0)
+        assert dev.queues[1].served == 1                           # queues stop until reset
+        snap = dev.model_state()
+        assert len(snap["core"]["queues"]) == 4
+    finally:
+        dev.stop()
+
+
+def test_single_queue_offers_no_mq_and_bad_num_queues(image):
+    dev = VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image))
+    assert not dev.features & (1 << vb.VIRTIO_BLK_F_MQ) and len(dev.queues) == 1
+    for bad in ("0", "17", "x"):
+        with pytest.raises(BadParameter, match="num_queues"):
+            VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), num_queues=bad)
+    with pytest.raises(BadParameter, match="notify_threads"):
+        VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), notify_threads="many")

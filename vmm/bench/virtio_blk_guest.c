@@ -10,6 +10,16 @@
  *                   the disk, `passes` times (after one warm-up pass);
  *   phase "rand4k": `n4k` 4 KiB reads at random 4 KiB-aligned offsets
  *                   in the same span, queue depth 1;
+ *   phase "rand4k_qd<D>" (qd=D > 1): `n4k` such reads, D in flight on
+ *                   each of the `queues` queues, one vCPU driving the
+ *                   queues round-robin: fill every queue, one doorbell
+ *                   each, then per queue reap what completed, verify,
+ *                   refill, one doorbell per queue per round;
+ *   check "mqcheck=1" (instead of the phases): writes sectors [0, n4k*8)
+ *                   in 4 KiB requests spread over the queues at depth qd,
+ *                   with a pattern of (sector, seed), then reads them
+ *                   back the same way and verifies; every completion must
+ *                   be of a request in flight (none twice);
  * timing each with rdtsc (ring 3).  Every read is verified: the host fills
  * the image so that each 512-byte sector begins with its number (u64 LE).
  * The host turns TSC counts into seconds from the "tsc" lines, which it
@@ -17,7 +27,9 @@
  *
  * Command line: bench=0|1 (default 1), span=MiB (default: the whole disk,
  * at most 1024), passes=N (3), n4k=N (4000), msix=0|1 (0: poll the used
- * ring; 1: MSI-X vectors, still polling, interrupts counted), seed=S.
+ * ring; 1: MSI-X vectors, still polling, interrupts counted), seed=S,
+ * queues=N (1; up to 4 with VIRTIO_BLK_F_MQ), qd=D (1: no depth phase),
+ * qd1=0 (only the depth phase).
  * Output lines: "virtio-blk: ...", "tsc <n>", "result <phase> bytes=<n>
  * requests=<n> tsc=<n>", "done".  Status 0 when everything holds, else
  * test_exit(n) for check n. */
@@ -92,16 +104,16 @@ static void probe_rng(void)
     serial_puts("\n");
 }
 
-static void probe_blk(int msix)
+static void probe_blk(int msix, unsigned queues)
 {
-    int err = virtio_blk_init(&blk, 0, msix ? MSIX_VECTOR : 0);
+    int err = virtio_blk_init_mq(&blk, 0, msix ? MSIX_VECTOR : 0, queues);
     CHECK(20, err == 0, "init: %s", virtio_strerror(err));
     struct virtio_dev *d = &blk.dev;
     serial_printf("virtio-blk: blk %02x:%02x.%x device %04x common %#lx notify %#lx (x%u) isr %#lx cfg %#lx\n",
                   d->pci.bdf >> 16, (d->pci.bdf >> 11) & 0x1f, (d->pci.bdf >> 8) & 7, d->pci.device, d->common,
                   d->notify_base, d->notify_mult, d->isr, d->device_cfg);
-    serial_printf("virtio-blk: features offered %#lx accepted %#lx queues %u size %u msix %s\n",
-                  d->device_features, d->features, d->num_queues, d->vq[0].size,
+    serial_printf("virtio-blk: features offered %#lx accepted %#lx queues %u used %u size %u msix %s\n",
+                  d->device_features, d->features, d->num_queues, blk.nqueues, d->vq[0].size,
                   d->vq[0].irq_vector ? "on" : "off");
     serial_printf("virtio-blk: capacity %lu sectors (%lu MiB) blk_size %u size_max %u seg_max %u%s%s\n",
                   blk.capacity, blk.capacity / 2048, blk.blk_size, blk.size_max, blk.seg_max,
@@ -137,6 +149,101 @@ static void probe_blk(int msix)
         serial_printf("virtio-blk: MSI-X interrupts so far %u\n", virtq_irqs(d, 0));
 }
 
+#define DEPTH_SLOTS (MiB / 4096)       /* 4 KiB buffers in buf */
+
+static uint64_t slot_sector[DEPTH_SLOTS];
+
+/* `n` 4 KiB requests over blk.nqueues queues, `qd` in flight on each;
+ * next(i) gives request i's sector, done(slot, sector) checks one. */
+static void at_depth(uint32_t type, uint64_t n, unsigned qd, uint64_t (*next)(uint64_t),
+                     void (*done)(uint8_t *, uint64_t), void (*fill)(uint8_t *, uint64_t))
+{
+    unsigned nq = blk.nqueues;
+    CHECK(50, qd >= 1 && qd * nq <= DEPTH_SLOTS && qd <= blk.dev.vq[0].size / 3, "qd %u x %u queues", qd, nq);
+    uint64_t issued = 0, completed = 0;
+    int err;
+    for (unsigned q = 0; q < nq; q++) {
+        for (unsigned k = 0; k < qd && issued < n; k++, issued++) {
+            unsigned slot = q * qd + k;
+            slot_sector[slot] = next(issued);
+            if (fill)
+                fill(buf + (uint64_t)slot * 4096, slot_sector[slot]);
+            err = virtio_blk_submit(&blk, q, type, slot_sector[slot], buf + (uint64_t)slot * 4096, 8, slot);
+            CHECK(51, err == 0, "submit: %s", virtio_strerror(err));
+        }
+        virtio_blk_kick(&blk, q);
+    }
+    uint64_t idle = 0;
+    while (completed < n) {
+        int any = 0;
+        for (unsigned q = 0; q < nq; q++) {
+            uint32_t tag;
+            int st, got, refilled = 0;
+            while ((got = virtio_blk_complete(&blk, q, &tag, &st)) == 1) {
+                any = 1;
+                completed++;
+                CHECK(52, st == 0 && tag / qd == q, "queue %u tag %u: %s (completed %lu, sector %lu)", q, tag, virtio_strerror(st), completed, slot_sector[tag]);
+                done(buf + (uint64_t)tag * 4096, slot_sector[tag]);
+                if (issued < n) {
+                    slot_sector[tag] = next(issued++);
+                    if (fill)
+                        fill(buf + (uint64_t)tag * 4096, slot_sector[tag]);
+                    err = virtio_blk_submit(&blk, q, type, slot_sector[tag], buf + (uint64_t)tag * 4096, 8, tag);
+                    CHECK(53, err == 0, "submit: %s", virtio_strerror(err));
+                    refilled = 1;
+                }
+            }
+            CHECK(54, got == 0, "queue %u: a completion of a request not in flight", q);
+            if (refilled)
+                virtio_blk_kick(&blk, q);
+        }
+        idle = any ? 0 : idle + 1;
+        CHECK(55, idle < 4000000000ull, "no completion (%lu of %lu)", completed, n);
+        if (!any)
+            cpu_relax();
+    }
+    for (unsigned q = 0; q < nq; q++)
+        CHECK(56, blk.inflight[q] == 0, "queue %u: %u still in flight", q, blk.inflight[q]);
+}
+
+static uint64_t span_blocks;
+static uint64_t next_random(uint64_t i) { (void)i; return (rnd() % span_blocks) * 8; }
+static void check_pattern(uint8_t *p, uint64_t s)
+{
+    CHECK(57, *(uint64_t *)p == s && *(uint64_t *)(p + 3584) == s + 7, "4 KiB read at %lu: wrong data", s);
+}
+static uint64_t next_linear(uint64_t i) { return i * 8; }
+static uint64_t check_seed;
+static void fill_check(uint8_t *p, uint64_t s)
+{
+    for (unsigned i = 0; i < 4096; i += 8)
+        *(uint64_t *)(p + i) = (s * 4096 + i) ^ check_seed;
+}
+static void verify_check(uint8_t *p, uint64_t s)
+{
+    for (unsigned i = 0; i < 4096; i += 8)
+        CHECK(58, *(uint64_t *)(p + i) == ((s * 4096 + i) ^ check_seed), "sector %lu byte %u reads back wrong", s,
+              i);
+}
+static void no_check(uint8_t *p, uint64_t s) { (void)p; (void)s; }
+
+static void mqcheck(void)
+{
+    uint64_t n = guest_arg("n4k", 256);
+    unsigned qd = (unsigned)guest_arg("qd", 32);
+    check_seed = guest_arg("seed", 12345) * 0x9e3779b97f4a7c15ull;
+    CHECK(59, n * 8 + 8 <= blk.capacity, "n4k %lu too large", n);
+    at_depth(VIRTIO_BLK_T_OUT, n, qd, next_linear, no_check, fill_check);
+    memset(buf, 0, MiB);
+    at_depth(VIRTIO_BLK_T_IN, n, qd, next_linear, verify_check, NULL);
+    serial_printf("virtio-blk: mqcheck %lu writes and reads over %u queues at depth %u: ok (requests %lu)\n", n,
+                  blk.nqueues, qd, blk.requests);
+    uint64_t bad = 0;
+    for (unsigned q = 0; q < blk.nqueues; q++)
+        bad += blk.dev.vq[q].bad_used_idx;
+    serial_printf("virtio-blk: used idx reads ahead of the requests in flight (ignored): %lu\n", bad);
+}
+
 static void bench(void)
 {
     uint64_t span_mib = guest_arg("span", blk.capacity / 2048);
@@ -153,7 +260,8 @@ static void bench(void)
     serial_printf("tsc %lu\n", rdtsc());
 
     int err;
-    for (uint64_t pass = 0; pass <= passes; pass++) {      /* pass 0: warm-up */
+    int qd1 = (int)guest_arg("qd1", 1);      /* 0: only the depth phase */
+    for (uint64_t pass = 0; qd1 && pass <= passes; pass++) {      /* pass 0: warm-up */
         uint64_t t0 = rdtsc();
         for (uint64_t m = 0; m < span_mib; m++) {
             err = virtio_blk_read(&blk, m * 2048, buf, 2048);
@@ -166,14 +274,24 @@ static void bench(void)
     }
     uint64_t blocks = span_mib * 256;
     uint64_t t0 = rdtsc();
-    for (uint64_t i = 0; i < n4k; i++) {
+    for (uint64_t i = 0; qd1 && i < n4k; i++) {
         uint64_t s = (rnd() % blocks) * 8;
         err = virtio_blk_read(&blk, s, buf, 8);
         CHECK(43, err == 0, "4 KiB read at sector %lu: %s", s, virtio_strerror(err));
         CHECK(44, *(uint64_t *)buf == s && *(uint64_t *)(buf + 3584) == s + 7, "4 KiB read at %lu: wrong data", s);
     }
     uint64_t t1 = rdtsc();
-    serial_printf("result rand4k bytes=%lu requests=%lu tsc=%lu\n", n4k * 4096, n4k, t1 - t0);
+    if (qd1)
+        serial_printf("result rand4k bytes=%lu requests=%lu tsc=%lu\n", n4k * 4096, n4k, t1 - t0);
+    unsigned qd = (unsigned)guest_arg("qd", 1);
+    if (qd > 1) {
+        span_blocks = blocks;
+        t0 = rdtsc();
+        at_depth(VIRTIO_BLK_T_IN, n4k, qd, next_random, check_pattern, NULL);
+        t1 = rdtsc();
+        serial_printf("result rand4k_qd%u_q%u bytes=%lu requests=%lu tsc=%lu\n", qd, blk.nqueues, n4k * 4096, n4k,
+                      t1 - t0);
+    }
     serial_printf("tsc %lu\n", rdtsc());
     serial_printf("virtio-blk: notifies %lu suppressed %lu interrupts %u\n", blk.dev.vq[0].notifies,
                   blk.dev.vq[0].kicks_suppressed, virtq_irqs(&blk.dev, 0));
@@ -190,8 +308,10 @@ int guest_main(void)
     serial_puts("virtio-blk: guest up\n");
     list_pci();
     probe_rng();
-    probe_blk(msix);
-    if (guest_arg("bench", 1))
+    probe_blk(msix, (unsigned)guest_arg("queues", 1));
+    if (guest_arg("mqcheck", 0))
+        mqcheck();
+    else if (guest_arg("bench", 1))
         bench();
     serial_puts("done\n");
     return 0;

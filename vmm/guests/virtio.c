@@ -324,6 +324,7 @@ int virtq_add(struct virtio_dev *d, unsigned q, const struct virtio_buf *bufs, u
     }
     vq->free_head = vq->desc[last].next;
     vq->num_free = (uint16_t)(vq->num_free - n);
+    vq->chains++;
     uint16_t idx = vq->avail->idx;
     vq->avail->ring[idx % vq->size] = head;
     barrier();                          /* x86: stores stay in order */
@@ -346,11 +347,25 @@ void virtq_kick(struct virtio_dev *d, unsigned q)
 int virtq_get(struct virtio_dev *d, unsigned q, uint32_t *id, uint32_t *len)
 {
     struct virtq *vq = &d->vq[q];
-    if (*(volatile uint16_t *)&vq->used->idx == vq->last_used)
+    uint16_t ahead = (uint16_t)(*(volatile uint16_t *)&vq->used->idx - vq->last_used);
+    if (ahead == 0)
         return 0;
-    barrier();                          /* x86: loads stay in order */
+    /* An index that runs further ahead than the chains in flight is not a
+     * completion: on this host's nested KVM (PVM) the guest's view of the
+     * used ring page was seen to read all zeros for a while (flags, idx,
+     * elements) while the device's mapping of the same RAM held the right
+     * values, and "idx != last_used" then took stale elements.  Ignore it
+     * and read again (the device alone cannot be trusted either). */
+    if (ahead > vq->chains) {
+        vq->bad_used_idx++;
+        return 0;
+    }
+    mb();                               /* the element after the index (virtio_rmb): with a compiler
+                                         * barrier alone, queue depth 32 read stale used elements
+                                         * here (PVM host), a completion whose status was still 0xff */
     struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
     vq->last_used++;
+    vq->chains--;
     *id = e.id;
     *len = e.len;
     if (e.id >= vq->size)
@@ -435,14 +450,14 @@ int64_t virtio_rng_read(struct virtio_dev *d, void *buf, uint32_t len)
 
 /* -- virtio-blk ------------------------------------------------------------ */
 
-struct blk_req {
-    uint32_t type, reserved;
-    uint64_t sector;
-    uint8_t status;
-};
-static struct blk_req *blk_req_pool;
+static struct virtio_blk_hdr *blk_req_pool;
 
 int virtio_blk_init(struct virtio_blk *b, unsigned n, unsigned msix_vector)
+{
+    return virtio_blk_init_mq(b, n, msix_vector, 1);
+}
+
+int virtio_blk_init_mq(struct virtio_blk *b, unsigned n, unsigned msix_vector, unsigned queues)
 {
     memset(b, 0, sizeof *b);
     struct virtio_dev *d = &b->dev;
@@ -451,12 +466,28 @@ int virtio_blk_init(struct virtio_blk *b, unsigned n, unsigned msix_vector)
         return err;
     uint64_t want = 1ull << VIRTIO_BLK_F_SIZE_MAX | 1ull << VIRTIO_BLK_F_SEG_MAX | 1ull << VIRTIO_BLK_F_RO
                     | 1ull << VIRTIO_BLK_F_BLK_SIZE | 1ull << VIRTIO_BLK_F_FLUSH;
+    if (queues > 1)
+        want |= 1ull << VIRTIO_BLK_F_MQ;
     if ((err = virtio_negotiate(d, want)))
         return err;
     if (msix_vector && (err = virtio_use_msix(d, msix_vector)))
         return err;
-    if ((err = virtio_setup_queue(d, 0)))
-        return err;
+    b->nqueues = 1;
+    if (d->features & (1ull << VIRTIO_BLK_F_MQ)) {
+        unsigned nq = (unsigned)virtio_cfg_read(d, VIRTIO_BLK_CFG_NUM_QUEUES, 2);
+        if (nq == 0 || nq > d->num_queues)
+            return VIRTIO_ENOQUEUE;
+        b->nqueues = nq < queues ? nq : queues;
+        if (b->nqueues > VIRTIO_MAX_QUEUES)
+            b->nqueues = VIRTIO_MAX_QUEUES;
+    }
+    for (unsigned q = 0; q < b->nqueues; q++) {
+        if ((err = virtio_setup_queue(d, q)))
+            return err;
+        b->hdr[q] = virtio_alloc(sizeof(struct virtio_blk_hdr) * d->vq[q].size, 64);
+        if (!b->hdr[q])
+            return VIRTIO_ENOMEM;
+    }
     if (!blk_req_pool && !(blk_req_pool = virtio_alloc(sizeof *blk_req_pool, 64)))
         return VIRTIO_ENOMEM;
     b->capacity = virtio_cfg_read(d, VIRTIO_BLK_CFG_CAPACITY, 8);
@@ -479,7 +510,7 @@ int virtio_blk_request(struct virtio_blk *b, uint32_t type, uint64_t sector,
                        const struct virtio_buf *data, unsigned n)
 {
     struct virtio_buf bufs[BLK_MAX_SEGS + 2];
-    struct blk_req *r = blk_req_pool;
+    struct virtio_blk_hdr *r = blk_req_pool;
     unsigned k = 0;
     r->type = type;
     r->reserved = 0;
@@ -504,7 +535,7 @@ int virtio_blk_request(struct virtio_blk *b, uint32_t type, uint64_t sector,
     int64_t got = virtq_request(&b->dev, 0, bufs, k, REQUEST_SPINS);
     if (got < 0)
         return (int)got;
-    return ((volatile struct blk_req *)r)->status;
+    return ((volatile struct virtio_blk_hdr *)r)->status;
 }
 
 static int blk_status(int s)
@@ -537,4 +568,63 @@ int virtio_blk_get_id(struct virtio_blk *b, char id[VIRTIO_BLK_ID_BYTES + 1])
     memset(id, 0, VIRTIO_BLK_ID_BYTES + 1);
     struct virtio_buf d = {id, VIRTIO_BLK_ID_BYTES, 1};
     return blk_status(virtio_blk_request(b, VIRTIO_BLK_T_GET_ID, 0, &d, 1));
+}
+
+/* -- virtio-blk at queue depth ------------------------------------------- */
+
+int virtio_blk_submit(struct virtio_blk *b, unsigned q, uint32_t type, uint64_t sector, void *buf,
+                      uint32_t sectors, uint32_t tag)
+{
+    if (q >= b->nqueues)
+        return VIRTIO_EINVAL;
+    struct virtq *vq = &b->dev.vq[q];
+    struct virtio_buf bufs[BLK_MAX_SEGS + 2];
+    uint16_t head = vq->free_head;      /* what virtq_add will take */
+    if (vq->num_free < 3 || head >= vq->size)
+        return VIRTIO_EINVAL;
+    struct virtio_blk_hdr *r = &b->hdr[q][head];
+    r->type = type;
+    r->reserved = 0;
+    r->sector = sector;
+    r->status = 0xff;
+    unsigned k = 0;
+    bufs[k++] = (struct virtio_buf){r, 16, 0};
+    uint8_t *p = buf;
+    uint32_t left = sectors * VIRTIO_BLK_SECTOR;
+    while (left) {
+        uint32_t chunk = b->size_max && left > b->size_max ? b->size_max : left;
+        if (k > BLK_MAX_SEGS || (b->seg_max && k > b->seg_max))
+            return VIRTIO_EINVAL;
+        bufs[k++] = (struct virtio_buf){p, chunk, type == VIRTIO_BLK_T_IN};
+        p += chunk;
+        left -= chunk;
+    }
+    bufs[k++] = (struct virtio_buf){&r->status, 1, 1};
+    int got = virtq_add(&b->dev, q, bufs, k);
+    if (got < 0)
+        return VIRTIO_EINVAL;
+    b->tag[q][got] = tag;
+    b->busy[q][got] = 1;
+    b->inflight[q]++;
+    b->requests++;
+    return VIRTIO_OK;
+}
+
+void virtio_blk_kick(struct virtio_blk *b, unsigned q)
+{
+    virtq_kick(&b->dev, q);
+}
+
+int virtio_blk_complete(struct virtio_blk *b, unsigned q, uint32_t *tag, int *status)
+{
+    uint32_t id, len;
+    if (q >= b->nqueues || !virtq_get(&b->dev, q, &id, &len))
+        return 0;
+    if (id >= b->dev.vq[q].size || !b->busy[q][id])
+        return VIRTIO_ERING;
+    b->busy[q][id] = 0;
+    b->inflight[q]--;
+    *tag = b->tag[q][id];
+    *status = blk_status(((volatile struct virtio_blk_hdr *)&b->hdr[q][id])->status);
+    return 1;
 }

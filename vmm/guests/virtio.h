@@ -19,7 +19,8 @@
  * MSI-X (virtio_use_msix: one vector per queue, counted by irq.h; the
  * guest must say IRQ_RING3_INTERRUPTS_ON and call irq_init/irq_enable).
  *
- * Not thread-safe: one vCPU drives a device. */
+ * Not thread-safe: one vCPU drives a device (several queues of it
+ * round-robin, see virtio_blk_submit). */
 #ifndef SPLITVMM_VIRTIO_H
 #define SPLITVMM_VIRTIO_H
 
@@ -114,10 +115,14 @@ struct virtq {
     uint64_t notify;                    /* doorbell address */
     uint16_t free_head, num_free;
     uint16_t last_used;                 /* next used->ring entry to consume */
+    uint16_t chains;                    /* chains made available, not yet used */
     uint16_t vector;                    /* MSI-X table entry, or VIRTIO_MSI_NO_VECTOR */
     unsigned irq_vector;                /* LAPIC vector it is programmed with (0: none) */
     uint32_t irqs_seen;                 /* irq_count() consumed so far */
     uint64_t notifies, kicks_suppressed;
+    /* used->idx reads that claimed more completions than chains in
+     * flight (ignored, read again: see virtq_get) */
+    uint64_t bad_used_idx;
 };
 
 struct virtio_dev {
@@ -235,6 +240,7 @@ int64_t virtio_rng_read(struct virtio_dev *d, void *buf, uint32_t len);
 #define VIRTIO_BLK_CFG_SIZE_MAX 8
 #define VIRTIO_BLK_CFG_SEG_MAX 12
 #define VIRTIO_BLK_CFG_BLK_SIZE 20
+#define VIRTIO_BLK_CFG_NUM_QUEUES 34    /* u16, with VIRTIO_BLK_F_MQ (§5.2.4) */
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
@@ -253,6 +259,18 @@ struct virtio_blk {
     uint32_t size_max, seg_max;         /* per-segment / per-request limits (0: none) */
     int read_only, has_flush;
     uint64_t requests;
+    unsigned nqueues;                   /* request queues set up (1 without MQ) */
+    /* queue depth (virtio_blk_submit): per queue and head descriptor, the
+     * request header, the caller's tag and whether it is in flight */
+    struct virtio_blk_hdr *hdr[VIRTIO_MAX_QUEUES];
+    uint32_t tag[VIRTIO_MAX_QUEUES][VIRTQ_MAX_SIZE];
+    uint8_t busy[VIRTIO_MAX_QUEUES][VIRTQ_MAX_SIZE];
+    unsigned inflight[VIRTIO_MAX_QUEUES];
+};
+struct virtio_blk_hdr {
+    uint32_t type, reserved;
+    uint64_t sector;
+    uint8_t status;
 };
 
 /* Finds the n-th virtio-blk function and brings it up (features: SIZE_MAX,
@@ -260,6 +278,24 @@ struct virtio_blk {
  * non-zero, completion is by MSI-X on that LAPIC vector (see
  * virtio_use_msix). */
 int virtio_blk_init(struct virtio_blk *b, unsigned n, unsigned msix_vector);
+/* The same with up to `queues` request queues (at most VIRTIO_MAX_QUEUES):
+ * VIRTIO_BLK_F_MQ is accepted when offered and `queues` > 1, and
+ * min(queues, the device's num_queues) queues are set up (b->nqueues);
+ * without MQ the device has one. */
+int virtio_blk_init_mq(struct virtio_blk *b, unsigned n, unsigned msix_vector, unsigned queues);
+/* Queue depth: puts one request (type IN or OUT, one data buffer of
+ * `sectors` sectors, split at size_max) on queue q without notifying;
+ * `tag` comes back from virtio_blk_complete.  Returns 0, VIRTIO_EINVAL
+ * (no room: complete some first).  Several submits, then one
+ * virtio_blk_kick: several requests per doorbell. */
+int virtio_blk_submit(struct virtio_blk *b, unsigned q, uint32_t type, uint64_t sector, void *buf,
+                      uint32_t sectors, uint32_t tag);
+void virtio_blk_kick(struct virtio_blk *b, unsigned q);
+/* Takes one completion of queue q if there is one: returns 1 with its tag
+ * and its status (VIRTIO_OK / VIRTIO_EIO / VIRTIO_EUNSUPP), 0 when none,
+ * VIRTIO_ERING when the device returned a head that was not in flight
+ * (twice, or never submitted). */
+int virtio_blk_complete(struct virtio_blk *b, unsigned q, uint32_t *tag, int *status);
 /* One request each, synchronous (queue depth 1).  `buf` is guest RAM;
  * `sectors` 512-byte sectors starting at `sector`.  Return 0 or VIRTIO_E*
  * (VIRTIO_EIO / VIRTIO_EUNSUPP from the status byte). */
