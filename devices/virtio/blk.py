@@ -110,7 +110,7 @@ class VirtioBlk(VirtioPciDevice):
     virtio_id = VIRTIO_ID_BLOCK
     fault_points = {**VirtioPciDevice.fault_points, **{p: POINTS[p] for p in _FAULT_POINTS.values()}}
     class_code = 0x018000          # mass storage, other (as QEMU)
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, host: DeviceHost, **params: str):
         path = params.pop("path", None)
