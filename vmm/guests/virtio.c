@@ -347,16 +347,19 @@ void virtq_kick(struct virtio_dev *d, unsigned q)
 int virtq_get(struct virtio_dev *d, unsigned q, uint32_t *id, uint32_t *len)
 {
     struct virtq *vq = &d->vq[q];
-    uint16_t ahead = (uint16_t)(*(volatile uint16_t *)&vq->used->idx - vq->last_used);
+    uint16_t idx = *(volatile uint16_t *)&vq->used->idx;
+    uint16_t ahead = (uint16_t)(idx - vq->last_used);
     if (ahead == 0)
         return 0;
-    /* An index that runs further ahead than the chains in flight is not a
-     * completion: on this host's nested KVM (PVM) the guest's view of the
-     * used ring page was seen to read all zeros for a while (flags, idx,
-     * elements) while the device's mapping of the same RAM held the right
-     * values, and "idx != last_used" then took stale elements.  Ignore it
-     * and read again (the device alone cannot be trusted either). */
-    if (ahead > vq->chains) {
+    /* An index of 0 that runs further ahead than the chains in flight is
+     * not a completion: on this host's nested KVM (PVM) the guest's view
+     * of the used ring page was seen to read all zeros for a while (flags,
+     * idx, elements) while the device's mapping of the same RAM held the
+     * right values, and "idx != last_used" then took stale elements.
+     * Ignore it and read again.  Any other index ahead of the chains in
+     * flight is the device's (a duplicated completion, say): the element
+     * is taken, and its id checked, so the driver sees what it did. */
+    if (ahead > vq->chains && idx == 0) {
         vq->bad_used_idx++;
         return 0;
     }
@@ -365,7 +368,8 @@ int virtq_get(struct virtio_dev *d, unsigned q, uint32_t *id, uint32_t *len)
                                          * here (PVM host), a completion whose status was still 0xff */
     struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
     vq->last_used++;
-    vq->chains--;
+    if (vq->chains)
+        vq->chains--;
     *id = e.id;
     *len = e.len;
     if (e.id >= vq->size)

@@ -120,8 +120,9 @@ struct virtq {
     unsigned irq_vector;                /* LAPIC vector it is programmed with (0: none) */
     uint32_t irqs_seen;                 /* irq_count() consumed so far */
     uint64_t notifies, kicks_suppressed;
-    /* used->idx reads that claimed more completions than chains in
-     * flight (ignored, read again: see virtq_get) */
+    /* used->idx reads of 0 that claimed more completions than chains in
+     * flight (the host's zero view of the page; ignored, read again: see
+     * virtq_get) */
     uint64_t bad_used_idx;
 };
 
