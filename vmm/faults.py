@@ -51,6 +51,8 @@ class FaultsError(VmmError):
 
 #: How long :meth:`MachineFaults.sync` waits for each device process's answer.
 SYNC_TIMEOUT = 1.0
+#: Longest wait for a restarted device to take its faults (its accesses wait).
+RESETUP_TIMEOUT = 2.0
 
 
 def device_points(specs: Mapping[str, DeviceSpec]) -> dict[str, Mapping[str, PointSpec]]:
@@ -136,12 +138,50 @@ class MachineFaults:
             endpoint.attach_faults(engine)
         elif isinstance(endpoint, RemoteEndpoint):
             endpoint.on_fault_record = lambda rec, _n=name: self.record(_n, rec)
-            body = {"seed": seed, "digest": self.digest, "faults": [f.to_dict() for f in faults],
-                    "replay": replay}
+            endpoint.on_restarted = lambda ep, _n=name: ep.fault_control("setup", self._setup_body(_n),
+                                                                         timeout=RESETUP_TIMEOUT)
             try:
-                endpoint.fault_control("setup", body)
+                endpoint.fault_control("setup", self._setup_body(name))
             except ValueError as e:
                 raise FaultsError(f"device {name} refused its faults: {e}") from None
+
+    def _setup_body(self, name: str) -> dict[str, Any]:
+        """A device process's share of the plan.  For a process started
+        again (restart policy) that is what its predecessors left: the
+        faults armed at run time are in, the disarmed ones out, each
+        fault's ``times`` less its firings so far, a spent one left out
+        (a fired ``nth`` does not fire again: no crash loop), and of a
+        replay the firings not yet recorded.  Event counters begin again
+        at 0 in the new process."""
+        with self._lock:
+            faults = {f.name: f.to_dict() for f in self.plan.for_device(name)}
+            fired: dict[str, int] = {}
+            done: set[tuple[str, str, int]] = set()
+            for rec in self._records:
+                if rec["device"] != name:
+                    continue
+                if rec["type"] == "arm" and isinstance(rec.get("plan"), dict):
+                    faults[rec["fault"]] = rec["plan"]
+                elif rec["type"] == "disarm":
+                    faults.pop(rec["fault"], None)
+                elif rec["type"] == "fire":
+                    done.add((rec["fault"], rec["point"], rec["event"]))
+            for key, n in self._firings.items():
+                device, _, fault = key.partition("/")
+                if device == name:
+                    fired[fault] = n
+        left = []
+        for fname, f in faults.items():
+            times = f.get("times")
+            if isinstance(times, int) and fired.get(fname):
+                if times <= fired[fname]:
+                    continue
+                f = {**f, "times": times - fired[fname]}
+            left.append(f)
+        replay = self.replay.for_device(name) if self.replay is not None else None
+        if replay is not None:
+            replay = [r for r in replay if (r["fault"], r["point"], r["event"]) not in done]
+        return {"seed": self.plan.seed, "digest": self.digest, "faults": left, "replay": replay}
 
     # -- records ---------------------------------------------------------------
 

@@ -6,8 +6,10 @@
 - ``process`` (one echo device process per action, one run): crash, exit
   and hang at the 10th access fail that device and the VM goes on; hold_lock
   gets the holder killed by the lock watch; die_holding_lock is recovered
-  through owner-died -- with today's restart-less VMM the device is lost
-  in every case, and the other devices keep working;
+  through owner-died -- with restart=no the device is lost in every case,
+  and the other devices keep working; with restart=on-failure crash,
+  hold_lock and die_holding_lock are invisible to the guest (one restart
+  each, the spent fault not fired again, a later fault still fired);
 - virtio (tests/guests/fault_virtio.c, both placements): ``blk.*`` (IOERR,
   UNSUPP, lost and torn writes seen in the image, a corrupt read, a late
   request, a hung one), ``irq`` (lost, duplicated, late), ``queue.complete``
@@ -66,6 +68,7 @@ def run_access(guest, specs: list[str], text: str, n: int = 20, lock_timeout: fl
         raw = struct.unpack(f"<{8 * 64}Q", m.memory.read(STATS, 8 * 64 * 8))
         failures = {m.endpoints[o].name: m.device_failure(o) for o in m.device_specs}
         failures["(recoveries)"] = m.registry.recoveries
+        failures["(devices)"] = {d["id"]: d for d in m.query_devices()}
         records = m.faults.trace()
         statuses = m.faults.list()
     values = [[raw[d * 64 + 2 * i] for i in range(n)] for d in range(len(parsed))]
@@ -176,6 +179,45 @@ def test_process_faults_lose_only_their_device(guest, caplog):
     assert "no answer" in failures["hang"] and "SIGKILL" in failures["crash"], failures["crash"]
     assert "status 1" in failures["exit"]
     assert failures["(recoveries)"] >= 2      # the lock of the killed holder and of the one that died
+
+
+RESTARTED_ACTIONS = ["crash", "hold_lock", "die_holding_lock"]
+
+
+def test_process_faults_with_restart_are_guest_invisible(guest):
+    # restart=on-failure (the default): the device dies (or, hold_lock, is
+    # killed by the lock watch) at its 10th access, is started once again
+    # and serves the access it died in; the guest sees every value right.
+    # The new process gets the plan less what fired: the nth=10 fault is
+    # spent and does not fire at the new process's 10th access (no loop).
+    specs = [f"echo,id={a.replace('_', '-')},pio={0x2000 + 0x100 * i:#x},restart=on-failure"
+             for i, a in enumerate(RESTARTED_ACTIONS)]
+    text = "".join(f'[[fault]]\ndevice = "{a.replace("_", "-")}"\npoint = "process"\nnth = 10\naction = "{a}"\n'
+                   for a in RESTARTED_ACTIONS)
+    # and one that is still to fire when "crash" dies: the new process gets it
+    # (its numbering begins again: the new process's 7th read, of round 10,
+    # its 13th access -- its first is the read of round 4 the old one died in)
+    text += '[[fault]]\nname = "later"\ndevice = "crash"\npoint = "access"\ndir = "read"\nnth = 7\naction = "ones"\n'
+    outcome, values, _cycles, records, statuses, failures = run_access(
+        guest, specs, text, n=12, lock_timeout=0.5, access_timeout=2.0)
+    assert outcome.ending is Ending.POWER_OFF, str(outcome)
+    devices = failures["(devices)"]
+    for d, action in enumerate(RESTARTED_ACTIONS):
+        name = action.replace("_", "-")
+        expected = [0x1000 + i for i in range(12)]
+        if action == "crash":
+            expected[10] = ONES32
+        assert values[d] == expected, (action, values[d])
+        assert failures[name] is None, (action, failures[name])
+        assert devices[name]["restarts"] == 1, (action, devices[name])
+        fire = [r for r in records if r["device"] == name and r["type"] == "fire" and r["fault"] != "later"]
+        assert [(r["point"], r["event"], r["action"]) for r in fire] == [("process", 10, action)], records
+    later = [r for r in records if r["type"] == "fire" and r["fault"] == "later"]
+    assert [(r["device"], r["event"]) for r in later] == [("crash", 13)], later
+    assert "held the registry lock" in devices["hold-lock"]["last-cause"]
+    assert failures["(recoveries)"] >= 1      # the lock the dying holder left (and the killed one's)
+    # the restarted processes have nothing armed any more: the faults are spent
+    assert [(s["device"], s["name"], s["firings"]) for s in statuses] == [("crash", "later", 1)], statuses
 
 
 def test_process_faults_refused_inline():

@@ -167,6 +167,9 @@ class RemoteEndpoint:
         #: Called with the endpoint once a new process is Ready (a service
         #: peer learns its pid), or None.
         self.after_ready: Callable[[RemoteEndpoint], None] | None = None
+        #: Called after a restart once the new process serves (vmm.faults:
+        #: the new process's share of the plan, less what has fired).
+        self.on_restarted: Callable[[RemoteEndpoint], None] | None = None
         #: Warm spare processes for restarts (spawn() with options.spare).
         self._spares: _Spares | None = None
         self._offer: Offer | None = None
@@ -884,14 +887,26 @@ class RemoteEndpoint:
         self.restarts += 1
         self.last_restart = took
         self.longest_restart = max(self.longest_restart, took)
+        hook = self.on_restarted
         with self._cond:
             self._live = (slots, gen + 1)
             self._down = False
             self._cause = None
+            if hook is not None:
+                self._paused += 1       # no access before the hook is done (the fault plan is in)
             self._cond.notify_all()
         self._started(agreed)
         if self.after_ready is not None:
             self.after_ready(self)
+        if hook is not None:
+            try:
+                hook(self)
+            except (DeviceFailed, ValueError) as e:
+                log.warning("device %s after its restart: %s", self.name, e)
+            finally:
+                with self._cond:
+                    self._paused -= 1
+                    self._cond.notify_all()
         if self._spares is not None:
             self._spares.refill()
         log.info("device %s restarted (pid %d) in %.1f ms", self.name, self.pid, took * 1000)
