@@ -23,6 +23,7 @@ the background (:meth:`Machine.start`, :meth:`Machine.wait`); ``vmm run``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,7 +32,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from devices.base import ConsoleFds, DeviceError
@@ -431,7 +432,11 @@ class Machine:
         the VMM cannot evaluate its class's windows: what it registered at
         attach is pinned as its windows."""
         if issubclass(spec.model_class, PciDevice):
-            self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
+            # A device added while the guest runs (device_add): the guest
+            # may be rescanning, and a BAR it writes between the probe's
+            # sizing write and its restore would be lost, so the vCPUs wait.
+            with self._vcpus_held():
+                self.pci.probe_bars(owner, int(spec.param_dict()["slot"], 0))
         elif spec.connect is not None:
             self.windows.grant_model(owner, [Window(Space(int(r.bus)), r.start, r.length, r.cookie)
                                              for r in self._live_registry.regions()
@@ -699,6 +704,24 @@ class Machine:
             raise VmmError(f"vCPU {', '.join(map(str, late))} did not stop in time; it stops when "
                            "its access ends")
         return True
+
+    @contextlib.contextmanager
+    def _vcpus_held(self) -> Iterator[None]:
+        """Keep every vCPU out of KVM_RUN for the block, if the guest runs
+        (no STOP/RESUME events: a pause of the VMM's own, not the user's)."""
+        with self._pause_lock:
+            if not self._started or self._paused or self.outcome is not None:
+                yield
+                return
+            deadline = time.monotonic() + self.access_timeout + 3 * self.lock_timeout + STOP_GRACE
+            held = [v for v in self.vcpus if v.pause(max(0.0, deadline - time.monotonic()))]
+            try:
+                if len(held) != len(self.vcpus):
+                    raise VmmError("a vCPU did not stop in time for a device's BARs to be sized")
+                yield
+            finally:
+                for v in self.vcpus:
+                    v.resume()
 
     def resume(self) -> bool:
         """Let every vCPU run again (QMP ``cont``; event RESUME).  False
