@@ -5,12 +5,15 @@ respect to the device's state (guests: tests/guests/restart_*.c)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import threading
 import time
 
+
+import pytest
 
 from ipc import Bus
 from tests.vmm.conftest import needs_kvm
@@ -38,9 +41,11 @@ class Killer(threading.Thread):
     once it serves again and the guest has made progress."""
 
     def __init__(self, machine: Machine, ep, kills: int, progress, seed: int = 1,
-                 before_kill=None):
+                 before_kill=None, pid=None):
         super().__init__(daemon=True)
         self.m, self.ep, self.kills, self.progress = machine, ep, kills, progress
+        #: the device's pid now (default: as the endpoint knows it)
+        self.pid = pid or (lambda: self.ep.pid)
         self.rng = random.Random(seed)
         self.before_kill = before_kill
         self.done = threading.Event()
@@ -53,7 +58,7 @@ class Killer(threading.Thread):
                 seen = self.progress()
                 wait_for(lambda s=seen: self.progress() > s + 20, 60, "guest progress")
                 time.sleep(self.rng.uniform(0, 0.03))
-                pid, restarts = self.ep.pid, self.ep.restarts
+                pid, restarts = self.pid(), self.ep.restarts
                 if self.before_kill is not None:
                     self.before_kill(i)
                 os.kill(pid, signal.SIGKILL)
@@ -66,12 +71,13 @@ class Killer(threading.Thread):
             self.done.set()
 
 
-def run_killed(m: Machine, ep, *, kills: int = KILLS, seed: int = 1, before_kill=None):
+def run_killed(m: Machine, ep, *, kills: int = KILLS, seed: int = 1, before_kill=None, pid=None):
     """Runs the loaded guest while a Killer kills ``ep`` ``kills`` times,
     the guest's progress being the u64 at STATS + 8; the STOP port reads 1
     once the kills are done.  Checks the guest powered off and every kill
     was a restart; returns the killer."""
-    killer = Killer(m, ep, kills, lambda: m.memory.read_u64(STATS + 8), seed=seed, before_kill=before_kill)
+    killer = Killer(m, ep, kills, lambda: m.memory.read_u64(STATS + 8), seed=seed, before_kill=before_kill,
+                    pid=pid)
     m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 1 if killer.done.is_set() else 0)
     killer.start()
     outcome = m.run(timeout=240)
@@ -85,6 +91,27 @@ def run_killed(m: Machine, ep, *, kills: int = KILLS, seed: int = 1, before_kill
 def pauses(killer: Killer) -> str:
     p = sorted(killer.pauses)
     return f"restart ms median {p[len(p) // 2] * 1000:.1f} max {p[-1] * 1000:.1f}"
+
+
+@contextlib.contextmanager
+def placed(m: Machine, spec: str, mode: str, tmp_path):
+    """Adds the device of ``spec`` (kind first, no id) as ``mode`` says:
+    ``spawned`` by the VMM, or ``service``: ``devserver serve`` under the
+    test supervisor (re-executed with LISTEN_FDS when it dies), the VMM
+    attached with connect=PATH.  Yields (endpoint, its pid now)."""
+    if mode == "spawned":
+        ep = m.add_device(parse_device_spec(f"{spec},id=d0,restart_burst=100"))
+        yield ep, lambda: ep.pid
+        return
+    from tests.devserver.servicekit import service_env, started_pids, supervised
+    path = tmp_path / "dev.sock"
+    svc = supervised(spec, path, env=service_env())
+    try:
+        ep = m.add_device(parse_device_spec(f"{spec.split(',')[0]},id=d0,connect={path},restart_burst=100,"
+                                            "restart_timeout=20"))
+        yield ep, lambda: started_pids(svc)[-1]
+    finally:
+        svc.stop()
 
 
 def pci_guest(guest_cache, name: str):
@@ -305,31 +332,31 @@ def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_pa
     print(f"virtio-blk: {KILLS} kills, {rounds} rounds, {completed} requests")
 
 
-def test_pci_echo_killed_20_times_every_access_exactly_once(guest_cache):
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_pci_echo_killed_20_times_every_access_exactly_once(guest_cache, tmp_path, mode):
     # restart_echo's loop through pci-echo's BARs (where the VMM assigned
     # them): every scratch value reads back, the counter is exact.
-    with Machine(memory=32 << 20, vcpus=1) as m:
+    with Machine(memory=32 << 20, vcpus=1) as m, placed(m, "pci-echo", mode, tmp_path) as (ep, pid):
         m.load_pvh(pci_guest(guest_cache, "restart_pci_echo"), f"stop={STOP:#x} stats={STATS:#x}")
-        ep = m.add_device(parse_device_spec("pci-echo,id=p0,restart_burst=100"))
-        killer = run_killed(m, ep, seed=11)
+        killer = run_killed(m, ep, seed=11, pid=pid)
         made, rounds, count = (m.memory.read_u64(STATS + 8 * i) for i in range(3))
         assert count == made and rounds > KILLS * 20
         assert m.registry.check() == []
-    print(f"pci-echo: {KILLS} kills, {rounds} rounds, {made} accesses; {pauses(killer)}")
+    print(f"pci-echo ({mode}): {KILLS} kills, {rounds} rounds, {made} accesses; {pauses(killer)}")
 
 
-def test_virtio_rng_killed_20_times_no_request_lost_or_twice(guest_cache):
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_virtio_rng_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path, mode):
     # Every request the guest posted completed exactly once (it checks the
     # used index moves by one per request, naming its head, with 16 random
     # bytes), half of the kills with a request outstanding.
-    with Machine(memory=32 << 20, vcpus=1) as m:
+    with Machine(memory=32 << 20, vcpus=1) as m, placed(m, "virtio-rng", mode, tmp_path) as (ep, pid):
         m.load_pvh(pci_guest(guest_cache, "restart_rng"), f"stop={STOP:#x} stats={STATS:#x}")
-        ep = m.add_device(parse_device_spec("virtio-rng,id=r0,restart_burst=100"))
-        killer = run_killed(m, ep, seed=13, before_kill=mid_request(m, 5))
+        killer = run_killed(m, ep, seed=13, before_kill=mid_request(m, 5), pid=pid)
         completed, rounds = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 8)
         used = int.from_bytes(m.memory.read(m.memory.read_u64(STATS + 24) + 2, 2), "little")
     assert completed == rounds and used == rounds % (1 << 16)
-    print(f"virtio-rng: {KILLS} kills, {rounds} requests; {pauses(killer)}")
+    print(f"virtio-rng ({mode}): {KILLS} kills, {rounds} requests; {pauses(killer)}")
 
 
 def console_line(n: int) -> bytes:
