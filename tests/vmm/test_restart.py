@@ -110,6 +110,9 @@ def placed(m: Machine, spec: str, mode: str, tmp_path):
         ep = m.add_device(parse_device_spec(f"{spec.split(',')[0]},id=d0,connect={path},restart_burst=100,"
                                             "restart_timeout=20"))
         yield ep, lambda: started_pids(svc)[-1]
+    except BaseException:
+        print("the service's log, its end:\n" + "\n".join(svc.err.text().splitlines()[-40:]))
+        raise
     finally:
         svc.stop()
 
