@@ -5,7 +5,9 @@
  * Command line: stop=PORT (reads non-zero once the host wants the run to
  * end), stats=ADDR: u64 requests completed, u64 rounds, the guest
  * addresses of the avail and used rings (for a host that wants to kill
- * the device while a request is outstanding).
+ * the device while a request is outstanding); on check 3, the round, the
+ * extra used element (id << 32 | len) and the used indexes (expected
+ * << 16 | found).
  *
  * Round r posts one 16-byte device-writable buffer as head r % QSZ.
  * Each request must complete exactly once: the used index moves by
@@ -53,7 +55,13 @@ int guest_main(void)
         completed++;
         for (int i = 0; i < 2000; i++)
             cpu_relax();
-        CHECK(3, *(volatile uint16_t *)&used.idx == last_used);
+        if (*(volatile uint16_t *)&used.idx != last_used) {
+            /* for the host: the round, the extra element, the used index */
+            stats[4] = round;
+            stats[5] = (uint64_t)used.ring[last_used % QSZ].id << 32 | used.ring[last_used % QSZ].len;
+            stats[6] = (uint64_t)last_used << 16 | *(volatile uint16_t *)&used.idx;
+            test_exit(3);
+        }
         int zero = 1, same = 1, as_prev = 1;
         for (int i = 0; i < LEN; i++) {
             zero &= bufs[head][i] == 0;

@@ -83,7 +83,9 @@ def run_killed(m: Machine, ep, *, kills: int = KILLS, seed: int = 1, before_kill
     outcome = m.run(timeout=240)
     killer.join(10)
     assert killer.error is None, repr(killer.error)
-    assert outcome.ending is Ending.POWER_OFF, f"{outcome} after {m.memory.read_u64(STATS + 8)} rounds"
+    assert outcome.ending is Ending.POWER_OFF, (
+        f"{outcome} after {m.memory.read_u64(STATS + 8)} rounds, {len(killer.pauses)} restarts; guest's "
+        f"details {[hex(m.memory.read_u64(STATS + 32 + 8 * i)) for i in range(3)]}")
     assert ep.restarts == kills and ep.failed is None
     return killer
 
