@@ -16,8 +16,15 @@
  * once, this read included).  Ends with status 0 (power off) when the
  * host says stop, else test_exit(n) for the first failed check:
  * 1 a scratch value read back wrong, 2 the counter is not the number of
- * accesses, 3 a read of all ones (the device was failed). */
+ * accesses, 3 a read of all ones (the device was failed), 4 no pci-echo.
+ *
+ * Built with PCI_ECHO defined (restart_pci_echo.c), the windows are
+ * pci-echo's BAR 1 (I/O) and BAR 0 (memory), where the VMM assigned
+ * them: the same register file behind PCI BARs. */
 #include "guest.h"
+#ifdef PCI_ECHO
+#include "pci.h"
+#endif
 
 #define REG_COUNT 0xf4
 
@@ -31,6 +38,13 @@ int guest_main(void)
     volatile uint64_t *stats = (volatile uint64_t *)(uintptr_t)guest_arg("stats", 0x200000);
     uint64_t hog = guest_arg("hog", 0);
     uint32_t made = 0;
+#ifdef PCI_ECHO
+    struct pci_dev d;
+    CHECK(4, pci_find(0x5356, 0x0002, &d));
+    pio = pci_bar_address(d.bdf, 1);
+    mmio = pci_bar_address(d.bdf, 0);
+    pci_command(d.bdf, PCI_COMMAND_IO | PCI_COMMAND_MEMORY, 0);
+#endif
 
     for (uint64_t round = 1;; round++) {
         unsigned off = (unsigned)(round * 4) % 0xe0;

@@ -5,12 +5,15 @@ respect to the device's state (guests: tests/guests/restart_*.c)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import threading
 import time
 
+
+import pytest
 
 from ipc import Bus
 from tests.vmm.conftest import needs_kvm
@@ -38,9 +41,11 @@ class Killer(threading.Thread):
     once it serves again and the guest has made progress."""
 
     def __init__(self, machine: Machine, ep, kills: int, progress, seed: int = 1,
-                 before_kill=None):
+                 before_kill=None, pid=None):
         super().__init__(daemon=True)
         self.m, self.ep, self.kills, self.progress = machine, ep, kills, progress
+        #: the device's pid now (default: as the endpoint knows it)
+        self.pid = pid or (lambda: self.ep.pid)
         self.rng = random.Random(seed)
         self.before_kill = before_kill
         self.done = threading.Event()
@@ -53,7 +58,7 @@ class Killer(threading.Thread):
                 seen = self.progress()
                 wait_for(lambda s=seen: self.progress() > s + 20, 60, "guest progress")
                 time.sleep(self.rng.uniform(0, 0.03))
-                pid, restarts = self.ep.pid, self.ep.restarts
+                pid, restarts = self.pid(), self.ep.restarts
                 if self.before_kill is not None:
                     self.before_kill(i)
                 os.kill(pid, signal.SIGKILL)
@@ -64,6 +69,108 @@ class Killer(threading.Thread):
             self.error = e
         finally:
             self.done.set()
+
+
+def run_killed(m: Machine, ep, *, kills: int = KILLS, seed: int = 1, before_kill=None, pid=None):
+    """Runs the loaded guest while a Killer kills ``ep`` ``kills`` times,
+    the guest's progress being the u64 at STATS + 8; the STOP port reads 1
+    once the kills are done.  Checks the guest powered off and every kill
+    was a restart; returns the killer."""
+    killer = Killer(m, ep, kills, lambda: m.memory.read_u64(STATS + 8), seed=seed, before_kill=before_kill,
+                    pid=pid)
+    m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 1 if killer.done.is_set() else 0)
+    killer.start()
+    outcome = m.run(timeout=240)
+    killer.join(10)
+    assert killer.error is None, repr(killer.error)
+    assert outcome.ending is Ending.POWER_OFF, (
+        f"{outcome} after {m.memory.read_u64(STATS + 8)} rounds, {len(killer.pauses)} restarts; guest's "
+        f"details {[hex(m.memory.read_u64(STATS + 32 + 8 * i)) for i in range(3)]}")
+    assert ep.restarts == kills and ep.failed is None
+    return killer
+
+
+def pauses(killer: Killer) -> str:
+    p = sorted(killer.pauses)
+    return f"restart ms median {p[len(p) // 2] * 1000:.1f} max {p[-1] * 1000:.1f}"
+
+
+@contextlib.contextmanager
+def placed(m: Machine, spec: str, mode: str, tmp_path):
+    """Adds the device of ``spec`` (kind first, no id) as ``mode`` says:
+    ``spawned`` by the VMM, or ``service``: ``devserver serve`` under the
+    test supervisor (re-executed with LISTEN_FDS when it dies), the VMM
+    attached with connect=PATH.  Yields (endpoint, its pid now)."""
+    if mode == "spawned":
+        ep = m.add_device(parse_device_spec(f"{spec},id=d0,restart_burst=100"))
+        yield ep, lambda: ep.pid
+        return
+    from tests.devserver.servicekit import service_env, started_pids, supervised
+    path = tmp_path / "dev.sock"
+    svc = supervised(spec, path, env=service_env())
+    try:
+        ep = m.add_device(parse_device_spec(f"{spec.split(',')[0]},id=d0,connect={path},restart_burst=100,"
+                                            "restart_timeout=20"))
+        yield ep, lambda: started_pids(svc)[-1]
+    except BaseException:
+        print("the service's log, its end:\n" + "\n".join(svc.err.text().splitlines()[-40:]))
+        raise
+    finally:
+        svc.stop()
+
+
+def pci_guest(guest_cache, name: str):
+    """tests/guests/NAME.c with the guest PCI library, built."""
+    from tests.vmm.conftest import GUEST_SOURCES
+    from vmm import guests
+    return guests.build([GUEST_SOURCES / f"{name}.c", guests.HERE / "pci.c"], guest_cache)
+
+
+def mid_request(m: Machine, seed: int):
+    """A Killer's before_kill for a guest whose stats hold its avail and
+    used ring addresses at STATS + 16 and + 24: every other kill waits
+    until a request is outstanding (avail ahead of used), then a random
+    few tens of microseconds -- so some land between the pop and the
+    completion."""
+    rng = random.Random(seed)
+
+    def before_kill(i: int) -> None:
+        if i % 2:
+            return
+        avail, used = m.memory.read_u64(STATS + 16), m.memory.read_u64(STATS + 24)
+        idx = lambda a: int.from_bytes(m.memory.read(a + 2, 2), "little")  # noqa: E731
+        deadline = time.monotonic() + 10
+        while idx(avail) == idx(used):          # busy: a request lasts ~100 us
+            assert time.monotonic() < deadline, "no outstanding request"
+        t = time.monotonic() + rng.uniform(0, 0.00008)
+        while time.monotonic() < t:
+            pass
+    return before_kill
+
+
+class ConsoleCapture:
+    """Pipes for a device's console (ConsoleFds): what the device writes
+    is collected in ``got`` by a thread until the context ends."""
+
+    def __enter__(self):
+        from devices.base import ConsoleFds
+        self.out_r, self.out_w = os.pipe()
+        self.in_r, self.in_w = os.pipe()
+        self.got = bytearray()
+        self.fds = ConsoleFds(self.out_w, self.in_r)
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+        return self
+
+    def _drain(self) -> None:
+        while data := os.read(self.out_r, 65536):
+            self.got.extend(data)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.out_w)
+        self.reader.join(10)
+        for fd in (self.out_r, self.in_r, self.in_w):
+            os.close(fd)
 
 
 def test_echo_killed_20_times_every_access_exactly_once(guest):
@@ -179,40 +286,12 @@ def expected_serial(n: int) -> int:
 
 
 def test_serial_killed_20_times_loses_no_byte(guest):
-    from devices.base import ConsoleFds
-
-    out_r, out_w = os.pipe()
-    in_r, in_w = os.pipe()
-    got = bytearray()
-
-    def drain():
-        while True:
-            data = os.read(out_r, 65536)
-            if not data:
-                return
-            got.extend(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        with Machine(memory=32 << 20, vcpus=1) as m:
-            m.load_pvh(guest("restart_serial"), f"stop={STOP:#x} stats={STATS:#x}")
-            ep = m.add_device(parse_device_spec("serial,id=s0,restart_burst=100"),
-                              console=ConsoleFds(out_w, in_r))
-            killer = Killer(m, ep, KILLS, lambda: m.memory.read_u64(STATS + 8))
-            m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 1 if killer.done.is_set() else 0)
-            killer.start()
-            outcome = m.run(timeout=240)
-            killer.join(10)
-            written, rounds = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 8)
-            assert killer.error is None, repr(killer.error)
-            assert outcome.ending is Ending.POWER_OFF, f"{outcome} after {rounds} rounds"
-            assert ep.restarts == KILLS and ep.failed is None
-    finally:
-        os.close(out_w)
-        reader.join(10)
-        for fd in (out_r, in_r, in_w):
-            os.close(fd)
+    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m:
+        m.load_pvh(guest("restart_serial"), f"stop={STOP:#x} stats={STATS:#x}")
+        ep = m.add_device(parse_device_spec("serial,id=s0,restart_burst=100"), console=cap.fds)
+        run_killed(m, ep)
+        written = m.memory.read_u64(STATS)
+    got = cap.got
     # Every byte the guest wrote is there, in order; a byte written again
     # (the device died after sending it, before storing the snapshot that
     # includes it, so the write ran again) shows as a repeat of the one
@@ -240,41 +319,14 @@ def blk_pattern(round_: int, sector: int) -> bytes:
 
 
 def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path):
-    from tests.vmm.conftest import GUEST_SOURCES
-    from vmm import guests
-    blk_guest = guests.build([GUEST_SOURCES / "restart_blk.c", guests.HERE / "pci.c"], guest_cache)
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(64 * 512))
     with Machine(memory=32 << 20, vcpus=1) as m:
-        m.load_pvh(blk_guest, f"stop={STOP:#x} stats={STATS:#x}")
+        m.load_pvh(pci_guest(guest_cache, "restart_blk"), f"stop={STOP:#x} stats={STATS:#x}")
         ep = m.add_device(parse_device_spec(f"virtio-blk,id=b0,path={image},restart_burst=100"))
-        rng = random.Random(3)
-
-        def mid_request(i: int) -> None:
-            # Every other kill: once a request is outstanding (avail ahead
-            # of used), after a random few tens of microseconds -- so some
-            # land between the pop and the completion.
-            if i % 2:
-                return
-            avail, used = m.memory.read_u64(STATS + 16), m.memory.read_u64(STATS + 24)
-            idx = lambda a: int.from_bytes(m.memory.read(a + 2, 2), "little")  # noqa: E731
-            deadline = time.monotonic() + 10
-            while idx(avail) == idx(used):          # busy: a request lasts ~100 us
-                assert time.monotonic() < deadline, "no outstanding request"
-            t = time.monotonic() + rng.uniform(0, 0.00008)
-            while time.monotonic() < t:
-                pass
-
-        killer = Killer(m, ep, KILLS, lambda: m.memory.read_u64(STATS + 8), seed=7, before_kill=mid_request)
-        m.add_handler(Bus.PIO, STOP, 1, read=lambda vcpu, off, size: 1 if killer.done.is_set() else 0)
-        killer.start()
-        outcome = m.run(timeout=240)
-        killer.join(10)
+        run_killed(m, ep, seed=7, before_kill=mid_request(m, 3))
         completed, rounds = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 8)
         done = [m.memory.read_u64(STATS + 64 + 8 * s) for s in range(64)]
-        assert killer.error is None, repr(killer.error)
-        assert outcome.ending is Ending.POWER_OFF, f"{outcome} after {rounds} rounds"
-        assert ep.restarts == KILLS and ep.failed is None
     # Every write the guest saw completed is on the image: each sector holds
     # the last round that wrote it.
     data = image.read_bytes()
@@ -283,6 +335,64 @@ def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_pa
             assert data[s * 512:(s + 1) * 512] == blk_pattern(done[s], s), f"sector {s}, round {done[s]}"
     assert completed == rounds + rounds // 4
     print(f"virtio-blk: {KILLS} kills, {rounds} rounds, {completed} requests")
+
+
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_pci_echo_killed_20_times_every_access_exactly_once(guest_cache, tmp_path, mode):
+    # restart_echo's loop through pci-echo's BARs (where the VMM assigned
+    # them): every scratch value reads back, the counter is exact.
+    with Machine(memory=32 << 20, vcpus=1) as m, placed(m, "pci-echo", mode, tmp_path) as (ep, pid):
+        m.load_pvh(pci_guest(guest_cache, "restart_pci_echo"), f"stop={STOP:#x} stats={STATS:#x}")
+        killer = run_killed(m, ep, seed=11, pid=pid)
+        made, rounds, count = (m.memory.read_u64(STATS + 8 * i) for i in range(3))
+        assert count == made and rounds > KILLS * 20
+        assert m.registry.check() == []
+    print(f"pci-echo ({mode}): {KILLS} kills, {rounds} rounds, {made} accesses; {pauses(killer)}")
+
+
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_virtio_rng_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path, mode):
+    # Every request the guest posted completed exactly once (it checks the
+    # used index moves by one per request, naming its head, with 16 random
+    # bytes), half of the kills with a request outstanding.
+    with Machine(memory=32 << 20, vcpus=1) as m, placed(m, "virtio-rng", mode, tmp_path) as (ep, pid):
+        m.load_pvh(pci_guest(guest_cache, "restart_rng"), f"stop={STOP:#x} stats={STATS:#x}")
+        killer = run_killed(m, ep, seed=13, before_kill=mid_request(m, 5), pid=pid)
+        completed, rounds = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 8)
+        used = int.from_bytes(m.memory.read(m.memory.read_u64(STATS + 24) + 2, 2), "little")
+    assert completed == rounds and used == rounds % (1 << 16)
+    print(f"virtio-rng ({mode}): {KILLS} kills, {rounds} requests; {pauses(killer)}")
+
+
+def console_line(n: int) -> bytes:
+    return b"%010d " % n + bytes(0x61 + (n + i) % 26 for i in range(11, 47)) + b"\n"
+
+
+def test_virtio_console_killed_20_times_loses_no_line(guest_cache):
+    # Every line the guest wrote is on the console, in order; each transmit
+    # request completed exactly once for the guest.  A line written again
+    # (the device died after writing it, before its completion was kept,
+    # so the request ran again) shows as a repeat of the one before --
+    # at least once, as serial -- never as a gap.
+    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m:
+        m.load_pvh(pci_guest(guest_cache, "restart_console"), f"stop={STOP:#x} stats={STATS:#x}")
+        ep = m.add_device(parse_device_spec("virtio-console,id=c0,restart_burst=100"), console=cap.fds)
+        killer = run_killed(m, ep, seed=17, before_kill=mid_request(m, 9))
+        written = m.memory.read_u64(STATS)
+    got = bytes(cap.got)
+    size = len(console_line(0))
+    assert len(got) % size == 0, len(got)
+    p = repeats = 0
+    for i in range(0, len(got), size):
+        line = got[i:i + size]
+        if line == console_line(p):
+            p += 1
+        elif p and line == console_line(p - 1):
+            repeats += 1
+        else:
+            raise AssertionError(f"line at {i} is {line!r}: expected line {p}")
+    assert p == written, (p, written)
+    print(f"virtio-console: {KILLS} kills, {written} lines, {repeats} repeated; {pauses(killer)}")
 
 
 def test_device_restart_through_qmp_and_vmm_ctl(guest, tmp_path):
