@@ -20,8 +20,14 @@ def children(spares: bool = False) -> set[int]:
 
 
 def is_spare(pid: int) -> bool:
+    """A warm spare -- or a child between its fork and its exec (it still
+    has this process's command line), which is what a spare being started
+    in the background looks like for a moment."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"\0--spare\0" in f.read()
+            cmdline = f.read()
+        with open("/proc/self/cmdline", "rb") as f:
+            mine = f.read()
     except OSError:
         return False
+    return b"\0--spare\0" in cmdline or cmdline == mine

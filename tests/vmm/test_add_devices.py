@@ -33,8 +33,10 @@ def test_every_process_starts_before_the_first_handshake(monkeypatch):
     monkeypatch.setattr(remote_endpoint.RemoteEndpoint, "launch", classmethod(logged_launch))
     monkeypatch.setattr(remote_endpoint.Launched, "finish", logged_finish)
     before = children()
+    # restart=no: no warm spares beside the devices (a spare between its
+    # fork and exec cannot be told from a device process)
     with Machine(memory=16 << 20) as m:
-        specs = [parse_device_spec(f"echo,id=e{i},pio={0x1000 + 0x100 * i:#x}") for i in range(3)]
+        specs = [parse_device_spec(f"echo,id=e{i},pio={0x1000 + 0x100 * i:#x},restart=no") for i in range(3)]
         specs.insert(1, parse_device_spec("echo,id=inl,pio=0x2000,process=inline"))
         eps = m.add_devices([(s, None) for s in specs])
         assert [ep.name for ep in eps] == ["e0", "inl", "e1", "e2"]
@@ -51,9 +53,9 @@ def test_a_failure_kills_the_processes_not_yet_up():
     before = children()
     seen: list[tuple[str, str]] = []
     with Machine(memory=16 << 20) as m:
-        specs = [parse_device_spec("echo,id=a,pio=0x1000"),
-                 parse_device_spec("echo,id=b,pio=0x1000"),      # the same ports: fails at its handshake
-                 parse_device_spec("echo,id=c,pio=0x1200")]      # launched, never handshaken
+        specs = [parse_device_spec("echo,id=a,pio=0x1000,restart=no"),
+                 parse_device_spec("echo,id=b,pio=0x1000,restart=no"),      # the same ports: fails at its handshake
+                 parse_device_spec("echo,id=c,pio=0x1200,restart=no")]      # launched, never handshaken
         with pytest.raises(DeviceFailed):
             m.add_devices([(s, None) for s in specs], on_error=lambda spec, e: seen.append((spec.name, str(e))))
         assert [name for name, _ in seen] == ["b"]
