@@ -7,36 +7,24 @@ VMM, also from inside the handler of an access (a window that moves).
 Interrupt lines and MSI vectors are irqfds the VMM hands over on request
 (:mod:`devserver.interrupts`); triggering one is an eventfd write.  The
 registry's errors reach the model as the :class:`devices.base.HostRefused`
-family (:func:`registry_refusal`).
+family (:func:`devserver.regions.registry_refusal`).
 """
 
 from __future__ import annotations
 
 import os
 
-from devices.base import (ConsoleFds, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
-                          RegionTableFull, Space)
+from devices.base import (ConsoleFds, HostRefused, NotOffered, Space)
 from devices.faults.apply import FaultyInterrupt
 from devices.guestmem import GuestRam
 from devserver.interrupts import IrqClient, RemoteDoorbell, RemoteLine, RemoteMsi, remove_zone, request_zone
-from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
+from devserver.regions import RegistryHost, registry_refusal
+from ipc import Bus, Registry, RegistryError
 
 
-_SPACE_OF = {Bus(int(s)): s for s in Space}
 
 
-def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
-    """The model's view of a registry error."""
-    if isinstance(e, RegionConflict):
-        return RegionBusy(str(e))
-    if isinstance(e, RegistryFull):
-        return RegionTableFull(str(e))
-    if isinstance(e, RegionNotFound):
-        return RegionNotHeld(str(e))
-    return HostRefused(f"the registry refused: {e}")
-
-
-class RemoteHost(DeviceHost):
+class RemoteHost(RegistryHost):
     """What a model running in a device process may ask of its host."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -79,37 +67,6 @@ class RemoteHost(DeviceHost):
                 self.registry.unregister(Bus.MMIO, start, self.owner)
                 raise
         self.coalesced[(Space.MMIO, start)] = length
-
-    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
-              coalesce: bool = False) -> None:
-        """Claim, or find this owner's identical region already there
-        (left by the device's previous process; devices.base)."""
-        try:
-            self.claim(space, start, length, cookie, coalesce=coalesce)
-            return
-        except RegionBusy:
-            bus = Bus(int(space))
-            try:
-                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
-                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
-            except RegistryError as e:
-                raise registry_refusal(e) from None
-            if not held:
-                raise
-        if coalesce:
-            self.coalesced[(Space(space), start)] = length
-        self.taken.add((Space(space), start))
-
-    def release_unadopted(self) -> int:
-        """Unregister this owner's regions no claim/adopt here took."""
-        try:
-            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
-                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
-            for r in stale:
-                self.registry.unregister(r.bus, r.start, self.owner)
-        except (RegistryError, ValueError) as e:
-            raise registry_refusal(e) from None
-        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
         """Unregister the region (and have the VMM drop its zone, if any)."""

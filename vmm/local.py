@@ -21,12 +21,12 @@ import logging
 import os
 from typing import Callable
 
-from devices.base import (ConsoleFds, Device, DeviceHost, HostRefused, NotOffered, RegionBusy, RegionNotHeld,
-                          RegionTableFull, Space, all_ones)
+from devices.base import (ConsoleFds, Device, HostRefused, NotOffered, Space, all_ones)
 from devices.faults.apply import FaultyInterrupt, attach_engine, serve_access
 from devices.faults.engine import FaultEngine
 from devices.guestmem import GuestRam
-from ipc import Bus, RegionConflict, RegionNotFound, Registry, RegistryError, RegistryFull
+from devserver.regions import RegistryHost, registry_refusal
+from ipc import Bus, Registry, RegistryError
 from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
@@ -39,21 +39,9 @@ _SPACES = {int(s): s for s in Space}
 _BUSES = {s: Bus(int(s)) for s in Space}
 
 
-_SPACE_OF = {Bus(int(s)): s for s in Space}
 
 
-def registry_refusal(e: RegistryError | ValueError) -> HostRefused:
-    """The model's view of a registry error (as devserver.host's)."""
-    if isinstance(e, RegionConflict):
-        return RegionBusy(str(e))
-    if isinstance(e, RegistryFull):
-        return RegionTableFull(str(e))
-    if isinstance(e, RegionNotFound):
-        return RegionNotHeld(str(e))
-    return HostRefused(f"the registry refused: {e}")
-
-
-class LocalHost(DeviceHost):
+class LocalHost(RegistryHost):
     """DeviceHost of an inline model: the registry, with its owner id."""
 
     def __init__(self, registry: Registry, owner: int, console: ConsoleFds | None = None,
@@ -111,37 +99,6 @@ class LocalHost(DeviceHost):
                 self.registry.unregister(_BUSES[Space.MMIO], start, self.owner)
                 raise HostRefused(str(e)) from None
         self.coalesced[(Space.MMIO, start)] = length
-
-    def adopt(self, space: Space, start: int, length: int, cookie: int = 0, *,
-              coalesce: bool = False) -> None:
-        """Claim, or find this owner's identical region already there
-        (left by the device's previous process; devices.base)."""
-        try:
-            self.claim(space, start, length, cookie, coalesce=coalesce)
-            return
-        except RegionBusy:
-            bus = _BUSES[Space(space)]
-            try:
-                held = any(r.bus == bus and r.start == start and r.length == length and r.owner == self.owner
-                           and r.cookie == cookie and not r.removing for r in self.registry.regions())
-            except RegistryError as e:
-                raise registry_refusal(e) from None
-            if not held:
-                raise
-        if coalesce:
-            self.coalesced[(Space(space), start)] = length
-        self.taken.add((Space(space), start))
-
-    def release_unadopted(self) -> int:
-        """Unregister this owner's regions no claim/adopt here took."""
-        try:
-            stale = [r for r in self.registry.regions() if r.owner == self.owner and not r.removing
-                     and r.bus in _SPACE_OF and (_SPACE_OF[r.bus], r.start) not in self.taken]
-            for r in stale:
-                self.registry.unregister(r.bus, r.start, self.owner)
-        except (RegistryError, ValueError) as e:
-            raise registry_refusal(e) from None
-        return len(stale)
 
     def release(self, space: Space, start: int) -> None:
         """Unregister the region (and its coalesced zone, if it has one)."""

@@ -3,7 +3,7 @@
  *
  * Each round reads the vendor/device dword of slots 1-31.  A slot that
  * appears is printed as "add SS VVVVDDDD bar0=ADDR" (decode switched on);
- * one that disappears as "del SS cfg=XXXXXXXX bar0=YYYYYYYY" -- its
+ * one that disappears as "del SS cfg=CFGDWORD bar0=BAR0READ" -- its
  * configuration dword and a read of its old BAR 0, all ones after a
  * surprise removal.  In every round each pci-echo present gets a pattern
  * written to and read back from its BAR 0; every 64 rounds a line
