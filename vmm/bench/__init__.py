@@ -25,6 +25,7 @@ host; the ratios to (a), measured in the same run, are what count
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from ipc import Bus
 from vmm import guests, layout
@@ -68,6 +70,17 @@ def _samples(marks: list[tuple[int, int]], iters: int) -> tuple[list[float], lis
     if not pio:
         raise RuntimeError("the guest wrote no complete round of marks")
     return pio, mmio
+
+
+@contextlib.contextmanager
+def build_dir(cache: str | None) -> Iterator[pathlib.Path]:
+    """Where a benchmark builds its guests: ``cache`` (``--cache``) when
+    given, else a temporary directory removed at the end."""
+    if cache is not None:
+        yield pathlib.Path(cache)
+        return
+    with tempfile.TemporaryDirectory(prefix="splitvmm-bench-") as tmp:
+        yield pathlib.Path(tmp)
 
 
 def _summary(pio: list[float], mmio: list[float]) -> dict:
