@@ -39,6 +39,7 @@ from devices.serial import (
     UART_TX,
     Serial,
 )
+from tests.waiting import wait_for
 
 
 class Line:
@@ -107,13 +108,6 @@ def rd(dev, reg):
 
 def wr(dev, reg, value):
     dev.write(Space.PIO, 0, reg, 1, value)
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_parameters_and_region():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +30,7 @@ from tests.conftest import segment_name
 from tests.devices.snapshots import KeptHost, hostile, plain, wire
 from tests.devices.test_virtio import (BUF, DESC, GuardedRam, common_r, common_w, negotiate, notify, offer,
                                        put_desc, ready, setup_queue, used)
+from tests.waiting import wait_for
 
 RNG = dict(slot="3", intx_gsi="19")
 
@@ -389,13 +389,6 @@ class Pipes:
     def close(self):
         for fd in (self.out_r, self.out_w, self.in_r, self.in_w):
             os.close(fd)
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_console_keeps_input_the_guest_has_not_taken(registry, guarded):

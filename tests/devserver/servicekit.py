@@ -26,18 +26,6 @@ needs_socket_activate = pytest.mark.skipif(SOCKET_ACTIVATE is None,
                                            reason="systemd-socket-activate is not installed")
 
 
-def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
-    """Poll ``cond`` (cheap, local) until true; the value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 class NotifySocket:
     """A datagram socket playing the service manager's NOTIFY_SOCKET: a
     path in ``tmp`` or, with ``abstract``, a name in the abstract namespace."""

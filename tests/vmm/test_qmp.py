@@ -29,22 +29,13 @@ from vmm.machine import Machine
 from vmm.outcome import Ending, Outcome
 from vmm.qmp import QmpError
 from vmm.qmp.server import MAX_CLIENTS
+from tests.waiting import wait_for
 
 pytestmark = needs_kvm
 
 PIO, MMIO = 0x1000, 0xD000_0000
 COUNTER, FLAG = 0x80_0000, 0x80_1000
 ACCESSES = 200
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class Vm:

@@ -344,13 +344,12 @@ def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_
     session's sandboxed process, pid 1 of its own pid namespace (the lock
     word holds its thread id there): the service itself lives on, listens
     again and serves the next VMM."""
-    from tests.vmm.test_device_faults import (A_MMIO, A_PIO, B_MMIO, B_PIO, FAULT_HOG, FLAG, PASS, cmdline,
-                                              echo, healthy)
+    from tests.vmm.test_device_faults import (A_MMIO, A_PIO, B_MMIO, B_PIO, FAULT_HOG, PASS, cmdline, echo,
+                                              healthy, run_with_flag)
 
     path = tmp_path / "a.sock"
     svc = services.supervised(FAULT_ECHO, path)
     first = started_pids(svc)[0]
-    stop_flag = threading.Event()
     with Machine(memory=32 << 20, lock_timeout=0.3) as m:
         m.load_pvh(guest("faults"), cmdline("hog", a_mmio=A_MMIO, fault=FAULT_HOG))
         a = m.add_device(parse_device_spec(f"{FAULT_ECHO},connect={path},id=a0,pio={A_PIO:#x},"
@@ -358,21 +357,7 @@ def test_a_service_device_holding_the_registry_lock_is_killed_and_restarted(tmp_
         b = m.add_device(echo("b0", B_PIO, B_MMIO))
         assert a_session_of(svc, a.pid, first) and a.sandbox.device_pid == a.pid
         recoveries = m.registry.recoveries
-
-        def raise_flag() -> None:          # tells the guest A is cut off
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while a.failed is None and not stop_flag.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if a.failed is not None:
-                m.memory.write(FLAG, b"\x01")
-
-        flagger = threading.Thread(target=raise_flag, daemon=True)
-        flagger.start()
-        try:
-            outcome = m.run(timeout=RUN_TIMEOUT)
-        finally:
-            stop_flag.set()
-            flagger.join(5)
+        outcome, _ = run_with_flag(m, a, RUN_TIMEOUT)
         assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
         assert a.failed is not None and "registry lock" in a.failed, a.failed
         assert m.dispatcher.lock_watch.kills == 1 and m.dispatcher.lock_watch.unusable is None
