@@ -778,48 +778,20 @@ def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
 
 
 @pytest.mark.parametrize("placement", ["isolated", "inline"])
-def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
-    import socket
+def test_console_rx_faults_seen_by_the_guest(console_guest, tmp_path, placement):
     import threading
-    import time
+    from functools import partial
 
-    from vmm import guests
+    from tests.vmm.test_virtio_console import client
 
-    console_guest = guests.build([REPO / "tests" / "guests" / "virtio_console.c", guests.HERE / "pci.c"],
-                                 guest_cache)
     path = str(tmp_path / "console.sock")
     got: list[bytes] = []
-
-    def client() -> None:
-        deadline = time.monotonic() + 20
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                s.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.01)
-        s.settimeout(20)
-        buf = b""
-        try:
-            s.sendall(b"ping\n")
-            while buf.count(b"\n") < 2:
-                data = s.recv(100)
-                if not data:
-                    break
-                buf += data
-        finally:
-            got.append(buf)
-            s.close()
-
     spec = parse_device_spec(f"virtio-console,id=con,socket={path},process={placement}")
     with Machine(memory=32 << 20) as m:
         m.faults.configure(plan(RX_PLAN.format(dev="con", point="console.rx"), {"con": spec}))
         m.load_pvh(console_guest, "")
         m.add_device(spec)
-        t = threading.Thread(target=client, daemon=True)
+        t = threading.Thread(target=partial(client, path, got, lambda buf: buf.count(b"\n") >= 2), daemon=True)
         t.start()
         outcome = m.run(timeout=40)
         t.join(10)
