@@ -20,20 +20,11 @@ from devices.echo import ECHO_COUNT, ECHO_MOVE, ECHO_PID, Echo
 from devices.pci_echo import BAR_IO, BAR_MSIX, BAR_REGS, MSIX_PBA, REG_ACK, REG_INTX_SENT, REG_RAISE, PciEcho
 from devices.serial import (UART_FCR, UART_IER, UART_IIR, UART_LCR, UART_LCR_DLAB, UART_LSR, UART_MCR,
                             UART_MCR_LOOP, UART_MCR_OUT2, UART_MSR, UART_RX, UART_SCR, UART_TX, Serial)
-from ipc import Bus, Registry
-from tests.conftest import segment_name
+from ipc import Bus
 from tests.devices.snapshots import KeptHost, hostile, plain, wire
 
 CFG = pci.COOKIE_CONFIG
 MMIO_WIN, IO_WIN = 0xE010_0000, 0xC200
-
-
-@pytest.fixture
-def registry():
-    reg = Registry.create(segment_name("snap"), capacity=64)
-    yield reg
-    reg.unlink()
-    reg.close()
 
 
 def restart(registry, cls, state, **params):

@@ -25,29 +25,12 @@ from devices.virtio.blk import VirtioBlk
 from devices.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole
 from devices.virtio.rng import VirtioRng
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from ipc import Registry
-from tests.conftest import segment_name
 from tests.devices.snapshots import KeptHost, hostile, plain, wire
-from tests.devices.test_virtio import (BUF, DESC, GuardedRam, common_r, common_w, negotiate, notify, offer,
+from tests.devices.test_virtio import (BUF, DESC, common_r, common_w, negotiate, notify, offer,
                                        put_desc, ready, setup_queue, used)
 from tests.waiting import wait_for
 
 RNG = dict(slot="3", intx_gsi="19")
-
-
-@pytest.fixture
-def registry():
-    reg = Registry.create(segment_name("vsnap"), capacity=64)
-    yield reg
-    reg.unlink()
-    reg.close()
-
-
-@pytest.fixture
-def guarded():
-    g = GuardedRam()
-    yield g
-    g.ram.release()
 
 
 def with_msix(dev, queue_vector=1, config_vector=0):
