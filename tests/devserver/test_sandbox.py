@@ -26,7 +26,7 @@ from ipc import Bus
 from vmm.endpoint import DeviceFailed
 from vmm.remote import DEVSERVER_COMMAND, RemoteEndpoint, RemoteOptions
 
-from tests.devserver.test_remote_echo import wait_for
+from tests.waiting import poll
 
 PIO = 0x6000
 #: attack -> how the sandbox stops it: an errno, or the system call whose
@@ -128,7 +128,7 @@ def test_every_attack_is_stopped(registry, targets, kind, caplog):
             assert ep.wait_exited(10.0)
             assert ep.failed is not None and f"killed by seccomp: {want}" in ep.failed, (name, ep.failed)
             assert any(f"device hostile0 killed by seccomp: {want}" == r.getMessage() for r in caplog.records)
-            assert wait_for(lambda owner=ep.owner: not [r for r in registry.regions() if r.owner == owner])
+            assert poll(lambda owner=ep.owner: not [r for r in registry.regions() if r.owner == owner])
             ep.close()
             ep = spawn(registry, kind, targets)     # the next attack on a fresh device
     finally:
@@ -244,7 +244,7 @@ def test_thread_ids_tell_sandboxed_devices_apart(registry):
            spawn_device(registry, "echo", {"pio": "0x5200"}, 4, "echo2")]
     try:
         for ep in eps:       # the control thread starts just after Ready
-            assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
+            assert poll(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
         ids = [sandbox_report._ns_tids(ep.pid) for ep in eps]
         for ep, mine in zip(eps, ids, strict=True):
             status = read_status(ep.pid)

@@ -20,8 +20,7 @@ import pytest
 
 from devserver.sandbox.hostile import ATTACKS
 from tests.devserver.servicekit import Service
-from tests.devserver.test_sandbox import PIO, RESTRICTED, STOPPED_BY, read_status, targets  # noqa: F401
-from ipc import Bus
+from tests.devserver.test_sandbox import PIO, RESTRICTED, STOPPED_BY, attack, read_status, targets  # noqa: F401
 from vmm.endpoint import DeviceFailed
 from vmm.remote import RemoteOptions
 from vmm.remote.connect import attach_service
@@ -76,16 +75,6 @@ def hostile_service(tmp_path, services, targets, kind: str) -> tuple[Service, ob
     return services.listen(spec, path, program=(sys.executable, "-m", "devserver.sandbox.hostile", kind)), path
 
 
-def run_attack(registry, ep, name: str) -> int:
-    ref = registry.get(Bus.PIO, PIO, 4)
-    assert ref is not None and ref.owner == ep.owner
-    try:
-        ep.access(0, int(Bus.PIO), ref.cookie, 0, 4, True, ATTACKS.index(name))
-        return ep.access(0, int(Bus.PIO), ref.cookie, 4, 4, False, 0)
-    finally:
-        registry.put(ref)
-
-
 @pytest.mark.parametrize("kind", [HOSTILE, "virtio-blk", "echo"])
 def test_every_attack_through_a_service_is_stopped_and_the_service_goes_on(tmp_path, services, registry,
                                                                              targets, kind, caplog):  # noqa: F811
@@ -98,10 +87,10 @@ def test_every_attack_through_a_service_is_stopped_and_the_service_goes_on(tmp_p
         for name in ATTACKS:
             want = STOPPED_BY[name]
             if isinstance(want, int):
-                assert run_attack(registry, ep, name) == want, name
+                assert attack(registry, ep, name) == want, name
                 continue
             with pytest.raises(DeviceFailed):
-                run_attack(registry, ep, name)
+                attack(registry, ep, name)
             kills += 1
             assert ep.wait_exited(10.0)
             assert ep.failed is not None and f"killed by seccomp: {want}" in ep.failed, (name, ep.failed)
