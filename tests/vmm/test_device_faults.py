@@ -223,14 +223,7 @@ def test_device_holding_the_registry_lock_is_killed(guest, caplog, when, fast_pa
         b = m.add_device(echo("b0", B_PIO, B_MMIO))
         recoveries = m.registry.recoveries
         outcome, elapsed = run_with_flag(m, a)
-        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
-        assert a.failed is not None and "registry lock" in a.failed, a.failed
-        assert m.dispatcher.lock_watch.kills == 1
-        assert m.dispatcher.lock_watch.unusable is None
-        assert poll(lambda: gone(a.pid)), "the hogging device still runs"
-        assert m.registry.recoveries > recoveries, "no owner-death recovery"
-        assert m.registry.holder()[1] == 0
-        assert not owned(m, a.owner)
+        hog_killed_and_recovered(m, a, outcome, recoveries)
         healthy(m, b)
         assert elapsed < 10, elapsed
     watched = errors(caplog, "vmm.lockwatch")
@@ -248,6 +241,20 @@ def ns_tid(pid: int, tid: int | None = None) -> int:
             if line.startswith("NSpid:"):
                 return int(line.split()[-1])
     raise AssertionError("no NSpid line")
+
+
+def hog_killed_and_recovered(m: Machine, a, outcome, recoveries: int) -> None:
+    """The guest passed, the lock watch killed the hogging device ``a``
+    (once, the registry still usable), the registry recovered from the
+    owner's death and is free, and none of ``a``'s regions is left."""
+    assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
+    assert a.failed is not None and "registry lock" in a.failed, a.failed
+    assert m.dispatcher.lock_watch.kills == 1
+    assert m.dispatcher.lock_watch.unusable is None
+    assert poll(lambda: gone(a.pid)), "the hogging device still runs"
+    assert m.registry.recoveries > recoveries, "no owner-death recovery"
+    assert m.registry.holder()[1] == 0
+    assert not owned(m, a.owner)
 
 
 def run_with_flag(m: Machine, a, timeout: float = RUN_TIMEOUT) -> tuple:
@@ -294,14 +301,7 @@ def test_lock_hog_among_three_sandboxed_devices_is_killed(guest, caplog, thread)
         a_main = ns_tid(a.pid)
         recoveries = m.registry.recoveries
         outcome, elapsed = run_with_flag(m, a)
-        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
-        assert a.failed is not None and "registry lock" in a.failed, a.failed
-        assert m.dispatcher.lock_watch.kills == 1
-        assert m.dispatcher.lock_watch.unusable is None
-        assert poll(lambda: gone(a.pid)), "the hogging device still runs"
-        assert m.registry.recoveries > recoveries, "no owner-death recovery"
-        assert m.registry.holder()[1] == 0
-        assert not owned(m, a.owner)
+        hog_killed_and_recovered(m, a, outcome, recoveries)
         healthy(m, b, c)
         assert not gone(b.pid) and not gone(c.pid)
         assert elapsed < 10, elapsed
