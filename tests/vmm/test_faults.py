@@ -33,6 +33,7 @@ import pytest
 from devices.faults.plan import load_plan, loads_plan
 from devices.faults.trace import read_trace, trace_digest
 from tests.vmm.conftest import REPO, needs_kvm, vmm_run
+from tests.vmm.test_virtio_blk import pattern      # the guests' byte pattern (virtio_blk.c, fault_virtio.c)
 from vmm.config import parse_device_spec
 from vmm.faults import check_plan, device_points
 from vmm.machine import Machine
@@ -381,14 +382,6 @@ action = "bad_len"
 SECTOR, C = 512, 4
 BASE = 64
 TSC_HZ = 2.0e9          # a lower bound of this machine's TSC rate (2.6 GHz), for "at least N ms"
-
-
-def pattern(seed: int, n: int) -> bytes:
-    x, out = seed, bytearray()
-    for _ in range(n):
-        x = (x * 6364136223846793005 + 1442695040888963407) & (1 << 64) - 1
-        out.append(x >> 56)
-    return bytes(out)
 
 
 @pytest.fixture(scope="session")
