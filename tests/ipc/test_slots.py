@@ -15,6 +15,7 @@ from ipc import slotbench
 from ipc.slots import (STATUS_ERROR, STATUS_OK, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotLayoutError, SlotPeerDead, SlotServer, SlotsStopped, SlotTimeout)
 from ipc._slots_c import lib
+from tests.waiting import wait_for
 
 
 def ones(size: int) -> int:
@@ -218,9 +219,7 @@ def test_idle_server_sleeps(pair):
         for _ in range(50):
             caller.call(0, 0, 0, 0, 4, False, 0, timeout=2.0)
         # Idle: the poll window runs out and the server goes to sleep.
-        deadline = time.monotonic() + 10.0
-        while caller.device_stats().sleeps < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: caller.device_stats().sleeps >= 1, 10.0, "the idle server to sleep")
         s = caller.device_stats()
         assert s.sleeps >= 1 and s.served == 50
     finally:
