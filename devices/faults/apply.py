@@ -69,14 +69,12 @@ def serve_access(model: AccessModel, engine: FaultEngine, spaces: Any, space: in
     the value read (0 for a write).  ``spaces`` maps the space number to
     what the model takes (:class:`devices.base.Space`)."""
     armed = engine.armed
-    hit = armed.get("process")
-    if hit is not None:
-        firing = hit(_NO_MATCH)
+    if "process" in armed:
+        firing = armed["process"](_NO_MATCH)
         if firing is not None:
             apply_process(firing, process)
-    hit = armed.get("access")
-    if hit is not None:
-        firing = hit({"space": space, "offset": offset, "dir": "write" if is_write else "read"})
+    if "access" in armed:
+        firing = armed["access"]({"space": space, "offset": offset, "dir": "write" if is_write else "read"})
         if firing is not None:
             return _apply_access(firing, model, spaces, space, cookie, offset, size, is_write, value)
     if is_write:

@@ -41,7 +41,7 @@ defined.
 ``fault_point`` returns None unless the host attached an engine with a
 fault armed at that point; otherwise a :class:`~devices.faults.engine.Firing`
 the model applies and reports with :meth:`~devices.faults.engine.Firing.done`.
-Its cost with nothing armed: a method call and one dict lookup; a hot path may
+Its cost with nothing armed: a method call and one dict test; a hot path may
 test ``name in self.fault_engine.armed`` itself first.
 """
 
@@ -103,7 +103,7 @@ class FaultPoints:
     def fault_point(self, name: str, /, **match: Any) -> Firing | None:
         """One event at point ``name`` with its match values; the firing to
         apply, or None (nothing armed there, or nothing fires)."""
-        hit = self.fault_engine.armed.get(name)
-        if hit is None:
+        armed = self.fault_engine.armed
+        if name not in armed:
             return None
-        return hit(match)
+        return armed[name](match)
