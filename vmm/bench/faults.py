@@ -47,16 +47,20 @@ import pathlib
 import statistics
 import sys
 import tempfile
+import time
 import timeit
 from typing import Any
 
 from vmm import guests
-from vmm.bench.virtio_blk import MEMORY_MIB, make_image, run_guest
+from vmm.bench.virtio_blk import _RESULT, MEMORY_MIB, make_image
 
 HERE = pathlib.Path(__file__).resolve().parent
 GUEST_SOURCES = (HERE / "faults_guest.c", guests.HERE / "virtio.c", guests.HERE / "pci.c", guests.HERE / "serial.c")
 #: The variants, disk 0, 1, 2 of the guest (the --device order), and each one's faults.
 VARIANTS = ("none", "silent", "one_percent")
+#: How long the guest idles around its rounds (TSC ticks, ~1 s) while the
+#: host reads the device processes' CPU time.
+SETTLE_TICKS = 2_500_000_000
 PLAN = """[[fault]]
 name = "never"
 device = "silent"
@@ -75,13 +79,73 @@ ms = 0
 """
 
 
+def task_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` (/proc/PID/task/*/schedstat, ns)."""
+    total = 0
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass            # a thread that ended meanwhile
+    return total
+
+
 def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cmdline: str,
-           timeout: float) -> dict:
+           timeout: float, api: pathlib.Path) -> dict[str, Any]:
+    """One VM: the guest's per-slice results, the TSC rate, and each
+    device process's CPU time between the two "tsc" lines (read through
+    ``query-devices``' pids while the guest settles)."""
+    import subprocess
+    import threading
+
+    from vmm.qmp.ctl import Connection
+
     cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
-           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio", "--faults", str(plan)]
+           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio", "--faults", str(plan),
+           "--api", str(api)]
     for variant, image in zip(VARIANTS, images, strict=True):
         cmd += ["--device", f"virtio-blk,id={variant},path={image},serial={variant},readonly=on"]
-    return run_guest(cmd, timeout + 30)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    watchdog = threading.Timer(timeout + 30, proc.kill)
+    watchdog.start()
+    lines: list[str] = []
+    stamps: list[tuple[int, int]] = []
+    samples: list[dict[str, int]] = []
+    sample_s: list[float] = []
+    pids: dict[str, int] = {}
+    try:
+        for raw in proc.stdout:
+            now = time.perf_counter_ns()
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            lines.append(line)
+            if not line.startswith("tsc "):
+                continue
+            stamps.append((int(line.split()[1]), now))
+            if not pids:
+                conn = Connection(str(api), timeout=30)
+                try:
+                    conn.handshake()
+                    pids = {d["id"]: d["pid"] for d in conn.execute("query-devices") if d["id"] in VARIANTS}
+                finally:
+                    conn.close()
+            samples.append({v: task_cpu_ns(pid) for v, pid in pids.items()})
+            sample_s.append((time.perf_counter_ns() - now) / 1e9)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    if "done" not in lines or len(samples) != 2:
+        raise RuntimeError(f"vmm run ended with {proc.returncode} before the guest was done:\n"
+                           + "\n".join(lines[-20:]) + "\n" + proc.stderr.read().decode(errors="replace")[-2000:])
+    (tsc0, t0), (tsc1, t1) = stamps[0], stamps[-1]
+    phases: dict[str, list[tuple[int, int, int]]] = {}
+    for line in lines:
+        m = _RESULT.match(line)
+        if m:
+            phases.setdefault(m[1], []).append((int(m[2]), int(m[3]), int(m[4])))
+    return {"lines": lines, "phases": phases, "tsc_hz": (tsc1 - tsc0) / ((t1 - t0) / 1e9),
+            "device_cpu_ns": {v: samples[1][v] - samples[0][v] for v in pids}, "sample_s": sample_s}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -102,8 +166,8 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
             make_image(images[-1], 16)
         plan = tmp / "plan.toml"
         plan.write_text(PLAN)
-        cmdline = f"devs={len(VARIANTS)} rounds={rounds} n4k={n4k}"
-        runs = [run_vm(elf, images, plan, cmdline, timeout) for _ in range(vms)]
+        cmdline = f"devs={len(VARIANTS)} rounds={rounds} n4k={n4k} settle={SETTLE_TICKS}"
+        runs = [run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock") for _ in range(vms)]
     for run in runs:
         ids = [line.split()[-1] for line in run["lines"] if line.startswith("faults: disk ")]
         if ids != list(VARIANTS):
@@ -128,6 +192,30 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
         out[f"{v}_to_none"] = {"median_of_round_ratios": round(q2, 4), "quartiles": [round(q1, 4), round(q3, 4)],
                                "ratio_of_medians": round(out[v]["IOPS_median"] / out["none"]["IOPS_median"], 4)}
     out["request_us_median_no_plan"] = round(1e6 / out["none"]["IOPS_median"], 2)
+    # The plans run in the device processes and nowhere else (the VMM hears
+    # of firings only): their cost per request is the device process's CPU
+    # time per request above the no-plan disk's.  CPU time is what the
+    # load does not inflate much (it is not counted while a process waits
+    # for a core); requests between the two readings: the rounds and the
+    # warm-up round.
+    requests = (rounds + 1) * n4k * vms
+    cpu = {v: sum(r["device_cpu_ns"][v] for r in runs) / requests / 1000 for v in VARIANTS}
+    best = statistics.quantiles(per_slice["none"], n=10)[-1]
+    out["device_cpu_us_per_request"] = {v: round(cpu[v], 2) for v in VARIANTS}
+    out["device_cpu_us_per_request_per_vm"] = {
+        v: [round(r["device_cpu_ns"][v] / ((rounds + 1) * n4k) / 1000, 2) for r in runs] for v in VARIANTS}
+    out["sample_seconds_max"] = round(max(t for r in runs for t in r["sample_s"]), 3)
+    out["no_plan_request_us_p90_slice"] = round(1e6 / best, 2)
+    for v in VARIANTS[1:]:
+        extra = cpu[v] - cpu["none"]
+        # Added to the request's critical path (the device serves one
+        # request at a time at QD1): the IOPS it leaves of the fastest
+        # tenth of no-plan slices, and of the median one.
+        out[f"{v}_device_cpu_extra_us"] = round(extra, 3)
+        out[f"{v}_to_none_from_cpu"] = {
+            "at_p90_slice": round((1e6 / best) / (1e6 / best + extra), 4),
+            "at_median_slice": round(out["request_us_median_no_plan"] / (out["request_us_median_no_plan"] + extra),
+                                     4)}
     return out
 
 
@@ -191,9 +279,10 @@ def hook_costs(loops: int = 200_000, rounds: int = 9) -> dict[str, Any]:
     armed: dict[str, Any] = {}
     env = {"m": model, "point": "blk.read", "armed": armed}
     model.fault_engine = FaultEngine("blk")
-    stmt = "point is not None and point in m.fault_engine.armed"
-    per_test = min(timeit.repeat(stmt, globals=env, number=loops, repeat=rounds)) / loops * 1e9
-    floor = min(timeit.repeat("point is not None", globals=env, number=loops, repeat=rounds)) / loops * 1e9
+    def best(stmt: str) -> float:
+        return min(timeit.repeat(stmt, globals=env, number=loops, repeat=rounds, timer=time.thread_time)) / loops * 1e9
+    per_test = best("point is not None and point in m.fault_engine.armed")
+    floor = best("point is not None")
     return {"tests_in_handle": in_handle, "tests_per_request": tests,
             "ns_per_test": round(per_test, 1), "ns_per_test_over_floor": round(per_test - floor, 1),
             "ns_per_request": round(tests * per_test, 1)}
@@ -230,7 +319,7 @@ def access_costs(loops: int = 20_000, rounds: int = 25) -> dict[str, float]:
         for name, ep in eps.items():
             def read(ep: LocalEndpoint = ep) -> None:
                 ep.access(0, 0, COOKIE_PIO, 0, 4, False, 0)
-            t = timeit.timeit(read, number=loops)
+            t = timeit.timeit(read, number=loops, timer=time.thread_time)
             best[name] = min(best[name], t)
     out = {name: round(t / loops * 1e9, 1) for name, t in best.items()}
     out["nothing_armed_cost_ns"] = round(out["empty_engine"] - out["no_engine"], 1)
@@ -239,7 +328,7 @@ def access_costs(loops: int = 20_000, rounds: int = 25) -> dict[str, float]:
 
 
 _BASE_BLK = """
-import os, sys, tempfile, timeit
+import os, sys, tempfile, time, timeit
 from devices.guestmem import GuestRam
 from devices.virtio.blk import VirtioBlk
 from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
@@ -260,7 +349,7 @@ with tempfile.NamedTemporaryFile() as image:
     def serve():
         q.push(mem, chain.head, model.handle(q, chain, mem))
     n = int(sys.argv[1])
-    print(min(timeit.repeat(serve, number=n, repeat=3)) / n * 1e9)
+    print(min(timeit.repeat(serve, number=n, repeat=3, timer=time.thread_time)) / n * 1e9)
 """
 
 
@@ -323,7 +412,7 @@ def blk_handle_costs(loops: int = 5_000, rounds: int = 15, base_tree: str | None
             for name, model in models.items():
                 def one(m: VirtioBlk = model) -> None:
                     serve(m)
-                best[name] = min(best[name], timeit.timeit(one, number=loops))
+                best[name] = min(best[name], timeit.timeit(one, number=loops, timer=time.thread_time))
             if base_tree is not None:
                 best["before"] = min(best["before"], base_blk_ns(base_tree, loops) * loops / 1e9)
         for model in models.values():

@@ -10,8 +10,12 @@
  * every read verified (the host fills each image so that each 512-byte
  * sector begins with its number, u64 LE) and timed with rdtsc (ring 3).
  *
+ * Around the rounds it prints a "tsc" line and then waits `settle` TSC
+ * ticks doing no I/O, so that the host can read the device processes'
+ * CPU time while they are idle.
+ *
  * Command line: devs=N (3, at most 4), rounds=N (30), n4k=N (200),
- * seed=S.
+ * settle=TICKS (0), seed=S.
  * Output lines: "faults: disk <i> id <serial>", "tsc <n>",
  * "result d<i> bytes=<n> requests=<n> tsc=<n>" (one per slice, in round
  * order), "done".  Status 0 when every read held, else test_exit(n) for
@@ -75,7 +79,10 @@ int guest_main(void)
         err = virtio_blk_get_id(&disks[d], id);
         serial_printf("faults: disk %u id %s\n", d, err ? "?" : id);
     }
+    uint64_t settle = guest_arg("settle", 0);
     serial_printf("tsc %lu\n", rdtsc());
+    for (uint64_t t0 = rdtsc(); rdtsc() - t0 < settle;)
+        cpu_relax();
     for (uint64_t r = 0; r <= rounds; r++) {        /* round 0: warm-up, not reported */
         for (unsigned k = 0; k < devs; k++) {
             unsigned d = (unsigned)((r + k) % devs);
@@ -85,6 +92,8 @@ int guest_main(void)
         }
     }
     serial_printf("tsc %lu\n", rdtsc());
+    for (uint64_t t0 = rdtsc(); rdtsc() - t0 < settle;)
+        cpu_relax();
     serial_puts("done\n");
     return 0;
 }
