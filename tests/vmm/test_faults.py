@@ -568,10 +568,21 @@ action = "drop"
 """
 
 
-def test_byte_faults_in_the_console_output(tmp_path):
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_byte_faults_in_the_console_output(guest_cache, tmp_path, placement):
     plan_file, out, trace = tmp_path / "bytes.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
     plan_file.write_text(BYTES_PLAN)
-    r = vmm_run("--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
+    if placement == "isolated":         # the demo as `vmm run` brings it (its devices in their processes)
+        where: list[str] = []
+    else:                               # the demo guest with the same devices inside the VMM
+        from vmm import guests
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(bytes(16 << 20))
+        where = ["--guest", str(guests.demo(guest_cache))]
+        for spec in ("virtio-rng,id=rng", f"virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
+                     "virtio-console,id=console", "serial"):
+            where += ["--device", f"{spec},process=inline"]
+    r = vmm_run(*where, "--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
                 "--timeout", "60")
     assert r.returncode == 0, r.stderr
     text = out.read_bytes()
