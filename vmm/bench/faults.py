@@ -12,28 +12,36 @@
    that starts a round rotating, so the three variants share the
    machine's load slice by slice (a busy 2-core host moves the IOPS of
    whole runs 30x; within one short round it moves all three alike).
-   Figures: the median and quartiles of each variant's per-slice IOPS,
-   and, what the targets compare, the median (and quartiles) of the
-   per-round ratios to the no-plan slice of the same round.  ``--vms``
-   such VMs, pooled.
+   Figures: the median, quartiles and 90th percentile of each variant's
+   per-slice IOPS, and, what the targets compare, the median (and
+   quartiles) of the per-round ratios to the no-plan slice of the same
+   round.  ``--vms`` such VMs, pooled.  Besides, each device process's
+   CPU time per request (its threads' schedstat, read while the guest
+   idles before and after its rounds): on this nested host that moves
+   with the load too, so the armed plan's cost is also taken from (4),
+   in-process, and set against the end-to-end request times of (1)
+   (``silent_to_none_estimated``).
 2. What the fault hooks cost a request with nothing armed, against no
-   hooks at all (there is no "hook absent" build of this tree to run): the
-   hook tests a 4 KiB request passes on the device process's path
-   (``VirtioBlk.handle``, the used-ring completion, the interrupt),
-   counted by a counting ``armed`` mapping on a real request, each timed
-   as the statement it is, and their sum as a share of the same request
-   served in-process (``handle`` and the used-ring push, on a real image)
-   and of the end-to-end request of (1).
+   hooks at all (there is no "hook absent" build of this tree to run):
+   the hook tests of ``VirtioBlk.handle``, counted by a counting
+   ``armed`` mapping on a real request, and the completion's
+   ``queue.complete`` test (the interrupt is the host's own method while
+   ``irq`` is not counted, the notify comes by ioeventfd: no test), each
+   timed as the statement it is, their sum as a share of the request
+   served in-process and of the end-to-end request of (1).
 3. The per-access cost of the ``access`` point in the inline endpoint
-   (:class:`vmm.local.LocalEndpoint` serving an ``echo`` read): no engine,
-   best of 25 interleaved rounds; an engine with nothing armed (every device's, without a plan), the
-   ``process`` point armed (it counts every access), the ``access`` point armed but
-   never matching, and firing on every access (``delay`` of 0 ms); ns per access.
+   (:class:`vmm.local.LocalEndpoint` serving an ``echo`` read): no
+   engine; an engine with nothing armed (every device's, without a plan);
+   the ``process`` point armed (it counts every access); the ``access``
+   point armed but never matching; firing on every access (``delay`` of 0
+   ms).  ns per access, best of 25 interleaved rounds.
 4. The same for one virtio-blk 4 KiB read request served in-process:
    what the ``blk.*`` and ``queue.complete`` tests add to each request.
    With ``--base-tree DIR`` (a checkout of the tree before fault
    injection, e.g. ``git archive``), that tree's request as well.
 
+(2) to (4) are timed in the thread's CPU time (``time.thread_time``:
+what other processes take of the core is not counted).
 Absolute figures of this nested host are not a real host's; compare the
 ratios of one run.
 """
