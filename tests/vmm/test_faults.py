@@ -788,6 +788,56 @@ def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     assert out == b"ready\n61 01 01 " + f"{int(g, 16):02x}".encode() + b" bye\n"
 
 
+SERIAL_IRQ_PLAN = """
+[[fault]]
+name = "lost"
+device = "serial0"
+point = "irq"
+nth = 1
+action = "lose"
+[[fault]]
+name = "twice"
+device = "serial0"
+point = "irq"
+nth = 2
+action = "duplicate"
+[[fault]]
+name = "late"
+device = "serial0"
+point = "irq"
+nth = 3
+action = "delay"
+ms = 300
+"""
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_serial_irq_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
+    from vmm import guests
+
+    image = guests.build([guests.HERE / "serial.c", REPO / "tests" / "guests" / "fault_serial_irq.c"], guest_cache,
+                         name="fault_serial_irq")
+    p, out, trace = tmp_path / "irq.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
+    p.write_text(SERIAL_IRQ_PLAN)
+    extra = [] if placement == "isolated" else ["--device", "serial,process=inline"]
+    r = vmm_run("--guest", str(image), *extra, "--serial", f"file:{out}", "--faults", str(p),
+                "--fault-trace", str(trace), "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    rounds = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("round "):
+            _, n, _, irqs, _, first = line.split()
+            rounds[int(n)] = (int(irqs), int(first))
+    assert sorted(rounds) == [0, 1, 2, 3], out.read_text()
+    # the 1st edge lost; the 2nd delivered twice; the 3rd 300 ms late; the 4th as usual
+    assert rounds[0] == (0, 0)
+    assert rounds[1][0] == 2
+    assert rounds[2][0] == 1 and rounds[2][1] > 0.3 * TSC_HZ
+    assert rounds[3][0] == 1 and rounds[3][1] < rounds[2][1]
+    fired = sorted((f["fault"], f["event"]) for f in read_trace(trace).firings)
+    assert fired == [("late", 3), ("lost", 1), ("twice", 2)]
+
+
 @pytest.mark.parametrize("placement", ["isolated", "inline"])
 def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     import socket
