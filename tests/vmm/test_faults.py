@@ -561,10 +561,21 @@ action = "drop"
 """
 
 
-def test_byte_faults_in_the_console_output(tmp_path):
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_byte_faults_in_the_console_output(guest_cache, tmp_path, placement):
     plan_file, out, trace = tmp_path / "bytes.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
     plan_file.write_text(BYTES_PLAN)
-    r = vmm_run("--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
+    if placement == "isolated":         # the demo as `vmm run` brings it (its devices in their processes)
+        where: list[str] = []
+    else:                               # the demo guest with the same devices inside the VMM
+        from vmm import guests
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(bytes(16 << 20))
+        where = ["--guest", str(guests.demo(guest_cache))]
+        for spec in ("virtio-rng,id=rng", f"virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
+                     "virtio-console,id=console", "serial"):
+            where += ["--device", f"{spec},process=inline"]
+    r = vmm_run(*where, "--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
                 "--timeout", "60")
     assert r.returncode == 0, r.stderr
     text = out.read_bytes()
@@ -768,6 +779,56 @@ def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     g = next(f for f in read_trace(trace).firings if f["fault"] == "g")["detail"].rsplit(" ", 1)[1]
     # 'b' lost, 0x01 twice, 'c' replaced: what the guest received
     assert out == b"ready\n61 01 01 " + f"{int(g, 16):02x}".encode() + b" bye\n"
+
+
+SERIAL_IRQ_PLAN = """
+[[fault]]
+name = "lost"
+device = "serial0"
+point = "irq"
+nth = 1
+action = "lose"
+[[fault]]
+name = "twice"
+device = "serial0"
+point = "irq"
+nth = 2
+action = "duplicate"
+[[fault]]
+name = "late"
+device = "serial0"
+point = "irq"
+nth = 3
+action = "delay"
+ms = 300
+"""
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_serial_irq_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
+    from vmm import guests
+
+    image = guests.build([guests.HERE / "serial.c", REPO / "tests" / "guests" / "fault_serial_irq.c"], guest_cache,
+                         name="fault_serial_irq")
+    p, out, trace = tmp_path / "irq.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
+    p.write_text(SERIAL_IRQ_PLAN)
+    extra = [] if placement == "isolated" else ["--device", "serial,process=inline"]
+    r = vmm_run("--guest", str(image), *extra, "--serial", f"file:{out}", "--faults", str(p),
+                "--fault-trace", str(trace), "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    rounds = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("round "):
+            _, n, _, irqs, _, first = line.split()
+            rounds[int(n)] = (int(irqs), int(first))
+    assert sorted(rounds) == [0, 1, 2, 3], out.read_text()
+    # the 1st edge lost; the 2nd delivered twice; the 3rd 300 ms late; the 4th as usual
+    assert rounds[0] == (0, 0)
+    assert rounds[1][0] == 2
+    assert rounds[2][0] == 1 and rounds[2][1] > 0.3 * TSC_HZ
+    assert rounds[3][0] == 1 and rounds[3][1] < rounds[2][1]
+    fired = sorted((f["fault"], f["event"]) for f in read_trace(trace).firings)
+    assert fired == [("late", 3), ("lost", 1), ("twice", 2)]
 
 
 @pytest.mark.parametrize("placement", ["isolated", "inline"])

@@ -124,9 +124,17 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("device-restart pause", "with_spare.device_restart_pause_ms.median", "ms", 50),
         R("SIGKILL to serving, no spare", "without_spare.kill_to_serving_ms.median", "ms"))),
     Bench("fault_blk", "virtio-blk 4 KiB QD1 with fault plans (none, silent, 1% firing)", "vmm.bench.faults",
-          quick=("--n4k", "500", "--repeat", "1"), rows=(
-        R("armed, never matching / no plan", "ratios_to_no_plan.silent", "x", 0.97, lower=False),
-        R("1% firing / no plan", "ratios_to_no_plan.one_percent", "x", lower=False))),
+          quick=("--vms", "1", "--rounds", "10", "--n4k", "100"), rows=(
+        R("armed, never matching / no plan (guest IOPS, median of round ratios)",
+          "virtio_blk_4k_qd1.silent_to_none.median_of_round_ratios", "x", lower=False),
+        R("armed, never matching / no plan (its in-process cost at the p90 slice)",
+          "silent_to_none_estimated.ratios.p90_slice", "x", 0.97, lower=False),
+        R("1% firing / no plan (guest IOPS, median of round ratios)",
+          "virtio_blk_4k_qd1.one_percent_to_none.median_of_round_ratios", "x", lower=False),
+        R("nothing-armed hooks: share of the end-to-end request", "nothing_armed_hooks.share_of_end_to_end_request",
+          "fraction", 0.01),
+        R("nothing-armed hooks: share of the in-process request", "nothing_armed_hooks.share_of_in_process_request",
+          "fraction"))),
     Bench("startup", "start-up and memory vs QEMU on the same ELF", "vmm.bench.startup",
           quick=("--repeat", "3", "--skip", "q35-kvm"), rows=(
         R("no device / QEMU microvm (KVM)", "ratios.vmm_nodev/qemu_microvm_kvm", "x", 1.5),
