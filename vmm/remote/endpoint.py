@@ -272,7 +272,8 @@ class RemoteEndpoint:
             ours, theirs = socketpair()
             command = (*options.command, "--spare", "--preload", kind) if spare else options.command
             try:
-                return ours, DeviceProcess.start(command, theirs, name, options.cpus, env, stderr=options.stderr)
+                return ours, DeviceProcess.start(command, theirs, name, options.cpus, env, stderr=options.stderr,
+                                                 forkserver=options.forkserver)
             except BaseException:
                 ours.close()
                 raise
