@@ -16,9 +16,12 @@ The VMM starts it with ``subprocess`` (an exec, so it holds nothing of the
 VMM's: no guest RAM, no descriptor but its socket, fd N) and talks to it
 over that ``AF_UNIX SOCK_SEQPACKET`` socket (:mod:`vmm.forkserver`):
 
-- request: JSON ``{"argv": [...]}`` (the ``devserver`` command line after
-  the program name, ``--fd`` included) with two descriptors, the device's
-  end of its control socket and where its stderr goes;
+- request: JSON ``{"argv": [...], "env": {...}}`` (the ``devserver``
+  command line after the program name, ``--fd`` included; the
+  environment, optional: a ``MODULE:CLASS`` model's directory in front of
+  PYTHONPATH, which the child also puts on ``sys.path``) with two
+  descriptors, the device's end of its control socket and where its
+  stderr goes;
 - reply: ``{"pid": PID}`` or ``{"error": TEXT}``, in request order;
 - event: ``{"exit": PID, "status": WAIT_STATUS}`` once a child has ended
   (the server is the children's parent, so it reaps them and passes the
@@ -121,6 +124,10 @@ class Server:
             argv = request["argv"]
             if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
                 raise ValueError("argv is not a list of strings")
+            env = request.get("env")
+            if env is not None and not (isinstance(env, dict)
+                                        and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+                raise ValueError("env is not an object of strings")
         except (ValueError, KeyError, TypeError) as e:
             return {"error": f"bad request: {e}"}
         if len(fds) != 2:
@@ -132,7 +139,7 @@ class Server:
         except OSError as e:
             return {"error": f"fork: {e}"}
         if pid == 0:
-            _child(self.sock, argv, fds[0], fds[1])     # never returns
+            _child(self.sock, argv, env, fds[0], fds[1])     # never returns
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as e:    # cannot happen for our own unreaped child; say so if it does
@@ -156,7 +163,8 @@ class Server:
         return True
 
 
-def _child(server_sock: socket.socket, argv: list[str], channel: int, stderr: int) -> None:
+def _child(server_sock: socket.socket, argv: list[str], env: dict[str, str] | None, channel: int,
+           stderr: int) -> None:
     """In the forked child: the device's descriptors in place, everything
     of the server's closed, then the ``devserver`` main; never returns."""
     code = 1
@@ -170,6 +178,8 @@ def _child(server_sock: socket.socket, argv: list[str], channel: int, stderr: in
         os.dup2(channel, CHANNEL_FD)    # inheritable (dup2's default), as an exec'd device's is
         os.closerange(CHANNEL_FD + 1, _fd_limit())
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if env is not None:
+            _set_environment(env)
         from devserver.cli import main
         code = main(_with_fd(argv, CHANNEL_FD))
     except SystemExit as e:
@@ -185,6 +195,17 @@ def _child(server_sock: socket.socket, argv: list[str], channel: int, stderr: in
             sys.stderr.flush()
         finally:
             os._exit(code & 0xFF)
+
+
+def _set_environment(env: dict[str, str]) -> None:
+    """``env`` as this process's environment; PYTHONPATH entries it adds
+    go on ``sys.path`` where the interpreter would have put them (after
+    the first entry, the directory of ``-m``)."""
+    before = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ.clear()
+    os.environ.update(env)
+    added = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in before and p not in sys.path]
+    sys.path[1:1] = added
 
 
 def _with_fd(argv: list[str], fd: int) -> list[str]:

@@ -27,7 +27,7 @@ def wants_forkserver(argv: Sequence[str]) -> bool:
     own_guest = any(w.split("=")[0] in ("--guest", "--kernel") for w in words)
     has_device = any(w.split("=")[0] == "--device" for w in words)
     serial_off = "--serial=none" in words or any(
-        a == "--serial" and b == "none" for a, b in zip(words, words[1:]))
+        a == "--serial" and b == "none" for a, b in zip(words, words[1:], strict=False))
     return not (own_guest and serial_off and not has_device)
 
 

@@ -28,12 +28,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["ForkServer", "ForkServerError", "FORKSERVER_COMMAND"]
+__all__ = ["ForkServer", "ForkServerError", "FORKSERVER_COMMAND", "FORKSERVER_ENV"]
 
 log = logging.getLogger(__name__)
 
+#: ``SPLITVMM_FORKSERVER=1``: a vmm.Machine forks its device processes
+#: from a fork server by default (``vmm run`` always does).
+FORKSERVER_ENV = "SPLITVMM_FORKSERVER"
 #: How the fork server is started (``--fd N`` is appended).
 FORKSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "devserver.forkserver")
 #: How long a request may take (the server forks at once; it may still be
@@ -82,15 +85,20 @@ class ForkServer:
     def alive(self) -> bool:
         return self._dead is None
 
-    def spawn(self, argv: Sequence[str], channel: int, stderr: int) -> tuple[int, int]:
+    def spawn(self, argv: Sequence[str], channel: int, stderr: int,
+              env: Mapping[str, str] | None = None) -> tuple[int, int]:
         """Fork a device process running ``devserver`` with ``argv`` (its
-        ``--fd`` names ``channel``), its stderr on ``stderr``; its pid and a
-        pidfd of it.  The caller keeps (and closes) its descriptors."""
+        ``--fd`` names ``channel``), its stderr on ``stderr``, ``env`` its
+        environment (None: the server's, which was the VMM's); its pid and
+        a pidfd of it.  The caller keeps (and closes) its descriptors."""
+        request: dict = {"argv": list(argv)}
+        if env is not None:
+            request["env"] = dict(env)
         with self._lock:
             if self._dead is not None:
                 raise ForkServerError(self._dead)
             try:
-                socket.send_fds(self._sock, [json.dumps({"argv": list(argv)}).encode()], [channel, stderr])
+                socket.send_fds(self._sock, [json.dumps(request).encode()], [channel, stderr])
             except OSError as e:
                 raise ForkServerError(f"the fork server is gone: {e}") from None
             reply = self._reply(time.monotonic() + REQUEST_TIMEOUT)

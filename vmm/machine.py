@@ -51,6 +51,7 @@ from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
+from vmm.forkserver import FORKSERVER_ENV, ForkServer
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory, parse_size
@@ -125,6 +126,12 @@ class Machine:
         #: the machine fills in access_timeout, guest memory, console and
         #: interrupt routing for each device.
         self.remote_options = RemoteOptions()
+        #: Fork device processes from a fork server of this machine's own
+        #: (vmm.forkserver; started with the first device process), unless
+        #: remote_options names one already; default: the environment's
+        #: SPLITVMM_FORKSERVER=1, else each device process is exec'd.
+        self.use_forkserver = os.environ.get(FORKSERVER_ENV) == "1"
+        self._forkserver: ForkServer | None = None
         self.outcome: Outcome | None = None
         self.endpoints: dict[int, Endpoint] = {}
         self.vcpus: list[VcpuThread] = []
@@ -495,6 +502,9 @@ class Machine:
     def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
                         stderr: int | None = None) -> RemoteOptions:
         """``stderr``: where a spawned device process's log goes (log_dir)."""
+        if self.use_forkserver and self.remote_options.forkserver is None and spec.placement == "isolated":
+            self._forkserver = ForkServer.start()
+            self.remote_options = dataclasses.replace(self.remote_options, forkserver=self._forkserver)
         return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self._live_memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self._live_memory.regions),
@@ -831,6 +841,8 @@ class Machine:
             os.close(fd)
         self._log_fds.clear()
         self.faults.close()
+        if self._forkserver is not None:
+            self._forkserver.close()        # after its device processes
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()

@@ -49,13 +49,13 @@ class DeviceProcess:
         the child's environment (None: the VMM's; :func:`child_env`);
         ``stderr``: where its log goes (None: the VMM's stderr);
         ``forkserver``: fork a ``devserver`` there instead of exec'ing it
-        (:mod:`vmm.forkserver`; only for the devserver command with
-        the VMM's environment, else, or when the server is gone, exec)."""
+        (:mod:`vmm.forkserver`; only for the devserver command: another
+        program, or a server that is gone, is exec'd)."""
         proc = pidfd = None
         # No descriptor of the VMM's terminal reaches the device (vmm.console).
         relay = StderrRelay.for_child() if stderr is None else None
-        if forkserver is not None and env is None and tuple(command[:len(DEVSERVER_COMMAND)]) == DEVSERVER_COMMAND:
-            forked = _forked(forkserver, command, channel, name, cpus, stderr, relay)
+        if forkserver is not None and tuple(command[:len(DEVSERVER_COMMAND)]) == DEVSERVER_COMMAND:
+            forked = _forked(forkserver, command, channel, name, cpus, env, stderr, relay)
             if forked is not None:
                 return forked
         try:
@@ -132,7 +132,8 @@ class DeviceProcess:
 
 
 def _forked(server: ForkServer, command: Sequence[str], channel: socket.socket, name: str,
-            cpus: Set[int] | None, stderr: int | None, relay: StderrRelay | None) -> DeviceProcess | None:
+            cpus: Set[int] | None, env: Mapping[str, str] | None, stderr: int | None,
+            relay: StderrRelay | None) -> DeviceProcess | None:
     """``command`` forked by ``server`` (None: the server is gone; the
     caller execs instead).  Closes ``channel`` unless it returns None."""
     from vmm.forkserver import ForkServerError
@@ -141,7 +142,7 @@ def _forked(server: ForkServer, command: Sequence[str], channel: socket.socket, 
     argv = [*command[len(DEVSERVER_COMMAND):], "--fd", str(channel.fileno()), *_log_level_args(command)]
     err = relay.child_fd if relay is not None else stderr if stderr is not None else 2
     try:
-        proc = ForkedProcess(server, *server.spawn(argv, channel.fileno(), err))
+        proc = ForkedProcess(server, *server.spawn(argv, channel.fileno(), err, env))
     except ForkServerError as e:
         log.warning("device %s: %s; starting it the slow way", name, e)
         return None
