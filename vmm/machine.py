@@ -101,14 +101,16 @@ class Machine:
     :attr:`console`), ``"stdio"`` or ``"file:PATH"`` as ``vmm run
     --serial``; with a console a COM1 is added when the run starts unless a
     serial device was added.  ``log_dir``: each device process's stderr
-    goes to ``log_dir/ID.log`` (:attr:`device_logs`)."""
+    goes to ``log_dir/ID.log`` (:attr:`device_logs`).  ``forkserver``:
+    fork the device processes from a fork server (:mod:`vmm.forkserver`)
+    instead of exec'ing each (None: ``SPLITVMM_FORKSERVER=1`` says)."""
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, vcpus: int = 1, *,
                  registry_capacity: int = DEFAULT_CAPACITY,
                  access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, devices: Iterable[str | DeviceSpec] = (),
                  serial: str | SerialMode = "none", log_dir: str | os.PathLike[str] | None = None,
-                 cpuid_hide: tuple[str, ...] = ()):
+                 cpuid_hide: tuple[str, ...] = (), forkserver: bool | None = None):
         if isinstance(memory, str):
             try:
                 memory = parse_size(memory)
@@ -128,9 +130,9 @@ class Machine:
         self.remote_options = RemoteOptions()
         #: Fork device processes from a fork server of this machine's own
         #: (vmm.forkserver; started with the first device process), unless
-        #: remote_options names one already; default: the environment's
-        #: SPLITVMM_FORKSERVER=1, else each device process is exec'd.
-        self.use_forkserver = os.environ.get(FORKSERVER_ENV) == "1"
+        #: remote_options names one already; default (``forkserver=None``):
+        #: the environment's SPLITVMM_FORKSERVER=1, else each is exec'd.
+        self.use_forkserver = os.environ.get(FORKSERVER_ENV) == "1" if forkserver is None else forkserver
         self._forkserver: ForkServer | None = None
         self.outcome: Outcome | None = None
         self.endpoints: dict[int, Endpoint] = {}
