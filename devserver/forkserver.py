@@ -47,6 +47,7 @@ own control sockets, as exec'd ones do.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import select
@@ -178,6 +179,7 @@ def _child(server_sock: socket.socket, argv: list[str], env: dict[str, str] | No
         os.dup2(channel, CHANNEL_FD)    # inheritable (dup2's default), as an exec'd device's is
         os.closerange(CHANNEL_FD + 1, _fd_limit())
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        gc.enable()         # for what the device allocates; the server's objects stay frozen
         if env is not None:
             _set_environment(env)
         from devserver.cli import main
@@ -240,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.getppid() == 1:
         return 0        # the VMM died before the death signal was armed
+    # What the children share stays shared: no collection runs here while
+    # importing, and what was imported is moved out of the collector's
+    # reach (gc.freeze) -- a collection in a child would otherwise write
+    # to every object's header and so copy every page of them.
+    gc.disable()
     preload()
+    gc.collect()
+    gc.freeze()
     code = Server(sock).run()
     sys.stderr.flush()
     os._exit(code)      # nothing to finalize: skip tearing down every module imported
