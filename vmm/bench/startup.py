@@ -458,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, PYTHONPATH=str(root))
             # What that tree's own ``vmm`` script runs (its entry point).
             entry = "vmm.entry" if (root / "vmm" / "entry.py").exists() else "vmm.cli"
-            base = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())"]
+            script = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())"]
             for name in [n for n in runners if n.startswith("vmm_")]:
                 cmd, expect = runners[name][:2]
-                runners[f"{label}:{name}"] = ([*base, *cmd[len(vmm):]], expect, env)
+                runners[f"{label}:{name}"] = ([*script, *cmd[len(vmm):]], expect, env)
             report.setdefault("trees", {})[label] = {"path": tree_dir, "bytecode_cached": bytecode_cached(tree_dir)}
         report.setdefault("trees", {})["this"] = {"path": str(ROOT), "bytecode_cached": bytecode_cached(ROOT)}
         limit: dict[str, int] = {}
