@@ -18,10 +18,10 @@ over that ``AF_UNIX SOCK_SEQPACKET`` socket (:mod:`vmm.forkserver`):
 
 - request: JSON ``{"argv": [...], "env": {...}}`` (the ``devserver``
   command line after the program name, ``--fd`` included; the
-  environment, optional: a ``MODULE:CLASS`` model's directory in front of
-  PYTHONPATH, which the child also puts on ``sys.path``) with two
-  descriptors, the device's end of its control socket and where its
-  stderr goes;
+  environment, optional: the VMM's as it is at the request, with a
+  ``MODULE:CLASS`` model's directory in front of PYTHONPATH, which the
+  child also puts on ``sys.path``) with two descriptors, the device's
+  end of its control socket and where its stderr goes;
 - reply: ``{"pid": PID}`` or ``{"error": TEXT}``, in request order;
 - event: ``{"exit": PID, "status": WAIT_STATUS}`` once a child has ended
   (the server is the children's parent, so it reaps them and passes the

@@ -172,3 +172,19 @@ def test_a_dead_server_means_exec(caplog):
             proc.close()
     finally:
         s.close()
+
+
+def test_a_forked_device_has_the_environment_of_the_request(server, registry, monkeypatch):
+    """The environment is the VMM's at the request, not the server's at its
+    start (an exec'd device's would be): here the measurement switch of
+    the sandbox (SPLITVMM_SANDBOX_LAYERS) set after the server started."""
+    from devserver.sandbox import ONLY_ENV
+    from vmm.remote import RemoteEndpoint, RemoteOptions
+
+    monkeypatch.setenv(ONLY_ENV, "preload,fds")
+    ep = RemoteEndpoint.spawn("echo", {"pio": "0x5000"}, 2, "env0", registry, 1, RemoteOptions(forkserver=server))
+    try:
+        assert parent_of(ep.pid) == server.pid
+        assert ep.sandbox.layers == ("preload", "fds")
+    finally:
+        ep.close()

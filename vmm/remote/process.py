@@ -142,7 +142,10 @@ def _forked(server: ForkServer, command: Sequence[str], channel: socket.socket, 
     argv = [*command[len(DEVSERVER_COMMAND):], "--fd", str(channel.fileno()), *_log_level_args(command)]
     err = relay.child_fd if relay is not None else stderr if stderr is not None else 2
     try:
-        proc = ForkedProcess(server, *server.spawn(argv, channel.fileno(), err, env))
+        # The environment as it is now, as an exec'd device would get it (the
+        # server's is the VMM's of when it started).
+        proc = ForkedProcess(server, *server.spawn(argv, channel.fileno(), err,
+                                                   dict(os.environ) if env is None else env))
     except ForkServerError as e:
         log.warning("device %s: %s; starting it the slow way", name, e)
         return None
