@@ -39,6 +39,13 @@ pidfds of the other devices, the other requests' descriptors, which the
 server has closed before it forks again) closed.  The server runs one
 thread, so the fork copies no lock held by another thread.
 
+One thing a fork does share: the address-space layout.  Forked devices
+have the server's (and so each other's) library and heap addresses,
+where exec'd ones each had their own randomisation (Android's zygote
+has the same trade-off); the VMM is exec'd on its own and shares
+nothing of it.  A device that a guest has compromised learns where its
+siblings' code is, not a way to reach them: the other layers stand.
+
 It leaves when the VMM closes its socket (or dies: ``PR_SET_PDEATHSIG``);
 its children are the devices' processes and notice the VMM's end on their
 own control sockets, as exec'd ones do.
