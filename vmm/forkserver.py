@@ -59,6 +59,7 @@ class ForkServer:
         self._replies: list[dict] = []
         self._status: dict[int, int] = {}       # pid -> wait status
         self._dead: str | None = None
+        self._used = False
         self._reader = threading.Thread(target=self._read, name="forkserver", daemon=True)
         self._reader.start()
 
@@ -97,6 +98,7 @@ class ForkServer:
         with self._lock:
             if self._dead is not None:
                 raise ForkServerError(self._dead)
+            self._used = True
             try:
                 socket.send_fds(self._sock, [json.dumps(request).encode()], [channel, stderr])
             except OSError as e:
@@ -124,11 +126,15 @@ class ForkServer:
             return self._status.get(pid)
 
     def close(self) -> None:
-        """Hang up (the server leaves) and reap it."""
+        """Hang up (the server leaves) and reap it.  A server never asked
+        for a process (a run that ended early, or had no device process)
+        may still be importing: it is killed, not waited for."""
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if not self._used and self._proc.returncode is None:
+            self._proc.kill()
         try:
             self._proc.wait(5.0)
         except subprocess.TimeoutExpired:
