@@ -33,6 +33,13 @@ can answer) and ``import vmm.cli``, as wall times of their own commands
 teardown; ``TRACE_CODE``); and the top self times of ``python -X
 importtime`` for both imports.
 
+``vmm run`` forks its device processes from a fork server that the
+``vmm`` script starts before the VMM's own imports (``vmm.entry``,
+``devserver.forkserver``); the trace marks when it was started and each
+device process's start.  A ``--baseline`` tree is run through its own
+entry point (``vmm.entry`` if it has one, else ``vmm.cli``), with the
+working directory outside any tree.  Findings: ``docs/startup-and-memory.md``.
+
 Every run records the 1-minute load average before it; figures are
 medians over the rounds, runners interleaved.  Targets (issue 15):
 ``vmm_nodev`` <= 1.5x ``qemu_microvm_kvm``, ``vmm_com1`` <= 2.5x, demo
