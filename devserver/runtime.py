@@ -305,6 +305,8 @@ class DeviceServer:
         if self.sandbox.layers:
             log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
                      self.sandbox.seconds * 1e3, self.sandbox.rules)
+            log.debug("sandbox layers, ms: %s", " ".join(f"{name} {secs * 1e3:.1f}"
+                                                         for name, secs in self.sandbox.layer_seconds.items()))
 
     def _start_model(self) -> None:
         cfg = self.config

@@ -90,6 +90,8 @@ class Applied:
     seconds: float = 0.0
     #: Allowlist rules loaded.
     rules: int = 0
+    #: Seconds each layer took (the device logs them at debug level).
+    layer_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
@@ -111,6 +113,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     def layer(name: str, fn, *args):
         if chosen is not None and name.split("=")[0] not in chosen:
             return None
+        t = time.monotonic()
         try:
             result = fn(*args)
         except (OSError, ValueError) as e:
@@ -119,6 +122,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
             log.warning("sandbox=auto: layer %s is off: %s", name, e)
             return None
         out.layers.append(name)
+        out.layer_seconds[name] = time.monotonic() - t
         return True if result is None else result
 
     extra = kind_rules(kind, model_class)     # imports the kind's policy module while it can
