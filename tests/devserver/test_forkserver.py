@@ -25,7 +25,7 @@ from vmm.remote import DEVSERVER_COMMAND
 from vmm.remote.forked import ForkedProcess
 from vmm.remote.process import DeviceProcess
 
-from tests.devserver.test_remote_echo import wait_for
+from tests.waiting import poll
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_a_dead_server_means_exec(caplog):
     s = ForkServer.start()
     try:
         os.kill(s.pid, signal.SIGKILL)
-        assert wait_for(lambda: not s.alive)
+        assert poll(lambda: not s.alive)
         ours, theirs = socketpair()
         caplog.set_level(logging.WARNING, logger="vmm.remote.process")
         proc = DeviceProcess.start([*DEVSERVER_COMMAND, "--spare"], theirs, "late", stderr=2, forkserver=s)
