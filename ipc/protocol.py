@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import msgpack
 
@@ -153,9 +153,97 @@ def _fd(name: str, v: Any) -> None:
     _need(type(v) is int and v >= 0, f"{name} must be a file descriptor, not {v!r}")
 
 
-class Message:
-    """Base of the messages.  Subclasses are frozen dataclasses; their
-    ``__post_init__`` checks every field, so a message that exists is valid."""
+_R = TypeVar("_R", bound=type)
+
+
+class _Record:
+    """Base of this module's value classes (the messages, :class:`MemRegion`).
+
+    Each is a frozen dataclass: :func:`dataclasses.fields`, ``replace``,
+    ``asdict`` and ``is_dataclass`` work on it, it takes its fields by
+    position or keyword, has their defaults, runs ``__post_init__`` (which
+    validates), compares and hashes by type and fields, prints as a
+    dataclass does and refuses assignment (``FrozenInstanceError``).  But
+    these methods are the ones below, shared, instead of the six that
+    ``dataclass(frozen=True)`` writes and compiles for every class: that
+    was ~8 ms of every VMM's and device process's start-up.  Only the
+    decorator :func:`_record` makes a subclass."""
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+    _DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        cls = type(self)
+        names = cls._FIELDS
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__}() takes {len(names)} positional argument(s), {len(args)} given")
+        for name, value in zip(names, args, strict=False):
+            if name in kw:
+                raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
+            kw[name] = value
+        defaults = cls._DEFAULTS
+        for name in names:
+            if name in kw:
+                value = kw.pop(name)
+            elif name in defaults:
+                value = defaults[name]
+            else:
+                raise TypeError(f"{cls.__name__}() missing required argument {name!r}")
+            object.__setattr__(self, name, value)
+        if kw:
+            raise TypeError(f"{cls.__name__}() got unexpected argument(s) {', '.join(sorted(kw))}")
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        pass
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Record)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+if TYPE_CHECKING:
+    from typing import dataclass_transform
+
+    @dataclass_transform(frozen_default=True)
+    def _record(cls: _R) -> _R:
+        ...
+else:
+    _LIGHT = dataclasses.dataclass(init=False, repr=False, eq=False)
+
+    def _record(cls):
+        """``cls`` (a :class:`_Record`) made a dataclass with no methods of
+        its own: the field table is all that dataclasses builds."""
+        cls = _LIGHT(cls)
+        fields = dataclasses.fields(cls)
+        assert all(f.default_factory is dataclasses.MISSING for f in fields), cls
+        cls._FIELDS = tuple(f.name for f in fields)
+        cls._DEFAULTS = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        return cls
+
+
+class Message(_Record):
+    """Base of the messages.  Subclasses are frozen dataclasses
+    (:class:`_Record`); their ``__post_init__`` checks every field, so a
+    message that exists is valid."""
 
     #: The ``"type"`` of the wire map.
     TYPE: ClassVar[str] = ""
@@ -166,14 +254,14 @@ class Message:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name not in self.FD_FIELDS:
-                out[f.name] = _plain(getattr(self, f.name))
+        for name in self._FIELDS:
+            if name not in self.FD_FIELDS:
+                out[name] = _plain(getattr(self, name))
         return out
 
     @classmethod
     def from_wire(cls, body: dict[str, Any], fds: list[int]) -> Message:
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls.FD_FIELDS)  # type: ignore[arg-type]
+        names = set(cls._FIELDS) - set(cls.FD_FIELDS)
         extra = set(body) - names - {"type"}
         if extra:
             raise ValueError(f"unknown field(s) {sorted(extra)}")
@@ -195,8 +283,8 @@ class Message:
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, _Record):
+        return {name: _plain(getattr(v, name)) for name in v._FIELDS}
     if isinstance(v, frozenset):
         return sorted(v)
     return v
@@ -210,7 +298,7 @@ def _features(name: str, v: Any) -> frozenset[str]:
     return frozenset(v)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class _Versions(Message):
     """The two handshake messages: a version and a feature set."""
 
@@ -222,7 +310,7 @@ class _Versions(Message):
         object.__setattr__(self, "features", _features("features", self.features))
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Hello(_Versions):
     """VMM → device: the protocol version and features the VMM speaks."""
 
@@ -230,7 +318,7 @@ class Hello(_Versions):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Welcome(_Versions):
     """Device → VMM: the version and the subset of features agreed on."""
 
@@ -238,7 +326,7 @@ class Welcome(_Versions):
     SENDER: ClassVar[Role] = Role.DEVICE
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class DeviceConfig(Message):
     """VMM → device: which model to run, with what, as which owner."""
 
@@ -272,7 +360,7 @@ class DeviceConfig(Message):
               f"nvcpus must be in [1, {MAX_VCPUS}], not {self.nvcpus!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class SetRegistry(Message):
     """VMM → device: the region registry segment."""
 
@@ -285,7 +373,7 @@ class SetRegistry(Message):
         _fd("fd", self.fd)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class SetSlots(Message):
     """VMM → device: the access-slot segment and how to serve it."""
 
@@ -311,8 +399,8 @@ class SetSlots(Message):
         _need(type(self.move) is bool, "move must be a boolean")
 
 
-@dataclasses.dataclass(frozen=True)
-class MemRegion:
+@_record
+class MemRegion(_Record):
     """One range of guest RAM: ``size`` bytes at guest physical
     ``guest_addr``, found at ``offset`` in the memory fd."""
 
@@ -328,7 +416,7 @@ class MemRegion:
         _need(self.offset + self.size - 1 <= U64_MAX, "memory region wraps the file")
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class SetMemTable(Message):
     """VMM → device: guest RAM (a memfd) and where it sits in the guest."""
 
@@ -355,7 +443,7 @@ class SetMemTable(Message):
         object.__setattr__(self, "regions", tuple(regions))
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Start(Message):
     """VMM → device: configuration is complete; build the model."""
 
@@ -363,7 +451,7 @@ class Start(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Ready(Message):
     """Device → VMM: the model runs and has claimed its initial regions."""
 
@@ -383,7 +471,7 @@ class Ready(Message):
         object.__setattr__(self, "sandbox", tuple(self.sandbox))
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Reset(Message):
     """VMM → device: put the model back in its power-on state."""
 
@@ -391,13 +479,13 @@ class Reset(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class ResetDone(Message):
     TYPE: ClassVar[str] = "reset-done"
     SENDER: ClassVar[Role] = Role.DEVICE
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Shutdown(Message):
     """VMM → device: release your regions and exit."""
 
@@ -405,7 +493,7 @@ class Shutdown(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class Error(Message):
     """Device → VMM: the device cannot go on (bad config, model failure)."""
 
@@ -417,8 +505,8 @@ class Error(Message):
         _text("message", self.message, MAX_TEXT)
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnectionClosed:
+@_record
+class ConnectionClosed(_Record):
     """Not a message: the peer closed the stream at a frame boundary."""
 
 
@@ -461,7 +549,7 @@ _ERROR_FROM = frozenset(State) - {S.CLOSING, S.CLOSED, S.FAILED, S.AWAIT_HELLO}
 
 # ---- console (the serial device's line) ------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class SetConsole(Message):
     """VMM → device (optional, configuring): the console of ``vmm run
     --serial``: bytes the device sends go to ``out_fd`` (the VMM's stdout
@@ -488,7 +576,7 @@ TRANSITIONS[(S.CONFIGURING, SetConsole)] = S.CONFIGURING
 
 # ---- state segment (issue 10 §2) --------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class SetState(Message):
     """VMM → device (optional, configuring; needs the ``state`` feature):
     the device's state segment (:mod:`ipc.state`), the sealed memfd the
@@ -532,7 +620,7 @@ def _u32(name: str, v: Any) -> None:
     _need(type(v) is int and 0 <= v <= 0xFFFF_FFFF, f"{name} must be an integer in [0, 2**32), not {v!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IrqLineRequest(Message):
     """Device → VMM: an eventfd raising irqchip input ``gsi``."""
 
@@ -546,7 +634,7 @@ class IrqLineRequest(Message):
         _u32("gsi", self.gsi)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class MsiRouteRequest(Message):
     """Device → VMM: route MSI vector ``index`` to ``address``/``data``
     (a new route or an update; answered with the route's eventfd)."""
@@ -565,7 +653,7 @@ class MsiRouteRequest(Message):
         _u32("data", self.data)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class MsiUnrouteRequest(Message):
     """Device → VMM: drop MSI vector ``index``'s route."""
 
@@ -579,7 +667,7 @@ class MsiUnrouteRequest(Message):
         _u32("index", self.index)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IrqGranted(Message):
     """VMM → device: the eventfd that raises what request ``seq`` asked for."""
 
@@ -594,7 +682,7 @@ class IrqGranted(Message):
         _fd("fd", self.fd)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IrqDone(Message):
     """VMM → device: request ``seq`` is done (no new eventfd)."""
 
@@ -606,7 +694,7 @@ class IrqDone(Message):
         _u32("seq", self.seq)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IrqRefused(Message):
     """VMM → device: request ``seq`` is refused, and why."""
 
@@ -647,7 +735,7 @@ for _m in IRQ_REQUESTS + IRQ_ANSWERS:
 # (port I/O) or 1 (MMIO); ``match`` says whether only writes of
 # ``datamatch`` signal.
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IoeventfdRequest(Message):
     """Device → VMM: an eventfd signalled by guest writes at ``address``."""
 
@@ -670,7 +758,7 @@ class IoeventfdRequest(Message):
         _need(type(self.match) is bool, "match must be a boolean")
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class IoeventfdRemoveRequest(IoeventfdRequest):
     """Device → VMM: drop the ioeventfd added with these same fields."""
 
@@ -704,7 +792,7 @@ MAX_FAULT_TEXT = 60_000
 FAULT_OPS = frozenset({"setup", "arm", "disarm", "query"})
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class FaultControl(Message):
     """VMM → device: a fault-engine request (see above)."""
 
@@ -720,7 +808,7 @@ class FaultControl(Message):
         _text("body", self.body, MAX_FAULT_TEXT)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class FaultReply(Message):
     """Device → VMM: the answer to FaultControl ``seq``."""
 
@@ -736,7 +824,7 @@ class FaultReply(Message):
         _text("body", self.body, MAX_FAULT_TEXT)
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class FaultFired(Message):
     """Device → VMM: one trace record (a firing), JSON."""
 
@@ -774,7 +862,7 @@ for _m in (FaultControl, FaultReply, FaultFired):
 # IrqGranted carrying the device's batch segment (ipc.batch, the same one
 # each time): the VMM then delivers the queued writes in batches.
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class CoalescedMmioRequest(Message):
     """Device → VMM: queue guest writes to ``[address, address + length)``
     in KVM's coalesced-MMIO ring instead of exiting on each."""
@@ -792,7 +880,7 @@ class CoalescedMmioRequest(Message):
               f"length must be an integer in [1, 2**32), not {self.length!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@_record
 class CoalescedMmioRemoveRequest(Message):
     """Device → VMM: drop the coalesced zone that starts at ``address``."""
 

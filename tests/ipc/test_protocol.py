@@ -231,6 +231,27 @@ def test_messages_validate_themselves(make):
 def test_messages_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         CONFIG.owner = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del CONFIG.owner  # type: ignore[misc]
+
+
+def test_messages_are_dataclasses_with_their_arguments():
+    # Shared methods (ipc.protocol._Record), the behaviour of dataclass(frozen=True).
+    assert [f.name for f in dataclasses.fields(SetSlots)] == ["fd", "nslots", "poll_ns", "adaptive", "move"]
+    assert SetSlots(3, 2, 0) == SetSlots(fd=3, nslots=2, poll_ns=0, adaptive=True, move=False)
+    assert SetSlots(3, 2, 0) != SetSlots(3, 2, 1) and SetSlots(3, 2, 0) != SetRegistry(fd=3)
+    assert hash(Ready(pid=5, sandbox=("seccomp",))) == hash(Ready(5, ("seccomp",)))
+    assert repr(MemRegion(0, 4096, 0)) == "MemRegion(guest_addr=0, size=4096, offset=0)"
+    assert dataclasses.asdict(SetMemTable(fd=3, regions=(MemRegion(0, 4096, 0),))) == \
+        {"fd": 3, "regions": ({"guest_addr": 0, "size": 4096, "offset": 0},)}
+    changed = dataclasses.replace(CONFIG, name="echo1")
+    assert changed.name == "echo1" and changed.params == CONFIG.params
+    with pytest.raises(ValueError, match="nvcpus"):
+        dataclasses.replace(CONFIG, nvcpus=0)      # replace() validates too
+    for bad in (lambda: SetSlots(3, 2, 0, True, False, 9), lambda: SetSlots(3, nslots=2),
+                lambda: SetSlots(3, 2, 0, fd=4), lambda: SetSlots(3, 2, 0, colour=1)):
+        with pytest.raises(TypeError):
+            bad()
 
 
 def test_limits_are_sane():
