@@ -27,16 +27,21 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from devices.faults.engine import FaultEngine, ReplayEngine
-from devices.faults.plan import Fault, Plan, PlanError, parse_fault
-from devices.faults.table import FaultError, PointSpec
-from devices.faults.trace import Trace, TraceError, TraceWriter, check_record, trace_digest
-from vmm.config import DeviceSpec
+from devices.faults.plan import Plan
 from vmm.endpoint import VmmError
 from vmm.qmp.events import FAULT_FIRED
 
 if TYPE_CHECKING:
+    from devices.faults.engine import FaultEngine
+    from devices.faults.plan import Fault
+    from devices.faults.table import PointSpec
+    from devices.faults.trace import Trace, TraceWriter
+    from vmm.config import DeviceSpec
     from vmm.machine import Machine
+
+# The engines, the trace and the plan parser are imported where a plan, a
+# trace or a run-time request needs them: a run without any (most) goes
+# without (start-up, issue 15).
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ def device_points(specs: Mapping[str, DeviceSpec]) -> dict[str, Mapping[str, Poi
 
 def check_placement(fault: Fault, spec: DeviceSpec, label: str = "fault", source: str | None = None) -> None:
     """Refuse a ``process`` fault on an inline device."""
+    from devices.faults.plan import PlanError
+
     if fault.point == "process" and spec.placement == "inline":
         raise PlanError(f"device {fault.device!r} runs inside the VMM (process=inline): the process point "
                         "needs process=isolated", fault=f"{label} {json.dumps(fault.name)}", key="point",
@@ -99,11 +106,12 @@ class MachineFaults:
         if replay is not None:
             self.replay = replay
             self.plan = Plan(seed=replay.seed)
-            digest = replay.plan
         else:
             self.plan = plan or Plan()
-            digest = self.plan.digest
         if trace is not None:
+            digest = self.digest
+            from devices.faults.trace import TraceError, TraceWriter
+
             try:
                 self._writer = TraceWriter(trace, plan=digest, seed=self.plan.seed,
                                            devices=devices if devices is not None else self.plan.devices())
@@ -127,6 +135,8 @@ class MachineFaults:
         seed = self.plan.seed
         self._owners[name] = endpoint.owner
         if isinstance(endpoint, LocalEndpoint):
+            from devices.faults.engine import FaultEngine, ReplayEngine
+
             points = spec.model_class.all_fault_points()
             sink = lambda rec, _n=name: self.record(_n, rec)  # noqa: E731
             engine: FaultEngine
@@ -188,6 +198,8 @@ class MachineFaults:
     def record(self, device: str, record: object) -> None:
         """One trace record of ``device`` (checked: it may come from an
         untrusted process)."""
+        from devices.faults.trace import TraceError, check_record
+
         try:
             rec = check_record(record, f"device {device}")
             if rec["device"] != device:
@@ -203,6 +215,8 @@ class MachineFaults:
                 self._records.append(rec)
             writer = self._writer
             if writer is not None:
+                from devices.faults.trace import TraceError
+
                 try:
                     writer(rec)
                 except TraceError as e:
@@ -238,12 +252,16 @@ class MachineFaults:
 
     def trace_object(self) -> Trace:
         """The run's trace as :class:`devices.faults.trace.Trace`."""
+        from devices.faults.trace import Trace
+
         records = self.trace()
         return Trace(plan=self.digest, seed=self.plan.seed, devices=list(self._owners),
                      firings=[r for r in records if r["type"] == "fire"],
                      marks=[r for r in records if r["type"] != "fire"])
 
     def digest_of_trace(self) -> str:
+        from devices.faults.trace import trace_digest
+
         return trace_digest(self.trace_object())
 
     def firings(self) -> dict[str, int]:
@@ -290,6 +308,9 @@ class MachineFaults:
         "blk.write", "nth": 3, "action": "ioerr"}``) on the running VM; the
         fault as armed (name and defaults filled in).  Raises
         :class:`FaultsError` (with the plan's one-line message)."""
+        from devices.faults.plan import parse_fault
+        from devices.faults.table import FaultError
+
         specs = self._specs()
         taken = [s["name"] for s in self.list()]
         try:
@@ -309,6 +330,8 @@ class MachineFaults:
 
     def disarm(self, name: str) -> dict[str, Any]:
         """Disarm the fault ``name``; its final counters."""
+        from devices.faults.table import FaultError
+
         for status in self.list():
             if status["name"] == name:
                 device = status["device"]

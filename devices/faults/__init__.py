@@ -28,15 +28,7 @@ for ``--fault-replay``) and ``model.attach_faults(engine)``.  In this tree
 share in a ``FaultControl`` message; records come back as ``FaultFired``.
 """
 
-from devices.faults.engine import FaultEngine, FaultStatus, Firing, ReplayEngine, Sink, uniform64
-from devices.faults.hook import SILENT, FaultPoints
-from devices.faults.plan import (
-    Devices, Fault, Plan, PlanError, canonical_json, load_plan, loads_plan, next_name, parse_fault, parse_plan,
-)
-from devices.faults.table import (
-    COMMON_POINTS, POINTS, ActionSpec, Choice, FaultError, Int, Number, PointSpec, Span, TableError, check_points,
-)
-from devices.faults.trace import Trace, TraceError, TraceWriter, merge_traces, read_trace, trace_digest
+from typing import TYPE_CHECKING
 
 __all__ = [
     "ActionSpec", "COMMON_POINTS", "Choice", "Devices", "Fault", "FaultEngine", "FaultError", "FaultPoints",
@@ -45,3 +37,46 @@ __all__ = [
     "load_plan", "loads_plan", "merge_traces", "next_name", "parse_fault", "parse_plan", "read_trace",
     "trace_digest", "uniform64",
 ]
+
+if TYPE_CHECKING:
+    from devices.faults.engine import FaultEngine, FaultStatus, Firing, ReplayEngine, Sink, uniform64
+    from devices.faults.hook import SILENT, FaultPoints
+    from devices.faults.plan import (
+        Devices, Fault, Plan, PlanError, canonical_json, load_plan, loads_plan, next_name, parse_fault,
+        parse_plan,
+    )
+    from devices.faults.table import (
+        COMMON_POINTS, POINTS, ActionSpec, Choice, FaultError, Int, Number, PointSpec, Span, TableError,
+        check_points,
+    )
+    from devices.faults.trace import Trace, TraceError, TraceWriter, merge_traces, read_trace, trace_digest
+
+# The names above, imported from their module when first asked for: every
+# device model imports the engine and the hook (devices.base), and a run
+# without a plan needs neither the plan parser nor the trace (start-up,
+# issue 15).
+_MODULE_OF = {
+    **dict.fromkeys(("FaultEngine", "FaultStatus", "Firing", "ReplayEngine", "Sink", "uniform64"), "engine"),
+    **dict.fromkeys(("SILENT", "FaultPoints"), "hook"),
+    **dict.fromkeys(("Devices", "Fault", "Plan", "PlanError", "canonical_json", "load_plan", "loads_plan",
+                     "next_name", "parse_fault", "parse_plan"), "plan"),
+    **dict.fromkeys(("COMMON_POINTS", "POINTS", "ActionSpec", "Choice", "FaultError", "Int", "Number",
+                     "PointSpec", "Span", "TableError", "check_points"), "table"),
+    **dict.fromkeys(("Trace", "TraceError", "TraceWriter", "merge_traces", "read_trace", "trace_digest"),
+                    "trace"),
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -37,16 +37,22 @@ a :class:`Firing`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from devices.faults.plan import Fault
 from devices.faults.table import POINTS, Choice, FaultError, PointSpec, Span
+
+if TYPE_CHECKING:
+    import random
+
+    from devices.faults.plan import Fault
+
+# hashlib (OpenSSL), random and the plan parser are imported where they are
+# used: every device model has an engine (the SILENT one at least), and a
+# run without a plan never needs them (issue 15: start-up).
 
 #: Where an engine sends its records (one JSON-able dict each): a
 #: :class:`devices.faults.trace.TraceWriter`, or a device runtime's
@@ -59,6 +65,8 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 def name_state(seed: int, name: str) -> int:
     """The generator state of fault ``name`` under ``seed``."""
+    import hashlib
+
     h = hashlib.blake2b(name.encode(), key=seed.to_bytes(8, "big"), digest_size=8)
     return int.from_bytes(h.digest(), "big")
 
@@ -128,6 +136,9 @@ class Firing:
         """A generator for what the action makes up (``garbage`` bytes,
         which bits ``corrupt`` flips), seeded by (seed, fault, device,
         point, event): the same bytes in a rerun and in a replay."""
+        import hashlib
+        import random
+
         key = f"{self.fault}\0{self.device}\0{self.point}\0{self.event}".encode()
         h = hashlib.blake2b(key, key=self.seed.to_bytes(8, "big"), digest_size=16)
         return random.Random(int.from_bytes(h.digest(), "big"))
@@ -519,5 +530,7 @@ class ReplayEngine(FaultEngine):
 def _replayed_fault(f: Mapping[str, Any]) -> Fault:
     """What a replay knows of a fault: its name, device, point, action and
     parameters; the trigger is the trace itself."""
+    from devices.faults.plan import Fault
+
     return Fault(name=f["fault"], device=f["device"], point=f["point"], trigger="replay", arg=0, times=None,
                  action=f["action"], params=dict(f["params"]), match={})

@@ -23,11 +23,9 @@ in -- so two spellings of one plan share it; the seed is not part of it
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
-import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Union
 
@@ -144,6 +142,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def plan_digest(faults: Iterable[Fault]) -> str:
+    import hashlib      # here: a run without a plan or a trace never needs OpenSSL (start-up, issue 15)
+
     return hashlib.sha256(canonical_json([f.to_dict() for f in faults]).encode()).hexdigest()
 
 
@@ -157,6 +157,8 @@ def load_plan(path: str | os.PathLike[str], *, devices: Devices = None,
             raw = f.read()
     except OSError as e:
         raise PlanError(f"cannot read: {e.strerror}", source=source) from None
+    import tomllib      # here, as the other parsers: only a run with a plan reads one
+
     try:
         text = raw.decode()
         data = json.loads(text) if source.endswith(".json") else tomllib.loads(text)
@@ -169,6 +171,8 @@ def load_plan(path: str | os.PathLike[str], *, devices: Devices = None,
 def loads_plan(text: str, *, devices: Devices = None, points: Mapping[str, PointSpec] = POINTS,
                seed: int | None = None, source: str = "plan") -> Plan:
     """Validate the plan in the TOML ``text``."""
+    import tomllib
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
