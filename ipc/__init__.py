@@ -6,33 +6,7 @@ its socket transport (:mod:`ipc.transport`).  Neither :mod:`vmm` nor :mod:`devse
 imported from this package.
 """
 
-from ipc.errors import IpcError
-from ipc.registry import (
-    Bus,
-    LayoutError,
-    LockTimeout,
-    LockUnusable,
-    Reference,
-    RegionConflict,
-    RegionNotFound,
-    RegionRecord,
-    Registry,
-    RegistryError,
-    RegistryFull,
-    StaleReference,
-    pci_address,
-)
-from ipc.slots import (
-    SlotCaller,
-    SlotError,
-    SlotServer,
-)
-from ipc.protocol import (
-    LocalProtocolError,
-    ProtocolError,
-    RemoteProtocolError,
-)
-from ipc.transport import Channel
+from typing import TYPE_CHECKING
 
 __all__ = [
     "IpcError",
@@ -57,3 +31,59 @@ __all__ = [
     "RemoteProtocolError",
     "Channel",
 ]
+
+if TYPE_CHECKING:
+    from ipc.errors import IpcError
+    from ipc.registry import (
+        Bus,
+        LayoutError,
+        LockTimeout,
+        LockUnusable,
+        Reference,
+        RegionConflict,
+        RegionNotFound,
+        RegionRecord,
+        Registry,
+        RegistryError,
+        RegistryFull,
+        StaleReference,
+        pci_address,
+    )
+    from ipc.slots import (
+        SlotCaller,
+        SlotError,
+        SlotServer,
+    )
+    from ipc.protocol import (
+        LocalProtocolError,
+        ProtocolError,
+        RemoteProtocolError,
+    )
+    from ipc.transport import Channel
+
+# Imported from their modules when first asked for: the VMM's own set-up
+# needs the registry, a device process the protocol and the transport too;
+# a run with no device process never imports those (start-up, issue 15).
+_MODULE_OF = {
+    "IpcError": "errors", "ProtocolError": "protocol", "LocalProtocolError": "protocol",
+    "RemoteProtocolError": "protocol", "Channel": "transport",
+    **dict.fromkeys(("SlotCaller", "SlotError", "SlotServer"), "slots"),
+    **dict.fromkeys(("Bus", "LayoutError", "LockTimeout", "LockUnusable", "Reference", "RegionConflict",
+                     "RegionNotFound", "RegionRecord", "Registry", "RegistryError", "RegistryFull",
+                     "StaleReference", "pci_address"), "registry"),
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,28 +35,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
 import signal
 import sys
 import time
-from typing import NoReturn, Sequence
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm import cpuid as cpuids
 from vmm.boot import BootError
-from devices.kinds import kinds
-from vmm.boot.linux import KERNEL_BOOTS
 from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import ConsoleError, SerialMode, parse_serial
 from vmm.endpoint import VMM_OWNER, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
-from vmm.qmp.server import ApiError
-from vmm.remote import RemoteEndpoint
-from vmm.forkserver import ForkServer
+
+if TYPE_CHECKING:
+    from vmm.forkserver import ForkServer
+
+# What only some runs use is imported where they use it (start-up, issue
+# 15): the Linux loader (--kernel), the fault plan and trace (--faults,
+# --fault-replay, --fault-trace), the control socket (--api, ctl), the
+# device-process stack (vmm.remote: a device in its own process), the fork
+# server's client, and what only help texts show (the kinds, QMP's commands).
 
 log = logging.getLogger("vmm")
 
@@ -66,10 +72,59 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and status 2."""
+    """argparse, but a usage error is one line on stderr and status 2, and
+    help texts that cost something to make are made when help is printed
+    (:meth:`lazy_help`)."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter,
+                 **kwargs) -> None:
+        # argparse makes a formatter for every add_argument (to check the
+        # metavar), and one without a width imports shutil (bz2, lzma, zlib:
+        # ~1.5 ms of every run) for the terminal's; that width is needed
+        # only when help is printed.
+        self._formatter = formatter_class
+        super().__init__(*args, formatter_class=functools.partial(formatter_class, width=80), **kwargs)
+        self._lazy: list[tuple[argparse.Action | None, Callable[[], str]]] = []
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+    def lazy_help(self, action: argparse.Action | None, make: Callable[[], str]) -> None:
+        """``action``'s help (None: the epilog) is ``make()``, called the
+        first time this parser's help is formatted."""
+        self._lazy.append((action, make))
+
+    def format_usage(self) -> str:
+        self.formatter_class = self._formatter
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.formatter_class = self._formatter
+        for action, make in self._lazy:
+            if action is None:
+                self.epilog = make()
+            else:
+                action.help = make()
+        self._lazy.clear()
+        return super().format_help()
+
+
+class _KernelBoots:
+    """The choices of ``--kernel-boot`` (:data:`vmm.boot.linux.KERNEL_BOOTS`),
+    read from the Linux loader only when argparse checks a value given or
+    prints them."""
+
+    @staticmethod
+    def _boots() -> tuple[str, ...]:
+        from vmm.boot.linux import KERNEL_BOOTS
+
+        return KERNEL_BOOTS
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._boots()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._boots())
 
 
 def _positive_int(text: str) -> int:
@@ -139,10 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
     run.add_argument("--memory", type=_size, default=DEFAULT_MEMORY, metavar="SIZE",
                      help="guest RAM, e.g. 256M or 1G (default 256M)")
-    run.add_argument("--device", action="append", default=[], metavar="SPEC",
-                     help="TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
-                          "or connect=PATH for a device service (devserver serve --listen PATH); "
-                          f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
+    device = run.add_argument("--device", action="append", default=[], metavar="SPEC")
+    run.lazy_help(device, _device_help)
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 8) after this long")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line (PVH start info)")
@@ -151,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", metavar="FILE", help="initial RAM disk of --kernel")
     run.add_argument("--append", default=None, metavar="TEXT",
                      help=f"kernel command line of --kernel (default {DEFAULT_APPEND!r})")
-    run.add_argument("--kernel-boot", choices=KERNEL_BOOTS, default="auto",
-                     help="how a bzImage boots: pvh (payload decompressed on the host, PVH entry), "
-                          "bzimage (64-bit boot protocol), auto (pvh on a PVM host, else bzimage)")
+    # (choices set after add_argument, which would list them to check its metavar)
+    kernel_boot = run.add_argument("--kernel-boot", default="auto",
+                                   help="how a bzImage boots: pvh (payload decompressed on the host, PVH "
+                                        "entry), bzimage (64-bit boot protocol), auto (pvh on a PVM host, "
+                                        "else bzimage)")
+    kernel_boot.choices = _KernelBoots()
     run.add_argument("--cpuid-hide", type=_cpuid_hide, default=(), metavar="FEATURE,...",
                      help="CPUID features to hide from the guest, e.g. cx16,xsave,popcnt (vmm.cpuid)")
     run.add_argument("--access-timeout", type=_seconds, default=DEFAULT_ACCESS_TIMEOUT, metavar="SECONDS",
@@ -181,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="run one command on a VM's control socket",
                          description="Run one QMP command on the control socket of `vmm run --api PATH` "
                                      "and print the answer as JSON.",
-                         epilog=_ctl_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ctl.lazy_help(None, _ctl_epilog)
     ctl.add_argument("--table", action="store_true", help="aligned tables instead of JSON (query commands)")
     ctl.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                      help="how long to wait for the VM (default 10)")
@@ -191,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
     image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
     return p
+
+
+def _device_help() -> str:
+    from devices.kinds import kinds
+
+    return ("TYPE[,key=value...] with id=NAME and process=isolated|inline for every type, "
+            "or connect=PATH for a device service (devserver serve --listen PATH); "
+            f"types: {', '.join(sorted(kinds()))}, or MODULE:CLASS (your own model)")
 
 
 def _ctl_epilog() -> str:
@@ -266,6 +331,8 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         where = f"pid {pid} (own process)" if pid is not None else f"pid {os.getpid()} (the VMM)"
         service = getattr(endpoint, "service_path", None)
         if service is not None:     # pid 0: the socket's listener is not the device (a socket unit)
+            from vmm.remote import RemoteEndpoint
+
             assert isinstance(endpoint, RemoteEndpoint)     # only a service's endpoint has a service_path
             where = f"pid {pid or endpoint.reported_pid} (service at {service})"
         where += sandbox_summary(endpoint)
@@ -355,15 +422,13 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
 def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
     """The plan (or trace to replay) checked against the VM's devices
     before anything starts: one line naming fault and key, status 2."""
-    from devices.faults.plan import load_plan
-    from devices.faults.table import FaultError
-    from devices.faults.trace import read_trace
-    from vmm.faults import check_plan, device_points
-
     by_name = {spec.name: spec for spec in specs}
     if args.fault_replay is not None:
         if args.faults is not None or args.fault_seed is not None:
             raise ConfigError("--fault-replay replays a trace: it takes no --faults or --fault-seed")
+        from devices.faults.table import FaultError
+        from devices.faults.trace import read_trace
+
         try:
             trace = read_trace(args.fault_replay)
         except FaultError as e:
@@ -377,6 +442,10 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
         if args.fault_seed is not None:
             raise ConfigError("--fault-seed needs --faults PLAN")
         return {"plan": None, "trace": args.fault_trace, "devices": list(by_name)}
+    from devices.faults.plan import load_plan
+    from devices.faults.table import FaultError
+    from vmm.faults import check_plan, device_points
+
     try:
         plan = load_plan(args.faults, devices=device_points(by_name), seed=args.fault_seed)
         check_plan(plan, by_name, source=args.faults)
@@ -388,11 +457,21 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
 def _start_forkserver() -> ForkServer | None:
     """The fork server the run's device processes come from (None, with a
     warning, when it cannot start: they are exec'd one by one instead)."""
+    from vmm.forkserver import ForkServer
+
     try:
         return ForkServer.start()
     except OSError as e:
         log.warning("cannot start the fork server (%s); device processes are started one by one", e)
         return None
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What ends a run with status 2 (bad arguments).  The control
+    socket's ApiError only once its module is imported: nothing else
+    raises it (the except clause is evaluated only when an error comes)."""
+    server = sys.modules.get("vmm.qmp.server")
+    return (ConfigError, BootError, GuestMemoryError, ConsoleError, *((server.ApiError,) if server else ()))
 
 
 def main(argv: Sequence[str] | None = None, forkserver: ForkServer | None = None) -> int:
@@ -421,7 +500,7 @@ def _main(argv: Sequence[str] | None, forkserver: ForkServer | None) -> int:
         if args.command == "image":
             return image_command(args)
         return run(args, forkserver)
-    except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
+    except _usage_errors() as e:
         print(f"vmm: {e}", file=sys.stderr)
         return outcomes.STATUS_USAGE
     except KeyboardInterrupt:

@@ -25,7 +25,6 @@ import re
 
 from devices import kinds
 from devices.base import Device, DeviceError, DeviceHost, NotOffered, Space
-from ipc.protocol import MAX_KIND
 from vmm.endpoint import VmmError
 from vmm.remote.restart import POLICY_KEYS, RestartPolicy, parse_policy
 
@@ -91,6 +90,8 @@ def parse_device_spec(text: str, taken: set[str] | None = None) -> DeviceSpec:
     kind = kind.strip()
     if not kind:
         raise ConfigError(f"device spec {text!r}: missing TYPE")
+    from ipc.protocol import MAX_KIND      # here: a run without --device needs no protocol
+
     if len(kind) > MAX_KIND:
         raise ConfigError(f"device spec {text[:80]!r}...: TYPE is longer than {MAX_KIND} characters")
     try:

@@ -21,7 +21,6 @@ device is failed, its regions reaped, the VM goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -67,6 +66,8 @@ def device_points(specs: Mapping[str, DeviceSpec]) -> dict[str, Mapping[str, Poi
 
 def check_placement(fault: Fault, spec: DeviceSpec, label: str = "fault", source: str | None = None) -> None:
     """Refuse a ``process`` fault on an inline device."""
+    import json
+
     from devices.faults.plan import PlanError
 
     if fault.point == "process" and spec.placement == "inline":

@@ -54,7 +54,6 @@ import time
 from typing import Callable, Mapping
 
 from ipc import Registry, RegistryError
-from vmm import sandbox_report
 from vmm.endpoint import DeviceFailed, Endpoint
 from vmm.outcome import Ending, Outcome
 
@@ -129,6 +128,8 @@ class LockWatch:
                             "again", vcpu, what, self.lock_timeout)
                 self._foreign = None
                 return
+            from vmm import sandbox_report
+
             endpoint = sandbox_report.device_of_ns_tid(list(self.endpoints.values()), tid)
             pid = endpoint.pid if endpoint is not None else thread_group(tid)
             if endpoint is None:

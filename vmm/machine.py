@@ -29,16 +29,15 @@ import logging
 import os
 import pathlib
 import signal
-import tempfile
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from devices.base import ConsoleFds, DeviceError
 from devices.faults.table import FaultError
 from ipc import Bus, Registry, RegistryError
-from ipc.protocol import MemRegion, SetConsole
 from ipc.registry import DEFAULT_CAPACITY, DEFAULT_LOCK_TIMEOUT
 from vmm import cpuid as cpuids
 from vmm import kvm, layout
@@ -51,7 +50,6 @@ from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
-from vmm.forkserver import FORKSERVER_ENV, ForkServer
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory, parse_size
@@ -59,14 +57,26 @@ from vmm.outcome import Ending, Outcome
 from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
-from vmm.remote import RemoteEndpoint, RemoteOptions
-from vmm.remote.endpoint import Launched
-from vmm.remote.connect import attach_service
+from vmm.remote.options import RemoteOptions
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
+    from vmm.forkserver import ForkServer
     from vmm.qmp.server import QmpServer
+    from vmm.remote.endpoint import Launched, RemoteEndpoint
+
+# vmm.remote.endpoint (the device-process stack: protocol, transport, slots,
+# ~14 ms to import) is imported with the first device process or service:
+# a machine without one never needs it (start-up, issue 15).
+
+
+def _is_remote(endpoint: object) -> TypeGuard[RemoteEndpoint]:
+    """Whether ``endpoint`` serves a device in a process of its own (a
+    :class:`vmm.remote.RemoteEndpoint`; none exists before its module is
+    imported)."""
+    module = sys.modules.get("vmm.remote.endpoint")
+    return module is not None and isinstance(endpoint, module.RemoteEndpoint)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +141,9 @@ class Machine:
         #: Fork device processes from a fork server of this machine's own
         #: (vmm.forkserver; started with the first device process), unless
         #: remote_options names one already; default (``forkserver=None``):
-        #: the environment's SPLITVMM_FORKSERVER=1, else each is exec'd.
-        self.use_forkserver = os.environ.get(FORKSERVER_ENV) == "1" if forkserver is None else forkserver
+        #: the environment's SPLITVMM_FORKSERVER=1, else each is exec'd
+        #: (read with the first device process: :attr:`use_forkserver`).
+        self._use_forkserver = forkserver
         self._forkserver: ForkServer | None = None
         self.outcome: Outcome | None = None
         self.endpoints: dict[int, Endpoint] = {}
@@ -415,6 +426,8 @@ class Machine:
         prefix keeps the file name within virtio-blk's 20-byte id.)"""
         if isinstance(size, str):
             size = parse_size(size)
+        import tempfile
+
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".img")
         path = pathlib.Path(name)
         self._scratch.append(path)
@@ -488,6 +501,8 @@ class Machine:
             stderr = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             self._log_fds.append(stderr)
             self.device_logs[spec.name] = path
+        from vmm.remote.endpoint import RemoteEndpoint
+
         launched = RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                          len(self._vcpu_fds), self._device_options(spec, console, stderr))
         launched.on_event = self.events.emit
@@ -495,16 +510,39 @@ class Machine:
 
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
         """A ``connect=PATH`` device: the service's process, reached over its socket."""
+        from vmm.remote.connect import attach_service
+
         assert spec.connect is not None
         endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                   len(self._vcpu_fds), self._device_options(spec, console))
         endpoint.on_event = self.events.emit
         return endpoint
 
+    @property
+    def use_forkserver(self) -> bool:
+        """Whether device processes come from a fork server (the
+        ``forkserver`` argument; None: ``SPLITVMM_FORKSERVER=1`` in the
+        environment, looked up the first time a device process starts --
+        the fork server's client is imported only by a machine that has
+        device processes)."""
+        if self._use_forkserver is None:
+            from vmm.forkserver import FORKSERVER_ENV
+
+            self._use_forkserver = os.environ.get(FORKSERVER_ENV) == "1"
+        return self._use_forkserver
+
+    @use_forkserver.setter
+    def use_forkserver(self, on: bool) -> None:
+        self._use_forkserver = on
+
     def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
                         stderr: int | None = None) -> RemoteOptions:
         """``stderr``: where a spawned device process's log goes (log_dir)."""
+        from ipc.protocol import MemRegion, SetConsole
+
         if self.use_forkserver and self.remote_options.forkserver is None and spec.placement == "isolated":
+            from vmm.forkserver import ForkServer
+
             self._forkserver = ForkServer.start()
             self.remote_options = dataclasses.replace(self.remote_options, forkserver=self._forkserver)
         return dataclasses.replace(
@@ -763,7 +801,7 @@ class Machine:
         """Notice device processes that failed with no access to see it."""
         for owner, endpoint in list(self.endpoints.items()):
             if owner not in self._failures:
-                reason = endpoint.failed if isinstance(endpoint, RemoteEndpoint) else None
+                reason = endpoint.failed if _is_remote(endpoint) else None
                 if reason:
                     self._note_failure(owner, reason)
                 elif owner in self.dispatcher.failed:
@@ -825,7 +863,7 @@ class Machine:
             self._api.close()       # before the registry and devices it reads go
         # Device processes are shut down all at once (each close waits for its
         # process to exit); then the VMM's own endpoints, last added first.
-        remote = [(o, ep) for o, ep in self.endpoints.items() if isinstance(ep, RemoteEndpoint)]
+        remote = [(o, ep) for o, ep in self.endpoints.items() if _is_remote(ep)]
         closers = [threading.Thread(target=self._close_endpoint, args=item, name=f"close-{item[1].name}")
                    for item in remote]
         for t in closers:
@@ -833,7 +871,7 @@ class Machine:
         for t in closers:
             t.join()
         for owner, endpoint in sorted(self.endpoints.items(), reverse=True):
-            if not isinstance(endpoint, RemoteEndpoint):
+            if not _is_remote(endpoint):
                 self._close_endpoint(owner, endpoint)
         if self.console is not None:
             self.console.close()        # after the devices that wrote to it

@@ -13,8 +13,6 @@ report (with the Python line) to the device's stderr.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
@@ -294,6 +292,9 @@ _EXIT_GROUP = 231
 def syscall_name(nr: int) -> str:
     """The name of x86-64 system call ``nr`` (libseccomp's table)."""
     global _libseccomp
+    import ctypes       # here: ctypes.util pulls in subprocess, and only a seccomp death needs them
+    import ctypes.util
+
     if _libseccomp is None:
         path = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
         try:

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
-from ipc.protocol import MemRegion, SetConsole
-from vmm.coalesce import CoalescedMmio
-from vmm.irq import IrqRouter
 from vmm.remote.restart import RestartPolicy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:       # (annotations only: a machine makes its options before any device process)
+    from ipc.protocol import MemRegion, SetConsole
+    from vmm.coalesce import CoalescedMmio
     from vmm.forkserver import ForkServer
+    from vmm.irq import IrqRouter
 
 __all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
 
