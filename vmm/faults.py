@@ -26,13 +26,12 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from devices.faults.plan import Plan
 from vmm.endpoint import VmmError
 from vmm.qmp.events import FAULT_FIRED
 
 if TYPE_CHECKING:
     from devices.faults.engine import FaultEngine
-    from devices.faults.plan import Fault
+    from devices.faults.plan import Fault, Plan
     from devices.faults.table import PointSpec
     from devices.faults.trace import Trace, TraceWriter
     from vmm.config import DeviceSpec
@@ -87,7 +86,7 @@ class MachineFaults:
 
     def __init__(self, machine: Machine):
         self._machine = machine
-        self.plan = Plan()
+        self._plan: Plan | None = None      # None: no plan (made empty when first asked for)
         self.replay: Trace | None = None
         self._writer: TraceWriter | None = None
         self._lock = threading.Lock()
@@ -105,10 +104,12 @@ class MachineFaults:
         if self._owners:
             raise FaultsError("faults are configured before the devices are added")
         if replay is not None:
+            from devices.faults.plan import Plan
+
             self.replay = replay
-            self.plan = Plan(seed=replay.seed)
+            self._plan = Plan(seed=replay.seed)
         else:
-            self.plan = plan or Plan()
+            self._plan = plan
         if trace is not None:
             digest = self.digest
             from devices.faults.trace import TraceError, TraceWriter
@@ -118,6 +119,15 @@ class MachineFaults:
                                            devices=devices if devices is not None else self.plan.devices())
             except TraceError as e:
                 raise FaultsError(str(e)) from None
+
+    @property
+    def plan(self) -> Plan:
+        """The plan (an empty one where none was configured)."""
+        if self._plan is None:
+            from devices.faults.plan import Plan
+
+            self._plan = Plan()
+        return self._plan
 
     @property
     def digest(self) -> str:
@@ -274,7 +284,7 @@ class MachineFaults:
     def summary(self) -> str:
         """The closing summary's fault part (empty without a plan)."""
         firings = self.firings()
-        names = [f"{f.device}/{f.name}" for f in self.plan.faults]
+        names = [f"{f.device}/{f.name}" for f in (self._plan.faults if self._plan is not None else ())]
         names += [k for k in firings if k not in names]
         if not names:
             return ""

@@ -20,8 +20,6 @@ A server that has died, or that refuses, raises :class:`ForkServerError`;
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import socket
 import subprocess
@@ -31,8 +29,6 @@ import time
 from collections.abc import Mapping, Sequence
 
 __all__ = ["ForkServer", "ForkServerError", "FORKSERVER_COMMAND", "FORKSERVER_ENV"]
-
-log = logging.getLogger(__name__)
 
 #: ``SPLITVMM_FORKSERVER=1``: a vmm.Machine forks its device processes
 #: from a fork server by default (``vmm run`` always does).
@@ -92,6 +88,8 @@ class ForkServer:
         ``--fd`` names ``channel``), its stderr on ``stderr``, ``env`` its
         environment (None: the server's, which was the VMM's); its pid and
         a pidfd of it.  The caller keeps (and closes) its descriptors."""
+        import json
+
         request: dict = {"argv": list(argv)}
         if env is not None:
             request["env"] = dict(env)
@@ -155,6 +153,8 @@ class ForkServer:
             return self._replies.pop(0)
 
     def _read(self) -> None:
+        import json     # here, not at the top: the vmm command starts the server before its own imports
+
         why = "the fork server has exited"
         try:
             while True:
