@@ -23,6 +23,11 @@ def test_bench_prints_json(tmp_path):
     for runner in ("bare_c", "inline", "inline_python", "isolated"):
         assert report[runner]["pio_us"] > 0 and report[runner]["mmio_us"] > 0
     assert "pio_ratio" in report["inline"] and "pio_ratio" in report["isolated"]
+    # the same reads done in ring 0 (before the guest enters ring 3)
+    assert report["rings"] == [3, 0] and report["ring0"]["guest_ring"] == 0
+    for runner in ("bare_c", "inline", "inline_python", "isolated"):
+        assert report["ring0"][runner]["pio_us"] > 0 and report["ring0"][runner]["mmio_us"] > 0
+    assert report["isolated"]["handoff_per_access"]["device_served"] == 1.0
 
 
 def test_coalesce_bench_prints_json(tmp_path):
