@@ -30,6 +30,17 @@ def test_bench_prints_json(tmp_path):
     assert report["isolated"]["handoff_per_access"]["device_served"] == 1.0
 
 
+def test_exitcost_prints_json():
+    r = subprocess.run([sys.executable, "-m", "vmm.bench.exitcost", "--loops", "200"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["vmm"]["isolated_forward_ns"] > 0 and report["vmm"]["inline_forward_ns"] > 0
+    dev = report["device"]
+    assert dev["state_store_ns"] > dev["snapshot_ns"] > 0     # the store takes the snapshot too
+    assert dev["serve_python_ns"] == dev["request_ns"] + dev["model_read_ns"] + dev["state_store_ns"]
+
+
 def test_coalesce_bench_prints_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vmm.bench.coalesce", "--iters", "500", "--rounds", "1",
                         "--repeat", "1", "--cache", str(tmp_path)], capture_output=True, text=True,

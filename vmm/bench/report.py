@@ -90,6 +90,12 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("ring 0: inline / bare, port read", "ring0.inline.pio_ratio", "x", 1.15),
         R("ring 0: isolated / bare, port read", "ring0.isolated.pio_ratio", "x", 1.3),
         R("ring 0: isolated / bare, MMIO read", "ring0.isolated.mmio_ratio", "x", 1.3))),
+    Bench("exit_cost", "CPU per forwarded access, piece by piece", "vmm.bench.exitcost",
+          quick=("--loops", "5000"), rows=(
+        R("VMM Python, isolated access", "vmm.isolated_forward_ns", "ns"),
+        R("VMM Python, inline access", "vmm.inline_forward_ns", "ns"),
+        R("device Python per access", "device.serve_python_ns", "ns"),
+        R("device state store per access", "device.state_store_ns", "ns"))),
     Bench("coalesced_mmio", "8-byte MMIO writes, coalesced vs plain window", "vmm.bench.coalesce",
           quick=("--iters", "3000", "--repeat", "1"), rows=(
         R("inline: plain / coalesced", "inline.speedup", "x", lower=False),
