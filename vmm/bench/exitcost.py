@@ -68,6 +68,15 @@ def _cpu_ns(fn: Callable[[], object], loops: int, rounds: int = 5) -> float:
     return best
 
 
+def _region(registry: Registry) -> tuple[int, int]:
+    """(cookie, offset) of the scratch register's region (looked up once)."""
+    ref = registry.get(int(Space.PIO), PORT + SCRATCH, 4)
+    if ref is None:
+        raise RuntimeError(f"the echo device claimed no port at {PORT:#x}")
+    registry.put(ref)
+    return ref.cookie, ref.offset
+
+
 class _AnswerAtOnce:
     """Stands in for the slots' C library during the measurement: every
     call is answered at once with 0 (everything else is the real one)."""
@@ -91,10 +100,9 @@ def _vmm(loops: int) -> dict:
     try:
         local = LocalEndpoint.create(Echo, {"pio": hex(PORT)}, OWNER, "echo-inline", registry)
         d = Dispatcher(registry, {OWNER: local})
-        ref = registry.get(int(Space.PIO), PORT + SCRATCH, 4)
-        registry.put(ref)
+        cookie, offset = _region(registry)
         out["inline_forward_ns"] = round(_cpu_ns(
-            lambda: d.forward(0, int(Space.PIO), OWNER, ref.cookie, ref.offset, 4, False, 0), loops))
+            lambda: d.forward(0, int(Space.PIO), OWNER, cookie, offset, 4, False, 0), loops))
         local.model.stop()
     finally:
         registry.close()
@@ -103,14 +111,12 @@ def _vmm(loops: int) -> dict:
         remote = RemoteEndpoint.spawn("echo", {"pio": hex(PORT)}, OWNER, "echo-isolated", registry, 1)
         try:
             d = Dispatcher(registry, {OWNER: remote})
-            ref = registry.get(int(Space.PIO), PORT + SCRATCH, 4)
-            registry.put(ref)
+            cookie, offset = _region(registry)
             real = slots_module.lib
             stand_in = _AnswerAtOnce(real)
-            slots_module.lib = stand_in         # type: ignore[assignment]
+            slots_module.lib = stand_in
             try:
-                full = _cpu_ns(lambda: d.forward(0, int(Space.PIO), OWNER, ref.cookie, ref.offset, 4,
-                                                 False, 0), loops)
+                full = _cpu_ns(lambda: d.forward(0, int(Space.PIO), OWNER, cookie, offset, 4, False, 0), loops)
                 ffi_out = slots_module.ffi.new("uint64_t[1]")
                 call = _cpu_ns(lambda: stand_in.svs_call(None, 0, 0, 0, 0, 4, 0, 0, 1, 0, 0, 0, ffi_out),
                                loops)
