@@ -364,7 +364,7 @@ class DeviceService:
             server = DeviceServer(Channel(conn, Role.DEVICE), self.handshake_timeout, check_parent=True,
                                   config_filter=self.merge, tick=lambda: beat.tick(server),
                                   wait_slice=min(period, 1.0), stuck_status=EXIT_STUCK,
-                                  keep_fds={health_w})
+                                  keep_fds={health_w}, parent_death=True)
             if os.getppid() == 1 or self._stop:     # the listener died or stops before we could see it
                 server.request_stop()
             rc = server.run()
