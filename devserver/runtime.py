@@ -90,7 +90,8 @@ class DeviceServer:
                  check_parent: bool = True, *,
                  config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
                  tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
-                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None, spare: bool = False):
+                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None, spare: bool = False,
+                 parent_death: bool = False):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
         #: Service mode (devserver.service): turns the VMM's DeviceConfig
@@ -110,6 +111,10 @@ class DeviceServer:
         self.keep_fds = set(keep_fds or ())
         #: A warm spare: the Hello may take any time (devserver.cli --spare).
         self.spare = spare
+        #: The parent is single-threaded and this process dies with it
+        #: (a service's session: the sandbox's outer reaper keeps
+        #: PR_SET_PDEATHSIG across the uid switch).
+        self.parent_death = parent_death
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -296,7 +301,7 @@ class DeviceServer:
         try:
             self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
                                          report_sock=self.channel.fileno(),
-                                         tid_base=sandbox.tid_base(cfg.owner))
+                                         tid_base=sandbox.tid_base(cfg.owner), parent_death=self.parent_death)
         except sandbox.SandboxError as e:
             raise StartFailed(str(e)) from None
         if self.sandbox.pid_namespace:
