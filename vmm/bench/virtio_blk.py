@@ -125,12 +125,13 @@ def make_image(path: pathlib.Path, size_mib: int) -> None:
             f.write(chunk)
 
 
-def run_guest(cmd: list[str], timeout: float, cleanup=None) -> dict:
+def run_guest(cmd: list[str], timeout: float, cleanup=None, cwd: pathlib.Path | None = None,
+              env: dict[str, str] | None = None) -> dict:
     """Runs one VM (QEMU or vmm), timestamps the ``tsc`` lines, parses the
     results.  Returns {"phases": {...}, "tsc_hz": .., "lines": [...]}"""
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd, env=env)
     assert proc.stdout is not None and proc.stderr is not None     # both PIPE
     stamps: list[tuple[int, int]] = []
     lines: list[str] = []
@@ -232,14 +233,19 @@ def ours_available() -> bool:
 
 
 def run_ours(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout: float, device: str,
-             queues: int = 1) -> dict:
+             queues: int = 1, tree: pathlib.Path | None = None) -> dict:
+    """Runner (a); ``tree``: another tree of the project (its own
+    packages, its built .so files) instead of this one."""
     spec = device.format(image=image) + (f",num_queues={queues}" if queues > 1 else "")
     cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
            "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio",
            "--device", spec]
     if "bench=0" in cmdline and "virtio-rng" in kinds():
         cmd += ["--device", "virtio-rng"]
-    return run_guest(cmd, timeout + 30)
+    if tree is None:
+        return run_guest(cmd, timeout + 30)
+    env = dict(os.environ, PYTHONPATH=str(tree))     # the VMM and its device processes
+    return run_guest(cmd, timeout + 30, cwd=tree, env=env)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -345,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-device", default=DEFAULT_OURS_DEVICE,
                     help=f"--device of runner (a) (default {DEFAULT_OURS_DEVICE!r}; num_queues= is added)")
     ap.add_argument("--timeout", type=float, default=600, help="per run, seconds (default 600)")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also run runner (a) from another tree of the project (e.g. a git archive of main "
+                         "with its .so files built), interleaved: runner splitvmm_baseline")
     ap.add_argument("--probe-only", action="store_true",
                     help="only the guest's device checks (bench=0, plus a virtio-rng device): "
                          "prints what each runner's guest found")
@@ -362,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--qd {args.qd}: 1 to 32")
 
     runners = [r for r in RUNNERS if r not in args.skip]
+    baseline = pathlib.Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        runners.insert(1, "splitvmm_baseline")
     if any(r.startswith("qemu") for r in runners):
         ensure_qemu()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-blkbench-")
@@ -413,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                                 res = run_qemu(elf, image, cmdline, args.timeout, queues, iothread=True)
                             elif r == "qemu_vhost_user":
                                 res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues)
+                            elif r == "splitvmm_baseline":
+                                res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues,
+                                               tree=baseline)
                             else:
                                 res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues)
                         except BenchError as e:
@@ -473,11 +488,11 @@ def paired_ratios(raw: dict[str, list[dict]], tsc_hz: float) -> dict:
     the median and range of those.  Robust to the host's load drifting
     between repeats, as a ratio of overall medians is not."""
     out: dict = {}
-    ours = {}
+    ours: dict[int, list[dict[str, float]]] = {}
     for res in raw.get("splitvmm", []):
         ours.setdefault(res["repeat"], []).append(run_medians(res, tsc_hz))
-    for peer in ("qemu", "qemu_iothread", "qemu_vhost_user"):
-        theirs = {}
+    for peer in ("qemu", "qemu_iothread", "qemu_vhost_user", "splitvmm_baseline"):
+        theirs: dict[int, list[dict[str, float]]] = {}
         for res in raw.get(peer, []):
             theirs.setdefault(res["repeat"], []).append(run_medians(res, tsc_hz))
         per_phase: dict[str, list[float]] = {}
@@ -496,7 +511,7 @@ def ratios(report: dict) -> dict:
     """splitvmm / each peer (and vhost-user / QEMU) for every phase both have."""
     out: dict = {}
     for ours in ("splitvmm", "qemu_vhost_user"):
-        for base in ("qemu", "qemu_iothread", "qemu_vhost_user"):
+        for base in ("qemu", "qemu_iothread", "qemu_vhost_user", "splitvmm_baseline"):
             a_all, b_all = report.get(ours), report.get(base)
             if ours == base or not isinstance(a_all, dict) or not isinstance(b_all, dict):
                 continue

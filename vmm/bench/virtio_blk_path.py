@@ -58,10 +58,10 @@ class _Host(DeviceHost):
     def __init__(self, ram: GuestRam):
         self.ram = ram
 
-    def claim(self, space, start, length, cookie=0, **kw):  # type: ignore[no-untyped-def, override]
+    def claim(self, space, start, length, cookie=0, **kw):
         pass
 
-    def release(self, space, start):  # type: ignore[no-untyped-def, override]
+    def release(self, space, start):
         pass
 
     def process_id(self) -> int:
@@ -181,7 +181,7 @@ def top(profile: cProfile.Profile, n: int = 12) -> list[dict]:
              "tottime_share": round(v[2] / total, 3)} for k, v in rows]
 
 
-def best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def best(fn, repeat: int) -> float:
     return round(min(fn() for _ in range(repeat)))
 
 
@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                      "best_of": args.repeat}
         for name, qd, nbytes, n in (("4k_qd1", 1, 4096, args.requests), ("4k_qd32", 32, 4096, args.requests),
                                     ("1m_qd1", 1, 1 << 20, max(16, args.requests // 64))):
-            row = {"serve_ns": best(lambda: serve_ns(dev, drv, qd, nbytes, n, rnd), args.repeat),
-                   "syscall_ns": best(lambda: syscall_ns(dev.fd, ram, nbytes, n, rnd), args.repeat)}
+            row: dict = {"serve_ns": best(lambda qd=qd, nbytes=nbytes, n=n: serve_ns(dev, drv, qd, nbytes, n, rnd),
+                                    args.repeat),
+                   "syscall_ns": best(lambda nbytes=nbytes, n=n: syscall_ns(dev.fd, ram, nbytes, n, rnd),
+                                      args.repeat)}
             row["python_ns"] = row["serve_ns"] - row["syscall_ns"]
             if args.profile and nbytes == 4096:
                 prof = cProfile.Profile()
