@@ -24,7 +24,10 @@ buffers' windows), VIRTIO_BLK_T_OUT writes straight from it (``pwritev``);
 a request is completed only after the system call returned, so the data
 is in the file (the page cache) when the driver sees it; VIRTIO_BLK_T_FLUSH
 is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
-zero-padded).  A request that is malformed (no room for header or status,
+zero-padded).  Reads and writes of the usual shape (header, one data
+buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
+:meth:`VirtioBlk.process_queue`); the rest, and everything while a
+``blk.*`` or ``queue.complete`` fault point is armed, by :meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
 host gets VIRTIO_BLK_S_IOERR, a write to a read-only disk too (§5.2.6.2);
 an unknown type gets VIRTIO_BLK_S_UNSUPP.  A chain without a status byte
