@@ -24,7 +24,10 @@ buffers' windows), VIRTIO_BLK_T_OUT writes straight from it (``pwritev``);
 a request is completed only after the system call returned, so the data
 is in the file (the page cache) when the driver sees it; VIRTIO_BLK_T_FLUSH
 is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
-zero-padded).  A request that is malformed (no room for header or status,
+zero-padded).  Reads and writes of the usual shape (header, one data
+buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
+:meth:`VirtioBlk.process_queue`); the rest, and everything while a
+``blk.*`` or ``queue.complete`` fault point is armed, by :meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
 host gets VIRTIO_BLK_S_IOERR, a write to a read-only disk too (§5.2.6.2);
 an unknown type gets VIRTIO_BLK_S_UNSUPP.  A chain without a status byte
@@ -38,16 +41,17 @@ import os
 import struct
 import time
 
+from devices import blkring
 from devices.base import BadParameter, DeviceHost
 from devices.faults.apply import flip_bits
 from devices.faults.engine import Firing
 from devices.faults.table import POINTS
-from devices.guestmem import GuestRam
+from devices.guestmem import GuestMemoryFault, GuestRam
 from devices.virtio.core import NEVER
 from devices.hostres import FILE, HostResource, open_file
 from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
-from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
+from devices.virtio.virtqueue import Buffer, Chain, QueueBroken, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +147,7 @@ class VirtioBlk(VirtioPciDevice):
         self.ident = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.fd = -1
         self.capacity = 0
+        self._ring: blkring.Ring | None = None
         super().__init__(host, **params)
 
     @classmethod
@@ -166,6 +171,7 @@ class VirtioBlk(VirtioPciDevice):
 
     def stop(self) -> None:
         super().stop()
+        self._ring = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -194,7 +200,67 @@ class VirtioBlk(VirtioPciDevice):
     def fail_request(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
         return 0
 
+    def process_queue(self, q: Virtqueue) -> None:
+        """The queue loop with the usual requests in C (devices.blkring):
+        batches of what the avail ring holds, each chain recorded in
+        flight before it is acted on, ``used->idx`` published once per
+        batch, one interrupt; whatever the C path does not take (another
+        shape, a failed or short transfer, a resubmitted chain) is served
+        by the Python path (:meth:`handle`), and with a ``blk.*`` or
+        ``queue.complete`` fault point armed everything is."""
+        armed = self.fault_engine.armed
+        if (not blkring.AVAILABLE or q.resubmit or "blk.read" in armed or "blk.write" in armed
+                or "queue.complete" in armed):
+            super().process_queue(q)
+            return
+        mem = self.queue_ready(q)
+        if mem is None:
+            return
+        served, rest = 0, False
+        try:
+            ring = self._ring
+            if ring is None or ring.buffer is not mem.buffer:
+                ring = self._ring = blkring.Ring(mem.buffer, mem.spans)
+            with ring.mapped():
+                for _ in range(4):
+                    n = q.pending(mem)
+                    if not n:
+                        break
+                    view, table, avail, used = q._where(mem)
+                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly)
+                    if not k:
+                        rest = True
+                        break
+                    reqs = ring.reqs
+                    heads = [reqs[i].head for i in range(k)]
+                    q.taken(heads)
+                    done = ring.run(self.fd, k, used, q.size, q.used_idx)
+                    q.served += k
+                    q.published(mem, heads[:done])
+                    served += done
+                    if done < k:
+                        q.push_many(mem, [(h, self._guarded(self.handle, q, q._walk(mem, view, table, h), mem))
+                                          for h in heads[done:]])
+                        served += k - done
+                    if k < n:
+                        rest = True
+                        break
+                else:
+                    rest = True
+        except (QueueBroken, GuestMemoryFault) as e:
+            self.needs_reset(str(e))
+            return
+        if served:
+            self.used_notify(q, mem)
+        if rest:
+            super().process_queue(q)
+
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
+        bufs = chain.buffers
+        if len(bufs) == 3:
+            used = self._fast(bufs, mem)
+            if used is not None:
+                return used
         readable, writable = chain.readable, chain.writable
         if writable and writable[-1].length == 1:     # the usual layout: the status byte alone
             status_addr = writable[-1].addr
@@ -244,6 +310,41 @@ class VirtioBlk(VirtioPciDevice):
             log.warning("%s: request type %d at sector %d: %s", self.kind, rtype, sector, e)
             return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
         return self._status(mem, status_addr, VIRTIO_BLK_S_UNSUPP, 0)
+
+    def _fast(self, bufs: list[Buffer], mem: GuestRam) -> int | None:
+        """The usual request -- header, one data buffer, status byte --
+        read or written whole with one system call straight between the
+        image and guest RAM; None (nothing done) for anything else, which
+        :meth:`handle`'s general path serves: another layout, another
+        type, a fault point armed, a range to fail, a short transfer."""
+        hdr, data, status = bufs
+        if hdr.writable or hdr.length != _HEADER.size or not status.writable or status.length != 1:
+            return None
+        view = mem.buffer
+        rtype, _reserved, sector = _HEADER.unpack_from(view, mem.offset(hdr.addr, _HEADER.size))
+        n = data.length
+        if rtype == VIRTIO_BLK_T_IN:
+            if not data.writable or "blk.read" in self.fault_engine.armed:
+                return None
+            io = os.preadv
+        elif rtype == VIRTIO_BLK_T_OUT:
+            if data.writable or self.readonly or "blk.write" in self.fault_engine.armed:
+                return None
+            io = os.pwritev
+        else:
+            return None
+        if not n or n % SECTOR_SIZE or sector + n // SECTOR_SIZE > self.capacity:
+            return None
+        off = mem.offset(data.addr, n)
+        with view[off:off + n] as window:
+            try:
+                moved = io(self.fd, [window], sector * SECTOR_SIZE)
+            except OSError:
+                return None             # the general path fails it, and logs why
+        if moved != n:
+            return None                 # the general path finishes (or fails) it
+        view[mem.offset(status.addr, 1)] = VIRTIO_BLK_S_OK
+        return n + 1 if rtype == VIRTIO_BLK_T_IN else 1
 
     def _faulted(self, firing: Firing, mem: GuestRam, rtype: int, sector: int, payload: list[tuple[int, int]],
                  data_out: list[tuple[int, int]], status_addr: int) -> int:

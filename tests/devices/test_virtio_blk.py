@@ -229,3 +229,106 @@ def test_single_queue_offers_no_mq_and_bad_num_queues(image):
             VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), num_queues=bad)
     with pytest.raises(BadParameter, match="notify_threads"):
         VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), notify_threads="many")
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_batch_of_requests_one_doorbell(image, monkeypatch, c_path):
+    """Several requests on the avail ring before one doorbell -- reads and
+    a write of the usual shape (devices.blkring's C path), a flush (the
+    Python path), the same head offered twice -- are all served in ring
+    order, published with one used->idx, and the in-flight record
+    (devserver.persist.QueueRecord, as a device process hooks it) shows
+    nothing in flight after; the Python path alone gives the same."""
+    import mmap
+
+    from devices import blkring
+    from devserver.persist import QueueRecord
+    from ipc.inflight import InflightQueue, region_size
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    dev, ram = make(image)
+    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
+    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
+    hook = QueueRecord(rec)
+    hook.enabled(0, 8)
+    dev.queues[0].inflight = hook
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        st = lambda k: STATUS + k              # noqa: E731
+        data = lambda k: DATA + 0x200 * k      # noqa: E731
+        # A: read sector 3 (descs 0-2); B: write sector 5 (3-5); C: flush (6-7)
+        ram.write(hdr(0), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 3))
+        ram.write(hdr(1), struct.pack("<IIQ", vb.VIRTIO_BLK_T_OUT, 0, 5))
+        ram.write(hdr(2), struct.pack("<IIQ", vb.VIRTIO_BLK_T_FLUSH, 0, 0))
+        ram.write(data(1), b"\x5a" * 512)
+        chains = [[(hdr(0), 16, 0), (data(0), 512, VIRTQ_DESC_F_WRITE), (st(0), 1, VIRTQ_DESC_F_WRITE)],
+                  [(hdr(1), 16, 0), (data(1), 512, 0), (st(1), 1, VIRTQ_DESC_F_WRITE)],
+                  [(hdr(2), 16, 0), (st(2), 1, VIRTQ_DESC_F_WRITE)]]
+        heads, d = [], 0
+        for chain in chains:
+            heads.append(d)
+            for i, (a, n, f) in enumerate(chain):
+                put_desc(ram, d, a, n, f | (VIRTQ_DESC_F_NEXT if i + 1 < len(chain) else 0), d + 1)
+                d += 1
+        for k in range(3):
+            ram.write(st(k), b"\xee")
+        for h in heads + [heads[0]]:            # A twice: a broken driver, served twice
+            offer(ram, h)
+        notify(dev)
+        idx, elems = used(ram)
+        assert idx == 4
+        assert elems == [(0, 513), (3, 1), (6, 1), (0, 513)]
+        assert ram.read(st(0), 3) == b"\0\0\0"
+        assert ram.read(data(0), 512) == image.read_bytes()[3 * 512:4 * 512]
+        assert image.read_bytes()[5 * 512:6 * 512] == b"\x5a" * 512
+        hook.flush()
+        assert rec.in_flight() == 0
+        assert dev.queues[0].served == 4 and dev.queues[0].failed == 0
+    finally:
+        dev.stop()
+        rec.release()
+        region.close()
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_batch_with_bad_requests(image, monkeypatch, c_path):
+    """In one batch a read past the end gets IOERR, a write whose header
+    says read (the data buffer is device-readable) IOERR, a good read
+    between them its data: the C path leaves both bad ones to the Python
+    path, which fails them alone."""
+    from devices import blkring
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    dev, ram = make(image)
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        ram.write(hdr(0), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, SECTORS))      # past the end
+        ram.write(hdr(1), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 1))
+        ram.write(hdr(2), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 2))            # data not writable
+        flags = (VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_WRITE, 0)
+        for k in range(3):
+            for i, (a, n, f) in enumerate(((hdr(k), 16, VIRTQ_DESC_F_NEXT),
+                                           (DATA + 0x200 * k, 512, flags[k] | VIRTQ_DESC_F_NEXT),
+                                           (STATUS + k, 1, VIRTQ_DESC_F_WRITE))):
+                if k < 2 or i < 2:
+                    put_desc(ram, 3 * k + i, a, n, f, 3 * k + i + 1)
+        # the third chain: header, data; its status at descriptor 0 of... no room: reuse a chain of 2
+        put_desc(ram, 6, hdr(2), 16, VIRTQ_DESC_F_NEXT, 7)
+        put_desc(ram, 7, DATA + 0x400, 512, 0, 0)   # no status byte: completes with length 0
+        ram.write(STATUS, b"\xee\xee")
+        for h in (0, 3, 6):
+            offer(ram, h)
+        notify(dev)
+        idx, elems = used(ram)
+        assert idx == 3
+        assert elems == [(0, 1), (3, 513), (6, 0)]
+        assert ram.read(STATUS, 2) == bytes([vb.VIRTIO_BLK_S_IOERR, vb.VIRTIO_BLK_S_OK])
+        assert ram.read(DATA + 0x200, 512) == image.read_bytes()[512:1024]
+    finally:
+        dev.stop()

@@ -110,11 +110,16 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("armed elsewhere", "results.armed_elsewhere", "ns"),
         R("armed, never matching", "results.armed_never_matching", "ns"))),
     Bench("virtio_blk", "virtio-blk reads vs QEMU (needs QEMU; installs it)", "vmm.bench.virtio_blk",
-          quick=("--repeat", "1", "--passes", "1", "--n4k", "1000"), rows=(
+          quick=("--repeat", "1", "--rounds", "3", "--n4k", "1000"), rows=(
         R("splitvmm / QEMU in-process, 1 MiB seq", "ratios.splitvmm/qemu seq1m", "x", 1.0, lower=False),
         R("splitvmm / QEMU in-process, 4 KiB QD1", "ratios.splitvmm/qemu rand4k", "x", 1.0, lower=False),
         R("splitvmm / vhost-user-blk, 1 MiB seq", "ratios.splitvmm/qemu_vhost_user seq1m", "x", 1.0, lower=False),
         R("splitvmm / vhost-user-blk, 4 KiB QD1", "ratios.splitvmm/qemu_vhost_user rand4k", "x", 1.2, lower=False),
+        R("splitvmm / vhost-user-blk, 4 KiB QD32", "ratios.splitvmm/qemu_vhost_user rand4k_qd32_q1", "x", 1.0,
+          lower=False),
+        R("splitvmm / QEMU iothread, 4 KiB QD32", "ratios.splitvmm/qemu_iothread rand4k_qd32_q1", "x", 1.0,
+          lower=False),
+        R("splitvmm / QEMU iothread, 1 MiB seq", "ratios.splitvmm/qemu_iothread seq1m", "x", 1.0, lower=False),
         R("splitvmm 4 KiB QD1", "splitvmm.rand4k.IOPS", "IOPS", lower=False))),
     Bench("sandbox", "device-process sandbox: its cost and the attacks it stops", "devserver.sandbox.bench",
           quick=("--quick",), rows=(
