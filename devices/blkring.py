@@ -21,8 +21,10 @@ batch:
 
 The caller (:meth:`devices.virtio.blk.VirtioBlk.process_queue`) records
 each taken chain in the in-flight record before :func:`run` acts on it,
-publishes ``used->idx`` once per batch and keeps the fault points: with
-any ``blk.*`` or ``queue.complete`` point armed, the C path is not used.
+publishes ``used->idx`` once per batch and keeps the fault points: it
+takes each request's ``blk.read``/``blk.write`` decision before the run
+(one that fires stops the run there and goes to Python); with
+``queue.complete`` armed the C path is not used.
 Missing extension (a tree not built): :data:`AVAILABLE` is False and the
 device serves everything in Python.
 """

@@ -26,8 +26,10 @@ is in the file (the page cache) when the driver sees it; VIRTIO_BLK_T_FLUSH
 is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
 zero-padded).  Reads and writes of the usual shape (header, one data
 buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
-:meth:`VirtioBlk.process_queue`); the rest, and everything while a
-``blk.*`` or ``queue.complete`` fault point is armed, by :meth:`handle`.  A request that is malformed (no room for header or status,
+:meth:`VirtioBlk.process_queue`), each one's ``blk.read``/``blk.write``
+fault decision taken first; a request a fault fires on, other shapes,
+and everything while ``queue.complete`` is armed are served by
+:meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
 host gets VIRTIO_BLK_S_IOERR, a write to a read-only disk too (§5.2.6.2);
 an unknown type gets VIRTIO_BLK_S_UNSUPP.  A chain without a status byte
@@ -40,6 +42,7 @@ import logging
 import os
 import struct
 import time
+from typing import Any
 
 from devices import blkring
 from devices.base import BadParameter, DeviceHost
@@ -104,6 +107,9 @@ def _split(buffers: list[Buffer], at: int) -> tuple[list[tuple[int, int]], list[
 def _open_flags(readonly: bool) -> int:
     return (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
 
+
+#: handle()'s ``fired`` when no fault decision was taken for the request yet.
+_UNSET = object()
 
 #: The fault point of each request type (devices.faults).
 _FAULT_POINTS = {VIRTIO_BLK_T_IN: "blk.read", VIRTIO_BLK_T_OUT: "blk.write", VIRTIO_BLK_T_FLUSH: "blk.flush"}
@@ -205,12 +211,14 @@ class VirtioBlk(VirtioPciDevice):
         batches of what the avail ring holds, each chain recorded in
         flight before it is acted on, ``used->idx`` published once per
         batch, one interrupt; whatever the C path does not take (another
-        shape, a failed or short transfer, a resubmitted chain) is served
-        by the Python path (:meth:`handle`), and with a ``blk.*`` or
-        ``queue.complete`` fault point armed everything is."""
+        shape, a failed or short transfer, a resubmitted chain, a request
+        a ``blk.read``/``blk.write`` fault fires on) is served by the
+        Python path (:meth:`handle`), and with ``queue.complete`` armed
+        everything is.  Each request's fault decision is taken once, in
+        ring order (:meth:`_fault_scan`), so an armed fault that does not
+        fire leaves its requests in C."""
         armed = self.fault_engine.armed
-        if (not blkring.AVAILABLE or q.resubmit or "blk.read" in armed or "blk.write" in armed
-                or "queue.complete" in armed):
+        if not blkring.AVAILABLE or q.resubmit or "queue.complete" in armed:
             super().process_queue(q)
             return
         mem = self.queue_ready(q)
@@ -232,16 +240,33 @@ class VirtioBlk(VirtioPciDevice):
                         rest = True
                         break
                     reqs = ring.reqs
+                    # With blk.read/blk.write armed each request's fault decision is
+                    # taken here, once: C serves the requests before the first that
+                    # fires, Python that one (and any C stopped at) with the decision.
+                    decided = "blk.read" in armed or "blk.write" in armed
+                    fired = self._fault_scan(reqs, k) if decided else None
+                    if fired is not None:
+                        k = fired[0] + 1
                     heads = [reqs[i].head for i in range(k)]
                     q.taken(heads)
-                    done = ring.run(self.fd, k, used, q.size, q.used_idx)
+                    done = ring.run(self.fd, k if fired is None else k - 1, used, q.size, q.used_idx)
                     q.served += k
                     q.published(mem, heads[:done])
                     served += done
                     if done < k:
-                        q.push_many(mem, [(h, self._guarded(self.handle, q, q._walk(mem, view, table, h), mem))
-                                          for h in heads[done:]])
-                        served += k - done
+                        results = []
+                        for i in range(done, k):
+                            h = heads[i]
+                            decision = (fired[1] if fired is not None and i == k - 1
+                                        else None if decided else _UNSET)
+                            written = self._guarded(lambda q, c, m, d=decision: self.handle(q, c, m, d),
+                                                    q, q._walk(mem, view, table, h), mem)
+                            if written != NEVER:        # a fault's hang: the request never completes
+                                results.append((h, written))
+                        q.push_many(mem, results)
+                        served += len(results)
+                    if fired is not None:
+                        continue
                     if k < n:
                         rest = True
                         break
@@ -255,9 +280,29 @@ class VirtioBlk(VirtioPciDevice):
         if rest:
             super().process_queue(q)
 
-    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
+    def _fault_scan(self, reqs: Any, k: int) -> tuple[int, Firing] | None:
+        """The ``blk.read``/``blk.write`` events of the C path's batch of
+        ``k``, counted in order as the Python path would: the first that
+        fires and its firing (the requests after it are not counted: the
+        next scan takes them), or None."""
+        point_of = ("blk.read", "blk.write")
+        engine = self.fault_engine
+        armed = engine.armed
+        for i in range(k):
+            req = reqs[i]
+            point = point_of[req.write]
+            if point in armed:
+                firing = engine.point(point, sector=req.sector)
+                if firing is not None:
+                    return i, firing
+        return None
+
+    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam, fired: Firing | None | object = _UNSET) -> int:
+        """One request in Python; ``fired``: the fault decision the C
+        path's scan already took for it (:meth:`_fault_scan`), so its
+        event is not counted twice."""
         bufs = chain.buffers
-        if len(bufs) == 3:
+        if fired is _UNSET and len(bufs) == 3:
             used = self._fast(bufs, mem)
             if used is not None:
                 return used
@@ -281,7 +326,10 @@ class VirtioBlk(VirtioPciDevice):
             header, payload = _split(readable, _HEADER.size)
             rtype, _reserved, sector = _HEADER.unpack(b"".join(mem.read(a, n) for a, n in header))
         point = _FAULT_POINTS.get(rtype)
-        if point is not None and point in self.fault_engine.armed:
+        if fired is not _UNSET:
+            if isinstance(fired, Firing):
+                return self._faulted(fired, mem, rtype, sector, payload, data_out, status_addr)
+        elif point is not None and point in self.fault_engine.armed:
             firing = self.fault_engine.point(point, sector=sector)
             if firing is not None:
                 return self._faulted(firing, mem, rtype, sector, payload, data_out, status_addr)

@@ -14,7 +14,7 @@ from devices.base import BadParameter
 from devices.virtio import blk as vb
 from devices.virtio.blk import VirtioBlk
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from tests.devices.test_virtio import (BUF, HIGH, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
+from tests.devices.test_virtio import (AVAIL, BUF, HIGH, USED, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
                                        notify, offer, put_desc, setup_queue, status, used)
 from devices.base import Space
 from devices.virtio import pci as vp
@@ -31,13 +31,13 @@ def image(tmp_path):
     return p
 
 
-def make(image, **params):
+def make(image, qsize=8, **params):
     g = GuardedRam()
     dev = VirtioBlk(FakeHost(g.ram), slot="4", path=str(image), **params)
     dev.start()
     assert negotiate(dev) == 0xB
     common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
-    setup_queue(dev)
+    setup_queue(dev, size=qsize)
     common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
     assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
     return dev, g.ram
@@ -330,5 +330,59 @@ def test_batch_with_bad_requests(image, monkeypatch, c_path):
         assert elems == [(0, 1), (3, 513), (6, 0)]
         assert ram.read(STATUS, 2) == bytes([vb.VIRTIO_BLK_S_IOERR, vb.VIRTIO_BLK_S_OK])
         assert ram.read(DATA + 0x200, 512) == image.read_bytes()[512:1024]
+    finally:
+        dev.stop()
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_blk_faults_in_a_batch_count_each_request_once(image, monkeypatch, c_path):
+    """Five reads on one doorbell with ``blk.read`` faults armed (IOERR on
+    the 2nd, a hang on the 4th, one that never matches): the C path serves
+    the requests the faults pass over, Python the ones they fire on, and
+    each request is one event of the point -- the same statuses, used
+    ring and counts as the Python path alone."""
+    from devices import blkring
+    from devices.faults import FaultEngine, parse_plan
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    plan = parse_plan({"fault": [
+        {"device": "blk", "name": "second", "point": "blk.read", "nth": 2, "action": "ioerr"},
+        {"device": "blk", "name": "fourth", "point": "blk.read", "nth": 4, "action": "hang"},
+        {"device": "blk", "name": "never", "point": "blk.read", "after": 0, "action": "ioerr",
+         "sector": [SECTORS * 8, SECTORS * 8]}]})
+    in_c: list[int] = []          # how many requests each C run was given
+    if c_path:
+        run = blkring.Ring.run
+        monkeypatch.setattr(blkring.Ring, "run", lambda self, fd, k, *a: in_c.append(k) or run(self, fd, k, *a))
+    dev, ram = make(image, qsize=16)
+    dev.fault_engine = FaultEngine("blk", plan.for_device("blk"), points=VirtioBlk.all_fault_points())
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        data = lambda k: DATA + 0x200 * k      # noqa: E731
+        for k in range(5):
+            ram.write(hdr(k), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, k))
+            for i, (a, n, f) in enumerate(((hdr(k), 16, VIRTQ_DESC_F_NEXT),
+                                           (data(k), 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+                                           (STATUS + k, 1, VIRTQ_DESC_F_WRITE))):
+                put_desc(ram, 3 * k + i, a, n, f, 3 * k + i + 1)
+            ram.write_int(AVAIL + 4 + 2 * k, 2, 3 * k)
+        ram.write_int(AVAIL + 2, 2, 5)
+        ram.write(STATUS, b"\xee" * 5)
+        notify(dev)
+        idx = ram.read_int(USED + 2, 2)
+        elems = [struct.unpack("<II", ram.read(USED + 4 + 8 * i, 8)) for i in range(idx)]
+        assert idx == 4                        # the 4th hangs: never completed
+        assert elems == [(0, 513), (3, 1), (6, 513), (12, 513)]
+        ok, err = vb.VIRTIO_BLK_S_OK, vb.VIRTIO_BLK_S_IOERR
+        assert ram.read(STATUS, 5) == bytes([ok, err, ok, 0xEE, ok])
+        for k in (0, 2, 4):
+            assert ram.read(data(k), 512) == image.read_bytes()[k * 512:(k + 1) * 512]
+        assert dev.fault_engine.events("blk.read") == 5
+        status = {s.fault.name: (s.events, s.firings) for s in dev.fault_engine.query()}
+        assert status == {"second": (5, 1), "fourth": (5, 1), "never": (0, 0)}
+        assert in_c == ([1, 1, 1] if c_path else [])    # 1st, 3rd, 5th in C; 2nd, 4th in Python
     finally:
         dev.stop()
