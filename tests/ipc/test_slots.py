@@ -270,3 +270,38 @@ def test_answer_must_echo_the_access_number_and_survives_the_death():
     finally:
         server.close()
         caller.close()
+
+
+def test_complete_next_answers_then_takes_the_next_request(pair):
+    """The serving loop's one call per access: the answer goes out before
+    the wait for the next request, on any slot; a stop ends it."""
+    caller, server = pair
+    answers: list[int] = []
+
+    def ask():
+        for i in range(50):
+            answers.append(caller.call(i % 4, 0, 0, i, 4, False, 0, timeout=5.0))
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    req = None
+    deadline = time.monotonic() + 10
+    while req is None and time.monotonic() < deadline:
+        req = server.next(0.05)
+    assert req is not None
+    served = 0
+    while served < 50 and time.monotonic() < deadline:
+        if req is None:
+            req = server.next(0.05)
+            continue
+        served += 1
+        if served == 50:
+            server.complete(req, 0x100 + req.offset)
+            break
+        req = server.complete_next(req, 0x100 + req.offset, STATUS_OK, 0.05)
+    asker.join(5)
+    assert answers == [0x100 + i for i in range(50)]
+    assert server.complete_next(req, 0, STATUS_OK, 0.01) is None     # nothing asked: a timeout
+    server.stop()
+    with pytest.raises(SlotsStopped):
+        server.complete_next(req, 0, STATUS_OK, 0.01)

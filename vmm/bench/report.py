@@ -79,13 +79,23 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("echo, device polls: µs", "echo.polling.round_trip_us", "µs"),
         R("echo, device polls / inline", "echo.polling.ratio_to_inline", "x"),
         R("echo, no polling / inline", "echo.no_polling.ratio_to_inline", "x"))),
-    Bench("exits", "guest exit round trip, ring 3 (vs bare C runner)", "vmm.bench",
+    Bench("exits", "guest exit round trip, ring 3 and ring 0 (vs bare C runner)", "vmm.bench",
           quick=("--iters", "3000", "--repeat", "2", "--rounds", "2"), rows=(
         R("bare C, port read", "bare_c.pio_us", "µs"),
         R("inline / bare, port read", "inline.pio_ratio", "x", 1.15),
         R("inline / bare, MMIO read", "inline.mmio_ratio", "x", 1.15),
         R("isolated / bare, port read", "isolated.pio_ratio", "x", 1.3),
-        R("isolated / bare, MMIO read", "isolated.mmio_ratio", "x", 1.3))),
+        R("isolated / bare, MMIO read", "isolated.mmio_ratio", "x", 1.3),
+        R("ring 0: bare C, port read", "ring0.bare_c.pio_us", "µs"),
+        R("ring 0: inline / bare, port read", "ring0.inline.pio_ratio", "x", 1.15),
+        R("ring 0: isolated / bare, port read", "ring0.isolated.pio_ratio", "x", 1.3),
+        R("ring 0: isolated / bare, MMIO read", "ring0.isolated.mmio_ratio", "x", 1.3))),
+    Bench("exit_cost", "CPU per forwarded access, piece by piece", "vmm.bench.exitcost",
+          quick=("--loops", "5000"), rows=(
+        R("VMM Python, isolated access", "vmm.isolated_forward_ns", "ns"),
+        R("VMM Python, inline access", "vmm.inline_forward_ns", "ns"),
+        R("device Python per access", "device.serve_python_ns", "ns"),
+        R("device state store per access", "device.state_store_ns", "ns"))),
     Bench("coalesced_mmio", "8-byte MMIO writes, coalesced vs plain window", "vmm.bench.coalesce",
           quick=("--iters", "3000", "--repeat", "1"), rows=(
         R("inline: plain / coalesced", "inline.speedup", "x", lower=False),
@@ -100,11 +110,16 @@ BENCHMARKS: tuple[Bench, ...] = (
         R("armed elsewhere", "results.armed_elsewhere", "ns"),
         R("armed, never matching", "results.armed_never_matching", "ns"))),
     Bench("virtio_blk", "virtio-blk reads vs QEMU (needs QEMU; installs it)", "vmm.bench.virtio_blk",
-          quick=("--repeat", "1", "--passes", "1", "--n4k", "1000"), rows=(
+          quick=("--repeat", "1", "--rounds", "3", "--n4k", "1000"), rows=(
         R("splitvmm / QEMU in-process, 1 MiB seq", "ratios.splitvmm/qemu seq1m", "x", 1.0, lower=False),
         R("splitvmm / QEMU in-process, 4 KiB QD1", "ratios.splitvmm/qemu rand4k", "x", 1.0, lower=False),
         R("splitvmm / vhost-user-blk, 1 MiB seq", "ratios.splitvmm/qemu_vhost_user seq1m", "x", 1.0, lower=False),
         R("splitvmm / vhost-user-blk, 4 KiB QD1", "ratios.splitvmm/qemu_vhost_user rand4k", "x", 1.2, lower=False),
+        R("splitvmm / vhost-user-blk, 4 KiB QD32", "ratios.splitvmm/qemu_vhost_user rand4k_qd32_q1", "x", 1.0,
+          lower=False),
+        R("splitvmm / QEMU iothread, 4 KiB QD32", "ratios.splitvmm/qemu_iothread rand4k_qd32_q1", "x", 1.0,
+          lower=False),
+        R("splitvmm / QEMU iothread, 1 MiB seq", "ratios.splitvmm/qemu_iothread seq1m", "x", 1.0, lower=False),
         R("splitvmm 4 KiB QD1", "splitvmm.rand4k.IOPS", "IOPS", lower=False))),
     Bench("sandbox", "device-process sandbox: its cost and the attacks it stops", "devserver.sandbox.bench",
           quick=("--quick",), rows=(
