@@ -76,14 +76,14 @@ class _Parser(argparse.ArgumentParser):
     help texts that cost something to make are made when help is printed
     (:meth:`lazy_help`)."""
 
-    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter,
+    def __init__(self, *, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter,
                  **kwargs) -> None:
         # argparse makes a formatter for every add_argument (to check the
         # metavar), and one without a width imports shutil (bz2, lzma, zlib:
         # ~1.5 ms of every run) for the terminal's; that width is needed
         # only when help is printed.
         self._formatter = formatter_class
-        super().__init__(*args, formatter_class=functools.partial(formatter_class, width=80), **kwargs)
+        super().__init__(formatter_class=functools.partial(formatter_class, width=80), **kwargs)
         self._lazy: list[tuple[argparse.Action | None, Callable[[], str]]] = []
 
     def error(self, message: str) -> NoReturn:

@@ -80,3 +80,31 @@ def test_console_script_exit_status(guest):
     assert r.returncode == 0x21, r.stderr
     r = vmm_run("--vcpus", "0", "--guest", str(guest("hello")))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+#: What a run with no device process, no Linux, no plan and no --api has no
+#: use for (each costs milliseconds of every start: issue 15).
+NOT_FOR_A_BARE_RUN = ("vmm.remote.endpoint", "ipc.protocol", "ipc.transport", "msgpack", "devices.faults.plan",
+                      "devices.faults.trace", "tomllib", "hashlib", "importlib.metadata", "vmm.boot.linux",
+                      "vmm.qmp.server", "vmm.forkserver", "ctypes", "shutil", "tempfile", "subprocess")
+
+
+@needs_kvm
+def test_a_run_without_devices_imports_only_what_it_uses(guest):
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nimport vmm.cli\n"
+            "status = vmm.cli.main(sys.argv[1:])\n"
+            f"print(json.dumps([status, [m for m in {NOT_FOR_A_BARE_RUN!r} if m in sys.modules]]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "run", "--guest", str(guest("hello")), "--serial", "none"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    status, imported = json.loads(r.stdout.splitlines()[-1])
+    assert status == 0x43 and imported == [], r.stderr
+    # The same modules are there once something uses them: a device in its own process.
+    r = subprocess.run([sys.executable, "-c", code, "run", "--guest", str(guest("hello")), "--serial", "none",
+                        "--device", "echo,pio=0x1000"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    status, imported = json.loads(r.stdout.splitlines()[-1])
+    assert status == 0x43 and {"vmm.remote.endpoint", "ipc.protocol", "msgpack"} <= set(imported), r.stderr
