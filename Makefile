@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench check-units image linux-check
+.PHONY: run test lint install bench check-units image image-minimal linux-check
 
 # The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
 # header, which a fresh Debian machine lacks (the library itself is there).
@@ -58,6 +58,11 @@ bench: $(BENCH_STAMP)
 # A Linux kernel and initramfs from Debian packages (printed paths; cached).
 image: $(STAMP)
 	$(PY) -m vmm.cli image
+
+# A small kernel built from Debian's linux-source (vmm.minikernel; installs
+# the build dependencies with apt; nice -n 19 make -j2; tens of minutes).
+image-minimal: $(STAMP)
+	$(PY) -m vmm.cli image --minimal
 
 # Debian's cloud kernel booted as far as this host allows (minutes; not in
 # `make test`).  JSON report on stdout; LINUX_CHECK_ARGS=--qemu compares QEMU.
