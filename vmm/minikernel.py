@@ -20,6 +20,7 @@ In a cache folder (``$XDG_CACHE_HOME/splitvmm/linux-minimal``):
    ``scripts/kconfig/merge_config.sh``, ``make olddefconfig``, and every
    fragment line checked against the result (Kconfig silently drops an
    option whose dependencies are off);
+   :data:`PATCHES` applied (one, for this host's PVM: see there);
 4. ``nice -n 19 make -jN bzImage`` in ``build/`` (the kernel's ``O=``);
 5. ``vmlinux`` (an ELF with the PVH note, booted without decompressing) and
    ``bzImage`` copied out, and the initramfs of :mod:`vmm.image` without
@@ -121,6 +122,52 @@ CONFIG_RETPOLINE=n
 CONFIG_SPECULATION_MITIGATIONS=n
 CONFIG_X86_X2APIC=y
 """
+
+
+#: The one source change, for this project's PVM host: there a ``syscall``
+#: from user mode jumps to MSR_LSTAR (``entry_SYSCALL_64``) with rcx and r11
+#: set as the instruction defines, but stays in CPL 3, so the kernel sees
+#: a user-mode page fault on its own entry point and kills /init (seen on
+#: the first syscall of /init: ``init[1]: segfault at ffffffff81400040 ip
+#: ffffffff81400040``, CS 0x33).  The patch makes that fault the syscall it
+#: was meant to be: rip and rflags back from rcx and r11 (as ``sysret``
+#: would), orig_ax = nr, ax = -ENOSYS, then ``do_syscall_64`` -- what the
+#: entry code does -- and the exception's own ``iret`` back to user mode.
+#: On hardware without that flaw the branch is never taken (a user jump to
+#: kernel text only gets what a real ``syscall`` would).
+PVM_SYSCALL_MARK = "splitvmm: PVM syscall-as-page-fault"
+PATCHES: tuple[tuple[str, str, str], ...] = (
+    ("arch/x86/mm/fault.c",
+     "\tif (kvm_handle_async_pf(regs, (u32)address))\n\t\treturn;\n",
+     f"""
+\t/* {PVM_SYSCALL_MARK} (vmm/minikernel.py) */
+\tif (user_mode(regs) && address == (unsigned long)entry_SYSCALL_64 &&
+\t    regs->ip == address) {{
+\t\tregs->ip = regs->cx;
+\t\tregs->flags = regs->r11;
+\t\tregs->orig_ax = regs->ax;
+\t\tregs->ax = -ENOSYS;
+\t\tdo_syscall_64(regs, (int)regs->orig_ax);
+\t\treturn;
+\t}}
+"""),
+    ("arch/x86/mm/fault.c",
+     "#include <asm/irq_stack.h>\n",
+     "#include <asm/proto.h>\t\t\t/* entry_SYSCALL_64 (splitvmm) */\n#include <asm/syscall.h>\n"),
+)
+
+
+def apply_patches(src: pathlib.Path, patches=PATCHES) -> None:
+    """Insert each patch's text after its anchor (once: a file that already
+    has the text is left alone)."""
+    for rel, anchor, text in patches:
+        path = src / rel
+        code = path.read_text()
+        if text in code:
+            continue
+        if code.count(anchor) != 1:
+            raise ImageError(f"{rel}: the anchor of a splitvmm patch is not there exactly once: {anchor!r}")
+        path.write_text(code.replace(anchor, anchor + text))
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -266,7 +313,9 @@ def build(cache: pathlib.Path | None = None, jobs: int = 2) -> Built:
     deb = _fetch(cache, source_package())
     src, build_dir = cache / "src", cache / "build"
     stamp = cache / "built-from"
-    source = f"{deb.name} {zlib.crc32(FRAGMENT.encode()):08x} {zlib.crc32(image.INIT.encode()):08x}\n"
+    patches = zlib.crc32(repr(PATCHES).encode())
+    source = (f"{deb.name} {zlib.crc32(FRAGMENT.encode()):08x} {zlib.crc32(image.INIT.encode()):08x} "
+              f"{patches:08x}\n")
     out = Built(cache / "vmlinux", cache / "bzImage", cache / "initramfs.cpio", "")
     if stamp.exists() and stamp.read_text() == source and all(p.exists() for p in (out.vmlinux, out.initrd)):
         return dataclasses.replace(out, version=(cache / "version").read_text().strip())
@@ -275,6 +324,7 @@ def build(cache: pathlib.Path | None = None, jobs: int = 2) -> Built:
         log.info("unpacking %s", deb.name)
         unpack_source(deb, src)
         unpacked.write_text(deb.name)
+    apply_patches(src)
     configure(src, build_dir)
     _make(src, build_dir, "bzImage", jobs=jobs)
     release = subprocess.run(["make", "-s", "-C", str(src), f"O={build_dir}", "ARCH=x86_64", "kernelrelease"],

@@ -38,6 +38,8 @@ MILESTONES = ("Linux version", "Memory:", "x86/fpu:", "smpboot:", "devtmpfs: ini
               "PCI: Using configuration type 1", "clocksource: Switched to",
               "Trying to unpack rootfs image as initramfs", "Freeing initrd memory", "Freeing unused kernel",
               "Run /init", image.BANNER, "virtio disk(s)", image.DONE, "reboot: Power down")
+#: The last line of a panic: the guest does nothing more after it.
+PANIC_END = "---[ end Kernel panic"
 #: ``initcall_blacklist=`` skips two tracing initcalls that take minutes in
 #: emulated ring 0 and only serve tracing: ftrace's check of every mcount
 #: record against kallsyms (soft-lockup warnings), and the trace-event
@@ -76,6 +78,8 @@ def watch(cmd: list[str], console: pathlib.Path, timeout: float, stderr_path: pa
                     if m not in seen and m in text:
                         seen[m] = round(time.monotonic() - started, 1)
                 if until is not None and until in seen:
+                    break
+                if PANIC_END in text:
                     break
                 time.sleep(0.2)
         finally:
