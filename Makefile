@@ -64,7 +64,9 @@ image: $(STAMP)
 image-minimal: $(STAMP)
 	$(PY) -m vmm.cli image --minimal
 
-# Debian's cloud kernel booted as far as this host allows (minutes; not in
-# `make test`).  JSON report on stdout; LINUX_CHECK_ARGS=--qemu compares QEMU.
+# The kernel of image-minimal (built first if needed) booted to its /init,
+# which reads the virtio disk and powers off (minutes; not in `make test`).
+# JSON report on stdout; LINUX_CHECK_ARGS="--kernel cloud" boots Debian's
+# cloud kernel as far as this host allows, --qemu compares QEMU.
 linux-check: $(STAMP)
 	$(PY) -m tests.vmm.linux.long_boot $(LINUX_CHECK_ARGS)

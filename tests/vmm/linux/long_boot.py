@@ -1,18 +1,22 @@
-"""``make linux-check``: boot Debian's cloud kernel with the VMM's
-emulation fallback and CPUID masks as far as this host lets it, and
-report how far it got (not part of the test suite: it takes minutes).
+"""``make linux-check``: boot a Linux kernel with the VMM's emulation
+fallback and CPUID masks, through its initramfs ``/init`` (banner, the
+virtio disk read back, power-off) as far as this host lets it, and report
+how far it got (not part of the test suite: it takes minutes).
 
 Prints, as JSON on stdout: the wall time at which each milestone line
 appeared on the serial console, the last console line, how the run ended
 (the summary line of ``vmm run``, with the instructions the VMM emulated)
-and the total time.  Exit status 0 when the initramfs banner was reached,
-1 otherwise.
+and the total time.  Exit status 0 when the initramfs banner and its
+last line ("done, powering off") were both printed, 1 otherwise.
 
-    python -m tests.vmm.linux.long_boot [--minimal] [--timeout SECONDS] [--vcpus N] [--qemu] [--until TEXT]
+    python -m tests.vmm.linux.long_boot [--kernel minimal|cloud] [--timeout SECONDS] [--vcpus N]
+                                        [--qemu] [--until TEXT]
 
-``--minimal`` boots the small kernel of ``vmm image --minimal``
-(:mod:`vmm.minikernel`, its vmlinux through PVH) instead of the cloud
-kernel; it is built first when not in the cache (tens of minutes).
+``--kernel minimal`` (the default) boots the small kernel of ``vmm image
+--minimal`` (:mod:`vmm.minikernel`, its vmlinux through PVH), built first
+when not in the cache (tens of minutes on two busy cores); ``--kernel
+cloud`` boots Debian's cloud kernel of ``vmm image``, which on this PVM
+host cannot run /init (its first syscall; README).
 
 ``--qemu`` also boots the same kernel and command line under
 ``qemu-system-x86_64 -enable-kvm`` (QEMU 7.2 from Debian) for the same
@@ -106,12 +110,13 @@ def main(argv=None) -> int:
     p.add_argument("--memory", default="256M", help="guest RAM (less RAM: fewer struct pages for the "
                    "emulated ring 0 to initialise)")
     p.add_argument("--qemu", action="store_true")
-    p.add_argument("--minimal", action="store_true", help="the kernel of vmm image --minimal")
+    p.add_argument("--kernel", choices=("minimal", "cloud"), default="minimal",
+                   help="minimal: vmm image --minimal (default); cloud: Debian's cloud kernel (vmm image)")
     p.add_argument("--keep", metavar="DIR", help="keep the console logs here")
     p.add_argument("--until", metavar="TEXT", help="stop each run once this console text appears "
                    "(e.g. 'Linux version' for the time-to-banner benchmark)")
     args = p.parse_args(argv)
-    if args.minimal:
+    if args.kernel == "minimal":
         mini = minikernel.build()
         kernel, initrd, version = mini.vmlinux, mini.initrd, mini.version
     else:
@@ -139,8 +144,8 @@ def main(argv=None) -> int:
             report["qemu"] = watch(qcmd, work / "qemu.txt", args.timeout, work / "qemu.err", args.until)
     report["logs"] = str(work)
     print(json.dumps(report, indent=2))
-    goal = args.until or image.BANNER
-    return 0 if goal in report["splitvmm"]["milestones"] else 1
+    goals = [args.until] if args.until else [image.BANNER, image.DONE]
+    return 0 if all(g in report["splitvmm"]["milestones"] for g in goals) else 1
 
 
 if __name__ == "__main__":
