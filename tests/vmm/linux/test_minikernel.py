@@ -77,3 +77,25 @@ def test_unpack_source_without_the_tarball_is_one_error(tmp_path):
     deb.write_bytes(_deb(_tar({"./usr/share/doc/x": b""}, "w:xz")))
     with pytest.raises(ImageError, match="no usr/src/linux-source"):
         minikernel.unpack_source(deb, tmp_path / "src")
+
+
+def test_patches_apply_once_after_their_anchor(tmp_path):
+    fault = tmp_path / "arch/x86/mm/fault.c"
+    fault.parent.mkdir(parents=True)
+    original = ("#include <asm/irq_stack.h>\n\nvoid f(void)\n{\n"
+                "\tif (kvm_handle_async_pf(regs, (u32)address))\n\t\treturn;\n\n\tirqentry_enter();\n}\n")
+    fault.write_text(original)
+    minikernel.apply_patches(tmp_path)
+    once = fault.read_text()
+    assert minikernel.PVM_SYSCALL_MARK in once and "do_syscall_64(regs" in once and "#include <asm/syscall.h>" in once
+    assert once.index("kvm_handle_async_pf") < once.index("do_syscall_64") < once.index("irqentry_enter")
+    minikernel.apply_patches(tmp_path)
+    assert fault.read_text() == once
+
+
+def test_a_patch_without_its_anchor_is_one_error(tmp_path):
+    fault = tmp_path / "arch/x86/mm/fault.c"
+    fault.parent.mkdir(parents=True)
+    fault.write_text("int nothing_here;\n")
+    with pytest.raises(ImageError, match="anchor"):
+        minikernel.apply_patches(tmp_path)
