@@ -11,6 +11,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <linux/capability.h>
 #include <linux/landlock.h>
 #include <seccomp.h>
@@ -20,6 +21,35 @@ uint32_t sb_act_errno(int err) { return SCMP_ACT_ERRNO(err); }
 int sb_pivot_root(const char *new_root, const char *put_old)
 {
     return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+
+/* Whether unshare(CLONE_NEWUSER) would succeed here, asked in a child that
+ * shares this process's memory and is waited for at once (CLONE_VM |
+ * CLONE_VFORK): no copy of the address space, no Python in the child, which
+ * only makes the call and exits with its errno.  Returns 0 (it would
+ * succeed), the errno it would fail with, or -errno when the child cannot
+ * be made or waited for.  The calling process must have one thread. */
+static char sb_probe_stack[16384] __attribute__((aligned(16)));
+
+static int sb_probe_child(void *arg)
+{
+    (void)arg;
+    _exit(unshare(CLONE_NEWUSER) == 0 ? 0 : (errno > 0 && errno < 256 ? errno : 255));
+    return 0;
+}
+
+int sb_probe_userns(void)
+{
+    int status;
+    pid_t pid = clone(sb_probe_child, sb_probe_stack + sizeof sb_probe_stack,
+                      CLONE_VM | CLONE_VFORK | SIGCHLD, NULL);
+    if (pid < 0)
+        return -errno;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR)
+            return -errno;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -ECHILD;
 }
 
 /* Effective, permitted and inheritable sets all empty (capset(2)). */

@@ -56,6 +56,7 @@ int unshare(int flags);
 int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data);
 int umount2(const char *target, int flags);
 int sb_pivot_root(const char *new_root, const char *put_old);
+int sb_probe_userns(void);
 int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 int sb_capset_zero(void);
 

@@ -66,7 +66,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, F
 from ipc.state import StateError, StateSegment
 from ipc.protocol import IRQ_ANSWERS
 from ipc.batch import BATCH_SPACE, BatchError
-from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
+from ipc.slots import STATUS_ERROR, STATUS_OK, SlotRequest, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ class DeviceServer:
                  check_parent: bool = True, *,
                  config_filter: Callable[[DeviceConfig], DeviceConfig] | None = None,
                  tick: Callable[[], None] | None = None, wait_slice: float = 1.0,
-                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None, spare: bool = False):
+                 stuck_status: int = EXIT_OK, keep_fds: set[int] | None = None, spare: bool = False,
+                 parent_death: bool = False):
         self.channel = channel
         self.handshake_timeout = handshake_timeout
         #: Service mode (devserver.service): turns the VMM's DeviceConfig
@@ -110,6 +111,10 @@ class DeviceServer:
         self.keep_fds = set(keep_fds or ())
         #: A warm spare: the Hello may take any time (devserver.cli --spare).
         self.spare = spare
+        #: The parent is single-threaded and this process dies with it
+        #: (a service's session: the sandbox's outer reaper keeps
+        #: PR_SET_PDEATHSIG across the uid switch).
+        self.parent_death = parent_death
         self.config: DeviceConfig | None = None
         self.registry: Registry | None = None
         self.slots: SlotServer | None = None
@@ -296,7 +301,7 @@ class DeviceServer:
         try:
             self.sandbox = sandbox.apply(sandbox.SandboxConfig(cfg.sandbox, cfg.seccomp), cfg.kind, cls, keep,
                                          report_sock=self.channel.fileno(),
-                                         tid_base=sandbox.tid_base(cfg.owner))
+                                         tid_base=sandbox.tid_base(cfg.owner), parent_death=self.parent_death)
         except sandbox.SandboxError as e:
             raise StartFailed(str(e)) from None
         if self.sandbox.pid_namespace:
@@ -305,6 +310,8 @@ class DeviceServer:
         if self.sandbox.layers:
             log.info("sandbox: %s (%.1f ms, %d rules)", " ".join(self.sandbox.layers),
                      self.sandbox.seconds * 1e3, self.sandbox.rules)
+            log.debug("sandbox layers, ms: %s", " ".join(f"{name} {secs * 1e3:.1f}"
+                                                         for name, secs in self.sandbox.layer_seconds.items()))
 
     def _start_model(self) -> None:
         cfg = self.config
@@ -345,13 +352,17 @@ class DeviceServer:
     def _serve(self) -> None:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
-        complete = slots.complete
+        # One call into C per access: the answer to the last request and
+        # the wait for the next (SlotServer.complete_next).
+        next_request, complete_next = slots.next, slots.complete_next
         keeper = self.state
         answered = keeper.answered if keeper is not None else None
         tick, wait = self.tick, self.wait_slice
+        req: SlotRequest | None = None
+        value = status = 0
         while True:
             try:
-                req = slots.next(wait)
+                req = next_request(wait) if req is None else complete_next(req, value, status, wait)
             except SlotsStopped:
                 return
             if tick is not None:
@@ -359,12 +370,13 @@ class DeviceServer:
             if req is None:
                 continue
             space, size = req.space, req.size
+            value, status = 0, STATUS_OK
             if space == BATCH_SPACE:
-                complete(req, 0, self._serve_batch(req.value, req.aseq))
+                status = self._serve_batch(req.value, req.aseq)
                 continue
             if space >= len(_SPACES) or size not in _SIZES:
                 log.error("bad request from the VMM: space %d size %d", space, size)
-                complete(req, 0, STATUS_ERROR)
+                status = STATUS_ERROR
                 continue
             try:
                 with lock:
@@ -388,9 +400,7 @@ class DeviceServer:
                         answered(model, req.aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
             except Exception:
                 log.exception("%s access at offset %#x failed", _SPACES[space].name, req.offset)
-                complete(req, 0, STATUS_ERROR)
-                continue
-            complete(req, value, STATUS_OK)
+                value, status = 0, STATUS_ERROR
 
     def _serve_batch(self, count: int, aseq: int = 0) -> int:
         """Apply a batch of writes (coalesced MMIO, ipc.batch) in order;

@@ -50,11 +50,15 @@ Exit status: 0 stopped by SIGTERM/SIGINT; 1 no usable listening socket; 2
 bad command line.  A session's process exits as a device process does,
 or with 3 when a model handler is stuck after its VM went away.
 
-Not yet (restart with state, issue 10 sections 2-3): every session builds a
-fresh model.  A VMM that reconnects will hand the session the state
-segment it kept, and the session will restore from it instead; the
-session's hooks into the runtime (:meth:`DeviceService.merge`, the
-watchdog tick) are where that plugs in.
+Restart with state (issue 10 sections 2-3): a VMM that reconnects after a
+death hands the new session the state segment it kept (SetState), and the
+session restores from it as a restarted spawned device does
+(:mod:`devserver.persist`).  A session dies with its listener: the
+listener is single-threaded, so the session's process (the sandbox's outer
+reaper) keeps PR_SET_PDEATHSIG across the sandbox's uid switch, which
+clears it (``parent_death``, :func:`devserver.sandbox.namespaces.fork_into_pid_namespace`);
+a listener killed by its manager takes the device down at once, and the
+VMM reconnects to the next one.
 """
 
 from __future__ import annotations
@@ -364,7 +368,7 @@ class DeviceService:
             server = DeviceServer(Channel(conn, Role.DEVICE), self.handshake_timeout, check_parent=True,
                                   config_filter=self.merge, tick=lambda: beat.tick(server),
                                   wait_slice=min(period, 1.0), stuck_status=EXIT_STUCK,
-                                  keep_fds={health_w})
+                                  keep_fds={health_w}, parent_death=True)
             if os.getppid() == 1 or self._stop:     # the listener died or stops before we could see it
                 server.request_stop()
             rc = server.run()

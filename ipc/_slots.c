@@ -613,6 +613,13 @@ int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint
     return SVS_OK;
 }
 
+int svs_complete_next(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint64_t value,
+                      uint32_t status, int64_t sleep_slice_ns, struct svs_request *out)
+{
+    int rc = svs_complete(h, slot, seq, aseq, value, status);
+    return rc != SVS_OK ? rc : svs_next(h, sleep_slice_ns, out);
+}
+
 void svs_stop(struct svs *h)
 {
     STORE(h->stop, 1);

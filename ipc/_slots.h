@@ -121,6 +121,10 @@ int svs_next(struct svs *h, int64_t sleep_slice_ns, struct svs_request *out);
  * then the sequence number. */
 int svs_complete(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint64_t value,
                  uint32_t status);
+/* svs_complete, then svs_next: the serving loop's one call per access
+ * (what each returns as they would; a failed complete returns at once). */
+int svs_complete_next(struct svs *h, uint32_t slot, uint32_t seq, uint64_t aseq, uint64_t value,
+                      uint32_t status, int64_t sleep_slice_ns, struct svs_request *out);
 /* From any thread: make svs_next return SVS_ESTOPPED. */
 void svs_stop(struct svs *h);
 

@@ -94,6 +94,8 @@ _HEADER = struct.Struct("<8sIIIIII QQ16x")
 _RECORD = struct.Struct("<QQII")          # access seq, value, length, status
 _CRC = struct.Struct("<I")
 _NUMBER = struct.Struct("<Q")
+_NUMBER_RECORD = struct.Struct("<QQQII")   # _NUMBER then _RECORD, as the crc covers them
+_RECORD_CRC = struct.Struct("<QQIII")      # _RECORD then _CRC, as stored after the number
 assert _HEADER.size == BASE_HEADER_SIZE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _U64 = (1 << 64) - 1
@@ -347,13 +349,13 @@ class StateSegment:
             number = self._next
             off = self._buffers[number & 1]
             mem = self._mem
-            numb = _NUMBER.pack(number)
-            rec = _RECORD.pack(seq, value, n, status)
-            crc = zlib.crc32(payload, zlib.crc32(rec, zlib.crc32(numb)))
+            # crc over number, record and payload (as _read_buffer checks
+            # it): the first two are one packed head, so two calls, not three
+            crc = zlib.crc32(payload, zlib.crc32(_NUMBER_RECORD.pack(number, seq, value, n, status)))
             mem[off:off + 8] = _ZERO8                                   # 1 unpublish
             mem[off + BUFFER_HEADER_SIZE:off + BUFFER_HEADER_SIZE + n] = payload  # 2
-            mem[off + 8:off + 36] = rec + _CRC.pack(crc)                # 3
-            mem[off:off + 8] = numb                                     # 4 publish
+            mem[off + 8:off + 36] = _RECORD_CRC.pack(seq, value, n, status, crc)  # 3
+            mem[off:off + 8] = _NUMBER.pack(number)                     # 4 publish
             self._next = number + 1
             self._record = record
             self._last_payload = payload

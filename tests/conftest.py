@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from ipc import Registry
+from tests.devserver.servicekit import Services
 
 
 def segment_name(tag: str = "t") -> str:
@@ -42,3 +44,15 @@ def small_registry(registry_name):
     with Registry.create(registry_name, capacity=16) as reg:
         yield reg
         reg.unlink()
+
+
+@pytest.fixture
+def services(tmp_path) -> Iterator[Services]:
+    """Device services a test starts (tests/devserver/servicekit.py):
+    ``services.listen(spec, path)``, ``.activated``, ``.supervised`` and
+    ``.notify()``; all stopped and closed at the test's end."""
+    kit = Services(tmp_path)
+    try:
+        yield kit
+    finally:
+        kit.close()

@@ -137,7 +137,7 @@ class FaultEcho(Echo):
         if size != 4:
             return all_ones(size)
         log.warning("test hook: stalling this read for %d ms", self.stall_ms)
-        time.sleep(self.stall_ms / 1000)
+        time.sleep(self.stall_ms / 1000)        # the fault itself: a handler that hangs
         return super().read(space, cookie, ECHO_COUNT, 4)
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
@@ -169,7 +169,7 @@ class FaultEcho(Echo):
 
         def hog() -> None:
             if delay:
-                time.sleep(delay)
+                time.sleep(delay)               # the fault's timing (hog_delay_ms), not a wait
             rc = lib.svm_reg_lock_for_test(registry._h, 10_000_000_000)
             log.warning("test hook: thread %d took the registry lock (code %d) and keeps it",
                         threading.get_native_id(), rc)

@@ -34,6 +34,7 @@ runs one command on it and prints the answer (:mod:`vmm.qmp.ctl`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import pathlib
@@ -55,6 +56,7 @@ from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Mac
 from vmm.memory import GuestMemoryError, parse_size
 from vmm.qmp.server import ApiError
 from vmm.remote import RemoteEndpoint
+from vmm.forkserver import ForkServer
 
 log = logging.getLogger("vmm")
 
@@ -297,7 +299,7 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
     return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
     if args.kernel is not None:
         if args.guest is not None:
             raise ConfigError("--kernel and --guest exclude each other")
@@ -311,8 +313,19 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_device_spec(text, taken) for text in args.device]
     demo = args.guest is None and args.kernel is None
     guest = _demo_guest() if demo else args.guest
-    machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
-                      lock_timeout=args.lock_timeout, serial=args.serial, cpuid_hide=args.cpuid_hide)
+    # Started first: it imports the device runtime while the VMM sets up.
+    if forkserver is None and (demo or args.serial.kind != "none"
+                               or any(spec.placement == "isolated" for spec in specs)):
+        forkserver = _start_forkserver()
+    try:
+        machine = Machine(memory=args.memory, vcpus=args.vcpus, access_timeout=args.access_timeout,
+                          lock_timeout=args.lock_timeout, serial=args.serial, cpuid_hide=args.cpuid_hide)
+    except BaseException:
+        if forkserver is not None:
+            forkserver.close()
+        raise
+    if forkserver is not None:
+        machine.remote_options = dataclasses.replace(machine.remote_options, forkserver=forkserver)
     try:
         if demo:
             disk = machine.scratch_image(DEMO_DISK_SIZE, prefix="splitvmm-demo-")
@@ -346,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
         saved = {signo: signal.signal(signo, signal.SIG_IGN) for signo in _STOP_SIGNALS}
         try:
             machine.close()
+            if forkserver is not None:
+                forkserver.close()
         finally:
             for signo, handler in saved.items():
                 signal.signal(signo, handler)
@@ -391,7 +406,27 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
     return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _start_forkserver() -> ForkServer | None:
+    """The fork server the run's device processes come from (None, with a
+    warning, when it cannot start: they are exec'd one by one instead)."""
+    try:
+        return ForkServer.start()
+    except OSError as e:
+        log.warning("cannot start the fork server (%s); device processes are started one by one", e)
+        return None
+
+
+def main(argv: Sequence[str] | None = None, forkserver: ForkServer | None = None) -> int:
+    """``vmm ARGV``; ``forkserver``: one already started (vmm.entry) for
+    ``run`` to take (closed here on every path)."""
+    try:
+        return _main(argv, forkserver)
+    finally:
+        if forkserver is not None:
+            forkserver.close()      # idempotent: run() may have closed it
+
+
+def _main(argv: Sequence[str] | None, forkserver: ForkServer | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -406,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "image":
             return image_command(args)
-        return run(args)
+        return run(args, forkserver)
     except (ConfigError, BootError, GuestMemoryError, ConsoleError, ApiError) as e:
         print(f"vmm: {e}", file=sys.stderr)
         return outcomes.STATUS_USAGE

@@ -51,6 +51,7 @@ from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
 from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
+from vmm.forkserver import FORKSERVER_ENV, ForkServer
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
 from vmm.memory import GuestMemory, parse_size
@@ -100,14 +101,16 @@ class Machine:
     :attr:`console`), ``"stdio"`` or ``"file:PATH"`` as ``vmm run
     --serial``; with a console a COM1 is added when the run starts unless a
     serial device was added.  ``log_dir``: each device process's stderr
-    goes to ``log_dir/ID.log`` (:attr:`device_logs`)."""
+    goes to ``log_dir/ID.log`` (:attr:`device_logs`).  ``forkserver``:
+    fork the device processes from a fork server (:mod:`vmm.forkserver`)
+    instead of exec'ing each (None: ``SPLITVMM_FORKSERVER=1`` says)."""
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, vcpus: int = 1, *,
                  registry_capacity: int = DEFAULT_CAPACITY,
                  access_timeout: float = DEFAULT_ACCESS_TIMEOUT, fast_path: bool | None = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, devices: Iterable[str | DeviceSpec] = (),
                  serial: str | SerialMode = "none", log_dir: str | os.PathLike[str] | None = None,
-                 cpuid_hide: tuple[str, ...] = ()):
+                 cpuid_hide: tuple[str, ...] = (), forkserver: bool | None = None):
         if isinstance(memory, str):
             try:
                 memory = parse_size(memory)
@@ -125,6 +128,12 @@ class Machine:
         #: the machine fills in access_timeout, guest memory, console and
         #: interrupt routing for each device.
         self.remote_options = RemoteOptions()
+        #: Fork device processes from a fork server of this machine's own
+        #: (vmm.forkserver; started with the first device process), unless
+        #: remote_options names one already; default (``forkserver=None``):
+        #: the environment's SPLITVMM_FORKSERVER=1, else each is exec'd.
+        self.use_forkserver = os.environ.get(FORKSERVER_ENV) == "1" if forkserver is None else forkserver
+        self._forkserver: ForkServer | None = None
         self.outcome: Outcome | None = None
         self.endpoints: dict[int, Endpoint] = {}
         self.vcpus: list[VcpuThread] = []
@@ -495,6 +504,9 @@ class Machine:
     def _device_options(self, spec: DeviceSpec, console: ConsoleFds | None,
                         stderr: int | None = None) -> RemoteOptions:
         """``stderr``: where a spawned device process's log goes (log_dir)."""
+        if self.use_forkserver and self.remote_options.forkserver is None and spec.placement == "isolated":
+            self._forkserver = ForkServer.start()
+            self.remote_options = dataclasses.replace(self.remote_options, forkserver=self._forkserver)
         return dataclasses.replace(
             self.remote_options, access_timeout=self.access_timeout, memfd=self._live_memory.fd,
             mem_regions=tuple(MemRegion(r.guest_addr, r.size, r.offset) for r in self._live_memory.regions),
@@ -831,6 +843,8 @@ class Machine:
             os.close(fd)
         self._log_fds.clear()
         self.faults.close()
+        if self._forkserver is not None:
+            self._forkserver.close()        # after its device processes
         if self.registry is not None:
             if not self._stuck:
                 self.registry.close()

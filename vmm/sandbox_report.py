@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 KMSG = "/dev/kmsg"
 #: The audit record of a seccomp action (AUDIT_SECCOMP).
 AUDIT_SECCOMP = 1326
-_RECORD = re.compile(rb"type=1326 .*? pid=(\d+) .*? syscall=(\d+)")
+#: Only records with ``sig=31`` (SIGSYS: a trap or a kill) tell a death:
+#: the filters also log the calls they answer with an errno (clone3's
+#: ENOSYS at every thread start, ``sig=0``), and a device that was
+#: SIGKILLed from outside must not be reported as killed for one of those.
+_RECORD = re.compile(rb"type=1326 .*? pid=(\d+) .*? sig=(\d+) .*? syscall=(\d+)")
+_SIGSYS = str(int(signal.SIGSYS)).encode()
 #: Most kernel-log records read when looking for a device's death.
 MAX_RECORDS = 100_000
 
@@ -274,12 +279,23 @@ def seccomp_syscall(pids: tuple[int, ...]) -> int | None:
                 break
             if not record:
                 break
-            m = _RECORD.search(record)
-            if m and m.group(1) in want and int(m.group(2)) != _EXIT_GROUP:
-                found = int(m.group(2))
+            nr = death_syscall(record, want)
+            if nr is not None:
+                found = nr
     finally:
         os.close(fd)
     return found
+
+
+def death_syscall(record: bytes, pids: set[bytes]) -> int | None:
+    """The system call of one kernel-log ``record`` if it is a seccomp
+    trap or kill (SIGSYS) of one of ``pids`` (decimal, as bytes), other
+    than the SIGSYS handler's sentinel exit_group; else None."""
+    m = _RECORD.search(record)
+    if m is None or m.group(1) not in pids or m.group(2) != _SIGSYS:
+        return None
+    nr = int(m.group(3))
+    return None if nr == _EXIT_GROUP else nr
 
 
 _libseccomp = None

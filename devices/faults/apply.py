@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 #: interrupt already pending (an MSI is an edge; IRR holds one).
 DUPLICATE_GAP = 0.010
 _SPACE_NAMES = ("pio", "mmio", "pci")
+_NO_MATCH: dict[str, Any] = {}
 _BYTES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
@@ -69,11 +70,11 @@ def serve_access(model: AccessModel, engine: FaultEngine, spaces: Any, space: in
     what the model takes (:class:`devices.base.Space`)."""
     armed = engine.armed
     if "process" in armed:
-        firing = engine.point("process")
+        firing = armed["process"](_NO_MATCH)
         if firing is not None:
             apply_process(firing, process)
     if "access" in armed:
-        firing = engine.point("access", space=space, offset=offset, dir="write" if is_write else "read")
+        firing = armed["access"]({"space": space, "offset": offset, "dir": "write" if is_write else "read"})
         if firing is not None:
             return _apply_access(firing, model, spaces, space, cookie, offset, size, is_write, value)
     if is_write:
@@ -253,8 +254,9 @@ def fault_bytes(engine: FaultEngine, point: str, data: bytes) -> bytes:
     event per byte): drop, duplicate, garbage.  Call only when ``point in
     engine.armed``."""
     out = bytearray()
+    hit = engine.armed[point]
     for byte in data:
-        firing = engine.point(point)
+        firing = hit(_NO_MATCH)
         if firing is None:
             out.append(byte)
             continue

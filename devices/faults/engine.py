@@ -22,16 +22,23 @@ read big-endian; its count ``n`` fires when ``mix64(s + n * 0x9E3779B97F4A7C15
 mod 2**64) < floor(P * 2**64)``, ``mix64`` being SplitMix64's output function
 -- the same answer in any process, thread or order, whatever else is armed.
 
-Cost.  :attr:`FaultEngine.armed` maps each counted point to its faults and
-is replaced whole on arm/disarm, so a caller's ``if "blk.write" in
-engine.armed`` is the whole cost of a point with nothing armed;
-:meth:`FaultEngine.point` starts with that test too.
+Cost.  :attr:`FaultEngine.armed` maps each counted point to the function
+that counts its events (compiled at arm time, replaced whole on
+arm/disarm), so a caller's ``if "blk.write" in engine.armed`` is the whole
+cost of a point with nothing armed; :meth:`FaultEngine.point` starts with
+that lookup too.  An event that no armed fault's match keys select (a
+fault armed elsewhere on the disk, say) costs its match tests and the
+event counter's increment (an :func:`itertools.count`, atomic under the
+GIL): no lock, no record.  Only an event some fault matches takes the
+engine's lock, to count it for that fault and decide; only a firing builds
+a :class:`Firing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 import threading
 import time
@@ -45,9 +52,6 @@ from devices.faults.table import POINTS, Choice, FaultError, PointSpec, Span
 #: :class:`devices.faults.trace.TraceWriter`, or a device runtime's
 #: forwarder to the VMM.  Called with the engine's lock not held.
 Sink = Callable[[dict[str, Any]], None]
-
-_SPAN, _SET, _EQ = 0, 1, 2
-
 
 _M64 = 2**64 - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -158,29 +162,65 @@ class FaultStatus:
                 "shadowed": self.shadowed, "fault": self.fault.to_dict()}
 
 
-class _Armed:
-    """A fault armed on an engine, with its counters and compiled matcher."""
+#: What :attr:`FaultEngine.armed` maps a point to: called with the event's
+#: match values, it counts the event and returns the firing or None.
+Hit = Callable[[Mapping[str, Any]], "Firing | None"]
+#: A compiled match test: true if the event's match values select the fault.
+Test = Callable[[Mapping[str, Any]], bool]
 
-    __slots__ = ("fault", "status", "matcher", "selects", "left")
+
+class _Armed:
+    """A fault armed on an engine, with its counters and compiled match test."""
+
+    __slots__ = ("fault", "status", "test", "span", "selects", "left")
 
     def __init__(self, fault: Fault, spec: PointSpec, seed: int):
         self.fault = fault
         self.status = FaultStatus(fault)
-        self.matcher = tuple(_compile(key, spec.match[key], value) for key, value in fault.match.items())
+        #: None: the fault has no match keys and takes every event.
+        self.test = compile_match(fault.match, spec)
+        #: (key, lo, hi) when the fault's one match key is a span (the
+        #: ``blk.*`` points' ``sector``): the point's Hit tests it inline.
+        self.span: tuple[str, int, int] | None = None
+        if len(fault.match) == 1:
+            (key, value), = fault.match.items()
+            if isinstance(spec.match[key], Span):
+                self.span = (key, value[0], value[1])
         self.selects = trigger_function(fault, seed)
         self.left = fault.times       # None: unlimited
 
 
-def _compile(key: str, kind: object, value: Any) -> tuple[str, int, Any, Any]:
+def compile_match(match: Mapping[str, Any], spec: PointSpec) -> Test | None:
+    """One function testing every key of ``match`` (a fault's, canonical)
+    against an event's match values; None for no keys.  A key the event
+    lacks raises KeyError."""
+    tests = [_compile_key(key, spec.match[key], value) for key, value in match.items()]
+    if not tests:
+        return None
+    if len(tests) == 1:
+        return tests[0]
+    all_tests = tuple(tests)
+
+    def every(m: Mapping[str, Any]) -> bool:
+        for test in all_tests:
+            if not test(m):
+                return False
+        return True
+    return every
+
+
+def _compile_key(key: str, kind: object, value: Any) -> Test:
     if isinstance(kind, Span):
-        return key, _SPAN, value[0], value[1]
+        lo, hi = value
+        return lambda m: lo <= m[key] <= hi
     if isinstance(kind, Choice):
-        return key, _SET, kind.accepted(value), None
-    return key, _EQ, value, None
+        accepted = kind.accepted(value)
+        return lambda m: m[key] in accepted
+    return lambda m: m[key] == value
 
 
-def _missing(point: str, key: str) -> Any:
-    raise FaultError(f"point {point!r} hit without its match key {key!r}")
+def _missing(point: str, error: KeyError) -> FaultError:
+    return FaultError(f"point {point!r} hit without its match key {error.args[0]!r}")
 
 
 class FaultEngine:
@@ -195,10 +235,11 @@ class FaultEngine:
     run-time arm/disarm.
     """
 
-    #: point -> faults armed there, in arm order; every counted point is a
-    #: key (an empty tuple once its faults are disarmed).  Replaced, never
-    #: changed in place, so a reader needs no lock.
-    armed: Mapping[str, tuple[_Armed, ...]]
+    #: point -> the function that counts and decides its events (a
+    #: :data:`Hit`, compiled at arm time from the point's faults); every
+    #: counted point is a key (counting only, once its faults are
+    #: disarmed).  Replaced, never changed in place, so a reader needs no lock.
+    armed: Mapping[str, Hit]
 
     def __init__(self, device: str, faults: Iterable[Fault] = (), *, seed: int = 0,
                  points: Mapping[str, PointSpec] = POINTS, sink: Sink | None = None):
@@ -208,7 +249,10 @@ class FaultEngine:
         self.sink = sink
         self.armed = {}
         self._lock = threading.Lock()
-        self._events: dict[str, int] = {}
+        #: point -> its event counter (next() is the event's number).
+        self._events: dict[str, itertools.count[int]] = {}
+        #: point -> its faults in arm order (changed under the lock).
+        self._table: dict[str, tuple[_Armed, ...]] = {}
         self._faults: dict[str, _Armed] = {}
         self._seq = 0
         self._pending: dict[int, Firing] = {}
@@ -222,40 +266,101 @@ class FaultEngine:
 
     def point(self, name: str, /, **match: Any) -> Firing | None:
         """One event at point ``name`` with its match values (every match
-        key of the point, e.g. ``sector=``); the firing, or None."""
-        if name not in self.armed:
+        key of the point, e.g. ``sector=``); the firing, or None.  A hot
+        path may call ``engine.armed[name]`` with a dict of the values
+        itself (one keyword dict the fewer)."""
+        armed = self.armed
+        if name not in armed:
             return None
-        with self._lock:
-            event = self._events[name] = self._events[name] + 1
-            firing = self._decide(name, event, match)
-            if firing is not None:
-                self._pending[firing.seq] = firing
-            return firing
+        return armed[name](match)
 
-    def _decide(self, name: str, event: int, match: Mapping[str, Any]) -> Firing | None:
-        chosen: Firing | None = None
-        for armed in self.armed[name]:
-            missed = False
-            for key, how, a, b in armed.matcher:
-                v = match[key] if key in match else _missing(name, key)
-                if not (a <= v <= b if how == _SPAN else v in a if how == _SET else v == a):
-                    missed = True
-                    break
-            if missed:
-                continue
-            status = armed.status
-            count = status.events = status.events + 1
-            if armed.left == 0 or not armed.selects(count):
-                continue
+    def _compile(self, name: str) -> Hit:
+        """The :data:`Hit` of point ``name`` for its faults now armed: the
+        events no fault's match test takes are only counted, lock-free; the
+        others are counted and decided under the lock (:meth:`_decide`)."""
+        count = self._events[name].__next__
+        tests = tuple(armed.test for armed in self._table[name])
+        decide = self._decide
+
+        if not tests:
+            def counted(match: Mapping[str, Any]) -> Firing | None:
+                count()
+                return None
+            return counted
+        if None in tests:       # a fault takes every event
+            return lambda match: decide(name, match)
+        span = self._table[name][0].span if len(tests) == 1 else None
+        if span is not None:
+            key, lo, hi = span
+
+            def one_span(match: Mapping[str, Any]) -> Firing | None:
+                try:
+                    value = match[key]
+                except KeyError as e:
+                    raise _missing(name, e) from None
+                if lo <= value <= hi:
+                    return decide(name, match)
+                count()
+                return None
+            return one_span
+        if len(tests) == 1:
+            test = tests[0]
+            assert test is not None
+
+            def one(match: Mapping[str, Any]) -> Firing | None:
+                try:
+                    taken = test(match)
+                except KeyError as e:
+                    raise _missing(name, e) from None
+                if taken:
+                    return decide(name, match)
+                count()
+                return None
+            return one
+
+        def several(match: Mapping[str, Any]) -> Firing | None:
+            try:
+                for test in tests:
+                    if test(match):         # type: ignore[misc]
+                        return decide(name, match)
+            except KeyError as e:
+                raise _missing(name, e) from None
+            count()
+            return None
+        return several
+
+    def _decide(self, name: str, match: Mapping[str, Any]) -> Firing | None:
+        """Count and decide an event some fault may take, with the faults
+        armed at this moment."""
+        lock = self._lock
+        lock.acquire()          # (cheaper than a with statement, on every counted event)
+        try:
+            event = next(self._events[name])
+            chosen: Firing | None = None
+            for armed in self._table[name]:
+                if armed.test is not None:
+                    try:
+                        if not armed.test(match):
+                            continue
+                    except KeyError as e:
+                        raise _missing(name, e) from None
+                status = armed.status
+                count = status.events = status.events + 1
+                if armed.left == 0 or not armed.selects(count):
+                    continue
+                if chosen is not None:
+                    status.shadowed += 1
+                    continue
+                status.firings += 1
+                if armed.left is not None:
+                    armed.left -= 1
+                fault = armed.fault
+                chosen = self._firing(fault.name, name, event, count, fault.action, fault.params)
             if chosen is not None:
-                status.shadowed += 1
-                continue
-            status.firings += 1
-            if armed.left is not None:
-                armed.left -= 1
-            fault = armed.fault
-            chosen = self._firing(fault.name, name, event, count, fault.action, fault.params)
-        return chosen
+                self._pending[chosen.seq] = chosen
+            return chosen
+        finally:
+            lock.release()
 
     def _firing(self, fault: str, point: str, event: int, count: int, action: str,
                 params: Mapping[str, Any]) -> Firing:
@@ -288,7 +393,7 @@ class FaultEngine:
             hook()
         if self.sink is not None:
             self.sink({"type": "arm", "t": time.monotonic_ns(), "device": self.device, "fault": fault.name,
-                       "point": fault.point, "event": self._events[fault.point], "plan": fault.to_dict()})
+                       "point": fault.point, "event": self.events(fault.point), "plan": fault.to_dict()})
 
     def _arm(self, fault: Fault) -> None:
         if fault.device != self.device:
@@ -301,10 +406,16 @@ class FaultEngine:
             if fault.name in self._faults:
                 raise FaultError(f"fault {fault.name!r} is already armed on {self.device!r}")
             self._faults[fault.name] = armed
-            self._events.setdefault(fault.point, 0)
-            table = dict(self.armed)
-            table[fault.point] = table.get(fault.point, ()) + (armed,)
-            self.armed = table
+            self._events.setdefault(fault.point, itertools.count(1))
+            self._table[fault.point] = self._table.get(fault.point, ()) + (armed,)
+            self._publish(fault.point)
+
+    def _publish(self, point: str) -> None:
+        """Recompile ``point``'s :data:`Hit` and publish a new
+        :attr:`armed` (the lock held)."""
+        table = dict(self.armed)
+        table[point] = self._compile(point)
+        self.armed = table
 
     def disarm(self, name: str) -> FaultStatus:
         """Disarm the fault called ``name``; its final counters.  Its point
@@ -314,10 +425,9 @@ class FaultEngine:
             if armed is None:
                 raise FaultError(f"no fault {name!r} armed on {self.device!r}")
             point = armed.fault.point
-            table = dict(self.armed)
-            table[point] = tuple(a for a in table[point] if a is not armed)
-            self.armed = table
-            event = self._events[point]
+            self._table[point] = tuple(a for a in self._table[point] if a is not armed)
+            self._publish(point)
+            event = self.events(point)
         for hook in self.on_change:
             hook()
         if self.sink is not None:
@@ -334,7 +444,10 @@ class FaultEngine:
 
     def events(self, point: str) -> int:
         """How many events of ``point`` were counted (0 if never armed)."""
-        return self._events.get(point, 0)
+        counter = self._events.get(point)
+        # An itertools.count shows its next value ("count(6)") without
+        # taking it.
+        return 0 if counter is None else int(repr(counter)[6:-1]) - 1
 
     def faults(self) -> list[Fault]:
         with self._lock:
@@ -364,20 +477,30 @@ class ReplayEngine(FaultEngine):
             if key in self._script:
                 raise FaultError(f"replay: two firings at {device}/{key[0]} event {key[1]}")
             self._script[key] = f
-            self._events.setdefault(f["point"], 0)
+            self._events.setdefault(f["point"], itertools.count(1))
             if f["fault"] not in statuses:
                 statuses[f["fault"]] = FaultStatus(_replayed_fault(f))
         self._statuses = statuses
-        self.armed = {point: () for point in self._events}
+        self.armed = {point: self._replay_hit(point) for point in self._events}
 
-    def _decide(self, name: str, event: int, match: Mapping[str, Any]) -> Firing | None:
-        f = self._script.get((name, event))
-        if f is None:
-            return None
-        status = self._statuses[f["fault"]]
-        status.events += 1
-        status.firings += 1
-        return self._firing(f["fault"], name, event, 0, f["action"], f["params"])
+    def _replay_hit(self, name: str) -> Hit:
+        count = self._events[name].__next__
+        script = self._script
+
+        def hit(match: Mapping[str, Any]) -> Firing | None:
+            event = count()
+            f = script.get((name, event))
+            return None if f is None else self._replayed(name, event, f)
+        return hit
+
+    def _replayed(self, name: str, event: int, f: Mapping[str, Any]) -> Firing:
+        with self._lock:
+            status = self._statuses[f["fault"]]
+            status.events += 1
+            status.firings += 1
+            firing = self._firing(f["fault"], name, event, 0, f["action"], f["params"])
+            self._pending[firing.seq] = firing
+            return firing
 
     def arm(self, fault: Fault) -> None:
         raise FaultError(f"device {self.device!r} replays a trace: arming {fault.name!r} is refused")

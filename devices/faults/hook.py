@@ -103,7 +103,7 @@ class FaultPoints:
     def fault_point(self, name: str, /, **match: Any) -> Firing | None:
         """One event at point ``name`` with its match values; the firing to
         apply, or None (nothing armed there, or nothing fires)."""
-        engine = self.fault_engine
-        if name not in engine.armed:
+        armed = self.fault_engine.armed
+        if name not in armed:
             return None
-        return engine.point(name, **match)
+        return armed[name](match)

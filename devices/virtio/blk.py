@@ -24,7 +24,12 @@ buffers' windows), VIRTIO_BLK_T_OUT writes straight from it (``pwritev``);
 a request is completed only after the system call returned, so the data
 is in the file (the page cache) when the driver sees it; VIRTIO_BLK_T_FLUSH
 is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
-zero-padded).  A request that is malformed (no room for header or status,
+zero-padded).  Reads and writes of the usual shape (header, one data
+buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
+:meth:`VirtioBlk.process_queue`), each one's ``blk.read``/``blk.write``
+fault decision taken first; a request a fault fires on, other shapes,
+and everything while ``queue.complete`` is armed are served by
+:meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
 host gets VIRTIO_BLK_S_IOERR, a write to a read-only disk too (§5.2.6.2);
 an unknown type gets VIRTIO_BLK_S_UNSUPP.  A chain without a status byte
@@ -37,17 +42,19 @@ import logging
 import os
 import struct
 import time
+from typing import Any
 
+from devices import blkring
 from devices.base import BadParameter, DeviceHost
 from devices.faults.apply import flip_bits
 from devices.faults.engine import Firing
 from devices.faults.table import POINTS
-from devices.guestmem import GuestRam
+from devices.guestmem import GuestMemoryFault, GuestRam
 from devices.virtio.core import NEVER
 from devices.hostres import FILE, HostResource, open_file
 from devices.snapshot import U64, Fields, require
 from devices.virtio.pci import VirtioPciDevice
-from devices.virtio.virtqueue import Buffer, Chain, Virtqueue
+from devices.virtio.virtqueue import Buffer, Chain, QueueBroken, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,9 @@ def _open_flags(readonly: bool) -> int:
     return (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
 
 
+#: handle()'s ``fired`` when no fault decision was taken for the request yet.
+_UNSET = object()
+
 #: The fault point of each request type (devices.faults).
 _FAULT_POINTS = {VIRTIO_BLK_T_IN: "blk.read", VIRTIO_BLK_T_OUT: "blk.write", VIRTIO_BLK_T_FLUSH: "blk.flush"}
 
@@ -143,6 +153,7 @@ class VirtioBlk(VirtioPciDevice):
         self.ident = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.fd = -1
         self.capacity = 0
+        self._ring: blkring.Ring | None = None
         super().__init__(host, **params)
 
     @classmethod
@@ -166,6 +177,7 @@ class VirtioBlk(VirtioPciDevice):
 
     def stop(self) -> None:
         super().stop()
+        self._ring = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -194,7 +206,106 @@ class VirtioBlk(VirtioPciDevice):
     def fail_request(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
         return 0
 
-    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam) -> int:
+    def process_queue(self, q: Virtqueue) -> None:
+        """The queue loop with the usual requests in C (devices.blkring):
+        batches of what the avail ring holds, each chain recorded in
+        flight before it is acted on, ``used->idx`` published once per
+        batch, one interrupt; whatever the C path does not take (another
+        shape, a failed or short transfer, a resubmitted chain, a request
+        a ``blk.read``/``blk.write`` fault fires on) is served by the
+        Python path (:meth:`handle`), and with ``queue.complete`` armed
+        everything is.  Each request's fault decision is taken once, in
+        ring order (:meth:`_fault_scan`), so an armed fault that does not
+        fire leaves its requests in C."""
+        armed = self.fault_engine.armed
+        if not blkring.AVAILABLE or q.resubmit or "queue.complete" in armed:
+            super().process_queue(q)
+            return
+        mem = self.queue_ready(q)
+        if mem is None:
+            return
+        served, rest = 0, False
+        try:
+            ring = self._ring
+            if ring is None or ring.buffer is not mem.buffer:
+                ring = self._ring = blkring.Ring(mem.buffer, mem.spans)
+            with ring.mapped():
+                for _ in range(4):
+                    n = q.pending(mem)
+                    if not n:
+                        break
+                    view, table, avail, used = q._where(mem)
+                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly)
+                    if not k:
+                        rest = True
+                        break
+                    reqs = ring.reqs
+                    # With blk.read/blk.write armed each request's fault decision is
+                    # taken here, once: C serves the requests before the first that
+                    # fires, Python that one (and any C stopped at) with the decision.
+                    decided = "blk.read" in armed or "blk.write" in armed
+                    fired = self._fault_scan(reqs, k) if decided else None
+                    if fired is not None:
+                        k = fired[0] + 1
+                    heads = [reqs[i].head for i in range(k)]
+                    q.taken(heads)
+                    done = ring.run(self.fd, k if fired is None else k - 1, used, q.size, q.used_idx)
+                    q.served += k
+                    q.published(mem, heads[:done])
+                    served += done
+                    if done < k:
+                        results = []
+                        for i in range(done, k):
+                            h = heads[i]
+                            decision = (fired[1] if fired is not None and i == k - 1
+                                        else None if decided else _UNSET)
+                            written = self._guarded(lambda q, c, m, d=decision: self.handle(q, c, m, d),
+                                                    q, q._walk(mem, view, table, h), mem)
+                            if written != NEVER:        # a fault's hang: the request never completes
+                                results.append((h, written))
+                        q.push_many(mem, results)
+                        served += len(results)
+                    if fired is not None:
+                        continue
+                    if k < n:
+                        rest = True
+                        break
+                else:
+                    rest = True
+        except (QueueBroken, GuestMemoryFault) as e:
+            self.needs_reset(str(e))
+            return
+        if served:
+            self.used_notify(q, mem)
+        if rest:
+            super().process_queue(q)
+
+    def _fault_scan(self, reqs: Any, k: int) -> tuple[int, Firing] | None:
+        """The ``blk.read``/``blk.write`` events of the C path's batch of
+        ``k``, counted in order as the Python path would: the first that
+        fires and its firing (the requests after it are not counted: the
+        next scan takes them), or None."""
+        point_of = ("blk.read", "blk.write")
+        engine = self.fault_engine
+        armed = engine.armed
+        for i in range(k):
+            req = reqs[i]
+            point = point_of[req.write]
+            if point in armed:
+                firing = engine.point(point, sector=req.sector)
+                if firing is not None:
+                    return i, firing
+        return None
+
+    def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam, fired: Firing | None | object = _UNSET) -> int:
+        """One request in Python; ``fired``: the fault decision the C
+        path's scan already took for it (:meth:`_fault_scan`), so its
+        event is not counted twice."""
+        bufs = chain.buffers
+        if fired is _UNSET and len(bufs) == 3:
+            used = self._fast(bufs, mem)
+            if used is not None:
+                return used
         readable, writable = chain.readable, chain.writable
         if writable and writable[-1].length == 1:     # the usual layout: the status byte alone
             status_addr = writable[-1].addr
@@ -215,7 +326,10 @@ class VirtioBlk(VirtioPciDevice):
             header, payload = _split(readable, _HEADER.size)
             rtype, _reserved, sector = _HEADER.unpack(b"".join(mem.read(a, n) for a, n in header))
         point = _FAULT_POINTS.get(rtype)
-        if point is not None and point in self.fault_engine.armed:
+        if fired is not _UNSET:
+            if isinstance(fired, Firing):
+                return self._faulted(fired, mem, rtype, sector, payload, data_out, status_addr)
+        elif point is not None and point in self.fault_engine.armed:
             firing = self.fault_engine.point(point, sector=sector)
             if firing is not None:
                 return self._faulted(firing, mem, rtype, sector, payload, data_out, status_addr)
@@ -244,6 +358,41 @@ class VirtioBlk(VirtioPciDevice):
             log.warning("%s: request type %d at sector %d: %s", self.kind, rtype, sector, e)
             return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
         return self._status(mem, status_addr, VIRTIO_BLK_S_UNSUPP, 0)
+
+    def _fast(self, bufs: list[Buffer], mem: GuestRam) -> int | None:
+        """The usual request -- header, one data buffer, status byte --
+        read or written whole with one system call straight between the
+        image and guest RAM; None (nothing done) for anything else, which
+        :meth:`handle`'s general path serves: another layout, another
+        type, a fault point armed, a range to fail, a short transfer."""
+        hdr, data, status = bufs
+        if hdr.writable or hdr.length != _HEADER.size or not status.writable or status.length != 1:
+            return None
+        view = mem.buffer
+        rtype, _reserved, sector = _HEADER.unpack_from(view, mem.offset(hdr.addr, _HEADER.size))
+        n = data.length
+        if rtype == VIRTIO_BLK_T_IN:
+            if not data.writable or "blk.read" in self.fault_engine.armed:
+                return None
+            io = os.preadv
+        elif rtype == VIRTIO_BLK_T_OUT:
+            if data.writable or self.readonly or "blk.write" in self.fault_engine.armed:
+                return None
+            io = os.pwritev
+        else:
+            return None
+        if not n or n % SECTOR_SIZE or sector + n // SECTOR_SIZE > self.capacity:
+            return None
+        off = mem.offset(data.addr, n)
+        with view[off:off + n] as window:
+            try:
+                moved = io(self.fd, [window], sector * SECTOR_SIZE)
+            except OSError:
+                return None             # the general path fails it, and logs why
+        if moved != n:
+            return None                 # the general path finishes (or fails) it
+        view[mem.offset(status.addr, 1)] = VIRTIO_BLK_S_OK
+        return n + 1 if rtype == VIRTIO_BLK_T_IN else 1
 
     def _faulted(self, firing: Firing, mem: GuestRam, rtype: int, sector: int, payload: list[tuple[int, int]],
                  data_out: list[tuple[int, int]], status_addr: int) -> int:

@@ -41,7 +41,7 @@ from devices.virtio.spec import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 )
-from devices.virtio.virtqueue import Chain, QueueBroken, Virtqueue
+from devices.virtio.virtqueue import HELD, Chain, QueueBroken, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +240,28 @@ class VirtioCore(abc.ABC):
     def process_queue(self, q: Virtqueue) -> None:
         """Serve what the driver made available on ``q`` (lock held), while
         :meth:`wants_requests` says yes.  Bounded: at most 4 * size
-        requests per call."""
+        requests per call.  Completions are published in batches
+        (:meth:`Virtqueue.push_many`: the elements, then ``used->idx``
+        once) -- at the latest when the avail ring has nothing more, so a
+        batch is what one doorbell brought -- with one interrupt per call."""
         mem = self.queue_ready(q)
         if mem is None:
             return
-        done = 0
+        served = 0
+        batch: list[tuple[int, int]] = []
+        heads: set[int] = set()
+        engine = self.fault_engine
         try:
             for _ in range(4 * q.size):
                 if not self.wants_requests(q):
                     break
-                chain = q.pop(mem)
-                if chain is None:
+                chain = q.pop(mem, heads)
+                if chain is None or chain is HELD:
+                    if batch:           # publish, then look again: the driver may have added more
+                        q.push_many(mem, batch)
+                        served += len(batch)
+                        batch, heads = [], set()
+                        continue
                     break
                 if chain.error is not None:
                     self.count_failed(q, chain)
@@ -260,15 +271,28 @@ class VirtioCore(abc.ABC):
                     q.served += 1
                 if written == NEVER:        # a fault's hang: the request never completes
                     continue
-                if "queue.complete" in self.fault_engine.armed:
-                    complete_faulted(self.fault_engine, q, mem, chain.head, written)
+                if "queue.complete" in engine.armed:
+                    q.push_many(mem, batch)
+                    served += len(batch) + 1
+                    batch, heads = [], set()
+                    complete_faulted(engine, q, mem, chain.head, written)
                 else:
-                    q.push(mem, chain.head, written)
-                done += 1
+                    batch.append((chain.head, written))
+                    heads.add(chain.head)
+                    if len(batch) >= q.size:
+                        q.push_many(mem, batch)
+                        served += len(batch)
+                        batch, heads = [], set()
+            q.push_many(mem, batch)
+            served += len(batch)
         except (QueueBroken, GuestMemoryFault) as e:
+            try:                            # what was served is returned before the queue stops
+                q.push_many(mem, batch)
+            except GuestMemoryFault:
+                pass
             self.needs_reset(str(e))
             return
-        if done:
+        if served:
             self.used_notify(q, mem)
 
     def count_failed(self, q: Virtqueue, chain: Chain) -> None:

@@ -86,6 +86,10 @@ class Chain:
         return [b for b in self.buffers if b.writable]
 
 
+#: What :meth:`Virtqueue.pop` returns for a head still held (not taken).
+HELD = Chain(-1, [], "held")
+
+
 def avail_size(n: int) -> int:
     return 6 + 2 * n
 
@@ -251,9 +255,12 @@ class Virtqueue:
                               f"{self.last_avail} (size {self.size})")
         return n
 
-    def pop(self, mem: GuestRam) -> Chain | None:
+    def pop(self, mem: GuestRam, held: typing.Container[int] = ()) -> Chain | None:
         """The next available chain (a resubmitted one first), or None
-        when there is none."""
+        when there is none.  ``held``: heads taken and not yet returned
+        (a batch not yet published); when the next head is one of them
+        (a broken driver offered it twice) it is not taken and
+        :data:`HELD` is returned -- publish the batch, then pop again."""
         if self.resubmit:
             head = self.resubmit.pop(0)
             view, table, _avail, _used = self._where(mem)
@@ -266,17 +273,22 @@ class Virtqueue:
         head = _U16.unpack_from(view, avail + 4 + 2 * slot)[0]
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head {head} in avail slot {slot} >= size {self.size}")
+        if head in held:
+            return HELD
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.inflight is not None:
             self.inflight.popped(self.index, head, self.last_avail)
         return self._walk(mem, view, table, head)
 
     def _walk(self, mem: GuestRam, view: memoryview, table: int, head: int) -> Chain:
-        chain = Chain(head, [])
-        buffers, size = chain.buffers, self.size
+        # The hot path of every request: locals, and RAM's spans tested
+        # inline (GuestRam.contains with no call per buffer).
+        buffers: list[Buffer] = []
+        chain = Chain(head, buffers)
+        size, spans, unpack = self.size, mem.spans, _DESC.unpack_from
         i, total, seen_writable = head, 0, False
         for _ in range(size):
-            addr, length, flags, nxt = _DESC.unpack_from(view, table + DESC_SIZE * i)
+            addr, length, flags, nxt = unpack(view, table + DESC_SIZE * i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 chain.error = f"descriptor {i}: INDIRECT (not negotiated)"
                 return chain
@@ -285,9 +297,14 @@ class Virtqueue:
                 chain.error = f"descriptor {i}: device-readable after device-writable (§2.7.4.2)"
                 return chain
             seen_writable |= writable
-            if length and not mem.contains(addr, length):
-                chain.error = f"descriptor {i}: buffer {addr:#x}+{length:#x} is not in guest RAM"
-                return chain
+            if length:
+                end = addr + length
+                for first, last, _delta in spans:
+                    if first <= addr and end <= last:
+                        break
+                else:
+                    chain.error = f"descriptor {i}: buffer {addr:#x}+{length:#x} is not in guest RAM"
+                    return chain
             total += length
             if total > MAX_CHAIN_BYTES:
                 chain.error = f"chain at {head}: more than {MAX_CHAIN_BYTES} bytes"
@@ -311,6 +328,58 @@ class Virtqueue:
         _U16.pack_into(view, used + 2, self.used_idx)
         if self.inflight is not None:
             self.inflight.pushed(self.index, head, self.used_idx)
+
+    def push_many(self, mem: GuestRam, done: list[tuple[int, int]]) -> None:
+        """Return several chains, ``(head, written)`` each, in order
+        (§2.7.8): every element first, then ``used->idx`` once -- the
+        driver sees the batch at once, and the index store (and the
+        in-flight record's update) is paid once per batch.  At most
+        ``size`` entries (no element overwritten before the driver saw
+        it)."""
+        if not done:
+            return
+        assert len(done) <= self.size
+        view, _table, _avail, used = self._where(mem)
+        idx, mask, pack = self.used_idx, self.size - 1, _USED_ELEM.pack_into
+        for head, written in done:
+            pack(view, used + 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
+            idx += 1
+        self.used_idx = idx = idx & 0xFFFF
+        _U16.pack_into(view, used + 2, idx)
+        if self.inflight is not None:
+            pushed, q = self.inflight.pushed, self.index
+            for head, _written in done:
+                pushed(q, head, idx)
+
+    # -- for a device's own request loop (devices.blkring: in C) -----------
+
+    def taken(self, heads: list[int]) -> None:
+        """A device's own loop took these avail entries from
+        ``last_avail`` on (valid heads, in ring order, none resubmitted),
+        before acting on them: as :meth:`pop` would, index and in-flight
+        record."""
+        if self.inflight is None:
+            self.last_avail = (self.last_avail + len(heads)) & 0xFFFF
+            return
+        popped, q, idx = self.inflight.popped, self.index, self.last_avail
+        for head in heads:
+            idx = (idx + 1) & 0xFFFF
+            popped(q, head, idx)
+        self.last_avail = idx
+
+    def published(self, mem: GuestRam, heads: list[int]) -> None:
+        """The used elements of ``heads`` are stored from ``used_idx`` on
+        (by a device's own loop): publish them, ``used->idx`` once, as
+        :meth:`push_many` would."""
+        if not heads:
+            return
+        view, _table, _avail, used = self._where(mem)
+        self.used_idx = idx = (self.used_idx + len(heads)) & 0xFFFF
+        _U16.pack_into(view, used + 2, idx)
+        if self.inflight is not None:
+            pushed, q = self.inflight.pushed, self.index
+            for head in heads:
+                pushed(q, head, idx)
 
     def wants_interrupt(self, mem: GuestRam) -> bool:
         """False when the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7)."""

@@ -90,19 +90,27 @@ class Applied:
     seconds: float = 0.0
     #: Allowlist rules loaded.
     rules: int = 0
+    #: Seconds each layer took (the device logs them at debug level).
+    layer_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
-          keep: set[int], report_sock: int = -1, tid_base: int = 0) -> Applied:
+          keep: set[int], report_sock: int = -1, tid_base: int = 0, *,
+          parent_death: bool = False) -> Applied:
     """Apply the layers (module docstring); ``keep``: the descriptors the
     runtime holds; ``report_sock``: the control socket, where a seccomp
     death is reported; ``tid_base``: where thread ids start in the
     device's pid namespace (the VMM tells registry-lock holders of
-    different devices apart by them).  Must be called while the process
-    has one thread."""
+    different devices apart by them); ``parent_death``: the parent is
+    single-threaded and the process is to die with it (a service's
+    session: :func:`.namespaces.fork_into_pid_namespace`).  Must be called
+    while the process has one thread."""
     out = Applied()
     if config.mode == "off":
         return out
+    # Before any layer: the uid switch clears PR_SET_PDEATHSIG, and the
+    # outer reaper must know which parent to outlive no longer.
+    parent = os.getppid()
     t0 = time.monotonic()
     strict = config.mode == "strict"
     only = os.environ.get(ONLY_ENV)
@@ -111,6 +119,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     def layer(name: str, fn, *args):
         if chosen is not None and name.split("=")[0] not in chosen:
             return None
+        t = time.monotonic()
         try:
             result = fn(*args)
         except (OSError, ValueError) as e:
@@ -119,6 +128,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
             log.warning("sandbox=auto: layer %s is off: %s", name, e)
             return None
         out.layers.append(name)
+        out.layer_seconds[name] = time.monotonic() - t
         return True if result is None else result
 
     extra = kind_rules(kind, model_class)     # imports the kind's policy module while it can
@@ -128,7 +138,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     if uid is not None:
         out.uid = uid
     keep = set(keep) | {2} | fds.mapping_fds()
-    ns = layer("namespaces", _namespaces, out, tid_base)
+    ns = layer("namespaces", _namespaces, out, tid_base, parent, parent_death)
     layer("fds", fds.apply, keep)
     if uid is None and was_root and ns:
         out.uid = layer("uid", userns.switch_uid) or 0
@@ -141,7 +151,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     return out
 
 
-def _namespaces(out: Applied, tid_base: int) -> None:
+def _namespaces(out: Applied, tid_base: int, parent: int, parent_death: bool) -> None:
     namespaces.unshare()
 
     # Neither reaper applies Landlock: on ABI >= 6 it scopes signals to the
@@ -173,7 +183,8 @@ def _namespaces(out: Applied, tid_base: int) -> None:
             rules.append(Rule("kill", (Arg(0, EQ, device), Arg(1, EQ, int(signal.SIGTERM)))))
         lock_down({2, status_fd}, rules)
 
-    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper, lock_down_inner_reaper, tid_base)
+    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper, lock_down_inner_reaper, tid_base,
+                                                      parent=parent, parent_death=parent_death)
     out.pid_namespace = True
     namespaces.empty_root()
 

@@ -84,3 +84,10 @@ def landlock_abi() -> int:
 def landlock_deny_all(abi: int) -> None:
     _check(lib.sb_landlock_deny_all(abi), "landlock")
 
+
+
+def probe_userns() -> int:
+    """0 if ``unshare(CLONE_NEWUSER)`` would succeed here, else the errno it
+    would fail with (asked in a vfork-style child: no copy of this
+    process); a negative errno when no such child can be made."""
+    return int(lib.sb_probe_userns())

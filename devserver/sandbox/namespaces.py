@@ -99,13 +99,26 @@ def set_next_pid(base: int) -> None:
 
 
 def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
-                            on_inner_reaper: Callable[[int, int], None], tid_base: int = 0) -> int:
+                            on_inner_reaper: Callable[[int, int], None], tid_base: int = 0, *,
+                            parent: int | None = None, parent_death: bool = False) -> int:
     """Fork twice (module docstring); return in the device (the child of
     pid 1 of the new namespace, at ``tid_base`` when not 0) with its pid
     as the host sees it.  The outer parent calls ``on_reaper(pidfd,
     status_fd)`` (its own lock-down: pid 1's pidfd, the pipe's end), then :func:`reap`; pid 1 calls
     ``on_inner_reaper(status_fd, device)``, then :func:`reap_inside`; neither
-    returns."""
+    returns.
+
+    ``parent``: the pid of the process that started this one, as it was
+    before the sandbox began (default: now); the outer reaper leaves when
+    its parent is no longer that one.  It must be taken early: a parent
+    that dies while the layers are applied -- before :func:`reap` looks --
+    would otherwise leave a reaper that waits for a parent it has already
+    lost, and a device nobody stops.  ``parent_death``: that parent is
+    single-threaded (a service's listener), so the outer reaper also gets
+    PR_SET_PDEATHSIG again (the uid switch of the userns layer cleared
+    it) and dies with it at once, not at its next look."""
+    if parent is None:
+        parent = os.getppid()
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe2(os.O_CLOEXEC)       # the device's wait status, from pid 1 to the outer reaper
@@ -131,9 +144,11 @@ def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
         os._exit(1)
     try:
         os.close(w)
+        if parent_death:
+            _sys.set_parent_death_signal(signal.SIGKILL)
         pidfd = os.pidfd_open(pid)
         on_reaper(pidfd, r)
-        reap(pid, pidfd, r)
+        reap(pid, pidfd, r, parent)
     finally:
         os._exit(1)
 
@@ -158,15 +173,17 @@ def reap_inside(device: int, status_fd: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if not os.WIFSIGNALED(status) else 1)
 
 
-def reap(pid: int, pidfd: int, status_fd: int = -1) -> None:
+def reap(pid: int, pidfd: int, status_fd: int = -1, parent: int | None = None) -> None:
     """Wait for pid 1 of the namespace, then leave the way the device left
     (the wait status pid 1 passed on ``status_fd``; pid 1's own when it
-    passed none: it was killed).  When the VMM goes away first, kill pid 1
-    -- and so the namespace -- and leave (nothing else would reap it)."""
-    parent = os.getppid()
+    passed none: it was killed).  When the parent (``parent``, default the
+    one now) goes away first, kill pid 1 -- and so the namespace -- and
+    leave (nothing else would reap it)."""
+    if parent is None:
+        parent = os.getppid()
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    while not poller.poll(PARENT_CHECK_MS):
+    while not poller.poll(0 if os.getppid() != parent else PARENT_CHECK_MS):
         if os.getppid() != parent:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.waitpid(pid, 0)

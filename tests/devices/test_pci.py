@@ -27,6 +27,7 @@ from devices.pci_echo import (
     PciEcho,
 )
 from ipc import pci_address
+from tests.waiting import wait_for
 
 CFG = pci.COOKIE_CONFIG
 MMIO_WIN, IO_WIN = 0xE010_0000, 0xC200
@@ -245,7 +246,6 @@ def test_overlap_is_kept_and_retried():
 
 
 def test_overlap_retry_thread_registers_without_config_access():
-    import time
 
     host = RecordingHost()
     _, a = make(host, slot="3")
@@ -254,10 +254,8 @@ def test_overlap_retry_thread_registers_without_config_access():
     assert b.conflicted() == 1 << BAR_IO
     with a._lock:
         a.stop()
-    deadline = time.monotonic() + 2
-    while b.conflicted() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert b.conflicted() == 0 and (Space.PIO, IO_WIN) in host.regions
+    wait_for(lambda: b.conflicted() == 0, 2, "the conflicted BAR retried")
+    assert (Space.PIO, IO_WIN) in host.regions
     b.stop()
 
 

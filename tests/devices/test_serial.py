@@ -39,6 +39,7 @@ from devices.serial import (
     UART_TX,
     Serial,
 )
+from tests.waiting import wait_for
 
 
 class Line:
@@ -109,13 +110,6 @@ def wr(dev, reg, value):
     dev.write(Space.PIO, 0, reg, 1, value)
 
 
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_parameters_and_region():
     host = Host(console=False)
     dev = Serial(host, pio="0x2f8", irq="3")
@@ -175,6 +169,8 @@ def test_input_fills_the_fifo_and_waits_for_room(uart):
     wr(dev, UART_FCR, UART_FCR_ENABLE_FIFO)
     os.write(host.in_w, bytes(range(40)))
     wait_for(lambda: len(dev.rx) == FIFO_SIZE)
+    # An observation window, not synchronisation: in 50 ms more the reader
+    # must take nothing beyond a full FIFO.
     time.sleep(0.05)
     assert len(dev.rx) == FIFO_SIZE          # flow-controlled, no overrun
     assert not rd(dev, UART_LSR) & UART_LSR_OE
@@ -210,7 +206,7 @@ def test_loopback_and_modem_status(uart):
     assert rd(dev, UART_MSR) == 0xB4         # trailing edge of RI
     # External input waits while in loopback, and arrives after.
     os.write(host.in_w, b"z")
-    time.sleep(0.05)
+    time.sleep(0.05)        # an observation window: the byte must not arrive in it
     assert not rd(dev, UART_LSR) & UART_LSR_DR
     wr(dev, UART_MCR, 0)
     wait_for(lambda: rd(dev, UART_LSR) & UART_LSR_DR)

@@ -9,7 +9,6 @@ BadState and leave the fresh model as built and usable."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -20,20 +19,12 @@ from devices.echo import ECHO_COUNT, ECHO_MOVE, ECHO_PID, Echo
 from devices.pci_echo import BAR_IO, BAR_MSIX, BAR_REGS, MSIX_PBA, REG_ACK, REG_INTX_SENT, REG_RAISE, PciEcho
 from devices.serial import (UART_FCR, UART_IER, UART_IIR, UART_LCR, UART_LCR_DLAB, UART_LSR, UART_MCR,
                             UART_MCR_LOOP, UART_MCR_OUT2, UART_MSR, UART_RX, UART_SCR, UART_TX, Serial)
-from ipc import Bus, Registry
-from tests.conftest import segment_name
+from ipc import Bus
 from tests.devices.snapshots import KeptHost, hostile, plain, wire
+from tests.waiting import wait_for
 
 CFG = pci.COOKIE_CONFIG
 MMIO_WIN, IO_WIN = 0xE010_0000, 0xC200
-
-
-@pytest.fixture
-def registry():
-    reg = Registry.create(segment_name("snap"), capacity=64)
-    yield reg
-    reg.unlink()
-    reg.close()
 
 
 def restart(registry, cls, state, **params):
@@ -311,10 +302,7 @@ def test_pci_echo_round_trip(registry):
     assert new.read(Space.MMIO, BAR_MSIX, MSIX_PBA, 8) == 0
     # The conflicted BAR is retried, and registered once the range is free.
     registry.unregister(Bus.PIO, 0xC800, 77)
-    deadline = time.monotonic() + 10
-    while new.conflicted():
-        assert time.monotonic() < deadline, "the conflicted BAR was never registered"
-        time.sleep(0.01)
+    wait_for(lambda: not new.conflicted(), 10, "the conflicted BAR to be registered")
     assert (Space.PIO, 0xC800, 0x100, BAR_IO) in new_host.regions()
     new.stop()
     assert new_host.regions() == set()

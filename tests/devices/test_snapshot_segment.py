@@ -11,28 +11,10 @@ from devices.echo import Echo
 from devices.pci_echo import PciEcho
 from devices.serial import Serial
 from devices.virtio.console import READ_CHUNK, RX_PENDING, VirtioConsole
-from ipc import Registry
 from ipc.state import DEFAULT_CAPACITY, StateSegment
-from tests.conftest import segment_name
 from tests.devices.snapshots import KeptHost
 from tests.devices.test_snapshot import echo_in_use, pci_echo_in_use, serial_in_use
 from tests.devices.test_snapshot_virtio import blk_in_use, rng_in_use
-
-
-@pytest.fixture
-def registry():
-    reg = Registry.create(segment_name("seg"), capacity=64)
-    yield reg
-    reg.unlink()
-    reg.close()
-
-
-@pytest.fixture
-def guarded():
-    from tests.devices.test_virtio import GuardedRam
-    g = GuardedRam()
-    yield g
-    g.ram.release()
 
 
 def through_segment(state, capacity=DEFAULT_CAPACITY):

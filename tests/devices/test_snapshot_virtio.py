@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,28 +25,12 @@ from devices.virtio.blk import VirtioBlk
 from devices.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole
 from devices.virtio.rng import VirtioRng
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from ipc import Registry
-from tests.conftest import segment_name
 from tests.devices.snapshots import KeptHost, hostile, plain, wire
-from tests.devices.test_virtio import (BUF, DESC, GuardedRam, common_r, common_w, negotiate, notify, offer,
+from tests.devices.test_virtio import (BUF, DESC, common_r, common_w, negotiate, notify, offer,
                                        put_desc, ready, setup_queue, used)
+from tests.waiting import wait_for
 
 RNG = dict(slot="3", intx_gsi="19")
-
-
-@pytest.fixture
-def registry():
-    reg = Registry.create(segment_name("vsnap"), capacity=64)
-    yield reg
-    reg.unlink()
-    reg.close()
-
-
-@pytest.fixture
-def guarded():
-    g = GuardedRam()
-    yield g
-    g.ram.release()
 
 
 def with_msix(dev, queue_vector=1, config_vector=0):
@@ -389,13 +372,6 @@ class Pipes:
     def close(self):
         for fd in (self.out_r, self.out_w, self.in_r, self.in_w):
             os.close(fd)
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_console_keeps_input_the_guest_has_not_taken(registry, guarded):

@@ -90,13 +90,6 @@ class FakeHost(DeviceHost):
 
 
 @pytest.fixture
-def guarded():
-    g = GuardedRam()
-    yield g
-    g.ram.release()
-
-
-@pytest.fixture
 def rng(guarded):
     dev = VirtioRng(FakeHost(guarded.ram), slot="3", intx_gsi="19")
     dev.start()

@@ -14,7 +14,7 @@ from devices.base import BadParameter
 from devices.virtio import blk as vb
 from devices.virtio.blk import VirtioBlk
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from tests.devices.test_virtio import (BUF, HIGH, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
+from tests.devices.test_virtio import (AVAIL, BUF, HIGH, USED, LOW, FakeHost, GuardedRam, common_r, common_w, negotiate,
                                        notify, offer, put_desc, setup_queue, status, used)
 from devices.base import Space
 from devices.virtio import pci as vp
@@ -31,13 +31,13 @@ def image(tmp_path):
     return p
 
 
-def make(image, **params):
+def make(image, qsize=8, **params):
     g = GuardedRam()
     dev = VirtioBlk(FakeHost(g.ram), slot="4", path=str(image), **params)
     dev.start()
     assert negotiate(dev) == 0xB
     common_w(dev, vs.VIRTIO_PCI_COMMON_Q_SELECT, 2, 0)
-    setup_queue(dev)
+    setup_queue(dev, size=qsize)
     common_w(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
     assert common_r(dev, vs.VIRTIO_PCI_COMMON_STATUS, 1) == 0xF
     return dev, g.ram
@@ -229,3 +229,160 @@ def test_single_queue_offers_no_mq_and_bad_num_queues(image):
             VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), num_queues=bad)
     with pytest.raises(BadParameter, match="notify_threads"):
         VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), notify_threads="many")
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_batch_of_requests_one_doorbell(image, monkeypatch, c_path):
+    """Several requests on the avail ring before one doorbell -- reads and
+    a write of the usual shape (devices.blkring's C path), a flush (the
+    Python path), the same head offered twice -- are all served in ring
+    order, published with one used->idx, and the in-flight record
+    (devserver.persist.QueueRecord, as a device process hooks it) shows
+    nothing in flight after; the Python path alone gives the same."""
+    import mmap
+
+    from devices import blkring
+    from devserver.persist import QueueRecord
+    from ipc.inflight import InflightQueue, region_size
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    dev, ram = make(image)
+    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
+    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
+    hook = QueueRecord(rec)
+    hook.enabled(0, 8)
+    dev.queues[0].inflight = hook
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        st = lambda k: STATUS + k              # noqa: E731
+        data = lambda k: DATA + 0x200 * k      # noqa: E731
+        # A: read sector 3 (descs 0-2); B: write sector 5 (3-5); C: flush (6-7)
+        ram.write(hdr(0), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 3))
+        ram.write(hdr(1), struct.pack("<IIQ", vb.VIRTIO_BLK_T_OUT, 0, 5))
+        ram.write(hdr(2), struct.pack("<IIQ", vb.VIRTIO_BLK_T_FLUSH, 0, 0))
+        ram.write(data(1), b"\x5a" * 512)
+        chains = [[(hdr(0), 16, 0), (data(0), 512, VIRTQ_DESC_F_WRITE), (st(0), 1, VIRTQ_DESC_F_WRITE)],
+                  [(hdr(1), 16, 0), (data(1), 512, 0), (st(1), 1, VIRTQ_DESC_F_WRITE)],
+                  [(hdr(2), 16, 0), (st(2), 1, VIRTQ_DESC_F_WRITE)]]
+        heads, d = [], 0
+        for chain in chains:
+            heads.append(d)
+            for i, (a, n, f) in enumerate(chain):
+                put_desc(ram, d, a, n, f | (VIRTQ_DESC_F_NEXT if i + 1 < len(chain) else 0), d + 1)
+                d += 1
+        for k in range(3):
+            ram.write(st(k), b"\xee")
+        for h in heads + [heads[0]]:            # A twice: a broken driver, served twice
+            offer(ram, h)
+        notify(dev)
+        idx, elems = used(ram)
+        assert idx == 4
+        assert elems == [(0, 513), (3, 1), (6, 1), (0, 513)]
+        assert ram.read(st(0), 3) == b"\0\0\0"
+        assert ram.read(data(0), 512) == image.read_bytes()[3 * 512:4 * 512]
+        assert image.read_bytes()[5 * 512:6 * 512] == b"\x5a" * 512
+        hook.flush()
+        assert rec.in_flight() == 0
+        assert dev.queues[0].served == 4 and dev.queues[0].failed == 0
+    finally:
+        dev.stop()
+        rec.release()
+        region.close()
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_batch_with_bad_requests(image, monkeypatch, c_path):
+    """In one batch a read past the end gets IOERR, a write whose header
+    says read (the data buffer is device-readable) IOERR, a good read
+    between them its data: the C path leaves both bad ones to the Python
+    path, which fails them alone."""
+    from devices import blkring
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    dev, ram = make(image)
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        ram.write(hdr(0), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, SECTORS))      # past the end
+        ram.write(hdr(1), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 1))
+        ram.write(hdr(2), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 2))            # data not writable
+        flags = (VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_WRITE, 0)
+        for k in range(3):
+            for i, (a, n, f) in enumerate(((hdr(k), 16, VIRTQ_DESC_F_NEXT),
+                                           (DATA + 0x200 * k, 512, flags[k] | VIRTQ_DESC_F_NEXT),
+                                           (STATUS + k, 1, VIRTQ_DESC_F_WRITE))):
+                if k < 2 or i < 2:
+                    put_desc(ram, 3 * k + i, a, n, f, 3 * k + i + 1)
+        # the third chain: header, data; its status at descriptor 0 of... no room: reuse a chain of 2
+        put_desc(ram, 6, hdr(2), 16, VIRTQ_DESC_F_NEXT, 7)
+        put_desc(ram, 7, DATA + 0x400, 512, 0, 0)   # no status byte: completes with length 0
+        ram.write(STATUS, b"\xee\xee")
+        for h in (0, 3, 6):
+            offer(ram, h)
+        notify(dev)
+        idx, elems = used(ram)
+        assert idx == 3
+        assert elems == [(0, 1), (3, 513), (6, 0)]
+        assert ram.read(STATUS, 2) == bytes([vb.VIRTIO_BLK_S_IOERR, vb.VIRTIO_BLK_S_OK])
+        assert ram.read(DATA + 0x200, 512) == image.read_bytes()[512:1024]
+    finally:
+        dev.stop()
+
+
+@pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
+def test_blk_faults_in_a_batch_count_each_request_once(image, monkeypatch, c_path):
+    """Five reads on one doorbell with ``blk.read`` faults armed (IOERR on
+    the 2nd, a hang on the 4th, one that never matches): the C path serves
+    the requests the faults pass over, Python the ones they fire on, and
+    each request is one event of the point -- the same statuses, used
+    ring and counts as the Python path alone."""
+    from devices import blkring
+    from devices.faults import FaultEngine, parse_plan
+
+    if c_path and not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    if not c_path:
+        monkeypatch.setattr(blkring, "AVAILABLE", False)
+    plan = parse_plan({"fault": [
+        {"device": "blk", "name": "second", "point": "blk.read", "nth": 2, "action": "ioerr"},
+        {"device": "blk", "name": "fourth", "point": "blk.read", "nth": 4, "action": "hang"},
+        {"device": "blk", "name": "never", "point": "blk.read", "after": 0, "action": "ioerr",
+         "sector": [SECTORS * 8, SECTORS * 8]}]})
+    in_c: list[int] = []          # how many requests each C run was given
+    if c_path:
+        run = blkring.Ring.run
+        monkeypatch.setattr(blkring.Ring, "run", lambda self, fd, k, *a: in_c.append(k) or run(self, fd, k, *a))
+    dev, ram = make(image, qsize=16)
+    dev.fault_engine = FaultEngine("blk", plan.for_device("blk"), points=VirtioBlk.all_fault_points())
+    try:
+        hdr = lambda k: HDR + 0x20 * k         # noqa: E731
+        data = lambda k: DATA + 0x200 * k      # noqa: E731
+        for k in range(5):
+            ram.write(hdr(k), struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, k))
+            for i, (a, n, f) in enumerate(((hdr(k), 16, VIRTQ_DESC_F_NEXT),
+                                           (data(k), 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+                                           (STATUS + k, 1, VIRTQ_DESC_F_WRITE))):
+                put_desc(ram, 3 * k + i, a, n, f, 3 * k + i + 1)
+            ram.write_int(AVAIL + 4 + 2 * k, 2, 3 * k)
+        ram.write_int(AVAIL + 2, 2, 5)
+        ram.write(STATUS, b"\xee" * 5)
+        notify(dev)
+        idx = ram.read_int(USED + 2, 2)
+        elems = [struct.unpack("<II", ram.read(USED + 4 + 8 * i, 8)) for i in range(idx)]
+        assert idx == 4                        # the 4th hangs: never completed
+        assert elems == [(0, 513), (3, 1), (6, 513), (12, 513)]
+        ok, err = vb.VIRTIO_BLK_S_OK, vb.VIRTIO_BLK_S_IOERR
+        assert ram.read(STATUS, 5) == bytes([ok, err, ok, 0xEE, ok])
+        for k in (0, 2, 4):
+            assert ram.read(data(k), 512) == image.read_bytes()[k * 512:(k + 1) * 512]
+        assert dev.fault_engine.events("blk.read") == 5
+        status = {s.fault.name: (s.events, s.firings) for s in dev.fault_engine.query()}
+        assert status == {"second": (5, 1), "fourth": (5, 1), "never": (0, 0)}
+        assert in_c == ([1, 1, 1] if c_path else [])    # 1st, 3rd, 5th in C; 2nd, 4th in Python
+    finally:
+        dev.stop()

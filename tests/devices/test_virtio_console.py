@@ -16,6 +16,7 @@ from devices.virtio import spec as vs
 from devices.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole
 from devices.virtio.virtqueue import VIRTQ_DESC_F_WRITE
 from tests.devices.test_virtio import FakeHost, GuardedRam, common_r, common_w, negotiate, put_desc
+from tests.waiting import wait_for
 
 RX = dict(desc=0x1000, avail=0x2000, used=0x3000)
 TX = dict(desc=0x4000, avail=0x5000, used=0x6000)
@@ -73,15 +74,14 @@ def test_both_directions(console):
     ram.write(0x10000, b"hello, host\n")
     ram.write(TX["desc"], (0x10000).to_bytes(8, "little") + (12).to_bytes(4, "little") + bytes(4))
     offer(ram, TX, 0)
-    deadline = time.monotonic() + 5
-    while dev._client is None and time.monotonic() < deadline:     # the accept is asynchronous
-        time.sleep(0.005)
+    wait_for(lambda: dev._client is not None, 5, "the accept")     # the accept is asynchronous
     dev.write(Space.MMIO, vp.BAR_VIRTIO, vp.NOTIFY_OFFSET + 4 * TRANSMITQ, 2, TRANSMITQ)
     assert wait_used(ram, TX, 1) == (0, 0)
     assert client.recv(100) == b"hello, host\n"
     # receive: input waits until the driver posts a buffer
     client.sendall(b"typed")
-    time.sleep(0.05)
+    # Held by the device before any receive buffer is posted.
+    wait_for(lambda: dev.snapshot()["model"]["device"]["pending"] == b"typed")
     put_desc_rx = RX["desc"]
     ram.write(put_desc_rx, (0x20000).to_bytes(8, "little") + (64).to_bytes(4, "little")
               + VIRTQ_DESC_F_WRITE.to_bytes(2, "little") + bytes(2))

@@ -1,6 +1,8 @@
 """Helpers of the service-mode tests: a NOTIFY_SOCKET the test binds, device
 services started by hand, under ``systemd-socket-activate`` or under the
-test supervisor, and waits on their output (never sleeps)."""
+test supervisor, and waits on their output (never sleeps).  A test takes
+the ``services`` fixture (tests/conftest.py, a :class:`Services`) to have
+what it started stopped and closed at its end, passed or failed."""
 
 from __future__ import annotations
 
@@ -22,18 +24,6 @@ DEVSERVER = (sys.executable, "-m", "devserver")
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_socket_activate = pytest.mark.skipif(SOCKET_ACTIVATE is None,
                                            reason="systemd-socket-activate is not installed")
-
-
-def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
-    """Poll ``cond`` (cheap, local) until true; the value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class NotifySocket:
@@ -150,11 +140,24 @@ def service_env(notify: NotifySocket | None = None, **extra: str) -> dict[str, s
     return env
 
 
-def serve_listen(spec: str, path: pathlib.Path, *args: str, env: dict[str, str] | None = None) -> Service:
-    """``devserver serve SPEC --listen PATH``; returns once it listens."""
-    svc = Service([*DEVSERVER, "serve", spec, "--listen", str(path), *args], env=env or service_env())
-    svc.err.wait(lambda line: "listening on" in line, what="the service listening")
+def _started(svc: Service, pred, what: str) -> Service:
+    """``svc`` once a line of its stderr satisfies ``pred``; stopped (not
+    left behind) when none does."""
+    try:
+        svc.err.wait(pred, what=what)
+    except BaseException:
+        svc.stop()
+        raise
     return svc
+
+
+def serve_listen(spec: str, path: pathlib.Path, *args: str, env: dict[str, str] | None = None,
+                 program: tuple[str, ...] = DEVSERVER) -> Service:
+    """``devserver serve SPEC --listen PATH``; returns once it listens.
+    ``program`` is what runs ``devserver`` (a wrapper that restricts it first,
+    say)."""
+    svc = Service([*program, "serve", spec, "--listen", str(path), *args], env=env or service_env())
+    return _started(svc, lambda line: "listening on" in line, "the service listening")
 
 
 def serve_activated(spec: str, path: pathlib.Path, *args: str, env_pass: dict[str, str] | None = None,
@@ -169,8 +172,7 @@ def serve_activated(spec: str, path: pathlib.Path, *args: str, env_pass: dict[st
     for key, value in (env_pass or {}).items():
         argv.append(f"--setenv={key}={value}")
     svc = Service([*argv, *DEVSERVER, "serve", spec, *args], env=service_env())
-    svc.err.wait(lambda line: line.startswith("Listening on"), what="systemd-socket-activate listening")
-    return svc
+    return _started(svc, lambda line: line.startswith("Listening on"), "systemd-socket-activate listening")
 
 
 def supervised(spec: str, path: pathlib.Path, *args: str, restart: str = "on-failure",
@@ -182,8 +184,47 @@ def supervised(spec: str, path: pathlib.Path, *args: str, restart: str = "on-fai
     watchdog = ["--watchdog-sec", str(watchdog_sec), "--notify", f"{path}.notify"] if watchdog_sec else []
     svc = Service([sys.executable, str(SUPERVISOR), "--listen", str(path), "--restart", restart, *watchdog,
                    "--", *DEVSERVER, "serve", spec, *args], env=env or service_env())
-    svc.err.wait(lambda line: "listening on fd 3" in line, what="the supervised service listening")
-    return svc
+    return _started(svc, lambda line: "listening on fd 3" in line, "the supervised service listening")
+
+
+class Services:
+    """What one test started (the ``services`` fixture): each service is
+    stopped and each NotifySocket closed when the test ends, however it
+    ends.  A test that checks how a service exits says
+    ``assert svc.stop() == 0`` itself; stopping again is harmless."""
+
+    def __init__(self, tmp: pathlib.Path):
+        self.tmp = tmp
+        self._services: list[Service] = []
+        self._sockets: list[NotifySocket] = []
+
+    def _keep(self, svc: Service) -> Service:
+        self._services.append(svc)
+        return svc
+
+    def notify(self, abstract: bool = False) -> NotifySocket:
+        """A NOTIFY_SOCKET in the test's temporary directory (see NotifySocket)."""
+        sock = NotifySocket(self.tmp, abstract=abstract)
+        self._sockets.append(sock)
+        return sock
+
+    def listen(self, spec: str, path: pathlib.Path, *args: str, **kw) -> Service:
+        """serve_listen, stopped at the end."""
+        return self._keep(serve_listen(spec, path, *args, **kw))
+
+    def activated(self, spec: str, path: pathlib.Path, *args: str, **kw) -> Service:
+        """serve_activated, stopped at the end."""
+        return self._keep(serve_activated(spec, path, *args, **kw))
+
+    def supervised(self, spec: str, path: pathlib.Path, *args: str, **kw) -> Service:
+        """supervised, stopped at the end."""
+        return self._keep(supervised(spec, path, *args, **kw))
+
+    def close(self) -> None:
+        for svc in reversed(self._services):
+            svc.stop()
+        for sock in self._sockets:
+            sock.close()
 
 
 def started_pids(svc: Service) -> list[int]:

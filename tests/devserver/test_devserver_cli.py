@@ -3,8 +3,10 @@ its failures, and exiting when the VMM goes away."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,12 +23,23 @@ def children(pid: int) -> list[int]:
         return [int(x) for x in f.read().split()]
 
 
-def start_devserver(handshake_timeout: float = 5.0):
+@contextlib.contextmanager
+def devserver(handshake_timeout: float = 5.0) -> Iterator[tuple[Channel, subprocess.Popen]]:
+    """``devserver --fd N`` on one end of a socket pair, the VMM's channel
+    on the other; the process is killed (if it still runs) and the
+    channel closed at the end."""
     ours, theirs = socketpair()
     proc = subprocess.Popen([sys.executable, "-m", "devserver", "--fd", str(theirs.fileno()),
                              "--handshake-timeout", str(handshake_timeout)], pass_fds=[theirs.fileno()])
     theirs.close()
-    return Channel(ours, Role.VMM), proc
+    chan = Channel(ours, Role.VMM)
+    try:
+        yield chan, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        chan.close()
 
 
 def configure(chan: Channel, registry, slots: SlotCaller, params) -> object:
@@ -44,9 +57,7 @@ def configure(chan: Channel, registry, slots: SlotCaller, params) -> object:
 
 
 def test_device_exits_when_the_vmm_closes_its_socket(registry):
-    chan, proc = start_devserver()
-    slots = SlotCaller.create(1)
-    try:
+    with contextlib.closing(SlotCaller.create(1)) as slots, devserver() as (chan, proc):
         ready = configure(chan, registry, slots, {"pio": "0x5000"})
         # Sandboxed: the device is the grandchild of the process started here
         # (the child of pid 1 of a pid namespace of its own) and reports its
@@ -57,51 +68,25 @@ def test_device_exits_when_the_vmm_closes_its_socket(registry):
         chan.close()                       # the VMM goes away, no Shutdown
         assert proc.wait(5) == 0
         assert [r for r in registry.regions() if r.owner == 7] == []   # released its own
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        chan.close()
-        slots.close()
 
 
 def test_device_reports_bad_parameters(registry):
-    chan, proc = start_devserver()
-    slots = SlotCaller.create(1)
-    try:
+    with contextlib.closing(SlotCaller.create(1)) as slots, devserver() as (chan, proc):
         answer = configure(chan, registry, slots, {"pio": "nonsense"})
         assert isinstance(answer, Error) and "not an integer" in answer.message
         assert isinstance(chan.receive(5), ConnectionClosed)
         assert proc.wait(5) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        chan.close()
-        slots.close()
 
 
 def test_handshake_deadline():
-    chan, proc = start_devserver(handshake_timeout=0.5)
-    try:
+    with devserver(handshake_timeout=0.5) as (chan, proc):
         assert proc.wait(15) == 2          # nothing said within 0.5 s
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        chan.close()
 
 
 def test_garbage_from_the_vmm_makes_the_device_exit():
-    chan, proc = start_devserver()
-    try:
+    with devserver() as (chan, proc):
         chan.sock.send(b"\x10\x00\x00\x00not msgpack at all")
         assert proc.wait(10) == 2
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        chan.close()
 
 
 @pytest.mark.parametrize("argv", [["--fd", "999"], ["--fd", "0"]])

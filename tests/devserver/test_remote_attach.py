@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -18,17 +17,9 @@ from ipc import Bus
 from ipc.transport import socketpair
 from vmm.endpoint import DeviceFailed
 from vmm.remote import DEVSERVER_COMMAND, RemoteEndpoint, RemoteOptions, SocketPeer
+from tests.waiting import poll
 
 PIO = 0x1000
-
-
-def wait_for(cond, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def owned(registry, owner):
@@ -107,7 +98,7 @@ def test_attached_device_that_dies_is_cut_off_at_once(registry, service, caplog)
         os.kill(device_pid(proc), signal.SIGKILL)
         assert ep.wait_exited(10), "end of stream is the end of an attached device"
         assert ep.failed and "closed its control socket" in ep.failed
-        assert wait_for(lambda: not owned(registry, ep.owner)), "regions not reaped"
+        assert poll(lambda: not owned(registry, ep.owner)), "regions not reaped"
         with pytest.raises(DeviceFailed):
             ep.access(0, 0, 0, 0, 4, False, 0)
         cut = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("vmm.remote")]

@@ -17,6 +17,7 @@ from devices.base import all_ones
 from ipc import Bus
 from vmm.endpoint import DeviceFailed
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from tests.waiting import poll
 
 PIO_A, PIO_B = 0x1000, 0x2000
 MMIO = 0xD000_0000
@@ -43,15 +44,6 @@ def vcpu_access(registry, ep, vcpu, bus, addr, size, is_write=False, value=0):
         return ep.access(vcpu, int(bus), ref.cookie, ref.offset, size, is_write, value)
     finally:
         registry.put(ref)
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def owned(registry, owner):
@@ -174,13 +166,13 @@ def test_sigkill_while_an_access_waits(registry, caplog):
             out["started"] = t
         th = threading.Thread(target=access)
         th.start()
-        assert wait_for(lambda: ep.call_stats().sleeps >= 1), "the access never waited"
+        assert poll(lambda: ep.call_stats().sleeps >= 1), "the access never waited"
         killed = time.monotonic()
         os.kill(ep.pid, signal.SIGKILL)           # ...and the device dies meanwhile
         th.join(10)
         assert "error" in out, "the access did not fail"
         assert out["at"] - killed < 1.0, "death must be noticed at once, not at the deadline"
-        assert wait_for(lambda: not owned(registry, ep.owner)), "regions not reaped"
+        assert poll(lambda: not owned(registry, ep.owner)), "regions not reaped"
         assert ep.failed and "SIGKILL" in ep.failed
         with pytest.raises(DeviceFailed):
             ep.access(1, 0, 0, 0, 4, False, 0)
@@ -199,7 +191,7 @@ def test_a_device_that_does_not_answer_misses_the_deadline(registry):
         with pytest.raises(DeviceFailed, match="no answer within 0.3"):
             vcpu_access(registry, ep, 0, Bus.MMIO, MMIO, 8)
         assert 0.29 <= time.monotonic() - t < 2.0
-        assert wait_for(lambda: not owned(registry, ep.owner))
+        assert poll(lambda: not owned(registry, ep.owner))
     finally:
         ep.close()
     assert gone(ep.pid)
@@ -225,10 +217,10 @@ def test_garbage_on_the_control_socket_cuts_only_that_device(registry, echo, cap
         bad = RemoteEndpoint.spawn("echo", {"pio": "0x3000"}, 3, "fake0", registry, 1,
                                    RemoteOptions(command=command, start_timeout=5.0))
         try:
-            assert wait_for(lambda: bad.failed is not None), "garbage went unnoticed"
+            assert poll(lambda: bad.failed is not None), "garbage went unnoticed"
             with pytest.raises(DeviceFailed):
                 bad.access(0, 0, 0, 0, 4, False, 0)
-            assert wait_for(lambda: gone(bad.pid) or bad._exited.is_set())
+            assert poll(lambda: gone(bad.pid) or bad._exited.is_set())
         finally:
             bad.close()
         assert gone(bad.pid)
@@ -298,7 +290,7 @@ def test_no_fd_shm_or_process_leaks(registry):
     for i, ep in enumerate(eps):
         vcpu_access(registry, ep, 0, Bus.PIO, 0x4000 + 0x100 * i, 4, True, 5)
     os.kill(eps[1].pid, signal.SIGKILL)              # one dies, one closes cleanly
-    assert wait_for(lambda: eps[1].failed is not None)
+    assert poll(lambda: eps[1].failed is not None)
     for ep in eps:
         ep.close()
     assert all(gone(ep.pid) for ep in eps)

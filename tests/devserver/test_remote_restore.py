@@ -15,7 +15,6 @@ import mmap
 import os
 import signal
 import struct
-import time
 
 import pytest
 
@@ -27,16 +26,10 @@ from devices.virtio import spec as vs
 from devices.virtio.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from ipc import Bus
 from vmm.remote import RemoteEndpoint, RemoteOptions
+from tests.waiting import wait_for
 
 KIND = "tests.devserver.snapshot_kind:FileKept"
 OWNER = 6
-
-
-def wait_for(cond, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
 
 
 def owned(registry):

@@ -24,9 +24,10 @@ from devserver.sandbox.hostile import ATTACKS
 from devserver.sandbox.userns import DEVICE_UID_BASE
 from ipc import Bus
 from vmm.endpoint import DeviceFailed
+from vmm.forkserver import ForkServer
 from vmm.remote import DEVSERVER_COMMAND, RemoteEndpoint, RemoteOptions
 
-from tests.devserver.test_remote_echo import wait_for
+from tests.waiting import poll
 
 PIO = 0x6000
 #: attack -> how the sandbox stops it: an errno, or the system call whose
@@ -65,6 +66,32 @@ def hostile_command(kind: str) -> tuple[str, ...]:
 def spawn_device(registry, kind: str, params: dict[str, str], owner: int = 2, name: str = "echo0",
                  **options) -> RemoteEndpoint:
     return RemoteEndpoint.spawn(kind, params, owner, name, registry, 1, RemoteOptions(**options))
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    server = ForkServer.start()
+    yield server
+    server.close()
+
+
+#: How the VMM starts a device process: exec'd, or forked by the fork
+#: server (devserver.forkserver; the sandbox must hold the same).
+LAUNCHERS = ["exec", "forkserver"]
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launch(request) -> dict:
+    """The RemoteOptions of the launcher; a forked device is checked to be
+    the fork server's child (not an exec fallback)."""
+    return {} if request.param == "exec" else {"forkserver": request.getfixturevalue("forkserver")}
+
+
+def check_launcher(ep: RemoteEndpoint, launch: dict) -> None:
+    from vmm import sandbox_report
+    started = ep.sandbox.pids[0]
+    parent = launch["forkserver"].pid if launch else os.getpid()
+    assert sandbox_report._parent_of(started) == parent
 
 
 @pytest.fixture
@@ -112,25 +139,39 @@ def attack(registry, ep: RemoteEndpoint, name: str) -> int:
         registry.put(ref)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_attack_is_stopped(registry, targets, kind, caplog):
+def stopped(registry, ep: RemoteEndpoint, name: str) -> bool:
+    """Run attack ``name`` and check it was stopped as STOPPED_BY says: an
+    errno, or a seccomp kill of the device (then True)."""
+    want = STOPPED_BY[name]
+    if isinstance(want, int):
+        assert attack(registry, ep, name) == want, name
+        return False
+    with pytest.raises(DeviceFailed):
+        attack(registry, ep, name)
+    assert ep.wait_exited(10.0)
+    assert ep.failed is not None and f"killed by seccomp: {want}" in ep.failed, (name, ep.failed)
+    return True
+
+
+@pytest.mark.parametrize("kind, launcher", [(kind, "exec") for kind in KINDS] + [(USER_MODEL, "forkserver")])
+def test_every_attack_is_stopped(registry, targets, kind, launcher, caplog, request):
+    """Every attack under every kind's allowlist; the user model (run by
+    the ordinary devserver, so the fork server can start it) also forked."""
     assert set(STOPPED_BY) == set(ATTACKS)
     caplog.set_level(logging.ERROR, logger="vmm")
-    ep = spawn(registry, kind, targets)
+    launch = {} if launcher == "exec" else {"forkserver": request.getfixturevalue("forkserver")}
+    ep = spawn(registry, kind, targets, **launch)
     try:
+        check_launcher(ep, launch)
         for name in ATTACKS:
-            want = STOPPED_BY[name]
-            if isinstance(want, int):
-                assert attack(registry, ep, name) == want, name
+            if not stopped(registry, ep, name):
                 continue
-            with pytest.raises(DeviceFailed):
-                attack(registry, ep, name)
-            assert ep.wait_exited(10.0)
-            assert ep.failed is not None and f"killed by seccomp: {want}" in ep.failed, (name, ep.failed)
+            want = STOPPED_BY[name]
             assert any(f"device hostile0 killed by seccomp: {want}" == r.getMessage() for r in caplog.records)
-            assert wait_for(lambda owner=ep.owner: not [r for r in registry.regions() if r.owner == owner])
+            assert poll(lambda owner=ep.owner: not [r for r in registry.regions() if r.owner == owner])
             ep.close()
-            ep = spawn(registry, kind, targets)     # the next attack on a fresh device
+            ep = spawn(registry, kind, targets, **launch)     # the next attack on a fresh device
+            check_launcher(ep, launch)
     finally:
         ep.close()
 
@@ -168,9 +209,10 @@ def read_status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def test_proc_shows_the_sandbox(registry):
-    ep = spawn_device(registry, "echo", {"pio": "0x5000"})
+def test_proc_shows_the_sandbox(registry, launch):
+    ep = spawn_device(registry, "echo", {"pio": "0x5000"}, **launch)
     try:
+        check_launcher(ep, launch)
         assert ep.sandbox.layers == ("preload", "userns", "namespaces", "fds", "caps", "landlock", "seccomp=kill")
         pid = ep.pid
         assert pid != os.getpid() and ep.sandbox.device_pid == pid
@@ -231,7 +273,7 @@ def test_strict_refuses_with_one_line_naming_the_layer(registry):
         ep.close()
 
 
-def test_thread_ids_tell_sandboxed_devices_apart(registry):
+def test_thread_ids_tell_sandboxed_devices_apart(registry, launch):
     """The registry lock word holds the holder's thread id in its own pid
     namespace; each device runs as the child of its namespace's pid 1 (a
     reaper), from its own range of ids, so the VMM's lock watch can name
@@ -239,12 +281,14 @@ def test_thread_ids_tell_sandboxed_devices_apart(registry):
     from devserver.sandbox import namespaces
     from vmm import sandbox_report
 
-    eps = [spawn_device(registry, "echo", {"pio": "0x5000"}),
-           spawn_device(registry, "echo", {"pio": "0x5100"}, 3, "echo1"),
-           spawn_device(registry, "echo", {"pio": "0x5200"}, 4, "echo2")]
+    eps = [spawn_device(registry, "echo", {"pio": "0x5000"}, **launch),
+           spawn_device(registry, "echo", {"pio": "0x5100"}, 3, "echo1", **launch),
+           spawn_device(registry, "echo", {"pio": "0x5200"}, 4, "echo2", **launch)]
     try:
+        for ep in eps:
+            check_launcher(ep, launch)
         for ep in eps:       # the control thread starts just after Ready
-            assert wait_for(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
+            assert poll(lambda ep=ep: len(sandbox_report._ns_tids(ep.pid)) > 1)
         ids = [sandbox_report._ns_tids(ep.pid) for ep in eps]
         for ep, mine in zip(eps, ids, strict=True):
             status = read_status(ep.pid)

@@ -16,8 +16,7 @@ import pytest
 
 from devices.kinds import kinds
 from ipc.protocol import PROTOCOL_VERSION
-from tests.devserver.servicekit import (DEVSERVER, NotifySocket, Service, connect, needs_socket_activate,
-                                        serve_activated, serve_listen, service_env)
+from tests.devserver.servicekit import DEVSERVER, Service, connect, needs_socket_activate, service_env
 
 ECHO = "echo,pio=0x1000"
 
@@ -37,62 +36,55 @@ def test_print_capabilities():
 
 
 @needs_socket_activate
-def test_socket_activated_service_notifies_and_survives_garbage_clients(tmp_path):
+def test_socket_activated_service_notifies_and_survives_garbage_clients(tmp_path, services):
     """Under systemd-socket-activate (fd 3, LISTEN_FDNAMES=control): READY
     with a status once listening, WATCHDOG at half of WATCHDOG_USEC,
     garbage refused with one line each while it keeps listening, STOPPING
     on SIGTERM."""
-    notify = NotifySocket(tmp_path)
+    notify = services.notify()
     path = tmp_path / "dev.sock"
-    svc = serve_activated(ECHO, path, "--handshake-timeout", "2",
-                          env_pass={"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "300000"})
-    try:
-        first = connect(path)               # the activator execs the service at the first connection
-        ready = notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
-        assert ready["STATUS"].startswith("listening on fd 3")
-        first.send(b"\x00\x01 not a frame")
-        svc.err.wait(lambda line: "handshake with the VMM failed" in line)
-        assert first.recv(100) == b""       # hung up on
-        first.close()
-        # The session's own keep-alives (relayed while it waited for a
-        # hello) may be queued before the status of its end.
-        notify.wait(lambda m: "1 VM(s) served" in m.get("STATUS", ""), what="listening again")
-        pings = [notify.wait(lambda m: m.get("WATCHDOG") == "1", what="WATCHDOG=1") for _ in range(3)]
-        assert all("listening on fd 3" in p["STATUS"] for p in pings)
-        # A well-framed message that is not a Hello, an unknown type, a
-        # client that says nothing, one that leaves at once.
-        for payload in (msgpack.packb({"type": "ready", "pid": 1}), msgpack.packb({"type": "nope"}), None, b""):
-            with connect(path) as s:
-                if payload:
-                    s.send(len(payload).to_bytes(4, "little") + payload)
-                if payload is None:
-                    assert s.recv(100) == b""   # the handshake deadline cuts it off
-        svc.err.wait(lambda line: line.count("listening again") >= 1 and "session 5" in line,
-                     what="the fifth session ending")
-        assert len(errors(svc)) == 5, svc.err.text()
-        status = notify.wait(lambda m: "5 VM(s) served" in m.get("STATUS", ""), what="the status after 5 sessions")
-        assert "listening" in status["STATUS"]
-        svc.proc.terminate()
-        notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
-        assert svc.stop() == 0
-    finally:
-        svc.stop()
-        notify.close()
+    svc = services.activated(ECHO, path, "--handshake-timeout", "2",
+                             env_pass={"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "300000"})
+    first = connect(path)               # the activator execs the service at the first connection
+    ready = notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
+    assert ready["STATUS"].startswith("listening on fd 3")
+    first.send(b"\x00\x01 not a frame")
+    svc.err.wait(lambda line: "handshake with the VMM failed" in line)
+    assert first.recv(100) == b""       # hung up on
+    first.close()
+    # The session's own keep-alives (relayed while it waited for a
+    # hello) may be queued before the status of its end.
+    notify.wait(lambda m: "1 VM(s) served" in m.get("STATUS", ""), what="listening again")
+    pings = [notify.wait(lambda m: m.get("WATCHDOG") == "1", what="WATCHDOG=1") for _ in range(3)]
+    assert all("listening on fd 3" in p["STATUS"] for p in pings)
+    # A well-framed message that is not a Hello, an unknown type, a
+    # client that says nothing, one that leaves at once.
+    for payload in (msgpack.packb({"type": "ready", "pid": 1}), msgpack.packb({"type": "nope"}), None, b""):
+        with connect(path) as s:
+            if payload:
+                s.send(len(payload).to_bytes(4, "little") + payload)
+            if payload is None:
+                assert s.recv(100) == b""   # the handshake deadline cuts it off
+    svc.err.wait(lambda line: line.count("listening again") >= 1 and "session 5" in line,
+                 what="the fifth session ending")
+    assert len(errors(svc)) == 5, svc.err.text()
+    status = notify.wait(lambda m: "5 VM(s) served" in m.get("STATUS", ""), what="the status after 5 sessions")
+    assert "listening" in status["STATUS"]
+    svc.proc.terminate()
+    notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
+    assert svc.stop() == 0
 
 
 @needs_socket_activate
-def test_a_stream_socket_from_activation_is_refused_with_one_line(tmp_path):
+def test_a_stream_socket_from_activation_is_refused_with_one_line(tmp_path, services):
     path = tmp_path / "dev.sock"
-    svc = serve_activated(ECHO, path, seqpacket=False)
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(path))
-        assert svc.proc.wait(30) == 1
-        svc.err.join()
-        assert len(errors(svc)) == 1 and "SOCK_SEQPACKET" in errors(svc)[0], svc.err.text()
-        s.close()
-    finally:
-        svc.stop()
+    svc = services.activated(ECHO, path, seqpacket=False)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    assert svc.proc.wait(30) == 1
+    svc.err.join()
+    assert len(errors(svc)) == 1 and "SOCK_SEQPACKET" in errors(svc)[0], svc.err.text()
+    s.close()
 
 
 def test_listen_fds_meant_for_another_pid_are_not_taken(tmp_path):
@@ -120,38 +112,32 @@ def test_bad_service_specs_exit_2_with_one_line(tmp_path, spec, message):
     assert not (tmp_path / "s").exists()
 
 
-def test_listen_replaces_a_stale_socket_but_not_a_live_one(tmp_path):
+def test_listen_replaces_a_stale_socket_but_not_a_live_one(tmp_path, services):
     path = tmp_path / "dev.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(str(path))
     stale.close()                               # a dead service's socket file
-    svc = serve_listen(ECHO, path)
-    try:
-        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-        r = subprocess.run([*DEVSERVER, "serve", ECHO, "--listen", str(path)], capture_output=True, text=True,
-                           timeout=60, env=service_env())
-        assert r.returncode == 1 and "another service is listening there" in r.stderr, r.stderr
-        assert path.exists()                    # the live one's socket was left alone
-    finally:
-        assert svc.stop() == 0
+    svc = services.listen(ECHO, path)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    r = subprocess.run([*DEVSERVER, "serve", ECHO, "--listen", str(path)], capture_output=True, text=True,
+                       timeout=60, env=service_env())
+    assert r.returncode == 1 and "another service is listening there" in r.stderr, r.stderr
+    assert path.exists()                    # the live one's socket was left alone
+    assert svc.stop() == 0
     assert not path.exists()                    # removed by the service that made it
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["notify-path", "notify-abstract"])
-def test_sigterm_while_a_client_is_connected(tmp_path, abstract):
-    notify = NotifySocket(tmp_path, abstract=abstract)
+def test_sigterm_while_a_client_is_connected(tmp_path, services, abstract):
+    notify = services.notify(abstract=abstract)
     path = tmp_path / "dev.sock"
-    svc = serve_listen(ECHO, path, env=service_env(notify))
-    try:
-        notify.wait(lambda m: m.get("READY") == "1")
-        with connect(path):
-            svc.err.wait(lambda line: "connected (session 1)" in line)
-            svc.proc.terminate()
-            notify.wait(lambda m: m.get("STOPPING") == "1")
-            assert svc.proc.wait(30) == 0
-    finally:
-        svc.stop()
-        notify.close()
+    svc = services.listen(ECHO, path, env=service_env(notify))
+    notify.wait(lambda m: m.get("READY") == "1")
+    with connect(path):
+        svc.err.wait(lambda line: "connected (session 1)" in line)
+        svc.proc.terminate()
+        notify.wait(lambda m: m.get("STOPPING") == "1")
+        assert svc.proc.wait(30) == 0
 
 
 if __name__ == "__main__":

@@ -444,6 +444,8 @@ def churn(name: str, owner: int, seed: int) -> dict:
 
 
 def sleep_precise(seconds: float) -> None:
+    """Let ``seconds`` pass, precisely (sleep, then spin): when the kill
+    lands is what the test varies, so this is timing, not a wait."""
     end = time.perf_counter() + seconds
     if seconds > 0.002:
         time.sleep(seconds - 0.001)

@@ -15,6 +15,7 @@ from ipc import slotbench
 from ipc.slots import (STATUS_ERROR, STATUS_OK, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotLayoutError, SlotPeerDead, SlotServer, SlotsStopped, SlotTimeout)
 from ipc._slots_c import lib
+from tests.waiting import wait_for
 
 
 def ones(size: int) -> int:
@@ -218,9 +219,7 @@ def test_idle_server_sleeps(pair):
         for _ in range(50):
             caller.call(0, 0, 0, 0, 4, False, 0, timeout=2.0)
         # Idle: the poll window runs out and the server goes to sleep.
-        deadline = time.monotonic() + 10.0
-        while caller.device_stats().sleeps < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: caller.device_stats().sleeps >= 1, 10.0, "the idle server to sleep")
         s = caller.device_stats()
         assert s.sleeps >= 1 and s.served == 50
     finally:
@@ -271,3 +270,38 @@ def test_answer_must_echo_the_access_number_and_survives_the_death():
     finally:
         server.close()
         caller.close()
+
+
+def test_complete_next_answers_then_takes_the_next_request(pair):
+    """The serving loop's one call per access: the answer goes out before
+    the wait for the next request, on any slot; a stop ends it."""
+    caller, server = pair
+    answers: list[int] = []
+
+    def ask():
+        for i in range(50):
+            answers.append(caller.call(i % 4, 0, 0, i, 4, False, 0, timeout=5.0))
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    req = None
+    deadline = time.monotonic() + 10
+    while req is None and time.monotonic() < deadline:
+        req = server.next(0.05)
+    assert req is not None
+    served = 0
+    while served < 50 and time.monotonic() < deadline:
+        if req is None:
+            req = server.next(0.05)
+            continue
+        served += 1
+        if served == 50:
+            server.complete(req, 0x100 + req.offset)
+            break
+        req = server.complete_next(req, 0x100 + req.offset, STATUS_OK, 0.05)
+    asker.join(5)
+    assert answers == [0x100 + i for i in range(50)]
+    assert server.complete_next(req, 0, STATUS_OK, 0.01) is None     # nothing asked: a timeout
+    server.stop()
+    with pytest.raises(SlotsStopped):
+        server.complete_next(req, 0, STATUS_OK, 0.01)

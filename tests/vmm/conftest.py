@@ -37,6 +37,12 @@ def guest(guest_cache):
     return build
 
 
+@pytest.fixture(scope="session")
+def console_guest(guest_cache) -> pathlib.Path:
+    """tests/guests/virtio_console.c with the PCI library."""
+    return guests.build([GUEST_SOURCES / "virtio_console.c", guests.HERE / "pci.c"], guest_cache)
+
+
 def shm_segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("splitvmm-")}
 

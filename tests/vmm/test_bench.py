@@ -23,6 +23,22 @@ def test_bench_prints_json(tmp_path):
     for runner in ("bare_c", "inline", "inline_python", "isolated"):
         assert report[runner]["pio_us"] > 0 and report[runner]["mmio_us"] > 0
     assert "pio_ratio" in report["inline"] and "pio_ratio" in report["isolated"]
+    # the same reads done in ring 0 (before the guest enters ring 3)
+    assert report["rings"] == [3, 0] and report["ring0"]["guest_ring"] == 0
+    for runner in ("bare_c", "inline", "inline_python", "isolated"):
+        assert report["ring0"][runner]["pio_us"] > 0 and report["ring0"][runner]["mmio_us"] > 0
+    assert report["isolated"]["handoff_per_access"]["device_served"] == 1.0
+
+
+def test_exitcost_prints_json():
+    r = subprocess.run([sys.executable, "-m", "vmm.bench.exitcost", "--loops", "200"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["vmm"]["isolated_forward_ns"] > 0 and report["vmm"]["inline_forward_ns"] > 0
+    dev = report["device"]
+    assert dev["state_store_ns"] > dev["snapshot_ns"] > 0     # the store takes the snapshot too
+    assert dev["serve_python_ns"] == dev["request_ns"] + dev["model_read_ns"] + dev["state_store_ns"]
 
 
 def test_coalesce_bench_prints_json(tmp_path):

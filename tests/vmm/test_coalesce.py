@@ -15,13 +15,13 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import pytest
 
 from ipc import Bus
 from tests.testkinds import COALESCE_SUM, PCI_COALESCE_SUM
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm
+from tests.waiting import wait_for
 from vmm import guests
 from vmm.coalesce import MAX_ZONES_PER_DEVICE, CoalesceRefused
 from vmm.config import DeviceSpec
@@ -164,10 +164,7 @@ def test_zones_of_a_device_process_go_when_it_dies(guest):
         assert m.coalesced.zones() == [(WIN, WINDOW, ep.owner)]
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(30)
-        deadline = time.monotonic() + 30
-        while m.coalesced.zones() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert m.coalesced.zones() == []
+        wait_for(lambda: m.coalesced.zones() == [], 30, "the dead device's zone removed")
         assert not [r for r in m.registry.regions() if r.owner == ep.owner]
 
 

@@ -30,6 +30,7 @@ from vmm.remote.restart import RestartPolicy
 from vmm.endpoint import VMM_OWNER
 from vmm.machine import Machine
 from vmm.outcome import Ending
+from tests.waiting import poll
 
 pytestmark = needs_kvm
 
@@ -71,15 +72,6 @@ def echo(name: str, pio: int, mmio: int | None = None, placement: str = "isolate
 
 def owned(m: Machine, owner: int):
     return [r for r in m.registry.regions() if r.owner == owner]
-
-
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def gone(pid: int) -> bool:
@@ -152,7 +144,7 @@ def test_device_killed_while_a_vcpu_waits(guest, caplog, how):
             if offset == 0 and value == 1:        # the guest is about to read A
                 if how == "stopped":
                     os.kill(a.pid, signal.SIGSTOP)
-                    assert wait_for(lambda: all_stopped(a.pid)), "SIGSTOP did not land"
+                    assert poll(lambda: all_stopped(a.pid)), "SIGSTOP did not land"
                 events["armed"] = time.monotonic()
                 timer = threading.Timer(KILL_AFTER, kill)
                 timer.start()
@@ -174,7 +166,7 @@ def test_device_killed_while_a_vcpu_waits(guest, caplog, how):
         assert events["done"] - events["killed"] < 1.0, events
         assert events["done"] - events["armed"] < ACCESS_TIMEOUT
         assert a.failed is not None and "SIGKILL" in a.failed, a.failed
-        assert wait_for(lambda: not owned(m, a.owner)), "A's regions were not reaped"
+        assert poll(lambda: not owned(m, a.owner)), "A's regions were not reaped"
         healthy(m, b)
     cut = errors(caplog, "vmm.remote")
     assert len(cut) == 1 and "a0" in cut[0] and "SIGKILL" in cut[0], cut
@@ -197,8 +189,8 @@ def test_garbage_on_the_control_socket_cuts_off_only_that_device(guest, caplog, 
         outcome = m.run(timeout=RUN_TIMEOUT)
         assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
         assert a.failed is not None and "broke the control protocol" in a.failed, a.failed
-        assert wait_for(lambda: not owned(m, a.owner)), "A's regions were not reaped"
-        assert wait_for(lambda: gone(a.pid)), "A was not killed"
+        assert poll(lambda: not owned(m, a.owner)), "A's regions were not reaped"
+        assert poll(lambda: gone(a.pid)), "A was not killed"
         healthy(m, b)
         assert len(owned(m, b.owner)) == 2
     cut = errors(caplog, "vmm.remote")
@@ -224,35 +216,14 @@ def test_device_holding_the_registry_lock_is_killed(guest, caplog, when, fast_pa
     and the kernel's robust-futex handling lets the next locker rebuild the
     registry; the guest's accesses complete (the stalled read as all
     ones), it keeps using device B and ends with PASS."""
-    flag_stop = threading.Event()
     with Machine(memory=32 << 20, lock_timeout=LOCK_TIMEOUT, fast_path=fast_path) as m:
         fault = FAULT_HOG if when == "in-put" else FAULT_HOG_LATER
         m.load_pvh(guest("faults"), cmdline("hog", a_mmio=A_MMIO, fault=fault))
         a = m.add_device(fault_echo("a0", A_PIO, A_MMIO, hog_delay_ms=50))
         b = m.add_device(echo("b0", B_PIO, B_MMIO))
         recoveries = m.registry.recoveries
-
-        def raise_flag() -> None:          # tells the guest A is cut off
-            if wait_for(lambda: a.failed is not None or flag_stop.is_set(), RUN_TIMEOUT):
-                m.memory.write(FLAG, b"\x01")
-
-        flagger = threading.Thread(target=raise_flag, daemon=True)
-        flagger.start()
-        try:
-            t0 = time.monotonic()
-            outcome = m.run(timeout=RUN_TIMEOUT)
-            elapsed = time.monotonic() - t0
-        finally:
-            flag_stop.set()
-            flagger.join(5)
-        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
-        assert a.failed is not None and "registry lock" in a.failed, a.failed
-        assert m.dispatcher.lock_watch.kills == 1
-        assert m.dispatcher.lock_watch.unusable is None
-        assert wait_for(lambda: gone(a.pid)), "the hogging device still runs"
-        assert m.registry.recoveries > recoveries, "no owner-death recovery"
-        assert m.registry.holder()[1] == 0
-        assert not owned(m, a.owner)
+        outcome, elapsed = run_with_flag(m, a)
+        hog_killed_and_recovered(m, a, outcome, recoveries)
         healthy(m, b)
         assert elapsed < 10, elapsed
     watched = errors(caplog, "vmm.lockwatch")
@@ -272,19 +243,34 @@ def ns_tid(pid: int, tid: int | None = None) -> int:
     raise AssertionError("no NSpid line")
 
 
-def run_with_flag(m: Machine, a) -> tuple:
-    """Run the guest, raising its flag once ``a`` is cut off."""
+def hog_killed_and_recovered(m: Machine, a, outcome, recoveries: int) -> None:
+    """The guest passed, the lock watch killed the hogging device ``a``
+    (once, the registry still usable), the registry recovered from the
+    owner's death and is free, and none of ``a``'s regions is left."""
+    assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
+    assert a.failed is not None and "registry lock" in a.failed, a.failed
+    assert m.dispatcher.lock_watch.kills == 1
+    assert m.dispatcher.lock_watch.unusable is None
+    assert poll(lambda: gone(a.pid)), "the hogging device still runs"
+    assert m.registry.recoveries > recoveries, "no owner-death recovery"
+    assert m.registry.holder()[1] == 0
+    assert not owned(m, a.owner)
+
+
+def run_with_flag(m: Machine, a, timeout: float = RUN_TIMEOUT) -> tuple:
+    """Run the guest, raising its flag (the guest's sign that ``a`` is cut
+    off) once ``a`` fails; (outcome, seconds the run took)."""
     flag_stop = threading.Event()
 
     def raise_flag() -> None:
-        if wait_for(lambda: a.failed is not None or flag_stop.is_set(), RUN_TIMEOUT):
+        if poll(lambda: a.failed is not None or flag_stop.is_set(), timeout):
             m.memory.write(FLAG, b"\x01")
 
     flagger = threading.Thread(target=raise_flag, daemon=True)
     flagger.start()
     try:
         t0 = time.monotonic()
-        outcome = m.run(timeout=RUN_TIMEOUT)
+        outcome = m.run(timeout=timeout)
         return outcome, time.monotonic() - t0
     finally:
         flag_stop.set()
@@ -315,14 +301,7 @@ def test_lock_hog_among_three_sandboxed_devices_is_killed(guest, caplog, thread)
         a_main = ns_tid(a.pid)
         recoveries = m.registry.recoveries
         outcome, elapsed = run_with_flag(m, a)
-        assert outcome.ending is Ending.TEST_EXIT and outcome.value == PASS, str(outcome)
-        assert a.failed is not None and "registry lock" in a.failed, a.failed
-        assert m.dispatcher.lock_watch.kills == 1
-        assert m.dispatcher.lock_watch.unusable is None
-        assert wait_for(lambda: gone(a.pid)), "the hogging device still runs"
-        assert m.registry.recoveries > recoveries, "no owner-death recovery"
-        assert m.registry.holder()[1] == 0
-        assert not owned(m, a.owner)
+        hog_killed_and_recovered(m, a, outcome, recoveries)
         healthy(m, b, c)
         assert not gone(b.pid) and not gone(c.pid)
         assert elapsed < 10, elapsed
@@ -349,7 +328,7 @@ def test_holder_sigkilled_mid_lock_among_three_sandboxed_devices(guest, caplog):
         a_main = ns_tid(a.pid)
 
         def kill_holder() -> None:
-            if wait_for(lambda: m.registry.holder()[1] == a_main, RUN_TIMEOUT):
+            if poll(lambda: m.registry.holder()[1] == a_main, RUN_TIMEOUT):
                 os.kill(a.pid, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_holder, daemon=True)

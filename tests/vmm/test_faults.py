@@ -33,6 +33,7 @@ import pytest
 from devices.faults.plan import load_plan, loads_plan
 from devices.faults.trace import read_trace, trace_digest
 from tests.vmm.conftest import REPO, needs_kvm, vmm_run
+from tests.vmm.test_virtio_blk import pattern      # the guests' byte pattern (virtio_blk.c, fault_virtio.c)
 from vmm.config import parse_device_spec
 from vmm.faults import check_plan, device_points
 from vmm.machine import Machine
@@ -383,14 +384,6 @@ BASE = 64
 TSC_HZ = 2.0e9          # a lower bound of this machine's TSC rate (2.6 GHz), for "at least N ms"
 
 
-def pattern(seed: int, n: int) -> bytes:
-    x, out = seed, bytearray()
-    for _ in range(n):
-        x = (x * 6364136223846793005 + 1442695040888963407) & (1 << 64) - 1
-        out.append(x >> 56)
-    return bytes(out)
-
-
 @pytest.fixture(scope="session")
 def virtio_guest(guest_cache):
     from vmm import guests
@@ -568,10 +561,21 @@ action = "drop"
 """
 
 
-def test_byte_faults_in_the_console_output(tmp_path):
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_byte_faults_in_the_console_output(guest_cache, tmp_path, placement):
     plan_file, out, trace = tmp_path / "bytes.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
     plan_file.write_text(BYTES_PLAN)
-    r = vmm_run("--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
+    if placement == "isolated":         # the demo as `vmm run` brings it (its devices in their processes)
+        where: list[str] = []
+    else:                               # the demo guest with the same devices inside the VMM
+        from vmm import guests
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(bytes(16 << 20))
+        where = ["--guest", str(guests.demo(guest_cache))]
+        for spec in ("virtio-rng,id=rng", f"virtio-blk,id=blk,serial=splitvmm-demo,path={disk}",
+                     "virtio-console,id=console", "serial"):
+            where += ["--device", f"{spec},process=inline"]
+    r = vmm_run(*where, "--serial", f"file:{out}", "--faults", str(plan_file), "--fault-trace", str(trace),
                 "--timeout", "60")
     assert r.returncode == 0, r.stderr
     text = out.read_bytes()
@@ -777,49 +781,71 @@ def test_serial_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     assert out == b"ready\n61 01 01 " + f"{int(g, 16):02x}".encode() + b" bye\n"
 
 
-@pytest.mark.parametrize("placement", ["isolated", "inline"])
-def test_console_rx_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
-    import socket
-    import threading
-    import time
+SERIAL_IRQ_PLAN = """
+[[fault]]
+name = "lost"
+device = "serial0"
+point = "irq"
+nth = 1
+action = "lose"
+[[fault]]
+name = "twice"
+device = "serial0"
+point = "irq"
+nth = 2
+action = "duplicate"
+[[fault]]
+name = "late"
+device = "serial0"
+point = "irq"
+nth = 3
+action = "delay"
+ms = 300
+"""
 
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_serial_irq_faults_seen_by_the_guest(guest_cache, tmp_path, placement):
     from vmm import guests
 
-    console_guest = guests.build([REPO / "tests" / "guests" / "virtio_console.c", guests.HERE / "pci.c"],
-                                 guest_cache)
+    image = guests.build([guests.HERE / "serial.c", REPO / "tests" / "guests" / "fault_serial_irq.c"], guest_cache,
+                         name="fault_serial_irq")
+    p, out, trace = tmp_path / "irq.toml", tmp_path / "out.txt", tmp_path / "t.jsonl"
+    p.write_text(SERIAL_IRQ_PLAN)
+    extra = [] if placement == "isolated" else ["--device", "serial,process=inline"]
+    r = vmm_run("--guest", str(image), *extra, "--serial", f"file:{out}", "--faults", str(p),
+                "--fault-trace", str(trace), "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    rounds = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("round "):
+            _, n, _, irqs, _, first = line.split()
+            rounds[int(n)] = (int(irqs), int(first))
+    assert sorted(rounds) == [0, 1, 2, 3], out.read_text()
+    # the 1st edge lost; the 2nd delivered twice; the 3rd 300 ms late; the 4th as usual
+    assert rounds[0] == (0, 0)
+    assert rounds[1][0] == 2
+    assert rounds[2][0] == 1 and rounds[2][1] > 0.3 * TSC_HZ
+    assert rounds[3][0] == 1 and rounds[3][1] < rounds[2][1]
+    fired = sorted((f["fault"], f["event"]) for f in read_trace(trace).firings)
+    assert fired == [("late", 3), ("lost", 1), ("twice", 2)]
+
+
+@pytest.mark.parametrize("placement", ["isolated", "inline"])
+def test_console_rx_faults_seen_by_the_guest(console_guest, tmp_path, placement):
+    import threading
+    from functools import partial
+
+    from tests.vmm.test_virtio_console import client
+
     path = str(tmp_path / "console.sock")
     got: list[bytes] = []
-
-    def client() -> None:
-        deadline = time.monotonic() + 20
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                s.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.01)
-        s.settimeout(20)
-        buf = b""
-        try:
-            s.sendall(b"ping\n")
-            while buf.count(b"\n") < 2:
-                data = s.recv(100)
-                if not data:
-                    break
-                buf += data
-        finally:
-            got.append(buf)
-            s.close()
-
     spec = parse_device_spec(f"virtio-console,id=con,socket={path},process={placement}")
     with Machine(memory=32 << 20) as m:
         m.faults.configure(plan(RX_PLAN.format(dev="con", point="console.rx"), {"con": spec}))
         m.load_pvh(console_guest, "")
         m.add_device(spec)
-        t = threading.Thread(target=client, daemon=True)
+        t = threading.Thread(target=partial(client, path, got, lambda buf: buf.count(b"\n") >= 2), daemon=True)
         t.start()
         outcome = m.run(timeout=40)
         t.join(10)

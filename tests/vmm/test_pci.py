@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import struct
-import time
 
 import pytest
 
 from devices.pci_echo import BAR_IO, BAR_MSIX, BAR_REGS
 from ipc import Bus, pci_address
 from tests.vmm.conftest import GUEST_SOURCES, needs_kvm, vmm_run
+from tests.waiting import wait_for
 from vmm import guests, layout
 from vmm.config import parse_device_spec
 from vmm.endpoint import VMM_OWNER
@@ -172,9 +172,7 @@ def test_dead_device_function_reads_all_ones(pci_guest):
         ep = m.add_device(parse_device_spec(f"pci-echo,slot={SLOT},restart=no"))
         os.kill(ep.pid, signal.SIGKILL)
         assert ep.wait_exited(5)
-        deadline = time.monotonic() + 5
-        while any(r.owner == ep.owner for r in m.registry.regions()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: not any(r.owner == ep.owner for r in m.registry.regions()), 5, "the regions reaped")
         outcome = m.run(timeout=30)
         assert outcome.ending is Ending.TEST_EXIT and outcome.value == 7, str(outcome)
         assert m.registry.check() == []

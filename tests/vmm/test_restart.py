@@ -1,7 +1,8 @@
 """Devices killed and started again while a guest keeps using them (issue
-10 §2-§3), on real KVM with real device processes: the guest sees no
-error and no wrong value, every access completes exactly once with
-respect to the device's state (guests: tests/guests/restart_*.c)."""
+10 §2-§3), on real KVM with real device processes, spawned by the VMM and
+as services (``connect=``): the guest sees no error and no wrong value,
+every access completes exactly once with respect to the device's state
+(guests: tests/guests/restart_*.c)."""
 
 from __future__ import annotations
 
@@ -96,13 +97,17 @@ def pauses(killer: Killer) -> str:
 
 
 @contextlib.contextmanager
-def placed(m: Machine, spec: str, mode: str, tmp_path):
-    """Adds the device of ``spec`` (kind first, no id) as ``mode`` says:
-    ``spawned`` by the VMM, or ``service``: ``devserver serve`` under the
-    test supervisor (re-executed with LISTEN_FDS when it dies), the VMM
-    attached with connect=PATH.  Yields (endpoint, its pid now)."""
+def placed(m: Machine, spec: str, mode: str, tmp_path, console=None):
+    """Adds the device of ``spec`` (kind first, no id; its parameters are
+    the service's in service mode) as ``mode`` says: ``spawned`` by the
+    VMM, or ``service``: ``devserver serve`` under the test supervisor
+    (re-executed with LISTEN_FDS when it dies), the VMM attached with
+    connect=PATH.  ``console``: the ConsoleFds it gets (from the VMM in
+    either mode).  Yields (endpoint, the pid to kill now): the spawned
+    device's, or the service's listener, as a service manager would (the
+    session serving the VM dies with it)."""
     if mode == "spawned":
-        ep = m.add_device(parse_device_spec(f"{spec},id=d0,restart_burst=100"))
+        ep = m.add_device(parse_device_spec(f"{spec},id=d0,restart_burst=100"), console=console)
         yield ep, lambda: ep.pid
         return
     from tests.devserver.servicekit import service_env, started_pids, supervised
@@ -110,7 +115,7 @@ def placed(m: Machine, spec: str, mode: str, tmp_path):
     svc = supervised(spec, path, env=service_env())
     try:
         ep = m.add_device(parse_device_spec(f"{spec.split(',')[0]},id=d0,connect={path},restart_burst=100,"
-                                            "restart_timeout=20"))
+                                            "restart_timeout=20"), console=console)
         yield ep, lambda: started_pids(svc)[-1]
     except BaseException:
         print("the service's log, its end:\n" + "\n".join(svc.err.text().splitlines()[-40:]))
@@ -285,11 +290,12 @@ def expected_serial(n: int) -> int:
     return 0x0A if n % 65 == 64 else 0x41 + n % 26
 
 
-def test_serial_killed_20_times_loses_no_byte(guest):
-    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m:
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_serial_killed_20_times_loses_no_byte(guest, tmp_path, mode):
+    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m, \
+            placed(m, "serial", mode, tmp_path, console=cap.fds) as (ep, pid):
         m.load_pvh(guest("restart_serial"), f"stop={STOP:#x} stats={STATS:#x}")
-        ep = m.add_device(parse_device_spec("serial,id=s0,restart_burst=100"), console=cap.fds)
-        run_killed(m, ep)
+        run_killed(m, ep, pid=pid)
         written = m.memory.read_u64(STATS)
     got = cap.got
     # Every byte the guest wrote is there, in order; a byte written again
@@ -306,7 +312,7 @@ def test_serial_killed_20_times_loses_no_byte(guest):
             raise AssertionError(f"byte {i} is {b:#x}: expected byte {p} ({expected_serial(p):#x}); "
                                  f"{bytes(got[max(0, i - 40):i + 10])!r}")
     assert p == written, (p, written)
-    print(f"serial: {KILLS} kills, {written} bytes, {repeats} repeated")
+    print(f"serial ({mode}): {KILLS} kills, {written} bytes, {repeats} repeated")
 
 
 def blk_pattern(round_: int, sector: int) -> bytes:
@@ -318,13 +324,14 @@ def blk_pattern(round_: int, sector: int) -> bytes:
     return bytes(out)
 
 
-def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path):
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path, mode):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(64 * 512))
-    with Machine(memory=32 << 20, vcpus=1) as m:
+    with Machine(memory=32 << 20, vcpus=1) as m, \
+            placed(m, f"virtio-blk,path={image}", mode, tmp_path) as (ep, pid):
         m.load_pvh(pci_guest(guest_cache, "restart_blk"), f"stop={STOP:#x} stats={STATS:#x}")
-        ep = m.add_device(parse_device_spec(f"virtio-blk,id=b0,path={image},restart_burst=100"))
-        run_killed(m, ep, seed=7, before_kill=mid_request(m, 3))
+        run_killed(m, ep, seed=7, before_kill=mid_request(m, 3), pid=pid)
         completed, rounds = m.memory.read_u64(STATS), m.memory.read_u64(STATS + 8)
         done = [m.memory.read_u64(STATS + 64 + 8 * s) for s in range(64)]
     # Every write the guest saw completed is on the image: each sector holds
@@ -334,7 +341,7 @@ def test_virtio_blk_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_pa
         if done[s]:
             assert data[s * 512:(s + 1) * 512] == blk_pattern(done[s], s), f"sector {s}, round {done[s]}"
     assert completed == rounds + rounds // 4
-    print(f"virtio-blk: {KILLS} kills, {rounds} rounds, {completed} requests")
+    print(f"virtio-blk ({mode}): {KILLS} kills, {rounds} rounds, {completed} requests")
 
 
 @pytest.mark.parametrize("mode", ["spawned", "service"])
@@ -350,11 +357,7 @@ def test_pci_echo_killed_20_times_every_access_exactly_once(guest_cache, tmp_pat
     print(f"pci-echo ({mode}): {KILLS} kills, {rounds} rounds, {made} accesses; {pauses(killer)}")
 
 
-# Spawned only: as a service (connect=), about 1 run in 13 completes one
-# request twice -- after a session process was killed by seccomp (clone3)
-# during a restart, the guest read a used index of 0.  An open bug, written
-# down in the README's restart section; the case is not run until it is fixed.
-@pytest.mark.parametrize("mode", ["spawned"])
+@pytest.mark.parametrize("mode", ["spawned", "service"])
 def test_virtio_rng_killed_20_times_no_request_lost_or_twice(guest_cache, tmp_path, mode):
     # Every request the guest posted completed exactly once (it checks the
     # used index moves by one per request, naming its head, with 16 random
@@ -372,16 +375,17 @@ def console_line(n: int) -> bytes:
     return b"%010d " % n + bytes(0x61 + (n + i) % 26 for i in range(11, 47)) + b"\n"
 
 
-def test_virtio_console_killed_20_times_loses_no_line(guest_cache):
+@pytest.mark.parametrize("mode", ["spawned", "service"])
+def test_virtio_console_killed_20_times_loses_no_line(guest_cache, tmp_path, mode):
     # Every line the guest wrote is on the console, in order; each transmit
     # request completed exactly once for the guest.  A line written again
     # (the device died after writing it, before its completion was kept,
     # so the request ran again) shows as a repeat of the one before --
     # at least once, as serial -- never as a gap.
-    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m:
+    with ConsoleCapture() as cap, Machine(memory=32 << 20, vcpus=1) as m, \
+            placed(m, "virtio-console", mode, tmp_path, console=cap.fds) as (ep, pid):
         m.load_pvh(pci_guest(guest_cache, "restart_console"), f"stop={STOP:#x} stats={STATS:#x}")
-        ep = m.add_device(parse_device_spec("virtio-console,id=c0,restart_burst=100"), console=cap.fds)
-        killer = run_killed(m, ep, seed=17, before_kill=mid_request(m, 9))
+        killer = run_killed(m, ep, seed=17, before_kill=mid_request(m, 9), pid=pid)
         written = m.memory.read_u64(STATS)
     got = bytes(cap.got)
     size = len(console_line(0))
@@ -396,7 +400,7 @@ def test_virtio_console_killed_20_times_loses_no_line(guest_cache):
         else:
             raise AssertionError(f"line at {i} is {line!r}: expected line {p}")
     assert p == written, (p, written)
-    print(f"virtio-console: {KILLS} kills, {written} lines, {repeats} repeated; {pauses(killer)}")
+    print(f"virtio-console ({mode}): {KILLS} kills, {written} lines, {repeats} repeated; {pauses(killer)}")
 
 
 def test_device_restart_through_qmp_and_vmm_ctl(guest, tmp_path):

@@ -140,9 +140,15 @@ def test_typed_input_reaches_the_guest_in_raw_mode(serial_guest, pty_vmm, placem
 def device_processes(vmm_pid: int) -> list[int]:
     """The processes serving the VMM's devices: its children, or, for a
     sandboxed device in a pid namespace of its own, the grandchild of that
-    child (the one the VMM started and pid 1 of the namespace only reap it)."""
+    child (the one the VMM started and pid 1 of the namespace only reap it).
+    Devices forked by the VMM's fork server (vmm.forkserver) are its children."""
     out = []
+    started = []
     for pid in _children(vmm_pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            forkserver = b"\0devserver.forkserver\0" in f.read()
+        started += _children(pid) if forkserver else [pid]
+    for pid in started:
         inner = _children(pid)
         out.extend([g for k in inner for g in (_children(k) or [k])] or [pid])
     return out

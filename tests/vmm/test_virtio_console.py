@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.vmm.conftest import GUEST_SOURCES, needs_kvm, vmm_run
-from vmm import guests
+from tests.vmm.conftest import needs_kvm, vmm_run
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
@@ -21,12 +20,9 @@ from vmm.outcome import Ending
 pytestmark = needs_kvm
 
 
-@pytest.fixture(scope="session")
-def console_guest(guest_cache):
-    return guests.build([GUEST_SOURCES / "virtio_console.c", guests.HERE / "pci.c"], guest_cache)
-
-
-def client(path: str, got: list) -> None:
+def client(path: str, got: list, done=lambda buf: buf.endswith(b"ping\n")) -> None:
+    """Connect to the console's socket once it is there, send ``ping``,
+    read until ``done(what was read)``, and append what was read to ``got``."""
     deadline = time.monotonic() + 20
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     while True:
@@ -41,7 +37,7 @@ def client(path: str, got: list) -> None:
     buf = b""
     try:
         s.sendall(b"ping\n")
-        while not buf.endswith(b"ping\n"):
+        while not done(buf):
             data = s.recv(100)
             if not data:
                 break

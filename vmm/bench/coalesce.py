@@ -19,11 +19,11 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 from ipc import Bus
 from vmm import guests, layout
+from vmm.bench import _samples, build_dir
 from vmm.config import DeviceSpec
 from vmm.machine import Machine
 
@@ -33,20 +33,6 @@ PLAIN = 0xD000_1000
 MEMORY = 32 * layout.MiB
 #: The model (test-only, in the source tree's tests/).
 COALESCE_SUM = "tests.testkinds:CoalesceSum"
-
-
-def _samples(marks: list[tuple[int, int]], iters: int) -> tuple[list[float], list[float]]:
-    """µs per write of each round (coalesced, plain), from marks 1, 2, 3."""
-    coalesced, plain = [], []
-    for i in range(0, len(marks) - 2, 3):
-        (m1, t1), (m2, t2), (m3, t3) = marks[i:i + 3]
-        if (m1, m2, m3) != (1, 2, 3):
-            raise RuntimeError(f"marks out of order: {marks}")
-        coalesced.append((t2 - t1) / iters / 1000)
-        plain.append((t3 - t2) / iters / 1000)
-    if not coalesced:
-        raise RuntimeError("the guest wrote no complete round of marks")
-    return coalesced, plain
 
 
 def run(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: float,
@@ -69,6 +55,7 @@ def run(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: 
         outcome = m.run(timeout=timeout)
         if outcome.status != 0:
             raise RuntimeError(f"{placement} run ended badly: {outcome}")
+        # (coalesced, plain): the phases between marks 1, 2 and 3
         coalesced, plain = _samples(marks, iters)
         # exits between marks 1 and 2 (coalesced) and 2 and 3 (plain); live
         # counts only with the C fast path
@@ -97,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=["inline", "inline_python", "isolated"])
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
     args = ap.parse_args(argv)
-    cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
-    cache = pathlib.Path(args.cache or cache_ctx.name)   # type: ignore[union-attr]
-    try:
+    with build_dir(args.cache) as cache:
         image = guests.build([HERE / "coalesce_guest.c"], cache, name="bench-coalesce")
         cmdline = (f"iters={args.iters} rounds={args.rounds} win={WIN:#x} plain={PLAIN:#x} "
                    f"mark={layout.BENCH_MARK_PORT:#x}")
@@ -134,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         report["loadavg_after"] = _loadavg()
         json.dump(report, sys.stdout, indent=2)
         print()
-    finally:
-        if cache_ctx is not None:
-            cache_ctx.cleanup()
     return 0
 
 

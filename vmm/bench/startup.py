@@ -33,6 +33,13 @@ can answer) and ``import vmm.cli``, as wall times of their own commands
 teardown; ``TRACE_CODE``); and the top self times of ``python -X
 importtime`` for both imports.
 
+``vmm run`` forks its device processes from a fork server that the
+``vmm`` script starts before the VMM's own imports (``vmm.entry``,
+``devserver.forkserver``); the trace marks when it was started and each
+device process's start.  A ``--baseline`` tree is run through its own
+entry point (``vmm.entry`` if it has one, else ``vmm.cli``), with the
+working directory outside any tree.  Findings: ``docs/startup-and-memory.md``.
+
 Every run records the 1-minute load average before it; figures are
 medians over the rounds, runners interleaved.  Targets (issue 15):
 ``vmm_nodev`` <= 1.5x ``qemu_microvm_kvm``, ``vmm_com1`` <= 2.5x, demo
@@ -326,9 +333,29 @@ def importtime(module: str, top: int = 12) -> dict:
 TRACE_CODE = r"""
 import json, os, sys, time
 marks = [("interpreter up", time.monotonic())]
+server = None
+try:
+    import vmm.entry        # the vmm command's entry point: the fork server first
+except ImportError:         # a tree from before it (--baseline)
+    pass
+else:
+    if vmm.entry.wants_forkserver(sys.argv[1:]):
+        from vmm.forkserver import ForkServer
+        server = ForkServer.start()
+        marks.append(("fork server started (it imports meanwhile)", time.monotonic()))
 import vmm.cli
 marks.append(("import vmm.cli", time.monotonic()))
 from vmm.machine import Machine
+from vmm.remote import process as _process
+
+_start = _process.DeviceProcess.start
+def _timed_start(*a, **kw):
+    t = time.monotonic()
+    p = _start(*a, **kw)
+    marks.append((f"device process {a[2]} started (took {time.monotonic() - t:.4f} s, {type(p).__name__})",
+                  time.monotonic()))
+    return p
+_process.DeviceProcess.start = staticmethod(_timed_start)
 
 def wrap(name, label):
     original = getattr(Machine, name)
@@ -348,7 +375,7 @@ if hasattr(Machine, "add_devices"):
     wrap("add_devices", lambda a: f"add_devices {', '.join(spec.name for spec, _ in a[0])}")
 wrap("run", "run: guest start to ending")
 wrap("close", "close: teardown")
-status = vmm.cli.main(sys.argv[1:])
+status = vmm.cli.main(sys.argv[1:], forkserver=server) if server is not None else vmm.cli.main(sys.argv[1:])
 marks.append(("main returned", time.monotonic()))
 t0 = float(os.environ["SPLITVMM_T0"])
 print(json.dumps({"status": status, "marks": [(n, round(t - t0, 4)) for n, t in marks]}), file=sys.stderr)
@@ -434,9 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         # processes too.
         for spec in args.baseline:
             label, _, tree_dir = spec.partition("=")
-            env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tree_dir).resolve()))
+            root = pathlib.Path(tree_dir).resolve()
+            env = dict(os.environ, PYTHONPATH=str(root))
+            # What that tree's own ``vmm`` script runs (its entry point).
+            entry = "vmm.entry" if (root / "vmm" / "entry.py").exists() else "vmm.cli"
+            script = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())"]
             for name in [n for n in runners if n.startswith("vmm_")]:
-                runners[f"{label}:{name}"] = (*runners[name][:2], env)
+                cmd, expect = runners[name][:2]
+                runners[f"{label}:{name}"] = ([*script, *cmd[len(vmm):]], expect, env)
             report.setdefault("trees", {})[label] = {"path": tree_dir, "bytecode_cached": bytecode_cached(tree_dir)}
         report.setdefault("trees", {})["this"] = {"path": str(ROOT), "bytecode_cached": bytecode_cached(ROOT)}
         limit: dict[str, int] = {}

@@ -22,8 +22,17 @@ under
     image as ``vhost-user-blk`` (``num-queues=N``; out of process, guest RAM
     in a shared memfd).
 
-Runs are interleaved (each repeat runs every configuration of every
-runner once); figures are medians over the repeats.
+Trustworthy figures on a small, shared host: each run does ``--rounds``
+short rounds (every phase once per round, each round one sample), runs
+are interleaved (each repeat runs every configuration of every runner
+once, the runners' order rotated from one repeat to the next), and before
+each run the benchmark waits (at most ``--quiet-wait`` s) for the host's
+CPU to be at most ``--quiet-below`` busy.  Figures are medians over all
+samples, with quartiles, range and the spread (IQR / median); the ratios
+are of medians, and ``paired_ratios`` pairs the runs of the same repeat
+(median and range of the per-pair ratios).  The report carries
+``uptime`` and the load before, the load after and how busy the CPU was
+before each run.
 
 The TSC rate comes from the host: the guest prints a ``tsc`` line before
 and after its work and the host timestamps both lines as they arrive (the
@@ -116,12 +125,13 @@ def make_image(path: pathlib.Path, size_mib: int) -> None:
             f.write(chunk)
 
 
-def run_guest(cmd: list[str], timeout: float, cleanup=None) -> dict:
+def run_guest(cmd: list[str], timeout: float, cleanup=None, cwd: pathlib.Path | None = None,
+              env: dict[str, str] | None = None) -> dict:
     """Runs one VM (QEMU or vmm), timestamps the ``tsc`` lines, parses the
     results.  Returns {"phases": {...}, "tsc_hz": .., "lines": [...]}"""
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd, env=env)
     assert proc.stdout is not None and proc.stderr is not None     # both PIPE
     stamps: list[tuple[int, int]] = []
     lines: list[str] = []
@@ -223,18 +233,45 @@ def ours_available() -> bool:
 
 
 def run_ours(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout: float, device: str,
-             queues: int = 1) -> dict:
+             queues: int = 1, tree: pathlib.Path | None = None) -> dict:
+    """Runner (a); ``tree``: another tree of the project (its own
+    packages, its built .so files) instead of this one."""
     spec = device.format(image=image) + (f",num_queues={queues}" if queues > 1 else "")
     cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
            "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio",
            "--device", spec]
     if "bench=0" in cmdline and "virtio-rng" in kinds():
         cmd += ["--device", "virtio-rng"]
-    return run_guest(cmd, timeout + 30)
+    if tree is None:
+        return run_guest(cmd, timeout + 30)
+    env = dict(os.environ, PYTHONPATH=str(tree))     # the VMM and its device processes
+    return run_guest(cmd, timeout + 30, cwd=tree, env=env)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def run_medians(res: dict, tsc_hz: float) -> dict[str, float]:
+    """One run's median per phase (MB/s for seq phases, else IOPS)."""
+    out = {}
+    for phase, samples in res["phases"].items():
+        vals = [(nbytes / 1e6 if phase.startswith("seq") else nreq) / (tsc / tsc_hz) for nbytes, nreq, tsc in samples]
+        if vals:
+            out[phase] = statistics.median(vals)
+    return out
 
 
 def summarize(runs: list[dict], tsc_hz: float) -> dict:
-    """MB/s (10^6 bytes) and IOPS per phase: median and best over runs."""
+    """MB/s (10^6 bytes) and IOPS per phase over every sample (round) of
+    every run: median, quartiles, range, and the spread (interquartile
+    range / median); per-run medians show the run-to-run variance."""
     out: dict = {}
     for phase in sorted({p for r in runs for p in r["phases"]}):
         mbs, iops, per_run = [], [], []
@@ -248,11 +285,39 @@ def summarize(runs: list[dict], tsc_hz: float) -> dict:
             if run_iops:
                 per_run.append(round(statistics.median(run_iops)))
         if mbs:
+            key = mbs if phase.startswith("seq") else iops
+            med = statistics.median(key)
             out[phase] = {"MB_s": round(statistics.median(mbs), 1), "MB_s_best": round(max(mbs), 1),
                           "IOPS": round(statistics.median(iops)), "IOPS_best": round(max(iops)),
                           "us_per_request": round(1e6 / statistics.median(iops), 1), "samples": len(mbs),
+                          "p25_p75": [round(_quantile(key, 0.25), 1), round(_quantile(key, 0.75), 1)],
+                          "min_max": [round(min(key), 1), round(max(key), 1)],
+                          "spread": round((_quantile(key, 0.75) - _quantile(key, 0.25)) / med, 3) if med else None,
                           "IOPS_per_run": per_run}
     return out
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """The fraction of the host's CPU time not idle over ``interval``
+    seconds (/proc/stat; idle and iowait count as idle)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    return round(1 - (i1 - i0) / (t1 - t0), 3) if t1 > t0 else 0.0
+
+
+def wait_quiet(below: float, max_wait: float) -> float:
+    """Waits until the host's CPU is busier than ``below`` no more (at
+    most ``max_wait`` seconds); returns the last busy fraction seen."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > below and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
 
 
 RUNNERS = ("splitvmm", "qemu", "qemu_iothread", "qemu_vhost_user")
@@ -266,18 +331,29 @@ TARGETS = (("seq1m", "qemu_iothread", 1.0), ("seq1m", "qemu_vhost_user", 1.0),
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vmm.bench.virtio_blk", description=__doc__.split("\n\n")[0])
     ap.add_argument("--image-mib", type=int, default=64, help="image size (default 64 MiB)")
-    ap.add_argument("--passes", type=int, default=3, help="1 MiB passes over the image per run (default 3)")
-    ap.add_argument("--n4k", type=int, default=4000, help="4 KiB reads per phase (default 4000)")
+    ap.add_argument("--passes", type=int, default=1, help="1 MiB passes over the image per round (default 1)")
+    ap.add_argument("--n4k", type=int, default=2000, help="4 KiB reads per phase and round (default 2000)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds inside each run: every phase once per round (default 5); each round is a sample")
     ap.add_argument("--qd", type=int, default=32, help="queue depth of the depth phase, per queue (default 32; "
                     "1: none)")
     ap.add_argument("--queues", default="1,2,4",
                     help="queue counts of the depth phase (default 1,2,4; the 1 MiB and QD1 phases run with 1)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each runner, interleaved (default 3)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each runner, interleaved, the order rotated each time (default 3)")
+    ap.add_argument("--quiet-below", type=float, default=0.5,
+                    help="before each run, wait until the host's CPU is at most this busy (fraction of all "
+                         "CPUs, default 0.5; 1: do not wait)")
+    ap.add_argument("--quiet-wait", type=float, default=20,
+                    help="the longest wait for a quiet host before a run, seconds (default 20)")
     ap.add_argument("--msix", action="store_true", help="completion by MSI-X (the guest still polls)")
     ap.add_argument("--skip", action="append", default=[], choices=list(RUNNERS))
     ap.add_argument("--ours-device", default=DEFAULT_OURS_DEVICE,
                     help=f"--device of runner (a) (default {DEFAULT_OURS_DEVICE!r}; num_queues= is added)")
     ap.add_argument("--timeout", type=float, default=600, help="per run, seconds (default 600)")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also run runner (a) from another tree of the project (e.g. a git archive of main "
+                         "with its .so files built), interleaved: runner splitvmm_baseline")
     ap.add_argument("--probe-only", action="store_true",
                     help="only the guest's device checks (bench=0, plus a virtio-rng device): "
                          "prints what each runner's guest found")
@@ -295,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--qd {args.qd}: 1 to 32")
 
     runners = [r for r in RUNNERS if r not in args.skip]
+    baseline = pathlib.Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        runners.insert(1, "splitvmm_baseline")
     if any(r.startswith("qemu") for r in runners):
         ensure_qemu()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-blkbench-")
@@ -304,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         elf = build_guest(cache)
         image = tmp / "disk.img"
         make_image(image, args.image_mib)
-        base = f"passes={args.passes} n4k={args.n4k} msix={1 if args.msix else 0}"
+        base = f"passes={args.passes} n4k={args.n4k} msix={1 if args.msix else 0} rounds={args.rounds}"
         if args.probe_only:
             configs = [(1, f"bench=0 {base}")]
         else:
@@ -318,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{queue_counts} queues (one ring-3 vCPU, queues round-robin), every read verified",
             "guest_ring": 3, "completion": "MSI-X (guest polls too)" if args.msix else "polling the used ring",
             "image_mib": args.image_mib, "passes_1m": args.passes, "reads_4k": args.n4k, "qd": args.qd,
-            "queues": queue_counts, "repeats": args.repeat, "host_cpus": os.cpu_count(),
-            "load_avg_before": load_before,
+            "queues": queue_counts, "repeats": args.repeat, "rounds": args.rounds, "host_cpus": os.cpu_count(),
+            "load_avg_before": load_before, "uptime_before": _uptime(),
             "qemu_version": qemu_version() if shutil.which(QEMU) else None,
             "unit": "MB/s = 10^6 bytes/s; median and best over interleaved runs; guest TSC, rate calibrated by "
                     "the host",
@@ -330,11 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         raw: dict[str, list[dict]] = {r: [] for r in runners}
         errors: dict[str, str] = {}
         failed: dict[str, list] = {}
-        for _ in range(1 if args.probe_only else args.repeat):
+        busy_before: list[float] = []
+        for rep in range(1 if args.probe_only else args.repeat):
             for queues, cmdline in configs:
-                for r in runners:
+                for r in runners[rep % len(runners):] + runners[:rep % len(runners)]:
                     if r in errors:
                         continue
+                    if args.quiet_below < 1:
+                        busy_before.append(wait_quiet(args.quiet_below, args.quiet_wait))
                     for attempt in (1, 2):     # one retry: a failed run is counted, not hidden
                         try:
                             if r == "qemu":
@@ -343,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                                 res = run_qemu(elf, image, cmdline, args.timeout, queues, iothread=True)
                             elif r == "qemu_vhost_user":
                                 res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues)
+                            elif r == "splitvmm_baseline":
+                                res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues,
+                                               tree=baseline)
                             else:
                                 res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues)
                         except BenchError as e:
@@ -351,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                             if attempt == 2:
                                 errors[r] = str(e)
                             continue
+                        res["repeat"] = rep
                         raw[r].append(res)
                         break
         tsc_all = [res["tsc_hz"] for runs in raw.values() for res in runs if res["tsc_hz"]]
@@ -371,8 +457,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         "virtio-blk: capacity", "virtio-blk: notifies"))]
         report["failed_runs"] = failed
         report["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if busy_before:
+            report["cpu_busy_before_runs"] = {"median": statistics.median(busy_before), "max": max(busy_before),
+                                              "runs": len(busy_before), "threshold": args.quiet_below}
         if not args.probe_only:
             report["ratios"] = ratios(report)
+            report["paired_ratios"] = paired_ratios(raw, tsc_hz)
             report["targets"] = targets(report, args.qd)
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -385,11 +475,43 @@ def _key(phase: str) -> str:
     return "MB_s" if phase.startswith("seq") else "IOPS"
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def paired_ratios(raw: dict[str, list[dict]], tsc_hz: float) -> dict:
+    """splitvmm / each peer per phase, pairing the runs of the same
+    repeat (run back to back): each pair's ratio of per-run medians, then
+    the median and range of those.  Robust to the host's load drifting
+    between repeats, as a ratio of overall medians is not."""
+    out: dict = {}
+    ours: dict[int, list[dict[str, float]]] = {}
+    for res in raw.get("splitvmm", []):
+        ours.setdefault(res["repeat"], []).append(run_medians(res, tsc_hz))
+    for peer in ("qemu", "qemu_iothread", "qemu_vhost_user", "splitvmm_baseline"):
+        theirs: dict[int, list[dict[str, float]]] = {}
+        for res in raw.get(peer, []):
+            theirs.setdefault(res["repeat"], []).append(run_medians(res, tsc_hz))
+        per_phase: dict[str, list[float]] = {}
+        for rep, mine in ours.items():
+            for a, b in zip(mine, theirs.get(rep, []), strict=False):
+                for phase, v in a.items():
+                    if b.get(phase):
+                        per_phase.setdefault(phase, []).append(v / b[phase])
+        for phase, rs in per_phase.items():
+            out[f"splitvmm/{peer} {phase}"] = {"median": round(statistics.median(rs), 3),
+                                               "min_max": [round(min(rs), 3), round(max(rs), 3)], "pairs": len(rs)}
+    return out
+
+
 def ratios(report: dict) -> dict:
     """splitvmm / each peer (and vhost-user / QEMU) for every phase both have."""
     out: dict = {}
     for ours in ("splitvmm", "qemu_vhost_user"):
-        for base in ("qemu", "qemu_iothread", "qemu_vhost_user"):
+        for base in ("qemu", "qemu_iothread", "qemu_vhost_user", "splitvmm_baseline"):
             a_all, b_all = report.get(ours), report.get(base)
             if ours == base or not isinstance(a_all, dict) or not isinstance(b_all, dict):
                 continue
@@ -406,7 +528,9 @@ def targets(report: dict, qd: int) -> list[dict]:
     for phase, peer, want in TARGETS:
         name = f"rand4k_qd{qd}_q1" if phase == "rand4k_qd" else phase
         got = report.get("ratios", {}).get(f"splitvmm/{peer} {name}")
+        paired = report.get("paired_ratios", {}).get(f"splitvmm/{peer} {name}", {})
         out.append({"phase": name, "peer": peer, "target": want, "ratio": got,
+                    "paired_median": paired.get("median"), "paired_min_max": paired.get("min_max"),
                     "met": None if got is None else got >= want})
     return out
 

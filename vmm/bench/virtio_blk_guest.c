@@ -7,7 +7,8 @@
  * id, 16 bytes of virtio-rng when there is one), then checks a write /
  * read-back / restore of the disk's last 4 KiB and a flush, then runs
  *   phase "seq1m":  sequential 1 MiB reads over the first `span` MiB of
- *                   the disk, `passes` times (after one warm-up pass);
+ *                   the disk, `passes` times per round (after one warm-up
+ *                   pass before the first round);
  *   phase "rand4k": `n4k` 4 KiB reads at random 4 KiB-aligned offsets
  *                   in the same span, queue depth 1;
  *   phase "rand4k_qd<D>" (qd=D > 1): `n4k` such reads, D in flight on
@@ -29,7 +30,8 @@
  * at most 1024), passes=N (3), n4k=N (4000), msix=0|1 (0: poll the used
  * ring; 1: MSI-X vectors, still polling, interrupts counted), seed=S,
  * queues=N (1; up to 4 with VIRTIO_BLK_F_MQ), qd=D (1: no depth phase),
- * qd1=0 (only the depth phase).
+ * qd1=0 (only the depth phase), rounds=R (1: each phase R times,
+ * interleaved: round 1's phases, then round 2's, ...).
  * Output lines: "virtio-blk: ...", "tsc <n>", "result <phase> bytes=<n>
  * requests=<n> tsc=<n>", "done".  Status 0 when everything holds, else
  * test_exit(n) for check n. */
@@ -261,36 +263,45 @@ static void bench(void)
 
     int err;
     int qd1 = (int)guest_arg("qd1", 1);      /* 0: only the depth phase */
-    for (uint64_t pass = 0; qd1 && pass <= passes; pass++) {      /* pass 0: warm-up */
+    uint64_t rounds = guest_arg("rounds", 1);
+    unsigned qd = (unsigned)guest_arg("qd", 1);
+    uint64_t blocks = span_mib * 256;
+    span_blocks = blocks;
+    for (uint64_t m = 0; qd1 && m < span_mib; m++) {             /* warm-up: the whole span once */
+        err = virtio_blk_read(&blk, m * 2048, buf, 2048);
+        CHECK(41, err == 0, "1 MiB read at %lu MiB: %s", m, virtio_strerror(err));
+    }
+    /* `rounds` short rounds, each phase once per round, so that a burst of
+     * load on the host hits one round's samples of every phase alike */
+    for (uint64_t round = 0; round < rounds; round++) {
+        for (uint64_t pass = 0; qd1 && pass < passes; pass++) {
+            uint64_t t0 = rdtsc();
+            for (uint64_t m = 0; m < span_mib; m++) {
+                err = virtio_blk_read(&blk, m * 2048, buf, 2048);
+                CHECK(41, err == 0, "1 MiB read at %lu MiB: %s", m, virtio_strerror(err));
+                CHECK(42, sectors_ok(buf, m * 2048, 2048), "1 MiB read at %lu MiB: wrong data", m);
+            }
+            uint64_t t1 = rdtsc();
+            serial_printf("result seq1m bytes=%lu requests=%lu tsc=%lu\n", span_mib * MiB, span_mib, t1 - t0);
+        }
         uint64_t t0 = rdtsc();
-        for (uint64_t m = 0; m < span_mib; m++) {
-            err = virtio_blk_read(&blk, m * 2048, buf, 2048);
-            CHECK(41, err == 0, "1 MiB read at %lu MiB: %s", m, virtio_strerror(err));
-            CHECK(42, sectors_ok(buf, m * 2048, 2048), "1 MiB read at %lu MiB: wrong data", m);
+        for (uint64_t i = 0; qd1 && i < n4k; i++) {
+            uint64_t s = (rnd() % blocks) * 8;
+            err = virtio_blk_read(&blk, s, buf, 8);
+            CHECK(43, err == 0, "4 KiB read at sector %lu: %s", s, virtio_strerror(err));
+            CHECK(44, *(uint64_t *)buf == s && *(uint64_t *)(buf + 3584) == s + 7, "4 KiB read at %lu: wrong data",
+                  s);
         }
         uint64_t t1 = rdtsc();
-        if (pass)
-            serial_printf("result seq1m bytes=%lu requests=%lu tsc=%lu\n", span_mib * MiB, span_mib, t1 - t0);
-    }
-    uint64_t blocks = span_mib * 256;
-    uint64_t t0 = rdtsc();
-    for (uint64_t i = 0; qd1 && i < n4k; i++) {
-        uint64_t s = (rnd() % blocks) * 8;
-        err = virtio_blk_read(&blk, s, buf, 8);
-        CHECK(43, err == 0, "4 KiB read at sector %lu: %s", s, virtio_strerror(err));
-        CHECK(44, *(uint64_t *)buf == s && *(uint64_t *)(buf + 3584) == s + 7, "4 KiB read at %lu: wrong data", s);
-    }
-    uint64_t t1 = rdtsc();
-    if (qd1)
-        serial_printf("result rand4k bytes=%lu requests=%lu tsc=%lu\n", n4k * 4096, n4k, t1 - t0);
-    unsigned qd = (unsigned)guest_arg("qd", 1);
-    if (qd > 1) {
-        span_blocks = blocks;
-        t0 = rdtsc();
-        at_depth(VIRTIO_BLK_T_IN, n4k, qd, next_random, check_pattern, NULL);
-        t1 = rdtsc();
-        serial_printf("result rand4k_qd%u_q%u bytes=%lu requests=%lu tsc=%lu\n", qd, blk.nqueues, n4k * 4096, n4k,
-                      t1 - t0);
+        if (qd1)
+            serial_printf("result rand4k bytes=%lu requests=%lu tsc=%lu\n", n4k * 4096, n4k, t1 - t0);
+        if (qd > 1) {
+            t0 = rdtsc();
+            at_depth(VIRTIO_BLK_T_IN, n4k, qd, next_random, check_pattern, NULL);
+            t1 = rdtsc();
+            serial_printf("result rand4k_qd%u_q%u bytes=%lu requests=%lu tsc=%lu\n", qd, blk.nqueues, n4k * 4096,
+                          n4k, t1 - t0);
+        }
     }
     serial_printf("tsc %lu\n", rdtsc());
     serial_printf("virtio-blk: notifies %lu suppressed %lu interrupts %u\n", blk.dev.vq[0].notifies,

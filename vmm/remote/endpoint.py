@@ -272,7 +272,8 @@ class RemoteEndpoint:
             ours, theirs = socketpair()
             command = (*options.command, "--spare", "--preload", kind) if spare else options.command
             try:
-                return ours, DeviceProcess.start(command, theirs, name, options.cpus, env, stderr=options.stderr)
+                return ours, DeviceProcess.start(command, theirs, name, options.cpus, env, stderr=options.stderr,
+                                                 forkserver=options.forkserver)
             except BaseException:
                 ours.close()
                 raise
@@ -282,7 +283,8 @@ class RemoteEndpoint:
 
         def finish() -> RemoteEndpoint:
             ep = cls._attach(config, ours, process, registry, options, deadline, relaunch=launch)
-            if options.spare and ep.policy.mode != "no":
+            # A fork server is the warm spare of every device (vmm.forkserver).
+            if options.spare and options.forkserver is None and ep.policy.mode != "no":
                 ep._spares = _Spares(lambda: launch(spare=True), name)
                 ep._spares.refill()
             return ep

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence, Set
+from typing import TYPE_CHECKING
 
 from devices import kinds
 from vmm.console import StderrRelay
 from vmm.endpoint import DeviceFailed
 from vmm.remote.options import DEVSERVER_COMMAND
+
+if TYPE_CHECKING:
+    from vmm.forkserver import ForkServer
 
 __all__ = ["DeviceProcess", "child_env"]
 
@@ -38,14 +43,21 @@ class DeviceProcess:
     @classmethod
     def start(cls, command: Sequence[str], channel: socket.socket, name: str,
               cpus: Set[int] | None = None, env: Mapping[str, str] | None = None,
-              stderr: int | None = None) -> DeviceProcess:
+              stderr: int | None = None, forkserver: ForkServer | None = None) -> DeviceProcess:
         """Start ``command --fd N`` with ``channel`` as descriptor N; the
         caller's copy of ``channel`` is closed on every path.  ``env``:
         the child's environment (None: the VMM's; :func:`child_env`);
-        ``stderr``: where its log goes (None: the VMM's stderr)."""
+        ``stderr``: where its log goes (None: the VMM's stderr);
+        ``forkserver``: fork a ``devserver`` there instead of exec'ing it
+        (:mod:`vmm.forkserver`; only for the devserver command: another
+        program, or a server that is gone, is exec'd)."""
         proc = pidfd = None
         # No descriptor of the VMM's terminal reaches the device (vmm.console).
         relay = StderrRelay.for_child() if stderr is None else None
+        if forkserver is not None and tuple(command[:len(DEVSERVER_COMMAND)]) == DEVSERVER_COMMAND:
+            forked = _forked(forkserver, command, channel, name, cpus, env, stderr, relay)
+            if forked is not None:
+                return forked
         try:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(channel.fileno()), *_log_level_args(command)],
@@ -88,6 +100,14 @@ class DeviceProcess:
 
     def wait(self, timeout: float) -> bool:
         """Reap it if it exits within ``timeout`` seconds; True once reaped."""
+        if self._proc.returncode is None and self._pidfd >= 0 and timeout > 0:
+            # Popen.wait(timeout) polls with sleeps of up to 50 ms; the
+            # pidfd says at once when the child has exited.
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return False
+            timeout = max(timeout, 1.0)     # it has exited: reaping it takes no time
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -97,7 +117,8 @@ class DeviceProcess:
     def exit_text(self, wait: float) -> str:
         if not self.wait(wait):
             return "still running"
-        rc = self._proc.returncode
+        rc = self.returncode
+        assert rc is not None
         return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
 
     def close(self) -> None:
@@ -108,6 +129,43 @@ class DeviceProcess:
             except OSError:
                 pass
         self._pidfd = -1
+
+
+def _forked(server: ForkServer, command: Sequence[str], channel: socket.socket, name: str,
+            cpus: Set[int] | None, env: Mapping[str, str] | None, stderr: int | None,
+            relay: StderrRelay | None) -> DeviceProcess | None:
+    """``command`` forked by ``server`` (None: the server is gone; the
+    caller execs instead).  Closes ``channel`` unless it returns None."""
+    from vmm.forkserver import ForkServerError
+    from vmm.remote.forked import ForkedProcess
+
+    argv = [*command[len(DEVSERVER_COMMAND):], "--fd", str(channel.fileno()), *_log_level_args(command)]
+    err = relay.child_fd if relay is not None else stderr if stderr is not None else 2
+    try:
+        # The environment as it is now, as an exec'd device would get it (the
+        # server's is the VMM's of when it started).
+        proc = ForkedProcess(server, *server.spawn(argv, channel.fileno(), err,
+                                                   dict(os.environ) if env is None else env))
+    except ForkServerError as e:
+        log.warning("device %s: %s; starting it the slow way", name, e)
+        return None
+    except BaseException:
+        channel.close()
+        if relay is not None:
+            relay.abandon()
+        raise
+    channel.close()
+    if relay is not None:
+        relay.started(name)
+    if cpus is not None:
+        try:
+            os.sched_setaffinity(proc.pid, cpus)
+        except BaseException:
+            proc.kill()
+            proc.wait(5.0)
+            proc.close()
+            raise
+    return proc
 
 
 def child_env(kind: str, name: str) -> dict[str, str] | None:

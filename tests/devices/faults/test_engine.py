@@ -238,6 +238,55 @@ def test_same_seed_same_trace_across_runs_and_interleavings():
     assert run_threads(0) not in digests
 
 
+def test_unmatched_events_counted_without_the_lock_lose_no_number():
+    # Events no fault's match keys take are counted lock-free, the others
+    # under the lock: from several threads at once, every event still gets
+    # its own number and every matching one is decided exactly once.
+    engine = make({**W, "after": 0, "sector": [0, 9], "name": "low"})
+    threads, per_thread = 4, 3000
+    fired_events: list[list[int]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads)
+
+    def work(k: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            f = engine.point("blk.write", sector=i % 40)
+            if f is not None:
+                fired_events[k].append(f.event)
+                f.done()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    total = threads * per_thread
+    assert engine.events("blk.write") == total
+    events = [e for per in fired_events for e in per]
+    assert len(events) == len(set(events)) == total // 4         # sectors 0-9 of each 40
+    assert all(1 <= e <= total for e in events)
+    status, = engine.query()
+    assert (status.events, status.firings) == (total // 4, total // 4)
+
+
+def test_arm_disarm_recompile_the_point():
+    engine = make({**W, "nth": 1, "sector": [5, 5], "name": "five"})
+    assert engine.point("blk.write", sector=4) is None       # counted, not taken
+    assert engine.events("blk.write") == 1
+    engine.arm(parse_fault({"device": "blk", "point": "blk.write", "nth": 1, "action": "lose", "name": "any"}))
+    f = engine.point("blk.write", sector=4)                 # now a fault takes every event
+    assert (f.fault, f.event) == ("any", 2)
+    engine.disarm("any")
+    engine.disarm("five")
+    assert engine.point("blk.write", sector=5) is None      # nothing armed: counting only
+    assert engine.events("blk.write") == 3
+
+
 def test_replay_reproduces_a_trace_exactly():
     plan = parse_plan({"seed": 77, "fault": [
         {"device": "blk", "point": "blk.write", "probability": 0.3, "action": "torn", "sectors": 1,

@@ -1,0 +1,23 @@
+/* The C core of virtio-blk's usual request (devices/virtio/blk.py,
+ * devices/blkring.py): declarations, read by cffi (cdef) and by _blkring.c. */
+
+struct blk_span {
+    uint64_t first, end;        /* guest-physical [first, end) */
+    int64_t delta;              /* offset in the mapping - guest-physical */
+};
+
+struct blk_req {
+    uint64_t sector;
+    uint64_t data_off;          /* offset of the data buffer in the mapping */
+    uint64_t status_off;        /* offset of the status byte in the mapping */
+    uint32_t len;               /* data bytes, a whole number of sectors */
+    uint16_t head;
+    uint16_t write;             /* 1: VIRTIO_BLK_T_OUT, 0: VIRTIO_BLK_T_IN */
+};
+
+int blk_scan(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans, int nspans,
+             uint64_t desc_off, uint64_t avail_off, uint32_t size, uint16_t last_avail, uint32_t pending,
+             uint64_t capacity, int readonly, struct blk_req *reqs, int max);
+
+int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k,
+            uint64_t used_off, uint32_t size, uint16_t used_idx);
