@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard */_*_build.py */*.c */*.h)
 
-.PHONY: run test lint install bench check-units image linux-check
+.PHONY: run test lint install bench check-units image image-minimal linux-check
 
 # The sandbox's C part (devserver/_sandbox_build.py) needs libseccomp's
 # header, which a fresh Debian machine lacks (the library itself is there).
@@ -59,7 +59,14 @@ bench: $(BENCH_STAMP)
 image: $(STAMP)
 	$(PY) -m vmm.cli image
 
-# Debian's cloud kernel booted as far as this host allows (minutes; not in
-# `make test`).  JSON report on stdout; LINUX_CHECK_ARGS=--qemu compares QEMU.
+# A small kernel built from Debian's linux-source (vmm.minikernel; installs
+# the build dependencies with apt; nice -n 19 make -j2; tens of minutes).
+image-minimal: $(STAMP)
+	$(PY) -m vmm.cli image --minimal
+
+# The kernel of image-minimal (built first if needed) booted to its /init,
+# which reads the virtio disk and powers off (minutes; not in `make test`).
+# JSON report on stdout; LINUX_CHECK_ARGS="--kernel cloud" boots Debian's
+# cloud kernel as far as this host allows, --qemu compares QEMU.
 linux-check: $(STAMP)
 	$(PY) -m tests.vmm.linux.long_boot $(LINUX_CHECK_ARGS)

@@ -246,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("qmp_command", metavar="COMMAND", help="a command, e.g. query-status")
     ctl.add_argument("arguments", nargs="*", metavar="key=value", help="the command's arguments")
     image = sub.add_parser("image", help="build a Linux kernel and initramfs from Debian packages (vmm.image)")
-    image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux)")
+    image.add_argument("--cache", metavar="DIR", help="where to download and build (default ~/.cache/splitvmm/linux, "
+                       "with --minimal ~/.cache/splitvmm/linux-minimal)")
+    image.add_argument("--minimal", action="store_true",
+                       help="build a small kernel from Debian's linux-source instead (vmm.minikernel; "
+                       "installs its build dependencies; tens of minutes)")
+    image.add_argument("--jobs", type=int, default=2, help="make -j for --minimal (default 2; run under nice -n 19)")
     return p
 
 
@@ -282,6 +287,8 @@ def ctl(args: argparse.Namespace) -> int:
 def image_command(args: argparse.Namespace) -> int:
     """``vmm image``: print the kernel and initramfs paths (built when needed)."""
     from vmm import image
+    if args.minimal:
+        return _minimal_image(args)
     try:
         built = image.build(pathlib.Path(args.cache) if args.cache else None)
     except image.ImageError as e:
@@ -290,6 +297,20 @@ def image_command(args: argparse.Namespace) -> int:
     print(f"kernel  {built.kernel}  (Linux {built.version})")
     print(f"initrd  {built.initrd}  (busybox, modules {' '.join(built.modules)})")
     print(f"run:    vmm run --kernel {built.kernel} --initrd {built.initrd} --memory 512M "
+          "--device virtio-blk,path=DISK.img")
+    return 0
+
+
+def _minimal_image(args: argparse.Namespace) -> int:
+    from vmm import image, minikernel
+    try:
+        built = minikernel.build(pathlib.Path(args.cache) if args.cache else None, jobs=args.jobs)
+    except image.ImageError as e:
+        print(f"vmm: image: {e}", file=sys.stderr)
+        return outcomes.STATUS_VMM_ERROR
+    print(f"kernel  {built.vmlinux}  (Linux {built.version}, ELF with the PVH note; bzImage: {built.bzimage})")
+    print(f"initrd  {built.initrd}  (busybox; the drivers are built in)")
+    print(f"run:    vmm run --kernel {built.vmlinux} --initrd {built.initrd} --memory 256M "
           "--device virtio-blk,path=DISK.img")
     return 0
 

@@ -8,6 +8,12 @@ Linux ``Documentation/virt/kvm/x86/cpuid.rst`` (KVM_CPUID_SIGNATURE
 KVM_CPUID_FEATURES 0x40000001).  Names are those of ``/proc/cpuinfo``.
 Hiding ``xsave`` also hides what depends on it (``osxsave``, ``avx``...)
 and zeroes leaf 0xD, the XSAVE state enumeration.
+
+On this project's PVM host a bit that ``KVM_GET_SUPPORTED_CPUID`` does not
+report can still show in the guest kernel's CPUID (the host CPU's own
+ssse3, popcnt, smap...), so hiding it here changes nothing; there the
+kernel's own ``clearcpuid=`` is what drops it (README, "What this host
+does with Linux").  Bits that KVM reports (cx16) are hidden as asked.
 """
 
 from __future__ import annotations
