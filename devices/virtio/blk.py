@@ -285,14 +285,13 @@ class VirtioBlk(VirtioPciDevice):
         ``k``, counted in order as the Python path would: the first that
         fires and its firing (the requests after it are not counted: the
         next scan takes them), or None."""
-        point_of = ("blk.read", "blk.write")
-        engine = self.fault_engine
-        armed = engine.armed
+        armed = self.fault_engine.armed             # the engine's compiled Hit per point (a hot path)
+        hits = (armed.get("blk.read"), armed.get("blk.write"))
         for i in range(k):
             req = reqs[i]
-            point = point_of[req.write]
-            if point in armed:
-                firing = engine.point(point, sector=req.sector)
+            hit = hits[req.write]
+            if hit is not None:
+                firing = hit({"sector": req.sector})
                 if firing is not None:
                     return i, firing
         return None
