@@ -302,7 +302,7 @@ class VirtioBlk(VirtioPciDevice):
         event is not counted twice."""
         bufs = chain.buffers
         if fired is _UNSET and len(bufs) == 3:
-            used = self._fast(bufs, mem)
+            used, fired = self._fast(bufs, mem)
             if used is not None:
                 return used
         readable, writable = chain.readable, chain.writable
@@ -358,40 +358,48 @@ class VirtioBlk(VirtioPciDevice):
             return self._status(mem, status_addr, VIRTIO_BLK_S_IOERR, 0)
         return self._status(mem, status_addr, VIRTIO_BLK_S_UNSUPP, 0)
 
-    def _fast(self, bufs: list[Buffer], mem: GuestRam) -> int | None:
+    def _fast(self, bufs: list[Buffer], mem: GuestRam) -> tuple[int | None, Firing | None | object]:
         """The usual request -- header, one data buffer, status byte --
         read or written whole with one system call straight between the
-        image and guest RAM; None (nothing done) for anything else, which
-        :meth:`handle`'s general path serves: another layout, another
-        type, a fault point armed, a range to fail, a short transfer."""
+        image and guest RAM: (bytes written to the guest, fault decision).
+        None for anything else, which :meth:`handle`'s general path
+        serves: another layout, another type, a fault firing, a range to
+        fail, a short transfer.  With ``blk.read``/``blk.write`` armed the
+        request's fault decision is taken here, once, as soon as its type
+        and sector are known (where the general path takes it), and
+        handed back for the general path (``_UNSET``: none taken)."""
         hdr, data, status = bufs
         if hdr.writable or hdr.length != _HEADER.size or not status.writable or status.length != 1:
-            return None
+            return None, _UNSET
         view = mem.buffer
         rtype, _reserved, sector = _HEADER.unpack_from(view, mem.offset(hdr.addr, _HEADER.size))
         n = data.length
         if rtype == VIRTIO_BLK_T_IN:
-            if not data.writable or "blk.read" in self.fault_engine.armed:
-                return None
-            io = os.preadv
+            hit = self.fault_engine.armed.get("blk.read")
+            writable_data, io = True, os.preadv
         elif rtype == VIRTIO_BLK_T_OUT:
-            if data.writable or self.readonly or "blk.write" in self.fault_engine.armed:
-                return None
-            io = os.pwritev
+            hit = self.fault_engine.armed.get("blk.write")
+            writable_data, io = False, os.pwritev
         else:
-            return None
-        if not n or n % SECTOR_SIZE or sector + n // SECTOR_SIZE > self.capacity:
-            return None
+            return None, _UNSET
+        decision: Firing | None | object = _UNSET
+        if hit is not None:
+            decision = hit({"sector": sector})
+            if decision is not None:
+                return None, decision
+        if (data.writable != writable_data or (not writable_data and self.readonly)
+                or not n or n % SECTOR_SIZE or sector + n // SECTOR_SIZE > self.capacity):
+            return None, decision
         off = mem.offset(data.addr, n)
         with view[off:off + n] as window:
             try:
                 moved = io(self.fd, [window], sector * SECTOR_SIZE)
             except OSError:
-                return None             # the general path fails it, and logs why
+                return None, decision   # the general path fails it, and logs why
         if moved != n:
-            return None                 # the general path finishes (or fails) it
+            return None, decision       # the general path finishes (or fails) it
         view[mem.offset(status.addr, 1)] = VIRTIO_BLK_S_OK
-        return n + 1 if rtype == VIRTIO_BLK_T_IN else 1
+        return (n + 1 if rtype == VIRTIO_BLK_T_IN else 1), decision
 
     def _faulted(self, firing: Firing, mem: GuestRam, rtype: int, sector: int, payload: list[tuple[int, int]],
                  data_out: list[tuple[int, int]], status_addr: int) -> int:
