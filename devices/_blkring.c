@@ -86,26 +86,71 @@ int blk_scan(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans,
     return k;
 }
 
-int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k,
-            uint64_t used_off, uint32_t size, uint16_t used_idx)
+/* Keeps the compiler from moving stores across it: the in-flight record
+ * is crash-consistent only if its stores reach the mapping in program
+ * order (a SIGKILL stops the process between two stores; x86-64 and
+ * arm64 keep one thread's stores in order for a later reader that
+ * synchronised through the kernel, as the restarted device does). */
+#define STORE_ORDER() __asm__ volatile("" ::: "memory")
+
+#define REC_HEADER 64u
+#define REC_ENTRY 16u
+#define REC_FLAG 8u
+
+int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k, int taken,
+            uint64_t used_off, uint32_t size, uint16_t used_idx, struct blk_record *rec)
 {
-    if (size == 0 || (size & (size - 1)) || used_off + 6ull + 8ull * size > ram_len)
-        return 0;
+    if (size == 0 || (size & (size - 1)) || used_off + 6ull + 8ull * size > ram_len || k < 0 || taken < k)
+        return -1;
+    if (rec) {
+        /* ipc.inflight.InflightQueue.pop for each taken chain, before any
+         * is acted on: the entry's counter, then its flag. */
+        for (int i = 0; i < taken; i++)
+            if (reqs[i].head >= rec->size || REC_HEADER + REC_ENTRY * ((uint64_t)reqs[i].head + 1) > rec->len)
+                return -1;
+        for (int i = 0; i < taken; i++) {
+            uint8_t *e = rec->base + REC_HEADER + REC_ENTRY * (uint64_t)reqs[i].head;
+            uint64_t c = rec->counter++;
+            memcpy(e, &c, 8);
+            STORE_ORDER();
+            e[REC_FLAG] = 1;
+            STORE_ORDER();
+        }
+    }
+    int done = k;
     for (int i = 0; i < k; i++) {
         const struct blk_req *r = &reqs[i];
-        if (r->data_off + r->len > ram_len || r->status_off >= ram_len)
-            return i;
+        if (r->data_off + r->len > ram_len || r->status_off >= ram_len) {
+            done = i;
+            break;
+        }
         struct iovec iov = { ram + r->data_off, r->len };
         ssize_t got;
         do
             got = r->write ? pwritev(fd, &iov, 1, (off_t)(r->sector * SECTOR))
                            : preadv(fd, &iov, 1, (off_t)(r->sector * SECTOR));
         while (got < 0 && errno == EINTR);
-        if (got != (ssize_t)r->len)
-            return i;       /* the caller serves this one (and fails or finishes it) */
+        if (got != (ssize_t)r->len) {
+            done = i;       /* the caller serves this one (and fails or finishes it) */
+            break;
+        }
         ram[r->status_off] = 0;                         /* VIRTIO_BLK_S_OK */
         uint32_t elem[2] = { r->head, r->write ? 1u : r->len + 1u };
         memcpy(ram + used_off + 4 + 8ull * ((uint16_t)(used_idx + i) & (size - 1)), elem, 8);
     }
-    return k;
+    if (done > 0) {
+        /* used->idx once (the guest's commit point, virtio 1.2 2.7.8), then
+         * InflightQueue.complete_batch: the flags, then the record's index */
+        uint16_t idx = (uint16_t)(used_idx + done);
+        STORE_ORDER();
+        memcpy(ram + used_off + 2, &idx, 2);
+        if (rec) {
+            STORE_ORDER();
+            for (int i = 0; i < done; i++)
+                rec->base[REC_HEADER + REC_ENTRY * (uint64_t)reqs[i].head + REC_FLAG] = 0;
+            STORE_ORDER();
+            memcpy(rec->base, &idx, 2);
+        }
+    }
+    return done;
 }

@@ -19,5 +19,14 @@ int blk_scan(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans,
              uint64_t desc_off, uint64_t avail_off, uint32_t size, uint16_t last_avail, uint32_t pending,
              uint64_t capacity, int readonly, struct blk_req *reqs, int max);
 
-int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k,
-            uint64_t used_off, uint32_t size, uint16_t used_idx);
+/* A queue's in-flight record (ipc/inflight.py's layout): 64-byte header
+ * (u16 used_idx at 0), then 16-byte entries (u64 counter, u8 flag). */
+struct blk_record {
+    uint8_t *base;
+    uint64_t len;
+    uint32_t size;              /* the queue size the record was reset to */
+    uint64_t counter;           /* the next pop's counter (in and out) */
+};
+
+int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k, int taken,
+            uint64_t used_off, uint32_t size, uint16_t used_idx, struct blk_record *rec);

@@ -75,6 +75,13 @@ class QueueRecord:
         else:
             self.record.complete_batch(done, self._used)
 
+    def direct(self) -> InflightQueue:
+        """The record itself, its pending completions written first, for a
+        device's own C loop that pops and completes in it directly
+        (devices.blkring.Ring.recording)."""
+        self.flush()
+        return self.record
+
     def popped(self, queue: int, head: int, last_avail: int) -> None:
         self.flush()
         self.record.pop(head)

@@ -46,6 +46,9 @@ enter (one writer thread per queue; a reader never runs concurrently with
 it).  Every store below is a single aligned item assignment through a
 ``memoryview`` cast to ``B``/``H``/``Q``, which CPython performs as one
 fixed-size copy (one machine store on x86-64 and arm64), in statement order.
+virtio-blk's C request loop (``devices/_blkring.c``, ``blk_run``) writes the
+same stores in the same order, with compiler barriers between them, through
+:attr:`InflightQueue.buffer` and :attr:`InflightQueue.counter`.
 
 Layout of one queue's region (little-endian, ``region_size(max_size)``
 bytes)::
@@ -166,6 +169,24 @@ class InflightQueue:
         self._h[_MAXSZ] = self.max_size & 0xFFFF
         self.size = size
         self._counter = 1
+
+    @property
+    def buffer(self) -> memoryview:
+        """The region, for a device's own C loop that writes the same
+        stores as :meth:`pop` and :meth:`complete_batch`
+        (``devices.blkring``)."""
+        return self._b
+
+    @property
+    def counter(self) -> int:
+        """The next pop's counter (a C loop takes it and gives it back)."""
+        return self._counter
+
+    @counter.setter
+    def counter(self, value: int) -> None:
+        if not isinstance(value, int) or value < self._counter:
+            raise ValueError(f"pop counter {value!r} behind {self._counter}")
+        self._counter = value
 
     def pop(self, head: int) -> None:
         """``head`` was taken from the available ring: flag it in flight

@@ -381,6 +381,13 @@ class Virtqueue:
             for head in heads:
                 pushed(q, head, idx)
 
+    def advanced(self, taken: int, done: int) -> None:
+        """A device's own loop took ``taken`` avail entries and returned
+        the first ``done`` of them, in-flight record and ``used->idx``
+        included (devices.blkring with the record): the indices follow."""
+        self.last_avail = (self.last_avail + taken) & 0xFFFF
+        self.used_idx = (self.used_idx + done) & 0xFFFF
+
     def wants_interrupt(self, mem: GuestRam) -> bool:
         """False when the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7)."""
         return not mem.read_int(self.driver, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT

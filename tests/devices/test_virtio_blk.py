@@ -386,3 +386,58 @@ def test_blk_faults_in_a_batch_count_each_request_once(image, monkeypatch, c_pat
         assert in_c == ([1, 1, 1] if c_path else [])    # 1st, 3rd, 5th in C; 2nd, 4th in Python
     finally:
         dev.stop()
+
+
+def test_c_loop_writes_the_inflight_record_as_python_does(image, monkeypatch):
+    """The C loop pops and completes in the in-flight record itself
+    (devices.blkring.Ring.recording): after the same batch of reads and a
+    write, the record's bytes -- pop counters in ring order, flags, used
+    index -- are the ones the Python path (ipc.inflight.InflightQueue)
+    leaves, and its counter goes on from the same value."""
+    import mmap
+
+    from devices import blkring
+    from devserver.persist import QueueRecord
+    from ipc.inflight import InflightQueue, region_size
+
+    if not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+
+    recorded: list[int] = []            # the C loop's batches that kept the record themselves
+    recording = blkring.Ring.recording
+    monkeypatch.setattr(blkring.Ring, "recording", lambda self, r: recorded.append(1) or recording(self, r))
+
+    def run(c_path: bool) -> tuple[bytes, int, list]:
+        monkeypatch.setattr(blkring, "AVAILABLE", c_path)
+        dev, ram = make(image)
+        region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
+        rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
+        hook = QueueRecord(rec)
+        hook.enabled(0, 8)
+        dev.queues[0].inflight = hook
+        try:
+            for rounds in range(2):             # the second batch starts from the first's counter
+                for k, (rtype, sector) in enumerate(((vb.VIRTIO_BLK_T_IN, 1), (vb.VIRTIO_BLK_T_OUT, 2))):
+                    hdr = HDR + 0x20 * k
+                    ram.write(hdr, struct.pack("<IIQ", rtype, 0, sector + rounds))
+                    flags = VIRTQ_DESC_F_WRITE if rtype == vb.VIRTIO_BLK_T_IN else 0
+                    for i, (a, n, f) in enumerate(((hdr, 16, VIRTQ_DESC_F_NEXT),
+                                                   (DATA + 0x200 * k, 512, flags | VIRTQ_DESC_F_NEXT),
+                                                   (STATUS + k, 1, VIRTQ_DESC_F_WRITE))):
+                        put_desc(ram, 3 * k + i, a, n, f, 3 * k + i + 1)
+                    offer(ram, 3 * k)
+                notify(dev)
+            hook.flush()
+            return bytes(region), rec.counter, used(ram)
+        finally:
+            dev.stop()
+            rec.release()
+            region.close()
+
+    c_bytes, c_counter, c_used = run(True)
+    assert len(recorded) == 2
+    py_bytes, py_counter, py_used = run(False)
+    assert len(recorded) == 2
+    assert c_used == py_used and c_used[0] == 4
+    assert c_counter == py_counter == 5
+    assert c_bytes == py_bytes
