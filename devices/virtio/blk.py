@@ -260,6 +260,11 @@ class VirtioBlk(VirtioPciDevice):
                         k = fired[0] + 1
                     run = k if fired is None else k - 1
                     if record is not None:      # popped, served and completed in C
+                        # completions the Python path left pending are written
+                        # first (a head the driver reuses must be completed
+                        # before it is popped again)
+                        assert direct is not None
+                        direct()
                         done = ring.run(self.fd, run, k, used, q.size, q.used_idx)
                         q.advanced(k, done)
                     else:

@@ -441,3 +441,58 @@ def test_c_loop_writes_the_inflight_record_as_python_does(image, monkeypatch):
     assert c_used == py_used and c_used[0] == 4
     assert c_counter == py_counter == 5
     assert c_bytes == py_bytes
+
+
+def test_c_loop_completes_pending_python_completions_before_a_reused_head(image, monkeypatch):
+    """A request a fault fires on is finished by Python, its completion
+    left pending in the record; the driver reuses its head at once (as a
+    fast guest does while the device process runs).  The C loop that
+    takes it again in the same call writes the pending completion first:
+    the record never sees a head popped twice or completed when it is not
+    in flight (it raised InflightError)."""
+    import mmap
+
+    from devices import blkring
+    from devices.faults import FaultEngine, parse_plan
+    from devserver.persist import QueueRecord
+    from ipc.inflight import InflightQueue, region_size
+
+    if not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    dev, ram = make(image)
+    plan = parse_plan({"fault": [{"device": "blk", "point": "blk.read", "nth": 1, "action": "delay", "ms": 0}]})
+    dev.fault_engine = FaultEngine("blk", plan.for_device("blk"), points=VirtioBlk.all_fault_points())
+    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
+    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
+    hook = QueueRecord(rec)
+    hook.enabled(0, 8)
+    dev.queues[0].inflight = hook
+    faulted = VirtioBlk._faulted
+    reoffered: list[int] = []
+
+    def faulted_then_reuse(self, *args):
+        written = faulted(self, *args)
+        if not reoffered:                   # the driver offers head 0 again, the same request
+            reoffered.append(1)
+            offer(ram, 0)
+        return written
+
+    monkeypatch.setattr(VirtioBlk, "_faulted", faulted_then_reuse)
+    try:
+        ram.write(HDR, struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, 3))
+        for i, (a, n, f) in enumerate(((HDR, 16, VIRTQ_DESC_F_NEXT),
+                                       (DATA, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+                                       (STATUS, 1, VIRTQ_DESC_F_WRITE))):
+            put_desc(ram, i, a, n, f, i + 1)
+        offer(ram, 0)
+        notify(dev)
+        assert reoffered
+        idx, elems = used(ram)
+        assert idx == 2 and elems == [(0, 513), (0, 513)]
+        hook.flush()
+        assert rec.in_flight() == 0
+        assert dev.fault_engine.events("blk.read") == 2
+    finally:
+        dev.stop()
+        rec.release()
+        region.close()
