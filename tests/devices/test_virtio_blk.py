@@ -231,6 +231,27 @@ def test_single_queue_offers_no_mq_and_bad_num_queues(image):
         VirtioBlk(FakeHost(GuardedRam().ram), slot="4", path=str(image), notify_threads="many")
 
 
+def record_queue(dev):
+    """Queue 0's in-flight record as a device process hooks it
+    (devserver.persist.QueueRecord over ipc.inflight.InflightQueue, size
+    8): (hook, record, release)."""
+    import mmap
+
+    from devserver.persist import QueueRecord
+    from ipc.inflight import InflightQueue, region_size
+
+    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
+    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
+    hook = QueueRecord(rec)
+    hook.enabled(0, 8)
+    dev.queues[0].inflight = hook
+
+    def release() -> None:
+        rec.release()
+        region.close()
+    return hook, rec, release
+
+
 @pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
 def test_batch_of_requests_one_doorbell(image, monkeypatch, c_path):
     """Several requests on the avail ring before one doorbell -- reads and
@@ -239,22 +260,14 @@ def test_batch_of_requests_one_doorbell(image, monkeypatch, c_path):
     order, published with one used->idx, and the in-flight record
     (devserver.persist.QueueRecord, as a device process hooks it) shows
     nothing in flight after; the Python path alone gives the same."""
-    import mmap
-
     from devices import blkring
-    from devserver.persist import QueueRecord
-    from ipc.inflight import InflightQueue, region_size
 
     if c_path and not blkring.AVAILABLE:
         pytest.skip("devices._blkring_c is not built (make install)")
     if not c_path:
         monkeypatch.setattr(blkring, "AVAILABLE", False)
     dev, ram = make(image)
-    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
-    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
-    hook = QueueRecord(rec)
-    hook.enabled(0, 8)
-    dev.queues[0].inflight = hook
+    hook, rec, release = record_queue(dev)
     try:
         hdr = lambda k: HDR + 0x20 * k         # noqa: E731
         st = lambda k: STATUS + k              # noqa: E731
@@ -289,8 +302,7 @@ def test_batch_of_requests_one_doorbell(image, monkeypatch, c_path):
         assert dev.queues[0].served == 4 and dev.queues[0].failed == 0
     finally:
         dev.stop()
-        rec.release()
-        region.close()
+        release()
 
 
 @pytest.mark.parametrize("c_path", [True, False], ids=["c", "python"])
@@ -394,11 +406,7 @@ def test_c_loop_writes_the_inflight_record_as_python_does(image, monkeypatch):
     write, the record's bytes -- pop counters in ring order, flags, used
     index -- are the ones the Python path (ipc.inflight.InflightQueue)
     leaves, and its counter goes on from the same value."""
-    import mmap
-
     from devices import blkring
-    from devserver.persist import QueueRecord
-    from ipc.inflight import InflightQueue, region_size
 
     if not blkring.AVAILABLE:
         pytest.skip("devices._blkring_c is not built (make install)")
@@ -410,11 +418,7 @@ def test_c_loop_writes_the_inflight_record_as_python_does(image, monkeypatch):
     def run(c_path: bool) -> tuple[bytes, int, list]:
         monkeypatch.setattr(blkring, "AVAILABLE", c_path)
         dev, ram = make(image)
-        region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
-        rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
-        hook = QueueRecord(rec)
-        hook.enabled(0, 8)
-        dev.queues[0].inflight = hook
+        hook, rec, release = record_queue(dev)
         try:
             for rounds in range(2):             # the second batch starts from the first's counter
                 for k, (rtype, sector) in enumerate(((vb.VIRTIO_BLK_T_IN, 1), (vb.VIRTIO_BLK_T_OUT, 2))):
@@ -428,11 +432,10 @@ def test_c_loop_writes_the_inflight_record_as_python_does(image, monkeypatch):
                     offer(ram, 3 * k)
                 notify(dev)
             hook.flush()
-            return bytes(region), rec.counter, used(ram)
+            return bytes(rec.buffer), rec.counter, used(ram)
         finally:
             dev.stop()
-            rec.release()
-            region.close()
+            release()
 
     c_bytes, c_counter, c_used = run(True)
     assert len(recorded) == 2
@@ -450,23 +453,15 @@ def test_c_loop_completes_pending_python_completions_before_a_reused_head(image,
     takes it again in the same call writes the pending completion first:
     the record never sees a head popped twice or completed when it is not
     in flight (it raised InflightError)."""
-    import mmap
-
     from devices import blkring
     from devices.faults import FaultEngine, parse_plan
-    from devserver.persist import QueueRecord
-    from ipc.inflight import InflightQueue, region_size
 
     if not blkring.AVAILABLE:
         pytest.skip("devices._blkring_c is not built (make install)")
     dev, ram = make(image)
     plan = parse_plan({"fault": [{"device": "blk", "point": "blk.read", "nth": 1, "action": "delay", "ms": 0}]})
     dev.fault_engine = FaultEngine("blk", plan.for_device("blk"), points=VirtioBlk.all_fault_points())
-    region = mmap.mmap(-1, region_size(dev.queues[0].max_size))
-    rec = InflightQueue(memoryview(region), dev.queues[0].max_size)
-    hook = QueueRecord(rec)
-    hook.enabled(0, 8)
-    dev.queues[0].inflight = hook
+    hook, rec, release = record_queue(dev)
     faulted = VirtioBlk._faulted
     reoffered: list[int] = []
 
@@ -494,5 +489,4 @@ def test_c_loop_completes_pending_python_completions_before_a_reused_head(image,
         assert dev.fault_engine.events("blk.read") == 2
     finally:
         dev.stop()
-        rec.release()
-        region.close()
+        release()
