@@ -275,7 +275,8 @@ class VirtioBlk(VirtioPciDevice):
                     q.served += k
                     served += done
                     if done < k:
-                        heads = [reqs[i].head for i in range(k)]
+                        if record is not None:      # (the other branch has them)
+                            heads = [reqs[i].head for i in range(k)]
                         results = []
                         for i in range(done, k):
                             h = heads[i]
