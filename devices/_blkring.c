@@ -100,8 +100,10 @@ int blk_scan(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans,
 int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k, int taken,
             uint64_t used_off, uint32_t size, uint16_t used_idx, struct blk_record *rec)
 {
-    if (size == 0 || (size & (size - 1)) || used_off + 6ull + 8ull * size > ram_len || k < 0 || taken < k)
+    if (k < 0 || taken < k)
         return -1;
+    if (size == 0 || (size & (size - 1)) || used_off + 6ull + 8ull * size > ram_len)
+        return 0;           /* nothing done: the caller serves them */
     if (rec) {
         /* ipc.inflight.InflightQueue.pop for each taken chain, before any
          * is acted on: the entry's counter, then its flag. */
@@ -138,13 +140,13 @@ int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, 
         uint32_t elem[2] = { r->head, r->write ? 1u : r->len + 1u };
         memcpy(ram + used_off + 4 + 8ull * ((uint16_t)(used_idx + i) & (size - 1)), elem, 8);
     }
-    if (done > 0) {
+    if (done > 0 && rec) {
         /* used->idx once (the guest's commit point, virtio 1.2 2.7.8), then
          * InflightQueue.complete_batch: the flags, then the record's index */
         uint16_t idx = (uint16_t)(used_idx + done);
         STORE_ORDER();
         memcpy(ram + used_off + 2, &idx, 2);
-        if (rec) {
+        {
             STORE_ORDER();
             for (int i = 0; i < done; i++)
                 rec->base[REC_HEADER + REC_ENTRY * (uint64_t)reqs[i].head + REC_FLAG] = 0;
