@@ -43,7 +43,6 @@ import logging
 import os
 import struct
 import time
-from typing import Any
 
 from devices import blkring
 from devices.base import BadParameter, DeviceHost
