@@ -46,4 +46,9 @@ struct blk_faults {
     struct blk_fault_point point[2];
 };
 
-int blk_faults_pass(struct blk_faults *f, const struct blk_req *reqs, int k);
+/* blk_scan, then the requests no armed fault can take passed over (and
+ * counted); the batch ends at the first one the fault engine must decide:
+ * -k when that is its last request, else k. */
+int blk_scan_faults(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans, int nspans,
+                    uint64_t desc_off, uint64_t avail_off, uint32_t size, uint16_t last_avail, uint32_t pending,
+                    uint64_t capacity, int readonly, struct blk_req *reqs, int max, struct blk_faults *f);

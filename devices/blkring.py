@@ -28,7 +28,7 @@ popped before any is acted on, the finished ones completed after
 (``python -m vmm.bench.state_cost``: state=on 0.75x state=off before,
 0.98-1.01x after).  Otherwise the caller records each chain itself.  The
 caller (:meth:`devices.virtio.blk.VirtioBlk.process_queue`) keeps the
-fault points: before the run, :meth:`FaultTable.pass_over` passes over
+fault points: with a :class:`FaultTable`, :meth:`Ring.scan` passes over
 the requests no armed ``blk.read``/``blk.write`` fault can take (first
 sector outside every armed span, no trigger due: what
 :meth:`devices.faults.engine.FaultEngine.quiet` allows), counting them in
@@ -37,16 +37,19 @@ it about (one that fires stops the run there and goes to Python); the
 passed-over events reach the engine in bulk
 (:meth:`FaultTable.hand_over`, before it decides or is read).  In
 process, a Python decision per request cost ~0.46 us of a ~4 us request;
-with ``queue.complete`` armed the C path is not used.
+with ``queue.complete`` armed the C path is not used.  (A separate cffi
+call for it cost ~0.1-0.2 us a batch here, as much again: it is part of
+the scan's call.)
 Missing extension (a tree not built): :data:`AVAILABLE` is False and the
 device serves everything in Python.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devices.faults.engine import Firing
 
 try:
     from devices._blkring_c import ffi, lib
@@ -83,9 +86,18 @@ class Ring:
         return self.ptr
 
     def scan(self, desc: int, avail: int, size: int, last_avail: int, pending: int, capacity: int,
-             readonly: bool) -> int:
-        return int(lib.blk_scan(self.ptr, self.length, self.spans, self.nspans, desc, avail, size, last_avail,
-                                pending, capacity, readonly, self.reqs, min(pending, BATCH)))
+             readonly: bool, faults: FaultTable | None = None) -> int:
+        """Describe the requests of the usual shape from ``last_avail`` on:
+        how many.  With ``faults``, those no armed fault can take are
+        passed over (:class:`FaultTable`) and the batch ends at the first
+        the engine must decide: then the count is negative (``-k``: the
+        ``k``-th, the last, is to be decided)."""
+        if faults is None:
+            return int(lib.blk_scan(self.ptr, self.length, self.spans, self.nspans, desc, avail, size, last_avail,
+                                    pending, capacity, readonly, self.reqs, min(pending, BATCH)))
+        return int(lib.blk_scan_faults(self.ptr, self.length, self.spans, self.nspans, desc, avail, size,
+                                       last_avail, pending, capacity, readonly, self.reqs, min(pending, BATCH),
+                                       faults.c))
 
     def recording(self, record: Any) -> Any:
         """``with ring.recording(record):`` -- :meth:`run` also keeps
@@ -125,19 +137,15 @@ class FaultTable:
     """The ``blk.read``/``blk.write`` fault decisions the C loop takes
     itself (``struct blk_faults``), filled from a fault engine's
     :meth:`~devices.faults.engine.FaultEngine.quiet` and kept true by its
-    owner: :meth:`fill` whenever the engine's faults changed, :meth:`asked`
-    after each event the engine decided, :meth:`hand_over` before the
-    engine decides or is read.  Used under the lock that serialises the
+    owner: :meth:`fill` whenever the engine's faults changed (``armed`` is
+    not the engine's), every other event of the two points decided through
+    :meth:`ask`, :meth:`hand_over` before the engine is read.  Used under the lock that serialises the
     device's requests (the engine's :meth:`counted_elsewhere` lock)."""
 
     def __init__(self) -> None:
         assert ffi is not None
         self.c: Any = ffi.new("struct blk_faults *")
-        #: ``pass_over(reqs, k)``: pass over (and count) the first requests
-        #: of the scanned batch of ``k`` that no fault can take; the index of
-        #: the first the engine must decide (``k``: none).  The C function
-        #: itself, bound to the table (no Python frame per batch).
-        self.pass_over: Callable[[Any, int], int] = functools.partial(lib.blk_faults_pass, self.c)
+        self._points = (self.c.point[0], self.c.point[1])
         #: The engine the passed-over events belong to, and the ``armed``
         #: mapping the table was filled for (a new one: fill again).
         self.engine: Any = None
@@ -148,8 +156,7 @@ class FaultTable:
         passed over so far handed over first)."""
         self.hand_over()
         self.engine, self.armed = engine, engine.armed
-        for i, point in enumerate(FAULT_POINTS):
-            p = self.c.point[i]
+        for p, point in zip(self._points, FAULT_POINTS, strict=True):
             p.passed = 0
             if point not in self.armed:         # not counted: pass every one, uncounted
                 p.quiet, p.nspans = _UNLIMITED, 0
@@ -168,23 +175,31 @@ class FaultTable:
         (:meth:`~devices.faults.engine.FaultEngine.skip`)."""
         if self.engine is None:
             return
-        for i, point in enumerate(FAULT_POINTS):
-            p = self.c.point[i]
+        for p, point in zip(self._points, FAULT_POINTS, strict=True):
             n = int(p.passed)
             if n:
                 p.passed = 0
                 self.engine.skip(point, n)
 
-    def asked(self, write: bool, fired: bool) -> None:
-        """The engine decided an event of the point (``write``: blk.write)
-        itself: an event that fired nothing uses up one more of the quiet
-        run; a firing changes the faults' state (:meth:`fill` again)."""
-        if fired:
+    def ask(self, engine: Any, write: bool, sector: int) -> Firing | None:
+        """One event of ``blk.read`` (``write``: ``blk.write``), armed on
+        ``engine`` (the device's), decided by it -- after the events of the
+        point passed over so far were handed over, so it gets its number
+        in ring order.  One that fires nothing uses up one more of the
+        point's quiet run; a firing (or another engine than the table's)
+        makes the table stale (:meth:`fill` again)."""
+        point = FAULT_POINTS[write]
+        p = self._points[write]
+        n = p.passed
+        if n:
+            p.passed = 0
+            self.engine.skip(point, int(n))
+        firing: Firing | None = engine.armed[point]({"sector": sector})
+        if firing is not None or engine is not self.engine:
             self.armed = None
-            return
-        p = self.c.point[1 if write else 0]
-        if p.quiet:
+        elif p.quiet:
             p.quiet -= 1
+        return firing
 
 
 class _Recording:

@@ -229,6 +229,7 @@ class VirtioBlk(VirtioPciDevice):
         if mem is None:
             return
         served, rest = 0, False
+        decided = "blk.read" in armed or "blk.write" in armed
         try:
             ring = self._ring
             if ring is None or ring.buffer is not mem.buffer:
@@ -249,30 +250,31 @@ class VirtioBlk(VirtioPciDevice):
                     if not n:
                         break
                     view, table, avail, used = q._where(mem)
-                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly)
-                    if not k:
-                        rest = True
-                        break
-                    reqs = ring.reqs
                     # With blk.read/blk.write armed each request's fault decision is
-                    # taken here, once: C passes over (and counts) the requests no
-                    # fault can take and stops at the first the engine must decide,
-                    # which is asked here; C serves the requests before one that
-                    # fires, Python that one (and any C stopped at) with the decision.
-                    decided = "blk.read" in armed or "blk.write" in armed
-                    fired: tuple[int, Firing] | None = None
-                    asked = False
+                    # taken once, in ring order: the scan passes over (and counts)
+                    # the requests no fault can take and ends the batch at the first
+                    # the engine must decide, which is asked here; C serves the
+                    # requests before one that fires, Python that one (and any C
+                    # stopped at) with the decision.
+                    faults = None
                     if decided:
                         faults = self._faults
                         engine = self.fault_engine
                         if faults is None or faults.armed is not engine.armed or faults.engine is not engine:
                             faults = self._fault_table()
-                        j = faults.pass_over(reqs, k)
-                        if j < k:
-                            k, asked = j + 1, True
-                            firing = self._blk_event(bool(reqs[j].write), int(reqs[j].sector))
-                            if firing is not None:
-                                fired = (j, firing)
+                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly, faults)
+                    if not k:
+                        rest = True
+                        break
+                    reqs = ring.reqs
+                    fired: tuple[int, Firing] | None = None
+                    asked = k < 0
+                    if asked:
+                        k = -k
+                        last = reqs[k - 1]
+                        firing = self._blk_event(bool(last.write), int(last.sector))
+                        if firing is not None:
+                            fired = (k - 1, firing)
                     run = k if fired is None else k - 1
                     if record is not None:      # popped, served and completed in C
                         # completions the Python path left pending are written
@@ -342,12 +344,9 @@ class VirtioBlk(VirtioPciDevice):
         passed over are handed over first, so this one gets its number in
         ring order, and the C loop's table learns of the decision."""
         table = self._faults
-        if table is not None:
-            table.hand_over()
-        firing = self.fault_engine.armed[blkring.FAULT_POINTS[write]]({"sector": sector})
-        if table is not None:
-            table.asked(write, firing is not None)
-        return firing
+        if table is None:
+            return self.fault_engine.armed[blkring.FAULT_POINTS[write]]({"sector": sector})
+        return table.ask(self.fault_engine, write, sector)
 
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam, fired: Firing | None | object = _UNSET) -> int:
         """One request in Python; ``fired``: the fault decision the C

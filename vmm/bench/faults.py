@@ -39,6 +39,12 @@
    what the ``blk.*`` and ``queue.complete`` tests add to each request.
    With ``--base-tree DIR`` (a checkout of the tree before fault
    injection, e.g. ``git archive``), that tree's request as well.
+5. The request as the device usually serves it, in-process: 4 KiB reads
+   at QD1 through ``VirtioBlk.process_queue`` (the C loop, the in-flight
+   record hooked: :mod:`vmm.bench.virtio_blk_path`'s set-up), with no
+   plan, the silent plan of (1), a silent ``nth`` fault with no match
+   key (passed over by its count), and the 1% plan; ns per request
+   (thread CPU time of the call), best of interleaved rounds.
 
 (2) to (4) are timed in the thread's CPU time (``time.thread_time``:
 what other processes take of the core is not counted).
@@ -435,6 +441,66 @@ def blk_handle_costs(loops: int = 5_000, rounds: int = 15, base_tree: str | None
     return out
 
 
+C_PATH_PLANS = {
+    "no_plan": None,
+    "silent_span": 'point = "blk.read"\nafter = 0\naction = "ioerr"\nsector = [1099511627776, 1099511627776]',
+    "silent_nth": 'point = "blk.read"\nnth = 1000000000000\naction = "ioerr"',
+    "one_percent": 'point = "blk.read"\nprobability = 0.01\naction = "delay"\nms = 0',
+}
+
+
+def blk_c_path_costs(requests: int = 2000, rounds: int = 9) -> dict[str, Any]:
+    """(5): ns per 4 KiB QD1 read served by ``process_queue`` (the C loop)
+    under each of :data:`C_PATH_PLANS`, best of ``rounds`` interleaved."""
+    import random
+
+    from devices.faults.engine import FaultEngine
+    from devices.faults.plan import loads_plan
+    from devices.virtio.blk import VirtioBlk
+    from vmm.bench import virtio_blk_path as vbp
+
+    points = VirtioBlk.all_fault_points()
+    with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(vbp.IMAGE_MIB << 20)
+        setups = {}
+        for name, fault in C_PATH_PLANS.items():
+            dev, ram, drv, region, rec = vbp.setup(image)
+            faults = () if fault is None else loads_plan(
+                f'[[fault]]\ndevice = "blk"\n{fault}\n', devices={"blk": points}).for_device("blk")
+            dev.attach_faults(FaultEngine("blk", faults, points=points))
+            setups[name] = (dev, drv, region)
+        rnd = random.Random(1)
+        blocks = (vbp.IMAGE_MIB << 20) // 4096
+
+        def serve(dev: VirtioBlk, drv: vbp.Driver) -> float:
+            q, spent = dev.queues[0], 0
+            for _ in range(requests):
+                drv.offer([rnd.randrange(blocks) * 8], 4096)
+                t0 = time.thread_time_ns()
+                with dev._lock:
+                    dev.process_queue(q)
+                spent += time.thread_time_ns() - t0
+            assert q.used_idx == drv.avail_idx, "the device served every request"
+            return spent / requests
+
+        best = {name: float("inf") for name in setups}
+        for _ in range(rounds):
+            for name, (dev, drv, _region) in setups.items():
+                best[name] = min(best[name], serve(dev, drv))
+        events = {name: dev.fault_engine.events("blk.read") for name, (dev, _d, _r) in setups.items()}
+        for dev, _drv, _region in setups.values():
+            dev.stop()
+    out: dict[str, Any] = {name: round(t, 1) for name, t in best.items()}
+    for name in C_PATH_PLANS:
+        if name != "no_plan":
+            out[f"{name}_to_no_plan_ns"] = round(best[name] - best["no_plan"], 1)
+            out[f"{name}_iops_ratio"] = round(best["no_plan"] / best[name], 4)
+    out["blk_read_events_counted"] = events
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vmm.bench.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n4k", type=int, default=200, help="4 KiB reads per disk per round (default 200)")
@@ -450,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         report["virtio_blk_4k_qd1"] = blk_iops(args.vms, args.rounds, args.n4k, args.timeout)
     report["access_point_ns_per_access"] = access_costs()
     report["blk_request_ns_in_process"] = blk_handle_costs(base_tree=args.base_tree)
+    report["blk_c_path_ns_in_process"] = blk_c_path_costs()
     hooks = report["nothing_armed_hooks"] = hook_costs()
     hooks["share_of_in_process_request"] = round(
         hooks["ns_per_request"] / report["blk_request_ns_in_process"]["no_engine"], 5)
