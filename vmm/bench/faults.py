@@ -105,23 +105,34 @@ def task_cpu_ns(pid: int) -> int:
     return total
 
 
+def base_python(base_tree: str) -> str:
+    """The interpreter for ``base_tree``: its own ``make install``'s, else this one."""
+    own = pathlib.Path(base_tree) / ".venv" / "bin" / "python"
+    return str(own) if own.exists() else sys.executable
+
+
 def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cmdline: str,
-           timeout: float, api: pathlib.Path, placement: str = "isolated") -> dict[str, Any]:
+           timeout: float, api: pathlib.Path, placement: str = "isolated",
+           base_tree: str | None = None) -> dict[str, Any]:
     """One VM: the guest's per-slice results, the TSC rate, and each
     device process's CPU time between the two "tsc" lines (read through
-    ``query-devices``' pids while the guest settles)."""
+    ``query-devices``' pids while the guest settles).  With ``base_tree``:
+    that tree's ``vmm run`` (before fault injection: no plan, no control
+    socket, so no CPU times)."""
     import subprocess
     import threading
 
     from vmm.qmp.ctl import Connection
 
-    cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
-           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio", "--faults", str(plan),
-           "--api", str(api)]
+    python = sys.executable if base_tree is None else base_python(base_tree)
+    cmd = [python, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
+           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio"]
+    if base_tree is None:
+        cmd += ["--faults", str(plan), "--api", str(api)]
     for variant, image in zip(VARIANTS, images, strict=True):
         cmd += ["--device", f"virtio-blk,id={variant},path={image},serial={variant},readonly=on,process={placement}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=base_tree)
     assert proc.stdout is not None and proc.stderr is not None
     watchdog = threading.Timer(timeout + 30, proc.kill)
     watchdog.start()
@@ -138,6 +149,8 @@ def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cm
             if not line.startswith("tsc "):
                 continue
             stamps.append((int(line.split()[1]), now))
+            if base_tree is not None:
+                continue
             if not pids:
                 conn = Connection(str(api), timeout=30)
                 try:
@@ -150,7 +163,7 @@ def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cm
         proc.wait()
     finally:
         watchdog.cancel()
-    if "done" not in lines or len(samples) != 2:
+    if "done" not in lines or len(samples) != (0 if base_tree is not None else 2):
         raise RuntimeError(f"vmm run ended with {proc.returncode} before the guest was done:\n"
                            + "\n".join(lines[-20:]) + "\n" + proc.stderr.read().decode(errors="replace")[-2000:])
     (tsc0, t0), (tsc1, t1) = stamps[0], stamps[-1]
@@ -170,8 +183,11 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def blk_iops(vms: int, rounds: int, n4k: int, timeout: float, placement: str = "isolated") -> dict[str, Any]:
-    """(1): per-slice IOPS of each variant and the per-round ratios."""
+def blk_iops(vms: int, rounds: int, n4k: int, timeout: float, placement: str = "isolated",
+             base_tree: str | None = None) -> dict[str, Any]:
+    """(1): per-slice IOPS of each variant and the per-round ratios.  With
+    ``base_tree``, a VM of that tree (three disks, no plan) after each VM
+    of this one: its slices' IOPS against this tree's no-plan slices."""
     with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp_name:
         tmp = pathlib.Path(tmp_name)
         elf = guests.build(GUEST_SOURCES, tmp, name="faults-bench")
@@ -182,7 +198,12 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float, placement: str = "
         plan = tmp / "plan.toml"
         plan.write_text(PLAN)
         cmdline = f"devs={len(VARIANTS)} rounds={rounds} n4k={n4k} settle={SETTLE_TICKS}"
-        runs = [run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock", placement) for _ in range(vms)]
+        runs, base_runs = [], []
+        for _ in range(vms):
+            runs.append(run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock", placement))
+            if base_tree is not None:
+                base_runs.append(run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock", placement,
+                                        base_tree=base_tree))
     for run in runs:
         ids = [line.split()[-1] for line in run["lines"] if line.startswith("faults: disk ")]
         if ids != list(VARIANTS):
@@ -210,6 +231,21 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float, placement: str = "
                                "ratio_of_medians": round(out[v]["IOPS_median"] / out["none"]["IOPS_median"], 4),
                                "ratio_of_p90s": round(out[v]["IOPS_p90"] / out["none"]["IOPS_p90"], 4)}
     out["request_us_median_no_plan"] = round(1e6 / out["none"]["IOPS_median"], 2)
+    if base_runs:
+        # The tree before fault injection: every one of its disks has no plan.
+        before = [n / (t / tsc_hz) for r in base_runs for i in range(len(VARIANTS))
+                  for _b, n, t in r["phases"][f"d{i}"]]
+        q1, q2, q3 = quartiles(before)
+        out["before"] = {"tree": base_tree, "IOPS_median": round(q2), "IOPS_quartiles": [round(q1), round(q3)],
+                         "IOPS_p90": round(statistics.quantiles(before, n=10)[-1]), "slices": len(before)}
+        out["none_to_before"] = {
+            "ratio_of_medians": round(out["none"]["IOPS_median"] / out["before"]["IOPS_median"], 4),
+            "ratio_of_p90s": round(out["none"]["IOPS_p90"] / out["before"]["IOPS_p90"], 4),
+            "per_vm_pair_ratio_of_medians": [
+                round(statistics.median(n / (t / tsc_hz) for _b, n, t in a["phases"]["d0"])
+                      / statistics.median(n / (t / tsc_hz) for i in range(len(VARIANTS))
+                                          for _b, n, t in b["phases"][f"d{i}"]), 4)
+                for a, b in zip(runs, base_runs, strict=True)]}
     out["no_plan_request_us_p90_slice"] = round(1e6 / statistics.quantiles(per_slice["none"], n=10)[-1], 2)
     if placement == "inline":
         return out          # (one process: its CPU time is not per disk)
@@ -521,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_blk:
         for placement in ("isolated", "inline") if args.placement == "both" else (args.placement,):
             key = "virtio_blk_4k_qd1" + ("_inline" if placement == "inline" else "")
-            report[key] = blk_iops(args.vms, args.rounds, args.n4k, args.timeout, placement)
+            report[key] = blk_iops(args.vms, args.rounds, args.n4k, args.timeout, placement, args.base_tree)
     report["access_point_ns_per_access"] = access_costs()
     report["blk_request_ns_in_process"] = blk_handle_costs(base_tree=args.base_tree)
     report["blk_c_path_ns_in_process"] = blk_c_path_costs()
