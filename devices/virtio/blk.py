@@ -229,7 +229,12 @@ class VirtioBlk(VirtioPciDevice):
         if mem is None:
             return
         served, rest = 0, False
+        # With blk.read/blk.write armed, the C loop's fault table, up to date
+        # (again after each event the engine decides: a firing changes it).
         decided = "blk.read" in armed or "blk.write" in armed
+        faults = self._faults if decided else None
+        if decided and (faults is None or faults.armed is not armed or faults.engine is not self.fault_engine):
+            faults = self._fault_table()
         try:
             ring = self._ring
             if ring is None or ring.buffer is not mem.buffer:
@@ -256,12 +261,6 @@ class VirtioBlk(VirtioPciDevice):
                     # the engine must decide, which is asked here; C serves the
                     # requests before one that fires, Python that one (and any C
                     # stopped at) with the decision.
-                    faults = None
-                    if decided:
-                        faults = self._faults
-                        engine = self.fault_engine
-                        if faults is None or faults.armed is not engine.armed or faults.engine is not engine:
-                            faults = self._fault_table()
                     k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly, faults)
                     if not k:
                         rest = True
@@ -306,6 +305,7 @@ class VirtioBlk(VirtioPciDevice):
                         q.push_many(mem, results)
                         served += len(results)
                     if asked:               # (the scan stopped there, not at the ring's end)
+                        faults = self._fault_table()
                         continue
                     if k < n:
                         rest = True
@@ -321,14 +321,17 @@ class VirtioBlk(VirtioPciDevice):
             super().process_queue(q)
 
     def _fault_table(self) -> blkring.FaultTable:
-        """The C loop's fault table, filled for the engine's faults as they
-        stand; the engine is told the events are counted elsewhere (its
-        readers then hand them over first, under the device's lock)."""
+        """The C loop's fault table, filled again if the engine's faults
+        changed (or the engine); the engine is told the events are counted
+        elsewhere (its readers then hand them over first, under the
+        device's lock)."""
         engine, table = self.fault_engine, self._faults
         if table is None:
             table = self._faults = blkring.FaultTable()
         if table.engine is not engine:
             engine.counted_elsewhere(self._lock, self._hand_over)
+        elif table.armed is engine.armed:
+            return table
         table.fill(engine)
         return table
 
