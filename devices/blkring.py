@@ -147,7 +147,8 @@ class FaultTable:
         self.c: Any = ffi.new("struct blk_faults *")
         self._points = (self.c.point[0], self.c.point[1])
         #: The engine the passed-over events belong to, and the ``armed``
-        #: mapping the table was filled for (a new one: fill again).
+        #: mapping the table was filled for (a new one -- the engine's faults
+        #: changed, or another engine, whose mapping is its own: fill again).
         self.engine: Any = None
         self.armed: Any = None
 

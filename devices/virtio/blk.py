@@ -222,7 +222,8 @@ class VirtioBlk(VirtioPciDevice):
         the first one the engine must decide (:meth:`_blk_event`), so an
         armed fault that does not fire leaves its requests in C."""
         armed = self.fault_engine.armed
-        if not blkring.AVAILABLE or q.resubmit or "queue.complete" in armed:
+        anything = bool(armed)                  # (nothing armed, the usual case: this one test)
+        if not blkring.AVAILABLE or q.resubmit or (anything and "queue.complete" in armed):
             super().process_queue(q)
             return
         mem = self.queue_ready(q)
@@ -231,9 +232,9 @@ class VirtioBlk(VirtioPciDevice):
         served, rest = 0, False
         # With blk.read/blk.write armed, the C loop's fault table, up to date
         # (again after each event the engine decides: a firing changes it).
-        decided = "blk.read" in armed or "blk.write" in armed
+        decided = anything and ("blk.read" in armed or "blk.write" in armed)
         faults = self._faults if decided else None
-        if decided and (faults is None or faults.armed is not armed or faults.engine is not self.fault_engine):
+        if decided and (faults is None or faults.armed is not armed):    # (another engine: another armed)
             faults = self._fault_table()
         try:
             ring = self._ring

@@ -25,8 +25,9 @@
 2. What the fault hooks cost a request with nothing armed, against no
    hooks at all (there is no "hook absent" build of this tree to run):
    the hook tests of ``VirtioBlk.handle``, counted by a counting
-   ``armed`` mapping on a real request, and the completion's
-   ``queue.complete`` test (the interrupt is the host's own method while
+   ``armed`` mapping on a real request (and, ``tests_in_c_loop_call``,
+   in a ``process_queue`` call of the C loop serving one), and the
+   completion's ``queue.complete`` test (the interrupt is the host's own method while
    ``irq`` is not counted, the notify comes by ioeventfd: no test), each
    timed as the statement it is, their sum as a share of the request
    served in-process and of the end-to-end request of (1).
@@ -288,6 +289,10 @@ class _CountingArmed(dict[str, Any]):
         type(self).tests += 1
         return super().get(key, default)
 
+    def __len__(self) -> int:           # (a truth test: "anything armed?")
+        type(self).tests += 1
+        return super().__len__()
+
 
 def _blk_setup(image: str) -> tuple[Any, Any, Any, Any]:
     """A VirtioBlk on ``image`` with one 4 KiB read request (sector 8) in
@@ -339,7 +344,29 @@ def hook_costs(loops: int = 200_000, rounds: int = 9) -> dict[str, Any]:
         return min(timeit.repeat(stmt, globals=env, number=loops, repeat=rounds, timer=time.thread_time)) / loops * 1e9
     per_test = best("point is not None and point in m.fault_engine.armed")
     floor = best("point is not None")
-    return {"tests_in_handle": in_handle, "tests_per_request": tests,
+    # The request as the device usually serves it: process_queue's C loop.
+    from devices import blkring
+    from devices.virtio.blk import VirtioBlk
+    from vmm.bench import virtio_blk_path as vbp
+
+    in_c_loop = None
+    if blkring.AVAILABLE:
+        with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp:
+            path = os.path.join(tmp, "disk.img")
+            with open(path, "wb") as f:
+                f.truncate(vbp.IMAGE_MIB << 20)
+            dev, _ram, drv, _region, _rec = vbp.setup(path)
+            engine = FaultEngine("blk", points=VirtioBlk.all_fault_points())
+            engine.armed = _CountingArmed()
+            dev.attach_faults(engine)
+            drv.offer([8], 4096)
+            _CountingArmed.tests = 0
+            with dev._lock:
+                dev.process_queue(dev.queues[0])
+            in_c_loop = _CountingArmed.tests
+            dev.stop()
+    return {"tests_in_handle": in_handle, "tests_per_request": tests, "tests_in_c_loop_call": in_c_loop,
+            "ns_per_c_loop_call": None if in_c_loop is None else round(in_c_loop * per_test, 1),
             "ns_per_test": round(per_test, 1), "ns_per_test_over_floor": round(per_test - floor, 1),
             "ns_per_request": round(tests * per_test, 1)}
 
