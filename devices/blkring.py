@@ -151,12 +151,19 @@ class FaultTable:
         #: changed, or another engine, whose mapping is its own: fill again).
         self.engine: Any = None
         self.armed: Any = None
+        #: Whether the C loop passes over (and so decides) blk.read/blk.write
+        #: requests, and whether the Python loop must serve everything
+        #: (``queue.complete`` armed), for that ``armed``.
+        self.decides = False
+        self.whole_python = False
 
     def fill(self, engine: Any) -> None:
         """The table for ``engine``'s faults as they stand (the events
         passed over so far handed over first)."""
         self.hand_over()
         self.engine, self.armed = engine, engine.armed
+        self.decides = any(point in self.armed for point in FAULT_POINTS)
+        self.whole_python = "queue.complete" in self.armed
         for p, point in zip(self._points, FAULT_POINTS, strict=True):
             p.passed = 0
             if point not in self.armed:         # not counted: pass every one, uncounted

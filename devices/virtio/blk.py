@@ -221,21 +221,28 @@ class VirtioBlk(VirtioPciDevice):
         (:class:`devices.blkring.FaultTable`, counted in bulk) and stops at
         the first one the engine must decide (:meth:`_blk_event`), so an
         armed fault that does not fire leaves its requests in C."""
-        armed = self.fault_engine.armed
-        anything = bool(armed)                  # (nothing armed, the usual case: this one test)
-        if not blkring.AVAILABLE or q.resubmit or (anything and "queue.complete" in armed):
+        if not blkring.AVAILABLE or q.resubmit:
             super().process_queue(q)
             return
+        # With anything armed, the C loop's fault table, up to date (again
+        # after each event the engine decides: a firing changes it), says
+        # what it means here; with nothing armed (the usual case) one test.
+        armed = self.fault_engine.armed
+        faults = None
+        if armed:
+            faults = self._faults
+            if faults is None or faults.armed is not armed:     # (another engine: another armed)
+                faults = self._fault_table()
+            if faults.whole_python:
+                super().process_queue(q)
+                return
+            if not faults.decides:
+                faults = None
+        decided = faults is not None
         mem = self.queue_ready(q)
         if mem is None:
             return
         served, rest = 0, False
-        # With blk.read/blk.write armed, the C loop's fault table, up to date
-        # (again after each event the engine decides: a firing changes it).
-        decided = anything and ("blk.read" in armed or "blk.write" in armed)
-        faults = self._faults if decided else None
-        if decided and (faults is None or faults.armed is not armed):    # (another engine: another armed)
-            faults = self._fault_table()
         try:
             ring = self._ring
             if ring is None or ring.buffer is not mem.buffer:
