@@ -27,7 +27,8 @@ is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
 zero-padded).  Reads and writes of the usual shape (header, one data
 buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
 :meth:`VirtioBlk.process_queue`), each one's ``blk.read``/``blk.write``
-fault decision taken first; a request a fault fires on, other shapes,
+fault decision taken first (in C for a request no armed fault can take,
+counted in bulk; by the engine otherwise); a request a fault fires on, other shapes,
 and everything while ``queue.complete`` is armed are served by
 :meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
