@@ -15,13 +15,14 @@ import logging
 import sys
 import traceback
 
-#: Modules imported lazily somewhere on the device's paths (hashlib and
-#: random: by the fault engine, only when a fault fires or is armed).
+#: Modules imported lazily somewhere on the device's paths (_blake2, _sha256
+#: and random: by the fault engine, only when a fault fires or is armed;
+#: not hashlib, which would load OpenSSL, ~4 MB, into every process).
 MODULES = (
     "encodings", "encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.idna",
     "json", "struct", "select", "selectors", "socket", "threading", "queue", "mmap", "errno",
     "logging", "logging.handlers", "traceback", "linecache", "tokenize", "faulthandler", "signal",
-    "weakref", "msgpack", "msgpack.fallback", "random", "hashlib", "dataclasses", "enum", "stat", "resource",
+    "weakref", "msgpack", "msgpack.fallback", "random", "_blake2", "_sha256", "dataclasses", "enum", "stat", "resource",
     "devices.guestmem", "devices.virtio.virtqueue",
 )
 
