@@ -1,6 +1,7 @@
-"""The sandbox's outer reaper (devserver.sandbox.namespaces.reap) leaves
-with the parent it was started under, also when that parent died before
-it looked: real processes, no namespaces needed."""
+"""The sandbox's outer reaper (devserver.sandbox.namespaces.reap, which
+execs devserver/_reaper) leaves with the parent it was started under,
+also when that parent died before it looked, and leaves the way its pid 1
+says the device left: real processes, no namespaces needed."""
 
 from __future__ import annotations
 
@@ -51,3 +52,47 @@ def test_a_reaper_mirrors_its_pid_1_while_the_parent_stays():
             os._exit(99)
     _, status = os.waitpid(reaper, 0)
     assert os.waitstatus_to_exitcode(status) == 7
+
+
+def _reaper_status(inner_body) -> int:
+    """Fork a reaper whose pid 1 stand-in runs ``inner_body(w)`` (``w``: the
+    write end of the status pipe); the reaper's wait status."""
+    r, w = os.pipe()
+    reaper = os.fork()
+    if reaper == 0:
+        try:
+            inner = os.fork()
+            if inner == 0:
+                try:
+                    os.close(r)
+                    inner_body(w)
+                finally:
+                    os._exit(1)
+            os.close(w)
+            namespaces.reap(inner, os.pidfd_open(inner), r, parent=os.getppid())
+        finally:
+            os._exit(99)
+    os.close(r)
+    os.close(w)
+    _, status = os.waitpid(reaper, 0)
+    return status
+
+
+def test_a_reaper_dies_of_the_signal_its_pid_1_died_of():
+    status = _reaper_status(lambda w: os.kill(os.getpid(), signal.SIGUSR1))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR1
+
+
+def test_a_reaper_leaves_as_the_status_pid_1_passed_on():
+    # pid 1 passes the device's wait status (killed by seccomp: SIGSYS) and
+    # exits 1 itself: the reaper must die of SIGSYS, as the device did.
+    import struct
+
+    def inner(w):
+        os.write(w, struct.pack("<i", signal.SIGSYS))
+        os._exit(1)
+    status = _reaper_status(inner)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+    # ... and with an exit code passed, that code
+    status = _reaper_status(lambda w: (os.write(w, struct.pack("<i", 3 << 8)), os._exit(1)))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
