@@ -48,5 +48,7 @@ def apply() -> None:
         raise RuntimeError("preload")
     except RuntimeError:
         traceback.format_exc()  # loads the traceback machinery (not the source lines)
+    from devserver.sandbox import seccomp
+    seccomp.fill_syscall_names()    # the seccomp layer's table, here where a fork server shares it
     logging.getLogger(__name__).debug("preloaded %d modules", len(sys.modules))
     _done = True
