@@ -284,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     # What the children share stays shared: no collection runs here while
     # importing, and what was imported is moved out of the collector's
     # reach (gc.freeze) -- a collection in a child would otherwise write
-    # to every object's header and so copy every page of them.
+    # to every object's header and so copy every page of them.  No
+    # collection before the freeze either (as the gc docs advise): the
+    # holes it would free are where a child's first objects would go,
+    # copying a page of the server's for each.
     gc.disable()
     preload()
-    gc.collect()
     gc.freeze()
     code = Server(sock).run()
     sys.stderr.flush()
