@@ -96,3 +96,45 @@ def test_a_reaper_leaves_as_the_status_pid_1_passed_on():
     # ... and with an exit code passed, that code
     status = _reaper_status(lambda w: (os.write(w, struct.pack("<i", 3 << 8)), os._exit(1)))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+
+
+def test_reapers_pass_sigterm_on_to_the_device():
+    # A service's session: SIGTERM to the process the listener started goes
+    # to pid 1, from there to the device, whose exit both reapers mirror.
+    # SIGTERM stays blocked in the reapers from before their forks until
+    # the program handles it (as fork_into_pid_namespace does).
+    ready_r, ready_w = os.pipe()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    try:
+        outer = os.fork()
+        if outer == 0:
+            try:
+                r, w = os.pipe()
+                inner = os.fork()
+                if inner == 0:
+                    os.close(r)
+                    device = os.fork()
+                    if device == 0:
+                        signal.signal(signal.SIGTERM, lambda _s, _f: os._exit(6))
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+                        os.write(ready_w, b"x")
+                        while True:
+                            signal.pause()
+                    namespaces.reap_inside(device, w, forward=True)
+                os.close(w)
+                namespaces.reap(inner, os.pidfd_open(inner), r, parent=os.getppid(), forward=True)
+            finally:
+                os._exit(99)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    assert select.select([ready_r], [], [], 10)[0], "the device never got ready"
+    os.kill(outer, signal.SIGTERM)
+    pidfd = os.pidfd_open(outer)
+    try:
+        assert select.select([pidfd], [], [], 10)[0], "the reaper is still waiting"
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(outer, 0)
+    os.close(ready_r)
+    os.close(ready_w)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 6, status
