@@ -161,7 +161,8 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
 
 def _namespaces(out: Applied, tid_base: int, parent: int, parent_death: bool, program: int | OSError) -> None:
     if isinstance(program, OSError):
-        raise OSError(program.errno, f"the reaper program {namespaces.PROGRAM}: {program.strerror}")
+        raise OSError(f"the reaper program {namespaces.PROGRAM}: {program.strerror} "
+                      "(pip install builds it: make install)")
     forward = callable(signal.getsignal(signal.SIGTERM))   # a service's session passes SIGTERM on
 
     # What each reaper does before it execs the reaper program (which then
