@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from ipc._slots_c import ffi as _cffi, lib as _clib
 from ipc.errors import IpcError
 from ipc.inflight import InflightQueue, region_size
 
@@ -89,18 +90,17 @@ MAX_CAPACITY = 16 * 1024 * 1024
 MAX_QUEUES = 1024
 #: Snapshot numbers at or above this are rejected (never reached honestly).
 MAX_NUMBER = 1 << 62
+#: The steps of one snapshot store (svs_state_store in ipc/_slots.c).
+STORE_STEPS = 4
 
 _HEADER = struct.Struct("<8sIIIIII QQ16x")
 _RECORD = struct.Struct("<QQII")          # access seq, value, length, status
 _CRC = struct.Struct("<I")
 _NUMBER = struct.Struct("<Q")
-_NUMBER_RECORD = struct.Struct("<QQQII")   # _NUMBER then _RECORD, as the crc covers them
-_RECORD_CRC = struct.Struct("<QQIII")      # _RECORD then _CRC, as stored after the number
 assert _HEADER.size == BASE_HEADER_SIZE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
-_ZERO8 = bytes(8)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,11 @@ class StateSegment:
         self._last_payload: bytes | None = None
         self._queues: dict[int, InflightQueue] = {}
         self._buffers = (layout.buffer_offset(0), layout.buffer_offset(1))
+        # The mapping's address, for the store in C (ipc/_slots.c:
+        # svs_state_store); released in close() before the unmap.
+        self._cbuf = _cffi.from_buffer(self._map)
+        self._base = int(_cffi.cast("uint64_t", self._cbuf))
+        self._store_c = _clib.svs_state_store
 
     # ---- creation -----------------------------------------------------
 
@@ -347,15 +352,11 @@ class StateSegment:
             else:
                 seq, value, status = record.seq, record.value & _U64, record.status & _U32
             number = self._next
-            off = self._buffers[number & 1]
-            mem = self._mem
-            # crc over number, record and payload (as _read_buffer checks
-            # it): the first two are one packed head, so two calls, not three
-            crc = zlib.crc32(payload, zlib.crc32(_NUMBER_RECORD.pack(number, seq, value, n, status)))
-            mem[off:off + 8] = _ZERO8                                   # 1 unpublish
-            mem[off + BUFFER_HEADER_SIZE:off + BUFFER_HEADER_SIZE + n] = payload  # 2
-            mem[off + 8:off + 36] = _RECORD_CRC.pack(seq, value, n, status, crc)  # 3
-            mem[off:off + 8] = _NUMBER.pack(number)                     # 4 publish
+            # unpublish, payload, record and crc (as _read_buffer checks
+            # it), publish: one call into C (svs_state_store)
+            if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, status,
+                             payload, n, STORE_STEPS, 0) != 0:
+                raise StateError(f"snapshot {number} could not be stored")
             self._next = number + 1
             self._record = record
             self._last_payload = payload
@@ -445,6 +446,7 @@ class StateSegment:
         if self._mem is not None:
             self._mem.release()
             self._mem = None  # type: ignore[assignment]
+            _cffi.release(self._cbuf)
             try:
                 self._map.close()
             except BufferError:
