@@ -15,7 +15,9 @@ through the compiler.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import struct
 
 from vmm._kvm_c import ffi, lib
 from vmm.endpoint import VmmError
@@ -488,6 +490,15 @@ class CoalescedRing:
         return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
 
 
+# The access fields of struct svmm_vcpu, laid out in this order (checked).
+_ACCESS = struct.Struct("=III4xQQQQQ")
+_ACCESS_AT = ffi.offsetof("struct svmm_vcpu", "bus")
+if [ffi.offsetof("struct svmm_vcpu", f) - _ACCESS_AT
+        for f in ("bus", "size", "is_write", "addr", "value", "owner", "cookie", "offset")] \
+        != [0, 4, 8, 16, 24, 32, 40, 48]:
+    raise ImportError("struct svmm_vcpu's access fields moved: update vmm.kvm._ACCESS")
+
+
 class FastPath:
     """The C exit loop of one vCPU (``_vcpu.c``), bound to a registry.
 
@@ -527,6 +538,14 @@ class FastPath:
         self.ctx = ctx
         self._step = lib.svmm_step
         self._finish = lib.svmm_finish
+        #: The C step itself, ``c_step(ctx)``: ``step()`` without a Python
+        #: frame, for the vCPU loop (one call per exit).
+        self.c_step = lib.svmm_step
+        #: ``ctx`` as bytes, and ``read_access(view)`` the access after
+        #: STEP_ACCESS as one tuple (bus, size, is_write, addr, value,
+        #: owner, cookie, offset): one call, not eight field reads.
+        self.view = ffi.buffer(ctx)
+        self.read_access = functools.partial(_ACCESS.unpack_from, offset=_ACCESS_AT)
 
     def step(self) -> int:
         return self._step(self.ctx)

@@ -251,7 +251,7 @@ class VcpuThread:
         fast = self.fast
         assert fast is not None
         ctx = fast.ctx
-        step = fast.step
+        c_step, view, read_access = fast.c_step, fast.view, fast.read_access
         run = self.fd.run
         dispatcher = self.dispatcher
         forward = dispatcher.forward
@@ -267,7 +267,7 @@ class VcpuThread:
                 if self._pause:
                     self._park()
                     continue
-                rc = step()
+                rc = c_step(ctx)
                 if rc == PUT_ERROR:
                     # The access was served; its put failed.  The next step
                     # puts again, unless the reference is given up here.
@@ -279,10 +279,9 @@ class VcpuThread:
                     continue
                 put_attempts = 0
                 if rc == ACCESS:
-                    size = ctx.size
-                    value = forward(index, ctx.bus, ctx.owner, ctx.cookie, ctx.offset, size,
-                                    bool(ctx.is_write), ctx.value)
-                    if not ctx.is_write:
+                    bus, size, is_write, _, value, owner, cookie, offset = read_access(view)
+                    value = forward(index, bus, owner, cookie, offset, size, is_write != 0, value)
+                    if not is_write:
                         ctx.value = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)
