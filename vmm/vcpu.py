@@ -69,7 +69,7 @@ class VcpuThread:
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
             fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring,
-            None if dispatcher.windows is None else dispatcher.windows.table)
+            None if dispatcher.windows is None else dispatcher.windows.table, dispatcher.forwards)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -257,8 +257,10 @@ class VcpuThread:
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
-                                                          kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED)
+        look_at_forward = dispatcher.look_at_forward
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR = (
+            kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
+            kvm.STEP_FORWARD_ERROR)
         put_attempts = 0
         try:
             while True:
@@ -279,8 +281,18 @@ class VcpuThread:
                     continue
                 put_attempts = 0
                 if rc == ACCESS:
-                    bus, size, is_write, _, value, owner, cookie, offset = read_access(view)
+                    bus, size, is_write, fresh, _, value, owner, cookie, offset = read_access(view)
+                    if fresh:
+                        # (the next access to it may go straight to its slot, in C)
+                        look_at_forward(owner)
                     value = forward(index, bus, owner, cookie, offset, size, is_write != 0, value)
+                    if not is_write:
+                        ctx.value = value & _MASK[size]
+                elif rc == FORWARD_ERROR:
+                    bus, size, is_write, _, _, value, owner, cookie, offset = read_access(view)
+                    value = dispatcher.forward_failed(index, bus, owner, cookie, offset, size, is_write != 0,
+                                                      value, ctx.fwd_rc, ctx.fwd_aseq, ctx.fwd_slots,
+                                                      ctx.fwd_gen)
                     if not is_write:
                         ctx.value = value & _MASK[size]
                 elif rc == DRAIN:
