@@ -27,7 +27,12 @@ loop calls :meth:`Dispatcher.access`, which does the lookup in Python and
 then the same three.  Coalesced MMIO (:mod:`vmm.coalesce`): before any
 access is forwarded, :meth:`Dispatcher.drain` delivers the writes queued
 in the ring, as writes through :meth:`access` (in ring order, one vCPU at
-a time).
+a time).  An access to a device process whose forward is installed
+(:meth:`Dispatcher.look_at_forward`) is served by the C loop itself,
+counted in :attr:`Dispatcher.stats` from the forward's own cell, and
+reaches Python only when its slot call fails
+(:meth:`Dispatcher.forward_failed`); the C loop takes the coalesced ring
+first on every exit, so the order is the same.
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ killed; the stalled lookup completes as unclaimed, a stalled put is
 retried).  Coalesced MMIO: both loops have the dispatcher drain the ring
 on every exit that finds writes queued in it (:mod:`vmm.coalesce`).
 
+**Forwarding in C.**  An access to a device process goes from the C loop
+straight into its slot (``svmm_forward`` in ``_vcpu.c``, through the
+dispatcher's table of forwards, :meth:`Dispatcher.look_at_forward`) while
+the endpoint's forward is on (:attr:`vmm.remote.RemoteEndpoint.c_forward`:
+not failed, restarting, paused or closing); the first access to an owner
+and every one while its forward is off come to Python as usual.  A call
+that fails comes back as ``STEP_FORWARD_ERROR`` and goes to
+:meth:`Dispatcher.forward_failed`, i.e. to the endpoint's restart rules,
+as a failed call from Python does.
+
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
 whose handler (installed in C, no SA_RESTART) does nothing: ``KVM_RUN``
