@@ -42,8 +42,7 @@ from devices.virtio.core import VirtioCore
 from devices.virtio.virtqueue import Virtqueue
 from devserver.errors import StartFailed
 from ipc.inflight import InflightError, InflightQueue
-from ipc.slots import STATUS_OK
-from ipc.state import AccessRecord, SnapshotTooLarge, StateSegment
+from ipc.state import SnapshotTooLarge, StateSegment
 
 __all__ = ["StateKeeper", "QueueRecord"]
 
@@ -217,12 +216,9 @@ class StateKeeper:
     def answered(self, model: Device, aseq: int, value: int) -> None:
         """Store the snapshot including access ``aseq`` answered with
         ``value``, before the answer goes out (the model lock is held)."""
-        if aseq:
-            self._store(model, AccessRecord(aseq, value, STATUS_OK))
-        else:
-            self._store(model, None)
+        self._store(model, aseq, value)
 
-    def _store(self, model: Device, access: AccessRecord | None) -> None:
+    def _store(self, model: Device, aseq: int | None, value: int = 0) -> None:
         if self._broken:
             return
         try:
@@ -232,7 +228,8 @@ class StateKeeper:
             log.warning("the model keeps no snapshot: a restart starts it from power-on")
             return
         try:
-            if self.segment.store(state, access, only_if_changed=True):
+            if (self.segment.store_answer(state, aseq, value) if aseq
+                    else self.segment.store(state, None, only_if_changed=True)):
                 self.stores += 1
         except (SnapshotTooLarge, TypeError) as e:
             # The segment would go on holding an older state: the access

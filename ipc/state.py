@@ -262,7 +262,8 @@ class StateSegment:
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._next: int | None = None          # number of the next store
-        self._record: AccessRecord | None = None
+        # the record of the last store: an AccessRecord or its plain tuple
+        self._record: tuple[int, int, int] | None = None
         self._last_payload: bytes | None = None
         self._queues: dict[int, InflightQueue] = {}
         self._buffers = (layout.buffer_offset(0), layout.buffer_offset(1))
@@ -325,10 +326,21 @@ class StateSegment:
         again), True once published.  Raises :class:`SnapshotTooLarge` (nothing written) and
         TypeError for a state that is not plain data.
         """
-        if type(state) is not dict:
-            raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
         if access is not None and not 1 <= access.seq <= _U64:
             raise ValueError(f"access sequence numbers start at 1, not {access.seq}")
+        return self._store(state, access, only_if_changed)
+
+    def store_answer(self, state: dict, seq: int, value: int) -> bool:
+        """``store(state, AccessRecord(seq, value, STATUS_OK),
+        only_if_changed=True)``: the device runtime's store before every
+        answer, with nothing built for the record that is not needed."""
+        if not 1 <= seq <= _U64:
+            raise ValueError(f"access sequence numbers start at 1, not {seq}")
+        return self._store(state, (seq, value & _U64, 0), True)
+
+    def _store(self, state: dict, access: tuple[int, int, int] | None, only_if_changed: bool) -> bool:
+        if type(state) is not dict:
+            raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
         with self._lock:
             try:
                 payload = self._packer.pack(state)
@@ -350,7 +362,7 @@ class StateSegment:
             if record is None:
                 seq = value = status = 0
             else:
-                seq, value, status = record.seq, record.value & _U64, record.status & _U32
+                seq, value, status = record[0], record[1] & _U64, record[2] & _U32
             number = self._next
             # unpublish, payload, record and crc (as _read_buffer checks
             # it), publish: one call into C (svs_state_store)
