@@ -110,33 +110,21 @@ KEEP_OLD_SLOTS = 8
 _STUCK_SLOTS: list[SlotCaller] = []
 
 
-class _Gate:
-    """An attribute of the endpoint's state that decides whether the vCPU
-    loop may forward in C (``_failure``, ``_down``, ``_paused``,
-    ``_closing``, ``_live``): setting it turns the C forward on or off
-    (:meth:`RemoteEndpoint._sync_forward`), so that no change of state can
-    forget to."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.key = "_gate" + name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return obj.__dict__[self.key]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.key] = value
-        if "_fwd_lock" in obj.__dict__:
-            obj._sync_forward()
+#: The attributes of the endpoint's state that decide whether the vCPU loop
+#: may forward in C: setting any of them turns the C forward on or off
+#: (RemoteEndpoint._sync_forward), so that no change of state can forget to.
+_GATES = frozenset({"_failure", "_down", "_paused", "_closing", "_live"})
 
 
 class RemoteEndpoint:
     """One device process, forwarded to through shared-memory slots."""
 
-    _failure = _Gate()
-    _down = _Gate()
-    _paused = _Gate()
-    _closing = _Gate()
-    _live = _Gate()
+    def __setattr__(self, name: str, value: Any) -> None:
+        # (reads stay plain attribute reads: the Python access path reads
+        # these on every access, sets are changes of state)
+        object.__setattr__(self, name, value)
+        if name in _GATES and "_fwd_lock" in self.__dict__:
+            self._sync_forward()
 
     #: Registry owner id of the device's regions.
     owner: int
@@ -544,11 +532,11 @@ class RemoteEndpoint:
 
     def _sync_forward_locked(self) -> None:
         f = self.c_forward
-        slots, gen = self.__dict__.get("_gate_live", (None, 0))
+        state = self.__dict__           # (during __init__, some are not set yet)
+        slots, gen = state.get("_live", (None, 0))
         handle = slots.c_handle() if slots is not None else 0
-        on = (handle != 0 and self.__dict__.get("_gate_failure") is None
-              and not self.__dict__.get("_gate_down", True) and not self.__dict__.get("_gate_paused", 1)
-              and not self.__dict__.get("_gate_closing", True))
+        on = (handle != 0 and state.get("_failure") is None and not state.get("_down", True)
+              and not state.get("_paused", 1) and not state.get("_closing", True))
         if not on:
             _kvm_lib.svmm_forward_switch(f, 0)
             return
