@@ -513,7 +513,7 @@ class RemoteEndpoint:
         :class:`DeviceFailed`."""
         slots = self._slots_at(handle)
         e = SlotCaller.error(rc, vcpu, self.access_timeout, size)
-        if isinstance(e, ValueError):
+        if not isinstance(e, SlotError):       # a bad access (EINVAL): not the device's doing
             raise DeviceFailed(f"device {self.name}: {e}")
         self._call_failed(e)
         return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
