@@ -110,6 +110,8 @@ class Dispatcher:
         #: loop serves its accesses without Python (vmm/_vcpu.h).
         self.forwards = _kvm_ffi.new("struct svmm_forwards *")
         self._forward_of: dict[int, Any] = {}      # keeps each installed one alive
+        #: accesses forwarded in C whose slot call failed (forward_failed).
+        self.forward_errors = 0
 
     # -- the path of every access -------------------------------------------
 
@@ -189,6 +191,7 @@ class Dispatcher:
         """An access forwarded in C whose slot call failed with ``rc``:
         completed by its endpoint (``access_failed``) as :meth:`forward`
         completes one; the value read."""
+        self.forward_errors += 1
         endpoint = self.endpoints.get(owner)
         if endpoint is None or owner in self.failed or not hasattr(endpoint, "access_failed"):
             return 0 if is_write else all_ones(size)

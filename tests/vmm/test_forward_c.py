@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from tests.vmm.conftest import needs_kvm
+from tests.vmm.test_restart import run_echo_guest
 from vmm.config import parse_device_spec
 from vmm.machine import Machine
 from vmm.outcome import Ending
@@ -46,3 +47,15 @@ def test_forward_is_off_while_the_endpoint_cannot_take_accesses(guest):
         ep._paused -= 1
         assert f.on == 1
     assert f.on == 0            # closed
+
+
+def test_a_device_killed_under_c_forwarding_loses_no_access(guest):
+    # restart_echo counts its accesses and checks every answer; the device
+    # dies while the vCPU waits in C on its slot, so the failed call comes
+    # back to Python (STEP_FORWARD_ERROR) and the restart rules complete it
+    # exactly once (run_echo_guest checks the device's count is the guest's).
+    m, ep, killer = run_echo_guest(guest, f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},restart=on-failure,"
+                                          "restart_burst=100", kills=5)
+    assert ep.restarts == 5
+    assert m.dispatcher.forward_errors >= 1
+    assert m.vcpus[0].exits > 0 and m.vcpus[0].fast is not None and m.vcpus[0].fast.ctx.forwarded > 100
