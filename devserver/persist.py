@@ -216,7 +216,20 @@ class StateKeeper:
     def answered(self, model: Device, aseq: int, value: int) -> None:
         """Store the snapshot including access ``aseq`` answered with
         ``value``, before the answer goes out (the model lock is held)."""
-        self._store(model, aseq, value)
+        if not aseq or self._broken:
+            self._store(model, aseq, value)
+            return
+        # (_store's body for an answer: this runs before every answer)
+        try:
+            state = model.snapshot()
+        except NoSnapshot:
+            self._store(model, aseq, value)         # logs it, once
+            return
+        try:
+            if self.segment.store_answer(state, aseq, value):
+                self.stores += 1
+        except (SnapshotTooLarge, TypeError) as e:
+            raise RuntimeError(f"cannot store the snapshot: {e}") from None
 
     def _store(self, model: Device, aseq: int | None, value: int = 0) -> None:
         if self._broken:

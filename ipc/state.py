@@ -334,9 +334,32 @@ class StateSegment:
         """``store(state, AccessRecord(seq, value, STATUS_OK),
         only_if_changed=True)``: the device runtime's store before every
         answer, with nothing built for the record that is not needed."""
+        # (the body of _store, inlined: this runs before every answer)
         if not 1 <= seq <= _U64:
             raise ValueError(f"access sequence numbers start at 1, not {seq}")
-        return self._store(state, (seq, value & _U64, 0), True)
+        if type(state) is not dict or self._next is None:
+            return self._store(state, (seq, value & _U64, 0), True)
+        with self._lock:
+            try:
+                payload = self._packer.pack(state)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TypeError(f"snapshot is not plain data: {e}") from None
+            if payload == self._last_payload:
+                return False
+            n = len(payload)
+            cap = self.layout.capacity
+            if n > cap:
+                raise SnapshotTooLarge(
+                    f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
+            value &= _U64
+            number = self._next
+            if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, 0,
+                             payload, n, STORE_STEPS, 0) != 0:
+                raise StateError(f"snapshot {number} could not be stored")
+            self._next = number + 1
+            self._record = (seq, value, 0)
+            self._last_payload = payload
+            return True
 
     def _store(self, state: dict, access: tuple[int, int, int] | None, only_if_changed: bool) -> bool:
         if type(state) is not dict:
