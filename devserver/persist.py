@@ -42,8 +42,7 @@ from devices.virtio.core import VirtioCore
 from devices.virtio.virtqueue import Virtqueue
 from devserver.errors import StartFailed
 from ipc.inflight import InflightError, InflightQueue
-from ipc.slots import STATUS_OK
-from ipc.state import AccessRecord, SnapshotTooLarge, StateSegment
+from ipc.state import SnapshotTooLarge, StateSegment
 
 __all__ = ["StateKeeper", "QueueRecord"]
 
@@ -217,12 +216,22 @@ class StateKeeper:
     def answered(self, model: Device, aseq: int, value: int) -> None:
         """Store the snapshot including access ``aseq`` answered with
         ``value``, before the answer goes out (the model lock is held)."""
-        if aseq:
-            self._store(model, AccessRecord(aseq, value, STATUS_OK))
-        else:
-            self._store(model, None)
+        if not aseq or self._broken:
+            self._store(model, aseq, value)
+            return
+        # (_store's body for an answer: this runs before every answer)
+        try:
+            state = model.snapshot()
+        except NoSnapshot:
+            self._store(model, aseq, value)         # logs it, once
+            return
+        try:
+            if self.segment.store_answer(state, aseq, value):
+                self.stores += 1
+        except (SnapshotTooLarge, TypeError) as e:
+            raise RuntimeError(f"cannot store the snapshot: {e}") from None
 
-    def _store(self, model: Device, access: AccessRecord | None) -> None:
+    def _store(self, model: Device, aseq: int | None, value: int = 0) -> None:
         if self._broken:
             return
         try:
@@ -232,7 +241,8 @@ class StateKeeper:
             log.warning("the model keeps no snapshot: a restart starts it from power-on")
             return
         try:
-            if self.segment.store(state, access, only_if_changed=True):
+            if (self.segment.store_answer(state, aseq, value) if aseq
+                    else self.segment.store(state, None, only_if_changed=True)):
                 self.stores += 1
         except (SnapshotTooLarge, TypeError) as e:
             # The segment would go on holding an older state: the access

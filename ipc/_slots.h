@@ -133,3 +133,17 @@ void svs_stop(struct svs *h);
 uint64_t svs_base(struct svs *h);
 int svs_scribble_response(struct svs *h, uint32_t slot, uint32_t seq,
                           uint64_t value, uint32_t status);
+
+/* ---- the state segment's snapshot store (ipc/state.py) -----------------
+ * Write one snapshot into the buffer at buf (its 64-byte head, then cap
+ * bytes of room), in four steps: unpublish (number 0), the payload, the
+ * access record and the crc (zlib's crc32 over number, record and
+ * payload, as the reader checks it), publish the number.  What
+ * StateSegment.store did in five Python calls, in one: it runs before
+ * every answer.  steps < 4 does only the first "steps" of them, and with
+ * torn != 0 the first half of the bytes of the next one: the crash tests'
+ * deaths between (or inside) two stores (tests/ipc/_tripwire.py). */
+int svs_state_store(uint64_t buf, uint64_t cap, uint64_t number, uint64_t seq, uint64_t value,
+                    uint32_t status, const char *payload, uint32_t n, int steps, int torn);
+/* zlib's crc32(data, start), for the tests. */
+uint32_t svs_crc32(uint32_t start, const char *data, uint64_t n);

@@ -231,6 +231,10 @@ class _Segment:
             pass
 
 
+#: ``svs_call`` itself, for a caller in C (vmm/_vcpu.c).
+C_CALL = int(ffi.cast("uintptr_t", ffi.addressof(lib, "svs_call")))
+
+
 class SlotCaller(_Segment):
     """The VMM's side of one device's slots: ``call`` from vCPU threads.
 
@@ -289,17 +293,30 @@ class SlotCaller(_Segment):
                 raise ValueError(f"bad access: {e}") from None
             if rc == 0:
                 return out[0]
+        raise self.error(rc, slot, timeout, size)
+
+    @staticmethod
+    def error(rc: int, slot: int, timeout: float, size: int = 0) -> Exception:
+        """The exception for ``svs_call``'s code ``rc`` on ``slot`` (also
+        for a call made in C by the vCPU loop, vmm/_vcpu.c)."""
         if rc == lib.SVS_ETIMEDOUT:
-            raise SlotTimeout(f"no answer within {timeout:g} s on slot {slot}")
+            return SlotTimeout(f"no answer within {timeout:g} s on slot {slot}")
         if rc == lib.SVS_EDEAD:
-            raise SlotPeerDead("the device was declared dead")
+            return SlotPeerDead("the device was declared dead")
         if rc == lib.SVS_EDEVICE:
-            raise SlotDeviceError(f"the device failed to serve the access on slot {slot}")
+            return SlotDeviceError(f"the device failed to serve the access on slot {slot}")
         if rc == lib.SVS_EBADRESP:
-            raise SlotBadResponse(f"the device answered with an unknown status on slot {slot}")
+            return SlotBadResponse(f"the device answered with an unknown status on slot {slot}")
         if rc == lib.SVS_EINVAL:
-            raise ValueError(f"bad access: size {size} (must be 1, 2, 4 or 8)")
-        raise SlotError(f"slot call failed (code {rc})")
+            return ValueError(f"bad access: size {size} (must be 1, 2, 4 or 8)")
+        return SlotError(f"slot call failed (code {rc})")
+
+    def c_handle(self) -> int:
+        """The address of the C handle (``struct svs *``), 0 once closed:
+        for a caller in C (vmm/_vcpu.c), which must stop using it before
+        :meth:`close`."""
+        h = self._h
+        return 0 if h is None else int(ffi.cast("uintptr_t", h))
 
     def answer(self, slot: int, aseq: int) -> int | None:
         """After the device died: the answer to access ``aseq`` on

@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from ipc._slots_c import ffi as _cffi, lib as _clib
 from ipc.errors import IpcError
 from ipc.inflight import InflightQueue, region_size
 
@@ -89,18 +90,17 @@ MAX_CAPACITY = 16 * 1024 * 1024
 MAX_QUEUES = 1024
 #: Snapshot numbers at or above this are rejected (never reached honestly).
 MAX_NUMBER = 1 << 62
+#: The steps of one snapshot store (svs_state_store in ipc/_slots.c).
+STORE_STEPS = 4
 
 _HEADER = struct.Struct("<8sIIIIII QQ16x")
 _RECORD = struct.Struct("<QQII")          # access seq, value, length, status
 _CRC = struct.Struct("<I")
 _NUMBER = struct.Struct("<Q")
-_NUMBER_RECORD = struct.Struct("<QQQII")   # _NUMBER then _RECORD, as the crc covers them
-_RECORD_CRC = struct.Struct("<QQIII")      # _RECORD then _CRC, as stored after the number
 assert _HEADER.size == BASE_HEADER_SIZE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
-_ZERO8 = bytes(8)
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,16 @@ class StateSegment:
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._next: int | None = None          # number of the next store
-        self._record: AccessRecord | None = None
+        # the record of the last store: an AccessRecord or its plain tuple
+        self._record: tuple[int, int, int] | None = None
         self._last_payload: bytes | None = None
         self._queues: dict[int, InflightQueue] = {}
         self._buffers = (layout.buffer_offset(0), layout.buffer_offset(1))
+        # The mapping's address, for the store in C (ipc/_slots.c:
+        # svs_state_store); released in close() before the unmap.
+        self._cbuf = _cffi.from_buffer(self._map)
+        self._base = int(_cffi.cast("uint64_t", self._cbuf))
+        self._store_c = _clib.svs_state_store
 
     # ---- creation -----------------------------------------------------
 
@@ -320,10 +326,44 @@ class StateSegment:
         again), True once published.  Raises :class:`SnapshotTooLarge` (nothing written) and
         TypeError for a state that is not plain data.
         """
-        if type(state) is not dict:
-            raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
         if access is not None and not 1 <= access.seq <= _U64:
             raise ValueError(f"access sequence numbers start at 1, not {access.seq}")
+        return self._store(state, access, only_if_changed)
+
+    def store_answer(self, state: dict, seq: int, value: int) -> bool:
+        """``store(state, AccessRecord(seq, value, STATUS_OK),
+        only_if_changed=True)``: the device runtime's store before every
+        answer, with nothing built for the record that is not needed."""
+        # (the body of _store, inlined: this runs before every answer)
+        if not 1 <= seq <= _U64:
+            raise ValueError(f"access sequence numbers start at 1, not {seq}")
+        if type(state) is not dict or self._next is None:
+            return self._store(state, (seq, value & _U64, 0), True)
+        with self._lock:
+            try:
+                payload = self._packer.pack(state)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TypeError(f"snapshot is not plain data: {e}") from None
+            if payload == self._last_payload:
+                return False
+            n = len(payload)
+            cap = self.layout.capacity
+            if n > cap:
+                raise SnapshotTooLarge(
+                    f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
+            value &= _U64
+            number = self._next
+            if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, 0,
+                             payload, n, STORE_STEPS, 0) != 0:
+                raise StateError(f"snapshot {number} could not be stored")
+            self._next = number + 1
+            self._record = (seq, value, 0)
+            self._last_payload = payload
+            return True
+
+    def _store(self, state: dict, access: tuple[int, int, int] | None, only_if_changed: bool) -> bool:
+        if type(state) is not dict:
+            raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
         with self._lock:
             try:
                 payload = self._packer.pack(state)
@@ -345,17 +385,13 @@ class StateSegment:
             if record is None:
                 seq = value = status = 0
             else:
-                seq, value, status = record.seq, record.value & _U64, record.status & _U32
+                seq, value, status = record[0], record[1] & _U64, record[2] & _U32
             number = self._next
-            off = self._buffers[number & 1]
-            mem = self._mem
-            # crc over number, record and payload (as _read_buffer checks
-            # it): the first two are one packed head, so two calls, not three
-            crc = zlib.crc32(payload, zlib.crc32(_NUMBER_RECORD.pack(number, seq, value, n, status)))
-            mem[off:off + 8] = _ZERO8                                   # 1 unpublish
-            mem[off + BUFFER_HEADER_SIZE:off + BUFFER_HEADER_SIZE + n] = payload  # 2
-            mem[off + 8:off + 36] = _RECORD_CRC.pack(seq, value, n, status, crc)  # 3
-            mem[off:off + 8] = _NUMBER.pack(number)                     # 4 publish
+            # unpublish, payload, record and crc (as _read_buffer checks
+            # it), publish: one call into C (svs_state_store)
+            if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, status,
+                             payload, n, STORE_STEPS, 0) != 0:
+                raise StateError(f"snapshot {number} could not be stored")
             self._next = number + 1
             self._record = record
             self._last_payload = payload
@@ -445,6 +481,7 @@ class StateSegment:
         if self._mem is not None:
             self._mem.release()
             self._mem = None  # type: ignore[assignment]
+            _cffi.release(self._cbuf)
             try:
                 self._map.close()
             except BufferError:

@@ -22,7 +22,7 @@ ffibuilder.set_source(
     include_dirs=[str(HERE), str(IPC)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
     depends=[str(HERE / name) for name in ("_kvm.c", "_kvm.h", "_vcpu.c", "_vcpu.h")]
-    + [str(IPC / "_registry.h")],
+    + [str(IPC / "_registry.h"), str(IPC / "_slots.h")],
 )
 
 if __name__ == "__main__":

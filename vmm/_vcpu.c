@@ -19,7 +19,9 @@
  *
  * The registry functions come from ipc's C core (ipc/_registry.c) as
  * function pointers, so that the two extension modules stay separate. */
+#include <time.h>
 #include "_registry.h"
+#include "_slots.h"           /* svs_call's type (the function is ipc's) */
 
 typedef int (*svmm_get_fn)(struct svm_reg *, uint32_t, uint64_t, uint64_t, struct svm_ref *, int64_t);
 typedef int (*svmm_put_fn)(struct svm_reg *, uint32_t, uint64_t, int64_t);
@@ -27,6 +29,89 @@ typedef int (*svmm_put_fn)(struct svm_reg *, uint32_t, uint64_t, int64_t);
  * the VMM, if ipc's declarations change. */
 _Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_get), svmm_get_fn), "svm_reg_get changed");
 _Static_assert(__builtin_types_compatible_p(__typeof__(&svm_reg_put), svmm_put_fn), "svm_reg_put changed");
+
+typedef int (*svmm_call_fn)(struct svs *, uint32_t, uint32_t, uint64_t, uint64_t, uint32_t, uint32_t,
+                            uint64_t, uint64_t, int64_t, int64_t, int64_t, uint64_t *);
+_Static_assert(__builtin_types_compatible_p(__typeof__(&svs_call), svmm_call_fn), "svs_call changed");
+
+/* -- forwarding in C ------------------------------------------------------- */
+
+uint64_t svmm_forward_next_aseq(struct svmm_forward *f)
+{
+    return __atomic_add_fetch(&f->aseq, 1, __ATOMIC_RELAXED);
+}
+
+uint64_t svmm_forward_inflight(struct svmm_forward *f)
+{
+    return __atomic_load_n(&f->inflight, __ATOMIC_SEQ_CST);
+}
+
+void svmm_forward_switch(struct svmm_forward *f, uint32_t on)
+{
+    __atomic_store_n(&f->on, on, __ATOMIC_SEQ_CST);
+}
+
+static inline int64_t svmm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define FWD_PYTHON 0       /* Python serves the access (SVMM_STEP_ACCESS) */
+#define FWD_DONE 1         /* answered: v->value holds what a read got */
+#define FWD_FAILED 2       /* the call failed: SVMM_STEP_FORWARD_ERROR */
+
+/* The access just looked up (a registry reference held): into its
+ * owner's slot, if the owner has a forward that is on. */
+static int svmm_forward(struct svmm_vcpu *v)
+{
+    struct svmm_forwards *t = v->forwards;
+    v->fresh = 0;
+    if (t == NULL || v->owner >= SVMM_MAX_OWNERS)
+        return FWD_PYTHON;
+    struct svmm_forward *f = __atomic_load_n(&t->f[v->owner], __ATOMIC_ACQUIRE);
+    if (f == NULL) {
+        v->fresh = !__atomic_load_n(&t->seen[v->owner], __ATOMIC_RELAXED);
+        return FWD_PYTHON;
+    }
+    if (v->index >= f->nslots) {
+        return FWD_PYTHON;
+    }
+    __atomic_fetch_add(&f->inflight, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&f->on, __ATOMIC_SEQ_CST)) {
+        __atomic_fetch_sub(&f->inflight, 1, __ATOMIC_SEQ_CST);
+        v->fresh = 1;
+        return FWD_PYTHON;
+    }
+    uintptr_t slots = f->slots;
+    uint64_t gen = f->gen;
+    uint64_t aseq = __atomic_add_fetch(&f->aseq, 1, __ATOMIC_RELAXED);
+    uint64_t out = 0;
+    int64_t t0 = svmm_now_ns();
+    int rc = ((svmm_call_fn)f->call_fn)((struct svs *)slots, v->index, v->bus, v->cookie, v->offset, v->size,
+                                        v->is_write, v->value, aseq, f->spin_ns, f->slice_ns,
+                                        f->timeout_ns, &out);
+    uint64_t ns = (uint64_t)(svmm_now_ns() - t0);
+    __atomic_fetch_sub(&f->inflight, 1, __ATOMIC_SEQ_CST);
+    if (rc != 0) {
+        v->fwd_rc = rc;
+        v->fwd_aseq = aseq;
+        v->fwd_slots = slots;
+        v->fwd_gen = gen;
+        return FWD_FAILED;
+    }
+    if (!v->is_write)
+        v->value = out;                 /* masked to the size by svs_call */
+    int bucket = ns ? 64 - __builtin_clzll(ns) : 0;
+    if (bucket > SVMM_FWD_CELL - SVMM_FWD_HIST - 1)
+        bucket = SVMM_FWD_CELL - SVMM_FWD_HIST - 1;
+    __atomic_fetch_add(&f->cell[v->bus * 2 + (v->is_write ? 1 : 0)], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&f->cell[SVMM_FWD_TOTAL_NS], ns, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&f->cell[SVMM_FWD_HIST + bucket], 1, __ATOMIC_RELAXED);
+    v->forwarded++;
+    return FWD_DONE;
+}
 
 /* -- owner windows --------------------------------------------------------- */
 
@@ -116,6 +201,8 @@ static int svmm_vmm_fallback(struct svmm_vcpu *v)
     return SVMM_STEP_ACCESS;
 }
 
+static int svmm_complete(struct svmm_vcpu *v, int retry);
+
 static int svmm_lookup(struct svmm_vcpu *v)
 {
     svmm_get_fn get = (svmm_get_fn)v->get_fn;
@@ -138,7 +225,18 @@ static int svmm_lookup(struct svmm_vcpu *v)
             v->generation = ref.generation;
             v->has_ref = 1;
             v->pending = 1;
-            return SVMM_STEP_ACCESS;
+            if (v->bus > SVMM_BUS_MMIO)
+                return SVMM_STEP_ACCESS;
+            switch (svmm_forward(v)) {
+            case FWD_DONE:
+                if (svmm_complete(v, 1) != 0)
+                    return SVMM_STEP_PUT_ERROR;
+                continue;               /* the next element, or KVM_RUN */
+            case FWD_FAILED:
+                return SVMM_STEP_FORWARD_ERROR;
+            default:
+                return SVMM_STEP_ACCESS;
+            }
         }
         if (rc != SVM_OK && rc != SVM_ENOTFOUND && rc != SVM_EINVAL) {
             v->reg_error = rc;

@@ -19,6 +19,13 @@
                                       * unclaimed (reads all ones); the region
                                       * is in owner/cookie/addr/offset/slot/
                                       * generation, for Python to log */
+#define SVMM_STEP_FORWARD_ERROR 8    /* the slot call of an access forwarded
+                                      * here (struct svmm_forward) failed with
+                                      * "fwd_rc" (ipc/_slots.h codes) for access
+                                      * number "fwd_aseq" on the slots at
+                                      * "fwd_slots": Python completes it (the
+                                      * endpoint's restart rules) and stores
+                                      * the value; the reference is held */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
 
@@ -51,6 +58,47 @@ struct svmm_windows {
     struct svmm_window w[1024];   /* SVMM_MAX_WINDOWS */
 };
 
+/* Forwarding in C (vmm/remote/endpoint.py): an access whose region belongs
+ * to a device process goes from the exit straight into its slot
+ * (ipc/_slots.c svs_call, through a function pointer), without Python.
+ * Python owns each struct svmm_forward: "on" is 1 only while the endpoint
+ * may take accesses this way (not failed, down, paused or closing); a call
+ * counts itself in "inflight" before it looks at "on" (both sequentially
+ * consistent), so once Python cleared "on" and saw inflight == 0 no call
+ * uses "slots" any more.  "aseq" is the endpoint's access counter (the
+ * Python path takes its numbers from it too).  "cell" is the accesses
+ * served here, as vmm/stats.py counts them (SVMM_FWD_CELL entries). */
+#define SVMM_FWD_CELL 72
+#define SVMM_FWD_TOTAL_NS 6          /* vmm/stats.py: 2 * len(Bus) */
+#define SVMM_FWD_HIST 8
+struct svmm_forward {
+    uint32_t on;
+    uint32_t nslots;
+    uint64_t aseq;             /* the last access number handed out */
+    uint64_t inflight;
+    uintptr_t slots;           /* struct svs * */
+    uintptr_t call_fn;         /* svs_call */
+    uint64_t gen;              /* the endpoint's generation of "slots" */
+    int64_t spin_ns;
+    int64_t slice_ns;
+    int64_t timeout_ns;
+    uint64_t cell[72];         /* SVMM_FWD_CELL */
+};
+
+/* owner -> its forward (NULL: Python serves it); seen[owner] != 0 once
+ * Python looked at the owner's endpoint (until then each access to it is
+ * handed out with "fresh" set, and so is one to a forward that is off). */
+struct svmm_forwards {
+    struct svmm_forward *f[256];   /* SVMM_MAX_OWNERS */
+    uint8_t seen[256];
+};
+
+/* The next access number of a forward (atomic), its calls in flight. */
+uint64_t svmm_forward_next_aseq(struct svmm_forward *f);
+uint64_t svmm_forward_inflight(struct svmm_forward *f);
+/* Set or clear "on" (sequentially consistent). */
+void svmm_forward_switch(struct svmm_forward *f, uint32_t on);
+
 struct svmm_vcpu {
     /* set up by Python */
     int fd;
@@ -62,10 +110,12 @@ struct svmm_vcpu {
     int64_t lock_timeout_ns;
     void *ring;                /* the coalesced-MMIO ring page, or NULL */
     struct svmm_windows *windows;  /* owner windows, or NULL: no check */
+    struct svmm_forwards *forwards;  /* forwarding in C, or NULL: none */
     /* the access handed out */
     uint32_t bus;
     uint32_t size;
     uint32_t is_write;
+    uint32_t fresh;            /* Python should look at the owner's forward */
     uint64_t addr;
     uint64_t value;
     uint64_t owner;
@@ -73,6 +123,7 @@ struct svmm_vcpu {
     uint64_t offset;
     int err;
     int reg_error;
+    uint32_t index;            /* set up by Python: the vCPU's index, its slot */
     /* counters */
     uint64_t exits;
     uint64_t unclaimed;
@@ -90,6 +141,12 @@ struct svmm_vcpu {
     uint64_t data_offset;
     uint64_t slot;
     uint64_t generation;
+    /* a forwarded access whose call failed (SVMM_STEP_FORWARD_ERROR) */
+    int fwd_rc;
+    uint64_t fwd_aseq;
+    uint64_t fwd_slots;
+    uint64_t fwd_gen;
+    uint64_t forwarded;        /* accesses served in C */
 };
 
 int svmm_step(struct svmm_vcpu *v);

@@ -27,17 +27,23 @@ loop calls :meth:`Dispatcher.access`, which does the lookup in Python and
 then the same three.  Coalesced MMIO (:mod:`vmm.coalesce`): before any
 access is forwarded, :meth:`Dispatcher.drain` delivers the writes queued
 in the ring, as writes through :meth:`access` (in ring order, one vCPU at
-a time).
+a time).  An access to a device process whose forward is installed
+(:meth:`Dispatcher.look_at_forward`) is served by the C loop itself,
+counted in :attr:`Dispatcher.stats` from the forward's own cell, and
+reaches Python only when its slot call fails
+(:meth:`Dispatcher.forward_failed`); the C loop takes the coalesced ring
+first on every exit, so the order is the same.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from devices.base import all_ones
 from ipc import Bus, LockTimeout, Reference, Registry, RegistryError
+from vmm._kvm_c import ffi as _kvm_ffi
 from ipc.registry import CApi
 from vmm.coalesce import CoalescedMmio
 from vmm.endpoint import DeviceFailed, Endpoint
@@ -99,6 +105,13 @@ class Dispatcher:
         #: queued writes delivered, and drains that found any.
         self.coalesced_writes = 0
         self.drains = 0
+        #: ``struct svmm_forwards *``: owner -> the device process's
+        #: forward (its endpoint's ``c_forward``), through which the C exit
+        #: loop serves its accesses without Python (vmm/_vcpu.h).
+        self.forwards = _kvm_ffi.new("struct svmm_forwards *")
+        self._forward_of: dict[int, Any] = {}      # keeps each installed one alive
+        #: accesses forwarded in C whose slot call failed (forward_failed).
+        self.forward_errors = 0
 
     # -- the path of every access -------------------------------------------
 
@@ -155,6 +168,36 @@ class Dispatcher:
             return 0 if is_write else all_ones(size)
         try:
             return self.stats.access(endpoint, vcpu, bus, cookie, offset, size, is_write, value)
+        except DeviceFailed as e:
+            self.fail(endpoint, e)
+            return 0 if is_write else all_ones(size)
+
+    def look_at_forward(self, owner: int) -> None:
+        """The C exit loop met an access to ``owner`` that it handed to
+        Python with ``fresh`` set (first access, or its forward was off):
+        install the owner's endpoint's forward if it has one and it may
+        be used, else none.  Its accesses count in :attr:`stats`."""
+        if not 0 <= owner < len(self.forwards.f):
+            return
+        endpoint = self.endpoints.get(owner)
+        fwd = getattr(endpoint, "c_forward", None) if owner not in self.failed else None
+        self._forward_of[owner] = fwd
+        self.stats.c_cells[owner] = fwd
+        self.forwards.f[owner] = _kvm_ffi.NULL if fwd is None else fwd
+        self.forwards.seen[owner] = 1
+
+    def forward_failed(self, vcpu: int, bus: int, owner: int, cookie: int, offset: int, size: int,
+                       is_write: bool, value: int, rc: int, aseq: int, handle: int, gen: int) -> int:
+        """An access forwarded in C whose slot call failed with ``rc``:
+        completed by its endpoint (``access_failed``) as :meth:`forward`
+        completes one; the value read."""
+        self.forward_errors += 1
+        endpoint = self.endpoints.get(owner)
+        if endpoint is None or owner in self.failed or not hasattr(endpoint, "access_failed"):
+            return 0 if is_write else all_ones(size)
+        try:
+            return self.stats.timed(endpoint, vcpu, bus, is_write, endpoint.access_failed, vcpu, bus, cookie,
+                                    offset, size, is_write, value, rc, aseq, handle, gen)
         except DeviceFailed as e:
             self.fail(endpoint, e)
             return 0 if is_write else all_ones(size)
@@ -302,6 +345,8 @@ class Dispatcher:
             if endpoint.owner in self.failed:
                 return
             self.failed.add(endpoint.owner)
+            if 0 <= endpoint.owner < len(self.forwards.f):
+                self.forwards.f[endpoint.owner] = _kvm_ffi.NULL
         log.error("device %s failed: %s; its regions are reaped, the VM goes on", endpoint.name, error)
         if self.coalesced is not None:
             self.coalesced.remove_owner(endpoint.owner)

@@ -15,7 +15,9 @@ through the compiler.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import struct
 
 from vmm._kvm_c import ffi, lib
 from vmm.endpoint import VmmError
@@ -454,6 +456,7 @@ STEP_REGISTRY_ERROR = lib.SVMM_STEP_REGISTRY_ERROR
 STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
 STEP_DRAIN = lib.SVMM_STEP_DRAIN
 STEP_REFUSED = lib.SVMM_STEP_REFUSED
+STEP_FORWARD_ERROR = lib.SVMM_STEP_FORWARD_ERROR
 
 #: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
 COALESCED_MAX = lib.SVMM_COALESCED_MAX
@@ -488,6 +491,15 @@ class CoalescedRing:
         return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
 
 
+# The access fields of struct svmm_vcpu, laid out in this order (checked).
+_ACCESS = struct.Struct("=IIIIQQQQQ")
+_ACCESS_AT = ffi.offsetof("struct svmm_vcpu", "bus")
+if [ffi.offsetof("struct svmm_vcpu", f) - _ACCESS_AT
+        for f in ("bus", "size", "is_write", "fresh", "addr", "value", "owner", "cookie", "offset")] \
+        != [0, 4, 8, 12, 16, 24, 32, 40, 48]:
+    raise ImportError("struct svmm_vcpu's access fields moved: update vmm.kvm._ACCESS")
+
+
 class FastPath:
     """The C exit loop of one vCPU (``_vcpu.c``), bound to a registry.
 
@@ -505,13 +517,22 @@ class FastPath:
     the lookup found a region outside its owner's windows (``windows``,
     :mod:`vmm.windows`) and completed the access as unclaimed; the region
     is in ``owner``, ``cookie``, ``region_start``, ``region_length``,
-    ``slot``, ``generation``.  ``finish()``
+    ``slot``, ``generation``.  With ``forwards`` (a ``struct
+    svmm_forwards *``), an access to a device process whose forward is on
+    goes into its slot in C and STEP_ACCESS is not returned for it;
+    STEP_FORWARD_ERROR: that call failed (``fwd_rc``, ``fwd_aseq``,
+    ``fwd_slots``, ``fwd_gen``), the caller completes it and stores the
+    value as after STEP_ACCESS.  ``finish()``
     completes a pending access without running the vCPU.
     """
 
     def __init__(self, vcpu: Vcpu, registry_handle: int, get_fn: int, put_fn: int, lock_timeout_ns: int,
-                 ring: CoalescedRing | None = None, windows=None):
+                 ring: CoalescedRing | None = None, windows=None, forwards=None):
         ctx = ffi.new("struct svmm_vcpu *")
+        ctx.index = vcpu.index
+        #: ``struct svmm_forwards *`` (the dispatcher's), kept alive here.
+        ctx.forwards = ffi.NULL if forwards is None else forwards
+        self._forwards = forwards
         ctx.fd = vcpu.fd
         ctx.run = vcpu.run
         ctx.run_size = vcpu._size
@@ -527,6 +548,14 @@ class FastPath:
         self.ctx = ctx
         self._step = lib.svmm_step
         self._finish = lib.svmm_finish
+        #: The C step itself, ``c_step(ctx)``: ``step()`` without a Python
+        #: frame, for the vCPU loop (one call per exit).
+        self.c_step = lib.svmm_step
+        #: ``ctx`` as bytes, and ``read_access(view)`` the access after
+        #: STEP_ACCESS as one tuple (bus, size, is_write, fresh, addr,
+        #: value, owner, cookie, offset): one call, not nine field reads.
+        self.view = ffi.buffer(ctx)
+        self.read_access = functools.partial(_ACCESS.unpack_from, offset=_ACCESS_AT)
 
     def step(self) -> int:
         return self._step(self.ctx)

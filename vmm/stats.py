@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ipc import Bus
 from vmm.endpoint import DeviceFailed, Endpoint
@@ -32,7 +32,7 @@ _NSPACES = len(Bus)
 _TOTAL_NS = 2 * _NSPACES
 _FAILURES = _TOTAL_NS + 1
 _HIST = _FAILURES + 1
-_CELL = _HIST + HISTOGRAM_BUCKETS
+_CELL = _HIST + HISTOGRAM_BUCKETS     # = SVMM_FWD_CELL of vmm/_vcpu.h (a C forward's cell)
 _now = time.perf_counter_ns
 
 
@@ -88,6 +88,10 @@ class AccessStats:
 
     def __init__(self) -> None:
         self._cells: list[dict[int, list[int]]] = [{} for _ in range(MAX_VCPUS)]
+        #: owner -> the ``struct svmm_forward *`` whose ``cell`` counts the
+        #: accesses the C exit loop forwarded itself (vmm/_vcpu.h; the
+        #: same layout as a cell), or None.
+        self.c_cells: dict[int, Any] = {}
 
     def access(self, endpoint: Endpoint, vcpu: int, bus: int, cookie: int, offset: int, size: int,
                 is_write: bool, value: int) -> int:
@@ -107,6 +111,20 @@ class AccessStats:
             cell[bus * 2 + is_write] += 1
             cell[_TOTAL_NS] += ns
             cell[_HIST + ns.bit_length()] += 1
+        return value
+
+    def timed(self, endpoint: Endpoint, vcpu: int, bus: int, is_write: bool, fn: Callable[..., int],
+              *args: Any) -> int:
+        """``fn(*args)`` counted and timed as one access of ``endpoint``
+        (off the hot path: an access the C loop could not complete)."""
+        t0 = _now()
+        index = bus * 2 + is_write
+        try:
+            value = fn(*args)
+        except DeviceFailed:
+            self._count(vcpu, endpoint.owner, index, _now() - t0)[_FAILURES] += 1
+            raise
+        self._count(vcpu, endpoint.owner, index, _now() - t0)
         return value
 
     def access_batch(self, endpoint: Endpoint, vcpu: int,
@@ -152,6 +170,10 @@ class AccessStats:
             if cell is not None:
                 for i, v in enumerate(list(cell)):
                     total[i] += v
+        c = self.c_cells.get(owner)
+        if c is not None:
+            for i in range(_CELL):
+                total[i] += c.cell[i]
         return DeviceStats(
             owner=owner,
             counts={(bus, bool(w)): total[bus * 2 + w] for bus in Bus for w in (0, 1)},
@@ -162,4 +184,5 @@ class AccessStats:
         out: set[int] = set()
         for cells in self._cells:
             out.update(list(cells))
+        out.update(o for o, c in list(self.c_cells.items()) if c is not None and any(c.cell[i] for i in range(_TOTAL_NS)))
         return out

@@ -25,6 +25,16 @@ killed; the stalled lookup completes as unclaimed, a stalled put is
 retried).  Coalesced MMIO: both loops have the dispatcher drain the ring
 on every exit that finds writes queued in it (:mod:`vmm.coalesce`).
 
+**Forwarding in C.**  An access to a device process goes from the C loop
+straight into its slot (``svmm_forward`` in ``_vcpu.c``, through the
+dispatcher's table of forwards, :meth:`Dispatcher.look_at_forward`) while
+the endpoint's forward is on (:attr:`vmm.remote.RemoteEndpoint.c_forward`:
+not failed, restarting, paused or closing); the first access to an owner
+and every one while its forward is off come to Python as usual.  A call
+that fails comes back as ``STEP_FORWARD_ERROR`` and goes to
+:meth:`Dispatcher.forward_failed`, i.e. to the endpoint's restart rules,
+as a failed call from Python does.
+
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
 whose handler (installed in C, no SA_RESTART) does nothing: ``KVM_RUN``
@@ -69,7 +79,7 @@ class VcpuThread:
         #: The C exit loop, or None for the all-Python one.
         self.fast = None if api is None else kvm.FastPath(
             fd, api.handle, api.get, api.put, int(dispatcher.registry.lock_timeout * 1e9), self.ring,
-            None if dispatcher.windows is None else dispatcher.windows.table)
+            None if dispatcher.windows is None else dispatcher.windows.table, dispatcher.forwards)
         self.index = fd.index
         self.dispatcher = dispatcher
         self.memory = memory
@@ -251,14 +261,16 @@ class VcpuThread:
         fast = self.fast
         assert fast is not None
         ctx = fast.ctx
-        step = fast.step
+        c_step, view, read_access = fast.c_step, fast.view, fast.read_access
         run = self.fd.run
         dispatcher = self.dispatcher
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED = (kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO,
-                                                          kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED)
+        look_at_forward = dispatcher.look_at_forward
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR = (
+            kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
+            kvm.STEP_FORWARD_ERROR)
         put_attempts = 0
         try:
             while True:
@@ -267,7 +279,7 @@ class VcpuThread:
                 if self._pause:
                     self._park()
                     continue
-                rc = step()
+                rc = c_step(ctx)
                 if rc == PUT_ERROR:
                     # The access was served; its put failed.  The next step
                     # puts again, unless the reference is given up here.
@@ -279,10 +291,19 @@ class VcpuThread:
                     continue
                 put_attempts = 0
                 if rc == ACCESS:
-                    size = ctx.size
-                    value = forward(index, ctx.bus, ctx.owner, ctx.cookie, ctx.offset, size,
-                                    bool(ctx.is_write), ctx.value)
-                    if not ctx.is_write:
+                    bus, size, is_write, fresh, _, value, owner, cookie, offset = read_access(view)
+                    if fresh:
+                        # (the next access to it may go straight to its slot, in C)
+                        look_at_forward(owner)
+                    value = forward(index, bus, owner, cookie, offset, size, is_write != 0, value)
+                    if not is_write:
+                        ctx.value = value & _MASK[size]
+                elif rc == FORWARD_ERROR:
+                    bus, size, is_write, _, _, value, owner, cookie, offset = read_access(view)
+                    value = dispatcher.forward_failed(index, bus, owner, cookie, offset, size, is_write != 0,
+                                                      value, ctx.fwd_rc, ctx.fwd_aseq, ctx.fwd_slots,
+                                                      ctx.fwd_gen)
+                    if not is_write:
                         ctx.value = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)

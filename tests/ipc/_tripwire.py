@@ -1,7 +1,8 @@
 """Deterministic deaths at a chosen store into shared memory.
 
-The state segment and the inflight record write shared memory only through
-item and slice assignments on a few memoryviews.  :class:`Wired` wraps one
+The inflight record writes shared memory only through item and slice
+assignments on a few memoryviews (the state segment's store is one call
+into C; :func:`wire_state` asks it for the first steps only).  :class:`Wired` wraps one
 of them and counts every assignment with a :class:`Tripwire` shared by all
 the wrapped views of a process: before store number ``at`` (0-based) the
 process SIGKILLs itself, so the dead writer did every store before that
@@ -54,8 +55,21 @@ class Wired:
 
 
 def wire_state(seg, trip: Tripwire) -> None:
-    """Route a StateSegment's snapshot stores through ``trip``."""
-    seg._mem = Wired(seg._mem, trip)
+    """Route a StateSegment's snapshot stores through ``trip``: the store
+    is one call into C (svs_state_store) of ``ipc.state.STORE_STEPS`` stores, so the
+    fatal one is reached by asking C for only the steps before it (and
+    half of it, torn), then dying."""
+    real = seg._store_c
+
+    def store(buf, cap, number, seq, value, status, payload, n, steps, torn):
+        at = trip.at
+        if at is not None and trip.count <= at < trip.count + steps:
+            real(buf, cap, number, seq, value, status, payload, n, at - trip.count, 1 if trip.torn else 0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        trip.count += steps
+        return real(buf, cap, number, seq, value, status, payload, n, steps, torn)
+
+    seg._store_c = store
 
 
 def wire_queue(q, trip: Tripwire) -> None:

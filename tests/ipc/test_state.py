@@ -278,3 +278,16 @@ def test_random_scribbles_never_crash_or_hang(seg):
     assert slowest < 1.0
     seg.store({"final": True})
     assert seg.read().state == {"final": True}
+
+
+def test_the_c_crc_is_zlibs():
+    """The store's checksum (ipc/_slots.c) is the one the reader checks
+    with zlib: every length around the 8-byte steps, and a start value."""
+    import os
+    import zlib
+
+    from ipc._slots_c import lib
+    data = os.urandom(300)
+    for n in list(range(0, 20)) + [255, 256, 257, 300]:
+        assert lib.svs_crc32(0, data[:n], n) == zlib.crc32(data[:n])
+        assert lib.svs_crc32(0x12345678, data[:n], n) == zlib.crc32(data[:n], 0x12345678)

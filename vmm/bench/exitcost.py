@@ -15,13 +15,18 @@ each piece of the path does not, much.  So this measures, with
   the device's answer taken as immediate: the C call into the slots is
   swapped for one that answers at once for the measurement (its own cost,
   ``stand_in_call_ns``, is taken off), so the figure is the Python on the
-  VMM's side of a hand-off and nothing of the device's;
+  VMM's side of a hand-off and nothing of the device's.  The C exit loop
+  forwards an isolated access itself (``vmm/_vcpu.c``, ``svmm_forward``):
+  this Python runs only for the first access to a device, while its
+  forward is off (restarting, paused) and for PCI config and batches;
 * ``device``: the device runtime's Python per access, in this process on
   the same model and a real state segment -- ``request_ns`` (a request
   copied out of the slot into a tuple), ``model_read_ns``,
   ``snapshot_ns``, ``state_store_ns`` (the snapshot taken and stored before the
   answer, as :class:`devserver.persist.StateKeeper` does for every access
-  that changes the state: the echo's access counter does on every read).
+  that changes the state: the echo's access counter does on every read;
+  the checksum and the stores into the segment are one call into C,
+  ``svs_state_store``).
 
 Not in here: the KVM exit itself (:mod:`vmm.bench`'s bare C runner), the
 vCPU loop's own Python between two exits, and the hand-off between the two

@@ -50,6 +50,7 @@ its exit is handled, so the record of a ``crash`` firing is not lost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -69,11 +70,12 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, F
                           MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, SetState,
                           Shutdown)
 from ipc.batch import BATCH_SPACE, BatchWriter
-from ipc.slots import (CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
+from ipc.slots import (C_CALL, CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
                        SlotError, SlotPeerDead, SlotTimeout)
 from ipc.state import AccessRecord, StateSegment
 from ipc.transport import Channel, ChannelTimeout, socketpair
 from vmm import sandbox_report
+from vmm._kvm_c import ffi as _kvm_ffi, lib as _kvm_lib
 from vmm.coalesce import DeviceZones
 from vmm.endpoint import FIRST_DEVICE_OWNER, DeviceFailed, VmmError
 from vmm.ioevent import DeviceIoeventfds
@@ -104,10 +106,25 @@ RETRY_BACKOFF = 0.02
 MAX_RETRY_BACKOFF = 0.5
 #: Old slot segments kept after restarts (a vCPU may still look at one).
 KEEP_OLD_SLOTS = 8
+#: Slot segments a vCPU's call in C did not leave at teardown: kept mapped.
+_STUCK_SLOTS: list[SlotCaller] = []
+
+
+#: The attributes of the endpoint's state that decide whether the vCPU loop
+#: may forward in C: setting any of them turns the C forward on or off
+#: (RemoteEndpoint._sync_forward), so that no change of state can forget to.
+_GATES = frozenset({"_failure", "_down", "_paused", "_closing", "_live"})
 
 
 class RemoteEndpoint:
     """One device process, forwarded to through shared-memory slots."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # (reads stay plain attribute reads: the Python access path reads
+        # these on every access, sets are changes of state)
+        object.__setattr__(self, name, value)
+        if name in _GATES and "_fwd_lock" in self.__dict__:
+            self._sync_forward()
 
     #: Registry owner id of the device's regions.
     owner: int
@@ -123,6 +140,12 @@ class RemoteEndpoint:
         self.owner = owner
         self.name = name
         self.registry = registry
+        #: ``struct svmm_forward *`` (vmm/_vcpu.h): this device's slots for
+        #: the vCPU loop, which forwards in C while it is on; its ``aseq``
+        #: is the endpoint's access counter, whichever path sends.
+        self.c_forward = _kvm_ffi.new("struct svmm_forward *")
+        self.c_forward.call_fn = C_CALL
+        self._fwd_lock = threading.Lock()
         #: The device process (a DeviceProcess when this VMM spawned it).
         self.peer = peer
         #: The pid the device reported in Ready (differs under a sandbox
@@ -186,7 +209,7 @@ class RemoteEndpoint:
         self.longest_wait = 0.0
         #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED.
         self.on_event: Callable[[str, dict], object] | None = None
-        self._aseq = itertools.count(1)
+        self._aseq = functools.partial(_kvm_lib.svmm_forward_next_aseq, self.c_forward)
         self._down = False
         self._cause: str | None = None       # why the current process is being ended
         self._dead_at = 0.0
@@ -393,7 +416,8 @@ class RemoteEndpoint:
         old = self._slots
         if old is not None:
             self._old_slots.append(old)
-            while len(self._old_slots) > KEEP_OLD_SLOTS:
+            # (not while a call made in C may still use one: next time)
+            while len(self._old_slots) > KEEP_OLD_SLOTS and not _kvm_lib.svmm_forward_inflight(self.c_forward):
                 self._old_slots.pop(0).close()
         return agreed, slots
 
@@ -430,7 +454,7 @@ class RemoteEndpoint:
         (0 for a write).  Raises :class:`DeviceFailed`."""
         if self._failure is not None:
             raise DeviceFailed(f"device {self.name}: {self._failure}")
-        aseq = next(self._aseq)
+        aseq = self._aseq()
         busy = self._busy
         busy[vcpu] = True
         try:
@@ -440,14 +464,8 @@ class RemoteEndpoint:
                 return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, None, gen)
             try:
                 return slots.call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout, aseq)
-            except SlotTimeout:
-                self._fail(f"no answer within {self.access_timeout:g} s")
-            except SlotPeerDead:
-                pass
-            except (SlotDeviceError, SlotBadResponse) as e:
-                self._fail(str(e), final=True)
-            except SlotError as e:  # closed under us
-                self._fail(str(e))
+            except SlotError as e:
+                self._call_failed(e)
         finally:
             busy[vcpu] = False
         return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
@@ -472,6 +490,79 @@ class RemoteEndpoint:
                 n = batch.write(writes[done:done + batch.capacity])
                 self.access(vcpu, BATCH_SPACE, 0, 0, 8, True, n)
                 done += n
+
+    def _call_failed(self, e: SlotError) -> None:
+        """What a slot call that raised ``e`` does to the device (both
+        paths, and both tries of :meth:`access`); the access is then
+        completed by :meth:`_access_later`."""
+        if isinstance(e, SlotTimeout):
+            self._fail(f"no answer within {self.access_timeout:g} s")
+        elif isinstance(e, SlotPeerDead):
+            pass
+        elif isinstance(e, (SlotDeviceError, SlotBadResponse)):
+            self._fail(str(e), final=True)
+        else:                   # closed under us
+            self._fail(str(e))
+
+    def access_failed(self, vcpu: int, space: int, cookie: int, offset: int, size: int, is_write: bool,
+                      value: int, rc: int, aseq: int, handle: int, gen: int) -> int:
+        """An access the vCPU loop forwarded in C (``c_forward``) whose
+        slot call failed with ``rc`` (ipc/_slots.h) for access ``aseq``
+        on the slots at ``handle`` of generation ``gen``: completed as
+        :meth:`access` completes one whose call raised.  Raises
+        :class:`DeviceFailed`."""
+        slots = self._slots_at(handle)
+        e = SlotCaller.error(rc, vcpu, self.access_timeout, size)
+        if not isinstance(e, SlotError):       # a bad access (EINVAL): not the device's doing
+            raise DeviceFailed(f"device {self.name}: {e}")
+        self._call_failed(e)
+        return self._access_later(vcpu, space, cookie, offset, size, is_write, value, aseq, slots, gen)
+
+    def _slots_at(self, handle: int) -> SlotCaller | None:
+        for slots in [self._live[0], *self._old_slots]:
+            if slots is not None and slots.c_handle() == handle:
+                return slots
+        return None
+
+    def _sync_forward(self) -> None:
+        """Turn the C forward on while accesses may go straight to the
+        current slots, off otherwise (called on every change of state)."""
+        with self._fwd_lock:
+            self._sync_forward_locked()
+
+    def _sync_forward_locked(self) -> None:
+        f = self.c_forward
+        state = self.__dict__           # (during __init__, some are not set yet)
+        slots, gen = state.get("_live", (None, 0))
+        handle = slots.c_handle() if slots is not None else 0
+        on = (handle != 0 and state.get("_failure") is None and not state.get("_down", True)
+              and not state.get("_paused", 1) and not state.get("_closing", True))
+        if not on:
+            _kvm_lib.svmm_forward_switch(f, 0)
+            return
+        if f.on and f.slots == handle and f.gen == gen:
+            return
+        _kvm_lib.svmm_forward_switch(f, 0)
+        f.slots = handle
+        f.gen = gen
+        f.nslots = slots.nslots
+        f.spin_ns = slots.spin_ns
+        f.slice_ns = slots.slice_ns
+        f.timeout_ns = int(self.access_timeout * 1e9)
+        _kvm_lib.svmm_forward_switch(f, 1)
+
+    def _forward_quiet(self, timeout: float = 5.0) -> bool:
+        """With the C forward off: wait until no call made through it is
+        in flight (before slots it may use are closed); False if one is
+        still in after ``timeout``."""
+        _kvm_lib.svmm_forward_switch(self.c_forward, 0)
+        deadline = time.monotonic() + timeout
+        while _kvm_lib.svmm_forward_inflight(self.c_forward):
+            if time.monotonic() >= deadline:
+                log.error("device %s: a vCPU is still in a slot call; its slots stay mapped", self.name)
+                return False
+            time.sleep(0.0005)
+        return True
 
     def _agreed(self, features: frozenset[str]) -> None:
         self.features = features
@@ -537,14 +628,8 @@ class RemoteEndpoint:
                 break
             try:
                 return slots.call(vcpu, space, cookie, offset, size, is_write, value, self.access_timeout, aseq)
-            except SlotTimeout:
-                self._fail(f"no answer within {self.access_timeout:g} s")
-            except SlotPeerDead:
-                pass
-            except (SlotDeviceError, SlotBadResponse) as e:
-                self._fail(str(e), final=True)
             except SlotError as e:
-                self._fail(str(e))
+                self._call_failed(e)
         if self._failure is None and not self._closing:
             self._fail(f"not serving again within {self.policy.timeout:g} s", final=True)
         raise DeviceFailed(f"device {self.name}: {self._failure or ('closed' if self._closing else 'failed')}")
@@ -552,7 +637,7 @@ class RemoteEndpoint:
     def _issued(self) -> int:
         """The highest access number handed out so far (takes one: gaps
         are harmless)."""
-        return next(self._aseq)
+        return self._aseq()
 
     def _wait(self, ready: Callable[[], bool], deadline: float) -> bool:
         """Wait for ``ready()`` (under the condition) until ``deadline``;
@@ -628,7 +713,8 @@ class RemoteEndpoint:
             self._paused += 1
         try:
             deadline = t0 + limit
-            while any(self._busy) and time.monotonic() < deadline:
+            while (any(self._busy) or _kvm_lib.svmm_forward_inflight(self.c_forward)) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.0002)          # drain: accesses in flight are microseconds long
             gen = self._gen
             self._cause = RESTART_REQUESTED
@@ -1088,11 +1174,14 @@ class RemoteEndpoint:
         with self._chan_lock:
             self._channel.close()
         self.peer.close()
-        for old in self._old_slots:
-            old.close()
+        if self._forward_quiet():
+            for old in self._old_slots:
+                old.close()
+            if self._slots is not None:
+                self._slots.close()
+        else:       # a vCPU is still in C on one of them: never unmap (nor collect) them
+            _STUCK_SLOTS.extend(s for s in [self._slots, *self._old_slots] if s is not None)
         self._old_slots.clear()
-        if self._slots is not None:
-            self._slots.close()
         if self.state is not None:
             self.state.close()
         if self._spares is not None:
