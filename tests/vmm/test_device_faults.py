@@ -436,3 +436,22 @@ def test_lock_word_naming_no_device_ends_the_vm(guest, caplog, holder):
         if stranger is not None:
             stranger.kill()
             stranger.wait(10)
+
+
+# ---- fault control to a device whose socket has ended -------------------------
+
+@needs_kvm
+def test_fault_control_on_an_ended_channel_is_a_device_failure():
+    # Between the device's socket closing and the reader noting the failure
+    # (or a restart beginning) the channel is CLOSED; a fault request sent
+    # then (QMP query-faults, the plan's re-setup after a restart) must be a
+    # DeviceFailed its callers handle, not the channel's LocalProtocolError
+    # escaping a thread (seen once in test_restart.py under rapid kills).
+    from ipc.protocol import State
+    from vmm.remote.endpoint import DeviceFailed
+    with Machine(memory=32 << 20) as m:
+        ep = m.add_device(echo("a0", A_PIO))
+        assert ep.fault_control("query", {}) is not None
+        ep._channel.conn.state = State.CLOSED   # as Connection._next leaves it at end of stream
+        with pytest.raises(DeviceFailed, match="cannot send fault query"):
+            ep.fault_control("query", {})

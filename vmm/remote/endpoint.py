@@ -67,7 +67,7 @@ from devices.virtio.core import VirtioCore
 from ipc import Registry
 from ipc.accessseq import BadRecord, Outcome, Pending, decide
 from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, FaultFired, FaultReply,
-                          MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, SetState,
+                          LocalProtocolError, MemRegion, Message, RemoteProtocolError, Reset, ResetDone, Role, SetSlots, SetState,
                           Shutdown)
 from ipc.batch import BATCH_SPACE, BatchWriter
 from ipc.slots import (C_CALL, CallStats, ServeStats, SlotBadResponse, SlotCaller, SlotDeviceError,
@@ -883,7 +883,9 @@ class RemoteEndpoint:
             self._send(FaultControl(seq, op, json.dumps(body, separators=(",", ":"))))
             if not wait[0].wait(timeout):
                 raise DeviceFailed(f"device {self.name}: no answer to fault {op} within {timeout:g} s")
-        except OSError as e:
+        except (OSError, LocalProtocolError) as e:
+            # (LocalProtocolError: the channel has ended -- the device's socket
+            # closed and its failure or restart not yet noted by the reader)
             raise DeviceFailed(f"device {self.name}: cannot send fault {op}: {e}") from None
         finally:
             self._fault_waits.pop(seq, None)
