@@ -51,6 +51,16 @@ void svmm_forward_switch(struct svmm_forward *f, uint32_t on)
     __atomic_store_n(&f->on, on, __ATOMIC_SEQ_CST);
 }
 
+void svmm_drain_begin(struct svmm_forwards *t)
+{
+    __atomic_fetch_add(&t->draining, 1, __ATOMIC_SEQ_CST);
+}
+
+void svmm_drain_end(struct svmm_forwards *t)
+{
+    __atomic_fetch_sub(&t->draining, 1, __ATOMIC_SEQ_CST);
+}
+
 static inline int64_t svmm_now_ns(void)
 {
     struct timespec ts;
@@ -78,6 +88,13 @@ static int svmm_forward(struct svmm_vcpu *v)
     if (v->index >= f->nslots) {
         return FWD_PYTHON;
     }
+    /* Another vCPU may have taken queued coalesced writes from the ring and
+     * not delivered them yet: this access must come after them.  (The ring
+     * was seen empty before this load; a drainer counts itself before it
+     * takes anything.) */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&t->draining, __ATOMIC_SEQ_CST))
+        return FWD_PYTHON;
     __atomic_fetch_add(&f->inflight, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&f->on, __ATOMIC_SEQ_CST)) {
         __atomic_fetch_sub(&f->inflight, 1, __ATOMIC_SEQ_CST);

@@ -91,6 +91,11 @@ struct svmm_forward {
 struct svmm_forwards {
     struct svmm_forward *f[256];   /* SVMM_MAX_OWNERS */
     uint8_t seen[256];
+    /* Drains of the coalesced-MMIO ring in progress (vmm/dispatch.py, one
+     * at a time): while one runs, writes it has taken from the ring are not
+     * delivered yet, so no access is forwarded here -- Python's path waits
+     * for the drain, as every access did before forwarding in C. */
+    uint32_t draining;
 };
 
 /* The next access number of a forward (atomic), its calls in flight. */
@@ -98,6 +103,10 @@ uint64_t svmm_forward_next_aseq(struct svmm_forward *f);
 uint64_t svmm_forward_inflight(struct svmm_forward *f);
 /* Set or clear "on" (sequentially consistent). */
 void svmm_forward_switch(struct svmm_forward *f, uint32_t on);
+/* A drain of the coalesced ring begins (before it takes any write) / ends
+ * (after it delivered the last). */
+void svmm_drain_begin(struct svmm_forwards *t);
+void svmm_drain_end(struct svmm_forwards *t);
 
 struct svmm_vcpu {
     /* set up by Python */

@@ -32,7 +32,9 @@ a time).  An access to a device process whose forward is installed
 counted in :attr:`Dispatcher.stats` from the forward's own cell, and
 reaches Python only when its slot call fails
 (:meth:`Dispatcher.forward_failed`); the C loop takes the coalesced ring
-first on every exit, so the order is the same.
+first on every exit, and while another vCPU's drain is delivering what it
+took (``svmm_drain_begin``/``end``) hands its accesses to Python, which
+waits for that drain: so the order is the same.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from devices.base import all_ones
 from ipc import Bus, LockTimeout, Reference, Registry, RegistryError
-from vmm._kvm_c import ffi as _kvm_ffi
+from vmm._kvm_c import ffi as _kvm_ffi, lib as _kvm_lib
 from ipc.registry import CApi
 from vmm.coalesce import CoalescedMmio
 from vmm.endpoint import DeviceFailed, Endpoint
@@ -260,6 +262,7 @@ class Dispatcher:
         n = 0
         with self._drain_lock:
             self._draining.on = True
+            _kvm_lib.svmm_drain_begin(self.forwards)    # no access forwarded in C meanwhile
             try:
                 while True:
                     batch = ring.take()
@@ -268,6 +271,7 @@ class Dispatcher:
                     n += len(batch)
                     self._deliver(vcpu, batch)
             finally:
+                _kvm_lib.svmm_drain_end(self.forwards)
                 self._draining.on = False
             if n:
                 self.coalesced_writes += n
