@@ -30,3 +30,5 @@ struct blk_record {
 
 int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, int k, int taken,
             uint64_t used_off, uint32_t size, uint16_t used_idx, struct blk_record *rec);
+
+int blk_wait(const uint8_t *ram, uint64_t ram_len, uint64_t avail_off, uint16_t last_avail, uint64_t max_ns);

@@ -32,6 +32,9 @@ fault points: it
 takes each request's ``blk.read``/``blk.write`` decision before the run
 (one that fires stops the run there and goes to Python); with
 ``queue.complete`` armed the C path is not used.
+After a doorbell's batch, :meth:`Ring.wait` spins a while on the avail
+index (``poll_us=`` of the device) so that the next request of a driver
+at queue depth 1 is served without a sleep and a wake-up.
 Missing extension (a tree not built): :data:`AVAILABLE` is False and the
 device serves everything in Python.
 """
@@ -78,6 +81,15 @@ class Ring:
              readonly: bool) -> int:
         return int(lib.blk_scan(self.ptr, self.length, self.spans, self.nspans, desc, avail, size, last_avail,
                                 pending, capacity, readonly, self.reqs, min(pending, BATCH)))
+
+    def wait(self, avail: int, last_avail: int, ns: int) -> bool:
+        """Spin (the GIL released) until the driver makes a buffer
+        available past ``last_avail`` -- True -- or ``ns`` nanoseconds
+        passed -- False (``blk_wait``)."""
+        got = int(lib.blk_wait(self.ptr, self.length, avail, last_avail, ns))
+        if got < 0:
+            raise ValueError(f"blk_wait: avail ring at {avail:#x} outside guest RAM")
+        return got > 0
 
     def recording(self, record: Any) -> Any:
         """``with ring.recording(record):`` -- :meth:`run` also keeps
