@@ -5,16 +5,6 @@ processes can map the very same pages later (the descriptor is kept open
 and handed out with the table of :attr:`GuestMemory.regions`).  RAM up to
 ``layout.MMIO_HOLE_START`` sits at guest-physical 0; the rest continues at
 4 GiB.  Each piece is one KVM memory slot.
-
-Huge pages: the mapping is advised ``MADV_HUGEPAGE`` (:data:`HUGE_PAGES`),
-so that where the host lets shared memory have transparent huge pages
-(``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` is ``advise``,
-``within_size`` or ``always``) guest RAM is backed by 2 MiB pages and KVM
-maps it with 2 MiB entries -- what QEMU's anonymous guest RAM gets from
-``enabled=madvise``; fewer TLB misses for the guest and for a device
-process copying into guest RAM (issue 15 section 4: 1 MiB virtio-blk reads).
-Where the host says ``never`` (the default of many distributions) the
-advice changes nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +18,6 @@ import re
 from vmm import layout
 from vmm.endpoint import VmmError
 from vmm.kvm import Vm, ffi
-
-
-#: Advise guest RAM MADV_HUGEPAGE (see above); GuestMemory(huge=...) overrides.
-HUGE_PAGES = True
 
 
 class GuestMemoryError(VmmError):
@@ -67,7 +53,7 @@ class RamRegion:
 class GuestMemory:
     """Guest RAM of ``size`` bytes (a multiple of the page size)."""
 
-    def __init__(self, size: int, huge: bool | None = None):
+    def __init__(self, size: int):
         if size % layout.PAGE_SIZE or not layout.MIN_MEMORY <= size <= layout.MAX_MEMORY:
             raise GuestMemoryError(
                 f"memory size {size:#x} must be a multiple of 4 KiB between "
@@ -87,8 +73,6 @@ class GuestMemory:
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            if HUGE_PAGES if huge is None else huge:
-                advise_huge(self._map)
             self._cdata = ffi.from_buffer(self._map)
             self.host_base = int(ffi.cast("uintptr_t", self._cdata))
             self.view = memoryview(self._map)
@@ -141,16 +125,3 @@ class GuestMemory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def advise_huge(region: mmap.mmap) -> bool:
-    """``madvise(MADV_HUGEPAGE)`` on a mapping of guest RAM; False where
-    the system has no such advice (the mapping is left as it is)."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
-        return False
-    try:
-        region.madvise(advice)
-    except OSError:
-        return False
-    return True
