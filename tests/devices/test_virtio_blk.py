@@ -517,6 +517,7 @@ def test_doorbell_thread_serves_a_request_made_available_while_it_watches(image,
 
     if not blkring.AVAILABLE:
         pytest.skip("devices._blkring_c is not built (make install)")
+    monkeypatch.setattr(vb, "_cpus", lambda: 2)     # a CPU left for the vCPU, on any host
     dev, ram = make(image, poll_us=poll_us)
     second = _read_chain(ram, 1, 7)
     waits = []
@@ -578,3 +579,17 @@ def test_ring_wait_times_out_sees_a_moved_index_and_refuses_outside_ram(image):
     for bad in ("-1", "x", "1001"):
         with pytest.raises(BadParameter, match="poll_us"):
             VirtioBlk(FakeHost(None), slot="4", path=str(image), poll_us=bad)
+
+
+def test_no_watch_without_a_spare_cpu_or_a_thread_per_queue(image, monkeypatch):
+    """The doorbell threads watch only while they are fewer than the CPUs
+    (one left for the vCPU driving them) and each has its queue alone."""
+    monkeypatch.setattr(vb, "_cpus", lambda: 2)
+    polls = lambda **p: VirtioBlk(FakeHost(None), slot="4", path=str(image), **p)._polls  # noqa: E731
+    assert polls()
+    assert not polls(poll_us="0")
+    assert not polls(num_queues="2")
+    assert not polls(num_queues="2", notify_threads="one")
+    monkeypatch.setattr(vb, "_cpus", lambda: 8)
+    assert polls(num_queues="4")
+    assert not polls(num_queues="4", notify_threads="one")
