@@ -464,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             root = pathlib.Path(tree_dir).resolve()
             env = dict(os.environ, PYTHONPATH=str(root))
             # What that tree's own ``vmm`` script runs (its entry point).
-            entry = "vmm.entry" if (root / "vmm" / "entry.py").exists() else "vmm.cli"
-            script = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())"]
+            if (root / "vmm" / "entry.py").exists():     # the console script's own function
+                code = "import vmm.entry as e; getattr(e, 'command', None) and e.command(); raise SystemExit(e.main())"
+            else:
+                code = "import sys; from vmm.cli import main; sys.exit(main())"
+            script = [sys.executable, "-c", code]
             for name in [n for n in runners if n.startswith("vmm_")]:
                 cmd, expect = runners[name][:2]
                 runners[f"{label}:{name}"] = ([*script, *cmd[len(vmm):]], expect, env)
