@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pathlib
 import signal
 import sys
 import threading
@@ -62,6 +61,8 @@ from vmm.vcpu import KICK_SIGNAL, VcpuThread
 from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
+    import pathlib
+
     from vmm.forkserver import ForkServer
     from vmm.qmp.server import QmpServer
     from vmm.remote.endpoint import Launched, RemoteEndpoint
@@ -191,7 +192,10 @@ class Machine:
         #: Owners unplugged with remove_device (their failures are not news).
         self._removed: set[int] = set()
         self._scratch: list[pathlib.Path] = []
-        self._log_dir = None if log_dir is None else pathlib.Path(log_dir)
+        self._log_dir: pathlib.Path | None = None
+        if log_dir is not None:
+            import pathlib      # (only here and in scratch_image: start-up, issue 15)
+            self._log_dir = pathlib.Path(log_dir)
         #: The open log files of spawned devices (log_dir), closed at close().
         self._log_fds: list[int] = []
         #: device id -> the file its process's stderr went to (log_dir).
@@ -432,6 +436,7 @@ class Machine:
         prefix keeps the file name within virtio-blk's 20-byte id.)"""
         if isinstance(size, str):
             size = parse_size(size)
+        import pathlib
         import tempfile
 
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".img")
