@@ -333,17 +333,25 @@ def importtime(module: str, top: int = 12) -> dict:
 TRACE_CODE = r"""
 import json, os, sys, time
 marks = [("interpreter up", time.monotonic())]
-server = None
+server = spawned = None
 try:
     import vmm.entry        # the vmm command's entry point: the fork server first
 except ImportError:         # a tree from before it (--baseline)
     pass
 else:
     if vmm.entry.wants_forkserver(sys.argv[1:]):
-        from vmm.forkserver import ForkServer
-        server = ForkServer.start()
+        import vmm.forkserver
+        if hasattr(vmm.forkserver, "spawn_server"):     # as vmm.entry does: before the VMM's imports
+            spawned = vmm.forkserver.spawn_server()
+        else:
+            server = vmm.forkserver.ForkServer.start()
         marks.append(("fork server started (it imports meanwhile)", time.monotonic()))
+import gc
+gc.disable()
 import vmm.cli
+gc.enable()
+if spawned is not None:
+    server = vmm.forkserver.ForkServer.adopt(*spawned)
 marks.append(("import vmm.cli", time.monotonic()))
 from vmm.machine import Machine
 from vmm.remote import process as _process
