@@ -19,9 +19,11 @@ batch:
   stops at the first that fails or is short (the caller serves that one
   in Python).
 
-:func:`run` stores ``used->idx`` once per batch.  With the device's
-in-flight record at hand (:meth:`Ring.recording`: a device process's
-state segment) it also keeps it, with the stores of
+:func:`run` writes the used elements; the caller stores ``used->idx``
+once per batch (:meth:`devices.virtio.virtqueue.Virtqueue.published`),
+except with the device's in-flight record at hand (:meth:`Ring.recording`:
+a device process's state segment): then :func:`run` stores the index
+itself and keeps the record, with the stores of
 :class:`ipc.inflight.InflightQueue` in the same order: every taken chain
 popped before any is acted on, the finished ones completed after
 ``used->idx`` -- in Python those two steps cost ~1 us of a ~4 us request
@@ -95,7 +97,8 @@ class Ring:
     def run(self, fd: int, k: int, taken: int, used: int, size: int, used_idx: int) -> int:
         """Serve the first ``k`` of the ``taken`` chains described by
         :meth:`scan` (each recorded in flight first, when recording), their
-        used elements and ``used->idx`` stored: how many were served."""
+        used elements stored (and ``used->idx`` and the record, when
+        recording): how many were served."""
         rec = self._rec_ptr
         if rec != ffi.NULL:
             rec.counter = self._record.counter

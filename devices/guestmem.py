@@ -47,6 +47,10 @@ class GuestRam:
                 raise ValueError(f"RAM region {rr} does not fit the {len(view):#x}-byte mapping")
             ranges.append(rr)
         self._view = view
+        # 16-bit items of the mapping, for stores a running guest reads
+        # concurrently (store_u16: struct.pack_into zeroes its bytes first)
+        self._even = view[:len(view) & ~1]
+        self._u16 = self._even.cast("H")
         self.ranges: tuple[RamRange, ...] = tuple(sorted(ranges, key=lambda r: r.guest_addr))
         # (first address, end, offset - first address) per range, for offset()
         self._spans = tuple((r.guest_addr, r.guest_addr + r.size, r.offset - r.guest_addr) for r in self.ranges)
@@ -106,6 +110,18 @@ class GuestRam:
         off = self.offset(addr, size)
         self._view[off:off + size] = (value & all_ones(size)).to_bytes(size, "little")
 
+    def store_u16(self, off: int, value: int) -> None:
+        """One aligned 16-bit store of ``value`` at :attr:`buffer` offset
+        ``off`` (even, already checked), for a field a running guest reads
+        concurrently (``used->idx``).  ``struct.pack_into`` would not do:
+        it zeroes the bytes before it writes them, so a driver polling the
+        field can see 0 in between (CPython's ``s_pack_internal``), and a
+        ``used->idx`` seen going back to 0 is a completion that never
+        happened."""
+        self._u16[off >> 1] = value
+
     def release(self) -> None:
-        """Drop this object's view (before the mapping is closed)."""
+        """Drop this object's views (before the mapping is closed)."""
+        self._u16.release()
+        self._even.release()
         self._view.release()

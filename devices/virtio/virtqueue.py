@@ -325,7 +325,7 @@ class Virtqueue:
         view, _table, _avail, used = self._where(mem)
         _USED_ELEM.pack_into(view, used + 4 + 8 * (self.used_idx % self.size), head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(view, used + 2, self.used_idx)
+        mem.store_u16(used + 2, self.used_idx)
         if self.inflight is not None:
             self.inflight.pushed(self.index, head, self.used_idx)
 
@@ -345,7 +345,7 @@ class Virtqueue:
             pack(view, used + 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
             idx += 1
         self.used_idx = idx = idx & 0xFFFF
-        _U16.pack_into(view, used + 2, idx)
+        mem.store_u16(used + 2, idx)
         if self.inflight is not None:
             pushed, q = self.inflight.pushed, self.index
             for head, _written in done:
@@ -375,7 +375,7 @@ class Virtqueue:
             return
         view, _table, _avail, used = self._where(mem)
         self.used_idx = idx = (self.used_idx + len(heads)) & 0xFFFF
-        _U16.pack_into(view, used + 2, idx)
+        mem.store_u16(used + 2, idx)
         if self.inflight is not None:
             pushed, q = self.inflight.pushed, self.index
             for head in heads:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import random
 import struct
+import time
 
 import pytest
 
@@ -331,3 +333,58 @@ def test_virtqueue_pop_bounds_direct(guarded):
     assert q.check_layout(ram) is None
     q.desc = LOW - 16
     assert "not in guest RAM" in q.check_layout(ram)
+
+
+def test_used_idx_is_one_store_a_polling_driver_never_sees_zero():
+    # A driver polls used->idx while the device publishes (virtio 1.2
+    # §2.7.8); the index must go from one value to the next in one store.
+    # struct.pack_into zeroes its bytes before writing them: a driver
+    # polling the field saw 0, took it for new completions and read used
+    # elements never written (test_bar_moved_while_the_other_vcpu_does_io
+    # failed so when a batch's index was stored twice).  Here a forked
+    # child polls the field of a shared mapping while this process pushes
+    # 50,000 completions; the index runs 2..50001, so 0 is only ever a
+    # torn store.
+    size = 0x10000
+    shared = mmap.mmap(-1, size)                  # MAP_SHARED: the child sees the stores
+    ram = GuestRam(shared, [RamRange(0, size, 0)])
+    q = Virtqueue(0, 8)
+    q.desc, q.driver, q.device = DESC, AVAIL, USED
+    assert q.check_layout(ram) is None
+    q.used_idx = 1
+    ram.write_int(USED + 2, 2, 1)                 # (a fresh mapping holds 0)
+    words = memoryview(shared).cast("Q")
+    RUNNING, STOP, ZEROS, READS, CHANGES = range(5)        # the child's report, words at the end
+    base = size // 8 - 8
+    pid = os.fork()
+    if pid == 0:                                  # the polling driver
+        try:
+            u16 = memoryview(shared).cast("H")
+            at, zeros, reads, changes, last = (USED + 2) // 2, 0, 0, 0, -1
+            words[base + RUNNING] = 1
+            while not words[base + STOP]:
+                v = u16[at]
+                reads += 1
+                if v != last:
+                    changes += 1
+                    last = v
+                    zeros += v == 0
+            words[base + ZEROS], words[base + READS], words[base + CHANGES] = zeros, reads, changes
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while not words[base + RUNNING]:
+            assert time.monotonic() < deadline, "the polling child did not start"
+            os.sched_yield()
+        for _ in range(50_000):
+            q.push(ram, 0, 1)
+    finally:
+        words[base + STOP] = 1
+        _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    assert words[base + READS] > 0
+    assert words[base + ZEROS] == 0, f"the driver saw used->idx 0 {words[base + ZEROS]} times " \
+        f"in {words[base + READS]} reads"
+    words.release()
+    ram.release()
