@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["serve"]:
         from devserver.service import main as serve_main
         return serve_main(args_in[1:])
+    return run(parser().parse_args(args_in))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of one device process (not ``serve``)."""
     ap = argparse.ArgumentParser(prog="devserver", description="Run one splitvmm device process.")
     ap.add_argument("--fd", type=int, required=True, metavar="N",
                     help="inherited control socket (AF_UNIX SOCK_SEQPACKET) connected to the VMM")
@@ -42,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spare", action="store_true",
                     help="a warm spare: wait for the VMM's hello without a deadline")
     ap.add_argument("--preload", metavar="KIND", help="with --spare: import this kind's model ahead")
-    args = ap.parse_args(args_in)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    """The device process, its command line parsed (:func:`parser`; the
+    fork server parses it before it forks: devserver.forkserver)."""
     configure_logging(getattr(logging, args.log_level))
     # The VMM decides when a device stops (Shutdown, or its socket going
     # away): a Ctrl-C on the terminal is for the VMM, not for us.

@@ -54,7 +54,9 @@ own control sockets, as exec'd ones do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import os
 import select
@@ -67,9 +69,6 @@ from collections.abc import Callable
 CHANNEL_FD = 3
 #: Largest request (JSON) accepted.
 MAX_REQUEST = 64 * 1024
-#: The collection after the preload waits for this long a pause in the
-#: requests (ms): the first devices start while it would run.
-IDLE_COLLECT_MS = 100
 
 
 def preload(pending: Callable[[], object] | None = None) -> None:
@@ -83,9 +82,11 @@ def preload(pending: Callable[[], object] | None = None) -> None:
     import devserver.cli  # noqa: F401  (the runtime, ipc, the sandbox)
     from devices import kinds
     from devserver.sandbox import preload as sandbox_preload
+    from devserver.runtime import configure_logging
     from devserver.sandbox.policy import kind_rules
 
     sandbox_preload.apply()
+    configure_logging()     # as each device does first (devserver.cli.run): made once, here
     # COM1 is in nearly every run: its model first.
     for kind in sorted(kinds.kinds(), key=lambda k: k != "serial"):
         if pending is not None:
@@ -107,18 +108,11 @@ class Server:
         self.children: dict[int, int] = {}
 
     def run(self) -> int:
-        collected = False
         while True:
             try:
-                events = self.poller.poll(None if collected else IDLE_COLLECT_MS)
+                events = self.poller.poll()
             except InterruptedError:
                 continue
-            if not events and not collected:
-                # What the preload left as garbage (~500 objects, 3-5 ms of
-                # CPU); children forked before this got it frozen.
-                gc.collect()
-                gc.freeze()
-                collected = True
             for fd, _ev in events:
                 if fd == self.sock.fileno():
                     if not self._request():
@@ -169,6 +163,10 @@ class Server:
             return {"error": f"bad request: {e}"}
         if len(fds) != 2:
             return {"error": f"a request carries 2 descriptors, not {len(fds)}"}
+        argv = _with_fd(argv, CHANNEL_FD)
+        args = _parse(argv)
+        if env is not None and env == dict(os.environ):
+            env = None      # as it is here: nothing for the child to rewrite
         sys.stdout.flush()
         sys.stderr.flush()
         gc.freeze()         # the child's collections skip what is shared (a no-op once all is frozen)
@@ -177,7 +175,7 @@ class Server:
         except OSError as e:
             return {"error": f"fork: {e}"}
         if pid == 0:
-            _child(self.sock, argv, env, fds[0], fds[1])     # never returns
+            _child(self.sock, argv, args, env, fds[0], fds[1])     # never returns
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as e:    # cannot happen for our own unreaped child; say so if it does
@@ -201,10 +199,34 @@ class Server:
         return True
 
 
-def _child(server_sock: socket.socket, argv: list[str], env: dict[str, str] | None, channel: int,
-           stderr: int) -> None:
+def _parse(argv: list[str]) -> argparse.Namespace | None:
+    """The device's command line, parsed here before the fork: parsing in
+    each child cost ~0.3 MB of its private memory (argparse's and
+    gettext's code and objects, copied page by page as they ran; issue 15
+    §2), here it costs the server once.  None when it does not parse (or
+    is not a device's: ``serve``): the child parses it again and says why
+    on its own stderr."""
+    global _parser
+    from devserver import cli
+    if argv[:1] == ["serve"]:
+        return None
+    if _parser is None:
+        _parser = cli.parser()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _parser.parse_args(argv)
+    except SystemExit:
+        return None
+
+
+_parser: argparse.ArgumentParser | None = None
+
+
+def _child(server_sock: socket.socket, argv: list[str], args: argparse.Namespace | None,
+           env: dict[str, str] | None, channel: int, stderr: int) -> None:
     """In the forked child: the device's descriptors in place, everything
-    of the server's closed, then the ``devserver`` main; never returns."""
+    of the server's closed, then the ``devserver`` main (``args``: its
+    command line, parsed already); never returns."""
     code = 1
     try:
         server_sock.detach()        # closed below with the rest; no object may close it again
@@ -219,8 +241,8 @@ def _child(server_sock: socket.socket, argv: list[str], env: dict[str, str] | No
         gc.enable()         # for what the device allocates; the server's objects stay frozen
         if env is not None:
             _set_environment(env)
-        from devserver.cli import main
-        code = main(_with_fd(argv, CHANNEL_FD))
+        from devserver import cli
+        code = cli.run(args) if args is not None else cli.main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -285,11 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     # What the children share stays shared: no collection runs here while
     # importing, and what was imported is moved out of the collector's
     # reach (gc.freeze) -- a collection in a child would otherwise write
-    # to every object's header and so copy every page of them.
+    # to every object's header and so copy every page of them.  No
+    # collection before the freeze either (as the gc docs advise): the
+    # holes it would free are where a child's first objects would go,
+    # copying a page of the server's for each.
     gc.disable()
     server = Server(sock)
     preload(server.serve_pending)
-    code = server.run()     # collects and freezes once the requests pause; each fork freezes first
+    gc.freeze()
+    code = server.run()
     sys.stderr.flush()
     os._exit(code)      # nothing to finalize: skip tearing down every module imported
 

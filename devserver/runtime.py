@@ -37,6 +37,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -649,11 +650,19 @@ def set_log_name(name: str) -> None:
     _name_filter.name_ = name
 
 
+_handler: logging.StreamHandler | None = None
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log to stderr, each line naming the device and the process."""
-    handler = logging.StreamHandler()
-    handler.addFilter(_name_filter)
-    handler.setFormatter(logging.Formatter("devserver[%(device)s pid %(process)d] %(levelname)s: %(message)s"))
+    """Log to stderr, each line naming the device and the process.  The
+    handler is made once per interpreter: a device forked by the fork
+    server (which configured it before forking) reuses the server's
+    instead of copying the pages that making one touches."""
+    global _handler
+    if _handler is None or _handler.stream is not sys.stderr:
+        _handler = logging.StreamHandler()
+        _handler.addFilter(_name_filter)
+        _handler.setFormatter(logging.Formatter("devserver[%(device)s pid %(process)d] %(levelname)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_handler]
     root.setLevel(level)

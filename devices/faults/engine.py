@@ -65,9 +65,9 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 def name_state(seed: int, name: str) -> int:
     """The generator state of fault ``name`` under ``seed``."""
-    import hashlib
+    from _blake2 import blake2b     # hashlib's, without hashlib loading OpenSSL (issue 15)
 
-    h = hashlib.blake2b(name.encode(), key=seed.to_bytes(8, "big"), digest_size=8)
+    h = blake2b(name.encode(), key=seed.to_bytes(8, "big"), digest_size=8)
     return int.from_bytes(h.digest(), "big")
 
 
@@ -136,11 +136,12 @@ class Firing:
         """A generator for what the action makes up (``garbage`` bytes,
         which bits ``corrupt`` flips), seeded by (seed, fault, device,
         point, event): the same bytes in a rerun and in a replay."""
-        import hashlib
         import random
 
+        from _blake2 import blake2b
+
         key = f"{self.fault}\0{self.device}\0{self.point}\0{self.event}".encode()
-        h = hashlib.blake2b(key, key=self.seed.to_bytes(8, "big"), digest_size=16)
+        h = blake2b(key, key=self.seed.to_bytes(8, "big"), digest_size=16)
         return random.Random(int.from_bytes(h.digest(), "big"))
 
     def done(self, detail: str = "") -> None:

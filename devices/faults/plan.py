@@ -142,9 +142,12 @@ def canonical_json(obj: Any) -> str:
 
 
 def plan_digest(faults: Iterable[Fault]) -> str:
-    import hashlib      # here: a run without a plan or a trace never needs OpenSSL (start-up, issue 15)
+    try:        # CPython's own SHA-256: hashlib would load OpenSSL (~4 MB of each process, issue 15)
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
 
-    return hashlib.sha256(canonical_json([f.to_dict() for f in faults]).encode()).hexdigest()
+    return sha256(canonical_json([f.to_dict() for f in faults]).encode()).hexdigest()
 
 
 def load_plan(path: str | os.PathLike[str], *, devices: Devices = None,

@@ -143,9 +143,12 @@ def trace_digest(trace: Trace) -> str:
     firings = sorted(({k: f[k] for k in ("device", "point", "event", "fault", "action", "params", "detail")}
                       for f in trace.firings), key=lambda f: (f["device"], f["point"], f["event"]))
     body = {"plan": trace.plan, "seed": trace.seed, "firings": firings}
-    import hashlib      # here: only a run that digests a trace needs OpenSSL
+    try:        # CPython's own SHA-256: hashlib would load OpenSSL (~4 MB of each process, issue 15)
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
 
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    return sha256(canonical_json(body).encode()).hexdigest()
 
 
 def read_trace(source: str | os.PathLike[str] | Iterable[str], *, name: str | None = None) -> Trace:

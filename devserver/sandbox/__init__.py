@@ -115,6 +115,14 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     strict = config.mode == "strict"
     only = os.environ.get(ONLY_ENV)
     chosen = set(only.split(",")) if only else None
+    # Before the uid switch, while this process surely reaches it: the
+    # reapers' program (the namespaces layer execs it).
+    program: int | OSError = -1
+    if chosen is None or "namespaces" in chosen:
+        try:
+            program = namespaces.open_program()
+        except OSError as e:
+            program = e
 
     def layer(name: str, fn, *args):
         if chosen is not None and name.split("=")[0] not in chosen:
@@ -138,7 +146,7 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     if uid is not None:
         out.uid = uid
     keep = set(keep) | {2} | fds.mapping_fds()
-    ns = layer("namespaces", _namespaces, out, tid_base, parent, parent_death)
+    ns = layer("namespaces", _namespaces, out, tid_base, parent, parent_death, program)
     layer("fds", fds.apply, keep)
     if uid is None and was_root and ns:
         out.uid = layer("uid", userns.switch_uid) or 0
@@ -151,57 +159,33 @@ def apply(config: SandboxConfig, kind: str, model_class: type[Device] | None,
     return out
 
 
-def _namespaces(out: Applied, tid_base: int, parent: int, parent_death: bool) -> None:
-    namespaces.unshare()
-
-    # Neither reaper applies Landlock: on ABI >= 6 it scopes signals to the
-    # process's own domain, which the process it must kill or pass a
-    # SIGTERM to (forked before, or with a domain made after) is not in
-    # (pidfd_send_signal, kill: EPERM).  Their seccomp lists are a few
-    # calls, and open answers EACCES.
+def _namespaces(out: Applied, tid_base: int, parent: int, parent_death: bool, program: int | OSError) -> None:
+    if isinstance(program, OSError):
+        raise OSError(f"the reaper program {namespaces.PROGRAM}: {program.strerror} "
+                      "(pip install builds it: make install)")
     forward = callable(signal.getsignal(signal.SIGTERM))   # a service's session passes SIGTERM on
 
-    def lock_down(keep: set[int], rules: list[Rule]) -> None:
+    # What each reaper does before it execs the reaper program (which then
+    # loads its own seccomp list).  Neither applies Landlock: on ABI >= 6
+    # it scopes signals to the process's own domain, which the process it
+    # must kill or pass a SIGTERM to (forked before, or with a domain made
+    # after) is not in (pidfd_send_signal, kill: EPERM).
+    def lock_down(keep: set[int]) -> None:
         fds.apply(keep)
         try:
             caps.apply()
         except OSError:
-            pass    # best effort: it runs no device code
-        seccomp.load(common.rules(os.getpid()) + tuple(rules), "kill")
+            pass    # best effort: the program drops them again (capset), no_new_privs is set before the exec
 
-    def lock_down_reaper(pidfd: int, status_fd: int) -> None:
-        # stderr, pid 1's pidfd and the pipe pid 1 passes the device's status on
-        if forward:
-            signal.signal(signal.SIGTERM, lambda _s, _f: _forward(pidfd, signal.SIGTERM))
-        lock_down({2, pidfd, status_fd}, [
-            Rule("wait4"), Rule("waitid"), Rule("pidfd_send_signal", (Arg(0, EQ, pidfd),))])
-
-    def lock_down_inner_reaper(status_fd: int, device: int) -> None:
-        rules = [Rule("wait4"), Rule("waitid")]
-        if forward:
-            signal.signal(signal.SIGTERM, lambda _s, _f: _kill(device, signal.SIGTERM))
-            rules.append(Rule("kill", (Arg(0, EQ, device), Arg(1, EQ, int(signal.SIGTERM)))))
-        lock_down({2, status_fd}, rules)
-
-    out.host_pid = namespaces.fork_into_pid_namespace(lock_down_reaper, lock_down_inner_reaper, tid_base,
-                                                      parent=parent, parent_death=parent_death)
+    try:
+        namespaces.unshare()
+        out.host_pid = namespaces.fork_into_pid_namespace(lock_down, tid_base, program=program, parent=parent,
+                                                          parent_death=parent_death, forward=forward)
+    finally:
+        os.close(program)       # the device's (the reapers have exec'd)
     out.pid_namespace = True
     namespaces.empty_root()
 
 
-def _kill(pid: int, signo: int) -> None:
-    try:
-        os.kill(pid, signo)
-    except OSError:
-        pass    # the device has exited: pid 1 is about to pass its status on
-
-
-def _forward(pidfd: int, signo: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signo)
-    except OSError:
-        pass    # the device has exited: the reaper is about to mirror it
-
-
 from devserver.sandbox import caps, fds, landlock, namespaces, preload, seccomp, userns  # noqa: E402
-from devserver.sandbox.policy import EQ, Arg, Rule, common, kind_rules  # noqa: E402
+from devserver.sandbox.policy import common, kind_rules  # noqa: E402

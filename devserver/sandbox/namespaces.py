@@ -22,16 +22,24 @@ the same.  With the device forked into its range, every thread of every
 device -- the first one too -- has an id of its own device's range
 (:func:`tid_base`), which the VMM maps back through ``/proc/*/status``
 ``NSpid`` (vmm.sandbox_report); the only pid 1 is a reaper that never
-takes the lock."""
+takes the lock.
+
+The reapers are not interpreters: right after its fork each closes its
+other descriptors and drops its capabilities, then execs
+:data:`PROGRAM` (``devserver/_reaper.c``, a static program that loads its
+own small seccomp allowlist before it reads anything).  A forked
+interpreter kept a copy of every page the device wrote after the fork
+(~4.5 MB of Pss per reaper, two per device); the program holds ~0.1 MB.
+It is exec'd through a descriptor opened before the sandbox began
+(:func:`open_program`): by then the process has another uid, and the
+device may have pivoted to its empty root already."""
 
 from __future__ import annotations
 
 import os
-import select
 import signal
-import struct
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from devserver.sandbox import _sys
 
@@ -40,8 +48,10 @@ FLAGS = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWNET | _sys.CLONE_N
 #: Where the new root is built (any directory that exists on every host;
 #: the tmpfs is mounted over it in this process's own mount namespace).
 BUILD_DIR = "/tmp"
-#: How often the reaper looks at its parent.
-PARENT_CHECK_MS = 500
+#: The reapers' program (``devserver/_reaper.c``; ``pip install`` links
+#: it, static, next to its source), and its name in ``ps``.
+PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_reaper")
+PROGRAM_NAME = "splitvmm-reaper"
 
 
 def unshare() -> None:
@@ -98,15 +108,23 @@ def set_next_pid(base: int) -> None:
         os.close(fd)
 
 
-def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
-                            on_inner_reaper: Callable[[int, int], None], tid_base: int = 0, *,
-                            parent: int | None = None, parent_death: bool = False) -> int:
+def open_program() -> int:
+    """An ``O_PATH`` descriptor of :data:`PROGRAM` (close-on-exec), to exec
+    the reapers through once the process has another uid and, at any
+    moment, an empty root; raises OSError when it is not there (the
+    package was not built: ``pip install``)."""
+    return os.open(PROGRAM, os.O_PATH | os.O_CLOEXEC)
+
+
+def fork_into_pid_namespace(lock_down: Callable[[set[int]], None], tid_base: int = 0, *, program: int,
+                            parent: int | None = None, parent_death: bool = False,
+                            forward: bool = False) -> int:
     """Fork twice (module docstring); return in the device (the child of
     pid 1 of the new namespace, at ``tid_base`` when not 0) with its pid
-    as the host sees it.  The outer parent calls ``on_reaper(pidfd,
-    status_fd)`` (its own lock-down: pid 1's pidfd, the pipe's end), then :func:`reap`; pid 1 calls
-    ``on_inner_reaper(status_fd, device)``, then :func:`reap_inside`; neither
-    returns.
+    as the host sees it.  The outer parent and pid 1 each call
+    ``lock_down(keep)`` (their descriptors to keep: stderr, the pipe's
+    end, pid 1's pidfd, ``program``) and exec :data:`PROGRAM` through
+    ``program`` (:func:`reap`, :func:`reap_inside`); neither returns.
 
     ``parent``: the pid of the process that started this one, as it was
     before the sandbox began (default: now); the outer reaper leaves when
@@ -116,11 +134,16 @@ def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
     lost, and a device nobody stops.  ``parent_death``: that parent is
     single-threaded (a service's listener), so the outer reaper also gets
     PR_SET_PDEATHSIG again (the uid switch of the userns layer cleared
-    it) and dies with it at once, not at its next look."""
+    it) and dies with it at once, not at its next look.  ``forward``:
+    each reaper passes SIGTERM on, towards the device (a service's
+    session); it stays blocked from before the forks until the reapers
+    handle it, so one sent meanwhile is passed on too."""
     if parent is None:
         parent = os.getppid()
     sys.stdout.flush()
     sys.stderr.flush()
+    if forward:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     r, w = os.pipe2(os.O_CLOEXEC)       # the device's wait status, from pid 1 to the outer reaper
     pid = os.fork()
     if pid == 0:
@@ -133,9 +156,11 @@ def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
             if device == 0:
                 os.close(w)
                 _sys.set_parent_death_signal(signal.SIGKILL)
+                if forward:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
                 return int(os.readlink("/proc/self"))   # the host's /proc: the host's pid
-            on_inner_reaper(w, device)
-            reap_inside(device, w)
+            lock_down({2, w, program})
+            reap_inside(device, w, program=program, forward=forward)
         except BaseException as e:      # pid 1 must never return into the device's code
             try:
                 os.write(2, f"device sandbox: pid 1 of the namespace failed: {e}\n".encode())
@@ -147,65 +172,53 @@ def fork_into_pid_namespace(on_reaper: Callable[[int, int], None],
         if parent_death:
             _sys.set_parent_death_signal(signal.SIGKILL)
         pidfd = os.pidfd_open(pid)
-        on_reaper(pidfd, r)
-        reap(pid, pidfd, r, parent)
+        lock_down({2, pidfd, r, program})
+        reap(pid, pidfd, r, parent, program=program, forward=forward)
     finally:
         os._exit(1)
 
 
-def reap_inside(device: int, status_fd: int) -> None:
-    """pid 1 of the namespace: wait for the device (reaping any other
-    process that ends here meanwhile), hand its wait status to the outer
-    reaper, leave."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            os._exit(1)
-        if pid == device:
-            break
-    try:
-        os.write(status_fd, struct.pack("<i", status))
-    except OSError:
-        pass
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if not os.WIFSIGNALED(status) else 1)
+def reap_inside(device: int, status_fd: int, *, program: int = -1, forward: bool = False) -> NoReturn:
+    """Become pid 1's reaper (exec :data:`PROGRAM`): wait for the device
+    (reaping any other process that ends here meanwhile), hand its wait
+    status to the outer reaper on ``status_fd``, leave.  ``program``: its
+    descriptor (default: opened now); ``forward``: pass SIGTERM on to the
+    device."""
+    _exec(program, ("inner", device, status_fd, int(forward)), (status_fd,), forward)
 
 
-def reap(pid: int, pidfd: int, status_fd: int = -1, parent: int | None = None) -> None:
-    """Wait for pid 1 of the namespace, then leave the way the device left
-    (the wait status pid 1 passed on ``status_fd``; pid 1's own when it
-    passed none: it was killed).  When the parent (``parent``, default the
-    one now) goes away first, kill pid 1 -- and so the namespace -- and
-    leave (nothing else would reap it)."""
+def reap(pid: int, pidfd: int, status_fd: int = -1, parent: int | None = None, *, program: int = -1,
+         forward: bool = False) -> NoReturn:
+    """Become the outer reaper (exec :data:`PROGRAM`): wait for pid 1 of
+    the namespace, then leave the way the device left (the wait status
+    pid 1 passed on ``status_fd``; pid 1's own when it passed none: it was
+    killed).  When the parent (``parent``, default the one now) goes away
+    first, kill pid 1 -- and so the namespace -- and leave (nothing else
+    would reap it).  ``forward``: pass SIGTERM on to pid 1."""
     if parent is None:
         parent = os.getppid()
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    while not poller.poll(0 if os.getppid() != parent else PARENT_CHECK_MS):
-        if os.getppid() != parent:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if status_fd >= 0:
+    _exec(program, ("outer", pid, pidfd, status_fd, parent, int(forward)), (pidfd, status_fd), forward)
+
+
+def _exec(program: int, args: tuple, inherit: tuple[int, ...], forward: bool) -> NoReturn:
+    """Exec the reaper program with ``args``, ``inherit`` surviving the
+    exec; never returns (exits 1 with a line on stderr when it cannot)."""
+    try:
+        if program < 0:
+            program = open_program()
+        for fd in inherit:
+            if fd >= 0:
+                os.set_inheritable(fd, True)
+        if forward:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        # Kept through the exec: without it a root (inside its user
+        # namespace) would regain capabilities there, and lose its
+        # parent-death signal with them.
+        _sys.set_no_new_privs()
+        os.execve(program, [PROGRAM_NAME, *map(str, args)], {})
+    except BaseException as e:
         try:
-            data = os.read(status_fd, 4)
+            os.write(2, f"device sandbox: cannot exec the reaper {PROGRAM}: {e}\n".encode())
         except OSError:
-            data = b""
-        if len(data) == 4:
-            status = struct.unpack("<i", data)[0]
-    if os.WIFSIGNALED(status):
-        mirror_signal(os.WTERMSIG(status))
-    code = os.waitstatus_to_exitcode(status)
-    if code == 128 + signal.SIGSYS:     # seccomp=trap's handler, when it cannot die of its own signal
-        mirror_signal(signal.SIGSYS)
-    os._exit(code)
-
-
-def mirror_signal(signo: int) -> None:
-    if signo not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(signo, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signo])
-    os.kill(os.getpid(), signo)
+            pass
+    os._exit(1)

@@ -54,6 +54,24 @@ def syscall_name(nr: int) -> str:
         lib.free(p)
 
 
+_names_filled = False
+
+
+def fill_syscall_names() -> None:
+    """The SIGSYS handler's table of call names (it cannot allocate), once
+    per interpreter: a device forked by the fork server has the server's
+    (the preload layer fills it) instead of rebuilding it, 512 lookups
+    whose objects would copy pages of the server's heap."""
+    global _names_filled
+    if _names_filled:
+        return
+    for nr in range(lib.SB_MAX_SYSCALL):
+        name = syscall_name(nr)
+        if name != str(nr):
+            lib.sb_set_syscall_name(nr, name.encode()[:lib.SB_NAME_LEN - 1])
+    _names_filled = True
+
+
 def load(rules: tuple[Rule, ...], mode: str = "kill", report_sock: int = -1) -> int:
     """Build and load the filter for ``mode``; ``report_sock``: where the
     SIGSYS handler sends its Error message (the control socket; -1: none).
@@ -62,10 +80,7 @@ def load(rules: tuple[Rule, ...], mode: str = "kill", report_sock: int = -1) -> 
         raise ValueError(f"seccomp={mode!r} (expected kill, trap or log)")
     if mode == "log":
         return load_with_default(rules, lib.SCMP_ACT_LOG, log=True)
-    for nr in range(lib.SB_MAX_SYSCALL):
-        name = syscall_name(nr)
-        if name != str(nr):
-            lib.sb_set_syscall_name(nr, name.encode()[:lib.SB_NAME_LEN - 1])
+    fill_syscall_names()
     if mode == "trap":
         faulthandler.register(signal.SIGSYS, file=sys.stderr, all_threads=True, chain=False)
     _check(lib.sb_install_sigsys(report_sock, sys.stderr.fileno() if mode == "trap" else -1, SENTINEL),

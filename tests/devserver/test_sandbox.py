@@ -314,3 +314,38 @@ def test_thread_ids_tell_sandboxed_devices_apart(registry, launch):
     finally:
         for ep in eps:
             ep.close()
+
+
+def _private_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line and not line[0].isdigit())
+    return int(fields["Private_Clean"].split()[0]) + int(fields["Private_Dirty"].split()[0])
+
+
+def test_the_reapers_are_the_small_program_locked_down(registry, launch):
+    """Both reapers exec devserver/_reaper instead of staying forked
+    interpreters that keep a copy of the pages the device writes (issue 15
+    §2): each holds little of its own and runs under its own seccomp
+    filter with no capabilities.  No process of the device
+    maps OpenSSL (hashlib would load it)."""
+    from devserver.sandbox import namespaces
+    from vmm import sandbox_report
+
+    ep = spawn_device(registry, "echo", {"pio": "0x5000"}, **launch)
+    try:
+        check_launcher(ep, launch)
+        outer = ep.sandbox.pids[0]
+        inner = sandbox_report._parent_of(ep.pid)
+        assert inner is not None and sandbox_report._parent_of(inner) == outer
+        for pid in (outer, inner):
+            assert os.path.samefile(f"/proc/{pid}/exe", namespaces.PROGRAM)
+            st = read_status(pid)
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st
+            for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert int(st[cap], 16) == 0, (pid, cap)
+            assert _private_kib(pid) < 1024, pid
+        for pid in (ep.pid, *([launch["forkserver"].pid] if launch else [])):
+            with open(f"/proc/{pid}/maps") as f:
+                assert "libcrypto" not in f.read(), pid
+    finally:
+        ep.close()

@@ -67,3 +67,20 @@ def test_footprint_prints_json():
         assert report[config]["time_ratio"] > 0 and report[config]["memory_ratio"] > 0
     # the VMM and each device's processes (reapers, the device, its warm spare)
     assert report["three_devices"]["splitvmm"]["processes"] >= 4
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
+def test_footprint_demo_counts_every_process_by_role():
+    r = subprocess.run([sys.executable, "-m", "vmm.bench.footprint", "--demo", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ours = report["splitvmm"]
+    roles = ours["by_role"]
+    # the VMM, the fork server, 4 devices (serial and the demo's three), 2 reapers each
+    assert {k: v["count"] for k, v in roles.items()} == {"vmm": 1, "forkserver": 1, "device": 4, "reaper": 8}
+    assert ours["processes"] == 14 and 0 < ours["guest_ram_pss"] < ours["pss"] < ours["rss"]
+    assert abs(sum(v["pss"] for v in roles.values()) - ours["pss"]) < 0.5
+    for name in ("qemu_q35_kvm", "qemu_microvm_pcie_kvm"):
+        assert report[name]["processes"] == 1 and report[name]["rss"] > report[name]["guest_ram_pss"] > 0
+        assert report["ratios"][f"splitvmm pss / {name} rss"] > 0
