@@ -156,3 +156,33 @@ int blk_run(uint8_t *ram, uint64_t ram_len, int fd, const struct blk_req *reqs, 
     }
     return done;
 }
+
+/* The requests of a scanned batch (in ring order) that no armed fault can
+ * take: each one's sector outside its point's spans and its point's quiet
+ * run not used up; each is counted as passed over.  Returns the index of
+ * the first request the fault engine must decide (k: none). */
+static int blk_faults_pass(struct blk_faults *f, const struct blk_req *reqs, int k)
+{
+    for (int i = 0; i < k; i++) {
+        struct blk_fault_point *p = &f->point[reqs[i].write ? 1 : 0];
+        uint64_t sector = reqs[i].sector;
+        if (p->quiet == 0 || p->nspans > BLK_FAULT_SPANS)
+            return i;
+        for (uint32_t s = 0; s < p->nspans; s++)
+            if (p->lo[s] <= sector && sector <= p->hi[s])
+                return i;
+        p->quiet--;
+        p->passed++;
+    }
+    return k;
+}
+
+int blk_scan_faults(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans, int nspans,
+                    uint64_t desc_off, uint64_t avail_off, uint32_t size, uint16_t last_avail, uint32_t pending,
+                    uint64_t capacity, int readonly, struct blk_req *reqs, int max, struct blk_faults *f)
+{
+    int k = blk_scan(ram, ram_len, spans, nspans, desc_off, avail_off, size, last_avail, pending, capacity,
+                     readonly, reqs, max);
+    int ask = blk_faults_pass(f, reqs, k);
+    return ask < k ? -(ask + 1) : k;
+}

@@ -32,15 +32,29 @@ event counter's increment (an :func:`itertools.count`, atomic under the
 GIL): no lock, no record.  Only an event some fault matches takes the
 engine's lock, to count it for that fault and decide; only a firing builds
 a :class:`Firing`.
+
+Counted elsewhere.  A caller that serves a point's events in C
+(virtio-blk's request loop, :mod:`devices.blkring`) may pass over the
+events :meth:`FaultEngine.quiet` says no fault can take -- outside every
+armed span of the point's match key, and fewer than the events no trigger
+can select -- and hand them over in bulk with :meth:`FaultEngine.skip`,
+which adds them to the point's numbering and to the counts of the faults
+without match keys, exactly as one call per event would.  It registers
+with :meth:`FaultEngine.counted_elsewhere` the lock its events are counted
+under and the function that hands them over; every query, arm and disarm
+then holds that lock and hands them over first, so what it reads is
+complete and no passed-over event straddles a change of the faults.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from devices.faults.table import POINTS, Choice, FaultError, PointSpec, Span
@@ -174,6 +188,45 @@ class FaultStatus:
                 "shadowed": self.shadowed, "fault": self.fault.to_dict()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Quiet:
+    """What a caller counting a point's events itself may pass over
+    without asking the engine (:meth:`FaultEngine.quiet`)."""
+
+    #: The match key of :attr:`spans` (None: there are none).
+    key: str | None
+    #: Inclusive ``[lo, hi]`` spans of ``key``, one per armed fault that
+    #: matches by that key alone: an event whose value lies in one may be
+    #: taken by its fault, so it must be asked about (:attr:`FaultEngine.armed`).
+    spans: tuple[tuple[int, int], ...]
+    #: How many events in a row (outside the spans) no trigger can select:
+    #: None for no limit, 0 when every event must be asked about.
+    events: int | None
+
+
+#: Passed-over events :meth:`FaultEngine.skip` takes from the point's
+#: counter one by one (at C speed); more, and it starts a new counter.
+_SKIP_IN_PLACE = 256
+
+
+def _quiet_events(armed: _Armed) -> int | None:
+    """How many more events a fault without match keys counts before its
+    trigger may select one (None: never again)."""
+    if armed.left == 0:
+        return None
+    fault, count = armed.fault, armed.status.events
+    if fault.trigger == "probability":
+        return None if threshold(fault.arg) == 0 else 0     # else any event may fire
+    n = int(fault.arg)
+    if fault.trigger == "nth":
+        return n - count - 1 if count < n else None
+    if fault.trigger == "every":
+        return n - count % n - 1
+    if fault.trigger == "after":
+        return max(0, n - count)
+    return 0                # a trigger this does not know: ask about every event
+
+
 #: What :attr:`FaultEngine.armed` maps a point to: called with the event's
 #: match values, it counts the event and returns the firing or None.
 Hit = Callable[[Mapping[str, Any]], "Firing | None"]
@@ -271,6 +324,8 @@ class FaultEngine:
         #: Called (no arguments) after each arm and disarm, e.g. to re-route
         #: interrupts (devices.faults.apply.attach_engine).
         self.on_change: list[Callable[[], None]] = []
+        #: (lock, hand_over) of :meth:`counted_elsewhere`, or None.
+        self._elsewhere: tuple[Any, Callable[[], None]] | None = None
         for fault in faults:
             self._arm(fault)
 
@@ -285,6 +340,82 @@ class FaultEngine:
         if name not in armed:
             return None
         return armed[name](match)
+
+    # -- events counted elsewhere -------------------------------------------
+
+    def counted_elsewhere(self, lock: Any, hand_over: Callable[[], None]) -> None:
+        """Some events of this engine's points are counted outside it
+        (virtio-blk's C loop): under ``lock`` (reentrant: a
+        ``threading.RLock``), and handed over by ``hand_over()`` (which
+        calls :meth:`skip`).  :meth:`query`, :meth:`events`, :meth:`arm`
+        and :meth:`disarm` then hold ``lock`` and call ``hand_over`` first.
+        One caller per engine (a later call replaces the earlier)."""
+        self._elsewhere = (lock, hand_over)
+
+    @contextlib.contextmanager
+    def _all_counted(self) -> Iterator[None]:
+        """Every event counted elsewhere handed over, and no more counted
+        there until the block ends."""
+        elsewhere = self._elsewhere
+        if elsewhere is None:
+            yield
+            return
+        lock, hand_over = elsewhere
+        with lock:
+            hand_over()
+            yield
+
+    def quiet(self, point: str) -> Quiet:
+        """What a caller counting ``point``'s events itself may pass over
+        and hand over later with :meth:`skip`, as the faults stand now:
+        an event outside the returned spans, while fewer than its
+        ``events`` were passed over (each event asked about meanwhile
+        that fired nothing uses up one more; a firing changes it)."""
+        with self._lock:
+            return self._quiet_locked(point)
+
+    def _quiet_locked(self, point: str) -> Quiet:
+        key: str | None = None
+        spans: list[tuple[int, int]] = []
+        events: int | None = None
+        for armed in self._table.get(point, ()):
+            if armed.test is None:
+                n = _quiet_events(armed)
+                if n is not None:
+                    events = n if events is None else min(events, n)
+            elif armed.span is not None and key in (None, armed.span[0]):
+                key, lo, hi = armed.span
+                spans.append((lo, hi))
+            else:               # other keys, or spans of two keys: ask about every event
+                return Quiet(None, (), 0)
+        return Quiet(key, tuple(spans), events)
+
+    def skip(self, point: str, n: int) -> None:
+        """Count ``n`` events of ``point`` that were passed over (what
+        :meth:`quiet` allowed): the point's numbering goes on past them and
+        each fault without match keys counts them, as ``n`` calls of its
+        :data:`Hit` that fire nothing would.  Events of a point not counted
+        yet are not numbered (as there).  Raises :class:`FaultError` if a
+        trigger could have selected one of them.  The point's events must
+        not be counted meanwhile (the caller holds what serialises them)."""
+        if n <= 0:
+            return
+        with self._lock:
+            counter = self._events.get(point)
+            if counter is None:
+                return
+            allowed = self._quiet_locked(point).events
+            if allowed is not None and n > allowed:
+                raise FaultError(f"{self.device}/{point}: {n} events passed over, but a trigger may "
+                                 f"select one after {allowed}")
+            for armed in self._table.get(point, ()):
+                if armed.test is None:
+                    armed.status.events += n
+            if n <= _SKIP_IN_PLACE:
+                collections.deque(itertools.islice(counter, n), maxlen=0)
+            else:       # a new counter, and the Hit that counts with it
+                self._events[point] = itertools.count(self._events_now(point) + 1 + n)
+                self._publish(point)
 
     def _compile(self, name: str) -> Hit:
         """The :data:`Hit` of point ``name`` for its faults now armed: the
@@ -400,12 +531,14 @@ class FaultEngine:
         """Arm ``fault`` (validated: :func:`devices.faults.plan.parse_fault`)
         while running; its point's numbering starts now if it was not
         counted yet."""
-        self._arm(fault)
+        with self._all_counted():
+            self._arm(fault)
+            event = self._events_now(fault.point)
         for hook in self.on_change:
             hook()
         if self.sink is not None:
             self.sink({"type": "arm", "t": time.monotonic_ns(), "device": self.device, "fault": fault.name,
-                       "point": fault.point, "event": self.events(fault.point), "plan": fault.to_dict()})
+                       "point": fault.point, "event": event, "plan": fault.to_dict()})
 
     def _arm(self, fault: Fault) -> None:
         if fault.device != self.device:
@@ -432,14 +565,14 @@ class FaultEngine:
     def disarm(self, name: str) -> FaultStatus:
         """Disarm the fault called ``name``; its final counters.  Its point
         keeps counting (so later event numbers stay those of the run)."""
-        with self._lock:
+        with self._all_counted(), self._lock:
             armed = self._faults.pop(name, None)
             if armed is None:
                 raise FaultError(f"no fault {name!r} armed on {self.device!r}")
             point = armed.fault.point
             self._table[point] = tuple(a for a in self._table[point] if a is not armed)
             self._publish(point)
-            event = self.events(point)
+            event = self._events_now(point)
         for hook in self.on_change:
             hook()
         if self.sink is not None:
@@ -451,11 +584,16 @@ class FaultEngine:
 
     def query(self) -> list[FaultStatus]:
         """Every armed fault's counters, in arm order (copies)."""
-        with self._lock:
+        with self._all_counted(), self._lock:
             return [dataclasses.replace(a.status) for a in self._faults.values()]
 
     def events(self, point: str) -> int:
         """How many events of ``point`` were counted (0 if never armed)."""
+        with self._all_counted():
+            return self._events_now(point)
+
+    def _events_now(self, point: str) -> int:
+        """:meth:`events` without handing over what is counted elsewhere."""
         counter = self._events.get(point)
         # An itertools.count shows its next value ("count(6)") without
         # taking it.
@@ -493,7 +631,17 @@ class ReplayEngine(FaultEngine):
             if f["fault"] not in statuses:
                 statuses[f["fault"]] = FaultStatus(_replayed_fault(f))
         self._statuses = statuses
+        #: point -> its scripted event numbers, ascending (for :meth:`quiet`).
+        self._scripted = {point: sorted(e for p, e in self._script if p == point) for point in self._events}
         self.armed = {point: self._replay_hit(point) for point in self._events}
+
+    def _compile(self, name: str) -> Hit:
+        return self._replay_hit(name)
+
+    def _quiet_locked(self, point: str) -> Quiet:
+        now = self._events_now(point)
+        ahead = [e for e in self._scripted.get(point, ()) if e > now]
+        return Quiet(None, (), ahead[0] - now - 1 if ahead else None)
 
     def _replay_hit(self, name: str) -> Hit:
         count = self._events[name].__next__
@@ -521,7 +669,7 @@ class ReplayEngine(FaultEngine):
         raise FaultError(f"device {self.device!r} replays a trace: disarming {name!r} is refused")
 
     def query(self) -> list[FaultStatus]:
-        with self._lock:
+        with self._all_counted(), self._lock:
             return [dataclasses.replace(s) for s in self._statuses.values()]
 
     def faults(self) -> list[Fault]:

@@ -27,7 +27,8 @@ is ``fdatasync``; VIRTIO_BLK_T_GET_ID writes the ID (at most 20 bytes,
 zero-padded).  Reads and writes of the usual shape (header, one data
 buffer, status byte) are served in C in batches (:mod:`devices.blkring`,
 :meth:`VirtioBlk.process_queue`), each one's ``blk.read``/``blk.write``
-fault decision taken first; a request a fault fires on, other shapes,
+fault decision taken first (in C for a request no armed fault can take,
+counted in bulk; by the engine otherwise); a request a fault fires on, other shapes,
 and everything while ``queue.complete`` is armed are served by
 :meth:`handle`.  A request that is malformed (no room for header or status,
 data not a whole number of sectors, beyond the capacity) or fails on the
@@ -43,7 +44,6 @@ import logging
 import os
 import struct
 import time
-from typing import Any
 
 from devices import blkring
 from devices.base import BadParameter, DeviceHost
@@ -155,6 +155,8 @@ class VirtioBlk(VirtioPciDevice):
         self.fd = -1
         self.capacity = 0
         self._ring: blkring.Ring | None = None
+        #: The fault decisions the C loop takes itself (:meth:`_fault_table`).
+        self._faults: blkring.FaultTable | None = None
         super().__init__(host, **params)
 
     @classmethod
@@ -216,12 +218,28 @@ class VirtioBlk(VirtioPciDevice):
         a ``blk.read``/``blk.write`` fault fires on) is served by the
         Python path (:meth:`handle`), and with ``queue.complete`` armed
         everything is.  Each request's fault decision is taken once, in
-        ring order (:meth:`_fault_scan`), so an armed fault that does not
-        fire leaves its requests in C."""
-        armed = self.fault_engine.armed
-        if not blkring.AVAILABLE or q.resubmit or "queue.complete" in armed:
+        ring order: C passes over the requests no armed fault can take
+        (:class:`devices.blkring.FaultTable`, counted in bulk) and stops at
+        the first one the engine must decide (:meth:`_blk_event`), so an
+        armed fault that does not fire leaves its requests in C."""
+        if not blkring.AVAILABLE or q.resubmit:
             super().process_queue(q)
             return
+        # With anything armed, the C loop's fault table, up to date (again
+        # after each event the engine decides: a firing changes it), says
+        # what it means here; with nothing armed (the usual case) one test.
+        armed = self.fault_engine.armed
+        faults = None
+        if armed:
+            faults = self._faults
+            if faults is None or faults.armed is not armed:     # (another engine: another armed)
+                faults = self._fault_table()
+            if faults.whole_python:
+                super().process_queue(q)
+                return
+            if not faults.decides:
+                faults = None
+        decided = faults is not None
         mem = self.queue_ready(q)
         if mem is None:
             return
@@ -246,18 +264,25 @@ class VirtioBlk(VirtioPciDevice):
                     if not n:
                         break
                     view, table, avail, used = q._where(mem)
-                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly)
+                    # With blk.read/blk.write armed each request's fault decision is
+                    # taken once, in ring order: the scan passes over (and counts)
+                    # the requests no fault can take and ends the batch at the first
+                    # the engine must decide, which is asked here; C serves the
+                    # requests before one that fires, Python that one (and any C
+                    # stopped at) with the decision.
+                    k = ring.scan(table, avail, q.size, q.last_avail, n, self.capacity, self.readonly, faults)
                     if not k:
                         rest = True
                         break
                     reqs = ring.reqs
-                    # With blk.read/blk.write armed each request's fault decision is
-                    # taken here, once: C serves the requests before the first that
-                    # fires, Python that one (and any C stopped at) with the decision.
-                    decided = "blk.read" in armed or "blk.write" in armed
-                    fired = self._fault_scan(reqs, k) if decided else None
-                    if fired is not None:
-                        k = fired[0] + 1
+                    fired: tuple[int, Firing] | None = None
+                    asked = k < 0
+                    if asked:
+                        k = -k
+                        last = reqs[k - 1]
+                        firing = self._blk_event(bool(last.write), int(last.sector))
+                        if firing is not None:
+                            fired = (k - 1, firing)
                     run = k if fired is None else k - 1
                     if record is not None:      # popped, served and completed in C
                         # completions the Python path left pending are written
@@ -288,7 +313,8 @@ class VirtioBlk(VirtioPciDevice):
                                 results.append((h, written))
                         q.push_many(mem, results)
                         served += len(results)
-                    if fired is not None:
+                    if asked:               # (the scan stopped there, not at the ring's end)
+                        faults = self._fault_table()
                         continue
                     if k < n:
                         rest = True
@@ -303,25 +329,40 @@ class VirtioBlk(VirtioPciDevice):
         if rest:
             super().process_queue(q)
 
-    def _fault_scan(self, reqs: Any, k: int) -> tuple[int, Firing] | None:
-        """The ``blk.read``/``blk.write`` events of the C path's batch of
-        ``k``, counted in order as the Python path would: the first that
-        fires and its firing (the requests after it are not counted: the
-        next scan takes them), or None."""
-        armed = self.fault_engine.armed             # the engine's compiled Hit per point (a hot path)
-        hits = (armed.get("blk.read"), armed.get("blk.write"))
-        for i in range(k):
-            req = reqs[i]
-            hit = hits[req.write]
-            if hit is not None:
-                firing = hit({"sector": req.sector})
-                if firing is not None:
-                    return i, firing
-        return None
+    def _fault_table(self) -> blkring.FaultTable:
+        """The C loop's fault table, filled again if the engine's faults
+        changed (or the engine); the engine is told the events are counted
+        elsewhere (its readers then hand them over first, under the
+        device's lock)."""
+        engine, table = self.fault_engine, self._faults
+        if table is None:
+            table = self._faults = blkring.FaultTable()
+        if table.engine is not engine:
+            engine.counted_elsewhere(self._lock, self._hand_over)
+        elif table.armed is engine.armed:
+            return table
+        table.fill(engine)
+        return table
+
+    def _hand_over(self) -> None:
+        """The engine's :meth:`~devices.faults.engine.FaultEngine.counted_elsewhere`
+        hook (device lock held): the events the C loop passed over."""
+        if self._faults is not None:
+            self._faults.hand_over()
+
+    def _blk_event(self, write: bool, sector: int) -> Firing | None:
+        """One ``blk.read`` (``write``: ``blk.write``) event decided by the
+        engine; the caller found the point armed.  The events the C loop
+        passed over are handed over first, so this one gets its number in
+        ring order, and the C loop's table learns of the decision."""
+        table = self._faults
+        if table is None:
+            return self.fault_engine.armed[blkring.FAULT_POINTS[write]]({"sector": sector})
+        return table.ask(self.fault_engine, write, sector)
 
     def handle(self, queue: Virtqueue, chain: Chain, mem: GuestRam, fired: Firing | None | object = _UNSET) -> int:
         """One request in Python; ``fired``: the fault decision the C
-        path's scan already took for it (:meth:`_fault_scan`), so its
+        path already took for it (:meth:`process_queue`), so its
         event is not counted twice."""
         bufs = chain.buffers
         if fired is _UNSET and len(bufs) == 3:
@@ -352,7 +393,8 @@ class VirtioBlk(VirtioPciDevice):
             if isinstance(fired, Firing):
                 return self._faulted(fired, mem, rtype, sector, payload, data_out, status_addr)
         elif point is not None and point in self.fault_engine.armed:
-            firing = self.fault_engine.point(point, sector=sector)
+            firing = (self.fault_engine.point(point) if rtype == VIRTIO_BLK_T_FLUSH
+                      else self._blk_event(rtype == VIRTIO_BLK_T_OUT, sector))
             if firing is not None:
                 return self._faulted(firing, mem, rtype, sector, payload, data_out, status_addr)
         try:
@@ -398,16 +440,14 @@ class VirtioBlk(VirtioPciDevice):
         rtype, _reserved, sector = _HEADER.unpack_from(view, mem.offset(hdr.addr, _HEADER.size))
         n = data.length
         if rtype == VIRTIO_BLK_T_IN:
-            hit = self.fault_engine.armed.get("blk.read")
-            writable_data, io = True, os.preadv
+            point, writable_data, io = "blk.read", True, os.preadv
         elif rtype == VIRTIO_BLK_T_OUT:
-            hit = self.fault_engine.armed.get("blk.write")
-            writable_data, io = False, os.pwritev
+            point, writable_data, io = "blk.write", False, os.pwritev
         else:
             return None, _UNSET
         decision: Firing | None | object = _UNSET
-        if hit is not None:
-            decision = hit({"sector": sector})
+        if point in self.fault_engine.armed:
+            decision = self._blk_event(not writable_data, sector)
             if decision is not None:
                 return None, decision
         if (data.writable != writable_data or (not writable_data and self.readonly)

@@ -1,7 +1,8 @@
 """What fault injection costs: ``python -m vmm.bench.faults`` prints JSON.
 
 1. virtio-blk 4 KiB reads at queue depth 1, one VM with three disks, each
-   in its own device process, each under one variant of the plan: no
+   in its own device process (``--placement inline``: all three in the
+   VMM), each under one variant of the plan: no
    plan (an engine with nothing armed: every device's); a plan armed at
    ``blk.read`` that never matches (a sector range past the image); a
    fault firing on 1% of the reads (``probability = 0.01``, ``delay`` of 0
@@ -24,8 +25,9 @@
 2. What the fault hooks cost a request with nothing armed, against no
    hooks at all (there is no "hook absent" build of this tree to run):
    the hook tests of ``VirtioBlk.handle``, counted by a counting
-   ``armed`` mapping on a real request, and the completion's
-   ``queue.complete`` test (the interrupt is the host's own method while
+   ``armed`` mapping on a real request (and, ``tests_in_c_loop_call``,
+   in a ``process_queue`` call of the C loop serving one), and the
+   completion's ``queue.complete`` test (the interrupt is the host's own method while
    ``irq`` is not counted, the notify comes by ioeventfd: no test), each
    timed as the statement it is, their sum as a share of the request
    served in-process and of the end-to-end request of (1).
@@ -39,6 +41,12 @@
    what the ``blk.*`` and ``queue.complete`` tests add to each request.
    With ``--base-tree DIR`` (a checkout of the tree before fault
    injection, e.g. ``git archive``), that tree's request as well.
+5. The request as the device usually serves it, in-process: 4 KiB reads
+   at QD1 through ``VirtioBlk.process_queue`` (the C loop, the in-flight
+   record hooked: :mod:`vmm.bench.virtio_blk_path`'s set-up), with no
+   plan, the silent plan of (1), a silent ``nth`` fault with no match
+   key (passed over by its count), and the 1% plan; ns per request
+   (thread CPU time of the call), best of interleaved rounds.
 
 (2) to (4) are timed in the thread's CPU time (``time.thread_time``:
 what other processes take of the core is not counted).
@@ -98,23 +106,34 @@ def task_cpu_ns(pid: int) -> int:
     return total
 
 
+def base_python(base_tree: str) -> str:
+    """The interpreter for ``base_tree``: its own ``make install``'s, else this one."""
+    own = pathlib.Path(base_tree) / ".venv" / "bin" / "python"
+    return str(own) if own.exists() else sys.executable
+
+
 def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cmdline: str,
-           timeout: float, api: pathlib.Path) -> dict[str, Any]:
+           timeout: float, api: pathlib.Path, placement: str = "isolated",
+           base_tree: str | None = None) -> dict[str, Any]:
     """One VM: the guest's per-slice results, the TSC rate, and each
     device process's CPU time between the two "tsc" lines (read through
-    ``query-devices``' pids while the guest settles)."""
+    ``query-devices``' pids while the guest settles).  With ``base_tree``:
+    that tree's ``vmm run`` (before fault injection: no plan, no control
+    socket, so no CPU times)."""
     import subprocess
     import threading
 
     from vmm.qmp.ctl import Connection
 
-    cmd = [sys.executable, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
-           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio", "--faults", str(plan),
-           "--api", str(api)]
+    python = sys.executable if base_tree is None else base_python(base_tree)
+    cmd = [python, "-m", "vmm.cli", "run", "--guest", str(elf), "--memory", f"{MEMORY_MIB}M",
+           "--cmdline", cmdline, "--timeout", str(int(timeout)), "--serial", "stdio"]
+    if base_tree is None:
+        cmd += ["--faults", str(plan), "--api", str(api)]
     for variant, image in zip(VARIANTS, images, strict=True):
-        cmd += ["--device", f"virtio-blk,id={variant},path={image},serial={variant},readonly=on"]
+        cmd += ["--device", f"virtio-blk,id={variant},path={image},serial={variant},readonly=on,process={placement}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=base_tree)
     assert proc.stdout is not None and proc.stderr is not None
     watchdog = threading.Timer(timeout + 30, proc.kill)
     watchdog.start()
@@ -131,6 +150,8 @@ def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cm
             if not line.startswith("tsc "):
                 continue
             stamps.append((int(line.split()[1]), now))
+            if base_tree is not None:
+                continue
             if not pids:
                 conn = Connection(str(api), timeout=30)
                 try:
@@ -143,7 +164,7 @@ def run_vm(elf: pathlib.Path, images: list[pathlib.Path], plan: pathlib.Path, cm
         proc.wait()
     finally:
         watchdog.cancel()
-    if "done" not in lines or len(samples) != 2:
+    if "done" not in lines or len(samples) != (0 if base_tree is not None else 2):
         raise RuntimeError(f"vmm run ended with {proc.returncode} before the guest was done:\n"
                            + "\n".join(lines[-20:]) + "\n" + proc.stderr.read().decode(errors="replace")[-2000:])
     (tsc0, t0), (tsc1, t1) = stamps[0], stamps[-1]
@@ -163,8 +184,11 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
-    """(1): per-slice IOPS of each variant and the per-round ratios."""
+def blk_iops(vms: int, rounds: int, n4k: int, timeout: float, placement: str = "isolated",
+             base_tree: str | None = None) -> dict[str, Any]:
+    """(1): per-slice IOPS of each variant and the per-round ratios.  With
+    ``base_tree``, a VM of that tree (three disks, no plan) after each VM
+    of this one: its slices' IOPS against this tree's no-plan slices."""
     with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp_name:
         tmp = pathlib.Path(tmp_name)
         elf = guests.build(GUEST_SOURCES, tmp, name="faults-bench")
@@ -175,7 +199,12 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
         plan = tmp / "plan.toml"
         plan.write_text(PLAN)
         cmdline = f"devs={len(VARIANTS)} rounds={rounds} n4k={n4k} settle={SETTLE_TICKS}"
-        runs = [run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock") for _ in range(vms)]
+        runs, base_runs = [], []
+        for _ in range(vms):
+            runs.append(run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock", placement))
+            if base_tree is not None:
+                base_runs.append(run_vm(elf, images, plan, cmdline, timeout, tmp / "api.sock", placement,
+                                        base_tree=base_tree))
     for run in runs:
         ids = [line.split()[-1] for line in run["lines"] if line.startswith("faults: disk ")]
         if ids != list(VARIANTS):
@@ -189,7 +218,8 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
             per_slice[v] += slices[v]
         for v in VARIANTS[1:]:
             ratios[v] += [x / base for x, base in zip(slices[v], slices["none"], strict=True)]
-    out: dict[str, Any] = {"vms": vms, "rounds_per_vm": rounds, "reads_per_slice": n4k, "tsc_hz": round(tsc_hz)}
+    out: dict[str, Any] = {"placement": placement, "vms": vms, "rounds_per_vm": rounds, "reads_per_slice": n4k,
+                           "tsc_hz": round(tsc_hz)}
     for v in VARIANTS:
         q1, q2, q3 = quartiles(per_slice[v])
         out[v] = {"IOPS_median": round(q2), "IOPS_quartiles": [round(q1), round(q3)],
@@ -202,6 +232,24 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
                                "ratio_of_medians": round(out[v]["IOPS_median"] / out["none"]["IOPS_median"], 4),
                                "ratio_of_p90s": round(out[v]["IOPS_p90"] / out["none"]["IOPS_p90"], 4)}
     out["request_us_median_no_plan"] = round(1e6 / out["none"]["IOPS_median"], 2)
+    if base_runs:
+        # The tree before fault injection: every one of its disks has no plan.
+        before = [n / (t / tsc_hz) for r in base_runs for i in range(len(VARIANTS))
+                  for _b, n, t in r["phases"][f"d{i}"]]
+        q1, q2, q3 = quartiles(before)
+        out["before"] = {"tree": base_tree, "IOPS_median": round(q2), "IOPS_quartiles": [round(q1), round(q3)],
+                         "IOPS_p90": round(statistics.quantiles(before, n=10)[-1]), "slices": len(before)}
+        out["none_to_before"] = {
+            "ratio_of_medians": round(out["none"]["IOPS_median"] / out["before"]["IOPS_median"], 4),
+            "ratio_of_p90s": round(out["none"]["IOPS_p90"] / out["before"]["IOPS_p90"], 4),
+            "per_vm_pair_ratio_of_medians": [
+                round(statistics.median(n / (t / tsc_hz) for _b, n, t in a["phases"]["d0"])
+                      / statistics.median(n / (t / tsc_hz) for i in range(len(VARIANTS))
+                                          for _b, n, t in b["phases"][f"d{i}"]), 4)
+                for a, b in zip(runs, base_runs, strict=True)]}
+    out["no_plan_request_us_p90_slice"] = round(1e6 / statistics.quantiles(per_slice["none"], n=10)[-1], 2)
+    if placement == "inline":
+        return out          # (one process: its CPU time is not per disk)
     # The plans run in the device processes and nowhere else (the VMM hears
     # of firings only): their cost per request is the device process's CPU
     # time per request above the no-plan disk's.  CPU time is what the
@@ -215,7 +263,6 @@ def blk_iops(vms: int, rounds: int, n4k: int, timeout: float) -> dict[str, Any]:
     out["device_cpu_us_per_request_per_vm"] = {
         v: [round(r["device_cpu_ns"][v] / ((rounds + 1) * n4k) / 1000, 2) for r in runs] for v in VARIANTS}
     out["sample_seconds_max"] = round(max(t for r in runs for t in r["sample_s"]), 3)
-    out["no_plan_request_us_p90_slice"] = round(1e6 / best, 2)
     for v in VARIANTS[1:]:
         extra = cpu[v] - cpu["none"]
         # Added to the request's critical path (the device serves one
@@ -241,6 +288,10 @@ class _CountingArmed(dict[str, Any]):
     def get(self, key: str, default: Any = None) -> Any:
         type(self).tests += 1
         return super().get(key, default)
+
+    def __len__(self) -> int:           # (a truth test: "anything armed?")
+        type(self).tests += 1
+        return super().__len__()
 
 
 def _blk_setup(image: str) -> tuple[Any, Any, Any, Any]:
@@ -293,7 +344,29 @@ def hook_costs(loops: int = 200_000, rounds: int = 9) -> dict[str, Any]:
         return min(timeit.repeat(stmt, globals=env, number=loops, repeat=rounds, timer=time.thread_time)) / loops * 1e9
     per_test = best("point is not None and point in m.fault_engine.armed")
     floor = best("point is not None")
-    return {"tests_in_handle": in_handle, "tests_per_request": tests,
+    # The request as the device usually serves it: process_queue's C loop.
+    from devices import blkring
+    from devices.virtio.blk import VirtioBlk
+    from vmm.bench import virtio_blk_path as vbp
+
+    in_c_loop = None
+    if blkring.AVAILABLE:
+        with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp:
+            path = os.path.join(tmp, "disk.img")
+            with open(path, "wb") as f:
+                f.truncate(vbp.IMAGE_MIB << 20)
+            dev, _ram, drv, _region, _rec = vbp.setup(path)
+            engine = FaultEngine("blk", points=VirtioBlk.all_fault_points())
+            engine.armed = _CountingArmed()
+            dev.attach_faults(engine)
+            drv.offer([8], 4096)
+            _CountingArmed.tests = 0
+            with dev._lock:
+                dev.process_queue(dev.queues[0])
+            in_c_loop = _CountingArmed.tests
+            dev.stop()
+    return {"tests_in_handle": in_handle, "tests_per_request": tests, "tests_in_c_loop_call": in_c_loop,
+            "ns_per_c_loop_call": None if in_c_loop is None else round(in_c_loop * per_test, 1),
             "ns_per_test": round(per_test, 1), "ns_per_test_over_floor": round(per_test - floor, 1),
             "ns_per_request": round(tests * per_test, 1)}
 
@@ -435,6 +508,74 @@ def blk_handle_costs(loops: int = 5_000, rounds: int = 15, base_tree: str | None
     return out
 
 
+C_PATH_PLANS = {
+    "no_plan": None,
+    "silent_span": 'point = "blk.read"\nafter = 0\naction = "ioerr"\nsector = [1099511627776, 1099511627776]',
+    "silent_nth": 'point = "blk.read"\nnth = 1000000000000\naction = "ioerr"',
+    "one_percent": 'point = "blk.read"\nprobability = 0.01\naction = "delay"\nms = 0',
+}
+
+
+def blk_c_path_costs(requests: int = 2000, rounds: int = 15) -> dict[str, Any]:
+    """(5): ns per 4 KiB QD1 read served by ``process_queue`` (the C loop)
+    under each of :data:`C_PATH_PLANS`: best of ``rounds`` interleaved
+    rounds (the order rotating), and the median of the per-round ratios
+    to no plan."""
+    import random
+
+    from devices.faults.engine import FaultEngine
+    from devices.faults.plan import loads_plan
+    from devices.virtio.blk import VirtioBlk
+    from vmm.bench import virtio_blk_path as vbp
+
+    points = VirtioBlk.all_fault_points()
+    with tempfile.TemporaryDirectory(prefix="splitvmm-faultbench-") as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(vbp.IMAGE_MIB << 20)
+        setups = {}
+        for name, fault in C_PATH_PLANS.items():
+            dev, ram, drv, region, rec = vbp.setup(image)
+            faults = () if fault is None else loads_plan(
+                f'[[fault]]\ndevice = "blk"\n{fault}\n', devices={"blk": points}).for_device("blk")
+            dev.attach_faults(FaultEngine("blk", faults, points=points))
+            setups[name] = (dev, drv, region)
+        rnd = random.Random(1)
+        blocks = (vbp.IMAGE_MIB << 20) // 4096
+
+        def serve(dev: VirtioBlk, drv: vbp.Driver) -> float:
+            q, spent = dev.queues[0], 0
+            for _ in range(requests):
+                drv.offer([rnd.randrange(blocks) * 8], 4096)
+                t0 = time.thread_time_ns()
+                with dev._lock:
+                    dev.process_queue(q)
+                spent += time.thread_time_ns() - t0
+            assert q.used_idx == drv.avail_idx, "the device served every request"
+            return spent / requests
+
+        names = list(setups)
+        per_round: list[dict[str, float]] = []
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            per_round.append({name: serve(*setups[name][:2]) for name in order})
+        best = {name: min(x[name] for x in per_round) for name in names}
+        events = {name: dev.fault_engine.events("blk.read") for name, (dev, _d, _r) in setups.items()}
+        for dev, _drv, _region in setups.values():
+            dev.stop()
+    out: dict[str, Any] = {name: round(t, 1) for name, t in best.items()}
+    for name in C_PATH_PLANS:
+        if name != "no_plan":
+            out[f"{name}_to_no_plan_ns"] = round(best[name] - best["no_plan"], 1)
+            out[f"{name}_iops_ratio"] = round(best["no_plan"] / best[name], 4)
+            out[f"{name}_iops_ratio_median_of_rounds"] = round(
+                statistics.median(x["no_plan"] / x[name] for x in per_round), 4)
+            out[f"{name}_to_no_plan_ns_median_of_rounds"] = round(
+                statistics.median(x[name] - x["no_plan"] for x in per_round), 1)
+    out["blk_read_events_counted"] = events
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vmm.bench.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n4k", type=int, default=200, help="4 KiB reads per disk per round (default 200)")
@@ -443,13 +584,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-tree", metavar="DIR", help="a checkout of the tree before fault injection")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--skip-blk", action="store_true", help="only the in-process figures")
+    ap.add_argument("--placement", choices=("isolated", "inline", "both"), default="isolated",
+                    help="where (1)'s three disks run (default isolated: device processes)")
     args = ap.parse_args(argv)
     report: dict = {"benchmark": "fault injection costs", "guest_ring": 3,
                     "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
     if not args.skip_blk:
-        report["virtio_blk_4k_qd1"] = blk_iops(args.vms, args.rounds, args.n4k, args.timeout)
+        for placement in ("isolated", "inline") if args.placement == "both" else (args.placement,):
+            key = "virtio_blk_4k_qd1" + ("_inline" if placement == "inline" else "")
+            report[key] = blk_iops(args.vms, args.rounds, args.n4k, args.timeout, placement, args.base_tree)
     report["access_point_ns_per_access"] = access_costs()
     report["blk_request_ns_in_process"] = blk_handle_costs(base_tree=args.base_tree)
+    report["blk_c_path_ns_in_process"] = blk_c_path_costs()
     hooks = report["nothing_armed_hooks"] = hook_costs()
     hooks["share_of_in_process_request"] = round(
         hooks["ns_per_request"] / report["blk_request_ns_in_process"]["no_engine"], 5)
@@ -458,11 +604,12 @@ def main(argv: list[str] | None = None) -> int:
             hooks["ns_per_request"] / (report["virtio_blk_4k_qd1"]["request_us_median_no_plan"] * 1000), 5)
     if "virtio_blk_4k_qd1" in report:
         # What the armed, never-matching plan adds to a request, taken from
-        # the in-process request (thread CPU time: steady on this host,
-        # where the device processes' own CPU time is not), against the
-        # end-to-end request times of (1): the IOPS it would leave.
+        # the in-process request as the device serves it (the C loop, (5);
+        # thread CPU time: steadier on this host than the device processes'
+        # own), against the end-to-end request times of (1): the IOPS it
+        # would leave.
         blk = report["virtio_blk_4k_qd1"]
-        extra_us = report["blk_request_ns_in_process"]["armed_silent_cost_ns"] / 1000
+        extra_us = report["blk_c_path_ns_in_process"]["silent_span_to_no_plan_ns_median_of_rounds"] / 1000
         times = {"median_slice": blk["request_us_median_no_plan"], "p90_slice": blk["no_plan_request_us_p90_slice"],
                  "fastest_slice": round(1e6 / blk["none"]["IOPS_min_max"][1], 2)}
         report["silent_to_none_estimated"] = {
