@@ -8,12 +8,14 @@ Starting a device with ``python -m devserver`` costs an interpreter and
 every device process holds its own copy of what it imported (~13 MB of
 Pss).  The fork server pays that once: it imports the runtime, every
 registered device model and the sandbox's policy modules, then forks one
-child per request.  A child shares those pages copy-on-write with the
-server and with its siblings, and is running device code a few
-milliseconds after the request.
+child per request (a request that comes while it still imports is served
+between models, so the first device need not wait for all of them).  A
+child shares those pages copy-on-write with the server and with its
+siblings, and is running device code a few milliseconds after the request.
 
-The VMM starts it with ``subprocess`` (an exec, so it holds nothing of the
-VMM's: no guest RAM, no descriptor but its socket, fd N) and talks to it
+The VMM starts it with ``posix_spawn`` (an exec, so it holds nothing of the
+VMM's: no guest RAM, no descriptor but its socket, fd N; the ``vmm``
+command does so before its own imports, :mod:`vmm.entry`) and talks to it
 over that ``AF_UNIX SOCK_SEQPACKET`` socket (:mod:`vmm.forkserver`):
 
 - request: JSON ``{"argv": [...], "env": {...}}`` (the ``devserver``

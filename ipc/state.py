@@ -29,9 +29,11 @@ status), for exactly-once completion (see :mod:`ipc.accessseq`).  A store
 made outside an access (queue processing, a timer) keeps the previous
 record, since the snapshot still includes that access.
 
-Python, no C: see :mod:`ipc.inflight` for why program order of a single
-process's stores is all that crash consistency needs; here the last store
-is even allowed to tear, because the CRC covers the number it publishes.
+A store's four steps are one call into C (``svs_state_store`` in
+``ipc/_slots.c``: it runs before every answer of an isolated device); see
+:mod:`ipc.inflight` for why program order of a single process's stores is
+all that crash consistency needs; here the last store is even allowed to
+tear, because the CRC covers the number it publishes.
 
 Layout (little-endian; offsets in bytes)::
 

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
     from devices.faults.plan import Fault
 
-# hashlib (OpenSSL), random and the plan parser are imported where they are
+# _blake2 (not hashlib, which loads OpenSSL), random and the plan parser are imported where they are
 # used: every device model has an engine (the SILENT one at least), and a
 # run without a plan never needs them (issue 15: start-up).
 
