@@ -5,6 +5,11 @@
 device running inline.  ``access`` forwards through the vCPU's slot
 (:mod:`ipc.slots`) and never returns a quiet default: a device that is
 dead, late, or says its model failed raises :class:`DeviceFailed`.
+While the device is usable (not failed, down, paused or closing) most
+accesses do not reach ``access`` at all: the vCPU loop forwards them into
+the same slots in C (:attr:`RemoteEndpoint.c_forward`, ``svmm_forward``
+in ``vmm/_vcpu.c``, turned on and off with every change of that state),
+and a call that fails there comes back to the same restart rules.
 
 Two ways in, one endpoint: :meth:`RemoteEndpoint.spawn` starts the device
 as a child (:mod:`vmm.remote.process`); :meth:`RemoteEndpoint.attach` takes
