@@ -484,7 +484,7 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
 
 #: What the VMM imports once a device process is Ready (each device's
 #: share of the fault plan, an empty one without a plan, and its digest).
-_AFTER_READY = ("hashlib", "devices.faults.plan")
+_AFTER_READY = ("_sha256", "devices.faults.plan")
 
 
 def _import_ahead(modules: Sequence[str]) -> None:
