@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 from ipc import Bus, Registry
 from vmm import kvm
@@ -78,6 +79,9 @@ class CoalescedMmio:
         #: True once a zone was ever registered (the dispatcher drains
         #: before forwarding only from then on).
         self.used = False
+        #: Called (no arguments, the zone lock held) when :attr:`used`
+        #: becomes True.
+        self.on_used: list[Callable[[], None]] = []
 
     def zones(self) -> list[tuple[int, int, int]]:
         """(start, length, owner) of every zone, by start."""
@@ -128,7 +132,10 @@ class CoalescedMmio:
             except kvm.KvmError as e:
                 raise CoalesceRefused(str(e)) from None
             self._zones[start] = (length, owner)
-            self.used = True
+            if not self.used:
+                self.used = True
+                for hook in self.on_used:
+                    hook()
         log.debug("device %s: coalesced MMIO zone %#x+%#x", name, start, length)
 
     def remove(self, owner: int, start: int) -> bool:

@@ -112,6 +112,21 @@ class Dispatcher:
         self._forward_of: dict[int, Any] = {}      # keeps each installed one alive
         #: accesses forwarded in C whose slot call failed (forward_failed).
         self.forward_errors = 0
+        #: owner -> the model's ``read``/``write`` and its endpoint, for the
+        #: owners served in this process whose forward has ``local`` set
+        #: (:class:`vmm.local.LocalEndpoint`): the C loop hands their
+        #: accesses out as STEP_LOCAL and the vCPU loop calls these
+        #: directly; filled by :meth:`look_at_forward` before the forward is
+        #: installed.
+        self.local_reads: list[Callable[..., int] | None] = [None] * len(self.forwards.f)
+        self.local_writes: list[Callable[..., None] | None] = [None] * len(self.forwards.f)
+        self._local_endpoints: dict[int, Endpoint] = {}
+        if coalesced is not None:
+            # From the first zone on, a local access comes as
+            # STEP_LOCAL_DRAIN: the ring is drained first, as in forward().
+            coalesced.on_used.append(self._drain_first)
+            if coalesced.used:
+                self._drain_first()
 
     # -- the path of every access -------------------------------------------
 
@@ -181,10 +196,28 @@ class Dispatcher:
             return
         endpoint = self.endpoints.get(owner)
         fwd = getattr(endpoint, "c_forward", None) if owner not in self.failed else None
+        if fwd is not None and fwd.local:
+            assert endpoint is not None
+            self._local_endpoints[owner] = endpoint
+            self.local_reads[owner] = endpoint.model_read     # type: ignore[attr-defined]
+            self.local_writes[owner] = endpoint.model_write   # type: ignore[attr-defined]
         self._forward_of[owner] = fwd
-        self.stats.c_cells[owner] = fwd
+        if fwd is not None:
+            # (a failed owner's counts so far stay in query-stats)
+            self.stats.c_cells[owner] = fwd
         self.forwards.f[owner] = _kvm_ffi.NULL if fwd is None else fwd
         self.forwards.seen[owner] = 1
+
+    def local_failed(self, vcpu: int, owner: int, size: int, is_write: bool, error: Exception) -> int:
+        """The model of a STEP_LOCAL access raised ``error``: the device
+        fails as in :meth:`forward` (a DeviceFailed from its endpoint); the
+        value read, all ones."""
+        endpoint = self._local_endpoints[owner]
+        self.fail(endpoint, endpoint.failure(error))     # type: ignore[attr-defined]
+        return 0 if is_write else all_ones(size)
+
+    def _drain_first(self) -> None:
+        self.forwards.drain_first = 1
 
     def forward_failed(self, vcpu: int, bus: int, owner: int, cookie: int, offset: int, size: int,
                        is_write: bool, value: int, rc: int, aseq: int, handle: int, gen: int) -> int:

@@ -52,6 +52,7 @@ import signal
 import threading
 from typing import Callable
 
+from devices.base import Space
 from vmm import emulate, kvm, report
 from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 KICK_SIGNAL = signal.SIGUSR1
 _BLOCKED_IN_VCPU = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+#: bus number -> what a model's read/write takes as its space.
+SPACES = tuple(Space(i) for i in range(len(Space)))
 
 
 class VcpuThread:
@@ -261,25 +264,47 @@ class VcpuThread:
         fast = self.fast
         assert fast is not None
         ctx = fast.ctx
-        c_step, view, read_access = fast.c_step, fast.view, fast.read_access
+        c_step, view, read_access, read_local = fast.c_step, fast.view, fast.read_access, fast.read_local
         run = self.fd.run
         dispatcher = self.dispatcher
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
         look_at_forward = dispatcher.look_at_forward
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR = (
+        reads, writes, local_failed = dispatcher.local_reads, dispatcher.local_writes, dispatcher.local_failed
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR, LOCAL, LOCAL_DRAIN = (
             kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
-            kvm.STEP_FORWARD_ERROR)
+            kvm.STEP_FORWARD_ERROR, kvm.STEP_LOCAL, kvm.STEP_LOCAL_DRAIN)
         put_attempts = 0
         try:
             while True:
                 if self._stop:
                     return
                 if self._pause:
+                    fast.account(ctx)       # (the pause is no part of a pending access's time)
                     self._park()
                     continue
                 rc = c_step(ctx)
+                if rc == LOCAL or rc == LOCAL_DRAIN:
+                    # A model in this process: the call is all the Python
+                    # an access costs (C counts it, puts its reference).
+                    put_attempts = 0
+                    if rc == LOCAL_DRAIN:
+                        dispatcher.drain(index)
+                    bus, size, is_write, value, owner, cookie, offset = read_local(view)
+                    try:
+                        if is_write:
+                            writes[owner](SPACES[bus], cookie, offset, size, value)
+                        else:
+                            ctx.value = reads[owner](SPACES[bus], cookie, offset, size) & _MASK[size]
+                    except Exception as e:
+                        ctx.acct_failed = 1
+                        ctx.value = local_failed(index, owner, size, is_write != 0, e)
+                    if self._park_requested:
+                        self.parked = True
+                        self.on_end(None)
+                        return
+                    continue
                 if rc == PUT_ERROR:
                     # The access was served; its put failed.  The next step
                     # puts again, unless the reference is given up here.
