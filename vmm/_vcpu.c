@@ -408,3 +408,10 @@ int svmm_step(struct svmm_vcpu *v)
             return rc;
     }
 }
+
+int svmm_step_value(struct svmm_vcpu *v, uint64_t value)
+{
+    if (v->pending && !v->is_write)
+        v->value = value;
+    return svmm_step(v);
+}

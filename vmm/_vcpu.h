@@ -178,6 +178,11 @@ struct svmm_vcpu {
 };
 
 int svmm_step(struct svmm_vcpu *v);
+/* svmm_step with the value of the pending access (a read's; a write or no
+ * pending access ignore it): "value" without a store into the context
+ * from Python first.  After SVMM_STEP_PUT_ERROR that is "value" as it is
+ * (the access may be one forwarded here). */
+int svmm_step_value(struct svmm_vcpu *v, uint64_t value);
 /* Count the local access handed out now (its time ends here), not when it
  * completes: before the vCPU thread waits with it pending (a pause). */
 void svmm_account(struct svmm_vcpu *v);

@@ -502,6 +502,7 @@ if [ffi.offsetof("struct svmm_vcpu", f) - _ACCESS_AT
     raise ImportError("struct svmm_vcpu's access fields moved: update vmm.kvm._ACCESS")
 #: The same fields without ``fresh`` and ``addr`` (what STEP_LOCAL needs).
 _LOCAL = struct.Struct("=III4x8xQQQQ")
+LOCAL_AT = _ACCESS_AT
 
 
 class FastPath:
@@ -564,9 +565,14 @@ class FastPath:
         #: value, owner, cookie, offset): one call, not nine field reads.
         self.view = ffi.buffer(ctx)
         self.read_access = functools.partial(_ACCESS.unpack_from, offset=_ACCESS_AT)
-        #: ``read_local(view)``: (bus, size, is_write, value, owner, cookie,
-        #: offset), after STEP_LOCAL.
-        self.read_local = functools.partial(_LOCAL.unpack_from, offset=_ACCESS_AT)
+        #: ``unpack_local(view, LOCAL_AT)``: (bus, size, is_write, value,
+        #: owner, cookie, offset), after STEP_LOCAL (no partial: its keyword
+        #: costs a dict per call, half of the unpack).
+        self.unpack_local = _LOCAL.unpack_from
+        #: ``c_step_value(ctx, value)``: ``c_step`` that stores ``value`` as
+        #: the pending read's value first (svmm_step_value): the caller keeps
+        #: the value of the access it served last and hands it in.
+        self.c_step_value = lib.svmm_step_value
         #: ``account(ctx)``: count a STEP_LOCAL access now (svmm_account).
         self.account = lib.svmm_account
 

@@ -90,6 +90,9 @@ class VcpuThread:
         self.exits = 0
         self._stop = False
         self._park_requested = False
+        #: Set (after the flag) with _stop, _park_requested and _pause: the
+        #: C fast loop reads only this one between two accesses.
+        self._attention = False
         self._check_halt = False
         #: True once the guest parked this vCPU (it never runs again).
         self.parked = False
@@ -123,6 +126,7 @@ class VcpuThread:
 
     def request_stop(self) -> None:
         self._stop = True
+        self._attention = True
         with self._cond:
             self._cond.notify_all()
         self.kick()
@@ -131,6 +135,7 @@ class VcpuThread:
         """Called from this vCPU's own thread (a handler of its access):
         stop running it once the access completes."""
         self._park_requested = True
+        self._attention = True
 
     def check_halt(self) -> None:
         """Have the thread look whether the vCPU sits in HLT with
@@ -149,6 +154,7 @@ class VcpuThread:
         """Hold the vCPU outside KVM_RUN; True once it is parked (or gone)."""
         with self._cond:
             self._pause = True
+            self._attention = True
         self.kick()
         with self._cond:
             return self._cond.wait_for(lambda: self._paused or not self._alive, timeout)
@@ -264,7 +270,8 @@ class VcpuThread:
         fast = self.fast
         assert fast is not None
         ctx = fast.ctx
-        c_step, view, read_access, read_local = fast.c_step, fast.view, fast.read_access, fast.read_local
+        c_step, view, read_access = fast.c_step_value, fast.view, fast.read_access
+        unpack_local, LOCAL_AT = fast.unpack_local, kvm.LOCAL_AT
         run = self.fd.run
         dispatcher = self.dispatcher
         forward = dispatcher.forward
@@ -276,38 +283,45 @@ class VcpuThread:
             kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
             kvm.STEP_FORWARD_ERROR, kvm.STEP_LOCAL, kvm.STEP_LOCAL_DRAIN)
         put_attempts = 0
+        out = 0         # the value of the access served last, handed to the next step
         try:
             while True:
-                if self._stop:
-                    return
-                if self._pause:
-                    fast.account(ctx)       # (the pause is no part of a pending access's time)
-                    self._park()
-                    continue
-                rc = c_step(ctx)
+                if self._attention:
+                    # (cleared before the flags are read: a request made
+                    # from now on is seen at the next turn)
+                    self._attention = False
+                    if self._stop:
+                        return
+                    if self._park_requested:
+                        self.parked = True
+                        self.on_end(None)
+                        return
+                    if self._pause:
+                        fast.account(ctx)       # (the pause is no part of a pending access's time)
+                        self._park()
+                        continue
+                rc = c_step(ctx, out)
                 if rc == LOCAL or rc == LOCAL_DRAIN:
                     # A model in this process: the call is all the Python
                     # an access costs (C counts it, puts its reference).
                     put_attempts = 0
                     if rc == LOCAL_DRAIN:
                         dispatcher.drain(index)
-                    bus, size, is_write, value, owner, cookie, offset = read_local(view)
+                    bus, size, is_write, value, owner, cookie, offset = unpack_local(view, LOCAL_AT)
                     try:
                         if is_write:
                             writes[owner](SPACES[bus], cookie, offset, size, value)
                         else:
-                            ctx.value = reads[owner](SPACES[bus], cookie, offset, size) & _MASK[size]
+                            out = reads[owner](SPACES[bus], cookie, offset, size) & _MASK[size]
                     except Exception as e:
                         ctx.acct_failed = 1
-                        ctx.value = local_failed(index, owner, size, is_write != 0, e)
-                    if self._park_requested:
-                        self.parked = True
-                        self.on_end(None)
-                        return
+                        out = local_failed(index, owner, size, is_write != 0, e)
                     continue
                 if rc == PUT_ERROR:
                     # The access was served; its put failed.  The next step
                     # puts again, unless the reference is given up here.
+                    # (It may be one C served: its value is the context's.)
+                    out = ctx.value
                     put_attempts += 1
                     if not dispatcher.put_timed_out(index, ctx.slot, error(ctx.reg_error), put_attempts) \
                             or self._stop:
@@ -322,14 +336,14 @@ class VcpuThread:
                         look_at_forward(owner)
                     value = forward(index, bus, owner, cookie, offset, size, is_write != 0, value)
                     if not is_write:
-                        ctx.value = value & _MASK[size]
+                        out = value & _MASK[size]
                 elif rc == FORWARD_ERROR:
                     bus, size, is_write, _, _, value, owner, cookie, offset = read_access(view)
                     value = dispatcher.forward_failed(index, bus, owner, cookie, offset, size, is_write != 0,
                                                       value, ctx.fwd_rc, ctx.fwd_aseq, ctx.fwd_slots,
                                                       ctx.fwd_gen)
                     if not is_write:
-                        ctx.value = value & _MASK[size]
+                        out = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)
                     continue
@@ -351,13 +365,11 @@ class VcpuThread:
                     if self._other_exit(run.exit_reason):
                         return
                 else:
-                    ctx.value = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size,
-                                                         bool(ctx.is_write), error(ctx.reg_error))
-                if self._park_requested:
-                    self.parked = True
-                    self.on_end(None)
-                    return
+                    out = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size, bool(ctx.is_write),
+                                                   error(ctx.reg_error))
         finally:
+            if ctx.pending and not ctx.is_write:
+                ctx.value = out
             fast.finish()
             self.exits = ctx.exits
             dispatcher.unclaimed += ctx.unclaimed
