@@ -92,7 +92,9 @@ class Dispatcher:
         #: Per-device counts and forwarding latency (vmm.stats); both exit
         #: loops hand every access to its owner through ``stats.access``
         #: (in :meth:`forward`), drained coalesced writes through
-        #: ``stats.access_batch``.
+        #: ``stats.access_batch``, but for what the C loop serves without
+        #: this dispatcher (forwarded in C, STEP_LOCAL), which C counts in
+        #: the owner's forward (``stats.c_cells``).
         self.stats = AccessStats()
         #: The VM's coalesced-MMIO zones and ring (None: no coalescing).
         self.coalesced = coalesced
@@ -191,7 +193,9 @@ class Dispatcher:
         """The C exit loop met an access to ``owner`` that it handed to
         Python with ``fresh`` set (first access, or its forward was off):
         install the owner's endpoint's forward if it has one and it may
-        be used, else none.  Its accesses count in :attr:`stats`."""
+        be used, else none (a local one with the model's read and write in
+        :attr:`local_reads` / :attr:`local_writes` first).  Its accesses
+        count in :attr:`stats`."""
         if not 0 <= owner < len(self.forwards.f):
             return
         endpoint = self.endpoints.get(owner)

@@ -10,6 +10,9 @@ VMM, with no hop.
 * :class:`LocalEndpoint` is the endpoint the dispatcher calls for such a
   model: it calls the model's ``read``/``write``.  A model that raises is
   a failed device (:class:`DeviceFailed`), as a dead process would be.
+  With the C exit loop the vCPU calls the model's methods itself
+  (``STEP_LOCAL``, through the endpoint's ``c_forward``: vmm/vcpu.py)
+  while no fault is armed on the endpoint's own points.
 * :class:`VmmHandlers` is the endpoint of owner ``VMM_OWNER``: small
   handlers the VMM itself serves (test exit, power off, vCPU park,
   benchmark marks; addresses in :mod:`vmm.layout`).

@@ -35,6 +35,21 @@ that fails comes back as ``STEP_FORWARD_ERROR`` and goes to
 :meth:`Dispatcher.forward_failed`, i.e. to the endpoint's restart rules,
 as a failed call from Python does.
 
+**Inline models.**  An inline model's endpoint
+(:class:`vmm.local.LocalEndpoint`) has a forward with ``local`` set: while
+it is on, the C loop hands its accesses out as ``STEP_LOCAL`` and this
+loop calls the model's ``read``/``write`` itself (the dispatcher's
+:attr:`~vmm.dispatch.Dispatcher.local_reads` / ``local_writes``, filled
+by ``look_at_forward``); C puts the registry reference and counts the
+access in the device's statistics (its time runs from the hand-out to the
+completion), so that the model's call is all the Python of an access.  The
+forward is off while a fault is armed on the endpoint's ``access`` or
+``process`` point (its accesses then go through ``Dispatcher.forward`` and
+``LocalEndpoint.access``, which serve the points); a model that raises
+fails its device as there (``Dispatcher.local_failed``); with coalesced
+MMIO in use the step is ``STEP_LOCAL_DRAIN`` and the ring is drained
+first, as ``forward`` does.
+
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
 whose handler (installed in C, no SA_RESTART) does nothing: ``KVM_RUN``
