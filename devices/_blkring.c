@@ -5,6 +5,7 @@
 #include <string.h>
 #include <errno.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "_blkring.h"
 
@@ -185,4 +186,37 @@ int blk_scan_faults(const uint8_t *ram, uint64_t ram_len, const struct blk_span 
                      readonly, reqs, max);
     int ask = blk_faults_pass(f, reqs, k);
     return ask < k ? -(ask + 1) : k;
+}
+
+/* Waits (spinning, at most max_ns) for the driver to make a buffer
+ * available past last_avail: 1 when avail->idx moved, 0 when the time ran
+ * out, -1 for an index outside RAM.  Called with the GIL released (cffi),
+ * after a batch: a driver that submits its next request within max_ns is
+ * served without the doorbell thread going to sleep and being woken again
+ * (on this project's nested host a wake-up of an idle CPU costs 5-70 us;
+ * QEMU's iothreads poll the same way, poll-max-ns 32 us by default). */
+int blk_wait(const uint8_t *ram, uint64_t ram_len, uint64_t avail_off, uint16_t last_avail, uint64_t max_ns)
+{
+    if (avail_off > ram_len || ram_len - avail_off < 4 || (avail_off & 1))
+        return -1;
+    const volatile uint16_t *idx = (const volatile uint16_t *)(ram + avail_off + 2);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned spins = 1;; spins++) {
+        if (*idx != last_avail) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);    /* the index before the entries it covers */
+            return 1;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __asm__ volatile("pause");
+#elif defined(__aarch64__)
+        __asm__ volatile("yield");
+#endif
+        if (spins % 64 == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            uint64_t ns = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000ull + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
+            if (ns >= max_ns)
+                return 0;
+        }
+    }
 }

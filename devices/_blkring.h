@@ -52,3 +52,5 @@ struct blk_faults {
 int blk_scan_faults(const uint8_t *ram, uint64_t ram_len, const struct blk_span *spans, int nspans,
                     uint64_t desc_off, uint64_t avail_off, uint32_t size, uint16_t last_avail, uint32_t pending,
                     uint64_t capacity, int readonly, struct blk_req *reqs, int max, struct blk_faults *f);
+
+int blk_wait(const uint8_t *ram, uint64_t ram_len, uint64_t avail_off, uint16_t last_avail, uint64_t max_ns);

@@ -42,6 +42,9 @@ process, a Python decision per request cost ~0.46 us of a ~4 us request;
 with ``queue.complete`` armed the C path is not used.  (A separate cffi
 call for it cost ~0.1-0.2 us a batch here, as much again: it is part of
 the scan's call.)
+After a doorbell's batch, :meth:`Ring.wait` spins a while on the avail
+index (``poll_us=`` of the device) so that the next request of a driver
+at queue depth 1 is served without a sleep and a wake-up.
 Missing extension (a tree not built): :data:`AVAILABLE` is False and the
 device serves everything in Python.
 """
@@ -100,6 +103,15 @@ class Ring:
         return int(lib.blk_scan_faults(self.ptr, self.length, self.spans, self.nspans, desc, avail, size,
                                        last_avail, pending, capacity, readonly, self.reqs, min(pending, BATCH),
                                        faults.c))
+
+    def wait(self, avail: int, last_avail: int, ns: int) -> bool:
+        """Spin (the GIL released) until the driver makes a buffer
+        available past ``last_avail`` -- True -- or ``ns`` nanoseconds
+        passed -- False (``blk_wait``)."""
+        got = int(lib.blk_wait(self.ptr, self.length, avail, last_avail, ns))
+        if got < 0:
+            raise ValueError(f"blk_wait: avail ring at {avail:#x} outside guest RAM")
+        return got > 0
 
     def recording(self, record: Any) -> Any:
         """``with ring.recording(record):`` -- :meth:`run` also keeps

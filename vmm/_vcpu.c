@@ -51,6 +51,16 @@ void svmm_forward_switch(struct svmm_forward *f, uint32_t on)
     __atomic_store_n(&f->on, on, __ATOMIC_SEQ_CST);
 }
 
+void svmm_drain_begin(struct svmm_forwards *t)
+{
+    __atomic_fetch_add(&t->draining, 1, __ATOMIC_SEQ_CST);
+}
+
+void svmm_drain_end(struct svmm_forwards *t)
+{
+    __atomic_fetch_sub(&t->draining, 1, __ATOMIC_SEQ_CST);
+}
+
 static inline int64_t svmm_now_ns(void)
 {
     struct timespec ts;
@@ -61,7 +71,7 @@ static inline int64_t svmm_now_ns(void)
 #define FWD_PYTHON 0       /* Python serves the access (SVMM_STEP_ACCESS) */
 #define FWD_DONE 1         /* answered: v->value holds what a read got */
 #define FWD_FAILED 2       /* the call failed: SVMM_STEP_FORWARD_ERROR */
-#define FWD_LOCAL 3        /* a local model's: SVMM_STEP_LOCAL(_DRAIN) */
+#define FWD_LOCAL 3        /* a local model's: SVMM_STEP_LOCAL */
 
 /* One access of v (bus, direction) that took ns, in f's cell: the layout
  * of vmm/stats.py (counts, total, failures, log2 histogram). */
@@ -90,6 +100,13 @@ static int svmm_forward(struct svmm_vcpu *v)
         v->fresh = !__atomic_load_n(&t->seen[v->owner], __ATOMIC_RELAXED);
         return FWD_PYTHON;
     }
+    /* Another vCPU may have taken queued coalesced writes from the ring and
+     * not delivered them yet: this access must come after them.  (The ring
+     * was seen empty before this load; a drainer counts itself before it
+     * takes anything.)  The same for a local model's access. */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&t->draining, __ATOMIC_SEQ_CST))
+        return FWD_PYTHON;
     if (f->local) {
         /* Python calls the model; the time runs until the completion.
          * Off: Python's dispatcher serves it (it has seen the forward). */
@@ -270,8 +287,7 @@ static int svmm_lookup(struct svmm_vcpu *v)
             case FWD_FAILED:
                 return SVMM_STEP_FORWARD_ERROR;
             case FWD_LOCAL:
-                return __atomic_load_n(&v->forwards->drain_first, __ATOMIC_ACQUIRE)
-                    ? SVMM_STEP_LOCAL_DRAIN : SVMM_STEP_LOCAL;
+                return SVMM_STEP_LOCAL;
             default:
                 return SVMM_STEP_ACCESS;
             }

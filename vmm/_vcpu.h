@@ -34,9 +34,6 @@
                                       * cell when it completes it (Python sets
                                       * "acct_failed" first for one that
                                       * failed) */
-#define SVMM_STEP_LOCAL_DRAIN 10     /* the same, once coalesced MMIO is in
-                                      * use (forwards->drain_first): Python
-                                      * delivers the queued writes first */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
 
@@ -112,7 +109,11 @@ struct svmm_forward {
 struct svmm_forwards {
     struct svmm_forward *f[256];   /* SVMM_MAX_OWNERS */
     uint8_t seen[256];
-    uint32_t drain_first;      /* coalesced MMIO in use: SVMM_STEP_LOCAL_DRAIN */
+    /* Drains of the coalesced-MMIO ring in progress (vmm/dispatch.py, one
+     * at a time): while one runs, writes it has taken from the ring are not
+     * delivered yet, so no access is forwarded here -- Python's path waits
+     * for the drain, as every access did before forwarding in C. */
+    uint32_t draining;
 };
 
 /* The next access number of a forward (atomic), its calls in flight. */
@@ -120,6 +121,10 @@ uint64_t svmm_forward_next_aseq(struct svmm_forward *f);
 uint64_t svmm_forward_inflight(struct svmm_forward *f);
 /* Set or clear "on" (sequentially consistent). */
 void svmm_forward_switch(struct svmm_forward *f, uint32_t on);
+/* A drain of the coalesced ring begins (before it takes any write) / ends
+ * (after it delivered the last). */
+void svmm_drain_begin(struct svmm_forwards *t);
+void svmm_drain_end(struct svmm_forwards *t);
 
 struct svmm_vcpu {
     /* set up by Python */

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
 
 from ipc import Bus, Registry
 from vmm import kvm
@@ -79,9 +78,6 @@ class CoalescedMmio:
         #: True once a zone was ever registered (the dispatcher drains
         #: before forwarding only from then on).
         self.used = False
-        #: Called (no arguments, the zone lock held) when :attr:`used`
-        #: becomes True.
-        self.on_used: list[Callable[[], None]] = []
 
     def zones(self) -> list[tuple[int, int, int]]:
         """(start, length, owner) of every zone, by start."""
@@ -132,10 +128,7 @@ class CoalescedMmio:
             except kvm.KvmError as e:
                 raise CoalesceRefused(str(e)) from None
             self._zones[start] = (length, owner)
-            if not self.used:
-                self.used = True
-                for hook in self.on_used:
-                    hook()
+            self.used = True
         log.debug("device %s: coalesced MMIO zone %#x+%#x", name, start, length)
 
     def remove(self, owner: int, start: int) -> bool:

@@ -32,7 +32,9 @@ a time).  An access to a device process whose forward is installed
 counted in :attr:`Dispatcher.stats` from the forward's own cell, and
 reaches Python only when its slot call fails
 (:meth:`Dispatcher.forward_failed`); the C loop takes the coalesced ring
-first on every exit, so the order is the same.
+first on every exit, and while another vCPU's drain is delivering what it
+took (``svmm_drain_begin``/``end``) hands its accesses to Python, which
+waits for that drain: so the order is the same.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from devices.base import all_ones
 from ipc import Bus, LockTimeout, Reference, Registry, RegistryError
-from vmm._kvm_c import ffi as _kvm_ffi
+from vmm._kvm_c import ffi as _kvm_ffi, lib as _kvm_lib
 from ipc.registry import CApi
 from vmm.coalesce import CoalescedMmio
 from vmm.endpoint import DeviceFailed, Endpoint
@@ -123,12 +125,6 @@ class Dispatcher:
         self.local_reads: list[Callable[..., int] | None] = [None] * len(self.forwards.f)
         self.local_writes: list[Callable[..., None] | None] = [None] * len(self.forwards.f)
         self._local_endpoints: dict[int, Endpoint] = {}
-        if coalesced is not None:
-            # From the first zone on, a local access comes as
-            # STEP_LOCAL_DRAIN: the ring is drained first, as in forward().
-            coalesced.on_used.append(self._drain_first)
-            if coalesced.used:
-                self._drain_first()
 
     # -- the path of every access -------------------------------------------
 
@@ -220,9 +216,6 @@ class Dispatcher:
         self.fail(endpoint, endpoint.failure(error))     # type: ignore[attr-defined]
         return 0 if is_write else all_ones(size)
 
-    def _drain_first(self) -> None:
-        self.forwards.drain_first = 1
-
     def forward_failed(self, vcpu: int, bus: int, owner: int, cookie: int, offset: int, size: int,
                        is_write: bool, value: int, rc: int, aseq: int, handle: int, gen: int) -> int:
         """An access forwarded in C whose slot call failed with ``rc``:
@@ -297,6 +290,7 @@ class Dispatcher:
         n = 0
         with self._drain_lock:
             self._draining.on = True
+            _kvm_lib.svmm_drain_begin(self.forwards)    # no access forwarded in C meanwhile
             try:
                 while True:
                     batch = ring.take()
@@ -305,6 +299,7 @@ class Dispatcher:
                     n += len(batch)
                     self._deliver(vcpu, batch)
             finally:
+                _kvm_lib.svmm_drain_end(self.forwards)
                 self._draining.on = False
             if n:
                 self.coalesced_writes += n

@@ -458,7 +458,6 @@ STEP_DRAIN = lib.SVMM_STEP_DRAIN
 STEP_REFUSED = lib.SVMM_STEP_REFUSED
 STEP_FORWARD_ERROR = lib.SVMM_STEP_FORWARD_ERROR
 STEP_LOCAL = lib.SVMM_STEP_LOCAL
-STEP_LOCAL_DRAIN = lib.SVMM_STEP_LOCAL_DRAIN
 
 #: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
 COALESCED_MAX = lib.SVMM_COALESCED_MAX
@@ -527,8 +526,7 @@ class FastPath:
     goes into its slot in C and STEP_ACCESS is not returned for it;
     STEP_FORWARD_ERROR: that call failed (``fwd_rc``, ``fwd_aseq``,
     ``fwd_slots``, ``fwd_gen``), the caller completes it and stores the
-    value as after STEP_ACCESS.  STEP_LOCAL (STEP_LOCAL_DRAIN: deliver the
-    ring's writes first): an access to a model in this process, whose
+    value as after STEP_ACCESS.  STEP_LOCAL: an access to a model in this process, whose
     forward has ``local`` set; the caller calls the model and stores the
     value as after STEP_ACCESS, and the step that completes it counts it in
     the forward's cell (``ctx.acct_failed = 1`` first: as failed).  ``finish()``

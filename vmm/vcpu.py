@@ -46,9 +46,10 @@ completion), so that the model's call is all the Python of an access.  The
 forward is off while a fault is armed on the endpoint's ``access`` or
 ``process`` point (its accesses then go through ``Dispatcher.forward`` and
 ``LocalEndpoint.access``, which serve the points); a model that raises
-fails its device as there (``Dispatcher.local_failed``); with coalesced
-MMIO in use the step is ``STEP_LOCAL_DRAIN`` and the ring is drained
-first, as ``forward`` does.
+fails its device as there (``Dispatcher.local_failed``).  As with
+forwarding in C, the ring of coalesced writes is drained at the exit, and
+while another vCPU's drain is delivering what it took the access goes to
+``forward``, which waits for that drain.
 
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
@@ -294,9 +295,9 @@ class VcpuThread:
         index = self.index
         look_at_forward = dispatcher.look_at_forward
         reads, writes, local_failed = dispatcher.local_reads, dispatcher.local_writes, dispatcher.local_failed
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR, LOCAL, LOCAL_DRAIN = (
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR, LOCAL = (
             kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
-            kvm.STEP_FORWARD_ERROR, kvm.STEP_LOCAL, kvm.STEP_LOCAL_DRAIN)
+            kvm.STEP_FORWARD_ERROR, kvm.STEP_LOCAL)
         put_attempts = 0
         out = 0         # the value of the access served last, handed to the next step
         try:
@@ -316,12 +317,10 @@ class VcpuThread:
                         self._park()
                         continue
                 rc = c_step(ctx, out)
-                if rc == LOCAL or rc == LOCAL_DRAIN:
+                if rc == LOCAL:
                     # A model in this process: the call is all the Python
                     # an access costs (C counts it, puts its reference).
                     put_attempts = 0
-                    if rc == LOCAL_DRAIN:
-                        dispatcher.drain(index)
                     bus, size, is_write, value, owner, cookie, offset = unpack_local(view, LOCAL_AT)
                     try:
                         if is_write:

@@ -490,3 +490,106 @@ def test_c_loop_completes_pending_python_completions_before_a_reused_head(image,
     finally:
         dev.stop()
         release()
+
+
+# -- watching the avail ring after a doorbell (poll_us=) -----------------------
+
+def _read_chain(ram, k, sector):
+    """Read request k (descriptors 3k..3k+2) of sector ``sector``; its head."""
+    hdr, data, st = HDR + 0x20 * k, DATA + 0x200 * k, STATUS + k
+    ram.write(hdr, struct.pack("<IIQ", vb.VIRTIO_BLK_T_IN, 0, sector))
+    ram.write(st, b"\xee")
+    chain = [(hdr, 16, 0), (data, 512, VIRTQ_DESC_F_WRITE), (st, 1, VIRTQ_DESC_F_WRITE)]
+    for i, (a, n, f) in enumerate(chain):
+        put_desc(ram, 3 * k + i, a, n, f | (VIRTQ_DESC_F_NEXT if i + 1 < len(chain) else 0), 3 * k + i + 1)
+    return 3 * k
+
+
+@pytest.mark.parametrize("poll_us", ["50", "0"])
+def test_doorbell_thread_serves_a_request_made_available_while_it_watches(image, monkeypatch, poll_us):
+    """After the batch a doorbell rang for, the doorbell thread's path
+    (_rung) watches the avail ring in C: a request the driver makes
+    available then (here: from inside the first wait, as a driver on
+    another CPU would) is served with no second doorbell; then the watch
+    times out and the thread goes back to its doorbells.  poll_us=0: no
+    watch, the second request waits for its doorbell."""
+    from devices import blkring
+
+    if not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    monkeypatch.setattr(vb, "_cpus", lambda: 2)     # a CPU left for the vCPU, on any host
+    dev, ram = make(image, poll_us=poll_us)
+    second = _read_chain(ram, 1, 7)
+    waits = []
+    real_wait = blkring.Ring.wait
+
+    def wait(self, avail, last_avail, ns):
+        waits.append(ns)
+        if len(waits) == 1:
+            offer(ram, second)              # the driver's next request, no doorbell
+        return real_wait(self, avail, last_avail, ns)
+
+    monkeypatch.setattr(blkring.Ring, "wait", wait)
+    try:
+        offer(ram, _read_chain(ram, 0, 3))
+        with dev._lock:                     # as Doorbells' thread calls it
+            dev._rung(0, 1)
+        idx, elems = used(ram)
+        if poll_us == "0":
+            assert waits == [] and idx == 1 and elems == [(0, 513)]
+            return
+        assert waits == [50_000, 50_000]    # served one, then timed out
+        assert idx == 2 and elems == [(0, 513), (3, 513)]
+        assert ram.read(STATUS, 2) == b"\0\0"
+        img = image.read_bytes()
+        assert ram.read(DATA, 512) == img[3 * 512:4 * 512]
+        assert ram.read(DATA + 0x200, 512) == img[7 * 512:8 * 512]
+        assert dev.notifies_eventfd == 1
+    finally:
+        dev.stop()
+
+
+def test_ring_wait_times_out_sees_a_moved_index_and_refuses_outside_ram(image):
+    """devices.blkring.Ring.wait (blk_wait): True at once for an index past
+    last_avail, False after at least the time asked for an index that
+    stays, ValueError for an avail ring outside guest RAM; and poll_us is
+    checked (0 to 1000)."""
+    import time
+
+    from devices import blkring
+
+    if not blkring.AVAILABLE:
+        pytest.skip("devices._blkring_c is not built (make install)")
+    dev, ram = make(image)
+    try:
+        ring = blkring.Ring(dev._mem.buffer, dev._mem.spans)
+        avail = dev._mem.offset(AVAIL, 4)
+        idx = ram.read_int(AVAIL + 2, 2)
+        with ring.mapped():
+            assert ring.wait(avail, (idx - 1) & 0xFFFF, 10**9)
+            t0 = time.monotonic_ns()
+            assert not ring.wait(avail, idx, 2_000_000)
+            assert time.monotonic_ns() - t0 >= 2_000_000
+            with pytest.raises(ValueError):
+                ring.wait(len(dev._mem.buffer) - 2, 0, 1000)
+            with pytest.raises(ValueError):
+                ring.wait(avail + 1, 0, 1000)
+    finally:
+        dev.stop()
+    for bad in ("-1", "x", "1001"):
+        with pytest.raises(BadParameter, match="poll_us"):
+            VirtioBlk(FakeHost(None), slot="4", path=str(image), poll_us=bad)
+
+
+def test_no_watch_without_a_spare_cpu_or_a_thread_per_queue(image, monkeypatch):
+    """The doorbell threads watch only while they are fewer than the CPUs
+    (one left for the vCPU driving them) and each has its queue alone."""
+    monkeypatch.setattr(vb, "_cpus", lambda: 2)
+    polls = lambda **p: VirtioBlk(FakeHost(None), slot="4", path=str(image), **p)._polls  # noqa: E731
+    assert polls()
+    assert not polls(poll_us="0")
+    assert not polls(num_queues="2")
+    assert not polls(num_queues="2", notify_threads="one")
+    monkeypatch.setattr(vb, "_cpus", lambda: 8)
+    assert polls(num_queues="4")
+    assert not polls(num_queues="4", notify_threads="one")

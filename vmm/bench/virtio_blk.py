@@ -20,7 +20,22 @@ under
     ``iothread=io0``;
 (d) ``qemu_vhost_user``: QEMU with ``qemu-storage-daemon`` serving the
     image as ``vhost-user-blk`` (``num-queues=N``; out of process, guest RAM
-    in a shared memfd).
+    in a shared memfd), the export in an iothread of the daemon (which
+    polls, as (c)'s iothread and (a)'s doorbell thread do; without it,
+    ``--qsd-main-loop``, the export runs in the daemon's main loop, which
+    does not poll, and was slower in an interleaved run here: 1 MiB median
+    8.0 against 16.7 GB/s, 3 runs each, load average 2.2).
+
+Like with like: all four read the same image through the host's page
+cache (QEMU ``cache=writeback``, the daemon ``cache.direct=off``, (a)
+buffered ``preadv``), with ``aio=threads`` (QEMU's default) for the
+peers; the guest's 1 MiB read is one 1 MiB descriptor on every runner
+(none offers size_max), so each side does one 1 MiB copy from the page
+cache into guest RAM per request.  Guest RAM: (a) and (d) a shared memfd
+(4 KiB pages where the host's ``shmem_enabled`` is ``never``), (b) and
+(c) QEMU's anonymous RAM (transparent huge pages with ``enabled=madvise``);
+with shmem huge pages on, (a) went 25.1 -> 25.5 GB/s: the page size is
+not where the time goes.
 
 Trustworthy figures on a small, shared host: each run does ``--rounds``
 short rounds (every phase once per round, each round one sample), runs
@@ -193,14 +208,20 @@ def run_qemu(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout: floa
 
 
 def run_qemu_vhost(elf: pathlib.Path, image: pathlib.Path, cmdline: str, timeout: float,
-                   tmp: pathlib.Path, queues: int = 1) -> dict:
+                   tmp: pathlib.Path, queues: int = 1, iothread: bool = True) -> dict:
+    """Runner (d); ``iothread``: the export in an iothread of the daemon."""
     sock = tmp / "vhost-user-blk.sock"
     sock.unlink(missing_ok=True)
+    # With an iothread the export runs in its own event loop, which polls
+    # (poll-max-ns, 32 us by default) as runner (c)'s does and as runner
+    # (a)'s doorbell thread does (poll_us); without one, in the daemon's
+    # main loop, which does not poll.
+    io = ["--object", "iothread,id=io0"] if iothread else []
     qsd = subprocess.Popen(
-        [QSD, "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,aio=threads",
+        [QSD, *io, "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,aio=threads",
          "--blockdev", "driver=raw,node-name=disk0,file=file0",
          "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
-                     f"writable=on,num-queues={queues}"],
+                     f"writable=on,num-queues={queues}" + (",iothread=io0" if iothread else "")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
     def stop() -> None:
@@ -347,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-wait", type=float, default=20,
                     help="the longest wait for a quiet host before a run, seconds (default 20)")
     ap.add_argument("--msix", action="store_true", help="completion by MSI-X (the guest still polls)")
+    ap.add_argument("--qsd-main-loop", action="store_true",
+                    help="runner (d)'s export in qemu-storage-daemon's main loop (no polling), not an iothread")
     ap.add_argument("--skip", action="append", default=[], choices=list(RUNNERS))
     ap.add_argument("--ours-device", default=DEFAULT_OURS_DEVICE,
                     help=f"--device of runner (a) (default {DEFAULT_OURS_DEVICE!r}; num_queues= is added)")
@@ -400,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "queues": queue_counts, "repeats": args.repeat, "rounds": args.rounds, "host_cpus": os.cpu_count(),
             "load_avg_before": load_before, "uptime_before": _uptime(),
             "qemu_version": qemu_version() if shutil.which(QEMU) else None,
+            "qsd_export": "main loop" if args.qsd_main_loop else "iothread",
             "unit": "MB/s = 10^6 bytes/s; median and best over interleaved runs; guest TSC, rate calibrated by "
                     "the host",
         }
@@ -424,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                             elif r == "qemu_iothread":
                                 res = run_qemu(elf, image, cmdline, args.timeout, queues, iothread=True)
                             elif r == "qemu_vhost_user":
-                                res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues)
+                                res = run_qemu_vhost(elf, image, cmdline, args.timeout, tmp, queues,
+                                                     iothread=not args.qsd_main_loop)
                             elif r == "splitvmm_baseline":
                                 res = run_ours(elf, image, cmdline, args.timeout, args.ours_device, queues,
                                                tree=baseline)
