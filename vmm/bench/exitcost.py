@@ -38,8 +38,10 @@ each piece of the path does not, much.  So this measures, with
   ``svs_state_store``).
 
 Not in here: the KVM exit itself (:mod:`vmm.bench`'s bare C runner), the
-vCPU loop's own Python between two exits, and the hand-off between the two
-processes (spin, poll, futex: ``handoff_per_access`` in :mod:`vmm.bench`).
+C loop's registry get and put, the GIL taken back after each KVM_RUN, the
+vCPU loop's Python outside its STEP_LOCAL branch, and the hand-off between
+the two processes (spin, poll, futex: ``handoff_per_access`` in
+:mod:`vmm.bench`).
 Code run right after a KVM exit on the nested PVM host also runs with cold
 caches and TLB, so in a guest run each piece costs more than here.
 """
