@@ -30,7 +30,6 @@ import inspect
 import os
 import re
 import sys
-from pathlib import Path
 
 from devices.base import Device, DeviceError
 
@@ -161,6 +160,8 @@ def import_root(cls: type) -> str | None:
     file = getattr(module, "__file__", None)
     if not file:
         return None
+    from pathlib import Path     # here: `vmm run` without a device from a path imports no pathlib
+
     path = Path(file).resolve().parent
     depth = cls.__module__.count(".")
     if Path(file).name == "__init__.py":

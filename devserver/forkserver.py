@@ -63,6 +63,7 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 #: The descriptor a forked device finds its control socket on.
 CHANNEL_FD = 3
@@ -70,22 +71,30 @@ CHANNEL_FD = 3
 MAX_REQUEST = 64 * 1024
 
 
-def preload() -> None:
+def preload(pending: Callable[[], object] | None = None) -> None:
     """Import what every device process imports, once: the runtime, the
-    command line, every registered model and its sandbox policy."""
+    command line, the sandbox's preload layer, every registered model and
+    its sandbox policy.  ``pending`` is called after the common part and
+    after each model: it serves requests that came in meanwhile, so the
+    first device (the VMM asks as soon as its own set-up is done) need not
+    wait for the models it does not use (a model not imported yet is
+    imported by its child, as in an exec'd device process)."""
     import devserver.cli  # noqa: F401  (the runtime, ipc, the sandbox)
     from devices import kinds
     from devserver.sandbox import preload as sandbox_preload
     from devserver.runtime import configure_logging
     from devserver.sandbox.policy import kind_rules
 
-    for kind in kinds.kinds():
+    sandbox_preload.apply()
+    configure_logging()     # as each device does first (devserver.cli.run): made once, here
+    # COM1 is in nearly every run: its model first.
+    for kind in sorted(kinds.kinds(), key=lambda k: k != "serial"):
+        if pending is not None:
+            pending()
         try:
             kind_rules(kind, kinds.resolve(kind))
         except Exception as e:  # a model that fails to import fails in its device, with its own error
             print(f"devserver.forkserver: cannot preload {kind}: {e}", file=sys.stderr)
-    sandbox_preload.apply()
-    configure_logging()     # as each device does first (devserver.cli.run): made once, here
 
 
 class Server:
@@ -110,6 +119,16 @@ class Server:
                         return 0
                 elif fd in self.children:
                     self._reap(fd)
+
+    def serve_pending(self) -> None:
+        """Serve the requests already waiting, without blocking (during
+        the preload); a VMM gone ends the server."""
+        check = select.poll()
+        check.register(self.sock, select.POLLIN)
+        while check.poll(0):
+            if not self._request():
+                sys.stderr.flush()
+                os._exit(0)
 
     def _request(self) -> bool:
         """One request; False when the VMM has gone."""
@@ -150,6 +169,7 @@ class Server:
             env = None      # as it is here: nothing for the child to rewrite
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()         # the child's collections skip what is shared (a no-op once all is frozen)
         try:
             pid = os.fork()
         except OSError as e:
@@ -272,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True, metavar="N",
                     help="inherited AF_UNIX SOCK_SEQPACKET socket connected to the VMM")
     args = ap.parse_args(argv)
+    if args.fd > 2:     # posix_spawn (vmm.forkserver) leaves what its caller left inheritable: only the socket stays
+        os.closerange(3, args.fd)
+        os.closerange(args.fd + 1, _fd_limit())
     from devserver.sandbox import _sys
     _sys.set_parent_death_signal(signal.SIGKILL)
     try:
@@ -289,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     # holes it would free are where a child's first objects would go,
     # copying a page of the server's for each.
     gc.disable()
-    preload()
+    server = Server(sock)
+    preload(server.serve_pending)
     gc.freeze()
-    code = Server(sock).run()
+    code = server.run()
     sys.stderr.flush()
     os._exit(code)      # nothing to finalize: skip tearing down every module imported
 

@@ -3,7 +3,11 @@ dispatches every port-I/O and MMIO exit through the shared registry to the
 endpoint that owns the address.  Nothing outside this package touches KVM.
 """
 
-from typing import Any
+from __future__ import annotations
+
+TYPE_CHECKING = False       # no runtime typing: `vmm` starts its fork server before importing it (vmm.entry)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Machine", "Outcome", "Ending"]
 

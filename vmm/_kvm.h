@@ -21,6 +21,7 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_SET_TSS_ADDR ...
 #define KVM_CREATE_IRQCHIP ...
 #define KVM_CREATE_PIT2 ...
+#define KVM_REINJECT_CONTROL ...
 #define KVM_SET_USER_MEMORY_REGION ...
 #define KVM_CREATE_VCPU ...
 
@@ -107,6 +108,11 @@ struct kvm_userspace_memory_region {
 
 struct kvm_pit_config {
     uint32_t flags;
+    ...;
+};
+
+struct kvm_reinject_control {
+    uint8_t pit_reinject;
     ...;
 };
 

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -56,6 +55,8 @@ from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Mac
 from vmm.memory import GuestMemoryError, parse_size
 
 if TYPE_CHECKING:
+    import pathlib
+
     from vmm.forkserver import ForkServer
 
 # What only some runs use is imported where they use it (start-up, issue
@@ -286,6 +287,8 @@ def ctl(args: argparse.Namespace) -> int:
 
 def image_command(args: argparse.Namespace) -> int:
     """``vmm image``: print the kernel and initramfs paths (built when needed)."""
+    import pathlib
+
     from vmm import image
     if args.minimal:
         return _minimal_image(args)
@@ -302,6 +305,8 @@ def image_command(args: argparse.Namespace) -> int:
 
 
 def _minimal_image(args: argparse.Namespace) -> int:
+    import pathlib
+
     from vmm import image, minikernel
     try:
         built = minikernel.build(pathlib.Path(args.cache) if args.cache else None, jobs=args.jobs)
@@ -407,6 +412,8 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
             machine.load_linux(args.kernel, args.initrd, append, boot=args.kernel_boot)
         else:
             machine.load_pvh(guest, args.cmdline)
+        if forkserver is not None:
+            _import_ahead(_AFTER_READY)
         # Their processes start up in parallel; they come up in this order.
         machine.add_devices([(spec, None) for spec in specs])
         if args.api is not None:
@@ -473,6 +480,30 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
     except FaultError as e:
         raise ConfigError(f"--faults {e}") from None
     return {"plan": plan, "trace": args.fault_trace, "devices": list(by_name)}
+
+
+#: What the VMM imports once a device process is Ready (each device's
+#: share of the fault plan, an empty one without a plan, and its digest).
+_AFTER_READY = ("hashlib", "devices.faults.plan")
+
+
+def _import_ahead(modules: Sequence[str]) -> None:
+    """Import ``modules`` in a thread of their own: the main thread is about
+    to wait (GIL released) for device processes to be forked and come up
+    (~20 ms), and needs these right after.  Leaf modules only, which the
+    main thread does not import meanwhile; an import error is left for the
+    main thread to meet where it imports them."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+
+    threading.Thread(target=run, name="import-ahead", daemon=True).start()
 
 
 def _start_forkserver() -> ForkServer | None:

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn, Sequence
+
+TYPE_CHECKING = False       # mypy takes it as typing's; typing itself is imported after the server starts
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 
 def wants_forkserver(argv: Sequence[str]) -> bool:
@@ -38,14 +42,28 @@ def wants_forkserver(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    server = None
+    spawned = None
     if wants_forkserver(args):
+        from vmm.forkserver import spawn_server
+        try:
+            spawned = spawn_server()
+        except OSError:
+            spawned = None       # vmm.cli starts one itself, or says why it cannot
+    import gc
+    collecting = gc.isenabled()
+    gc.disable()        # imports leave no garbage worth the collections they trigger (~5% of their time)
+    try:
+        from vmm import cli
+    finally:
+        if collecting:
+            gc.enable()
+    server = None
+    if spawned is not None:
         from vmm.forkserver import ForkServer
         try:
-            server = ForkServer.start()
+            server = ForkServer.adopt(*spawned)
         except OSError:
-            server = None       # vmm.cli starts one itself, or says why it cannot
-    from vmm import cli
+            server = None
     return cli.main(args, forkserver=server)
 
 

@@ -5,7 +5,8 @@ only, so that the ``vmm`` command can start it before its own imports
 
 :meth:`ForkServer.start` execs ``python -m devserver.forkserver --fd N``
 with nothing of the VMM's but that socket (stdin and stdout /dev/null,
-stderr the VMM's unless that is a terminal, a session of its own), so it
+stderr the VMM's unless that is a terminal, a session of its own; the
+server closes any other descriptor left inheritable first thing), so it
 may be started at any time, before or after guest RAM is mapped.
 :meth:`ForkServer.spawn` hands it a device's command line and two
 descriptors and returns its pid and a pidfd, which
@@ -21,19 +22,22 @@ A server that has died, or that refuses, raises :class:`ForkServerError`;
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Mapping, Sequence
 
-__all__ = ["ForkServer", "ForkServerError", "FORKSERVER_COMMAND", "FORKSERVER_ENV"]
+TYPE_CHECKING = False       # typing's own import (~5 ms with re) is not paid before the server starts
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Mapping, Sequence
+
+__all__ = ["ForkServer", "ForkServerError", "FORKSERVER_COMMAND", "FORKSERVER_ENV", "spawn_server"]
 
 #: ``SPLITVMM_FORKSERVER=1``: a vmm.Machine forks its device processes
 #: from a fork server by default (``vmm run`` always does).
 FORKSERVER_ENV = "SPLITVMM_FORKSERVER"
-#: How the fork server is started (``--fd N`` is appended).
+#: How the fork server is started (``--fd N`` is appended).  (``-c`` would
+#: skip runpy's imports, ~1 ms, but ``ps`` and the tests know the server by
+#: its ``-m devserver.forkserver``.)
 FORKSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "devserver.forkserver")
 #: How long a request may take (the server forks at once; it may still be
 #: importing when the first request comes).
@@ -44,10 +48,74 @@ class ForkServerError(Exception):
     """The fork server is gone or refused a request."""
 
 
+def spawn_server(command: Sequence[str] = FORKSERVER_COMMAND) -> tuple[int, int]:
+    """Exec the fork server; its pid and our end of its socket (a
+    descriptor, for :meth:`ForkServer.adopt`).  Only ``os`` and ``_socket``:
+    the ``vmm`` command calls this first thing, before its imports
+    (``subprocess``, ``socket``, ``threading`` and what they import are
+    ~5 ms the server would otherwise start later).  ``posix_spawn``: the
+    child is a vfork, it execs at once; it gets the socket (inheritable
+    for the exec only), /dev/null as stdin and stdout, stderr the
+    caller's unless that is a terminal, a session of its own; what else
+    the caller may have left inheritable the server closes first thing."""
+    import _socket
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        fd = theirs.fileno()
+        os.set_inheritable(fd, True)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+        if os.isatty(2):
+            actions.append((os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0))
+        pid = os.posix_spawn(command[0], [*command, "--fd", str(fd)], os.environ,
+                             file_actions=actions, setsid=True)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return pid, ours.detach()
+
+
+class _ServerProcess:
+    """The server's process, as much of ``subprocess.Popen`` as is used:
+    pid, returncode, kill, wait (through a pidfd)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            import signal
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit status; TimeoutError after ``timeout`` seconds."""
+        if self.returncode is None:
+            if timeout is not None:
+                import select
+                poller = select.poll()
+                poller.register(self._pidfd, select.POLLIN)
+                if not poller.poll(max(0, int(timeout * 1000))):
+                    raise TimeoutError(f"the fork server (pid {self.pid}) still runs")
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+        return self.returncode
+
+
 class ForkServer:
     """One running fork server and the reader of its socket."""
 
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket):
+    def __init__(self, proc: _ServerProcess, sock: socket.socket):
+        import threading
+
         self._proc = proc
         self._sock = sock
         self._lock = threading.Lock()           # one request at a time
@@ -61,18 +129,20 @@ class ForkServer:
 
     @classmethod
     def start(cls, command: Sequence[str] = FORKSERVER_COMMAND) -> ForkServer:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls.adopt(*spawn_server(command))
+
+    @classmethod
+    def adopt(cls, pid: int, fd: int) -> ForkServer:
+        """The client of a server :func:`spawn_server` started (it takes
+        the descriptor)."""
+        import socket
+
         try:
-            stderr = None if not os.isatty(2) else subprocess.DEVNULL
-            proc = subprocess.Popen([*command, "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                                    start_new_session=True)
+            proc = _ServerProcess(pid)
         except BaseException:
-            ours.close()
+            os.close(fd)
             raise
-        finally:
-            theirs.close()
-        return cls(proc, ours)
+        return cls(proc, socket.socket(fileno=fd))
 
     @property
     def pid(self) -> int:
@@ -89,6 +159,7 @@ class ForkServer:
         environment (None: the server's, which was the VMM's); its pid and
         a pidfd of it.  The caller keeps (and closes) its descriptors."""
         import json
+        import socket
 
         request: dict = {"argv": list(argv)}
         if env is not None:
@@ -127,6 +198,8 @@ class ForkServer:
         """Hang up (the server leaves) and reap it.  A server never asked
         for a process (a run that ended early, or had no device process)
         may still be importing: it is killed, not waited for."""
+        import socket
+
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -135,7 +208,7 @@ class ForkServer:
             self._proc.kill()
         try:
             self._proc.wait(5.0)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             self._proc.kill()
             self._proc.wait()
         self._reader.join(5.0)

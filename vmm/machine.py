@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pathlib
 import signal
 import sys
 import threading
@@ -62,6 +61,8 @@ from vmm.vcpu import KICK_SIGNAL, VcpuThread
 from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
+    import pathlib
+
     from vmm.forkserver import ForkServer
     from vmm.qmp.server import QmpServer
     from vmm.remote.endpoint import Launched, RemoteEndpoint
@@ -185,11 +186,16 @@ class Machine:
         self.default_serial: DeviceSpec | None = None
         self._runner: threading.Thread | None = None
         self._runner_errors: list[BaseException] = []
+        #: The thread of _release_pit (None until the run ends).
+        self._pit_release: threading.Thread | None = None
         self.run_timeout: float | None = None
         #: Owners unplugged with remove_device (their failures are not news).
         self._removed: set[int] = set()
         self._scratch: list[pathlib.Path] = []
-        self._log_dir = None if log_dir is None else pathlib.Path(log_dir)
+        self._log_dir: pathlib.Path | None = None
+        if log_dir is not None:
+            import pathlib      # (only here and in scratch_image: start-up, issue 15)
+            self._log_dir = pathlib.Path(log_dir)
         #: The open log files of spawned devices (log_dir), closed at close().
         self._log_fds: list[int] = []
         #: device id -> the file its process's stderr went to (log_dir).
@@ -221,12 +227,16 @@ class Machine:
             raise ConfigError(f"--vcpus {nvcpus}: this host allows 1 to {min(kvm_.max_vcpus, 255)}")
         self.vm = vm = kvm_.create_vm()
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        # Guest RAM before the irqchip: a memory slot added after it waits
+        # for an SRCU grace period in the kernel (4-8 ms here), before it
+        # 0.1 ms.  (The PIT's own grace periods come at the end of the run:
+        # _release_pit.)
+        self.memory = memory_ = GuestMemory(memory)
+        memory_.register(vm)
         vm.create_irqchip()
         vm.create_pit2(kvm.PIT_SPEAKER_DUMMY)
         #: GSI routing and irqfds of every device (vmm.irq).
         self.irq = IrqRouter(vm)
-        self.memory = memory_ = GuestMemory(memory)
-        memory_.register(vm)
         cpuid = kvm_.supported_cpuid()
         for i in range(nvcpus):
             fd = vm.create_vcpu(i)
@@ -426,6 +436,7 @@ class Machine:
         prefix keeps the file name within virtio-blk's 20-byte id.)"""
         if isinstance(size, str):
             size = parse_size(size)
+        import pathlib
         import tempfile
 
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".img")
@@ -671,8 +682,29 @@ class Machine:
             self.end(Outcome(Ending.INTERRUPTED, f"interrupted by {signal.Signals(e.signo).name}", value=e.signo))
         finally:
             self._stop_vcpus()
+            self._release_pit()
         assert self.outcome is not None
         return self.outcome
+
+    def _release_pit(self) -> None:
+        """Once no vCPU will run again: unhook the in-kernel PIT's tick
+        re-injection in a thread of its own.  That waits for two SRCU grace
+        periods in the kernel (7-16 ms here), which the VM fd's close would
+        otherwise wait for at the very end of :meth:`close`; this way they
+        pass while the devices shut down.  The guest never runs again, so
+        it cannot tell."""
+        if self._pit_release is not None or self._stuck or self.vm is None:
+            return
+        vm = self.vm
+
+        def release() -> None:
+            try:
+                vm.set_pit_reinject(False)
+            except kvm.KvmError as e:   # harmless: the close does the same
+                log.debug("%s", e)
+
+        self._pit_release = threading.Thread(target=release, name="pit-release", daemon=True)
+        self._pit_release.start()
 
     def start(self, timeout: float | None = None) -> None:
         """Run the guest in the background (a thread doing :meth:`run`);
@@ -859,6 +891,7 @@ class Machine:
             self._runner.join(self.access_timeout + 3 * self.lock_timeout + 2 * STOP_GRACE + HALT_CHECK)
         if self._started:
             self._stop_vcpus()
+        self._release_pit()
         if self._api is not None:
             self._api.close()       # before the registry and devices it reads go
         # Device processes are shut down all at once (each close waits for its
@@ -890,6 +923,8 @@ class Machine:
             return  # a vCPU thread may still touch its fd and guest RAM
         for vcpu_fd in self._vcpu_fds:
             vcpu_fd.close()
+        if self._pit_release is not None:
+            self._pit_release.join(5.0)     # else the close below waits for the kernel instead
         if self.vm is not None:
             self.vm.close()
         if self.kvm is not None:

@@ -188,3 +188,27 @@ def test_a_forked_device_has_the_environment_of_the_request(server, registry, mo
         assert ep.sandbox.layers == ("preload", "fds")
     finally:
         ep.close()
+
+
+def test_the_server_keeps_no_descriptor_its_starter_left_inheritable(tmp_path):
+    """posix_spawn passes on whatever is inheritable; the server closes all
+    of it but its socket before it imports anything of the devices'."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    leaked = os.readlink(f"/proc/self/fd/{w}")
+    s = ForkServer.start()
+    try:
+        with open(tmp_path / "log", "wb") as log:
+            ours, proc = spare(s, log.fileno())     # answered: the server is past its start
+        try:
+            held = fds_of(s.pid)
+            assert leaked not in held.values(), held
+            assert {0, 1, 2} <= set(held) and any(t.startswith("socket:") for t in held.values()), held
+        finally:
+            ours.close()
+            assert proc.wait(20)
+            proc.close()
+    finally:
+        s.close()
+        os.close(r)
+        os.close(w)

@@ -86,7 +86,7 @@ def test_console_script_exit_status(guest):
 #: use for (each costs milliseconds of every start: issue 15).
 NOT_FOR_A_BARE_RUN = ("vmm.remote.endpoint", "ipc.protocol", "ipc.transport", "msgpack", "devices.faults.plan",
                       "devices.faults.trace", "tomllib", "hashlib", "importlib.metadata", "vmm.boot.linux",
-                      "vmm.qmp.server", "vmm.forkserver", "ctypes", "shutil", "tempfile", "subprocess")
+                      "vmm.qmp.server", "vmm.forkserver", "ctypes", "shutil", "tempfile", "subprocess", "pathlib")
 
 
 @needs_kvm

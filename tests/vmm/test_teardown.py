@@ -182,3 +182,21 @@ def test_pause_resume_and_stop_a_vcpu_inside_kvm_run(guest):
         assert time.monotonic() - t < 2.0
         assert result[0].detail == "stopped by the test"
         assert not any(v.alive for v in m.vcpus)
+
+
+def test_the_pit_is_unhooked_once_the_run_ends(guest):
+    """The PIT's tick re-injection is turned off in a thread when no vCPU
+    runs any more (its SRCU grace periods pass meanwhile, not in the VM
+    fd's close); the VM stays usable for the rest of the teardown."""
+    with Machine(memory=16 << 20) as m:
+        m.load_pvh(guest("endings"), "mode=2")
+        assert m._pit_release is None           # not while the guest may still run
+        assert m.run(timeout=20).ending is Ending.RESET
+        release = m._pit_release
+        assert release is not None and release.name == "pit-release"
+        release.join(10)
+        assert not release.is_alive()
+        assert m.vm is not None
+        m.vm.set_pit_reinject(True)             # the ioctl works both ways on the live VM
+        m.vm.set_pit_reinject(False)
+    assert m.vm is not None and m.vm.fd == -1   # closed after it

@@ -333,17 +333,25 @@ def importtime(module: str, top: int = 12) -> dict:
 TRACE_CODE = r"""
 import json, os, sys, time
 marks = [("interpreter up", time.monotonic())]
-server = None
+server = spawned = None
 try:
     import vmm.entry        # the vmm command's entry point: the fork server first
 except ImportError:         # a tree from before it (--baseline)
     pass
 else:
     if vmm.entry.wants_forkserver(sys.argv[1:]):
-        from vmm.forkserver import ForkServer
-        server = ForkServer.start()
+        import vmm.forkserver
+        if hasattr(vmm.forkserver, "spawn_server"):     # as vmm.entry does: before the VMM's imports
+            spawned = vmm.forkserver.spawn_server()
+        else:
+            server = vmm.forkserver.ForkServer.start()
         marks.append(("fork server started (it imports meanwhile)", time.monotonic()))
+import gc
+gc.disable()
 import vmm.cli
+gc.enable()
+if spawned is not None:
+    server = vmm.forkserver.ForkServer.adopt(*spawned)
 marks.append(("import vmm.cli", time.monotonic()))
 from vmm.machine import Machine
 from vmm.remote import process as _process
@@ -464,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
             root = pathlib.Path(tree_dir).resolve()
             env = dict(os.environ, PYTHONPATH=str(root))
             # What that tree's own ``vmm`` script runs (its entry point).
-            entry = "vmm.entry" if (root / "vmm" / "entry.py").exists() else "vmm.cli"
-            script = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())"]
+            if (root / "vmm" / "entry.py").exists():     # the console script's own function
+                code = "import vmm.entry as e; getattr(e, 'command', None) and e.command(); raise SystemExit(e.main())"
+            else:
+                code = "import sys; from vmm.cli import main; sys.exit(main())"
+            script = [sys.executable, "-c", code]
             for name in [n for n in runners if n.startswith("vmm_")]:
                 cmd, expect = runners[name][:2]
                 runners[f"{label}:{name}"] = ([*script, *cmd[len(vmm):]], expect, env)

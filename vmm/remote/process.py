@@ -15,7 +15,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
 from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,8 @@ from vmm.endpoint import DeviceFailed
 from vmm.remote.options import DEVSERVER_COMMAND
 
 if TYPE_CHECKING:
+    import subprocess
+
     from vmm.forkserver import ForkServer
 
 __all__ = ["DeviceProcess", "child_env"]
@@ -58,6 +59,8 @@ class DeviceProcess:
             forked = _forked(forkserver, command, channel, name, cpus, env, stderr, relay)
             if forked is not None:
                 return forked
+        import subprocess       # only for an exec'd process: a forked one is the common case
+
         try:
             try:
                 proc = subprocess.Popen([*command, "--fd", str(channel.fileno()), *_log_level_args(command)],
@@ -108,6 +111,8 @@ class DeviceProcess:
             if not poller.poll(max(0, int(timeout * 1000))):
                 return False
             timeout = max(timeout, 1.0)     # it has exited: reaping it takes no time
+        import subprocess
+
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -197,6 +202,8 @@ def _log_level_args(command: Sequence[str]) -> list[str]:
 
 
 def _kill_and_reap(proc: subprocess.Popen) -> None:
+    import subprocess
+
     try:
         proc.kill()
     except OSError:
