@@ -23,7 +23,9 @@ take, read all ones.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
+from typing import Callable
 
 from devices.base import (BadParameter, BadState, Device, DeviceHost, HostRefused, Space, Window, all_ones,
                           parse_int)
@@ -44,6 +46,10 @@ COOKIE_PIO = 0
 COOKIE_MMIO = 1
 
 _SIZES = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8)}
+#: Little-endian loads and stores of each access size on the scratch bytes
+#: (a struct call is several times cheaper than int.from_bytes of a slice).
+_UNPACK = {n: struct.Struct("<" + c).unpack_from for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
+_PACK = {n: struct.Struct("<" + c).pack_into for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 _WINDOW = {Space.PIO: PIO_WINDOW, Space.MMIO: MMIO_WINDOW}
 _LIMIT = {Space.PIO: 1 << 16, Space.MMIO: 1 << 64}
 #: Where an echo window given inside them may move itself (register 0xF8):
@@ -74,14 +80,15 @@ class RegisterFile:
     def load(self, checked: tuple[bytes, int]) -> None:
         self.scratch[:], self.count = checked
 
-    def read(self, offset: int, size: int, sizes: tuple[int, ...], pid: int) -> int:
+    def read(self, offset: int, size: int, sizes: tuple[int, ...], pid: Callable[[], int]) -> int:
+        """The register at ``offset``; ``pid()`` is asked only for ECHO_PID."""
         self.count = (self.count + 1) & 0xFFFFFFFF
         if size not in sizes or offset < 0 or offset + size > ECHO_REGS:
             return all_ones(size)
         if offset + size <= ECHO_SCRATCH_END:
-            return int.from_bytes(self.scratch[offset:offset + size], "little")
+            return _UNPACK[size](self.scratch, offset)[0]
         if offset == ECHO_PID and size == 4:
-            return pid & 0xFFFFFFFF
+            return pid() & 0xFFFFFFFF
         if offset == ECHO_COUNT and size == 4:
             return self.count
         return all_ones(size)
@@ -94,7 +101,7 @@ class RegisterFile:
             return None
         value &= all_ones(size)
         if offset + size <= ECHO_SCRATCH_END:
-            self.scratch[offset:offset + size] = value.to_bytes(size, "little")
+            _PACK[size](self.scratch, offset, value)
         elif offset == ECHO_MOVE and size in (4, 8):
             return value
         return None
@@ -189,15 +196,23 @@ class Echo(Device):
     def _cookie(space: Space) -> int:
         return COOKIE_PIO if space is Space.PIO else COOKIE_MMIO
 
+    # (acquire/try/release rather than "with": ~50 ns less per access)
+
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
-        with self._lock:
-            return self.regs.read(offset, size, _SIZES.get(space, ()), self.host.process_id())
+        self._lock.acquire()
+        try:
+            return self.regs.read(offset, size, _SIZES.get(space, ()), self.host.process_id)
+        finally:
+            self._lock.release()
 
     def write(self, space: Space, cookie: int, offset: int, size: int, value: int) -> None:
-        with self._lock:
+        self._lock.acquire()
+        try:
             new = self.regs.write(offset, size, _SIZES.get(space, ()), value)
             if new is not None:
                 self._move(space, new)
+        finally:
+            self._lock.release()
 
     def _move(self, space: Space, new: int) -> None:
         """Move this window; called with the lock held, from the handler of

@@ -106,10 +106,10 @@ class PciEcho(PciDevice):
         if bar.index == BAR_IO:
             if offset == IO_REG_CONFLICT and size == 4:
                 return self.conflicted()
-            return self.regs.read(offset, size, (1, 2, 4), self.host.process_id())
+            return self.regs.read(offset, size, (1, 2, 4), self.host.process_id)
         if bar.index == BAR_REGS:
             if offset < IO_SIZE:
-                return self.regs.read(offset, size, (1, 2, 4, 8), self.host.process_id())
+                return self.regs.read(offset, size, (1, 2, 4, 8), self.host.process_id)
             if size == 4 and offset == REG_CONFLICT:
                 return self.conflicted()
             if size == 4 and offset == REG_DELIVERED and self.msix is not None:

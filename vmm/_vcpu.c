@@ -71,6 +71,21 @@ static inline int64_t svmm_now_ns(void)
 #define FWD_PYTHON 0       /* Python serves the access (SVMM_STEP_ACCESS) */
 #define FWD_DONE 1         /* answered: v->value holds what a read got */
 #define FWD_FAILED 2       /* the call failed: SVMM_STEP_FORWARD_ERROR */
+#define FWD_LOCAL 3        /* a local model's: SVMM_STEP_LOCAL */
+
+/* One access of v (bus, direction) that took ns, in f's cell: the layout
+ * of vmm/stats.py (counts, total, failures, log2 histogram). */
+static void svmm_count(struct svmm_forward *f, const struct svmm_vcpu *v, uint64_t ns, uint32_t failed)
+{
+    int bucket = ns ? 64 - __builtin_clzll(ns) : 0;
+    if (bucket > SVMM_FWD_CELL - SVMM_FWD_HIST - 1)
+        bucket = SVMM_FWD_CELL - SVMM_FWD_HIST - 1;
+    __atomic_fetch_add(&f->cell[v->bus * 2 + (v->is_write ? 1 : 0)], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&f->cell[SVMM_FWD_TOTAL_NS], ns, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&f->cell[SVMM_FWD_HIST + bucket], 1, __ATOMIC_RELAXED);
+    if (failed)
+        __atomic_fetch_add(&f->cell[SVMM_FWD_FAILURES], 1, __ATOMIC_RELAXED);
+}
 
 /* The access just looked up (a registry reference held): into its
  * owner's slot, if the owner has a forward that is on. */
@@ -85,16 +100,27 @@ static int svmm_forward(struct svmm_vcpu *v)
         v->fresh = !__atomic_load_n(&t->seen[v->owner], __ATOMIC_RELAXED);
         return FWD_PYTHON;
     }
-    if (v->index >= f->nslots) {
-        return FWD_PYTHON;
-    }
     /* Another vCPU may have taken queued coalesced writes from the ring and
      * not delivered them yet: this access must come after them.  (The ring
      * was seen empty before this load; a drainer counts itself before it
-     * takes anything.) */
+     * takes anything.)  The same for a local model's access. */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (__atomic_load_n(&t->draining, __ATOMIC_SEQ_CST))
         return FWD_PYTHON;
+    if (f->local) {
+        /* Python calls the model; the time runs until the completion.
+         * Off: Python's dispatcher serves it (it has seen the forward). */
+        if (!__atomic_load_n(&f->on, __ATOMIC_ACQUIRE))
+            return FWD_PYTHON;
+        v->acct = f;
+        v->acct_failed = 0;
+        v->local_served++;
+        v->acct_t0 = svmm_now_ns();
+        return FWD_LOCAL;
+    }
+    if (v->index >= f->nslots) {
+        return FWD_PYTHON;
+    }
     __atomic_fetch_add(&f->inflight, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&f->on, __ATOMIC_SEQ_CST)) {
         __atomic_fetch_sub(&f->inflight, 1, __ATOMIC_SEQ_CST);
@@ -120,14 +146,23 @@ static int svmm_forward(struct svmm_vcpu *v)
     }
     if (!v->is_write)
         v->value = out;                 /* masked to the size by svs_call */
-    int bucket = ns ? 64 - __builtin_clzll(ns) : 0;
-    if (bucket > SVMM_FWD_CELL - SVMM_FWD_HIST - 1)
-        bucket = SVMM_FWD_CELL - SVMM_FWD_HIST - 1;
-    __atomic_fetch_add(&f->cell[v->bus * 2 + (v->is_write ? 1 : 0)], 1, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&f->cell[SVMM_FWD_TOTAL_NS], ns, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&f->cell[SVMM_FWD_HIST + bucket], 1, __ATOMIC_RELAXED);
+    svmm_count(f, v, ns, 0);
     v->forwarded++;
     return FWD_DONE;
+}
+
+/* The local access handed out last (v->acct) is over: count it. */
+static void svmm_count_local(struct svmm_vcpu *v)
+{
+    struct svmm_forward *f = v->acct;
+    v->acct = NULL;
+    svmm_count(f, v, (uint64_t)(svmm_now_ns() - v->acct_t0), v->acct_failed);
+}
+
+void svmm_account(struct svmm_vcpu *v)
+{
+    if (v->acct != NULL)
+        svmm_count_local(v);
 }
 
 /* -- owner windows --------------------------------------------------------- */
@@ -251,6 +286,8 @@ static int svmm_lookup(struct svmm_vcpu *v)
                 continue;               /* the next element, or KVM_RUN */
             case FWD_FAILED:
                 return SVMM_STEP_FORWARD_ERROR;
+            case FWD_LOCAL:
+                return SVMM_STEP_LOCAL;
             default:
                 return SVMM_STEP_ACCESS;
             }
@@ -301,6 +338,8 @@ static int svmm_lookup(struct svmm_vcpu *v)
 static int svmm_complete(struct svmm_vcpu *v, int retry)
 {
     uint8_t *data = (uint8_t *)v->run + v->data_offset + (uint64_t)v->elem * v->size;
+    if (v->acct != NULL)
+        svmm_count_local(v);
     if (!v->is_write)
         memcpy(data, &v->value, v->size);              /* idempotent on a retry */
     if (v->has_ref) {
@@ -384,4 +423,11 @@ int svmm_step(struct svmm_vcpu *v)
         if ((rc = svmm_lookup(v)) != 0)
             return rc;
     }
+}
+
+int svmm_step_value(struct svmm_vcpu *v, uint64_t value)
+{
+    if (v->pending && !v->is_write)
+        v->value = value;
+    return svmm_step(v);
 }

@@ -26,6 +26,14 @@
                                       * "fwd_slots": Python completes it (the
                                       * endpoint's restart rules) and stores
                                       * the value; the reference is held */
+#define SVMM_STEP_LOCAL 9            /* an access to a model served in this
+                                      * process (its forward has "local" set
+                                      * and is on): Python calls the model
+                                      * and stores the value; this loop times
+                                      * and counts the access in the forward's
+                                      * cell when it completes it (Python sets
+                                      * "acct_failed" first for one that
+                                      * failed) */
 #define SVMM_BUS_PIO 0
 #define SVMM_BUS_MMIO 1
 
@@ -67,9 +75,17 @@ struct svmm_windows {
  * consistent), so once Python cleared "on" and saw inflight == 0 no call
  * uses "slots" any more.  "aseq" is the endpoint's access counter (the
  * Python path takes its numbers from it too).  "cell" is the accesses
- * served here, as vmm/stats.py counts them (SVMM_FWD_CELL entries). */
+ * served here, as vmm/stats.py counts them (SVMM_FWD_CELL entries).
+ *
+ * A forward with "local" set is a model inside the VMM (vmm/local.py):
+ * nothing is called here; while it is on, its accesses come to Python as
+ * SVMM_STEP_LOCAL and are counted in "cell" (from the hand-out to the
+ * completion), so that Python does nothing per access but call the model.
+ * While it is off (a fault armed on the access path, closed) they come as
+ * SVMM_STEP_ACCESS, without "fresh": Python's dispatcher serves them. */
 #define SVMM_FWD_CELL 72
 #define SVMM_FWD_TOTAL_NS 6          /* vmm/stats.py: 2 * len(Bus) */
+#define SVMM_FWD_FAILURES 7
 #define SVMM_FWD_HIST 8
 struct svmm_forward {
     uint32_t on;
@@ -83,6 +99,8 @@ struct svmm_forward {
     int64_t slice_ns;
     int64_t timeout_ns;
     uint64_t cell[72];         /* SVMM_FWD_CELL */
+    uint32_t local;            /* served by Python in this process */
+    uint32_t local_pad;
 };
 
 /* owner -> its forward (NULL: Python serves it); seen[owner] != 0 once
@@ -156,9 +174,23 @@ struct svmm_vcpu {
     uint64_t fwd_slots;
     uint64_t fwd_gen;
     uint64_t forwarded;        /* accesses served in C */
+    /* the local access handed out (SVMM_STEP_LOCAL), counted when it completes */
+    struct svmm_forward *acct;
+    int64_t acct_t0;
+    uint32_t acct_failed;      /* set by Python: the model failed */
+    uint32_t acct_pad;
+    uint64_t local_served;     /* SVMM_STEP_LOCAL accesses handed out */
 };
 
 int svmm_step(struct svmm_vcpu *v);
+/* svmm_step with the value of the pending access (a read's; a write or no
+ * pending access ignore it): "value" without a store into the context
+ * from Python first.  After SVMM_STEP_PUT_ERROR that is "value" as it is
+ * (the access may be one forwarded here). */
+int svmm_step_value(struct svmm_vcpu *v, uint64_t value);
+/* Count the local access handed out now (its time ends here), not when it
+ * completes: before the vCPU thread waits with it pending (a pause). */
+void svmm_account(struct svmm_vcpu *v);
 /* Replace every window: entries w[0..n), owner o's are w[first[o]..+count[o]). */
 int svmm_windows_store(struct svmm_windows *t, const uint32_t *first, const uint32_t *count,
                        const struct svmm_window *w, uint32_t n);

@@ -94,7 +94,9 @@ class Dispatcher:
         #: Per-device counts and forwarding latency (vmm.stats); both exit
         #: loops hand every access to its owner through ``stats.access``
         #: (in :meth:`forward`), drained coalesced writes through
-        #: ``stats.access_batch``.
+        #: ``stats.access_batch``, but for what the C loop serves without
+        #: this dispatcher (forwarded in C, STEP_LOCAL), which C counts in
+        #: the owner's forward (``stats.c_cells``).
         self.stats = AccessStats()
         #: The VM's coalesced-MMIO zones and ring (None: no coalescing).
         self.coalesced = coalesced
@@ -114,6 +116,15 @@ class Dispatcher:
         self._forward_of: dict[int, Any] = {}      # keeps each installed one alive
         #: accesses forwarded in C whose slot call failed (forward_failed).
         self.forward_errors = 0
+        #: owner -> the model's ``read``/``write`` and its endpoint, for the
+        #: owners served in this process whose forward has ``local`` set
+        #: (:class:`vmm.local.LocalEndpoint`): the C loop hands their
+        #: accesses out as STEP_LOCAL and the vCPU loop calls these
+        #: directly; filled by :meth:`look_at_forward` before the forward is
+        #: installed.
+        self.local_reads: list[Callable[..., int] | None] = [None] * len(self.forwards.f)
+        self.local_writes: list[Callable[..., None] | None] = [None] * len(self.forwards.f)
+        self._local_endpoints: dict[int, Endpoint] = {}
 
     # -- the path of every access -------------------------------------------
 
@@ -178,15 +189,32 @@ class Dispatcher:
         """The C exit loop met an access to ``owner`` that it handed to
         Python with ``fresh`` set (first access, or its forward was off):
         install the owner's endpoint's forward if it has one and it may
-        be used, else none.  Its accesses count in :attr:`stats`."""
+        be used, else none (a local one with the model's read and write in
+        :attr:`local_reads` / :attr:`local_writes` first).  Its accesses
+        count in :attr:`stats`."""
         if not 0 <= owner < len(self.forwards.f):
             return
         endpoint = self.endpoints.get(owner)
         fwd = getattr(endpoint, "c_forward", None) if owner not in self.failed else None
+        if fwd is not None and fwd.local:
+            assert endpoint is not None
+            self._local_endpoints[owner] = endpoint
+            self.local_reads[owner] = endpoint.model_read     # type: ignore[attr-defined]
+            self.local_writes[owner] = endpoint.model_write   # type: ignore[attr-defined]
         self._forward_of[owner] = fwd
-        self.stats.c_cells[owner] = fwd
+        if fwd is not None:
+            # (a failed owner's counts so far stay in query-stats)
+            self.stats.c_cells[owner] = fwd
         self.forwards.f[owner] = _kvm_ffi.NULL if fwd is None else fwd
         self.forwards.seen[owner] = 1
+
+    def local_failed(self, vcpu: int, owner: int, size: int, is_write: bool, error: Exception) -> int:
+        """The model of a STEP_LOCAL access raised ``error``: the device
+        fails as in :meth:`forward` (a DeviceFailed from its endpoint); the
+        value read, all ones."""
+        endpoint = self._local_endpoints[owner]
+        self.fail(endpoint, endpoint.failure(error))     # type: ignore[attr-defined]
+        return 0 if is_write else all_ones(size)
 
     def forward_failed(self, vcpu: int, bus: int, owner: int, cookie: int, offset: int, size: int,
                        is_write: bool, value: int, rc: int, aseq: int, handle: int, gen: int) -> int:

@@ -467,6 +467,7 @@ STEP_PUT_ERROR = lib.SVMM_STEP_PUT_ERROR
 STEP_DRAIN = lib.SVMM_STEP_DRAIN
 STEP_REFUSED = lib.SVMM_STEP_REFUSED
 STEP_FORWARD_ERROR = lib.SVMM_STEP_FORWARD_ERROR
+STEP_LOCAL = lib.SVMM_STEP_LOCAL
 
 #: Entries of the coalesced-MMIO ring (KVM_COALESCED_MMIO_MAX).
 COALESCED_MAX = lib.SVMM_COALESCED_MAX
@@ -508,6 +509,9 @@ if [ffi.offsetof("struct svmm_vcpu", f) - _ACCESS_AT
         for f in ("bus", "size", "is_write", "fresh", "addr", "value", "owner", "cookie", "offset")] \
         != [0, 4, 8, 12, 16, 24, 32, 40, 48]:
     raise ImportError("struct svmm_vcpu's access fields moved: update vmm.kvm._ACCESS")
+#: The same fields without ``fresh`` and ``addr`` (what STEP_LOCAL needs).
+_LOCAL = struct.Struct("=III4x8xQQQQ")
+LOCAL_AT = _ACCESS_AT
 
 
 class FastPath:
@@ -532,7 +536,10 @@ class FastPath:
     goes into its slot in C and STEP_ACCESS is not returned for it;
     STEP_FORWARD_ERROR: that call failed (``fwd_rc``, ``fwd_aseq``,
     ``fwd_slots``, ``fwd_gen``), the caller completes it and stores the
-    value as after STEP_ACCESS.  ``finish()``
+    value as after STEP_ACCESS.  STEP_LOCAL: an access to a model in this process, whose
+    forward has ``local`` set; the caller calls the model and stores the
+    value as after STEP_ACCESS, and the step that completes it counts it in
+    the forward's cell (``ctx.acct_failed = 1`` first: as failed).  ``finish()``
     completes a pending access without running the vCPU.
     """
 
@@ -566,6 +573,16 @@ class FastPath:
         #: value, owner, cookie, offset): one call, not nine field reads.
         self.view = ffi.buffer(ctx)
         self.read_access = functools.partial(_ACCESS.unpack_from, offset=_ACCESS_AT)
+        #: ``unpack_local(view, LOCAL_AT)``: (bus, size, is_write, value,
+        #: owner, cookie, offset), after STEP_LOCAL (no partial: its keyword
+        #: costs a dict per call, half of the unpack).
+        self.unpack_local = _LOCAL.unpack_from
+        #: ``c_step_value(ctx, value)``: ``c_step`` that stores ``value`` as
+        #: the pending read's value first (svmm_step_value): the caller keeps
+        #: the value of the access it served last and hands it in.
+        self.c_step_value = lib.svmm_step_value
+        #: ``account(ctx)``: count a STEP_LOCAL access now (svmm_account).
+        self.account = lib.svmm_account
 
     def step(self) -> int:
         return self._step(self.ctx)

@@ -10,6 +10,9 @@ VMM, with no hop.
 * :class:`LocalEndpoint` is the endpoint the dispatcher calls for such a
   model: it calls the model's ``read``/``write``.  A model that raises is
   a failed device (:class:`DeviceFailed`), as a dead process would be.
+  With the C exit loop the vCPU calls the model's methods itself
+  (``STEP_LOCAL``, through the endpoint's ``c_forward``: vmm/vcpu.py)
+  while no fault is armed on the endpoint's own points.
 * :class:`VmmHandlers` is the endpoint of owner ``VMM_OWNER``: small
   handlers the VMM itself serves (test exit, power off, vCPU park,
   benchmark marks; addresses in :mod:`vmm.layout`).
@@ -27,6 +30,8 @@ from devices.faults.engine import FaultEngine
 from devices.guestmem import GuestRam
 from devserver.regions import RegistryHost, registry_refusal
 from ipc import Bus, Registry, RegistryError
+from vmm._kvm_c import ffi as _kvm_ffi
+from vmm._kvm_c import lib as _kvm_lib
 from vmm.coalesce import CoalescedMmio, CoalesceRefused, DeviceZones
 from vmm.endpoint import VMM_OWNER, DeviceFailed
 from vmm.ioevent import DeviceIoeventfds, IoeventfdRefused
@@ -204,9 +209,23 @@ class LocalEndpoint:
         self.zones = zones
         self._read = model.read
         self._write = model.write
+        #: What the vCPU loop calls for a STEP_LOCAL access (vmm.vcpu).
+        self.model_read = model.read
+        self.model_write = model.write
         self._host = model.host
+        #: ``struct svmm_forward *`` with ``local`` set (vmm/_vcpu.h): while
+        #: it is on, the C exit loop hands this model's accesses to the vCPU
+        #: loop as STEP_LOCAL, which calls :attr:`model_read` /
+        #: :attr:`model_write` itself, and counts them in its cell (the
+        #: device's statistics); off, they come through :meth:`access`.  On
+        #: unless a fault is armed on the ``access`` or ``process`` point
+        #: (they are served in :meth:`access`) or the endpoint is closed.
+        self.c_forward = _kvm_ffi.new("struct svmm_forward *")
+        self.c_forward.local = 1
+        self._closed = False
         #: The device's fault engine (devices.faults; SILENT until attach_faults).
         self.fault_engine: FaultEngine = model.fault_engine
+        self._sync_forward()
 
     @classmethod
     def create(cls, model_class: type[Device], params: dict[str, str], owner: int, name: str,
@@ -238,9 +257,28 @@ class LocalEndpoint:
     def attach_faults(self, engine: FaultEngine) -> None:
         """Give the model its fault engine (the ``access`` point is served
         here, the model's own points and ``irq`` by the model and host)."""
+        old = self.fault_engine
+        if self._sync_forward in old.on_change:
+            old.on_change.remove(self._sync_forward)
         self.fault_engine = engine
         attach_engine(self._host, engine)
         self.model.attach_faults(engine)
+        engine.on_change.append(self._sync_forward)
+        self._sync_forward()
+
+    def _sync_forward(self) -> None:
+        """The forward is on unless this endpoint serves a fault point
+        itself (:meth:`access`) or is closed; called after each arm and
+        disarm (the engine's on_change), so the next access sees it."""
+        armed = self.fault_engine.armed
+        on = not (self._closed or "access" in armed or "process" in armed)
+        _kvm_lib.svmm_forward_switch(self.c_forward, int(on))
+
+    def failure(self, error: Exception) -> DeviceFailed:
+        """What the model raising ``error`` on an access makes of it."""
+        failed = DeviceFailed(f"{self.name}: {type(error).__name__}: {error}")
+        failed.__cause__ = error
+        return failed
 
     def access(self, vcpu: int, space: int, cookie: int, offset: int, size: int,
                is_write: bool, value: int) -> int:
@@ -254,7 +292,7 @@ class LocalEndpoint:
                 return 0
             return self._read(_SPACES[space], cookie, offset, size)
         except Exception as e:
-            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+            raise self.failure(e) from e
 
     def access_batch(self, vcpu: int, writes: list[tuple[int, int, int, int, int]]) -> None:
         write = self._write
@@ -267,9 +305,11 @@ class LocalEndpoint:
             for space, cookie, offset, size, value in writes:
                 write(_SPACES[space], cookie, offset, size, value)
         except Exception as e:
-            raise DeviceFailed(f"{self.name}: {type(e).__name__}: {e}") from e
+            raise self.failure(e) from e
 
     def close(self) -> None:
+        self._closed = True
+        self._sync_forward()
         try:
             self.model.stop()
         except Exception as e:

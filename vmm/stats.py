@@ -7,7 +7,11 @@ the owner's endpoint (both exit loops, :mod:`vmm.dispatch` and
 :mod:`vmm.vcpu`).  It is on the hot path, so it does little: two clock
 reads, one dict look-up and three list increments.  Each vCPU writes only
 its own cells (``per-vCPU x owner``), so no lock is taken and no count is
-lost between vCPU threads; readers add the cells up.
+lost between vCPU threads; readers add the cells up.  The accesses the C
+exit loop serves without the dispatcher -- forwarded to a device process
+in C, or handed to an inline model as ``STEP_LOCAL`` -- are counted by C
+in the owner's ``struct svmm_forward`` cell (:attr:`AccessStats.c_cells`,
+the same layout, atomic adds), which readers add in too.
 
 A cell is one flat list: the counts of the six (space, direction) pairs
 (index ``bus * 2 + is_write``), the nanoseconds in total, the failures,

@@ -35,6 +35,22 @@ that fails comes back as ``STEP_FORWARD_ERROR`` and goes to
 :meth:`Dispatcher.forward_failed`, i.e. to the endpoint's restart rules,
 as a failed call from Python does.
 
+**Inline models.**  An inline model's endpoint
+(:class:`vmm.local.LocalEndpoint`) has a forward with ``local`` set: while
+it is on, the C loop hands its accesses out as ``STEP_LOCAL`` and this
+loop calls the model's ``read``/``write`` itself (the dispatcher's
+:attr:`~vmm.dispatch.Dispatcher.local_reads` / ``local_writes``, filled
+by ``look_at_forward``); C puts the registry reference and counts the
+access in the device's statistics (its time runs from the hand-out to the
+completion), so that the model's call is all the Python of an access.  The
+forward is off while a fault is armed on the endpoint's ``access`` or
+``process`` point (its accesses then go through ``Dispatcher.forward`` and
+``LocalEndpoint.access``, which serve the points); a model that raises
+fails its device as there (``Dispatcher.local_failed``).  As with
+forwarding in C, the ring of coalesced writes is drained at the exit, and
+while another vCPU's drain is delivering what it took the access goes to
+``forward``, which waits for that drain.
+
 **Kicks.**  To stop or pause a vCPU that sits in ``KVM_RUN``, another
 thread sets ``kvm_run.immediate_exit`` and sends the thread ``SIGUSR1``,
 whose handler (installed in C, no SA_RESTART) does nothing: ``KVM_RUN``
@@ -52,6 +68,7 @@ import signal
 import threading
 from typing import Callable
 
+from devices.base import Space
 from vmm import emulate, kvm, report
 from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
@@ -63,6 +80,8 @@ log = logging.getLogger(__name__)
 KICK_SIGNAL = signal.SIGUSR1
 _BLOCKED_IN_VCPU = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+#: bus number -> what a model's read/write takes as its space.
+SPACES = tuple(Space(i) for i in range(len(Space)))
 
 
 class VcpuThread:
@@ -87,6 +106,9 @@ class VcpuThread:
         self.exits = 0
         self._stop = False
         self._park_requested = False
+        #: Set (after the flag) with _stop, _park_requested and _pause: the
+        #: C fast loop reads only this one between two accesses.
+        self._attention = False
         self._check_halt = False
         #: True once the guest parked this vCPU (it never runs again).
         self.parked = False
@@ -120,6 +142,7 @@ class VcpuThread:
 
     def request_stop(self) -> None:
         self._stop = True
+        self._attention = True
         with self._cond:
             self._cond.notify_all()
         self.kick()
@@ -128,6 +151,7 @@ class VcpuThread:
         """Called from this vCPU's own thread (a handler of its access):
         stop running it once the access completes."""
         self._park_requested = True
+        self._attention = True
 
     def check_halt(self) -> None:
         """Have the thread look whether the vCPU sits in HLT with
@@ -146,6 +170,7 @@ class VcpuThread:
         """Hold the vCPU outside KVM_RUN; True once it is parked (or gone)."""
         with self._cond:
             self._pause = True
+            self._attention = True
         self.kick()
         with self._cond:
             return self._cond.wait_for(lambda: self._paused or not self._alive, timeout)
@@ -261,28 +286,56 @@ class VcpuThread:
         fast = self.fast
         assert fast is not None
         ctx = fast.ctx
-        c_step, view, read_access = fast.c_step, fast.view, fast.read_access
+        c_step, view, read_access = fast.c_step_value, fast.view, fast.read_access
+        unpack_local, LOCAL_AT = fast.unpack_local, kvm.LOCAL_AT
         run = self.fd.run
         dispatcher = self.dispatcher
         forward = dispatcher.forward
         error = dispatcher.registry.error
         index = self.index
         look_at_forward = dispatcher.look_at_forward
-        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR = (
+        reads, writes, local_failed = dispatcher.local_reads, dispatcher.local_writes, dispatcher.local_failed
+        ACCESS, EXIT, ERRNO, PUT_ERROR, DRAIN, REFUSED, FORWARD_ERROR, LOCAL = (
             kvm.STEP_ACCESS, kvm.STEP_EXIT, kvm.STEP_ERRNO, kvm.STEP_PUT_ERROR, kvm.STEP_DRAIN, kvm.STEP_REFUSED,
-            kvm.STEP_FORWARD_ERROR)
+            kvm.STEP_FORWARD_ERROR, kvm.STEP_LOCAL)
         put_attempts = 0
+        out = 0         # the value of the access served last, handed to the next step
         try:
             while True:
-                if self._stop:
-                    return
-                if self._pause:
-                    self._park()
+                if self._attention:
+                    # (cleared before the flags are read: a request made
+                    # from now on is seen at the next turn)
+                    self._attention = False
+                    if self._stop:
+                        return
+                    if self._park_requested:
+                        self.parked = True
+                        self.on_end(None)
+                        return
+                    if self._pause:
+                        fast.account(ctx)       # (the pause is no part of a pending access's time)
+                        self._park()
+                        continue
+                rc = c_step(ctx, out)
+                if rc == LOCAL:
+                    # A model in this process: the call is all the Python
+                    # an access costs (C counts it, puts its reference).
+                    put_attempts = 0
+                    bus, size, is_write, value, owner, cookie, offset = unpack_local(view, LOCAL_AT)
+                    try:
+                        if is_write:
+                            writes[owner](SPACES[bus], cookie, offset, size, value)
+                        else:
+                            out = reads[owner](SPACES[bus], cookie, offset, size) & _MASK[size]
+                    except Exception as e:
+                        ctx.acct_failed = 1
+                        out = local_failed(index, owner, size, is_write != 0, e)
                     continue
-                rc = c_step(ctx)
                 if rc == PUT_ERROR:
                     # The access was served; its put failed.  The next step
                     # puts again, unless the reference is given up here.
+                    # (It may be one C served: its value is the context's.)
+                    out = ctx.value
                     put_attempts += 1
                     if not dispatcher.put_timed_out(index, ctx.slot, error(ctx.reg_error), put_attempts) \
                             or self._stop:
@@ -297,14 +350,14 @@ class VcpuThread:
                         look_at_forward(owner)
                     value = forward(index, bus, owner, cookie, offset, size, is_write != 0, value)
                     if not is_write:
-                        ctx.value = value & _MASK[size]
+                        out = value & _MASK[size]
                 elif rc == FORWARD_ERROR:
                     bus, size, is_write, _, _, value, owner, cookie, offset = read_access(view)
                     value = dispatcher.forward_failed(index, bus, owner, cookie, offset, size, is_write != 0,
                                                       value, ctx.fwd_rc, ctx.fwd_aseq, ctx.fwd_slots,
                                                       ctx.fwd_gen)
                     if not is_write:
-                        ctx.value = value & _MASK[size]
+                        out = value & _MASK[size]
                 elif rc == DRAIN:
                     dispatcher.drain(index)
                     continue
@@ -326,13 +379,11 @@ class VcpuThread:
                     if self._other_exit(run.exit_reason):
                         return
                 else:
-                    ctx.value = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size,
-                                                         bool(ctx.is_write), error(ctx.reg_error))
-                if self._park_requested:
-                    self.parked = True
-                    self.on_end(None)
-                    return
+                    out = dispatcher.lookup_failed(index, ctx.bus, ctx.addr, ctx.size, bool(ctx.is_write),
+                                                   error(ctx.reg_error))
         finally:
+            if ctx.pending and not ctx.is_write:
+                ctx.value = out
             fast.finish()
             self.exits = ctx.exits
             dispatcher.unclaimed += ctx.unclaimed

@@ -36,6 +36,9 @@ def test_exitcost_prints_json():
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["vmm"]["isolated_forward_ns"] > 0 and report["vmm"]["inline_forward_ns"] > 0
+    vmm = report["vmm"]
+    assert vmm["inline_local_ns"] > vmm["inline_model_read_ns"] > 0     # the loop's own part on top
+    assert isinstance(vmm["c_count_ns"], int)
     dev = report["device"]
     assert dev["state_store_ns"] > dev["snapshot_ns"] > 0     # the store takes the snapshot too
     assert dev["serve_python_ns"] == dev["request_ns"] + dev["model_read_ns"] + dev["state_store_ns"]

@@ -8,8 +8,17 @@ each piece of the path does not, much.  So this measures, with
 4-byte port read of the ``echo`` device's scratch register:
 
 * ``vmm``: the VMM's Python per access --
-  ``inline_forward_ns``: :meth:`vmm.dispatch.Dispatcher.forward` to an
-  inline echo (the access statistics, the endpoint, the model);
+  ``inline_local_ns``: what the vCPU loop runs for an inline access
+  (``STEP_LOCAL``, :meth:`vmm.vcpu.VcpuThread._loop_fast`: the access
+  fields unpacked from the C context, the model's ``read`` called, the
+  value masked), of which ``inline_model_read_ns`` is the echo model's
+  ``read``; ``c_count_ns``: the C loop counting that access in the
+  device's statistics (a clock read and the cell's atomic adds, through
+  ``svmm_account``; the hand-out takes one more clock read, ~20 ns);
+  ``inline_forward_ns``: :meth:`vmm.dispatch.Dispatcher.forward` to the
+  same echo, the path an inline access takes while a fault is armed on
+  its ``access`` or ``process`` point (the access statistics in Python,
+  :meth:`vmm.local.LocalEndpoint.access`, the model);
   ``isolated_forward_ns``: the same to an echo in its own process, through
   :class:`vmm.remote.RemoteEndpoint` and :class:`ipc.SlotCaller`, with
   the device's answer taken as immediate: the C call into the slots is
@@ -29,8 +38,10 @@ each piece of the path does not, much.  So this measures, with
   ``svs_state_store``).
 
 Not in here: the KVM exit itself (:mod:`vmm.bench`'s bare C runner), the
-vCPU loop's own Python between two exits, and the hand-off between the two
-processes (spin, poll, futex: ``handoff_per_access`` in :mod:`vmm.bench`).
+C loop's registry get and put, the GIL taken back after each KVM_RUN, the
+vCPU loop's Python outside its STEP_LOCAL branch, and the hand-off between
+the two processes (spin, poll, futex: ``handoff_per_access`` in
+:mod:`vmm.bench`).
 Code run right after a KVM exit on the nested PVM host also runs with cold
 caches and TLB, so in a guest run each piece costs more than here.
 """
@@ -52,8 +63,12 @@ from ipc import Registry
 from ipc import slots as slots_module
 from ipc.slots import SlotRequest
 from ipc.state import StateSegment
+from vmm import kvm
+from vmm._kvm_c import ffi as _kvm_ffi
+from vmm._kvm_c import lib as _kvm_lib
 from vmm.dispatch import Dispatcher
 from vmm.local import LocalEndpoint
+from vmm.vcpu import SPACES
 
 PORT = 0x1000
 SCRATCH = 0x10
@@ -98,6 +113,45 @@ class _AnswerAtOnce:
         return 0
 
 
+def _local(d: Dispatcher, local: LocalEndpoint, cookie: int, offset: int, loops: int) -> dict:
+    """The STEP_LOCAL pieces on a C context holding a 4-byte port read."""
+    ctx = _kvm_ffi.new("struct svmm_vcpu *")
+    ctx.bus, ctx.size, ctx.is_write, ctx.owner, ctx.cookie, ctx.offset = int(Space.PIO), 4, 0, OWNER, cookie, offset
+    view = _kvm_ffi.buffer(ctx)
+    unpack, at = kvm._LOCAL.unpack_from, kvm.LOCAL_AT
+    d.look_at_forward(OWNER)
+    reads, writes = d.local_reads, d.local_writes
+    mask = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+    spaces = SPACES
+
+    def step() -> int:
+        # the STEP_LOCAL branch of VcpuThread._loop_fast (its try, which
+        # costs nothing until something raises, left out)
+        bus, size, is_write, value, owner, cookie, offset = unpack(view, at)
+        out = 0
+        if is_write:
+            writes[owner](spaces[bus], cookie, offset, size, value)
+        else:
+            out = reads[owner](spaces[bus], cookie, offset, size) & mask[size]
+        return out
+
+    read = local.model_read
+    pio = Space.PIO
+    account = _kvm_lib.svmm_account
+
+    def count(fwd) -> Callable[[], None]:
+        def run() -> None:
+            ctx.acct = fwd
+            account(ctx)
+        return run
+
+    # the same calls with nothing to count, taken off
+    counted = _cpu_ns(count(local.c_forward), loops) - _cpu_ns(count(_kvm_ffi.NULL), loops)
+    return {"inline_local_ns": round(_cpu_ns(step, loops)),
+            "inline_model_read_ns": round(_cpu_ns(lambda: read(pio, cookie, offset, 4), loops)),
+            "c_count_ns": round(counted)}
+
+
 def _vmm(loops: int) -> dict:
     from vmm.remote import RemoteEndpoint
     registry = Registry.create_sealed()
@@ -106,6 +160,7 @@ def _vmm(loops: int) -> dict:
         local = LocalEndpoint.create(Echo, {"pio": hex(PORT)}, OWNER, "echo-inline", registry)
         d = Dispatcher(registry, {OWNER: local})
         cookie, offset = _region(registry)
+        out.update(_local(d, local, cookie, offset, loops))
         out["inline_forward_ns"] = round(_cpu_ns(
             lambda: d.forward(0, int(Space.PIO), OWNER, cookie, offset, 4, False, 0), loops))
         local.model.stop()
