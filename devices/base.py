@@ -405,6 +405,29 @@ class Device(FaultPoints, abc.ABC):
         (class docstring)."""
         raise NoSnapshot(f"{self.kind or type(self).__name__}: this model keeps no snapshot")
 
+    def packed_snapshot(self) -> bytes:
+        """Optional fast form of :meth:`snapshot` for the store before
+        every answer of a device process: the msgpack encoding (binary
+        type for ``bytes``) of a map that decodes to a dict equal to
+        :meth:`snapshot`'s, taken under the same lock.  A model may keep
+        the encoding of what did not change and write only the integers
+        that did.  The runtime uses it only when the class that defines
+        it also defines :meth:`snapshot` (:func:`packs_snapshot`), so a
+        subclass that changes its state without it falls back safely."""
+        raise NoSnapshot(f"{self.kind or type(self).__name__}: this model has no packed snapshot")
+
+
+def packs_snapshot(cls: type) -> bool:
+    """Whether ``cls`` gives its snapshot packed (:meth:`Device.packed_snapshot`):
+    the class that defines it is also the one that defines ``snapshot``."""
+    snap = pack = None
+    for klass in cls.__mro__:
+        if snap is None and "snapshot" in klass.__dict__:
+            snap = klass
+        if pack is None and "packed_snapshot" in klass.__dict__:
+            pack = klass
+    return pack is not None and pack is snap and pack is not Device
+
 
 def resume(model: Device, state: dict) -> int:
     """Restore a freshly built ``model`` from ``state`` and start it on

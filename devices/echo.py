@@ -27,6 +27,8 @@ import struct
 import threading
 from typing import Callable
 
+import msgpack
+
 from devices.base import (BadParameter, BadState, Device, DeviceHost, HostRefused, Space, Window, all_ones,
                           parse_int)
 from devices.snapshot import U32, Fields, require
@@ -50,6 +52,9 @@ _SIZES = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8)}
 #: (a struct call is several times cheaper than int.from_bytes of a slice).
 _UNPACK = {n: struct.Struct("<" + c).unpack_from for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 _PACK = {n: struct.Struct("<" + c).pack_into for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
+#: The access counter in a packed snapshot (Echo.packed_snapshot): always
+#: msgpack's uint32 form, 0xCE and four big-endian bytes.
+_COUNT_BE = struct.Struct(">I").pack
 _WINDOW = {Space.PIO: PIO_WINDOW, Space.MMIO: MMIO_WINDOW}
 _LIMIT = {Space.PIO: 1 << 16, Space.MMIO: 1 << 64}
 #: Where an echo window given inside them may move itself (register 0xF8):
@@ -127,6 +132,9 @@ class Echo(Device):
         # the window bases consistent.
         self._lock = threading.Lock()
         self._started = False
+        #: packed_snapshot's encoding around the counter: (head, tail, the
+        #: scratch bytes it holds); None once a window moved or a restore.
+        self._packed: tuple[bytes, bytes, bytes] | None = None
 
     @classmethod
     def windows(cls, params: dict[str, str]) -> list[Window]:
@@ -166,6 +174,32 @@ class Echo(Device):
             return {"regs": self.regs.snapshot(),
                     "pio": self.base.get(Space.PIO), "mmio": self.base.get(Space.MMIO)}
 
+    def packed_snapshot(self) -> bytes:
+        """:meth:`snapshot` packed (devices.base.Device.packed_snapshot):
+        the device process stores it before every answer and every access
+        changes the counter, so only the counter is packed each time; the
+        rest is packed again when the scratch bytes differ from those in
+        the cached encoding, or after a move or a restore."""
+        self._lock.acquire()
+        try:
+            regs, cached = self.regs, self._packed
+            if cached is None or cached[2] != regs.scratch:
+                cached = self._packed = self._pack_around_count()
+            return cached[0] + _COUNT_BE(regs.count) + cached[1]
+        finally:
+            self._lock.release()
+
+    def _pack_around_count(self) -> tuple[bytes, bytes, bytes]:
+        """The encoding of snapshot()'s map before and after the counter's
+        four bytes (lock held); the same keys in the same order."""
+        p = msgpack.Packer(use_bin_type=True, autoreset=True)
+        scratch = bytes(self.regs.scratch)
+        head = b"".join((p.pack_map_header(3), p.pack("regs"), p.pack_map_header(2), p.pack("scratch"),
+                         p.pack(scratch), p.pack("count"), b"\xce"))
+        tail = b"".join((p.pack("pio"), p.pack(self.base.get(Space.PIO)),
+                         p.pack("mmio"), p.pack(self.base.get(Space.MMIO))))
+        return head, tail, scratch
+
     def restore(self, state: dict) -> None:
         require(not self._started, self.kind, "restore is for a freshly built model, before start()")
         f = Fields(state, self.kind, ("regs", "pio", "mmio"))
@@ -184,6 +218,7 @@ class Echo(Device):
         with self._lock:
             self.regs.load(regs)
             self.base = base
+            self._packed = None
 
     def stop(self) -> None:
         for space, base in list(self.base.items()):
@@ -234,3 +269,4 @@ class Echo(Device):
             self.host.claim(space, old, window, cookie)
             return
         self.base[space] = new
+        self._packed = None

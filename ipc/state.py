@@ -274,6 +274,9 @@ class StateSegment:
         self._cbuf = _cffi.from_buffer(self._map)
         self._base = int(_cffi.cast("uint64_t", self._cbuf))
         self._store_c = _clib.svs_state_store
+        # store_packed's constants: each buffer's address, the capacity
+        self._addrs = (self._base + self._buffers[0], self._base + self._buffers[1])
+        self._cap = layout.capacity
 
     # ---- creation -----------------------------------------------------
 
@@ -363,6 +366,47 @@ class StateSegment:
             self._last_payload = payload
             return True
 
+    def store_packed(self, payload: bytes, seq: int, value: int) -> bool:
+        """:meth:`store_answer` for a snapshot packed already
+        (:meth:`devices.base.Device.packed_snapshot`): ``payload`` is the
+        msgpack encoding of the state's map.  Nothing checks here that it
+        decodes to plain data: the writer is the model's own process, and
+        every reader checks what it reads anyway (:meth:`inspect`).
+        False when ``payload`` equals the last one stored (nothing
+        written), True once published."""
+        if not 1 <= seq <= _U64:
+            raise ValueError(f"access sequence numbers start at 1, not {seq}")
+        if type(payload) is not bytes:
+            raise TypeError(f"a packed snapshot is bytes, not {type(payload).__name__}")
+        lock = self._lock
+        lock.acquire()
+        try:
+            if payload == self._last_payload:
+                return False
+            if self._next is None:
+                self._continue_numbers()
+            n, cap = len(payload), self._cap
+            if n > cap:
+                raise SnapshotTooLarge(
+                    f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
+            value &= _U64
+            number = self._next
+            assert number is not None
+            if self._store_c(self._addrs[number & 1], cap, number, seq, value, 0, payload, n, STORE_STEPS, 0):
+                raise StateError(f"snapshot {number} could not be stored")
+            self._next = number + 1
+            self._record = (seq, value, 0)
+            self._last_payload = payload
+            return True
+        finally:
+            lock.release()
+
+    def _continue_numbers(self) -> None:
+        """A restarted writer: continue after the latest valid snapshot."""
+        best = self.inspect().snapshot
+        self._next = best.number + 1 if best else 1
+        self._record = best.access if best else None
+
     def _store(self, state: dict, access: tuple[int, int, int] | None, only_if_changed: bool) -> bool:
         if type(state) is not dict:
             raise TypeError(f"a snapshot is a dict, not {type(state).__name__}")
@@ -377,10 +421,7 @@ class StateSegment:
                 raise SnapshotTooLarge(
                     f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
             if self._next is None:
-                # A restarted writer: continue after the latest valid one.
-                best = self.inspect().snapshot
-                self._next = best.number + 1 if best else 1
-                self._record = best.access if best else None
+                self._continue_numbers()
             if only_if_changed and payload == self._last_payload:
                 return False
             record = self._record if access is None else access

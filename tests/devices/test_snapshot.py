@@ -10,11 +10,12 @@ BadState and leave the fresh model as built and usable."""
 from __future__ import annotations
 
 
+import msgpack
 import pytest
 
 from devices import pci
 from devices import pci_config as cfg
-from devices.base import BadState, Device, NoSnapshot, Space, resume
+from devices.base import BadState, Device, NoSnapshot, Space, packs_snapshot, resume
 from devices.echo import ECHO_COUNT, ECHO_MOVE, ECHO_PID, Echo
 from devices.pci_echo import BAR_IO, BAR_MSIX, BAR_REGS, MSIX_PBA, REG_ACK, REG_INTX_SENT, REG_RAISE, PciEcho
 from devices.serial import (UART_FCR, UART_IER, UART_IIR, UART_LCR, UART_LCR_DLAB, UART_LSR, UART_MCR,
@@ -97,6 +98,46 @@ def test_echo_round_trip(registry):
     assert (Space.MMIO, 0xD0008000, 0x1000, 1) in new_host.regions()
     new.stop()
     assert new_host.regions() == set()
+
+
+def test_echo_packed_snapshot_is_its_snapshot(registry):
+    """The form a device process stores before every answer decodes to
+    snapshot()'s dict after reads, scratch writes, a move, a restore and
+    at the counter's extremes."""
+    assert packs_snapshot(Echo)
+
+    def same(dev):
+        assert msgpack.unpackb(dev.packed_snapshot(), raw=False) == dev.snapshot()
+
+    host, dev = echo_in_use(registry)
+    same(dev)
+    dev.write(Space.PIO, 0, 0x20, 1, 0x5A)
+    same(dev)
+    dev.regs.scratch[3] ^= 0xFF          # even a change behind the model's back
+    same(dev)
+    dev.write(Space.MMIO, 1, ECHO_MOVE, 8, 0xD0008000)
+    assert dev.base[Space.MMIO] == 0xD0008000
+    same(dev)
+    for count in (0, 1, 0x7F, 0x80, 0xFFFF, 0xFFFF_FFFF):
+        dev.regs.count = count
+        same(dev)
+    state = dev.snapshot()
+    _, new = restart(registry, Echo, state, **ECHO)
+    same(new)
+    assert new.snapshot() == state
+    new.stop()
+
+
+def test_a_subclass_that_changes_the_snapshot_does_not_pack_it():
+    class Wider(Echo):
+        def snapshot(self) -> dict:
+            return {**super().snapshot(), "extra": 1}
+
+    class Plain(Device):
+        def snapshot(self) -> dict:
+            return {}
+
+    assert not packs_snapshot(Wider) and not packs_snapshot(Plain) and not packs_snapshot(Device)
 
 
 def test_echo_restore_releases_what_the_dead_process_held_and_claims_what_it_lost(registry):

@@ -96,6 +96,32 @@ def test_only_if_changed(seg):
     assert seg.read().access.seq == 3
 
 
+def test_store_packed(seg):
+    """A snapshot the model packed itself: stored with its record, read
+    back decoded, skipped when equal to the last one, refused when too
+    large; a restarted writer's first packed store continues the numbers."""
+    dev = StateSegment.attach(seg.fd)
+    dev.store({"n": 0}, AccessRecord(1, 0, 0))
+    assert dev.store_packed(msgpack.packb({"n": 1, "b": b"x"}), 2, 0x1_0000_0000_0000_0007)
+    snap = seg.read()
+    assert (snap.number, snap.state, snap.access) == (2, {"n": 1, "b": b"x"}, AccessRecord(2, 7, 0))   # masked to 64 bits
+    assert not dev.store_packed(msgpack.packb({"n": 1, "b": b"x"}), 3, 0)      # nothing changed
+    assert seg.read().access.seq == 2
+    with pytest.raises(SnapshotTooLarge):
+        dev.store_packed(msgpack.packb({"big": bytes(9000)}), 4, 0)
+    with pytest.raises(ValueError):
+        dev.store_packed(msgpack.packb({"n": 5}), 0, 0)
+    with pytest.raises(TypeError):
+        dev.store_packed(bytearray(msgpack.packb({"n": 5})), 5, 0)    # type: ignore[arg-type]
+    assert seg.read().number == 2
+    dev.close()
+    again = StateSegment.attach(seg.fd)      # the next process
+    assert again.store_packed(msgpack.packb({"n": 6}), 6, 1)
+    snap = seg.read()
+    assert (snap.number, snap.state, snap.access) == (3, {"n": 6}, AccessRecord(6, 1, 0))
+    again.close()
+
+
 def test_too_large_is_refused_and_writes_nothing(seg):
     seg.store({"ok": 1})
     with pytest.raises(SnapshotTooLarge, match="capacity of 8192"):
