@@ -723,3 +723,25 @@ int svs_state_store(uint64_t buf, uint64_t cap, uint64_t number, uint64_t seq, u
            && state_step(3, steps, torn, b, head, 8));                      /* publish */
     return SVS_OK;
 }
+
+int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t value,
+                           const char *payload, uint32_t n)
+{
+    uint64_t number = w->next;
+    if (number == 0 || seq == 0)
+        return -SVS_EINVAL;
+    if (n > w->cap)
+        return -SVS_ELAYOUT;
+    if (w->has_last && n == w->last_n
+        && memcmp((const uint8_t *)(uintptr_t)w->buf[(number - 1) & 1] + STATE_HEAD, payload, n) == 0)
+        return 0;
+    if (svs_state_store(w->buf[number & 1], w->cap, number, seq, value, 0, payload, n, 4, 0) != SVS_OK)
+        return -SVS_EINVAL;
+    w->next = number + 1;
+    w->seq = seq;
+    w->value = value;
+    w->status = 0;
+    w->last_n = n;
+    w->has_last = 1;
+    return 1;
+}

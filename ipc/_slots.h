@@ -145,5 +145,29 @@ int svs_scribble_response(struct svs *h, uint32_t slot, uint32_t seq,
  * deaths between (or inside) two stores (tests/ipc/_tripwire.py). */
 int svs_state_store(uint64_t buf, uint64_t cap, uint64_t number, uint64_t seq, uint64_t value,
                     uint32_t status, const char *payload, uint32_t n, int steps, int torn);
+/* The writer's numbers of a state segment (ipc/state.py), so that the
+ * store before each answer of a model that packs its own snapshot is one
+ * call of few arguments: each buffer's address, the capacity, the number
+ * of the next snapshot (0: not known yet), the record of the last store,
+ * and the length of the last payload stored (when has_last, its bytes are
+ * in the buffer of snapshot next - 1). */
+struct svs_state_writer {
+    uint64_t buf[2];
+    uint64_t cap;
+    uint64_t next;
+    uint64_t seq;
+    uint64_t value;
+    uint32_t status;
+    uint32_t last_n;
+    uint32_t has_last;
+    uint32_t pad;
+};
+/* Store payload as snapshot w->next with the record (seq, value, status
+ * 0), all four steps (svs_state_store), and advance w: 1; 0 when it is
+ * byte for byte the last payload stored (nothing written, the record
+ * stays); SVS_EINVAL (-4) when w->next is 0, SVS_ELAYOUT (-5) when n >
+ * w->cap (nothing written either way). */
+int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t value,
+                           const char *payload, uint32_t n);
 /* zlib's crc32(data, start), for the tests. */
 uint32_t svs_crc32(uint32_t start, const char *data, uint64_t n);

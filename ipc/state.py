@@ -263,10 +263,10 @@ class StateSegment:
         self._mem = memoryview(self._map)
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-        self._next: int | None = None          # number of the next store
-        # the record of the last store: an AccessRecord or its plain tuple
-        self._record: tuple[int, int, int] | None = None
+        # the payload of the last store made here in Python (store,
+        # store_answer) and its number: store_packed's are only in C
         self._last_payload: bytes | None = None
+        self._last_number = 0
         self._queues: dict[int, InflightQueue] = {}
         self._buffers = (layout.buffer_offset(0), layout.buffer_offset(1))
         # The mapping's address, for the store in C (ipc/_slots.c:
@@ -274,9 +274,13 @@ class StateSegment:
         self._cbuf = _cffi.from_buffer(self._map)
         self._base = int(_cffi.cast("uint64_t", self._cbuf))
         self._store_c = _clib.svs_state_store
-        # store_packed's constants: each buffer's address, the capacity
-        self._addrs = (self._base + self._buffers[0], self._base + self._buffers[1])
-        self._cap = layout.capacity
+        # The writer's numbers (svs_state_writer: the next number, 0 until
+        # known; the last store's record and length), in C so that
+        # store_packed is one call of five arguments.
+        self._w = w = _cffi.new("struct svs_state_writer *")
+        w.buf[0], w.buf[1] = self._base + self._buffers[0], self._base + self._buffers[1]
+        w.cap = layout.capacity
+        self._store_packed_c = _clib.svs_state_store_packed
 
     # ---- creation -----------------------------------------------------
 
@@ -342,14 +346,16 @@ class StateSegment:
         # (the body of _store, inlined: this runs before every answer)
         if not 1 <= seq <= _U64:
             raise ValueError(f"access sequence numbers start at 1, not {seq}")
-        if type(state) is not dict or self._next is None:
+        w = self._w
+        if type(state) is not dict or not w.next:
             return self._store(state, (seq, value & _U64, 0), True)
         with self._lock:
             try:
                 payload = self._packer.pack(state)
             except (TypeError, ValueError, OverflowError) as e:
                 raise TypeError(f"snapshot is not plain data: {e}") from None
-            if payload == self._last_payload:
+            number = w.next
+            if payload == self._last_payload and self._last_number + 1 == number:
                 return False
             n = len(payload)
             cap = self.layout.capacity
@@ -357,13 +363,10 @@ class StateSegment:
                 raise SnapshotTooLarge(
                     f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
             value &= _U64
-            number = self._next
             if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, 0,
                              payload, n, STORE_STEPS, 0) != 0:
                 raise StateError(f"snapshot {number} could not be stored")
-            self._next = number + 1
-            self._record = (seq, value, 0)
-            self._last_payload = payload
+            self._stored(number, seq, value, 0, payload)
             return True
 
     def store_packed(self, payload: bytes, seq: int, value: int) -> bool:
@@ -381,31 +384,38 @@ class StateSegment:
         lock = self._lock
         lock.acquire()
         try:
-            if payload == self._last_payload:
-                return False
-            if self._next is None:
+            # the comparison with the last payload, the store's four steps
+            # (svs_state_store) and the writer's numbers: one call into C
+            rc = self._store_packed_c(self._w, seq, value & _U64, payload, len(payload))
+            if rc < 0 and not self._w.next:
                 self._continue_numbers()
-            n, cap = len(payload), self._cap
-            if n > cap:
-                raise SnapshotTooLarge(
-                    f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
-            value &= _U64
-            number = self._next
-            assert number is not None
-            if self._store_c(self._addrs[number & 1], cap, number, seq, value, 0, payload, n, STORE_STEPS, 0):
-                raise StateError(f"snapshot {number} could not be stored")
-            self._next = number + 1
-            self._record = (seq, value, 0)
-            self._last_payload = payload
-            return True
+                rc = self._store_packed_c(self._w, seq, value & _U64, payload, len(payload))
         finally:
             lock.release()
+        if rc >= 0:
+            return rc == 1
+        if len(payload) > self.layout.capacity:
+            raise SnapshotTooLarge(f"snapshot of {len(payload)} bytes does not fit the state segment's "
+                                   f"capacity of {self.layout.capacity} bytes")
+        raise StateError(f"a packed snapshot could not be stored ({rc})")
 
     def _continue_numbers(self) -> None:
-        """A restarted writer: continue after the latest valid snapshot."""
+        """A restarted writer: continue after the latest valid snapshot
+        (its record is the one a store outside an access keeps)."""
         best = self.inspect().snapshot
-        self._next = best.number + 1 if best else 1
-        self._record = best.access if best else None
+        w = self._w
+        w.next = best.number + 1 if best else 1
+        rec = best.access if best else None
+        w.seq, w.value, w.status = rec if rec is not None else (0, 0, 0)
+        w.has_last = 0
+
+    def _stored(self, number: int, seq: int, value: int, status: int, payload: bytes) -> None:
+        """Snapshot ``number`` is published with this record and payload."""
+        w = self._w
+        w.next = number + 1
+        w.seq, w.value, w.status = seq, value, status
+        w.last_n, w.has_last = len(payload), 1
+        self._last_payload, self._last_number = payload, number
 
     def _store(self, state: dict, access: tuple[int, int, int] | None, only_if_changed: bool) -> bool:
         if type(state) is not dict:
@@ -420,24 +430,22 @@ class StateSegment:
             if n > cap:
                 raise SnapshotTooLarge(
                     f"snapshot of {n} bytes does not fit the state segment's capacity of {cap} bytes")
-            if self._next is None:
+            w = self._w
+            if not w.next:
                 self._continue_numbers()
-            if only_if_changed and payload == self._last_payload:
+            number = w.next
+            if only_if_changed and payload == self._last_payload and self._last_number + 1 == number:
                 return False
-            record = self._record if access is None else access
-            if record is None:
-                seq = value = status = 0
+            if access is None:      # the record stays: the snapshot still includes that access
+                seq, value, status = w.seq, w.value, w.status
             else:
-                seq, value, status = record[0], record[1] & _U64, record[2] & _U32
-            number = self._next
+                seq, value, status = access[0], access[1] & _U64, access[2] & _U32
             # unpublish, payload, record and crc (as _read_buffer checks
             # it), publish: one call into C (svs_state_store)
             if self._store_c(self._base + self._buffers[number & 1], cap, number, seq, value, status,
                              payload, n, STORE_STEPS, 0) != 0:
                 raise StateError(f"snapshot {number} could not be stored")
-            self._next = number + 1
-            self._record = record
-            self._last_payload = payload
+            self._stored(number, seq, value, status, payload)
             return True
 
     # ---- reader ---------------------------------------------------------
@@ -524,6 +532,8 @@ class StateSegment:
         if self._mem is not None:
             self._mem.release()
             self._mem = None  # type: ignore[assignment]
+            w = self._w                 # no store into the mapping from here on
+            w.buf[0] = w.buf[1] = w.cap = w.next = w.has_last = 0
             _cffi.release(self._cbuf)
             try:
                 self._map.close()
