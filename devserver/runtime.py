@@ -67,7 +67,7 @@ from ipc.protocol import (ConnectionClosed, DeviceConfig, Error, FaultControl, F
 from ipc.state import StateError, StateSegment
 from ipc.protocol import IRQ_ANSWERS
 from ipc.batch import BATCH_SPACE, BatchError
-from ipc.slots import STATUS_ERROR, STATUS_OK, SlotRequest, SlotServer, SlotsStopped
+from ipc.slots import STATUS_ERROR, STATUS_OK, SlotServer, SlotsStopped
 from ipc.transport import Channel, ChannelTimeout, close_fds
 
 log = logging.getLogger(__name__)
@@ -354,28 +354,37 @@ class DeviceServer:
         slots, lock = self.slots, self._model_lock
         assert slots is not None
         # One call into C per access: the answer to the last request and
-        # the wait for the next (SlotServer.complete_next).
-        next_request, complete_next = slots.next, slots.complete_next
+        # the wait for the next (SlotServer.answer_next_raw), the request's
+        # fields kept in locals (no request object per access).
+        answer_next = slots.answer_next_raw
         keeper = self.state
         answered = keeper.answered if keeper is not None else None
         tick, wait = self.tick, self.wait_slice
-        req: SlotRequest | None = None
-        value = status = 0
+        wait_ns = int(wait * 1e9)
+        spaces, nspaces, sizes = _SPACES, len(_SPACES), _SIZES
+        pending = False             # a request is taken and not answered yet
+        slot = seq = aseq = value = status = 0
         while True:
             try:
-                req = next_request(wait) if req is None else complete_next(req, value, status, wait)
+                if pending:
+                    r = answer_next(slot, seq, aseq, value, status, wait_ns)
+                else:
+                    got = slots.next(wait)
+                    r = None if got is None else tuple(got)
             except SlotsStopped:
                 return
             if tick is not None:
                 tick()
-            if req is None:
+            if r is None:
+                pending = False
                 continue
-            space, size = req.space, req.size
+            pending = True
+            slot, seq, space, size, is_write, _, cookie, offset, wvalue, aseq = r
             value, status = 0, STATUS_OK
             if space == BATCH_SPACE:
-                status = self._serve_batch(req.value, req.aseq)
+                status = self._serve_batch(wvalue, aseq)
                 continue
-            if space >= len(_SPACES) or size not in _SIZES:
+            if space >= nspaces or size not in sizes:
                 log.error("bad request from the VMM: space %d size %d", space, size)
                 status = STATUS_ERROR
                 continue
@@ -385,22 +394,22 @@ class DeviceServer:
                     if model is None:       # a reset that failed; the process is on its way out
                         raise StartFailed("no model")
                     armed = self.fault_engine.armed
-                    if "access" in armed or "process" in armed:
-                        value = serve_access(model, self.fault_engine, _SPACES, space, req.cookie, req.offset,
-                                             size, req.is_write, req.value, self._process_faults)
-                    elif req.is_write:
-                        model.write(_SPACES[space], req.cookie, req.offset, size, req.value)
+                    if armed and ("access" in armed or "process" in armed):
+                        value = serve_access(model, self.fault_engine, spaces, space, cookie, offset,
+                                             size, is_write, wvalue, self._process_faults)
+                    elif is_write:
+                        model.write(spaces[space], cookie, offset, size, wvalue)
                         value = 0
                     else:
-                        value = model.read(_SPACES[space], req.cookie, req.offset, size)
+                        value = model.read(spaces[space], cookie, offset, size)
                     if type(value) is not int:
                         value = 0
                     if answered is not None:
                         # Before the answer: a death after this store is
                         # answered from the record (ipc.accessseq).
-                        answered(model, req.aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
+                        answered(model, aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
             except Exception:
-                log.exception("%s access at offset %#x failed", _SPACES[space].name, req.offset)
+                log.exception("%s access at offset %#x failed", spaces[space].name, offset)
                 value, status = 0, STATUS_ERROR
 
     def _serve_batch(self, count: int, aseq: int = 0) -> int:

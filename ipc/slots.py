@@ -393,6 +393,7 @@ class SlotServer(_Segment):
         super().__init__(handle, fd)
         self._req = ffi.new("struct svs_request *")
         self._buf = ffi.buffer(self._req)
+        self._complete_next_c = lib.svs_complete_next
         self.set_polling(poll_ns, adaptive, move)
 
     @classmethod
@@ -435,6 +436,25 @@ class SlotServer(_Segment):
                                    status, int(timeout * 1e9), self._req)
         if rc == 0:
             return SlotRequest._make(_unpack_request(self._buf))
+        if rc == lib.SVS_ETIMEDOUT:
+            return None
+        if rc == lib.SVS_ESTOPPED:
+            raise SlotsStopped("slot server stopped")
+        raise SlotError(f"slot wait failed (code {rc})")
+
+    def answer_next_raw(self, slot: int, seq: int, aseq: int, value: int, status: int,
+                        timeout_ns: int) -> tuple[int, ...] | None:
+        """:meth:`complete_next` for a serving loop that keeps the request's
+        fields in locals: answers the request (``slot``, ``seq``, ``aseq``)
+        and returns the next one as a plain tuple in the order of
+        :class:`SlotRequest`'s fields, or None after ``timeout_ns`` of sleep
+        (no request object made, no method call besides this one)."""
+        h = self._h
+        if h is None:
+            raise SlotError("slot segment is closed")
+        rc = self._complete_next_c(h, slot, seq, aseq, value & 0xFFFFFFFFFFFFFFFF, status, timeout_ns, self._req)
+        if rc == 0:
+            return _unpack_request(self._buf)
         if rc == lib.SVS_ETIMEDOUT:
             return None
         if rc == lib.SVS_ESTOPPED:
