@@ -132,6 +132,7 @@ class Echo(Device):
         # the window bases consistent.
         self._lock = threading.Lock()
         self._started = False
+        self._process_id = host.process_id      # (bound once: read asks for it on every access)
         #: packed_snapshot's encoding around the counter: (head, tail, the
         #: scratch bytes it holds); None once a window moved or a restore.
         self._packed: tuple[bytes, bytes, bytes] | None = None
@@ -236,7 +237,7 @@ class Echo(Device):
     def read(self, space: Space, cookie: int, offset: int, size: int) -> int:
         self._lock.acquire()
         try:
-            return self.regs.read(offset, size, _SIZES.get(space, ()), self.host.process_id)
+            return self.regs.read(offset, size, _SIZES.get(space, ()), self._process_id)
         finally:
             self._lock.release()
 

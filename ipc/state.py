@@ -377,23 +377,33 @@ class StateSegment:
         every reader checks what it reads anyway (:meth:`inspect`).
         False when ``payload`` equals the last one stored (nothing
         written), True once published."""
-        if not 1 <= seq <= _U64:
-            raise ValueError(f"access sequence numbers start at 1, not {seq}")
-        if type(payload) is not bytes:
-            raise TypeError(f"a packed snapshot is bytes, not {type(payload).__name__}")
+        # (the arguments are checked by cffi's conversions and by C: this
+        # runs before every answer)
         lock = self._lock
         lock.acquire()
         try:
             # the comparison with the last payload, the store's four steps
             # (svs_state_store) and the writer's numbers: one call into C
-            rc = self._store_packed_c(self._w, seq, value & _U64, payload, len(payload))
-            if rc < 0 and not self._w.next:
+            rc = self._store_packed_c(self._w, seq, value, payload, len(payload))
+            if rc < 0 and not self._w.next and seq:
                 self._continue_numbers()
-                rc = self._store_packed_c(self._w, seq, value & _U64, payload, len(payload))
+                rc = self._store_packed_c(self._w, seq, value, payload, len(payload))
+        except OverflowError:
+            if type(seq) is not int or not 1 <= seq <= _U64:
+                raise ValueError(f"access sequence numbers are in [1, 2**64), not {seq}") from None
+            if type(value) is not int or value == value & _U64:
+                raise SnapshotTooLarge(f"a packed snapshot of {len(payload)} bytes") from None
+            rc = None       # the value, masked to 64 bits below (the lock released first)
+        except TypeError:
+            raise TypeError(f"a packed snapshot is bytes, not {type(payload).__name__}") from None
         finally:
             lock.release()
+        if rc is None:
+            return self.store_packed(payload, seq, value & _U64)
         if rc >= 0:
             return rc == 1
+        if not seq:
+            raise ValueError("access sequence numbers start at 1, not 0")
         if len(payload) > self.layout.capacity:
             raise SnapshotTooLarge(f"snapshot of {len(payload)} bytes does not fit the state segment's "
                                    f"capacity of {self.layout.capacity} bytes")
