@@ -362,6 +362,7 @@ class DeviceServer:
         tick, wait = self.tick, self.wait_slice
         wait_ns = int(wait * 1e9)
         spaces, nspaces, sizes = _SPACES, len(_SPACES), _SIZES
+        acquire, release = lock.acquire, lock.release
         pending = False             # a request is taken and not answered yet
         slot = seq = aseq = value = status = 0
         while True:
@@ -389,7 +390,8 @@ class DeviceServer:
                 status = STATUS_ERROR
                 continue
             try:
-                with lock:
+                acquire()  # (acquire/try/release rather than "with": ~40 ns less per access)
+                try:
                     model = self.model
                     if model is None:       # a reset that failed; the process is on its way out
                         raise StartFailed("no model")
@@ -408,6 +410,8 @@ class DeviceServer:
                         # Before the answer: a death after this store is
                         # answered from the record (ipc.accessseq).
                         answered(model, aseq, value & 0xFFFF_FFFF_FFFF_FFFF)
+                finally:
+                    release()
             except Exception:
                 log.exception("%s access at offset %#x failed", spaces[space].name, offset)
                 value, status = 0, STATUS_ERROR
