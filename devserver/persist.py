@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 
 from devices.base import BadState, Device, NoSnapshot, packs_snapshot
 from devices.guestmem import GuestRam
@@ -116,7 +117,7 @@ class StateKeeper:
         #: The running model when it gives its snapshot packed
         #: (devices.base.packs_snapshot), and its bound packed_snapshot.
         self._fast: Device | None = None
-        self._packed = None
+        self._packed: Callable[[], bytes] | None = None
         self._store_packed = segment.store_packed
 
     # -- bring-up ------------------------------------------------------------
