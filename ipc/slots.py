@@ -379,6 +379,16 @@ class SlotCaller(_Segment):
                          out.yields)
 
 
+def _no_request(rc: int) -> None:
+    """A server wait that brought no request (``rc`` its code): returns
+    after its timeout, else raises the error the code names."""
+    if rc == lib.SVS_ETIMEDOUT:
+        return
+    if rc == lib.SVS_ESTOPPED:
+        raise SlotsStopped("slot server stopped")
+    raise SlotError(f"slot wait failed (code {rc})")
+
+
 class SlotServer(_Segment):
     """The device's side: one thread takes requests with :meth:`next` and
     answers them with :meth:`complete`.
@@ -419,11 +429,8 @@ class SlotServer(_Segment):
         rc = lib.svs_next(self._handle(), int(timeout * 1e9), self._req)
         if rc == 0:
             return SlotRequest._make(_unpack_request(self._buf))
-        if rc == lib.SVS_ETIMEDOUT:
-            return None
-        if rc == lib.SVS_ESTOPPED:
-            raise SlotsStopped("slot server stopped")
-        raise SlotError(f"slot wait failed (code {rc})")
+        _no_request(rc)
+        return None
 
     def complete(self, req: SlotRequest, value: int, status: int = STATUS_OK) -> None:
         """Answer ``req``: ``value`` (ignored by the VMM for a write)."""
@@ -432,15 +439,8 @@ class SlotServer(_Segment):
     def complete_next(self, req: SlotRequest, value: int, status: int, timeout: float) -> SlotRequest | None:
         """:meth:`complete` then :meth:`next` in one call into C (the
         serving loop's hot path: one crossing per access, not two)."""
-        rc = lib.svs_complete_next(self._handle(), req.slot, req.seq, req.aseq, value & 0xFFFFFFFFFFFFFFFF,
-                                   status, int(timeout * 1e9), self._req)
-        if rc == 0:
-            return SlotRequest._make(_unpack_request(self._buf))
-        if rc == lib.SVS_ETIMEDOUT:
-            return None
-        if rc == lib.SVS_ESTOPPED:
-            raise SlotsStopped("slot server stopped")
-        raise SlotError(f"slot wait failed (code {rc})")
+        got = self.answer_next_raw(req.slot, req.seq, req.aseq, value, status, int(timeout * 1e9))
+        return None if got is None else SlotRequest._make(got)
 
     def answer_next_raw(self, slot: int, seq: int, aseq: int, value: int, status: int,
                         timeout_ns: int) -> tuple[int, ...] | None:
@@ -455,11 +455,8 @@ class SlotServer(_Segment):
         rc = self._complete_next_c(h, slot, seq, aseq, value & 0xFFFFFFFFFFFFFFFF, status, timeout_ns, self._req)
         if rc == 0:
             return _unpack_request(self._buf)
-        if rc == lib.SVS_ETIMEDOUT:
-            return None
-        if rc == lib.SVS_ESTOPPED:
-            raise SlotsStopped("slot server stopped")
-        raise SlotError(f"slot wait failed (code {rc})")
+        _no_request(rc)
+        return None
 
     def stop(self) -> None:
         """Make :meth:`next` raise :class:`SlotsStopped`; from any thread."""
