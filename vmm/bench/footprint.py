@@ -169,42 +169,24 @@ def demo_once(cmd: list[str], qmp_path: pathlib.Path, ours: bool, timeout: float
     (KiB) and the guest RAM part of Pss."""
     from vmm.bench import startup
 
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        qmp = startup.Qmp(qmp_path, deadline)
-        try:
-            while qmp.execute("query-status").get("return", {}).get("status") != "running":
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{cmd[0]}: the VM never ran")
-                time.sleep(0.05)
-            time.sleep(0.5)
-            roles: dict[str, dict[str, int]] = {}
-            guest_ram = 0
-            ram_mib = startup.GUEST_RAM_MIB
-            for pid in tree(proc.pid):
-                try:
-                    r = _rollup(pid)
-                except OSError:
-                    continue
-                role = _role(pid, proc.pid) if ours else "qemu"
-                acc = roles.setdefault(role, {"count": 0, "rss": 0, "pss": 0, "private_dirty": 0})
-                acc["count"] += 1
-                for k, v in r.items():
-                    acc[k] += v
-                if ours:
-                    guest_ram += _mappings_kib(pid, "Pss", lambda name, _kib: name == "/memfd:splitvmm-ram")
-                else:
-                    guest_ram += _mappings_kib(pid, "Pss", lambda name, kib: not name and kib == ram_mib << 10)
-            qmp.execute("quit")
-        finally:
-            qmp.close()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    roles: dict[str, dict[str, int]] = {}
+    guest_ram = 0
+    ram_mib = startup.GUEST_RAM_MIB
+    with startup.running_vm(cmd, qmp_path, timeout, 0.5) as proc:
+        for pid in tree(proc.pid):
+            try:
+                r = _rollup(pid)
+            except OSError:
+                continue
+            role = _role(pid, proc.pid) if ours else "qemu"
+            acc = roles.setdefault(role, {"count": 0, "rss": 0, "pss": 0, "private_dirty": 0})
+            acc["count"] += 1
+            for k, v in r.items():
+                acc[k] += v
+            if ours:
+                guest_ram += _mappings_kib(pid, "Pss", lambda name, _kib: name == "/memfd:splitvmm-ram")
+            else:
+                guest_ram += _mappings_kib(pid, "Pss", lambda name, kib: not name and kib == ram_mib << 10)
     total = {k: sum(r[k] for r in roles.values()) for k in ("count", "rss", "pss", "private_dirty")}
     return {"roles": roles, "total": total, "guest_ram_pss": guest_ram}
 

@@ -49,6 +49,7 @@ medians over the rounds, runners interleaved.  Targets (issue 15):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -60,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -246,8 +248,12 @@ class Qmp:
         self.sock.close()
 
 
-def measure_memory(cmd: list[str], qmp_path: pathlib.Path, timeout: float, settle: float) -> dict:
-    """Start ``cmd``, wait until its QMP says running (+ ``settle`` s), sum Rss/Pss over its process tree."""
+@contextlib.contextmanager
+def running_vm(cmd: list[str], qmp_path: pathlib.Path, timeout: float,
+               settle: float) -> Iterator[subprocess.Popen]:
+    """``with running_vm(...) as proc:`` -- ``cmd`` started, its QMP saying
+    running for ``settle`` s; at the end told to quit and waited for
+    (killed if it does not leave)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
@@ -256,15 +262,10 @@ def measure_memory(cmd: list[str], qmp_path: pathlib.Path, timeout: float, settl
         try:
             while qmp.execute("query-status").get("return", {}).get("status") != "running":
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the VM never ran")
+                    raise RuntimeError(f"{cmd[0]}: the VM never ran")
                 time.sleep(0.05)
             time.sleep(settle)
-            procs: list[dict[str, Any]] = []
-            for pid in tree(proc.pid):
-                try:
-                    procs.append({"pid": pid, "what": _comm(pid), **smaps_rollup(pid)})
-                except OSError:
-                    pass
+            yield proc
             qmp.execute("quit")
         finally:
             qmp.close()
@@ -273,6 +274,17 @@ def measure_memory(cmd: list[str], qmp_path: pathlib.Path, timeout: float, settl
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def measure_memory(cmd: list[str], qmp_path: pathlib.Path, timeout: float, settle: float) -> dict:
+    """Start ``cmd``, wait until its QMP says running (+ ``settle`` s), sum Rss/Pss over its process tree."""
+    procs: list[dict[str, Any]] = []
+    with running_vm(cmd, qmp_path, timeout, settle) as proc:
+        for pid in tree(proc.pid):
+            try:
+                procs.append({"pid": pid, "what": _comm(pid), **smaps_rollup(pid)})
+            except OSError:
+                pass
     return {"processes": procs, "rss_mib": round(sum(p["rss_kib"] for p in procs) / 1024, 1),
             "pss_mib": round(sum(p["pss_kib"] for p in procs) / 1024, 1), "count": len(procs)}
 
