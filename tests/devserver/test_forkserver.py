@@ -36,7 +36,16 @@ def server():
 
 
 def fds_of(pid: int) -> dict[int, str]:
-    return {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+    """``pid``'s open descriptors and what they are; one closed between the
+    listing and its readlink (a file the server's preload opens while it
+    imports) is left out: a descriptor held for good is always there."""
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(n)] = os.readlink(f"/proc/{pid}/fd/{n}")
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def parent_of(pid: int) -> int:
