@@ -50,6 +50,54 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: The defaults of :func:`parser`'s options (test_forkserver checks they agree).
+_DEFAULTS = {"log_level": "INFO", "handshake_timeout": 10.0, "spare": False, "preload": None}
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def parse_plain(argv: list[str]) -> argparse.Namespace | None:
+    """The command line the VMM gives a device (``--fd N``, ``--log-level
+    L``, ``--handshake-timeout S``, ``--spare``, ``--preload KIND``, each
+    at most once, in any order) parsed as :func:`parser` would, without
+    argparse; None for anything else (argparse then parses it and says
+    what is wrong).  The fork server parses each request's command line
+    before it forks: argparse's code and objects are ~0.5 MB of pages the
+    server writes anew for every request, and each copy stays with the
+    device forked before (issue 15 section 2)."""
+    out: dict[str, object] = dict(_DEFAULTS)
+    seen: set[str] = set()
+    i, n = 0, len(argv)
+    while i < n:
+        opt = argv[i]
+        if opt in seen:
+            return None
+        seen.add(opt)
+        if opt == "--spare":
+            out["spare"] = True
+            i += 1
+            continue
+        if i + 1 >= n:
+            return None
+        value = argv[i + 1]
+        if opt == "--fd" and value.isascii() and value.isdigit():
+            out["fd"] = int(value)
+        elif opt == "--log-level" and value in _LEVELS:
+            out["log_level"] = value
+        elif opt == "--handshake-timeout":
+            try:
+                out["handshake_timeout"] = float(value)
+            except ValueError:
+                return None
+        elif opt == "--preload" and value and not value.startswith("-"):
+            out["preload"] = value
+        else:
+            return None
+        i += 2
+    if "fd" not in out:
+        return None
+    return argparse.Namespace(**out)
+
+
 def run(args: argparse.Namespace) -> int:
     """The device process, its command line parsed (:func:`parser`; the
     fork server parses it before it forks: devserver.forkserver)."""

@@ -167,7 +167,7 @@ class Server:
             return {"error": f"a request carries 2 descriptors, not {len(fds)}"}
         argv = _with_fd(argv, CHANNEL_FD)
         args = _parse(argv)
-        if env is not None and env == dict(os.environ):
+        if env is not None and env == _ENVIRON:
             env = None      # as it is here: nothing for the child to rewrite
         sys.stdout.flush()
         sys.stderr.flush()
@@ -195,10 +195,21 @@ class Server:
 
     def _send(self, msg: dict) -> bool:
         try:
-            self.sock.send(json.dumps(msg).encode())
+            self.sock.send(_encode(msg))
         except OSError:
             return False
         return True
+
+
+def _encode(msg: dict) -> bytes:
+    """``msg`` as JSON; the two messages of every device (its pid, its
+    exit) without the encoder's Python code, whose objects the server would
+    otherwise write anew between two forks (see :func:`_parse`)."""
+    if msg.keys() == {"pid"}:
+        return b'{"pid": %d}' % msg["pid"]
+    if msg.keys() == {"exit", "status"}:
+        return b'{"exit": %d, "status": %d}' % (msg["exit"], msg["status"])
+    return json.dumps(msg).encode()
 
 
 def _parse(argv: list[str]) -> argparse.Namespace | None:
@@ -212,6 +223,9 @@ def _parse(argv: list[str]) -> argparse.Namespace | None:
     from devserver import cli
     if argv[:1] == ["serve"]:
         return None
+    args = cli.parse_plain(argv)
+    if args is not None:
+        return args
     if _parser is None:
         _parser = cli.parser()
     try:
@@ -222,6 +236,10 @@ def _parse(argv: list[str]) -> argparse.Namespace | None:
 
 
 _parser: argparse.ArgumentParser | None = None
+#: The server's environment, once: a request's (the VMM's at the request)
+#: is compared with it (``dict(os.environ)`` would decode every variable
+#: anew for each request).
+_ENVIRON: dict[str, str] = dict(os.environ)
 
 
 def _child(server_sock: socket.socket, argv: list[str], args: argparse.Namespace | None,
