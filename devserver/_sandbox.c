@@ -15,6 +15,8 @@
 #include <linux/capability.h>
 #include <linux/landlock.h>
 #include <seccomp.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 
 uint32_t sb_act_errno(int err) { return SCMP_ACT_ERRNO(err); }
 
@@ -212,4 +214,19 @@ int sb_install_sigsys(int sock, int vfd, long sentinel_value)
     verbose_fd = vfd;
     sentinel = sentinel_value;
     return sigaction(SIGSYS, &sa, &previous);
+}
+
+int sb_load_bpf(const void *prog, size_t len, unsigned int flags)
+{
+    struct sock_fprog fprog;
+
+    if (len == 0 || len % sizeof(struct sock_filter) != 0 || len / sizeof(struct sock_filter) > BPF_MAXINSNS) {
+        errno = EINVAL;
+        return -1;
+    }
+    fprog.len = (unsigned short)(len / sizeof(struct sock_filter));
+    fprog.filter = (struct sock_filter *)prog;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &fprog);
 }

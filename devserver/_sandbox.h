@@ -21,6 +21,14 @@ int seccomp_attr_set(scmp_filter_ctx ctx, enum scmp_filter_attr attr, uint32_t v
 int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned int arg_cnt,
                            const struct scmp_arg_cmp *arg_array);
 int seccomp_load(scmp_filter_ctx ctx);
+int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+#define SECCOMP_FILTER_FLAG_TSYNC ...
+#define SECCOMP_FILTER_FLAG_LOG ...
+#define SECCOMP_FILTER_FLAG_SPEC_ALLOW ...
+/* Load a BPF program as libseccomp's seccomp_load does (no_new_privs, then
+ * seccomp(SECCOMP_SET_MODE_FILTER, flags)): 0, -1 with errno, or (TSYNC) the
+ * id of a thread that could not be synchronised. */
+int sb_load_bpf(const void *prog, size_t len, unsigned int flags);
 int seccomp_syscall_resolve_name(const char *name);
 char *seccomp_syscall_resolve_num_arch(uint32_t arch_token, int num);
 void free(void *ptr);
