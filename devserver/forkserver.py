@@ -8,10 +8,14 @@ Starting a device with ``python -m devserver`` costs an interpreter and
 every device process holds its own copy of what it imported (~13 MB of
 Pss).  The fork server pays that once: it imports the runtime, every
 registered device model and the sandbox's policy modules, then forks one
-child per request (a request that comes while it still imports is served
-between models, so the first device need not wait for all of them).  A
-child shares those pages copy-on-write with the server and with its
-siblings, and is running device code a few milliseconds after the request.
+child per request (a request that comes while it still imports waits
+until all is imported: a device forked earlier would import its model
+itself, into pages of its own, and keep a copy of every page the server
+writes while it goes on importing -- ~1 MB a device in the demo, for
+~20 ms of models, most of it virtio-blk's, which that device's child would
+spend importing anyway).  A child shares those pages copy-on-write with
+the server and with its siblings, and is running device code a few
+milliseconds after the request.
 
 The VMM starts it with ``posix_spawn`` (an exec, so it holds nothing of the
 VMM's: no guest RAM, no descriptor but its socket, fd N; the ``vmm``
@@ -65,7 +69,6 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Callable
 
 #: The descriptor a forked device finds its control socket on.
 CHANNEL_FD = 3
@@ -73,14 +76,10 @@ CHANNEL_FD = 3
 MAX_REQUEST = 64 * 1024
 
 
-def preload(pending: Callable[[], object] | None = None) -> None:
+def preload() -> None:
     """Import what every device process imports, once: the runtime, the
     command line, the sandbox's preload layer, every registered model and
-    its sandbox policy.  ``pending`` is called after the common part and
-    after each model: it serves requests that came in meanwhile, so the
-    first device (the VMM asks as soon as its own set-up is done) need not
-    wait for the models it does not use (a model not imported yet is
-    imported by its child, as in an exec'd device process)."""
+    its sandbox policy (requests wait meanwhile: module docstring)."""
     import devserver.cli  # noqa: F401  (the runtime, ipc, the sandbox)
     from devices import kinds
     from devserver.sandbox import preload as sandbox_preload
@@ -89,10 +88,7 @@ def preload(pending: Callable[[], object] | None = None) -> None:
 
     sandbox_preload.apply()
     configure_logging()     # as each device does first (devserver.cli.run): made once, here
-    # COM1 is in nearly every run: its model first.
-    for kind in sorted(kinds.kinds(), key=lambda k: k != "serial"):
-        if pending is not None:
-            pending()
+    for kind in kinds.kinds():
         try:
             kind_rules(kind, kinds.resolve(kind))
         except Exception as e:  # a model that fails to import fails in its device, with its own error
@@ -121,16 +117,6 @@ class Server:
                         return 0
                 elif fd in self.children:
                     self._reap(fd)
-
-    def serve_pending(self) -> None:
-        """Serve the requests already waiting, without blocking (during
-        the preload); a VMM gone ends the server."""
-        check = select.poll()
-        check.register(self.sock, select.POLLIN)
-        while check.poll(0):
-            if not self._request():
-                sys.stderr.flush()
-                os._exit(0)
 
     def _request(self) -> bool:
         """One request; False when the VMM has gone."""
@@ -333,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     # copying a page of the server's for each.
     gc.disable()
     server = Server(sock)
-    preload(server.serve_pending)
+    preload()
     gc.freeze()
     code = server.run()
     sys.stderr.flush()

@@ -221,3 +221,28 @@ def test_the_server_keeps_no_descriptor_its_starter_left_inheritable(tmp_path):
         s.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_request_during_the_preload_waits_for_all_of_it(tmp_path):
+    """The first request goes out as soon as the server is spawned, while it
+    still imports: its child is forked once every model is imported (it
+    maps virtio-blk's C part, which a spare without --preload never
+    imports itself), so no device imports a model into pages of its own
+    or keeps copies of what the server imported after forking it."""
+    s = ForkServer.start()
+    try:
+        log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            sock, proc = spare(s, log)
+        finally:
+            os.close(log)
+        try:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                maps = f.read()
+            assert "_blkring_c" in maps
+        finally:
+            sock.close()
+            assert proc.wait(20)
+            proc.close()
+    finally:
+        s.close()
