@@ -1,5 +1,7 @@
 """Layer 7, last: the seccomp allowlist, built with libseccomp and loaded
-on every thread (TSYNC).
+on every thread (TSYNC).  The program is built in a short-lived child of
+the device and loaded by the device itself (:func:`compile_filters`), so
+that libseccomp's work leaves no pages behind in the device.
 
 ``seccomp=kill`` (default): a call outside the list kills the process.
 To still name the call, the filter traps it (SECCOMP_RET_TRAP) and a
