@@ -365,8 +365,8 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
-    from vmm import emulate
-    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n)
+    emulate = sys.modules.get("vmm.emulate")        # imported by the first instruction it emulates
+    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n) if emulate else ""
     extra = f"; emulated by the VMM: {emulated}" if emulated else ""
     return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 

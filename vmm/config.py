@@ -43,6 +43,8 @@ class ConfigError(VmmError):
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
+    """One ``--device`` spec, parsed: the kind, its id, where it runs and its parameters."""
+
     kind: str
     name: str
     placement: str

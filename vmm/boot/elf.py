@@ -33,6 +33,8 @@ _NHDR = struct.Struct("<III")
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
+    """One program header (ELF ``Elf32_Phdr``/``Elf64_Phdr``), its fields by their ``p_`` names."""
+
     type: int
     offset: int
     vaddr: int
@@ -44,6 +46,8 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class Note:
+    """One note of a ``PT_NOTE`` segment: its owner name, type and descriptor."""
+
     name: bytes
     type: int
     desc: bytes

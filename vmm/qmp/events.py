@@ -34,6 +34,8 @@ FAULT_FIRED = "FAULT_FIRED"
 
 @dataclasses.dataclass(frozen=True)
 class Event:
+    """One event as QMP sends it: its name, its data and when it happened."""
+
     name: str
     data: dict[str, Any]
     #: Wall-clock time of the event, in microseconds since the epoch.

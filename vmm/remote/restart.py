@@ -29,6 +29,8 @@ POLICY_KEYS = ("restart", "restart_delay", "restart_timeout", "restart_burst", "
 
 @dataclasses.dataclass(frozen=True)
 class RestartPolicy:
+    """What the VMM does when a device process ends (``restart=`` and its keys)."""
+
     #: ``no``: a device that ends is failed; ``on-failure``: started again
     #: after a death, a kill, a missed deadline or a protocol error;
     #: ``always``: also after it ended on its own (exit status 0).
