@@ -87,7 +87,8 @@ def test_console_script_exit_status(guest):
 NOT_FOR_A_BARE_RUN = ("vmm.remote.endpoint", "ipc.protocol", "ipc.transport", "msgpack", "devices.faults.plan",
                       "devices.faults.trace", "tomllib", "hashlib", "importlib.metadata", "vmm.boot.linux",
                       "vmm.qmp.server", "vmm.forkserver", "ctypes", "shutil", "tempfile", "subprocess", "pathlib",
-                      "vmm.emulate", "vmm.qmp.wire", "json", "ast", "dis")
+                      "vmm.emulate", "vmm.qmp.wire", "json", "ast", "dis", "vmm.config", "devices.kinds",
+                      "vmm.remote.options", "vmm.remote.restart")
 
 #: ``vmm ARGV`` as the console script runs it (vmm.entry), then what it
 #: imported of NOT_FOR_A_BARE_RUN, and whether ``inspect`` is still
@@ -111,17 +112,19 @@ def _imports_of_a_run(*argv: str) -> tuple[int, list[str], bool]:
 
 
 @needs_kvm
-def test_a_run_without_devices_imports_only_what_it_uses(guest):
+def test_a_run_without_devices_imports_only_what_it_uses(guest, tmp_path):
     status, imported, deferred = _imports_of_a_run("run", "--guest", str(guest("hello")), "--serial", "none")
     assert status == 0x43 and imported == [], imported
     # every dataclass on the path has a docstring, so dataclasses never needed the real inspect
     assert deferred
     # The same modules are there once something uses them: a device in its own process.
     status, imported, deferred = _imports_of_a_run("run", "--guest", str(guest("hello")), "--serial", "none",
-                                                   "--device", "echo,pio=0x1000")
-    assert status == 0x43 and {"vmm.remote.endpoint", "ipc.protocol", "msgpack"} <= set(imported), imported
-    # ... but not OpenSSL (hashlib): the plan's digests take CPython's own SHA-256
-    assert "hashlib" not in imported and deferred, imported
+                                                   "--device", "echo,pio=0x1000", "--api", str(tmp_path / "api"))
+    assert status == 0x43 and {"vmm.remote.endpoint", "ipc.protocol", "msgpack", "vmm.config",
+                                "vmm.qmp.server"} <= set(imported), imported
+    # ... but not OpenSSL (hashlib): the plan's digests take CPython's own SHA-256; nor tempfile (and
+    # shutil, bz2, lzma) for the control socket's private directory
+    assert not {"hashlib", "tempfile", "shutil"} & set(imported) and deferred, imported
 
 
 def test_a_deferred_module_is_the_real_one_once_used():
