@@ -10,12 +10,12 @@ it claimed that region, so it can tell its windows apart.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import enum
 from typing import TYPE_CHECKING, Protocol
 
 from devices.faults.engine import FaultEngine
 from devices.faults.hook import SILENT, FaultPoints
+from devices.record import record
 
 if TYPE_CHECKING:
     from devices.guestmem import GuestRam
@@ -117,7 +117,7 @@ class Interrupt(Protocol):
         """Signal it once (an edge; through an irqfd when isolated)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ConsoleFds:
     """The byte console a host hands a model (a UART's line): bytes the
     model sends go to ``output``, bytes it receives come from ``input``
@@ -262,7 +262,7 @@ class DeviceHost(abc.ABC):
         raise NotOffered("this host has no ioeventfds")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Window:
     """A guest range a model may have regions in, as its class declares it
     from its parameters (:meth:`Device.windows`).  The VMM grants what the

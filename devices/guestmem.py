@@ -14,17 +14,17 @@ it (virtio 1.2 §2.7.5's driver may change a descriptor under it).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 from devices.base import GuestMemoryFault, all_ones
+from devices.record import record
 
 __all__ = ["GuestMemoryFault", "GuestRam", "RamRange"]
 
 U64 = 1 << 64
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RamRange:
     """``size`` bytes of RAM at guest-physical ``guest_addr``, found at
     ``offset`` in the buffer."""

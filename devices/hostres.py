@@ -24,6 +24,8 @@ LISTEN_UNIX = "listen-unix"
 
 @dataclasses.dataclass(frozen=True)
 class HostResource:
+    """A host file or listening socket a model declares (:meth:`devices.base.Device.host_resources`)."""
+
     what: str       # FILE or LISTEN_UNIX
     path: str
     #: os.open flags (FILE)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import os
 import re
 import sys
@@ -147,8 +146,9 @@ def resolve(kind: str) -> type[Device]:
     if not (isinstance(obj, type) and issubclass(obj, Device)):
         raise ModelNotFound(f"{module_name}:{attr} is not a subclass of "
                             "devices.base.Device")
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+    abstract = getattr(obj, "__abstractmethods__", ())   # what inspect.isabstract reads (abc sets it)
+    if abstract:
+        missing = ", ".join(sorted(abstract))
         raise ModelNotFound(f"{module_name}:{attr} is abstract (no {missing})")
     return obj
 

@@ -76,6 +76,8 @@ class Pending:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
+    """What :func:`decide` says of one access a dead device left unanswered, and the answer for FROM_RECORD."""
+
     seq: int
     outcome: Outcome
     #: The answer, for FROM_RECORD (masked to the access size).

@@ -481,6 +481,8 @@ class Reset(Message):
 
 @_record
 class ResetDone(Message):
+    """Device → VMM: the model is back in its power-on state (the answer to :class:`Reset`)."""
+
     TYPE: ClassVar[str] = "reset-done"
     SENDER: ClassVar[Role] = Role.DEVICE
 

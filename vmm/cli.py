@@ -48,22 +48,23 @@ from ipc.registry import DEFAULT_LOCK_TIMEOUT
 from vmm import outcome as outcomes
 from vmm import cpuid as cpuids
 from vmm.boot import BootError
-from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import ConsoleError, SerialMode, parse_serial
-from vmm.endpoint import VMM_OWNER, VmmError
+from vmm.endpoint import VMM_OWNER, ConfigError, VmmError
 from vmm.machine import DEFAULT_ACCESS_TIMEOUT, DEFAULT_MEMORY, Interrupted, Machine
 from vmm.memory import GuestMemoryError, parse_size
 
 if TYPE_CHECKING:
     import pathlib
 
+    from vmm.config import DeviceSpec
     from vmm.forkserver import ForkServer
 
 # What only some runs use is imported where they use it (start-up, issue
 # 15): the Linux loader (--kernel), the fault plan and trace (--faults,
 # --fault-replay, --fault-trace), the control socket (--api, ctl), the
 # device-process stack (vmm.remote: a device in its own process), the fork
-# server's client, and what only help texts show (the kinds, QMP's commands).
+# server's client, the device specs (vmm.config, the kinds), and what only
+# help texts show (the kinds, QMP's commands).
 
 log = logging.getLogger("vmm")
 
@@ -365,8 +366,8 @@ def summary(machine: Machine, result: outcomes.Outcome, seconds: float) -> str:
         failed = getattr(endpoint, "failed", None) or (owner in machine.dispatcher.failed and "failed")
         parts.append(f"{endpoint.name}: {where}{', FAILED' if failed else ''}")
     devices = "; ".join(parts) if parts else "no devices"
-    from vmm import emulate
-    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n)
+    emulate = sys.modules.get("vmm.emulate")        # imported by the first instruction it emulates
+    emulated = ", ".join(f"{name} x{n}" for name, n in sorted(emulate.counts.items()) if n) if emulate else ""
     extra = f"; emulated by the VMM: {emulated}" if emulated else ""
     return f"{result} after {seconds:.3f} s; VMM pid {os.getpid()}; {devices}{extra}"
 
@@ -382,7 +383,7 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
     elif args.guest is None and (args.device or args.cmdline):
         raise ConfigError("--device and --cmdline need --guest (the demo guest brings its own)")
     taken: set[str] = set()
-    specs = [parse_device_spec(text, taken) for text in args.device]
+    specs = _parse_specs(args.device, taken)
     demo = args.guest is None and args.kernel is None
     guest = _demo_guest() if demo else args.guest
     # Started first: it imports the device runtime while the VMM sets up.
@@ -401,7 +402,7 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
     try:
         if demo:
             disk = machine.scratch_image(DEMO_DISK_SIZE, prefix="splitvmm-demo-")
-            specs = [parse_device_spec(text.format(disk=disk), taken) for text in DEMO_DEVICES]
+            specs = _parse_specs([text.format(disk=disk) for text in DEMO_DEVICES], taken)
         specs = machine.with_default_serial(specs)      # COM1 last, as run() would add it
         # The plan (or trace) is checked against every device before any starts.
         faults = _fault_setup(args, specs)
@@ -414,6 +415,8 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
             machine.load_pvh(guest, args.cmdline)
         if forkserver is not None:
             _import_ahead(_AFTER_READY)
+        if any(spec.placement == "isolated" for spec in specs):
+            _import_uncollected("vmm.remote.endpoint")      # add_devices would import it now anyway
         # Their processes start up in parallel; they come up in this order.
         machine.add_devices([(spec, None) for spec in specs])
         if args.api is not None:
@@ -445,6 +448,16 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
         if result.report:
             log.error("vCPU state:\n%s", result.report)
     return result.status
+
+
+def _parse_specs(texts: Sequence[str], taken: set[str]) -> list[DeviceSpec]:
+    """``--device`` texts parsed (vmm.config, and with it the kinds and
+    their models, is imported only for a run that has one)."""
+    if not texts:
+        return []
+    from vmm.config import parse_device_spec
+
+    return [parse_device_spec(text, taken) for text in texts]
 
 
 def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
@@ -485,6 +498,23 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
 #: What the VMM imports once a device process is Ready (each device's
 #: share of the fault plan, an empty one without a plan, and its digest).
 _AFTER_READY = ("_sha256", "devices.faults.plan")
+
+
+def _import_uncollected(name: str) -> None:
+    """Import ``name`` with the cyclic collector off, as :mod:`vmm.entry`
+    imports this module: the device-process stack (~45 modules, whose
+    classes and functions are no garbage) triggered ~2 ms of collections
+    on the way to the first device's start (issue 15)."""
+    import gc
+    import importlib
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        importlib.import_module(name)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _import_ahead(modules: Sequence[str]) -> None:

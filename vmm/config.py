@@ -25,7 +25,7 @@ import re
 
 from devices import kinds
 from devices.base import Device, DeviceError, DeviceHost, NotOffered, Space
-from vmm.endpoint import VmmError
+from vmm.endpoint import ConfigError
 from vmm.remote.restart import POLICY_KEYS, RestartPolicy, parse_policy
 
 PLACEMENTS = ("isolated", "inline")
@@ -37,12 +37,10 @@ SERVICE_PLACEMENT = "service"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class ConfigError(VmmError):
-    """A bad command-line argument or device spec (exit status 2)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
+    """One ``--device`` spec, parsed: the kind, its id, where it runs and its parameters."""
+
     kind: str
     name: str
     placement: str

@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 
 from devices.base import ConsoleFds
+from devices.record import record
 from vmm.endpoint import VmmError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class ExpectTimeout(ConsoleError):
     ended without it); the message quotes the end of the output."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class SerialMode:
     """A parsed ``--serial`` value."""
 

@@ -22,6 +22,12 @@ class VmmError(Exception):
     """Base of the errors the vmm package raises."""
 
 
+class ConfigError(VmmError):
+    """A bad command-line argument or device spec (exit status 2).  Also
+    :class:`vmm.config.ConfigError`; defined here so that a run that
+    parses no device spec need not import :mod:`vmm.config` (issue 15)."""
+
+
 class DeviceFailed(VmmError):
     """The device did not answer (dead, timed out, or broke the protocol)."""
 

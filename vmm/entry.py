@@ -7,7 +7,8 @@ the first device can start.  Started here, before ``vmm.cli`` and the
 instead of one after the other.  Whether the run will have a device
 process is guessed from the raw command line (a wrong guess costs an idle
 server, closed at the end, or a server started later by :mod:`vmm.cli`);
-anything else goes straight to :func:`vmm.cli.main`.
+anything else goes straight to :func:`vmm.cli.main`.  Then the standard
+library's ``inspect`` is deferred (:mod:`vmm.deferred`) and the VMM imported.
 
 :func:`command` (the console script) leaves with ``os._exit`` once
 everything is closed and flushed: tearing down the interpreter's ~600
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             spawned = spawn_server()
         except OSError:
             spawned = None       # vmm.cli starts one itself, or says why it cannot
+    from vmm.deferred import defer_imports
+    defer_imports()     # before vmm.cli: dataclasses would import inspect
     import gc
     collecting = gc.isenabled()
     gc.disable()        # imports leave no garbage worth the collections they trigger (~5% of their time)

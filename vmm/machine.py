@@ -44,10 +44,9 @@ from vmm.boot import pvh
 from devices.base import Space, Window
 from devices.pci import PciDevice
 from vmm.coalesce import CoalescedMmio
-from vmm.config import ConfigError, DeviceSpec, parse_device_spec
 from vmm.console import Console, SerialMode, parse_serial
 from vmm.dispatch import Dispatcher
-from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, DeviceFailed, Endpoint, VmmError
+from vmm.endpoint import FIRST_DEVICE_OWNER, VMM_OWNER, ConfigError, DeviceFailed, Endpoint, VmmError
 from vmm.faults import FaultsError, MachineFaults
 from vmm.irq import IrqRouter
 from vmm.local import LocalEndpoint, VmmHandlers
@@ -56,20 +55,23 @@ from vmm.outcome import Ending, Outcome
 from vmm.pci import PciHost
 from vmm.qmp import events as qmp_events
 from vmm.qmp.events import EventHub
-from vmm.remote.options import RemoteOptions
 from vmm.vcpu import KICK_SIGNAL, VcpuThread
 from vmm.windows import OwnerWindows, WindowError
 
 if TYPE_CHECKING:
     import pathlib
 
+    from vmm.config import DeviceSpec
     from vmm.forkserver import ForkServer
     from vmm.qmp.server import QmpServer
     from vmm.remote.endpoint import Launched, RemoteEndpoint
+    from vmm.remote.options import RemoteOptions
 
 # vmm.remote.endpoint (the device-process stack: protocol, transport, slots,
 # ~14 ms to import) is imported with the first device process or service:
-# a machine without one never needs it (start-up, issue 15).
+# a machine without one never needs it (start-up, issue 15).  So are
+# vmm.config (device specs, and through it the kinds and the restart
+# policies) with the first spec, vmm.remote.options with remote_options.
 
 
 def _is_remote(endpoint: object) -> TypeGuard[RemoteEndpoint]:
@@ -135,10 +137,7 @@ class Machine:
         #: Deadline of every registry call a vCPU makes; a device holding
         #: the lock longer is killed (vmm.lockwatch).
         self.lock_timeout = lock_timeout
-        #: How device processes are started and served (poll window...);
-        #: the machine fills in access_timeout, guest memory, console and
-        #: interrupt routing for each device.
-        self.remote_options = RemoteOptions()
+        self._remote_options: RemoteOptions | None = None
         #: Fork device processes from a fork server of this machine's own
         #: (vmm.forkserver; started with the first device process), unless
         #: remote_options names one already; default (``forkserver=None``):
@@ -301,6 +300,21 @@ class Machine:
         log.info("kernel %s: %s", kernel, loaded.description)
         return loaded
 
+    @property
+    def remote_options(self) -> RemoteOptions:
+        """How device processes are started and served (poll window...);
+        the machine fills in access_timeout, guest memory, console and
+        interrupt routing for each device.  Made when first asked for."""
+        if self._remote_options is None:
+            from vmm.remote.options import RemoteOptions
+
+            self._remote_options = RemoteOptions()
+        return self._remote_options
+
+    @remote_options.setter
+    def remote_options(self, options: RemoteOptions) -> None:
+        self._remote_options = options
+
     def _new_owner(self) -> int:
         owner = self._next_owner
         self._next_owner += 1
@@ -319,6 +333,8 @@ class Machine:
         the first serial device and every virtio-console without
         ``socket=`` get the machine's :attr:`console`, if it has one."""
         if isinstance(spec, str):
+            from vmm.config import parse_device_spec
+
             spec = parse_device_spec(_spec_text(spec, params), self._taken | set())
         elif params:
             raise TypeError("keyword parameters go with a device type, not a DeviceSpec")
@@ -420,6 +436,8 @@ class Machine:
         name COM1).  Add every one with :meth:`add_device`."""
         if self.console is None or self._serial_added or any(s.kind == "serial" for s in specs):
             return list(specs)
+        from vmm.config import parse_device_spec
+
         self.default_serial = parse_device_spec("serial", self._taken | {s.name for s in specs})
         return [*specs, self.default_serial]
 

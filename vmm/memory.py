@@ -9,12 +9,12 @@ and handed out with the table of :attr:`GuestMemory.regions`).  RAM up to
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import mmap
 import os
 import re
 
+from devices.record import record
 from vmm import layout
 from vmm.endpoint import VmmError
 from vmm.kvm import Vm, ffi
@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RamRegion:
     """One contiguous piece of guest RAM."""
 

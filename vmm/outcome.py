@@ -27,9 +27,10 @@ odd     test exit, ``(v << 1) | 1`` (the OS keeps the low 8 bits)
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import signal
+
+from devices.record import record
 
 
 class Ending(enum.Enum):
@@ -61,7 +62,7 @@ _STATUS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Outcome:
     """The ending of a run: what happened, on which vCPU, and why."""
 

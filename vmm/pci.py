@@ -39,9 +39,13 @@ from devices.pci import PciDevice
 from devices.pci_config import ConfigSpace
 from ipc import Bus, pci_address
 from vmm import layout
-from vmm.config import ConfigError, DeviceSpec
 from vmm.dispatch import Dispatcher
+from vmm.endpoint import ConfigError
 from vmm.local import VmmHandlers
+
+TYPE_CHECKING = False       # mypy takes it as typing's
+if TYPE_CHECKING:
+    from vmm.config import DeviceSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ that took ``[2**(b-1), 2**b)`` ns (``b = ns.bit_length()``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any, Callable
 
+from devices.record import record
 from ipc import Bus
 from vmm.endpoint import DeviceFailed, Endpoint
 
@@ -40,7 +40,7 @@ _CELL = _HIST + HISTOGRAM_BUCKETS     # = SVMM_FWD_CELL of vmm/_vcpu.h (a C forw
 _now = time.perf_counter_ns
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DeviceStats:
     """What one device's accesses add up to (a snapshot)."""
 

@@ -69,7 +69,7 @@ import threading
 from typing import Callable
 
 from devices.base import Space
-from vmm import emulate, kvm, report
+from vmm import kvm, report
 from vmm.dispatch import MMIO, PIO, Dispatcher, registry_c_api
 from vmm.memory import GuestMemory
 from vmm.outcome import Ending, Outcome
@@ -435,7 +435,9 @@ class VcpuThread:
             insn = fd.emulation_insn_bytes() if sub == kvm.INTERNAL_ERROR_EMULATION else None
             detail = f"KVM internal error, {kvm.internal_error_name(sub)} (suberror {sub})"
             if sub == kvm.INTERNAL_ERROR_EMULATION:
-                done, what = emulate.fallback(fd, self.memory, insn)   # vmm.emulate
+                from vmm import emulate     # only here: a run that never needs it skips its import (issue 15)
+
+                done, what = emulate.fallback(fd, self.memory, insn)
                 if done:
                     return False
                 detail += f" on {what}"

@@ -43,6 +43,7 @@ import logging
 import threading
 from typing import Callable, Iterator
 
+from devices.record import record
 from devices.base import Window
 from ipc import Bus, RegionRecord, pci_address
 from vmm import layout
@@ -77,7 +78,7 @@ class WindowError(ValueError):
     """A window that cannot be granted (bad range, too many)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Grant:
     """One window as the VMM keeps it."""
 

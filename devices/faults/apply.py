@@ -22,7 +22,6 @@ the registry lock) comes in as :class:`ProcessHooks`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from devices.faults.engine import FaultEngine, Firing
+from devices.record import record
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class AccessModel(Protocol):
     def write(self, space: Any, cookie: int, offset: int, size: int, value: int) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ProcessHooks:
     """What the ``process`` actions need of a device process's host.
 

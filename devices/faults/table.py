@@ -23,6 +23,8 @@ import math
 from collections.abc import Mapping
 from typing import Union
 
+from devices.record import record
+
 
 class FaultError(Exception):
     """Base of the errors of :mod:`devices.faults`."""
@@ -36,7 +38,7 @@ class TableError(FaultError):
 REQUIRED = None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Int:
     """An integer in ``lo..hi`` (a TOML/JSON boolean is not one)."""
 
@@ -52,7 +54,7 @@ class Int:
         return value
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Number:
     """A finite number (integer or float) in ``lo..hi``."""
 
@@ -68,7 +70,7 @@ class Number:
         return value
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Choice:
     """One of ``values`` (strings).  ``codes``, when given, are the numbers
     a caller may pass instead at run time (``codes[i]`` stands for
@@ -89,7 +91,7 @@ class Choice:
         return frozenset([value, self.codes[i]] if self.codes else [value])
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Span:
     """An inclusive range ``[lo, hi]`` inside ``min..max``; canonical form a
     two-item list."""
@@ -114,7 +116,7 @@ class Span:
 Kind = Union[Int, Number, Choice, Span]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ActionSpec:
     """One action of a point: what it does (``doc``), its parameters, and
     the match values it implies (``when``)."""
@@ -124,7 +126,7 @@ class ActionSpec:
     when: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PointSpec:
     """One fault point: what one of its events is, the keys an event carries
     for matching, and the actions the point takes."""

@@ -358,6 +358,12 @@ else:
         else:
             server = vmm.forkserver.ForkServer.start()
         marks.append(("fork server started (it imports meanwhile)", time.monotonic()))
+try:
+    from vmm.deferred import defer_imports      # as vmm.entry does, before the VMM's imports
+except ImportError:                             # a tree from before it
+    pass
+else:
+    defer_imports()
 import gc
 gc.disable()
 import vmm.cli

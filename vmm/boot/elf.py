@@ -7,9 +7,9 @@ Header", "Note Section").  ELF32 and ELF64, little-endian, x86 only.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
+from devices.record import record
 from vmm.boot import BootError
 
 ELF_MAGIC = b"\x7fELF"
@@ -31,8 +31,10 @@ _PHDR64 = struct.Struct("<IIQQQQQQ")
 _NHDR = struct.Struct("<III")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Segment:
+    """One program header (ELF ``Elf32_Phdr``/``Elf64_Phdr``), its fields by their ``p_`` names."""
+
     type: int
     offset: int
     vaddr: int
@@ -42,8 +44,10 @@ class Segment:
     flags: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Note:
+    """One note of a ``PT_NOTE`` segment: its owner name, type and descriptor."""
+
     name: bytes
     type: int
     desc: bytes

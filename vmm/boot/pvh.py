@@ -27,10 +27,10 @@ needed by the project's guests.)
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 
+from devices.record import record
 from vmm import layout, x86
 from vmm.boot import BootError
 from vmm.boot.elf import ElfFile
@@ -67,7 +67,7 @@ _BOOT_GDT = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PvhBoot:
     """What the vCPUs need to start a loaded PVH image."""
 

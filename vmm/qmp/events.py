@@ -9,12 +9,12 @@ timestamp is wall-clock time, as QEMU gives it (``g_get_real_time``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from typing import Any, Callable
 
+from devices.record import record
 from vmm.outcome import Ending, Outcome
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ DEVICE_RESTARTED = "DEVICE_RESTARTED"
 FAULT_FIRED = "FAULT_FIRED"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Event:
+    """One event as QMP sends it: its name, its data and when it happened."""
+
     name: str
     data: dict[str, Any]
     #: Wall-clock time of the event, in microseconds since the epoch.

@@ -11,13 +11,13 @@ in the middle (``serve``).  Anything the device gets wrong raises
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
 
 import posix_ipc
 
+from devices.record import record
 from ipc import Registry
 from ipc.protocol import (IRQ_REQUESTS, ConnectionClosed, DeviceConfig, Error, Hello, MemRegion, Message,
                           Ready, RemoteProtocolError, SetConsole, SetMemTable, SetRegistry, SetSlots,
@@ -31,7 +31,7 @@ class StartError(Exception):
     """Why a device did not come up (becomes DeviceFailed)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Offer:
     """What the VMM hands the device during the handshake (the descriptors
     stay the caller's)."""
@@ -46,7 +46,7 @@ class Offer:
     console: SetConsole | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Agreement:
     """What the device said about itself."""
 

@@ -9,12 +9,12 @@ device (guest memory, console, interrupt routing) with
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
+from devices.record import record
 from vmm.remote.restart import RestartPolicy
 
 if TYPE_CHECKING:       # (annotations only: a machine makes its options before any device process)
@@ -29,7 +29,7 @@ __all__ = ["RemoteOptions", "DEVSERVER_COMMAND"]
 DEVSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "devserver")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RemoteOptions:
     """How a device process is started, handshaken with and served.
 

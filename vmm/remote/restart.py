@@ -17,8 +17,9 @@ without restart is (its regions reaped, reads all ones, DEVICE_FAILED).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
+
+from devices.record import record
 
 __all__ = ["RestartPolicy", "StartLimiter", "RESTART_MODES", "parse_policy", "POLICY_KEYS"]
 
@@ -27,8 +28,10 @@ RESTART_MODES = ("no", "on-failure", "always")
 POLICY_KEYS = ("restart", "restart_delay", "restart_timeout", "restart_burst", "restart_interval")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RestartPolicy:
+    """What the VMM does when a device process ends (``restart=`` and its keys)."""
+
     #: ``no``: a device that ends is failed; ``on-failure``: started again
     #: after a death, a kill, a missed deadline or a protocol error;
     #: ``always``: also after it ended on its own (exit status 0).
