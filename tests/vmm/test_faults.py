@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import struct
 
 import pytest
@@ -422,7 +423,9 @@ def test_virtio_faults_seen_by_the_guest(virtio_guest, tmp_path, placement):
 
     ok = [rec(k, r) for r in (2, 3, 4, 6) for k in (W, F)]
 
-    normal_lat = max(r[2] for r in ok)
+    # the median: one normal interrupt late under load (the device process
+    # descheduled for ms) must not make the 10 ms delay look small
+    normal_lat = statistics.median(r[2] for r in ok)
     # the spurious interrupt of the access fault, on a read that raises none
     assert rec(0x200)[3] == 1
     # blk.write ioerr / unsupp, blk.flush ioerr: the statuses, and nothing in the image
