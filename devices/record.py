@@ -21,8 +21,8 @@ class is made: use ``dataclasses.dataclass`` for those.  Construction runs
 a loop instead of straight-line code (a few microseconds): not for a class
 made on a hot path.
 
-(:mod:`ipc.protocol` has its own, older, copy of this for its messages:
-:mod:`ipc` imports nothing of :mod:`devices`.)
+The wire messages of :mod:`ipc.protocol` are records too (this module
+imports nothing of the tree, so :mod:`ipc` may use it).
 """
 
 from __future__ import annotations

@@ -36,13 +36,13 @@ off); errors this side makes raise :class:`LocalProtocolError` (a bug here).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn
 
 import msgpack
 
+from devices.record import Record, record
 from ipc.errors import IpcError
 
 __all__ = [
@@ -153,96 +153,10 @@ def _fd(name: str, v: Any) -> None:
     _need(type(v) is int and v >= 0, f"{name} must be a file descriptor, not {v!r}")
 
 
-_R = TypeVar("_R", bound=type)
-
-
-class _Record:
-    """Base of this module's value classes (the messages, :class:`MemRegion`).
-
-    Each is a frozen dataclass: :func:`dataclasses.fields`, ``replace``,
-    ``asdict`` and ``is_dataclass`` work on it, it takes its fields by
-    position or keyword, has their defaults, runs ``__post_init__`` (which
-    validates), compares and hashes by type and fields, prints as a
-    dataclass does and refuses assignment (``FrozenInstanceError``).  But
-    these methods are the ones below, shared, instead of the six that
-    ``dataclass(frozen=True)`` writes and compiles for every class: that
-    was ~8 ms of every VMM's and device process's start-up.  Only the
-    decorator :func:`_record` makes a subclass."""
-
-    _FIELDS: ClassVar[tuple[str, ...]] = ()
-    _DEFAULTS: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        cls = type(self)
-        names = cls._FIELDS
-        if len(args) > len(names):
-            raise TypeError(f"{cls.__name__}() takes {len(names)} positional argument(s), {len(args)} given")
-        for name, value in zip(names, args, strict=False):
-            if name in kw:
-                raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
-            kw[name] = value
-        defaults = cls._DEFAULTS
-        for name in names:
-            if name in kw:
-                value = kw.pop(name)
-            elif name in defaults:
-                value = defaults[name]
-            else:
-                raise TypeError(f"{cls.__name__}() missing required argument {name!r}")
-            object.__setattr__(self, name, value)
-        if kw:
-            raise TypeError(f"{cls.__name__}() got unexpected argument(s) {', '.join(sorted(kw))}")
-        self.__post_init__()
-
-    def __post_init__(self) -> None:
-        pass
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self._FIELDS)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
-        return f"{type(self).__qualname__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, _Record)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
-
-
-if TYPE_CHECKING:
-    from typing import dataclass_transform
-
-    @dataclass_transform(frozen_default=True)
-    def _record(cls: _R) -> _R:
-        ...
-else:
-    _LIGHT = dataclasses.dataclass(init=False, repr=False, eq=False)
-
-    def _record(cls):
-        """``cls`` (a :class:`_Record`) made a dataclass with no methods of
-        its own: the field table is all that dataclasses builds."""
-        cls = _LIGHT(cls)
-        fields = dataclasses.fields(cls)
-        assert all(f.default_factory is dataclasses.MISSING for f in fields), cls
-        cls._FIELDS = tuple(f.name for f in fields)
-        cls._DEFAULTS = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-        return cls
-
-
-class Message(_Record):
+class Message(Record):
     """Base of the messages.  Subclasses are frozen dataclasses
-    (:class:`_Record`); their ``__post_init__`` checks every field, so a
+    (:func:`devices.record.record`: methods shared, not compiled per
+    class); their ``__post_init__`` checks every field, so a
     message that exists is valid."""
 
     #: The ``"type"`` of the wire map.
@@ -254,14 +168,14 @@ class Message(_Record):
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE}
-        for name in self._FIELDS:
+        for name in self._record_fields:
             if name not in self.FD_FIELDS:
                 out[name] = _plain(getattr(self, name))
         return out
 
     @classmethod
     def from_wire(cls, body: dict[str, Any], fds: list[int]) -> Message:
-        names = set(cls._FIELDS) - set(cls.FD_FIELDS)
+        names = set(cls._record_fields) - set(cls.FD_FIELDS)
         extra = set(body) - names - {"type"}
         if extra:
             raise ValueError(f"unknown field(s) {sorted(extra)}")
@@ -283,8 +197,8 @@ class Message(_Record):
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
-    if isinstance(v, _Record):
-        return {name: _plain(getattr(v, name)) for name in v._FIELDS}
+    if isinstance(v, Record):
+        return {name: _plain(getattr(v, name)) for name in v._record_fields}
     if isinstance(v, frozenset):
         return sorted(v)
     return v
@@ -298,7 +212,7 @@ def _features(name: str, v: Any) -> frozenset[str]:
     return frozenset(v)
 
 
-@_record
+@record
 class _Versions(Message):
     """The two handshake messages: a version and a feature set."""
 
@@ -310,7 +224,7 @@ class _Versions(Message):
         object.__setattr__(self, "features", _features("features", self.features))
 
 
-@_record
+@record
 class Hello(_Versions):
     """VMM → device: the protocol version and features the VMM speaks."""
 
@@ -318,7 +232,7 @@ class Hello(_Versions):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@_record
+@record
 class Welcome(_Versions):
     """Device → VMM: the version and the subset of features agreed on."""
 
@@ -326,7 +240,7 @@ class Welcome(_Versions):
     SENDER: ClassVar[Role] = Role.DEVICE
 
 
-@_record
+@record
 class DeviceConfig(Message):
     """VMM → device: which model to run, with what, as which owner."""
 
@@ -360,7 +274,7 @@ class DeviceConfig(Message):
               f"nvcpus must be in [1, {MAX_VCPUS}], not {self.nvcpus!r}")
 
 
-@_record
+@record
 class SetRegistry(Message):
     """VMM → device: the region registry segment."""
 
@@ -373,7 +287,7 @@ class SetRegistry(Message):
         _fd("fd", self.fd)
 
 
-@_record
+@record
 class SetSlots(Message):
     """VMM → device: the access-slot segment and how to serve it."""
 
@@ -399,8 +313,8 @@ class SetSlots(Message):
         _need(type(self.move) is bool, "move must be a boolean")
 
 
-@_record
-class MemRegion(_Record):
+@record
+class MemRegion(Record):
     """One range of guest RAM: ``size`` bytes at guest physical
     ``guest_addr``, found at ``offset`` in the memory fd."""
 
@@ -416,7 +330,7 @@ class MemRegion(_Record):
         _need(self.offset + self.size - 1 <= U64_MAX, "memory region wraps the file")
 
 
-@_record
+@record
 class SetMemTable(Message):
     """VMM → device: guest RAM (a memfd) and where it sits in the guest."""
 
@@ -443,7 +357,7 @@ class SetMemTable(Message):
         object.__setattr__(self, "regions", tuple(regions))
 
 
-@_record
+@record
 class Start(Message):
     """VMM → device: configuration is complete; build the model."""
 
@@ -451,7 +365,7 @@ class Start(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@_record
+@record
 class Ready(Message):
     """Device → VMM: the model runs and has claimed its initial regions."""
 
@@ -471,7 +385,7 @@ class Ready(Message):
         object.__setattr__(self, "sandbox", tuple(self.sandbox))
 
 
-@_record
+@record
 class Reset(Message):
     """VMM → device: put the model back in its power-on state."""
 
@@ -479,7 +393,7 @@ class Reset(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@_record
+@record
 class ResetDone(Message):
     """Device → VMM: the model is back in its power-on state (the answer to :class:`Reset`)."""
 
@@ -487,7 +401,7 @@ class ResetDone(Message):
     SENDER: ClassVar[Role] = Role.DEVICE
 
 
-@_record
+@record
 class Shutdown(Message):
     """VMM → device: release your regions and exit."""
 
@@ -495,7 +409,7 @@ class Shutdown(Message):
     SENDER: ClassVar[Role] = Role.VMM
 
 
-@_record
+@record
 class Error(Message):
     """Device → VMM: the device cannot go on (bad config, model failure)."""
 
@@ -507,8 +421,8 @@ class Error(Message):
         _text("message", self.message, MAX_TEXT)
 
 
-@_record
-class ConnectionClosed(_Record):
+@record
+class ConnectionClosed(Record):
     """Not a message: the peer closed the stream at a frame boundary."""
 
 
@@ -551,7 +465,7 @@ _ERROR_FROM = frozenset(State) - {S.CLOSING, S.CLOSED, S.FAILED, S.AWAIT_HELLO}
 
 # ---- console (the serial device's line) ------------------------------------
 
-@_record
+@record
 class SetConsole(Message):
     """VMM → device (optional, configuring): the console of ``vmm run
     --serial``: bytes the device sends go to ``out_fd`` (the VMM's stdout
@@ -578,7 +492,7 @@ TRANSITIONS[(S.CONFIGURING, SetConsole)] = S.CONFIGURING
 
 # ---- state segment (issue 10 §2) --------------------------------------------
 
-@_record
+@record
 class SetState(Message):
     """VMM → device (optional, configuring; needs the ``state`` feature):
     the device's state segment (:mod:`ipc.state`), the sealed memfd the
@@ -622,7 +536,7 @@ def _u32(name: str, v: Any) -> None:
     _need(type(v) is int and 0 <= v <= 0xFFFF_FFFF, f"{name} must be an integer in [0, 2**32), not {v!r}")
 
 
-@_record
+@record
 class IrqLineRequest(Message):
     """Device → VMM: an eventfd raising irqchip input ``gsi``."""
 
@@ -636,7 +550,7 @@ class IrqLineRequest(Message):
         _u32("gsi", self.gsi)
 
 
-@_record
+@record
 class MsiRouteRequest(Message):
     """Device → VMM: route MSI vector ``index`` to ``address``/``data``
     (a new route or an update; answered with the route's eventfd)."""
@@ -655,7 +569,7 @@ class MsiRouteRequest(Message):
         _u32("data", self.data)
 
 
-@_record
+@record
 class MsiUnrouteRequest(Message):
     """Device → VMM: drop MSI vector ``index``'s route."""
 
@@ -669,7 +583,7 @@ class MsiUnrouteRequest(Message):
         _u32("index", self.index)
 
 
-@_record
+@record
 class IrqGranted(Message):
     """VMM → device: the eventfd that raises what request ``seq`` asked for."""
 
@@ -684,7 +598,7 @@ class IrqGranted(Message):
         _fd("fd", self.fd)
 
 
-@_record
+@record
 class IrqDone(Message):
     """VMM → device: request ``seq`` is done (no new eventfd)."""
 
@@ -696,7 +610,7 @@ class IrqDone(Message):
         _u32("seq", self.seq)
 
 
-@_record
+@record
 class IrqRefused(Message):
     """VMM → device: request ``seq`` is refused, and why."""
 
@@ -737,7 +651,7 @@ for _m in IRQ_REQUESTS + IRQ_ANSWERS:
 # (port I/O) or 1 (MMIO); ``match`` says whether only writes of
 # ``datamatch`` signal.
 
-@_record
+@record
 class IoeventfdRequest(Message):
     """Device → VMM: an eventfd signalled by guest writes at ``address``."""
 
@@ -760,7 +674,7 @@ class IoeventfdRequest(Message):
         _need(type(self.match) is bool, "match must be a boolean")
 
 
-@_record
+@record
 class IoeventfdRemoveRequest(IoeventfdRequest):
     """Device → VMM: drop the ioeventfd added with these same fields."""
 
@@ -794,7 +708,7 @@ MAX_FAULT_TEXT = 60_000
 FAULT_OPS = frozenset({"setup", "arm", "disarm", "query"})
 
 
-@_record
+@record
 class FaultControl(Message):
     """VMM → device: a fault-engine request (see above)."""
 
@@ -810,7 +724,7 @@ class FaultControl(Message):
         _text("body", self.body, MAX_FAULT_TEXT)
 
 
-@_record
+@record
 class FaultReply(Message):
     """Device → VMM: the answer to FaultControl ``seq``."""
 
@@ -826,7 +740,7 @@ class FaultReply(Message):
         _text("body", self.body, MAX_FAULT_TEXT)
 
 
-@_record
+@record
 class FaultFired(Message):
     """Device → VMM: one trace record (a firing), JSON."""
 
@@ -864,7 +778,7 @@ for _m in (FaultControl, FaultReply, FaultFired):
 # IrqGranted carrying the device's batch segment (ipc.batch, the same one
 # each time): the VMM then delivers the queued writes in batches.
 
-@_record
+@record
 class CoalescedMmioRequest(Message):
     """Device → VMM: queue guest writes to ``[address, address + length)``
     in KVM's coalesced-MMIO ring instead of exiting on each."""
@@ -882,7 +796,7 @@ class CoalescedMmioRequest(Message):
               f"length must be an integer in [1, 2**32), not {self.length!r}")
 
 
-@_record
+@record
 class CoalescedMmioRemoveRequest(Message):
     """Device → VMM: drop the coalesced zone that starts at ``address``."""
 

@@ -236,7 +236,7 @@ def test_messages_are_frozen():
 
 
 def test_messages_are_dataclasses_with_their_arguments():
-    # Shared methods (ipc.protocol._Record), the behaviour of dataclass(frozen=True).
+    # Shared methods (devices.record), the behaviour of dataclass(frozen=True).
     assert [f.name for f in dataclasses.fields(SetSlots)] == ["fd", "nslots", "poll_ns", "adaptive", "move"]
     assert SetSlots(3, 2, 0) == SetSlots(fd=3, nslots=2, poll_ns=0, adaptive=True, move=False)
     assert SetSlots(3, 2, 0) != SetSlots(3, 2, 1) and SetSlots(3, 2, 0) != SetRegistry(fd=3)
