@@ -724,8 +724,8 @@ int svs_state_store(uint64_t buf, uint64_t cap, uint64_t number, uint64_t seq, u
     return SVS_OK;
 }
 
-int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t value,
-                           const char *payload, uint32_t n)
+int svs_state_store_packed_steps(struct svs_state_writer *w, uint64_t seq, uint64_t value,
+                                 const char *payload, uint32_t n, int steps, int torn)
 {
     uint64_t number = w->next;
     if (number == 0 || seq == 0)
@@ -735,8 +735,10 @@ int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t va
     if (w->has_last && n == w->last_n
         && memcmp((const uint8_t *)(uintptr_t)w->buf[(number - 1) & 1] + STATE_HEAD, payload, n) == 0)
         return 0;
-    if (svs_state_store(w->buf[number & 1], w->cap, number, seq, value, 0, payload, n, 4, 0) != SVS_OK)
+    if (svs_state_store(w->buf[number & 1], w->cap, number, seq, value, 0, payload, n, steps, torn) != SVS_OK)
         return -SVS_EINVAL;
+    if (steps < 4)
+        return 1;               /* a store cut short (the crash tests): w stays */
     w->next = number + 1;
     w->seq = seq;
     w->value = value;
@@ -744,4 +746,10 @@ int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t va
     w->last_n = n;
     w->has_last = 1;
     return 1;
+}
+
+int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t value,
+                           const char *payload, uint32_t n)
+{
+    return svs_state_store_packed_steps(w, seq, value, payload, n, 4, 0);
 }
