@@ -530,7 +530,7 @@ int svs_next(struct svs *h, int64_t sleep_slice_ns, struct svs_request *out)
 {
     if (RELAXED_LOAD(h->stop))
         return SVS_ESTOPPED;
-    note_cpu(h);
+    int32_t here = note_cpu(h);
     if (scan(h, out)) {
         h->stats.served++;
         h->stats.polled_hits++;
@@ -539,7 +539,17 @@ int svs_next(struct svs *h, int64_t sleep_slice_ns, struct svs_request *out)
     }
     int64_t start = now_ns();
     int64_t t = start;
-    if (h->window_ns > 0) {
+    /* The caller shares this CPU (it waits for us to sleep): not even the
+     * first sixteen scans of a poll, unless we can move off. */
+    int poll = h->window_ns > 0;
+    if (poll && here == h->caller_cpu) {
+        move_off(h, here);
+        if (note_cpu(h) == here) {
+            h->stats.poll_yields++;
+            poll = 0;
+        }
+    }
+    if (poll) {
         int64_t end = start + h->window_ns;
         for (uint32_t i = 1;; i++) {
             if (scan(h, out)) {
