@@ -516,7 +516,7 @@ class Machine:
 
         launched = RemoteEndpoint.launch(spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                          len(self._vcpu_fds), self._device_options(spec, console, stderr))
-        launched.on_event = self.events.emit
+        launched.on_event = lambda name, data: self._device_event(owner, name, data)
         return launched
 
     def _attach_service(self, spec: DeviceSpec, owner: int, console: ConsoleFds | None = None) -> Endpoint:
@@ -526,8 +526,17 @@ class Machine:
         assert spec.connect is not None
         endpoint = attach_service(spec.connect, spec.kind, spec.param_dict(), owner, spec.name, self._live_registry,
                                   len(self._vcpu_fds), self._device_options(spec, console))
-        endpoint.on_event = self.events.emit
+        endpoint.on_event = lambda name, data: self._device_event(owner, name, data)
         return endpoint
+
+    def _device_event(self, owner: int, name: str, data: dict) -> None:
+        """An event of device process ``owner``'s endpoint: its failure
+        is noted once, as any other (:meth:`_note_failure`); its restart
+        events go out as they are."""
+        if name == qmp_events.DEVICE_FAILED:
+            self._note_failure(owner, data.get("reason") or "failed")
+        else:
+            self.events.emit(name, data)
 
     @property
     def use_forkserver(self) -> bool:

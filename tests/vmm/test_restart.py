@@ -488,6 +488,28 @@ def test_start_limit_fails_the_device_as_without_restart(guest):
         assert dev["state"] == "failed" and dev["restarts"] == 2
 
 
+@pytest.mark.parametrize("policy", ["restart=no", "restart_burst=1,restart_interval=60"])
+def test_a_device_failure_nothing_polls_for_is_still_an_event(policy):
+    # No run loop (whose poll would notice) and no access (whose failure
+    # would): the device dies -- without restart, or with its start limit
+    # reached at once -- and DEVICE_FAILED still comes, once, after its
+    # regions are reaped.  (test_start_limit_... above ended its run right
+    # after the limit and waited for an event that never came.)
+    with Machine(memory=32 << 20, vcpus=1) as m:
+        ep = m.add_device(parse_device_spec(f"echo,id=e0,pio={PIO:#x},mmio={MMIO:#x},{policy}"))
+        events: list = []
+        m.events.subscribe(events.append)
+        os.kill(ep.pid, signal.SIGKILL)
+        wait_for(lambda: any(e.name == "DEVICE_FAILED" for e in events), 30, "DEVICE_FAILED")
+        (failed,) = [e for e in events if e.name == "DEVICE_FAILED"]
+        assert failed.data["device"] == "e0" and failed.data["kind"] == "echo", failed.data
+        assert failed.data["reason"] == ep.failed
+        assert not any(r.owner == ep.owner for r in m.registry.regions())
+        (dev,) = m.query_devices()
+        assert dev["state"] == "failed"
+    assert [e.name for e in events].count("DEVICE_FAILED") == 1
+
+
 def test_restart_timeout_fails_a_device_that_cannot_come_back(guest, tmp_path):
     # The device program is replaced after the first start by one that
     # exits at once: restarts keep failing, and after restart_timeout the

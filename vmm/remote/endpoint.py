@@ -212,7 +212,8 @@ class RemoteEndpoint:
         #: Longest time one access waited for the device to come back
         #: (the pause a guest saw), seconds; a benchmark may reset it.
         self.longest_wait = 0.0
-        #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED.
+        #: Called with (event name, data) for DEVICE_RESTARTING/RESTARTED,
+        #: and DEVICE_FAILED once a failed device's regions are reaped.
         self.on_event: Callable[[str, dict], object] | None = None
         self._aseq = functools.partial(_kvm_lib.svmm_forward_next_aseq, self.c_forward)
         self._down = False
@@ -953,6 +954,11 @@ class RemoteEndpoint:
             self.ioevents.release_all()
         if self.zones is not None:
             self.zones.release_all()
+        if self._failure is not None and not self._closing:
+            # Said here, on the monitor's thread, whatever failed it: a
+            # failure no access and no poll of the VMM's sees (the start
+            # limit reached while the guest ends its run) is still told.
+            self._emit("DEVICE_FAILED", {"reason": self._failure})
         self._exited.set()
 
     # -- restart -------------------------------------------------------------
@@ -1289,7 +1295,7 @@ class Launched:
         self._attach: Callable[[], RemoteEndpoint] | None = attach
         self._sock = sock
         self._process = process
-        #: Given to the endpoint as its ``on_event`` (restart events).
+        #: Given to the endpoint as its ``on_event`` (restart and failure events).
         self.on_event: Callable[[str, dict], object] | None = None
 
     def finish(self) -> RemoteEndpoint:
