@@ -114,11 +114,14 @@ class StateKeeper:
         self._records: dict[int, QueueRecord] = {}
         self._recovered: list[Virtqueue] = []
         self._broken = False
-        #: The running model when it gives its snapshot packed
-        #: (devices.base.packs_snapshot), and its bound packed_snapshot.
-        self._fast: Device | None = None
-        self._packed: Callable[[], bytes] | None = None
-        self._store_packed = segment.store_packed
+        #: While the running model gives its snapshot packed
+        #: (devices.base.packs_snapshot): the model, its bound
+        #: packed_snapshot and the segment's packed writer, with which the
+        #: serving loop (devserver.runtime) stores before each answer
+        #: itself, as :meth:`answered` would (on an exception it calls
+        #: :meth:`fast_failed`); else None.
+        self.fast: tuple[Device, Callable[[], bytes], Callable[[bytes, int, int], bool]] | None = None
+        self._store_packed = segment.packed_writer()
 
     # -- bring-up ------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class StateKeeper:
         snapshot if it holds one and not ``fresh`` (a reset asked for
         power-on), else from power-on.  Raises StartFailed."""
         snap = None if fresh else self.segment.read()
-        self._fast = self._packed = None
+        self.fast = None
         self._hook_queues(model)
         if snap is None:
             for rec in self._records.values():
@@ -150,7 +153,7 @@ class StateKeeper:
                      snap.access.seq if snap.access else "none")
         self.store_now(model)
         if packs_snapshot(type(model)):
-            self._fast, self._packed = model, model.packed_snapshot
+            self.fast = (model, model.packed_snapshot, self._store_packed)
 
     def _hook_queues(self, model: Device) -> None:
         self._records.clear()
@@ -225,16 +228,32 @@ class StateKeeper:
     def answered(self, model: Device, aseq: int, value: int) -> None:
         """Store the snapshot including access ``aseq`` answered with
         ``value``, before the answer goes out (the model lock is held)."""
-        if model is self._fast and aseq:
+        fast = self.fast
+        if fast is not None and model is fast[0] and aseq:
             # the model packs its own snapshot (devices.base.Device.packed_snapshot)
             try:
-                if self._store_packed(self._packed(), aseq, value):    # type: ignore[misc]
+                if fast[2](fast[1](), aseq, value):
                     self.stores += 1
-                return
-            except NoSnapshot:
-                self._fast = self._packed = None
-            except (SnapshotTooLarge, TypeError) as e:
-                raise RuntimeError(f"cannot store the snapshot: {e}") from None
+            except Exception as e:
+                self.fast_failed(model, aseq, value, e)
+            return
+        self._answered(model, aseq, value)
+
+    def fast_failed(self, model: Device, aseq: int, value: int, e: Exception) -> None:
+        """The packed store before an answer raised ``e``: a model that
+        keeps no snapshot after all is stored as :meth:`answered` stores
+        the others (which logs it), from now on too; one that does not fit
+        or is not bytes fails the access (RuntimeError); anything else is
+        raised again."""
+        if isinstance(e, NoSnapshot):
+            self.fast = None
+            self._answered(model, aseq, value)
+            return
+        if isinstance(e, (SnapshotTooLarge, TypeError)):
+            raise RuntimeError(f"cannot store the snapshot: {e}") from None
+        raise e
+
+    def _answered(self, model: Device, aseq: int, value: int) -> None:
         if not aseq or self._broken:
             self._store(model, aseq, value)
             return

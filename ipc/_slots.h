@@ -169,5 +169,11 @@ struct svs_state_writer {
  * w->cap (nothing written either way). */
 int svs_state_store_packed(struct svs_state_writer *w, uint64_t seq, uint64_t value,
                            const char *payload, uint32_t n);
+/* svs_state_store_packed with only the first "steps" steps of the store
+ * (and half of the next with torn != 0), as svs_state_store's; w advances
+ * only after all four: the crash tests' deaths inside a packed store
+ * (tests/ipc/_tripwire.py).  Returns what svs_state_store_packed would. */
+int svs_state_store_packed_steps(struct svs_state_writer *w, uint64_t seq, uint64_t value,
+                                 const char *payload, uint32_t n, int steps, int torn);
 /* zlib's crc32(data, start), for the tests. */
 uint32_t svs_crc32(uint32_t start, const char *data, uint64_t n);

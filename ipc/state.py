@@ -58,7 +58,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 
@@ -408,6 +408,32 @@ class StateSegment:
             raise SnapshotTooLarge(f"snapshot of {len(payload)} bytes does not fit the state segment's "
                                    f"capacity of {self.layout.capacity} bytes")
         raise StateError(f"a packed snapshot could not be stored ({rc})")
+
+    def packed_writer(self) -> Callable[[bytes, int, int], bool]:
+        """:meth:`store_packed` as a closure over the segment's lock, the
+        C call and the writer's numbers, for a caller that stores before
+        every answer (devserver.persist.StateKeeper): one Python frame and
+        no attribute lookups while the store succeeds; anything else
+        (the first store of a restarted writer, a bad argument) goes
+        through :meth:`store_packed` itself, which stores or raises.
+        Taken once: what it holds is fixed for the segment's life (a test
+        that reroutes ``_store_packed_c`` does so before taking it)."""
+        acquire, release = self._lock.acquire, self._lock.release
+        store_c, w, slow = self._store_packed_c, self._w, self.store_packed
+
+        def store(payload: bytes, seq: int, value: int) -> bool:
+            acquire()
+            try:
+                rc = store_c(w, seq, value, payload, len(payload))
+            except (OverflowError, TypeError):
+                rc = -1             # nothing stored: store_packed says why
+            finally:
+                release()
+            if rc > 0:
+                return True
+            return False if rc == 0 else slow(payload, seq, value)
+
+        return store
 
     def _continue_numbers(self) -> None:
         """A restarted writer: continue after the latest valid snapshot

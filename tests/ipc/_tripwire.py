@@ -1,8 +1,9 @@
 """Deterministic deaths at a chosen store into shared memory.
 
 The inflight record writes shared memory only through item and slice
-assignments on a few memoryviews (the state segment's store is one call
-into C; :func:`wire_state` asks it for the first steps only).  :class:`Wired` wraps one
+assignments on a few memoryviews (the state segment's stores, plain and
+packed, are each one call into C; :func:`wire_state` asks them for the
+first steps only).  :class:`Wired` wraps one
 of them and counts every assignment with a :class:`Tripwire` shared by all
 the wrapped views of a process: before store number ``at`` (0-based) the
 process SIGKILLs itself, so the dead writer did every store before that
@@ -55,10 +56,14 @@ class Wired:
 
 
 def wire_state(seg, trip: Tripwire) -> None:
-    """Route a StateSegment's snapshot stores through ``trip``: the store
-    is one call into C (svs_state_store) of ``ipc.state.STORE_STEPS`` stores, so the
-    fatal one is reached by asking C for only the steps before it (and
-    half of it, torn), then dying."""
+    """Route a StateSegment's snapshot stores through ``trip``, both kinds:
+    ``store``/``store_answer`` (svs_state_store) and ``store_packed``
+    (svs_state_store_packed).  Each is one call into C of
+    ``ipc.state.STORE_STEPS`` stores, so the fatal one is reached by asking
+    C for only the steps before it (and half of it, torn), then dying."""
+    from ipc._slots_c import lib
+    from ipc.state import STORE_STEPS
+
     real = seg._store_c
 
     def store(buf, cap, number, seq, value, status, payload, n, steps, torn):
@@ -69,7 +74,25 @@ def wire_state(seg, trip: Tripwire) -> None:
         trip.count += steps
         return real(buf, cap, number, seq, value, status, payload, n, steps, torn)
 
+    packed = lib.svs_state_store_packed_steps
+
+    def store_packed(w, seq, value, payload, n):
+        # Whether the call stores at all (not a payload equal to the last,
+        # not a writer that must first learn its next number) is C's to
+        # decide: a call cut short that stored nothing returns as it is.
+        at = trip.at
+        if at is not None and trip.count <= at < trip.count + STORE_STEPS:
+            rc = packed(w, seq, value, payload, n, at - trip.count, 1 if trip.torn else 0)
+            if rc == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rc
+        rc = packed(w, seq, value, payload, n, STORE_STEPS, 0)
+        if rc == 1:
+            trip.count += STORE_STEPS
+        return rc
+
     seg._store_c = store
+    seg._store_packed_c = store_packed
 
 
 def wire_queue(q, trip: Tripwire) -> None:

@@ -1,5 +1,9 @@
 """Crash consistency of the state segment's writer (issue 10 §2).
 
+Both stores are tested: ``store`` (the snapshot as a dict, packed here)
+and ``store_packed`` (a model that packs its own, the device runtime's
+store before each answer of such a model).
+
 (a) Deterministic: a child process stores snapshots through a tripwire
 that SIGKILLs it before its N-th store into the segment (optionally with
 that store half done), for every N; the parent then finds exactly the
@@ -20,6 +24,7 @@ import random
 import signal
 import time
 
+import msgpack
 import pytest
 
 from ipc.state import AccessRecord, StateSegment
@@ -28,6 +33,7 @@ from tests.ipc._tripwire import Tripwire, wire_state
 
 STEPS_PER_STORE = 4
 K = 3                                    # snapshots the child stores
+KINDS = ["store", "packed"]
 
 
 def content(n: int) -> dict:
@@ -45,28 +51,44 @@ def _check(snap, n: int) -> None:
     assert snap.access == record(n)
 
 
-def _writer(fd: int, at: int | None, torn: bool) -> int:
+def _store(dev: StateSegment, kind: str, n: int) -> None:
+    """Snapshot ``n`` with the record of access ``n``, by ``kind``."""
+    if kind == "packed":
+        rec = record(n)
+        assert rec.status == 0      # (store_packed's record: an answered access)
+        assert dev.store_packed(msgpack.packb(content(n), use_bin_type=True), rec.seq, rec.value)
+    else:
+        dev.store(content(n), record(n))
+
+
+def _writer(fd: int, at: int | None, torn: bool, kind: str = "store") -> int:
     dev = StateSegment.attach(fd)
     trip = Tripwire(at, torn)
     wire_state(dev, trip)
     for n in range(2, 2 + K):
-        dev.store(content(n), record(n))
+        _store(dev, kind, n)
+    if kind == "packed":        # the same payload again stores nothing: no step
+        assert not dev.store_packed(msgpack.packb(content(1 + K), use_bin_type=True), 99, 0)
     return trip.count
 
 
-def test_steps_per_store():
+@pytest.mark.parametrize("kind", KINDS)
+def test_steps_per_store(kind):
     with StateSegment.create(capacity=4096) as seg:
-        assert _writer(seg.fd, None, False) == STEPS_PER_STORE * K
+        seg.store(content(1), record(1))
+        assert _writer(seg.fd, None, False, kind) == STEPS_PER_STORE * K
+        _check(seg.read(), 1 + K)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn"])
-def test_kill_at_every_store(torn):
+def test_kill_at_every_store(torn, kind):
     for at in range(STEPS_PER_STORE * K):
         with StateSegment.create(capacity=4096) as seg:
             first = StateSegment.attach(seg.fd)
             first.store(content(1), record(1))
             first.close()
-            child = spawn(_writer, seg.fd, at, torn)
+            child = spawn(_writer, seg.fd, at, torn, kind)
             try:
                 child.wait(30)
             finally:
@@ -77,26 +99,33 @@ def test_kill_at_every_store(torn):
             # high half is 0 in both old and new) completes the snapshot.
             want = being_written if (torn and step == STEPS_PER_STORE - 1) else being_written - 1
             _check(seg.read(), want)
-            # The next process resumes after it, keeping its record.
+            # The next process resumes after it, keeping its record (a
+            # store outside an access) or with the new access's.
             nxt = StateSegment.attach(seg.fd)
-            nxt.store({"after": at})
+            if kind == "packed":
+                assert nxt.store_packed(msgpack.packb({"after": at}), 100 + at, 7)
+                rec = AccessRecord(100 + at, 7, 0)
+            else:
+                nxt.store({"after": at})
+                rec = record(want)
             snap = seg.read()
-            assert (snap.number, snap.state, snap.access) == (want + 1, {"after": at}, record(want))
+            assert (snap.number, snap.state, snap.access) == (want + 1, {"after": at}, rec)
             nxt.close()
 
 
-def _answering_writer(fd: int, answers: int) -> None:
+def _answering_writer(fd: int, answers: int, kind: str) -> None:
     dev = StateSegment.attach(fd)
     snap = dev.read()
     n = snap.number if snap else 0
     child_ready()
     while True:
         n += 1
-        dev.store(content(n), record(n))
+        _store(dev, kind, n)
         os.write(answers, n.to_bytes(8, "little"))     # the answer, after the store
 
 
-def test_random_kills_keep_every_answered_access():
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_kills_keep_every_answered_access(kind):
     rng = random.Random(99)
     with StateSegment.create(capacity=4096) as seg:
         r, w = os.pipe()
@@ -107,7 +136,7 @@ def test_random_kills_keep_every_answered_access():
             rounds = 0
             while rounds < 25 or (answered < 50 and rounds < 200):
                 rounds += 1
-                child = spawn(_answering_writer, seg.fd, w)
+                child = spawn(_answering_writer, seg.fd, w, kind)
                 try:
                     child.wait_ready(30)
                     deadline = time.monotonic() + rng.uniform(0.0001, 0.005)

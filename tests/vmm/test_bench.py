@@ -28,6 +28,20 @@ def test_bench_prints_json(tmp_path):
     for runner in ("bare_c", "inline", "inline_python", "isolated"):
         assert report["ring0"][runner]["pio_us"] > 0 and report["ring0"][runner]["mmio_us"] > 0
     assert report["isolated"]["handoff_per_access"]["device_served"] == 1.0
+    assert report["hogs"] == 0 and report["move"] is False
+
+
+def test_bench_under_a_hog_with_the_device_moving(tmp_path):
+    """--hog runs busy loops alongside, --move reaches the device process:
+    the report says both, and the device's counters carry its moves."""
+    r = subprocess.run([sys.executable, "-m", "vmm.bench", "--iters", "200", "--rounds", "1", "--repeat", "1",
+                        "--rings", "3", "--skip", "inline_python", "--skip", "inline", "--hog", "1", "--move",
+                        "--cache", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["hogs"] == 1 and report["move"] is True
+    assert report["isolated"]["handoff_per_access"]["device_served"] == 1.0
+    assert "device_moves" in report["isolated"]["handoff_per_access"]
 
 
 def test_exitcost_prints_json():

@@ -21,6 +21,13 @@ top of the JSON, ring 0's under ``"ring0"``).  It runs under:
     (:mod:`vmm.windows`) taken out, interleaved with the others: what the
     check costs.
 
+``--hog N`` runs N busy loops at nice 0 for the whole run (every runner
+alike: the figures on a machine that is not quiet); ``--move`` lets the
+isolated device's serving thread move itself off the vCPU's CPU
+(``RemoteOptions.move``, off by default).  ``handoff_per_access`` says
+how the hand-offs went: ``device_sleeps`` near 1 means the scheduler kept
+the device on the vCPU's CPU and every access woke it with a futex.
+
 Absolute times on the project's nested PVM host are not those of a real
 host; the ratios to (a), measured in the same run, are what count
 (targets, issue 15: inline <= 1.15x, isolated <= 1.3x, in both rings).
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -77,6 +85,21 @@ def _samples(marks: list[tuple[int, int]], iters: int) -> tuple[list[float], lis
 
 
 @contextlib.contextmanager
+def cpu_hogs(n: int) -> Iterator[list[int]]:
+    """``n`` busy loops at nice 0 for the duration (``--hog``): a machine
+    that is not quiet, the same for every runner; their pids."""
+    procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"], stdin=subprocess.DEVNULL)
+             for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@contextlib.contextmanager
 def build_dir(cache: str | None) -> Iterator[pathlib.Path]:
     """Where a benchmark builds its guests: ``cache`` (``--cache``) when
     given, else a temporary directory removed at the end."""
@@ -120,7 +143,7 @@ def _without_windows(m: Machine) -> None:
 
 
 def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeout: float,
-            fast_path: bool = True, windows: bool = True) -> dict:
+            fast_path: bool = True, windows: bool = True, move: bool = False) -> dict:
     marks: list[tuple[int, int]] = []
     clock = time.perf_counter_ns
 
@@ -128,6 +151,8 @@ def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeo
         marks.append((value, clock()))
 
     with Machine(memory=MEMORY, vcpus=1, fast_path=fast_path) as m:
+        if move:
+            m.remote_options = dataclasses.replace(m.remote_options, move=True)
         m.add_handler(Bus.PIO, layout.BENCH_MARK_PORT, 1, write=mark)
         m.load_pvh(image, cmdline)
         ep = m.add_device(parse_device_spec(f"echo,pio={ECHO_PIO:#x},mmio={ECHO_MMIO:#x},process={placement}"))
@@ -158,7 +183,8 @@ def run_vmm(image: pathlib.Path, cmdline: str, iters: int, placement: str, timeo
                 result["handoff"] = {"calls": c.calls, "vcpu_spin_hits": c.spin_hits,
                                      "vcpu_sleeps": c.sleeps, "vcpu_yields": c.yields,
                                      "device_served": d.served, "device_polled_hits": d.polled_hits,
-                                     "device_sleeps": d.sleeps, "device_poll_yields": d.poll_yields}
+                                     "device_sleeps": d.sleeps, "device_poll_yields": d.poll_yields,
+                                     "device_moves": d.moves}
     return result
 
 
@@ -198,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rings", default="3,0",
                     help="the guest rings to run the reads in, comma-separated (default 3,0)")
     ap.add_argument("--cache", default=None, help="build directory (default: a temporary one)")
+    ap.add_argument("--hog", type=int, default=0, metavar="N",
+                    help="run N busy loops (nice 0) alongside every runner: the figures under load")
+    ap.add_argument("--move", action="store_true",
+                    help="isolated: let the device's serving thread move off the vCPU's CPU "
+                         "(RemoteOptions.move)")
     args = ap.parse_args(argv)
     try:
         rings = [int(r) for r in args.rings.split(",")]
@@ -205,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rings: a comma-separated list of 0 and 3, not {args.rings!r}")
     if not rings or any(r not in (0, 3) for r in rings) or len(set(rings)) != len(rings):
         ap.error(f"--rings: a comma-separated list of 0 and 3, not {args.rings!r}")
+    if not 0 <= args.hog <= 64:
+        ap.error(f"--hog: 0 to 64 busy loops, not {args.hog}")
     cache_ctx = tempfile.TemporaryDirectory(prefix="splitvmm-bench-") if args.cache is None else None
     cache = pathlib.Path(args.cache) if cache_ctx is None else pathlib.Path(cache_ctx.name)
     try:
@@ -217,35 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": args.rounds, "repeats": args.repeat, "host_cpus": os.cpu_count(),
                         "unit": "microseconds per access; median and best of all rounds, "
                                 "runners and rings interleaved",
-                        "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+                        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+                        "hogs": args.hog, "move": args.move}
         runners = [r for r in ("bare", "inline", "inline_python", "isolated") if r not in args.skip]
         if args.compare_windows:
             runners += [f"{r}_unchecked" for r in ("inline", "isolated") if r in runners]
         bare = build_bare(cache) if "bare" in runners else None
         raw: dict[int, dict[str, dict]] = {
             ring: {r: {"pio": [], "mmio": [], "cpu": 0.0, "device_cpu": 0.0} for r in runners} for ring in rings}
-        for _ in range(args.repeat):
-            for ring in rings:
-                line = f"{cmdline} ring={ring}"
-                for r in runners:
-                    if r == "bare":
-                        assert bare is not None     # built above when "bare" is a runner
-                        res = run_bare(bare, image, line, args.iters)
-                    else:
-                        if r == "inline_python":
-                            res = run_vmm(image, line, args.iters, "inline", timeout, fast_path=False)
-                        elif r.endswith("_unchecked"):
-                            res = run_vmm(image, line, args.iters, r.removesuffix("_unchecked"), timeout,
-                                          windows=False)
-                        else:
-                            res = run_vmm(image, line, args.iters, r, timeout)
-                        raw[ring][r]["cpu"] += res["vmm_cpu_s"]
-                        raw[ring][r]["device_cpu"] += res.get("device_cpu_s", 0.0)
-                        for k, n in res.get("handoff", {}).items():
-                            handoff = raw[ring][r].setdefault("handoff", {})
-                            handoff[k] = handoff.get(k, 0) + n
-                    raw[ring][r]["pio"] += res["pio"]
-                    raw[ring][r]["mmio"] += res["mmio"]
+        with cpu_hogs(args.hog):
+            _interleave(args, rings, runners, image, cmdline, timeout, bare, raw)
         for ring in rings:
             out = report if ring == 3 else report.setdefault("ring0", {"guest_ring": 0})
             out.update(_ring_summary(raw[ring], runners))
@@ -255,3 +269,31 @@ def main(argv: list[str] | None = None) -> int:
         if cache_ctx is not None:
             cache_ctx.cleanup()
     return 0
+
+
+def _interleave(args: argparse.Namespace, rings: list[int], runners: list[str], image: pathlib.Path,
+                cmdline: str, timeout: float, bare: pathlib.Path | None, raw: dict[int, dict[str, dict]]) -> None:
+    """Every runner in every ring, ``--repeat`` times, interleaved; the
+    samples go into ``raw``."""
+    for _ in range(args.repeat):
+        for ring in rings:
+            line = f"{cmdline} ring={ring}"
+            for r in runners:
+                if r == "bare":
+                    assert bare is not None     # built above when "bare" is a runner
+                    res = run_bare(bare, image, line, args.iters)
+                else:
+                    if r == "inline_python":
+                        res = run_vmm(image, line, args.iters, "inline", timeout, fast_path=False)
+                    elif r.endswith("_unchecked"):
+                        res = run_vmm(image, line, args.iters, r.removesuffix("_unchecked"), timeout,
+                                      windows=False, move=args.move)
+                    else:
+                        res = run_vmm(image, line, args.iters, r, timeout, move=args.move)
+                    raw[ring][r]["cpu"] += res["vmm_cpu_s"]
+                    raw[ring][r]["device_cpu"] += res.get("device_cpu_s", 0.0)
+                    for k, n in res.get("handoff", {}).items():
+                        handoff = raw[ring][r].setdefault("handoff", {})
+                        handoff[k] = handoff.get(k, 0) + n
+                raw[ring][r]["pio"] += res["pio"]
+                raw[ring][r]["mmio"] += res["mmio"]
