@@ -116,10 +116,8 @@ class StateKeeper:
         self._broken = False
         #: While the running model gives its snapshot packed
         #: (devices.base.packs_snapshot): the model, its bound
-        #: packed_snapshot and the segment's packed writer, with which the
-        #: serving loop (devserver.runtime) stores before each answer
-        #: itself, as :meth:`answered` would (on an exception it calls
-        #: :meth:`fast_failed`); else None.
+        #: packed_snapshot and the segment's packed writer, with which
+        #: :meth:`answered` stores before each answer; else None.
         self.fast: tuple[Device, Callable[[], bytes], Callable[[bytes, int, int], bool]] | None = None
         self._store_packed = segment.packed_writer()
 
@@ -235,11 +233,11 @@ class StateKeeper:
                 if fast[2](fast[1](), aseq, value):
                     self.stores += 1
             except Exception as e:
-                self.fast_failed(model, aseq, value, e)
+                self._fast_failed(model, aseq, value, e)
             return
         self._answered(model, aseq, value)
 
-    def fast_failed(self, model: Device, aseq: int, value: int, e: Exception) -> None:
+    def _fast_failed(self, model: Device, aseq: int, value: int, e: Exception) -> None:
         """The packed store before an answer raised ``e``: a model that
         keeps no snapshot after all is stored as :meth:`answered` stores
         the others (which logs it), from now on too; one that does not fit

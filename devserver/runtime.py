@@ -357,7 +357,7 @@ class DeviceServer:
         # the wait for the next (SlotServer.answer_next_raw), the request's
         # fields kept in locals (no request object per access).
         answer_next = slots.answer_next_raw
-        keeper = self.state
+        answered = self.state.answered if self.state is not None else None
         mask64 = 0xFFFF_FFFF_FFFF_FFFF
         tick, wait = self.tick, self.wait_slice
         wait_ns = int(wait * 1e9)
@@ -406,20 +406,10 @@ class DeviceServer:
                         value = model.read(spaces[space], cookie, offset, size)
                     if type(value) is not int:
                         value = 0
-                    if keeper is not None:
+                    if answered is not None:
                         # Before the answer: a death after this store is
-                        # answered from the record (ipc.accessseq).  A
-                        # model that packs its snapshot is stored here, as
-                        # keeper.answered would (one frame less per access).
-                        fast = keeper.fast
-                        if fast is not None and model is fast[0] and aseq:
-                            try:
-                                if fast[2](fast[1](), aseq, value & mask64):
-                                    keeper.stores += 1
-                            except Exception as e:
-                                keeper.fast_failed(model, aseq, value & mask64, e)
-                        else:
-                            keeper.answered(model, aseq, value & mask64)
+                        # answered from the record (ipc.accessseq).
+                        answered(model, aseq, value & mask64)
                 finally:
                     release()
             except Exception:

@@ -36,8 +36,8 @@ each piece of the path does not, much.  So this measures, with
   :meth:`devices.echo.Echo.packed_snapshot`, the form the runtime stores;
   ``dict_snapshot_ns`` is its ``snapshot()`` dict, for comparison),
   ``state_store_ns`` (the snapshot taken and stored before the
-  answer, as the serving loop does with
-  :attr:`devserver.persist.StateKeeper.fast` for every access that
+  answer, as the serving loop does through
+  :meth:`devserver.persist.StateKeeper.answered` for every access that
   changes the state: the echo's access counter does on every read; the
   comparison with the last payload, the checksum and the stores into the
   segment are one call into C, ``svs_state_store_packed``).
@@ -206,17 +206,12 @@ def _device(loops: int) -> dict:
         raw = bytes(slots_module.ffi.sizeof("struct svs_request"))
         unpack = slots_module._unpack_request
         aseq = [1]
+        answered = keeper.answered
 
         def store() -> None:
             aseq[0] += 1
             model.regs.count += 1                 # what a read does to the state
-            # the serving loop's store before the answer (DeviceServer._serve)
-            fast = keeper.fast
-            if fast is not None and model is fast[0] and aseq[0]:
-                if fast[2](fast[1](), aseq[0], 0):
-                    keeper.stores += 1
-            else:
-                keeper.answered(model, aseq[0], 0)
+            answered(model, aseq[0], 0)         # the serving loop's store before the answer
 
         def request() -> int:
             # what the serving loop does with SlotServer.answer_next_raw's tuple
