@@ -30,6 +30,8 @@ share in a ``FaultControl`` message; records come back as ``FaultFired``.
 
 from typing import TYPE_CHECKING
 
+from devices.lazy import lazy_exports
+
 __all__ = [
     "ActionSpec", "COMMON_POINTS", "Choice", "Devices", "Fault", "FaultEngine", "FaultError", "FaultPoints",
     "FaultStatus", "Firing", "Int", "Number", "POINTS", "Plan", "PlanError", "PointSpec", "ReplayEngine", "SILENT",
@@ -67,16 +69,4 @@ _MODULE_OF = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _MODULE_OF)

@@ -22,6 +22,8 @@ One module per job:
 
 from typing import TYPE_CHECKING
 
+from devices.lazy import lazy_exports
+
 __all__ = ["RemoteEndpoint", "RemoteOptions", "DEVSERVER_COMMAND", "Peer", "SocketPeer"]
 
 if TYPE_CHECKING:
@@ -37,16 +39,4 @@ _MODULE_OF = {"RemoteEndpoint": "endpoint", "RemoteOptions": "options", "DEVSERV
               "Peer": "peer", "SocketPeer": "peer"}
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _MODULE_OF)
