@@ -416,7 +416,8 @@ def run(args: argparse.Namespace, forkserver: ForkServer | None = None) -> int:
         if forkserver is not None:
             _import_ahead(_AFTER_READY)
         if any(spec.placement == "isolated" for spec in specs):
-            _import_uncollected("vmm.remote.endpoint")      # add_devices would import it now anyway
+            from vmm.deferred import import_uncollected
+            import_uncollected("vmm.remote.endpoint")      # add_devices would import it now anyway
         # Their processes start up in parallel; they come up in this order.
         machine.add_devices([(spec, None) for spec in specs])
         if args.api is not None:
@@ -498,23 +499,6 @@ def _fault_setup(args: argparse.Namespace, specs: list[DeviceSpec]) -> dict:
 #: What the VMM imports once a device process is Ready (each device's
 #: share of the fault plan, an empty one without a plan, and its digest).
 _AFTER_READY = ("_sha256", "devices.faults.plan")
-
-
-def _import_uncollected(name: str) -> None:
-    """Import ``name`` with the cyclic collector off, as :mod:`vmm.entry`
-    imports this module: the device-process stack (~45 modules, whose
-    classes and functions are no garbage) triggered ~2 ms of collections
-    on the way to the first device's start (issue 15)."""
-    import gc
-    import importlib
-
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        importlib.import_module(name)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _import_ahead(modules: Sequence[str]) -> None:

@@ -50,16 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             spawned = spawn_server()
         except OSError:
             spawned = None       # vmm.cli starts one itself, or says why it cannot
-    from vmm.deferred import defer_imports
+    from vmm.deferred import defer_imports, import_uncollected
     defer_imports()     # before vmm.cli: dataclasses would import inspect
-    import gc
-    collecting = gc.isenabled()
-    gc.disable()        # imports leave no garbage worth the collections they trigger (~5% of their time)
-    try:
-        from vmm import cli
-    finally:
-        if collecting:
-            gc.enable()
+    cli = import_uncollected("vmm.cli")
     server = None
     if spawned is not None:
         from vmm.forkserver import ForkServer
