@@ -10,8 +10,10 @@ imports nothing of the tree, so every package may use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+TYPE_CHECKING = False       # mypy takes it as typing's; nothing imported at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["lazy_exports"]
 

@@ -4,6 +4,8 @@ the server thread (:mod:`vmm.qmp.server`) and ``vmm ctl``
 (:mod:`vmm.qmp.ctl`).  QEMU's own client (``qemu.qmp``) and ``qmp-shell``
 work with it unchanged."""
 
+from devices.lazy import lazy_exports
+
 TYPE_CHECKING = False       # mypy takes it as typing's; no runtime typing here
 if TYPE_CHECKING:
     from vmm.qmp.wire import QmpError
@@ -11,11 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["QmpError"]
 
 
-def __getattr__(name: str) -> object:
-    """``vmm.qmp.QmpError``, from the wire module when first asked for: every
-    machine imports :mod:`vmm.qmp.events`, and a run without ``--api`` has no
-    use for the wire protocol (and its ``json``; start-up, issue 15)."""
-    if name == "QmpError":
-        from vmm.qmp.wire import QmpError
-        return QmpError
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``QmpError`` from the wire module when first asked for: every machine
+# imports vmm.qmp.events, and a run without --api has no use for the wire
+# protocol (and its json; start-up, issue 15).
+__getattr__, __dir__ = lazy_exports(globals(), {"QmpError": "wire"})
