@@ -6,6 +6,7 @@ both launchers); restarts through it, tests/vmm/test_restart_forkserver.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,6 +65,18 @@ def spare(server: ForkServer, log_fd: int) -> tuple[socket.socket, ForkedProcess
         raise
     assert isinstance(proc, ForkedProcess)
     return ours, proc
+
+
+@contextlib.contextmanager
+def hung_up_at_the_end(sock: socket.socket, proc: DeviceProcess):
+    """On leaving: our end of ``proc``'s socket closed, the device seen to
+    leave for it (within 20 s), its handle closed."""
+    try:
+        yield
+    finally:
+        sock.close()
+        assert proc.wait(20)
+        proc.close()
 
 
 def test_a_forked_device_holds_its_own_descriptors_only(server, tmp_path):
@@ -171,14 +184,10 @@ def test_a_dead_server_means_exec(caplog):
         ours, theirs = socketpair()
         caplog.set_level(logging.WARNING, logger="vmm.remote.process")
         proc = DeviceProcess.start([*DEVSERVER_COMMAND, "--spare"], theirs, "late", stderr=2, forkserver=s)
-        try:
+        with hung_up_at_the_end(ours, proc):
             assert not isinstance(proc, ForkedProcess)
             assert parent_of(proc.pid) == os.getpid()
             assert any("the slow way" in r.getMessage() for r in caplog.records)
-        finally:
-            ours.close()
-            assert proc.wait(20)
-            proc.close()
     finally:
         s.close()
 
@@ -209,14 +218,10 @@ def test_the_server_keeps_no_descriptor_its_starter_left_inheritable(tmp_path):
     try:
         with open(tmp_path / "log", "wb") as log:
             ours, proc = spare(s, log.fileno())     # answered: the server is past its start
-        try:
+        with hung_up_at_the_end(ours, proc):
             held = fds_of(s.pid)
             assert leaked not in held.values(), held
             assert {0, 1, 2} <= set(held) and any(t.startswith("socket:") for t in held.values()), held
-        finally:
-            ours.close()
-            assert proc.wait(20)
-            proc.close()
     finally:
         s.close()
         os.close(r)
@@ -236,13 +241,9 @@ def test_a_request_during_the_preload_waits_for_all_of_it(tmp_path):
             sock, proc = spare(s, log)
         finally:
             os.close(log)
-        try:
+        with hung_up_at_the_end(sock, proc):
             with open(f"/proc/{proc.pid}/maps") as f:
                 maps = f.read()
             assert "_blkring_c" in maps
-        finally:
-            sock.close()
-            assert proc.wait(20)
-            proc.close()
     finally:
         s.close()

@@ -336,8 +336,8 @@ def _listen(path: str) -> tuple[socket.socket, int]:
 
 
 def _private_dir(parent: str) -> str:
-    """A new directory ``parent/.vmmXXXXXXXX`` only we may enter (mode
-    0700), as ``tempfile.mkdtemp`` makes one: a random name, created
+    """A new directory ``parent/.vmm`` + 12 random hex digits that only we
+    may enter (mode 0700), as ``tempfile.mkdtemp`` makes one: a random name, created
     exclusively, another name on a collision.  Not tempfile itself: it
     imports ``shutil`` and ``random``, and with them ``bz2`` and ``lzma``
     and their libraries (~0.5 MB of the VMM's memory, 2.4 ms; issue 15)."""
